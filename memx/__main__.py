@@ -1,0 +1,5 @@
+import sys
+
+from memx.cli import main
+
+sys.exit(main())

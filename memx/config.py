@@ -1,0 +1,52 @@
+"""Config: one frozen tree of the component configs that fully describes a run."""
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from memx.checkpoint.config import CheckpointConfig
+from memx.data.config import DataConfig
+from memx.models.config import ModelConfig
+from memx.parallel.config import ParallelConfig
+from memx.train.config import OptimConfig, TrainConfig
+
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "ModelConfig", "OptimConfig",
+           "ParallelConfig", "TrainConfig", "config_hash", "to_dict"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  parallel: ParallelConfig = ParallelConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+
+
+def to_dict(cfg: Any) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any) -> str:
+  """Short stable hash of a config (names run directories and sweep index rows)."""
+  blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+  return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def from_dict(d: dict) -> Config:
+  """Inverse of to_dict (JSON lists become tuples)."""
+  def build(cls, values):
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+      if f.name not in values:
+        continue
+      v = values[f.name]
+      if dataclasses.is_dataclass(f.default):
+        v = build(type(f.default), v)
+      elif isinstance(v, list):
+        v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+      kwargs[f.name] = v
+    return cls(**kwargs)
+  return build(Config, d)

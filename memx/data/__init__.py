@@ -1,0 +1,34 @@
+"""Data: byte tokenizer, embedded corpus, synthetic memory tasks and per-host loaders."""
+
+from memx.data.config import DataConfig
+from memx.data.corpus import load_corpus
+from memx.data.loader import Loader, make_loader
+from memx.data.tasks import (
+    TaskRow,
+    make_task,
+    mqar,
+    mqar_answers,
+    passkey,
+    passkey_answers,
+    selective_copy,
+    selective_copy_answers,
+    verify_row,
+)
+from memx.data.tokenizer import ByteTokenizer
+
+__all__ = [
+    "ByteTokenizer",
+    "DataConfig",
+    "Loader",
+    "TaskRow",
+    "load_corpus",
+    "make_loader",
+    "make_task",
+    "mqar",
+    "mqar_answers",
+    "passkey",
+    "passkey_answers",
+    "selective_copy",
+    "selective_copy_answers",
+    "verify_row",
+]

@@ -1,0 +1,88 @@
+"""DataConfig: where tokens come from (embedded corpus, user files, synthetic memory tasks)."""
+
+import dataclasses
+
+from memx._validate import one_of, require
+
+LM_SOURCES = ("corpus", "text", "npy")
+TASKS = ("mqar", "passkey", "selective_copy")
+SOURCES = LM_SOURCES + TASKS
+PASSKEY_FILLERS = ("repeat", "corpus")
+# ByteTokenizer's vocabulary (256 bytes + PAD/BOS/EOS/SEP/BLANK); task rows use all of it.
+# Spelled out rather than imported so the config stays free of the data machinery.
+BYTE_VOCAB_SIZE = 261
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """Token source and sequence shape.
+
+  Attributes:
+    source: "corpus" (embedded English text, no download), "text" (UTF-8 files in `paths`),
+      "npy" (pre-tokenized 1-D integer .npy files in `paths`), or a synthetic task: "mqar"
+      (multi-query associative recall), "passkey" (needle in a haystack), "selective_copy".
+    paths: files for "text" / "npy".
+    seq_len: tokens per training row.
+    task: synthetic task mixed into an LM source (None = none).
+    task_fraction: fraction of each batch's rows drawn from `task` (LM sources only).
+    eval_fraction: held-out tail of an LM source used for evaluation.
+    mqar_pairs: key-value pairs per MQAR row (every key is queried once).
+    passkey_depth: where the needle sits, as a fraction of the context (None = random).
+    passkey_digits: digits of the passkey.
+    copy_tokens: tokens to copy in selective copying.
+    passkey_filler: haystack of passkey rows: "repeat" (the classic repeated "The grass is
+      green. ..." sentences) or "corpus" (random windows of the embedded corpus).
+    vocab_size: for "npy" only: the id space of the pre-tokenized files (every id must lie in
+      [0, vocab_size)); None means the byte tokenizer's (261). Mixing in a task needs at least
+      261, since task rows use byte-tokenizer ids.
+  """
+
+  source: str = "corpus"
+  paths: tuple[str, ...] = ()
+  seq_len: int = 128
+  task: str | None = None
+  task_fraction: float = 0.0
+  eval_fraction: float = 0.05
+  mqar_pairs: int = 8
+  passkey_depth: float | None = None
+  passkey_digits: int = 5
+  copy_tokens: int = 16
+  passkey_filler: str = "repeat"
+  vocab_size: int | None = None
+
+  def __post_init__(self):
+    one_of("data", "source", self.source, SOURCES)
+    require(self.seq_len >= 8, "data", "seq_len", self.seq_len, "must be at least 8")
+    if self.source in ("text", "npy"):
+      require(len(self.paths) > 0, "data", "paths", self.paths,
+              f"data.source = {self.source!r} needs at least one file in data.paths")
+    if self.task is not None:
+      one_of("data", "task", self.task, TASKS)
+      require(self.source in LM_SOURCES, "data", "task", self.task,
+              "a task is mixed into an LM source (corpus/text/npy); to train on the task "
+              "alone set data.source to it")
+    require(0.0 <= self.task_fraction <= 1.0, "data", "task_fraction", self.task_fraction,
+            "must lie in [0, 1]")
+    require(self.task is not None or self.task_fraction == 0.0, "data", "task_fraction",
+            self.task_fraction, "needs data.task to be set")
+    require(0.0 < self.eval_fraction < 0.5, "data", "eval_fraction", self.eval_fraction,
+            "must lie in (0, 0.5)")
+    require(self.mqar_pairs >= 1, "data", "mqar_pairs", self.mqar_pairs, "must be >= 1")
+    require(self.passkey_depth is None or 0.0 <= self.passkey_depth <= 1.0, "data",
+            "passkey_depth", self.passkey_depth, "must be None or lie in [0, 1]")
+    require(1 <= self.passkey_digits <= 32, "data", "passkey_digits", self.passkey_digits,
+            "must lie in [1, 32]")
+    require(self.copy_tokens >= 1, "data", "copy_tokens", self.copy_tokens, "must be >= 1")
+    one_of("data", "passkey_filler", self.passkey_filler, PASSKEY_FILLERS)
+    if self.vocab_size is not None:
+      require(self.source == "npy", "data", "vocab_size", self.vocab_size,
+              "only pre-tokenized data.source = 'npy' sets it; text sources use the byte "
+              "tokenizer's vocabulary")
+      require(self.vocab_size >= (BYTE_VOCAB_SIZE if self.task else 1), "data", "vocab_size",
+              self.vocab_size, f"must be >= 1, and >= {BYTE_VOCAB_SIZE} (the byte tokenizer's "
+              "vocabulary, which task rows use) when data.task is set")
+
+  @property
+  def task_name(self) -> str | None:
+    """The synthetic task this config evaluates accuracy on, if any."""
+    return self.source if self.source in TASKS else self.task

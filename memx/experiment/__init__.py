@@ -1,0 +1,1 @@
+"""Experiments: config loading and overrides, run directories, sweeps, run index and reports."""

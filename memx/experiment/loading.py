@@ -1,0 +1,75 @@
+"""Loading experiment files: `path/to/exp.py[:variant]` → module → Config."""
+
+import hashlib
+import importlib.util
+import pathlib
+import sys
+import types
+from typing import Any
+
+from memx.config import Config
+from memx.errors import UserError
+from memx.experiment.overrides import apply_overrides
+
+
+def split_spec(spec: str) -> tuple[pathlib.Path, str | None]:
+  """"exp.py:tiny" → (Path("exp.py"), "tiny"); "exp.py" → (Path("exp.py"), None)."""
+  path, sep, variant = spec.rpartition(":")
+  if sep and path and "/" not in variant:
+    return pathlib.Path(path), variant or None
+  return pathlib.Path(spec), None
+
+
+def load_module(path: pathlib.Path) -> types.ModuleType:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise UserError(f"experiment file {str(path)!r} does not exist. Pass the path of a Python "
+                    "file that defines config(variant) -> Config, e.g. "
+                    "experiments/demo/ablation.py.")
+  name = "memx_experiment_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"experiment file {str(path)!r} has a syntax error: {e}") from None
+  if not callable(getattr(module, "config", None)):
+    raise UserError(f"experiment file {str(path)!r} defines no config(variant) function; "
+                    "an experiment must define config(variant: str) -> memx.config.Config.")
+  return module
+
+
+def variants(module: types.ModuleType) -> tuple[str, ...]:
+  return tuple(getattr(module, "VARIANTS", ("base",)))
+
+
+def build_config(module: types.ModuleType, variant: str | None,
+                 overrides: dict[str, Any] | None = None) -> Config:
+  known = variants(module)
+  variant = variant or known[0]
+  if variant not in known:
+    raise UserError(f"unknown variant {variant!r} of {module.__file__}; "
+                    f"valid variants: {', '.join(known)}.")
+  cfg = module.config(variant)
+  if not isinstance(cfg, Config):
+    raise UserError(f"{module.__file__}: config({variant!r}) returned {type(cfg).__name__}, "
+                    "not memx.config.Config.")
+  return apply_overrides(cfg, overrides or {})
+
+
+def sweep_entries(module: types.ModuleType) -> list[tuple[str, dict[str, Any]]]:
+  fn = getattr(module, "sweep", None)
+  if fn is None:
+    raise UserError(f"{module.__file__} defines no sweep() function; memx sweep needs "
+                    "sweep() -> list of (run name, {dotted key: value}).")
+  entries = list(fn())
+  names = [n for n, _ in entries]
+  dupes = sorted({n for n in names if names.count(n) > 1})
+  if dupes:
+    raise UserError(f"{module.__file__}: sweep() names runs more than once: {', '.join(dupes)}.")
+  bad = [n for n in names if not n or "/" in n or n.startswith(".")]
+  if bad:
+    raise UserError(f"{module.__file__}: sweep() run names must be plain directory names; "
+                    f"got {bad}.")
+  return entries

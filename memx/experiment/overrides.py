@@ -1,0 +1,146 @@
+"""Typed dotted overrides (`--set model.d_model=256`) on nested frozen config dataclasses."""
+
+import ast
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+from memx.errors import ConfigError
+
+_NONE = ("none", "null")
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def all_keys(cfg: Any, prefix: str = "") -> list[str]:
+  """Every dotted leaf key of a config tree."""
+  keys = []
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if dataclasses.is_dataclass(value):
+      keys += all_keys(value, f"{prefix}{f.name}.")
+    else:
+      keys.append(prefix + f.name)
+  return keys
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+  """["a.b=1", ...] → {"a.b": "1"}."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ConfigError(f"override {item!r} is not of the form key=value "
+                        "(for example --set optim.lr=3e-4).")
+    out[key.strip()] = value.strip()
+  return out
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+  """Returns a new config with each dotted key set; values may be strings (parsed by type)."""
+  valid = all_keys(cfg)
+  for key, value in overrides.items():
+    if key not in valid:
+      near = difflib.get_close_matches(key, valid, n=4, cutoff=0.5)
+      section = key.split(".")[0]
+      same_section = [k for k in valid if k.startswith(section + ".")]
+      hint = (f"did you mean {', '.join(near)}?" if near else
+              f"valid keys in {section!r}: {', '.join(same_section)}" if same_section else
+              f"valid sections: {', '.join(sorted({k.split('.')[0] for k in valid}))}")
+      raise ConfigError(f"unknown config key {key!r}; {hint}")
+    cfg = _set(cfg, key.split("."), value, key)
+  return cfg
+
+
+def _set(node: Any, parts: list[str], value: Any, key: str) -> Any:
+  field = {f.name: f for f in dataclasses.fields(node)}[parts[0]]
+  if len(parts) == 1:
+    hints = typing.get_type_hints(type(node))
+    new = coerce(value, hints[field.name], key)
+  else:
+    new = _set(getattr(node, parts[0]), parts[1:], value, key)
+  return dataclasses.replace(node, **{parts[0]: new})
+
+
+def describe(tp: Any) -> str:
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    return " or ".join(describe(a) for a in args)
+  if origin is typing.Literal:
+    return "one of " + ", ".join(repr(a) for a in args)
+  if origin is tuple:
+    return f"a tuple of {describe(args[0])}" + ("s" if len(args) == 2 else "")
+  return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+  """Converts `value` (a string from the command line, or a Python value) to type `tp`."""
+  try:
+    return _coerce(value, tp)
+  except (ValueError, TypeError, SyntaxError):
+    raise ConfigError(f"{key} = {value!r} has the wrong type: expected {describe(tp)}.") from None
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    if type(None) in args and (value is None or str(value).lower() in _NONE):
+      return None
+    for arm in args:
+      if arm is type(None):
+        continue
+      try:
+        return _coerce(value, arm)
+      except (ValueError, TypeError, SyntaxError):
+        pass
+    raise ValueError(value)
+  if origin is typing.Literal:
+    for a in args:
+      if value == a or (isinstance(value, str) and str(a) == value):
+        return a
+    raise ValueError(value)
+  if origin is tuple:
+    if isinstance(value, str):
+      text = value.strip()
+      if not text or text in ("()", "[]"):
+        value = ()
+      elif text[0] in "([":
+        value = ast.literal_eval(text)
+      else:
+        value = [v.strip() for v in text.split(",") if v.strip()]
+    if not isinstance(value, list | tuple):
+      raise TypeError(value)
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(v, args[0]) for v in value)
+    if len(args) != len(value):
+      raise ValueError(value)
+    return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+      return value.lower() in _TRUE
+    raise TypeError(value)
+  if tp is int:
+    if isinstance(value, bool):
+      raise TypeError(value)
+    if isinstance(value, int):
+      return value
+    if isinstance(value, str):
+      return int(value.replace("_", ""))
+    raise TypeError(value)
+  if tp is float:
+    if isinstance(value, bool):
+      raise TypeError(value)
+    if isinstance(value, int | float):
+      return float(value)
+    if isinstance(value, str):
+      return float(value)
+    raise TypeError(value)
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise TypeError(value)
+  raise TypeError(f"unsupported config type {tp}")

@@ -1,0 +1,58 @@
+"""One run: experiment file + variant + overrides → run directory → train → summary."""
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any
+
+import jax
+
+from memx.config import Config
+from memx.data import make_loader
+from memx.experiment import loading, rundir
+from memx.parallel.mesh import make_mesh, maybe_initialize_distributed
+from memx.train.loop import split_seeds, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """Everything needed to (re)start one run; picklable, so SLURM jobs can carry it."""
+
+  experiment: str
+  variant: str | None
+  overrides: dict[str, Any]
+  workdir: str
+  name: str
+
+
+def default_name(experiment: str, variant: str | None) -> str:
+  stem = pathlib.Path(experiment).stem
+  return f"{stem}-{variant}" if variant else stem
+
+
+def resolve_config(spec: RunSpec) -> Config:
+  module = loading.load_module(pathlib.Path(spec.experiment))
+  return loading.build_config(module, spec.variant, spec.overrides)
+
+
+def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+        stop_at_step: int | None = None) -> dict:
+  """Validates everything before any compute, writes config/provenance, trains, summarises."""
+  cfg = resolve_config(spec)
+  maybe_initialize_distributed()
+  run_dir = pathlib.Path(spec.workdir) / spec.name
+  # Cheap checks that can fail on user input come before the run directory is touched.
+  mesh = make_mesh(cfg.parallel)
+  seeds = split_seeds(cfg.train.seed)
+  data_hash = make_loader(cfg.data, batch_size=cfg.train.batch_size, seed=seeds.data_seed,
+                          split="train").data_hash
+  if jax.process_index() == 0:
+    rundir.prepare(run_dir, resume=resume, overwrite=overwrite)
+    rundir.write_config(run_dir, cfg)
+    rundir.write_json(run_dir / "provenance.json", rundir.provenance(
+        cfg, seeds={"seed": cfg.train.seed, "data_seed": seeds.data_seed},
+        data_hash=data_hash, mesh_shape=dict(mesh.shape)))
+  return train(cfg, run_dir, resume=resume, stop_at_step=stop_at_step, progress=progress,
+               name=spec.name)

@@ -1,0 +1,176 @@
+"""Sweeps: one run per sweep() entry, on a local process pool or SLURM (submitit).
+
+Each run executes in its own process (a subprocess locally, a job under submitit), so one
+crashing run never stops the others. The driver alone writes the SQLite index. Re-running a
+sweep skips runs that finished with the same config and retries the rest, resuming from
+their newest checkpoint when the config is unchanged.
+"""
+
+import concurrent.futures
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import traceback
+from typing import Any
+
+from memx.config import config_hash
+from memx.errors import UserError
+from memx.experiment import loading
+from memx.experiment.index import RunIndex
+from memx.experiment.runner import RunSpec, run
+
+EXECUTORS = ("local", "slurm", "submitit-local")
+
+
+def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Path, list]:
+  """Validates every entry's config before anything runs; returns (sweep dir, [(spec, hash)])."""
+  module = loading.load_module(pathlib.Path(experiment))
+  entries = loading.sweep_entries(module)
+  sweep_dir = pathlib.Path(workdir) / pathlib.Path(experiment).stem
+  out = []
+  for name, overrides in entries:
+    try:
+      cfg = loading.build_config(module, variant, overrides)
+    except UserError as e:
+      raise UserError(f"sweep entry {name!r}: {e}") from None
+    out.append((RunSpec(str(experiment), variant, dict(overrides), str(sweep_dir), name),
+                config_hash(cfg)))
+  return sweep_dir, out
+
+
+def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "runs",
+              workers: int = 1, executor: str = "local", slurm: dict | None = None,
+              progress: bool = True, log=print) -> pathlib.Path:
+  """Runs the sweep and writes its report; returns the sweep directory."""
+  if executor not in EXECUTORS:
+    raise UserError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}.")
+  if workers < 1:
+    raise UserError(f"--workers {workers} is not allowed: use 1 or more.")
+  sweep_dir, entries = plan(experiment, variant, workdir)
+  try:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create sweep directory {str(sweep_dir)!r} ({e.strerror}).") from None
+  index = RunIndex(sweep_dir / "index.sqlite")
+  try:
+    todo = []
+    for spec, h in entries:
+      index.register(spec.name, h)
+    for i, (spec, h) in enumerate(entries, 1):
+      row = index.get(spec.name)
+      finished = (row["status"] == "done" and row["config_hash"] == h
+                  and (sweep_dir / spec.name / "summary.json").exists())
+      if finished:
+        log(f"[{i}/{len(entries)}] {spec.name}: finished earlier, skipped")
+        continue
+      # Same config: continue from its checkpoint. Changed config: start that run over.
+      same = row["config_hash"] == h and row["status"] != "pending"
+      todo.append((i, spec, h, same))
+    if executor == "local":
+      _run_local(todo, len(entries), index, workers, progress, log)
+    else:
+      _run_submitit(todo, len(entries), index, executor, slurm or {}, sweep_dir, log)
+  finally:
+    index.close()
+  return sweep_dir
+
+
+def _run_local(todo, total, index, workers, progress, log):
+  def one(item):
+    i, spec, _, same = item
+    ok, result = _subprocess_run(spec, resume=same, overwrite=not same,
+                                 show_output=progress and workers == 1)
+    return i, spec, ok, result
+
+  if workers == 1:  # in order, each run's progress bar under its "[i/n]" line
+    for item in todo:
+      index.mark_running(item[1].name, item[2])
+      log(f"[{item[0]}/{total}] {item[1].name}: running")
+      _record(index, total, *one(item), log)
+    return
+  # sqlite connections stay on this thread: rows are updated here, not in the workers.
+  for i, spec, h, _ in todo:
+    index.mark_running(spec.name, h)
+    log(f"[{i}/{total}] {spec.name}: queued (output in {spec.workdir}/{spec.name}.log)")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+    for fut in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
+      _record(index, total, *fut.result(), log)
+
+
+def _record(index, total, i, spec, ok, result, log):
+  if ok:
+    index.mark_done(spec.name, result)
+    log(f"[{i}/{total}] {spec.name}: done")
+  else:
+    index.mark_failed(spec.name, result)
+    first = result.strip().splitlines()[-1] if result.strip() else "failed"
+    log(f"[{i}/{total}] {spec.name}: FAILED: {first}")
+
+
+def _subprocess_run(spec: RunSpec, *, resume: bool, overwrite: bool,
+                    show_output: bool) -> tuple[bool, Any]:
+  run_dir = pathlib.Path(spec.workdir) / spec.name
+  with tempfile.TemporaryDirectory() as tmp:
+    spec_file, err_file = pathlib.Path(tmp) / "spec.json", pathlib.Path(tmp) / "error.txt"
+    spec_file.write_text(json.dumps(spec.__dict__))
+    cmd = [sys.executable, "-m", "memx.experiment.sweep", str(spec_file), str(err_file)]
+    cmd += ["--resume"] if resume else ["--overwrite"] if overwrite else []
+    if show_output:
+      proc = subprocess.run(cmd)
+    else:
+      log_path = pathlib.Path(spec.workdir) / f"{spec.name}.log"
+      with open(log_path, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode == 0 and (run_dir / "summary.json").exists():
+      return True, json.loads((run_dir / "summary.json").read_text())
+    error = err_file.read_text() if err_file.exists() else ""
+    return False, error or f"run process exited with code {proc.returncode}"
+
+
+def _run_submitit(todo, total, index, executor, slurm, sweep_dir, log):
+  import submitit
+
+  folder = sweep_dir / "submitit"
+  if executor == "slurm":
+    ex = submitit.AutoExecutor(folder=folder)
+    ex.update_parameters(**{"timeout_min": 60, **slurm})
+  else:
+    ex = submitit.LocalExecutor(folder=folder)
+    ex.update_parameters(timeout_min=int(slurm.get("timeout_min", 60)))
+  jobs = []
+  for i, spec, h, same in todo:
+    index.mark_running(spec.name, h)
+    jobs.append((i, spec, ex.submit(run_job, spec, same, not same)))
+    log(f"[{i}/{total}] {spec.name}: submitted job {jobs[-1][2].job_id}")
+  for i, spec, job in jobs:
+    try:
+      ok, result = True, job.result()
+    except Exception as e:  # noqa: BLE001 - a failed job must not stop the others
+      ok, result = False, str(e)
+    _record(index, total, i, spec, ok, result, log)
+
+
+def run_job(spec: RunSpec, resume: bool, overwrite: bool) -> dict:
+  """The function a submitit job executes (SLURM or local): one run, no progress bar."""
+  return run(spec, resume=resume, overwrite=overwrite, progress=False)
+
+
+def _worker_main(argv: list[str]) -> int:
+  spec_file, err_file, *flags = argv
+  spec = RunSpec(**json.loads(pathlib.Path(spec_file).read_text()))
+  try:
+    run(spec, resume="--resume" in flags, overwrite="--overwrite" in flags)
+    return 0
+  except UserError as e:
+    pathlib.Path(err_file).write_text(str(e))
+    print(f"memx: {e}", file=sys.stderr)
+  except Exception as e:  # noqa: BLE001 - reported to the driver, which keeps going
+    pathlib.Path(err_file).write_text(traceback.format_exc() + f"\n{type(e).__name__}: {e}")
+    traceback.print_exc()
+  return 1
+
+
+if __name__ == "__main__":
+  sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,12 @@
+"""Logical axis names. Model code names only these, never mesh axes."""
+
+BATCH = "batch"
+SEQ = "seq"
+EMBED = "embed"
+HEADS = "heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+VOCAB = "vocab"
+STATE = "state"
+LAYERS = "layers"

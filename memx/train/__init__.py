@@ -1,0 +1,1 @@
+"""Train state, jit'd step, loop, evaluation, metrics and memory accounting."""

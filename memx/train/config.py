@@ -1,0 +1,57 @@
+"""OptimConfig and TrainConfig: the optimizer schedule and the loop's lengths and intervals."""
+
+import dataclasses
+
+from memx._validate import require
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+  """AdamW with linear warmup then cosine decay to min_lr_ratio·lr, and global-norm clipping."""
+
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 50
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  clip_norm: float | None = 1.0
+
+  def __post_init__(self):
+    require(self.lr > 0, "optim", "lr", self.lr, "must be > 0")
+    require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", self.min_lr_ratio,
+            "must lie in [0, 1]")
+    require(self.warmup_steps >= 0, "optim", "warmup_steps", self.warmup_steps, "must be >= 0")
+    require(self.weight_decay >= 0, "optim", "weight_decay", self.weight_decay, "must be >= 0")
+    require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim", "b1/b2", (self.b1, self.b2),
+            "must lie in [0, 1)")
+    require(self.clip_norm is None or self.clip_norm > 0, "optim", "clip_norm", self.clip_norm,
+            "must be None (no clipping) or > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Attributes:
+    steps: optimizer steps.
+    batch_size: global batch (rows), split across the mesh's data axis and the hosts.
+    seed: the one seed; model, data and training keys are split from it by purpose.
+    log_every: steps between metric fetches (the only host syncs of the loop).
+    eval_every: steps between evaluations (0 = only at the end).
+    eval_batches: batches per evaluation.
+  """
+
+  steps: int = 200
+  batch_size: int = 16
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0
+  eval_batches: int = 4
+
+  def __post_init__(self):
+    require(self.steps > 0, "train", "steps", self.steps, "must be > 0")
+    require(self.batch_size > 0, "train", "batch_size", self.batch_size, "must be > 0")
+    require(self.seed >= 0, "train", "seed", self.seed, "must be >= 0")
+    require(self.log_every > 0, "train", "log_every", self.log_every, "must be > 0")
+    require(self.eval_every >= 0, "train", "eval_every", self.eval_every, "must be >= 0")
+    require(self.eval_batches > 0, "train", "eval_batches", self.eval_batches, "must be > 0")

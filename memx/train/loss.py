@@ -1,0 +1,25 @@
+"""Weighted next-token cross-entropy and answer accuracy, in float32."""
+
+import jax
+import jax.numpy as jnp
+
+from memx.typing import Array, Bool, Float, Int
+
+
+def token_losses(logits: Float[Array, "B T V"], targets: Int[Array, "B T"]) -> Float[Array, "B T"]:
+  """-log softmax(logits)[target]; the log-sum-exp is taken in fp32."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return lse - picked
+
+
+def weighted_mean(values: Float[Array, "B T"], weights: Float[Array, "B T"]) -> jax.Array:
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def answer_hits(logits: Float[Array, "B T V"], targets: Int[Array, "B T"],
+                answer_mask: Bool[Array, "B T"]) -> tuple[jax.Array, jax.Array]:
+  """(correct answers, answer positions): greedy prediction equals the target."""
+  correct = (jnp.argmax(logits, axis=-1) == targets) & answer_mask
+  return jnp.sum(correct), jnp.sum(answer_mask)

@@ -1,0 +1,97 @@
+"""Train state creation and the jit'd train / eval steps (functional: graphdef + state)."""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from memx.config import Config
+from memx.models.transformer import TransformerLM
+from memx.parallel.rules import RULES
+from memx.train.loss import answer_hits, token_losses, weighted_mean
+from memx.train.optim import lr_schedule, make_optimizer
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """graphdef is static structure; state holds every array (params, optimizer moments, step)."""
+
+  graphdef: Any
+  state: Any
+
+
+def init_state(cfg: Config, model_key: jax.Array) -> TrainState:
+  model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=model_key))
+  opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.train.steps), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, opt))
+  return TrainState(graphdef, state)
+
+
+def abstract_state(cfg: Config, model_key: jax.Array) -> TrainState:
+  """Shapes and dtypes of the train state without allocating it."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: _model_and_opt(cfg, model_key)))
+  return TrainState(graphdef, state)
+
+
+def _model_and_opt(cfg, key):
+  model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=key))
+  return model, nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.train.steps), wrt=nnx.Param)
+
+
+def _spec(axes: tuple[str, ...] | None, rules) -> PartitionSpec:
+  if axes is None:
+    return PartitionSpec()
+  table = dict(rules)
+  return PartitionSpec(*(table.get(a) for a in axes))
+
+
+def state_shardings(state, mesh: Mesh, strategy: str):
+  """NamedSharding per array: logical `axes` metadata through the strategy's rule table."""
+  rules = RULES[strategy]
+
+  def one(var):
+    axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
+    return NamedSharding(mesh, _spec(axes, rules))
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(cfg: Config, graphdef):
+  schedule = lr_schedule(cfg.optim, cfg.train.steps)
+
+  def train_step(state, batch: Batch):
+    model, opt = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+      logits = model(batch["inputs"])
+      return weighted_mean(token_losses(logits, batch["targets"]), batch["weights"])
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    lr = schedule(opt.step[...])
+    opt.update(model, grads)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
+    return nnx.state((model, opt)), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  def eval_step(state, batch: Batch):
+    model, _ = nnx.merge(graphdef, state)
+    logits = model(batch["inputs"])
+    losses = token_losses(logits, batch["targets"])
+    correct, answers = answer_hits(logits, batch["targets"], batch["answer_mask"])
+    return {"loss_sum": jnp.sum(losses * batch["weights"]), "weight": jnp.sum(batch["weights"]),
+            "correct": correct, "answers": answers}
+
+  return eval_step
