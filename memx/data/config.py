@@ -32,9 +32,9 @@ class DataConfig:
     copy_tokens: tokens to copy in selective copying.
     passkey_filler: haystack of passkey rows: "repeat" (the classic repeated "The grass is
       green. ..." sentences) or "corpus" (random windows of the embedded corpus).
-    vocab_size: for "npy" only: the id space of the pre-tokenized files (every id must lie in
-      [0, vocab_size)); None means the byte tokenizer's (261). Mixing in a task needs at least
-      261, since task rows use byte-tokenizer ids.
+    vocab_size: the data's token id space, reported as Loader.vocab_size; None means the byte
+      tokenizer's (261). Set it for "npy" files written by another tokenizer (every id must
+      lie in [0, vocab_size)); byte-tokenized text and task rows need at least 261.
   """
 
   source: str = "corpus"
@@ -75,12 +75,11 @@ class DataConfig:
     require(self.copy_tokens >= 1, "data", "copy_tokens", self.copy_tokens, "must be >= 1")
     one_of("data", "passkey_filler", self.passkey_filler, PASSKEY_FILLERS)
     if self.vocab_size is not None:
-      require(self.source == "npy", "data", "vocab_size", self.vocab_size,
-              "only pre-tokenized data.source = 'npy' sets it; text sources use the byte "
-              "tokenizer's vocabulary")
-      require(self.vocab_size >= (BYTE_VOCAB_SIZE if self.task else 1), "data", "vocab_size",
-              self.vocab_size, f"must be >= 1, and >= {BYTE_VOCAB_SIZE} (the byte tokenizer's "
-              "vocabulary, which task rows use) when data.task is set")
+      # Only pre-tokenized ids can live in a smaller space; bytes and task rows use all 261.
+      byte_ids = self.source != "npy" or self.task is not None
+      require(self.vocab_size >= (BYTE_VOCAB_SIZE if byte_ids else 1), "data", "vocab_size",
+              self.vocab_size, f"must be >= {BYTE_VOCAB_SIZE} (the byte tokenizer's vocabulary) "
+              "unless data.source = 'npy' with no data.task, where it must be >= 1")
 
   @property
   def task_name(self) -> str | None:

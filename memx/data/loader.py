@@ -20,7 +20,7 @@ from jaxtyping import Int
 
 from memx.data.config import DataConfig
 from memx.data.corpus import load_corpus
-from memx.data.tasks import TaskRow, make_task, min_seq_len, task_settings
+from memx.data.tasks import TaskRow, make_task, task_settings
 from memx.data.tokenizer import ByteTokenizer
 from memx.errors import DataError
 
@@ -240,9 +240,10 @@ class Loader:
     for i in np.flatnonzero(is_task):
       rng = np.random.default_rng([self.seed, self._split_id, step, 1, int(rows[i])])
       tokens[i], answers[i] = self._task_fn(rng)
-    answer_mask = answers[:, 1:]
+    answer_mask = np.ascontiguousarray(answers[:, 1:])
     weights = np.where(is_task[:, None], answer_mask, True).astype(np.float32)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights,
+    return {"inputs": np.ascontiguousarray(tokens[:, :-1]),
+            "targets": np.ascontiguousarray(tokens[:, 1:]), "weights": weights,
             "answer_mask": answer_mask}
 
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
@@ -364,10 +365,6 @@ def make_loader(cfg: DataConfig, *, batch_size: int, seed: int, split: str = "tr
   task_fn, settings = None, "none"
   filler_corpus = task == "passkey" and cfg.passkey_filler == "corpus"
   if task is not None:
-    minimum = min_seq_len(cfg, task)
-    if cfg.seq_len < minimum:
-      raise DataError(f"data.seq_len = {cfg.seq_len} is too short for the {task!r} task with "
-                      f"these settings; it needs data.seq_len >= {minimum}.")
     filler = load_corpus()[0] if filler_corpus else None
     task_fn = make_task(cfg, task, filler=filler)
     settings = f"{task_settings(cfg, task)};fraction={num_task_rows}/{batch_size}"

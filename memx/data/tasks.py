@@ -51,10 +51,11 @@ class TaskRow(NamedTuple):
   answer_mask: Bool[np.ndarray, " T+1"]
 
 
-def _too_short(task: str, seq_len: int, minimum: int, why: str) -> DataError:
+def _too_short(task: str, seq_len: int, minimum: int, why: str, knob: str) -> DataError:
   return DataError(
-      f"data.seq_len = {seq_len} is too short for the {task!r} task: {why}, which needs "
-      f"data.seq_len >= {minimum}. Raise data.seq_len or shrink the task's settings.")
+      f"data.seq_len = {seq_len} is too short for the {task!r} task: it needs data.seq_len >= "
+      f"{minimum} ({why}; a row holds seq_len + 1 tokens). Raise data.seq_len or lower "
+      f"data.{knob}.")
 
 
 def _row(tokens: np.ndarray, answer_positions: np.ndarray) -> TaskRow:
@@ -108,7 +109,7 @@ def mqar(rng: np.random.Generator, seq_len: int, *, num_pairs: int,
   minimum = mqar_min_seq_len(num_pairs)
   if seq_len < minimum:
     raise _too_short("mqar", seq_len, minimum, f"{num_pairs} pairs take BOS + {2 * num_pairs} "
-                     f"context tokens + SEP + {2 * num_pairs} query tokens")
+                     f"context tokens + SEP + {2 * num_pairs} query tokens", "mqar_pairs")
   keys = key_range[0] + rng.choice(n_keys, num_pairs, replace=False)
   values = value_range[0] + rng.choice(n_values, num_pairs, replace=False)
 
@@ -191,7 +192,7 @@ def passkey(rng: np.random.Generator, seq_len: int, *, digits: int,
   minimum = passkey_min_seq_len(digits)
   if seq_len < minimum:
     raise _too_short("passkey", seq_len, minimum, f"the needle, question and {digits}-digit "
-                     "answer alone are that long")
+                     "answer, with no filler at all", "passkey_digits")
   key = (ord("0") + rng.integers(0, 10, size=digits)).astype(np.uint8).tobytes()
   needle = _NEEDLE.replace(b"{key}", key)
   n_filler = seq_len + 1 - 1 - len(needle) - len(_QUESTION) - digits
@@ -268,7 +269,8 @@ def selective_copy(rng: np.random.Generator, seq_len: int, *, copy_tokens: int,
   minimum = selective_copy_min_seq_len(copy_tokens)
   if seq_len < minimum:
     raise _too_short("selective_copy", seq_len, minimum, f"{copy_tokens} data tokens take BOS "
-                     f"+ at least {copy_tokens} region slots + SEP + {copy_tokens} answers")
+                     f"+ at least {copy_tokens} region slots + SEP + {copy_tokens} answers",
+                     "copy_tokens")
   data = rng.integers(*data_range, size=copy_tokens)
   region = seq_len - copy_tokens - 1
   tokens = np.full(seq_len + 1, BLANK, dtype=np.int32)

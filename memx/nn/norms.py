@@ -17,5 +17,6 @@ class RMSNorm(nnx.Module):
     """Normalises the last axis in fp32 (bf16 variance is too coarse); output in x.dtype."""
     x32 = x.astype(jnp.float32)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    y = x32 * jax.lax.rsqrt(var + self.eps) * scale
     return y.astype(x.dtype)

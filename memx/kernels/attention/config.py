@@ -1,0 +1,106 @@
+"""BlockSizes: the tile sizes and launch settings of the blockwise attention implementations."""
+
+import dataclasses
+
+from memx.kernels.attention.mask import Mask
+
+
+# (field, tiles the query axis?) for every tile field.
+_TILE_FIELDS = (("block_q", True), ("block_k", False), ("block_q_dkv", True),
+                ("block_k_dkv", False), ("block_q_dq", True), ("block_k_dq", False))
+
+
+def _pow2_at_least_16(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 16 and x & (x - 1) == 0
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+  """Tiles of the score matrix that one program (Pallas) or one loop step (xla) handles.
+
+  Every size is a power of two >= 16: Triton tensors must have power-of-two sizes and its dot
+  needs M, N, K >= 16. The forward and the dQ pass tile by (query block, key block) with the
+  query block on the grid and a loop over key blocks; the dK/dV pass puts the key block on the
+  grid and loops over query blocks, so each pass has its own pair.
+
+  Attributes:
+    block_q, block_k: forward tiles.
+    block_q_dkv, block_k_dkv: dK/dV tiles (the xla backward's single pass uses these).
+    block_q_dq, block_k_dq: dQ tiles (pallas_gpu only).
+    num_warps_fwd, num_warps_bwd: Triton warps per program; None = 4 for head dim <= 64, else 8.
+    num_stages_fwd, num_stages_bwd: Triton software-pipelining depth of the key/query loop.
+  """
+
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dkv: int = 32
+  block_k_dkv: int = 128
+  block_q_dq: int = 128
+  block_k_dq: int = 32
+  num_warps_fwd: int | None = None
+  num_warps_bwd: int | None = None
+  num_stages_fwd: int = 3
+  num_stages_bwd: int = 3
+
+  def __post_init__(self):
+    for f, _ in _TILE_FIELDS:
+      v = getattr(self, f)
+      if not _pow2_at_least_16(v):
+        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be a power of two >= 16.")
+    for f in ("num_warps_fwd", "num_warps_bwd"):
+      v = getattr(self, f)
+      if v is not None and v not in (1, 2, 4, 8, 16):
+        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: expected None or one of "
+                         f"1, 2, 4, 8, 16.")
+    for f in ("num_stages_fwd", "num_stages_bwd"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or not 1 <= v <= 8:
+        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be an int in [1, 8].")
+
+  @classmethod
+  def get_default(cls, implementation: str = "pallas_gpu") -> "BlockSizes":
+    """Defaults per implementation.
+
+    pallas_gpu: FA2-style tiles from the Triton fused-attention tutorial's Hopper settings
+    (fwd 128x64; bwd 32x128 for dK/dV and 128x32 for dQ). Untuned on memx's own kernels:
+    `scripts/bench_attention.py --sweep` times alternatives on the GPU.
+    xla: larger tiles, since each tile is one step of an XLA loop with fixed overhead.
+    """
+    if implementation == "xla":
+      return cls(block_q=512, block_k=512, block_q_dkv=512, block_k_dkv=512,
+                 block_q_dq=512, block_k_dq=512)
+    return cls()
+
+  def fit(self, t: int, s: int, mask: Mask | None = None, *, explicit: bool = False
+          ) -> "BlockSizes":
+    """Shrinks tiles to the problem (no tile beyond next_pow2(T or S)) and to the layout.
+
+    With a block-sparse mask every kernel tile must nest inside a layout block. Defaults are
+    shrunk until they do; explicit sizes that do not are a ValueError (they were asked for).
+    """
+    cap_q, cap_k = max(16, _next_pow2(t)), max(16, _next_pow2(s))
+    lq = lk = None
+    if mask is not None and mask.block_sparse is not None:
+      lq, lk = mask.block_sparse.block_q, mask.block_sparse.block_k
+    changes = {}
+    for f, is_q in _TILE_FIELDS:
+      v = getattr(self, f)
+      layout_block = lq if is_q else lk
+      if layout_block is not None and layout_block % v:
+        if explicit:
+          raise ValueError(
+              f"BlockSizes.{f} = {v} does not fit the block-sparse layout: layout blocks are "
+              f"({lq}, {lk}) and every kernel tile must divide them.")
+        while layout_block % v:
+          v //= 2
+        if v < 16:
+          raise ValueError(f"Block-sparse layout block {layout_block} has no power-of-two "
+                           f"divisor >= 16 to use as a kernel tile.")
+      v = min(v, cap_q if is_q else cap_k)
+      if v != getattr(self, f):
+        changes[f] = v
+    return dataclasses.replace(self, **changes) if changes else self
