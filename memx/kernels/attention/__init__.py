@@ -1,7 +1,39 @@
-"""Softmax attention: dense, windowed, sink, segment and GQA masks behind one API."""
+"""Softmax attention: dense, windowed, sink, segment, per-head and block-sparse masks, one API.
 
-from memx.kernels.attention.api import Implementation, attention
-from memx.kernels.attention.mask import CAUSAL, Mask
+Implementations: reference (dense oracle), xla (blockwise FA2, any backend), pallas_gpu
+(Triton kernels), cudnn (jax.nn.dot_product_attention); `attention` dispatches among them.
+"""
+
+from memx.kernels.attention.api import IMPLEMENTATIONS, Implementation, attention, default_order
+from memx.kernels.attention.config import BlockSizes
+from memx.kernels.attention.mask import (
+    CAUSAL,
+    EMPTY,
+    FULL,
+    PARTIAL,
+    BlockSparse,
+    Mask,
+    moa_windows,
+)
+from memx.kernels.attention.pallas_gpu import attention_pallas_gpu
 from memx.kernels.attention.reference import MASK_VALUE, attention_reference
+from memx.kernels.attention.xla import attention_xla
 
-__all__ = ["CAUSAL", "MASK_VALUE", "Implementation", "Mask", "attention", "attention_reference"]
+__all__ = [
+    "CAUSAL",
+    "EMPTY",
+    "FULL",
+    "IMPLEMENTATIONS",
+    "MASK_VALUE",
+    "PARTIAL",
+    "BlockSizes",
+    "BlockSparse",
+    "Implementation",
+    "Mask",
+    "attention",
+    "attention_pallas_gpu",
+    "attention_reference",
+    "attention_xla",
+    "default_order",
+    "moa_windows",
+]

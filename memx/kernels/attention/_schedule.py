@@ -16,7 +16,7 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
-from memx.kernels.attention.mask import FULL, PARTIAL, Mask
+from memx.kernels.attention.mask import EMPTY, FULL, PARTIAL, Mask
 
 # "Unbounded window" inside kernels: int32-safe and larger than any position difference.
 UNBOUNDED = 1 << 30
@@ -97,8 +97,8 @@ def dedupe_heads(masks: tuple[Mask, ...]) -> tuple[Mask, ...]:
 
 @functools.lru_cache(maxsize=128)
 def schedule(masks: tuple[Mask, ...], t: int, s: int, block_q: int, block_k: int,
-             transpose: bool) -> tuple[np.ndarray, np.ndarray]:
-  """Static tile schedule.
+             transpose: bool, t_pad: int, s_pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """Static tile schedule for inputs padded to [t_pad, s_pad] (padding tiles are EMPTY).
 
   Returns:
     table: int32 [H', n_outer, M]: inner block indices per outer block, FULL tiles first then
@@ -107,6 +107,9 @@ def schedule(masks: tuple[Mask, ...], t: int, s: int, block_q: int, block_k: int
     H' is len(masks) (1 for a head-uniform mask); M is the largest row length (at least 1).
   """
   classes = np.stack([m.block_layout(t, s, block_q, block_k)[0] for m in masks])
+  n_q, n_k = t_pad // block_q, s_pad // block_k
+  classes = np.pad(classes, ((0, 0), (0, n_q - classes.shape[1]), (0, n_k - classes.shape[2])),
+                   constant_values=EMPTY)
   if transpose:
     classes = classes.transpose(0, 2, 1)
   # Sort key: FULL (0) before PARTIAL (1) before EMPTY (2); a stable sort keeps each group

@@ -69,7 +69,8 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg):
   b, t_pad, g, r, _ = q.shape
   dv = v.shape[-1]
   bq, bk = plan.blocks.block_q, plan.blocks.block_k
-  table, counts = sched.schedule((plan.mask,), plan.t, plan.s, bq, bk, False)
+  table, counts = sched.schedule((plan.mask,), plan.t, plan.s, bq, bk, False, plan.t_pad,
+                                 plan.s_pad)
   table, counts = jnp.asarray(table[0]), jnp.asarray(counts[0])
   rule = sched.rule_for((plan.mask,), plan.s, plan.s_pad)
   c = plan.scale * LOG2E
@@ -121,7 +122,8 @@ def _backward(plan: _Plan, q, k, v, q_seg, kv_seg, o, lse, do):
   """dq, dk, dv on padded inputs: one pass over key blocks (FA2 Alg. 2)."""
   b, t_pad, g, r, dk_ = q.shape
   bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
-  table, counts = sched.schedule((plan.mask,), plan.t, plan.s, bq, bk, True)
+  table, counts = sched.schedule((plan.mask,), plan.t, plan.s, bq, bk, True, plan.t_pad,
+                                 plan.s_pad)
   table, counts = jnp.asarray(table[0]), jnp.asarray(counts[0])
   rule = sched.rule_for((plan.mask,), plan.s, plan.s_pad)
   c = plan.scale * LOG2E

@@ -1,0 +1,435 @@
+"""Pallas (Triton) GPU attention kernels: FlashAttention-2 forward, dK/dV and dQ passes.
+
+Algorithm (Dao 2023, "FlashAttention-2", Alg. 1 forward, Alg. 2 backward):
+  * forward: the grid is (query block, batch, query head); each program keeps its query tile
+    [block_q, D] in registers/SRAM and walks the key tiles its schedule lists, with the running
+    row max m, denominator l and the unnormalised output in fp32 (online softmax, base 2 with
+    log2(e) folded into the scale). It writes O and the base-2 log-sum-exp per row.
+  * dK/dV: the grid is (key block, batch, kv head); each program holds one K/V tile and its
+    fp32 dK/dV accumulators, loops over the query heads that share this kv head (GQA without
+    repeating K/V in memory) and over the query tiles the transposed schedule lists.
+  * dQ: the grid is (query block, batch, query head); loops over key tiles like the forward.
+Block skipping: schedules (`_schedule.py`, from `Mask.block_layout`) list only non-empty tiles,
+FULL ones first (no element mask) then PARTIAL ones (mask built from iotas and a few scalars).
+Segment ids refine the schedules per batch row before the launch (ranges per tile), and mask
+element-wise. Inputs are zero-padded to whole tiles and to a power-of-two head dim >= 16 before
+the kernels run, so no load needs a bounds mask; padded keys are masked out as PARTIAL tiles.
+
+Runs compiled on NVIDIA GPUs (Triton lowering) and in the Pallas interpreter anywhere
+(`interpret=True`, what CPU tests use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from memx.kernels.attention import _schedule as sched
+from memx.kernels.attention.config import BlockSizes
+from memx.kernels.attention.mask import Mask
+from memx.kernels.attention.reference import MASK_VALUE, SegmentIds, split_segment_ids
+from memx.typing import Array, Float
+
+LOG2E = math.log2(math.e)
+# Base-2 log-sum-exp for rows that see no key (see xla.py): keeps their gradients at zero.
+LSE_EMPTY = -MASK_VALUE
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static description of one call (hashable: the custom_vjp nondiff argument)."""
+
+  masks: tuple[Mask, ...]   # one per query head, or a single one when all heads agree
+  rule: sched.Rule
+  t: int
+  s: int
+  t_pad: int
+  s_pad: int
+  num_heads: int
+  num_kv_heads: int
+  d_pad: int
+  blocks: BlockSizes
+  scale: float
+  segments: bool
+  interpret: bool
+
+  @property
+  def per_head(self) -> bool:
+    return len(self.masks) > 1
+
+  @property
+  def rep(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  def warps(self, field: str) -> int:
+    n = getattr(self.blocks, field)
+    return n if n is not None else (4 if self.d_pad <= 64 else 8)
+
+
+def _whole(x) -> pl.BlockSpec:
+  """BlockSpec that hands the kernel the entire (small) array: schedules, per-head params."""
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _schedules(plan: _Plan, q_seg, kv_seg, bq: int, bk: int, transpose: bool):
+  """(table, counts) for one pass: static numpy, or refined by segment ids (batch axis B)."""
+  table, counts = sched.schedule(plan.masks, plan.t, plan.s, bq, bk, transpose, plan.t_pad,
+                                 plan.s_pad)
+  if not plan.segments:
+    return jnp.asarray(table)[None], jnp.asarray(counts)[None], sched.visited_tiles(counts)
+  q_rng, k_rng = sched.segment_ranges(q_seg, bq), sched.segment_ranges(kv_seg, bk)
+  outer, inner = (k_rng, q_rng) if transpose else (q_rng, k_rng)
+  table_b, counts_b = sched.segment_schedule(table, counts, outer, inner)
+  return table_b, counts_b, sched.visited_tiles(counts)
+
+
+def _head_scalars(plan: _Plan, hp_ref, h):
+  """(window_left, window_right, n_sink) of query head h: static ints or loaded scalars."""
+  if plan.per_head:
+    return hp_ref[h, 0], hp_ref[h, 1], hp_ref[h, 2]
+  return sched.uniform_params(plan.masks[0])
+
+
+def _tile_visibility(plan: _Plan, q_pos, k_pos, params, qseg, kseg, elementwise: bool):
+  """bool [bq, bk] for a tile, or None when the tile needs no masking at all."""
+  vis = sched.visible(plan.rule, q_pos, k_pos, *params) if elementwise else None
+  if plan.segments:
+    same = qseg[:, None] == kseg[None, :]
+    vis = same if vis is None else vis & same
+  return vis
+
+
+def _unpack(refs, plan: _Plan, names: tuple[str, ...]):
+  """Names the kernel's refs: optional inputs (head params, segment ids) appear only if used."""
+  it = iter(refs)
+  out = {"tbl": next(it), "cnt": next(it)}
+  out["hp"] = next(it) if plan.per_head else None
+  out["qseg"], out["kseg"] = (next(it), next(it)) if plan.segments else (None, None)
+  for name in names:
+    out[name] = next(it)
+  return out
+
+
+# --- forward ---------------------------------------------------------------------------------
+
+
+def _fwd_kernel(*refs, plan: _Plan, n_q: int):
+  r = _unpack(refs, plan, ("q", "k", "v", "o", "lse"))
+  bq, bk = plan.blocks.block_q, plan.blocks.block_k
+  # Grid axis 0 runs query blocks last-to-first: under causal masks the late blocks carry the
+  # most tiles, and starting them first evens out the tail of the launch.
+  qb = n_q - 1 - pl.program_id(0)
+  b, h = pl.program_id(1), pl.program_id(2)
+  tb = b if plan.segments else 0
+  th = h if plan.per_head else 0
+  params = _head_scalars(plan, r["hp"], h)
+  n_full, n_tot = r["cnt"][tb, th, qb, 0], r["cnt"][tb, th, qb, 1]
+  c = plan.scale * LOG2E
+
+  q = r["q"][...]                                       # [bq, D]: stays on chip for the loop
+  q_pos = plan.rule.q_offset + qb * bq + jnp.arange(bq)
+  qseg = r["qseg"][...] if plan.segments else None
+
+  def body(j, carry, elementwise):
+    m_prev, l_prev, acc = carry
+    k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
+    k = r["k"][pl.ds(k0, bk), :]
+    s = plgpu.dot(q, k, trans_b=True) * c                # fp32 [bq, bk], base-2 logits
+    kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
+    vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg, elementwise)
+    if vis is not None:
+      # -inf, not MASK_VALUE: exp2 then yields exact zeros even while m is still MASK_VALUE.
+      s = jnp.where(vis, s, -jnp.inf)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    corr = jnp.exp2(m_prev - m_new)
+    p = jnp.exp2(s - m_new[:, None])
+    l_new = l_prev * corr + jnp.sum(p, axis=1)
+    v = r["v"][pl.ds(k0, bk), :]
+    acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    return m_new, l_new, acc
+
+  # Finite initial max: exp2(m_prev - m_new) never sees -inf - (-inf).
+  init = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
+          jnp.zeros((bq, plan.d_pad), jnp.float32))
+  carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), init)
+  m, l, acc = lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), carry)
+  # Rows that saw no key (l == 0) output zeros and get a huge lse (zero gradients later).
+  seen = l > 0.0
+  l_safe = jnp.where(seen, l, 1.0)
+  r["o"][...] = (acc / l_safe[:, None]).astype(r["o"].dtype)
+  r["lse"][...] = jnp.where(seen, m + jnp.log2(l_safe), LSE_EMPTY)
+
+
+def _forward(plan: _Plan, q, k, v, q_seg, kv_seg):
+  """o [B, Tp, H, Dp] and base-2 lse [B, H, Tp] fp32 from padded inputs."""
+  b = q.shape[0]
+  bq, bk = plan.blocks.block_q, plan.blocks.block_k
+  n_q = plan.t_pad // bq
+  tbl, cnt, tiles = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
+  rep, d = plan.rep, plan.d_pad
+  args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
+  if plan.per_head:
+    hp = jnp.asarray(sched.head_params(plan.masks))
+    args.append(hp)
+    specs.append(_whole(hp))
+  if plan.segments:
+    args += [q_seg, kv_seg]
+    specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, n_q - 1 - i)),
+              pl.BlockSpec((None, plan.s_pad), lambda i, b_, h: (b_, 0))]
+  args += [q, k, v]
+  specs += [pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, n_q - 1 - i, h, 0)),
+            pl.BlockSpec((None, plan.s_pad, None, d), lambda i, b_, h: (b_, 0, h // rep, 0)),
+            pl.BlockSpec((None, plan.s_pad, None, d), lambda i, b_, h: (b_, 0, h // rep, 0))]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((b, plan.num_heads, plan.t_pad), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, n_q - 1 - i, h, 0)),
+               pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, n_q - 1 - i))]
+  per_bh = b * (1 if plan.per_head else plan.num_heads)
+  cost = pl.CostEstimate(
+      flops=4 * tiles * bq * bk * d * per_bh, transcendentals=tiles * bq * bk * per_bh,
+      bytes_accessed=sum(x.size * x.dtype.itemsize for x in (q, k, v)) * 2)
+  o, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, plan=plan, n_q=n_q),
+      grid=(n_q, b, plan.num_heads),
+      in_specs=specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=plan.warps("num_warps_fwd"),
+                                           num_stages=plan.blocks.num_stages_fwd),
+      interpret=plan.interpret, cost_estimate=cost, name="memx_attention_fwd",
+  )(*args)
+  return o, lse
+
+
+# --- backward: dK/dV ---------------------------------------------------------------------------
+
+
+def _dkv_kernel(*refs, plan: _Plan):
+  r = _unpack(refs, plan, ("q", "k", "v", "do", "lse", "delta", "dk", "dv"))
+  bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
+  kb, b, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tb = b if plan.segments else 0
+  c = plan.scale * LOG2E
+  k = r["k"][...]                                       # [bk, D]: resident for all q tiles
+  v = r["v"][...]
+  k_pos = kb * bk + jnp.arange(bk)
+  kseg = r["kseg"][...] if plan.segments else None
+
+  def one_head(rr, carry):
+    """Accumulates the contribution of query head g * rep + rr (GQA: sum over the group)."""
+    h = g * plan.rep + rr
+    th = h if plan.per_head else 0
+    params = _head_scalars(plan, r["hp"], h)
+    n_full, n_tot = r["cnt"][tb, th, kb, 0], r["cnt"][tb, th, kb, 1]
+
+    def body(j, carry, elementwise):
+      dk, dv = carry
+      q0 = pl.multiple_of(r["tbl"][tb, th, kb, j] * bq, bq)
+      q = r["q"][pl.ds(q0, bq), rr, :]
+      do = r["do"][pl.ds(q0, bq), rr, :]
+      lse = r["lse"][rr, pl.ds(q0, bq)]
+      delta = r["delta"][rr, pl.ds(q0, bq)]
+      s = plgpu.dot(q, k, trans_b=True) * c               # [bq, bk]
+      qseg = r["qseg"][pl.ds(q0, bq)] if plan.segments else None
+      q_pos = plan.rule.q_offset + q0 + jnp.arange(bq)
+      vis = _tile_visibility(plan, q_pos, k_pos, params, qseg, kseg, elementwise)
+      if vis is not None:
+        s = jnp.where(vis, s, -jnp.inf)
+      p = jnp.exp2(s - lse[:, None])                      # probabilities, recomputed
+      dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+      dp = plgpu.dot(do, v, trans_b=True)
+      ds = p * (dp - delta[:, None])                      # FA2 Alg. 2 line 14 (no scale yet)
+      dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+      return dk, dv
+
+    carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), carry)
+    return lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), carry)
+
+  init = (jnp.zeros((bk, plan.d_pad), jnp.float32), jnp.zeros((bk, plan.d_pad), jnp.float32))
+  if plan.rep == 1:
+    dk, dv = one_head(0, init)
+  else:
+    dk, dv = lax.fori_loop(0, plan.rep, one_head, init)
+  r["dk"][...] = (dk * plan.scale).astype(r["dk"].dtype)
+  r["dv"][...] = dv.astype(r["dv"].dtype)
+
+
+def _dkv(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
+  b = q.shape[0]
+  bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
+  tbl, cnt, _ = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=True)
+  rep, d = plan.rep, plan.d_pad
+  args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
+  if plan.per_head:
+    hp = jnp.asarray(sched.head_params(plan.masks))
+    args.append(hp)
+    specs.append(_whole(hp))
+  if plan.segments:
+    args += [q_seg, kv_seg]
+    specs += [pl.BlockSpec((None, plan.t_pad), lambda i, b_, g: (b_, 0)),
+              pl.BlockSpec((None, bk), lambda i, b_, g: (b_, i))]
+  q_spec = pl.BlockSpec((None, plan.t_pad, rep, d), lambda i, b_, g: (b_, 0, g, 0))
+  kv_spec = pl.BlockSpec((None, bk, None, d), lambda i, b_, g: (b_, i, g, 0))
+  row_spec = pl.BlockSpec((None, rep, plan.t_pad), lambda i, b_, g: (b_, g, 0))
+  args += [q, k, v, do, lse, delta]
+  specs += [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, plan=plan),
+      grid=(plan.s_pad // bk, b, plan.num_kv_heads),
+      in_specs=specs, out_specs=[kv_spec, kv_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=plgpu.CompilerParams(num_warps=plan.warps("num_warps_bwd"),
+                                           num_stages=plan.blocks.num_stages_bwd),
+      interpret=plan.interpret, name="memx_attention_dkv",
+  )(*args)
+
+
+# --- backward: dQ ------------------------------------------------------------------------------
+
+
+def _dq_kernel(*refs, plan: _Plan, n_q: int):
+  r = _unpack(refs, plan, ("q", "k", "v", "do", "lse", "delta", "dq"))
+  bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
+  qb = n_q - 1 - pl.program_id(0)
+  b, h = pl.program_id(1), pl.program_id(2)
+  tb = b if plan.segments else 0
+  th = h if plan.per_head else 0
+  params = _head_scalars(plan, r["hp"], h)
+  n_full, n_tot = r["cnt"][tb, th, qb, 0], r["cnt"][tb, th, qb, 1]
+  c = plan.scale * LOG2E
+  q, do = r["q"][...], r["do"][...]
+  lse, delta = r["lse"][...], r["delta"][...]
+  q_pos = plan.rule.q_offset + qb * bq + jnp.arange(bq)
+  qseg = r["qseg"][...] if plan.segments else None
+
+  def body(j, dq, elementwise):
+    k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
+    k = r["k"][pl.ds(k0, bk), :]
+    v = r["v"][pl.ds(k0, bk), :]
+    s = plgpu.dot(q, k, trans_b=True) * c
+    kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
+    vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg, elementwise)
+    if vis is not None:
+      s = jnp.where(vis, s, -jnp.inf)
+    p = jnp.exp2(s - lse[:, None])
+    dp = plgpu.dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+  dq = jnp.zeros((bq, plan.d_pad), jnp.float32)
+  dq = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), dq)
+  dq = lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), dq)
+  r["dq"][...] = (dq * plan.scale).astype(r["dq"].dtype)
+
+
+def _dq(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
+  b = q.shape[0]
+  bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
+  n_q = plan.t_pad // bq
+  tbl, cnt, _ = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
+  rep, d = plan.rep, plan.d_pad
+  args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
+  if plan.per_head:
+    hp = jnp.asarray(sched.head_params(plan.masks))
+    args.append(hp)
+    specs.append(_whole(hp))
+  if plan.segments:
+    args += [q_seg, kv_seg]
+    specs += [pl.BlockSpec((None, bq), lambda i, b_, h: (b_, n_q - 1 - i)),
+              pl.BlockSpec((None, plan.s_pad), lambda i, b_, h: (b_, 0))]
+  q_spec = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, n_q - 1 - i, h, 0))
+  kv_spec = pl.BlockSpec((None, plan.s_pad, None, d), lambda i, b_, h: (b_, 0, h // rep, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, n_q - 1 - i))
+  args += [q, k, v, do, lse, delta]
+  specs += [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, plan=plan, n_q=n_q),
+      grid=(n_q, b, plan.num_heads),
+      in_specs=specs, out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=plan.warps("num_warps_bwd"),
+                                           num_stages=plan.blocks.num_stages_bwd),
+      interpret=plan.interpret, name="memx_attention_dq",
+  )(*args)
+
+
+# --- custom VJP and entry point ----------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(plan: _Plan, q, k, v, q_seg, kv_seg):
+  return _forward(plan, q, k, v, q_seg, kv_seg)[0]
+
+
+def _flash_fwd(plan, q, k, v, q_seg, kv_seg):
+  o, lse = _forward(plan, q, k, v, q_seg, kv_seg)
+  return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _flash_bwd(plan, res, do):
+  q, k, v, q_seg, kv_seg, o, lse = res
+  # delta_i = rowsum(dO_i * O_i) (FA2 Alg. 2 line 4): one fused elementwise+reduce in XLA.
+  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  do = do.astype(q.dtype)
+  dk, dv = _dkv(plan, q, k, v, q_seg, kv_seg, do, lse, delta)
+  dq = _dq(plan, q, k, v, q_seg, kv_seg, do, lse, delta)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def make_plan(q_shape, k_shape, *, mask: Mask, segments: bool, scale: float | None,
+              block_sizes: BlockSizes | None, interpret: bool) -> _Plan:
+  """Validates sizes and fixes tiles, padding and per-head structure (no tracing)."""
+  _, t, h, d = q_shape
+  s, g = k_shape[1], k_shape[2]
+  blocks = (block_sizes or BlockSizes.get_default()).fit(
+      t, s, mask, explicit=block_sizes is not None)
+  masks = sched.dedupe_heads(mask.heads(h))
+  t_pad = sched.round_up(t, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
+  s_pad = sched.round_up(s, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
+  return _Plan(
+      masks=masks, rule=sched.rule_for(masks, s, s_pad), t=t, s=s, t_pad=t_pad, s_pad=s_pad,
+      num_heads=h, num_kv_heads=g, d_pad=max(16, 1 << (d - 1).bit_length()), blocks=blocks,
+      scale=d ** -0.5 if scale is None else float(scale), segments=segments,
+      interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "scale", "block_sizes", "interpret"))
+def attention_pallas_gpu(
+    q: Float[Array, "B T H K"],
+    k: Float[Array, "B S G K"],
+    v: Float[Array, "B S G K"],
+    *,
+    mask: Mask,
+    segment_ids: SegmentIds | None = None,
+    scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> Float[Array, "B T H K"]:
+  """FlashAttention-2 in Pallas/Triton; same contract as `attention_reference`.
+
+  fp32 softmax statistics and accumulators, matmuls in the input dtype (bf16/fp16 on tensor
+  cores; fp32 inputs use full-precision dots); output in q.dtype. Differentiable through
+  hand-written dK/dV and dQ kernels.
+  """
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  q_seg, kv_seg = split_segment_ids(segment_ids)
+  plan = make_plan(q.shape, k.shape, mask=mask, segments=q_seg is not None, scale=scale,
+                   block_sizes=block_sizes, interpret=interpret)
+  qp = sched.pad_axis(sched.pad_axis(q, 1, plan.t_pad), 3, plan.d_pad)
+  kp = sched.pad_axis(sched.pad_axis(k, 1, plan.s_pad), 3, plan.d_pad)
+  vp = sched.pad_axis(sched.pad_axis(v, 1, plan.s_pad), 3, plan.d_pad)
+  if q_seg is not None:
+    q_seg = sched.pad_edge(q_seg.astype(jnp.int32), 1, plan.t_pad)
+    kv_seg = sched.pad_edge(kv_seg.astype(jnp.int32), 1, plan.s_pad)
+  o = _flash(plan, qp, kp, vp, q_seg, kv_seg)
+  del b, s
+  return o[:, :t, :, :d]

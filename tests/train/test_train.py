@@ -1,0 +1,155 @@
+"""Training: learning on MQAR, NaN guard, determinism, exact resume, data parallel ≡ one device."""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from memx.checkpoint import Checkpointer
+from memx.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig,
+                         ParallelConfig, TrainConfig)
+from memx.data import make_loader
+from memx.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
+from memx.parallel.mesh import make_mesh
+from memx.train.loop import train
+from memx.train.metrics import read_metrics
+from memx.train.step import init_state, make_train_step
+
+TINY = Config(
+    model=ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2),
+    data=DataConfig(source="corpus", seq_len=16, task="mqar", task_fraction=0.25, mqar_pairs=2),
+    optim=OptimConfig(lr=3e-3, warmup_steps=2),
+    train=TrainConfig(steps=6, batch_size=8, log_every=1, eval_batches=1),
+    checkpoint=CheckpointConfig(every=3, keep=3),
+)
+
+
+def _losses(run_dir: pathlib.Path) -> list[float]:
+  return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_loss_falls_on_mqar():
+  cfg = dataclasses.replace(
+      TINY,
+      model=dataclasses.replace(TINY.model, d_model=64),
+      data=DataConfig(source="mqar", seq_len=20, mqar_pairs=4),
+      optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0),
+      train=TrainConfig(steps=250, batch_size=32, log_every=50, eval_batches=2),
+  )
+  summary = train(cfg, None, progress=False)
+  # Chance on the answers is ln(128) ≈ 4.85 nats (values are drawn from 128 ids).
+  assert summary["final_eval_loss"] < 3.5, summary
+  assert summary["task_accuracy"] > 2 / 128, summary
+
+
+def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
+  cfg = dataclasses.replace(TINY, optim=OptimConfig(lr=1e8, warmup_steps=4, clip_norm=None),
+                            train=dataclasses.replace(TINY.train, steps=12),
+                            checkpoint=CheckpointConfig(every=1, keep=20))
+  with pytest.raises(NonFiniteLossError) as info:
+    train(cfg, tmp_path, progress=False)
+  losses = _losses(tmp_path)
+  first_bad = next(i + 1 for i, x in enumerate(losses) if not np.isfinite(x))
+  assert info.value.step == first_bad
+  assert f"step {first_bad}" in str(info.value)
+  ckpt = Checkpointer(tmp_path / "checkpoints", cfg.checkpoint)
+  assert ckpt.latest_step() == first_bad - 1  # the step before the NaN was computed from
+  # The last good checkpoint restores to finite parameters.
+  state = init_state(cfg, jax.random.key(0)).state
+  restored, data_state = ckpt.restore(ckpt.latest_step(), state)
+  assert data_state["step"] == first_bad - 1
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored))
+  assert not (tmp_path / "summary.json").exists()
+  ckpt.close()
+
+
+def test_same_config_and_seed_is_bit_identical(tmp_path):
+  train(TINY, tmp_path / "a", progress=False)
+  train(TINY, tmp_path / "b", progress=False)
+  a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+  assert len(a) == TINY.train.steps and a == b
+  other = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, seed=1))
+  train(other, tmp_path / "c", progress=False)
+  assert _losses(tmp_path / "c") != a
+
+
+def test_resume_is_exact(tmp_path):
+  full = train(TINY, tmp_path / "full", progress=False)
+  train(TINY, tmp_path / "split", progress=False, stop_at_step=3)
+  assert len(_losses(tmp_path / "split")) == 3
+  resumed = train(TINY, tmp_path / "split", progress=False, resume=True)
+  assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+  assert resumed["final_eval_loss"] == full["final_eval_loss"]
+  # Final parameters are identical too.
+  a = Checkpointer(tmp_path / "full" / "checkpoints", TINY.checkpoint)
+  b = Checkpointer(tmp_path / "split" / "checkpoints", TINY.checkpoint)
+  target = init_state(TINY, jax.random.key(0)).state
+  sa, _ = a.restore(6, target)
+  sb, _ = b.restore(6, target)
+  for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
+    np.testing.assert_array_equal(x, y)
+  a.close()
+  b.close()
+
+
+def test_resume_with_incompatible_config_fails_clearly(tmp_path):
+  train(TINY, tmp_path, progress=False, stop_at_step=3)
+  wider = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_model=48))
+  with pytest.raises(CheckpointMismatchError, match="does not fit the current config"):
+    train(wider, tmp_path, progress=False, resume=True)
+  # The checkpoint is untouched and still resumes with the right config.
+  train(TINY, tmp_path, progress=False, resume=True)
+  assert len(_losses(tmp_path)) == TINY.train.steps
+
+
+def test_run_writes_metrics_and_summary(tmp_path):
+  summary = train(TINY, tmp_path, progress=False)
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk["status"] == "done" and on_disk["steps"] == 6
+  mem = on_disk["memory"]
+  assert mem["argument_bytes"] > summary["param_bytes"] > 0
+  assert mem["temp_bytes"] > 0
+  assert summary["opt_state_bytes"] >= 2 * summary["param_bytes"]  # Adam's two moments
+  assert summary["checkpoint_bytes"] > summary["param_bytes"]
+  evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+  assert evals and 0.0 <= evals[-1]["accuracy"] <= 1.0
+  assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
+
+
+def test_batch_not_divisible_by_data_axis():
+  cfg = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, batch_size=12))
+  with pytest.raises(ConfigError, match="multiple of the data-parallel size 8"):
+    train(cfg, None, progress=False)
+
+
+@pytest.mark.multidevice
+def test_data_parallel_step_matches_single_device():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  cfg = TINY
+  ts = init_state(cfg, jax.random.key(0))
+  step = jax.jit(make_train_step(cfg, ts.graphdef))
+  loader = make_loader(cfg.data, batch_size=8, seed=0, split="train")
+
+  def run(devices):
+    mesh = make_mesh(ParallelConfig(mesh_shape=(len(devices),)), devices=devices)
+    state = jax.device_put(ts.state, NamedSharding(mesh, PartitionSpec()))
+    metrics = []
+    for i in range(3):
+      state, m = step(state, loader.global_batch(i, NamedSharding(mesh, PartitionSpec("data"))))
+      metrics.append(float(m["loss"]))
+    return state, metrics
+
+  one_state, one = run(jax.devices()[:1])
+  dp_state, dp = run(jax.devices())
+  np.testing.assert_allclose(one, dp, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(one_state), jax.tree.leaves(dp_state), strict=True):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
+  # The batch really was split: each device holds one row.
+  batch = loader.global_batch(0, NamedSharding(make_mesh(ParallelConfig()), PartitionSpec("data")))
+  assert {s.data.shape[0] for s in batch["inputs"].addressable_shards} == {1}
