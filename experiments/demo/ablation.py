@@ -33,7 +33,7 @@ def config(variant: str = "base") -> Config:
       data=DataConfig(source="corpus", seq_len=128, task="mqar", task_fraction=0.25,
                       mqar_pairs=8),
       optim=OptimConfig(lr=3e-3, warmup_steps=30),
-      train=TrainConfig(steps=300, batch_size=16, log_every=10, eval_every=100,
+      train=TrainConfig(steps=200, batch_size=16, log_every=10, eval_every=100,
                         eval_batches=4),
       checkpoint=CheckpointConfig(every=100, keep=1),
   )

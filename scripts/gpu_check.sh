@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# All GPU checks in one call (GPU machine: run from the repo root with PYTHONPATH=.):
+#   bash scripts/gpu_check.sh OUT_DIR
+# Runs the `gpu`-marked tests, then every scripts/bench_*.py, writing logs and results to OUT_DIR.
+# Budget: under 8 minutes on one H100.
+set -uo pipefail
+OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+export PYTHONPATH=${PYTHONPATH:-.}
+export MEMX_TEST_GPU=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+PY=${PYTHON:-python}
+status=0
+
+{
+  date -u; git rev-parse --short HEAD 2>/dev/null || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
+  $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+echo "== gpu tests"
+timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests \
+  > "$OUT/gpu_tests.txt" 2>&1 || status=1
+tail -5 "$OUT/gpu_tests.txt"
+
+for bench in scripts/bench_*.py; do
+  name=$(basename "$bench" .py)
+  echo "== $name"
+  args=(--out "$OUT/$name")
+  [ "$name" = bench_train ] && args+=(--sizes gpu --repeats 3)
+  timeout 200 $PY "$bench" "${args[@]}" > "$OUT/$name.txt" 2>&1 || status=1
+  tail -15 "$OUT/$name.txt"
+done
+exit $status
