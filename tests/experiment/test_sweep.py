@@ -1,0 +1,237 @@
+"""Sweeps: failure isolation, skipping finished runs, retries, changed entries, report, submitit.
+
+Every run of a sweep is its own process. To keep these tests at a few seconds per run, the run
+processes share a persistent XLA compilation cache (set through the environment they inherit);
+the fixture's good entries differ only in the seed, so after the first run they compile nothing.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+
+import pytest
+
+from memx.config import config_hash
+from memx.errors import UserError
+from memx.experiment import loading
+from memx.experiment.index import RunIndex
+from memx.experiment.report import summary_table, write_report
+from memx.experiment.sweep import run_sweep
+from memx.train.metrics import read_metrics
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+TINY_SWEEP = FIXTURES / "tiny_sweep.py"
+NAMES = ["seed-0", "seed-1", "diverge"]
+
+
+@pytest.fixture(scope="session")
+def _compilation_cache(tmp_path_factory) -> pathlib.Path:
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent  # shared by the workers of this session
+  path = base / "memx-xla-cache"
+  path.mkdir(exist_ok=True)
+  return path
+
+
+@pytest.fixture
+def run_env(monkeypatch, _compilation_cache):
+  """Environment of the run processes: a shared compilation cache, the fixture's defaults."""
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(_compilation_cache))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  monkeypatch.delenv("MEMX_TEST_SWEEP_SEED", raising=False)
+  monkeypatch.delenv("MEMX_TEST_SWEEP_DIVERGE_LR", raising=False)
+  return monkeypatch
+
+
+def _rows(sweep_dir: pathlib.Path) -> dict[str, dict]:
+  index = RunIndex(sweep_dir / "index.sqlite")
+  try:
+    return {r["name"]: r for r in index.rows()}
+  finally:
+    index.close()
+
+
+def _sweep(workdir: pathlib.Path, **kwargs) -> tuple[pathlib.Path, list[str]]:
+  log: list[str] = []
+  sweep_dir = run_sweep(str(kwargs.pop("experiment", TINY_SWEEP)), workdir=str(workdir),
+                        progress=False, log=log.append, **kwargs)
+  return sweep_dir, log
+
+
+def _mtime(path: pathlib.Path) -> int:
+  return path.stat().st_mtime_ns
+
+
+def _hash(name: str) -> str:
+  module = loading.load_module(TINY_SWEEP)
+  return config_hash(loading.build_config(module, None, dict(loading.sweep_entries(module))[name]))
+
+
+def _assert_done(sweep_dir: pathlib.Path, row: dict, name: str) -> dict:
+  assert row["status"] == "done", row
+  assert row["error"] is None
+  summary = json.loads((sweep_dir / name / "summary.json").read_text())
+  assert summary["status"] == "done" and summary["steps"] == 4
+  assert row["summary"] == summary
+  assert row["config_hash"] == _hash(name)
+  return summary
+
+
+def test_sweep_isolates_failures_skips_finished_runs_and_retries_the_rest(tmp_path, run_env):
+  # 1. First sweep: the diverging run fails, the others finish regardless.
+  sweep_dir, log = _sweep(tmp_path)
+  assert sweep_dir == tmp_path / "tiny_sweep"
+  rows = _rows(sweep_dir)
+  assert list(rows) == NAMES  # sweep order
+  for name in ("seed-0", "seed-1"):
+    _assert_done(sweep_dir, rows[name], name)
+  failed = rows["diverge"]
+  assert failed["status"] == "failed" and failed["summary"] is None
+  assert "NonFiniteLossError" in failed["error"] and "non-finite (nan) at step 2" in failed["error"]
+  assert failed["ended"] >= failed["started"]
+  assert not (sweep_dir / "diverge" / "summary.json").exists()
+  assert log == ["[1/3] seed-0: running", "[1/3] seed-0: done",
+                 "[2/3] seed-1: running", "[2/3] seed-1: done",
+                 "[3/3] diverge: running", log[5]]
+  assert log[5].startswith("[3/3] diverge: FAILED: NonFiniteLossError: loss became non-finite")
+  assert (sweep_dir / "seed-0.log").is_file()  # progress=False: run output goes to a log
+
+  # The report names every run and says why the failed one failed.
+  report = write_report(sweep_dir).read_text()
+  for name in NAMES:
+    assert f"| {name} |" in report
+  assert "1 failed" in report and "2 done" in report
+  failures = report.split("### Failed runs", 1)[1].split("##", 1)[0]
+  assert "**diverge** (failed)" in failures and "NonFiniteLossError" in failures
+  table = summary_table(sweep_dir)
+  assert [line.split()[:2] for line in table.splitlines()[2:]] == [
+      ["seed-0", "done"], ["seed-1", "done"], ["diverge", "failed"]]
+
+  # 2. Same sweep again: finished runs are skipped untouched, the failed one is retried.
+  mtimes = {n: _mtime(sweep_dir / n / "summary.json") for n in ("seed-0", "seed-1")}
+  sweep_dir, log = _sweep(tmp_path)
+  assert log[:3] == ["[1/3] seed-0: finished earlier, skipped",
+                     "[2/3] seed-1: finished earlier, skipped",
+                     "[3/3] diverge: running"]
+  assert log[3].startswith("[3/3] diverge: FAILED: NonFiniteLossError") and len(log) == 4
+  rows = _rows(sweep_dir)
+  assert rows["diverge"]["status"] == "failed"
+  assert rows["diverge"]["started"] > failed["ended"]
+  for name, mtime in mtimes.items():
+    assert _mtime(sweep_dir / name / "summary.json") == mtime
+    assert rows[name]["ended"] < rows["diverge"]["started"]
+
+  # 3. Change two entries (seed-1's seed, diverge's learning rate), two workers: exactly those
+  #    two run again, from scratch.
+  run_env.setenv("MEMX_TEST_SWEEP_SEED", "7")
+  run_env.setenv("MEMX_TEST_SWEEP_DIVERGE_LR", "3e-3")
+  old_seed1 = rows["seed-1"]
+  sweep_dir, log = _sweep(tmp_path, workers=2)
+  assert log[0] == "[1/3] seed-0: finished earlier, skipped"
+  assert set(log[1:]) == {
+      f"[2/3] seed-1: queued (output in {sweep_dir}/seed-1.log)",
+      f"[3/3] diverge: queued (output in {sweep_dir}/diverge.log)",
+      "[2/3] seed-1: done", "[3/3] diverge: done"}
+  rows = _rows(sweep_dir)
+  assert _mtime(sweep_dir / "seed-0" / "summary.json") == mtimes["seed-0"]
+  for name in NAMES:
+    _assert_done(sweep_dir, rows[name], name)
+  assert rows["seed-1"]["config_hash"] != old_seed1["config_hash"]
+  assert rows["seed-1"]["summary"] != old_seed1["summary"]
+  assert json.loads((sweep_dir / "seed-1" / "config.json").read_text())["train"]["seed"] == 7
+  for name in ("seed-1", "diverge"):  # started over: one record per step, nothing appended
+    steps = [r["step"] for r in read_metrics(sweep_dir / name / "metrics.jsonl")
+             if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+  # 4. A run the index still shows as "running" (its driver died) is retried: here one killed
+  #    after its step-2 checkpoint, before it wrote step 4 and summary.json.
+  index = RunIndex(sweep_dir / "index.sqlite")
+  index.mark_running("seed-0", rows["seed-0"]["config_hash"])
+  index.close()
+  killed = sweep_dir / "seed-0"
+  (killed / "summary.json").unlink()
+  shutil.rmtree(killed / "checkpoints" / "4")
+  metrics = killed / "metrics.jsonl"
+  metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                             if json.loads(line)["step"] <= 3))
+  sweep_dir, log = _sweep(tmp_path)
+  assert log == ["[1/3] seed-0: running", "[1/3] seed-0: done",
+                 "[2/3] seed-1: finished earlier, skipped",
+                 "[3/3] diverge: finished earlier, skipped"]
+  rows = _rows(sweep_dir)
+  summary = _assert_done(sweep_dir, rows["seed-0"], "seed-0")
+  assert summary["final_eval_loss"] is not None
+  assert [r["step"] for r in read_metrics(metrics) if r["split"] == "train"] == [1, 2, 3, 4]
+  assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["2", "4"]
+
+  report = write_report(sweep_dir).read_text()
+  assert "3 done, 0 failed" in report and "### Failed runs" not in report
+
+
+def test_submitit_local_executor_runs_the_sweep(tmp_path, run_env):
+  sweep_dir, log = _sweep(tmp_path, experiment=FIXTURES / "tiny_pair.py",
+                          executor="submitit-local")
+  assert sweep_dir == tmp_path / "tiny_pair"
+  assert [line.split(": ", 1)[1].split()[:2] for line in log[:2]] == [["submitted", "job"]] * 2
+  assert sorted(log[2:]) == ["[1/2] pair-0: done", "[2/2] pair-1: done"]
+  rows = _rows(sweep_dir)
+  assert list(rows) == ["pair-0", "pair-1"]
+  for name, row in rows.items():
+    assert row["status"] == "done" and row["error"] is None
+    summary = json.loads((sweep_dir / name / "summary.json").read_text())
+    assert row["summary"] == summary and summary["steps"] == 4
+  assert (sweep_dir / "submitit").is_dir()
+  assert rows["pair-0"]["summary"]["final_train_loss"] != rows["pair-1"]["summary"][
+      "final_train_loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation before anything runs
+
+
+def _experiment(tmp_path: pathlib.Path, sweep_body: str) -> pathlib.Path:
+  path = tmp_path / "exp.py"
+  path.write_text("from memx.config import Config\n\n\n"
+                  "def config(variant='base'):\n  return Config()\n\n\n"
+                  f"def sweep():\n  return {sweep_body}\n")
+  return path
+
+
+@pytest.mark.parametrize(("body", "fragments"), [
+    ("[('ok', {}), ('typo', {'optim.learnig_rate': 1e-3})]",
+     ["sweep entry 'typo'", "unknown config key 'optim.learnig_rate'"]),
+    ("[('ok', {}), ('bad', {'model.n_heads': 3})]", ["sweep entry 'bad'", "model.n_heads = 3"]),
+    ("[('ok', {}), ('wrong-type', {'train.steps': 'many'})]",
+     ["sweep entry 'wrong-type'", "expected int"]),
+    ("[('a', {}), ('a', {'train.seed': 1})]", ["names runs more than once: a"]),
+    ("[('../escape', {})]", ["plain directory names", "../escape"]),
+])
+def test_a_bad_sweep_entry_is_rejected_before_anything_runs(tmp_path, body, fragments):
+  exp = _experiment(tmp_path, body)
+  with pytest.raises(UserError) as e:
+    run_sweep(str(exp), workdir=str(tmp_path / "runs"), progress=False, log=print)
+  for fragment in fragments:
+    assert fragment in str(e.value)
+  assert not (tmp_path / "runs").exists()
+
+
+def test_an_experiment_without_sweep_is_rejected(tmp_path):
+  exp = tmp_path / "exp.py"
+  exp.write_text("from memx.config import Config\n\n\ndef config(variant='base'):\n"
+                 "  return Config()\n")
+  with pytest.raises(UserError, match=r"defines no sweep\(\) function"):
+    run_sweep(str(exp), workdir=str(tmp_path / "runs"), progress=False, log=print)
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"executor": "kubernetes"}, "unknown executor 'kubernetes'"),
+    ({"workers": 0}, "--workers 0"),
+])
+def test_bad_sweep_options_are_user_errors(tmp_path, kwargs, fragment):
+  with pytest.raises(UserError, match=fragment):
+    run_sweep(str(TINY_SWEEP), workdir=str(tmp_path), progress=False, log=print, **kwargs)
+  assert not any(tmp_path.iterdir())
