@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 
-from memx.errors import UserError
+from memx.errors import CheckpointWriteError, NonFiniteLossError, Preempted, UserError
 
 USAGE_EXAMPLES = """examples:
   memx run experiments/demo/ablation.py:tiny --set optim.lr=1e-3 --workdir runs
@@ -66,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
   except UserError as e:
     print(f"memx: error: {e}", file=sys.stderr)
     return 2
+  except (NonFiniteLossError, CheckpointWriteError) as e:  # the run failed; advice, no trace
+    print(f"memx: run failed: {e}", file=sys.stderr)
+    return 1
+  except Preempted as e:
+    print(f"memx: {e}", file=sys.stderr)
+    return 143
   except KeyboardInterrupt:
     print("memx: interrupted; finished checkpoints and index rows are intact.", file=sys.stderr)
     return 130

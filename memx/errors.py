@@ -17,6 +17,23 @@ class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint was written by a config whose state does not fit the current one."""
 
 
+class CheckpointCorruptError(UserError, ValueError):
+  """No complete checkpoint passed its checksums."""
+
+
+class CheckpointWriteError(RuntimeError):
+  """A background checkpoint write failed; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; the current step was checkpointed and the run stopped."""
+
+  def __init__(self, step: int):
+    super().__init__(f"received SIGTERM: saved a checkpoint at step {step} and stopped; "
+                     "continue with --resume.")
+    self.step = step
+
+
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN/inf loss; the message names the first bad step."""
 

@@ -1,5 +1,5 @@
-"""Orbax checkpointing: train state + data-iterator state + a compatibility fingerprint."""
+"""Orbax checkpointing: train state + data-iterator state + meta, sync/async/lazy saves."""
 
-from memx.checkpoint.manager import Checkpointer, state_fingerprint
+from memx.checkpoint.manager import Checkpointer, remove_incomplete, state_fingerprint
 
-__all__ = ["Checkpointer", "state_fingerprint"]
+__all__ = ["Checkpointer", "remove_incomplete", "state_fingerprint"]

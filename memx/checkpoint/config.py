@@ -1,22 +1,36 @@
-"""CheckpointConfig: when to save, how many to keep."""
+"""CheckpointConfig: how and when to save, how many to keep."""
 
 import dataclasses
+from typing import Literal
 
-from memx._validate import require
+from memx._validate import one_of, require
+
+MODES = ("sync", "async", "lazy")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
   """Attributes:
     enabled: write checkpoints under <run>/checkpoints.
+    mode: "sync" (Orbax blocking save), "async" (Orbax's async save: blocking device-to-host
+      copy, background write) or "lazy" (the device-to-host copy overlaps the next step's
+      forward and backward; background write). See memx/checkpoint/manager.py.
     every: save every N steps (and always at the last step).
     keep: keep the newest K checkpoints.
+    keep_every: also keep every M-th step forever (0 = none).
+    save_on_sigterm: on SIGTERM (preemption), save the current step, then stop.
   """
 
   enabled: bool = True
+  mode: Literal["sync", "async", "lazy"] = "lazy"
   every: int = 500
   keep: int = 2
+  keep_every: int = 0
+  save_on_sigterm: bool = True
 
   def __post_init__(self):
+    one_of("checkpoint", "mode", self.mode, MODES)
     require(self.every > 0, "checkpoint", "every", self.every, "must be a positive step count")
     require(self.keep > 0, "checkpoint", "keep", self.keep, "must be >= 1")
+    require(self.keep_every >= 0, "checkpoint", "keep_every", self.keep_every,
+            "must be >= 0 (0 = keep no extra checkpoints)")

@@ -1,17 +1,48 @@
-"""Checkpointer: Orbax CheckpointManager saving {state, data iterator, fingerprint} per step.
+"""Checkpointer: sync, async and lazy saves on Orbax, with checksums and crash consistency.
 
-Orbax writes each step into a temporary directory and renames it when complete, so an
-interrupted save never leaves a checkpoint that a restore would pick up.
+What a checkpoint holds: the train state (parameters, optimizer state and step), the data
+iterator state, and meta (the config, seeds, the state's fingerprint). Layout per step:
+`<dir>/<step>/{state,data,meta}/...` written by Orbax, plus `<dir>/<step>/manifest.json`.
+
+Crash consistency. Orbax writes a step into a temporary directory and renames it when complete.
+memx then writes `manifest.json` (size and CRC32 of every file) by temp file + rename; a step
+counts as complete only once its manifest exists. A crash at any point leaves the previous
+complete step restorable, and `restore` verifies the manifest, falling back (with a warning)
+to the previous complete step when a file is missing, truncated or corrupt.
+
+Modes and their ordering guarantees (the loop calls `begin` after the step whose state is
+saved, runs the next step's forward and backward, then calls `save` before the update):
+- sync:  `save` writes everything before returning.
+- async: Orbax's async save as shipped: `save` blocks for the device-to-host copy, then Orbax
+  writes in a background thread.
+- lazy:  `begin` starts `copy_to_host_async()` on every array and returns at once; the next
+  step's forward/backward (which only read the state) run while the copy proceeds. The next
+  optimizer update donates the state's buffers (JAX's form of in-place mutation), so `save`
+  first waits for the host copies to complete, then queues the write of the host arrays to a
+  background thread. The copy is therefore always of the saved step, and the loop blocks only
+  for whatever part of the copy outlasts a forward+backward.
+A failed background write is re-raised as CheckpointWriteError at the next `save`, `poll` or
+`wait`: a run never continues silently without checkpoints.
 """
 
+import concurrent.futures
+import json
+import logging
 import pathlib
+import shutil
+import time
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from memx.checkpoint.config import CheckpointConfig
-from memx.errors import CheckpointMismatchError
+from memx.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointWriteError
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
 
 
 def state_fingerprint(state) -> list[list[str]]:
@@ -20,47 +51,206 @@ def state_fingerprint(state) -> list[list[str]]:
   return [[jax.tree_util.keystr(p), str(tuple(x.shape)), str(x.dtype)] for p, x in leaves]
 
 
+def _crc32(path: pathlib.Path) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def write_manifest(step_dir: pathlib.Path) -> None:
+  files = {}
+  for f in sorted(step_dir.rglob("*")):
+    if f.is_file() and f.name != MANIFEST and not f.name.endswith(".tmp"):
+      files[str(f.relative_to(step_dir))] = [f.stat().st_size, _crc32(f)]
+  tmp = step_dir / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps({"files": files}))
+  tmp.replace(step_dir / MANIFEST)
+
+
+def verify_manifest(step_dir: pathlib.Path) -> str | None:
+  """None when every listed file has its recorded size and CRC32; else what is wrong."""
+  try:
+    files = json.loads((step_dir / MANIFEST).read_text())["files"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"unreadable manifest ({e})"
+  for rel, (size, crc) in files.items():
+    f = step_dir / rel
+    if not f.is_file():
+      return f"{rel} is missing"
+    if f.stat().st_size != size:
+      return f"{rel} is truncated or resized ({f.stat().st_size} bytes, expected {size})"
+    if _crc32(f) != crc:
+      return f"{rel} fails its checksum"
+  return None
+
+
+class _LazySnapshot:
+  """Host copies in flight for one step's state (see the module docstring)."""
+
+  def __init__(self, state):
+    self.state = state
+    for x in jax.tree.leaves(state):
+      if isinstance(x, jax.Array) and x.is_fully_addressable:
+        x.copy_to_host_async()
+
+  def to_host(self):
+    """Waits for the copies; returns numpy arrays (one replica of each replicated array)."""
+    def host(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        # Multi-host sharded arrays stay jax.Arrays; Orbax saves each host's shards.
+        return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+      return np.asarray(x)
+    out = jax.tree.map(host, self.state)
+    self.state = None  # release the device buffers
+    return out
+
+
 class Checkpointer:
   def __init__(self, directory: pathlib.Path, cfg: CheckpointConfig):
     self.directory = pathlib.Path(directory).absolute()
     self.cfg = cfg
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, create=True,
-                                           enable_async_checkpointing=False)
+    self.blocking_s: list[float] = []  # main-thread time spent per save
+    self._error: BaseException | None = None
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
+    self._pending: list[concurrent.futures.Future] = []
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep, keep_period=cfg.keep_every or None, create=True,
+        enable_async_checkpointing=cfg.mode == "async")
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "data", "meta"))
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  # ------------------------------------------------------------------ saving
+  def begin(self, state) -> Any:
+    """Called right after the step whose state will be saved; lazy mode starts copying."""
+    return _LazySnapshot(state) if self.cfg.mode == "lazy" else state
 
-  def save(self, step: int, state, data_state: dict, meta: dict[str, Any]) -> None:
-    """Collective: every process calls it. Blocks until the step is durably written."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave({**meta, "fingerprint": state_fingerprint(state)})))
+  def save(self, step: int, snapshot, data_state: dict, meta: dict[str, Any]) -> None:
+    """Saves the state passed to `begin`. Must be called before that state is donated."""
+    self.poll()
+    t0 = time.perf_counter()
+    if self.cfg.mode == "lazy":
+      if not isinstance(snapshot, _LazySnapshot):
+        snapshot = _LazySnapshot(snapshot)
+      host_state = snapshot.to_host()
+      self.blocking_s.append(time.perf_counter() - t0)
+      self._pending = [f for f in self._pending if not f.done()]
+      self._pending.append(self._pool.submit(self._write, step, host_state, data_state, meta))
+      return
+    if self.cfg.mode == "async":
+      self._drain()  # Orbax allows one save in flight
+    self._write(step, snapshot, data_state, meta, background=False)
+    self.blocking_s.append(time.perf_counter() - t0)
+    if self.cfg.mode == "async":  # Orbax writes in its thread; ours adds the manifest after
+      self._pending.append(self._pool.submit(self._finish_async, step))
+
+  def _args(self, state, data_state, meta):
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave({**meta, "fingerprint": state_fingerprint(state)}))
+
+  def _write(self, step, state, data_state, meta, background: bool = True) -> None:
+    try:
+      self._manager.save(step, args=self._args(state, data_state, meta), force=True)
+      if self.cfg.mode != "async":
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+          write_manifest(self.directory / str(step))
+    except BaseException as e:
+      if not background:
+        raise CheckpointWriteError(f"saving checkpoint step {step} to {self.directory} failed: "
+                                   f"{e}. The last good checkpoint is kept.") from e
+      self._error = e
+
+  def _finish_async(self, step: int) -> None:
+    try:
+      self._manager.wait_until_finished()
+      if jax.process_index() == 0:
+        write_manifest(self.directory / str(step))
+    except BaseException as e:  # surfaced by poll()
+      self._error = e
+
+  def _drain(self) -> None:
+    for f in self._pending:
+      f.result()
+    self._pending.clear()
+
+  def poll(self) -> None:
+    """Re-raises a failed background write."""
+    if self._error is not None:
+      e, self._error = self._error, None
+      raise CheckpointWriteError(f"a background checkpoint write to {self.directory} failed: "
+                                 f"{type(e).__name__}: {e}. The last good checkpoint is kept.")
+
+  def wait(self) -> None:
+    """Blocks until every queued write is durable (and its manifest written)."""
+    self._drain()
     self._manager.wait_until_finished()
+    self.poll()
 
-  def restore(self, step: int, target_state) -> tuple[Any, dict]:
-    """Restores into `target_state` (arrays or ShapeDtypeStructs carrying shardings).
+  # ------------------------------------------------------------------ reading
+  def complete_steps(self) -> list[int]:
+    """Steps whose manifest exists (finalized by Orbax and checksummed), oldest first."""
+    if not self.directory.is_dir():
+      return []
+    steps = [int(p.name) for p in self.directory.iterdir()
+             if p.name.isdigit() and (p / MANIFEST).is_file()]
+    return sorted(steps)
 
-    Raises CheckpointMismatchError, before reading any array, when the checkpoint's state
-    layout differs from the target's (a different model or optimizer config).
+  def latest_step(self) -> int | None:
+    steps = self.complete_steps()
+    return steps[-1] if steps else None
+
+  def restore(self, target_state, step: int | None = None,
+              expect_meta: dict | None = None) -> tuple[Any, dict, int]:
+    """Restores the newest complete, uncorrupted step (or `step`) into `target_state`.
+
+    target_state: arrays or ShapeDtypeStructs; their shardings place the restored arrays,
+      so a checkpoint restores onto any mesh.
+    expect_meta: {key: value} that must equal the checkpoint's meta (e.g. the run identity).
+    Returns (state, data_state, step). Raises CheckpointMismatchError before reading any array
+    when the checkpoint belongs to another run or its state layout differs from the target's,
+    and CheckpointCorruptError when no complete step passes its checksums.
     """
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    saved = meta["meta"]["fingerprint"]
-    wanted = state_fingerprint(target_state)
+    self.wait()
+    candidates = [step] if step is not None else self.complete_steps()[::-1]
+    problems = []
+    for s in candidates:
+      reason = verify_manifest(self.directory / str(s))
+      if reason is not None:
+        problems.append(f"step {s}: {reason}")
+        log.warning("checkpoint step %d in %s is corrupt (%s); falling back to the previous "
+                    "complete checkpoint", s, self.directory, reason)
+        continue
+      meta = self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = meta["meta"]
+      self._check_meta(s, meta, target_state, expect_meta or {})
+      abstract = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+          target_state)
+      out = self._manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+      return out["state"], out["data"], s
+    raise CheckpointCorruptError(
+        f"no usable checkpoint in {self.directory}: " + ("; ".join(problems) or "none is complete")
+        + ". Start a new run, or restore a copy of the checkpoint directory.")
+
+  def _check_meta(self, step, meta, target_state, expect):
+    for key, want in expect.items():
+      have = meta.get(key)
+      if have != want:
+        diffs = _dict_diffs(have, want) if isinstance(have, dict) and isinstance(want, dict) \
+            else f"{have!r} vs {want!r}"
+        raise CheckpointMismatchError(
+            f"checkpoint {self.directory}/{step} was written by another run ({key} differs: "
+            f"{diffs}). Resume only the run that wrote it, or use another --name/--workdir.")
+    saved, wanted = meta["fingerprint"], state_fingerprint(target_state)
     if saved != wanted:
-      diffs = _describe_diffs(saved, wanted)
       raise CheckpointMismatchError(
-          f"checkpoint {self.directory}/{step} does not fit the current config: {diffs}. "
-          "Resume only with the model and optimizer settings that wrote it, or start a new run "
-          "(another --name or --workdir).")
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        target_state)
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    return out["state"], out["data"]
+          f"checkpoint {self.directory}/{step} does not fit the current config: "
+          f"{_describe_diffs(saved, wanted)}. Resume only with the model and optimizer settings "
+          "that wrote it, or start a new run (another --name or --workdir).")
 
   def size_bytes(self, step: int | None = None) -> int | None:
     step = self.latest_step() if step is None else step
@@ -70,7 +260,39 @@ class Checkpointer:
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._pool.shutdown(wait=True)
+      self._manager.close()
+
+
+def remove_incomplete(directory: pathlib.Path, after: int | None = None) -> None:
+  """Deletes steps without a manifest (left by a crash) and, given `after`, every step newer
+  than the one training continues from (corrupt ones a restore fell back from)."""
+  directory = pathlib.Path(directory)
+  if directory.is_dir():
+    for p in directory.iterdir():
+      if p.is_dir() and p.name.isdigit() and (
+          not (p / MANIFEST).is_file() or (after is not None and int(p.name) > after)):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def _dict_diffs(have: dict, want: dict, limit: int = 4) -> str:
+  a, b = _flatten(have), _flatten(want)
+  keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
+  return ", ".join(f"{k} = {a.get(k)!r} there, {b.get(k)!r} now" for k in keys[:limit]) + more
 
 
 def _describe_diffs(saved, wanted, limit: int = 3) -> str:

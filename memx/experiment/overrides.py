@@ -39,29 +39,40 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-  """Returns a new config with each dotted key set; values may be strings (parsed by type)."""
+  """Returns a new config with each dotted key set; values may be strings (parsed by type).
+
+  All keys are applied before any dataclass validates, so fields that must change together
+  (data.source with data.paths, parallel.mesh_shape with mesh_axes) work in any order.
+  """
   valid = all_keys(cfg)
-  for key, value in overrides.items():
+  for key in overrides:
     if key not in valid:
-      near = difflib.get_close_matches(key, valid, n=4, cutoff=0.5)
-      section = key.split(".")[0]
-      same_section = [k for k in valid if k.startswith(section + ".")]
-      hint = (f"did you mean {', '.join(near)}?" if near else
-              f"valid keys in {section!r}: {', '.join(same_section)}" if same_section else
-              f"valid sections: {', '.join(sorted({k.split('.')[0] for k in valid}))}")
-      raise ConfigError(f"unknown config key {key!r}; {hint}")
-    cfg = _set(cfg, key.split("."), value, key)
-  return cfg
+      raise ConfigError(f"unknown config key {key!r}; {_hint(key, valid)}")
+  return _set_many(cfg, {tuple(k.split(".")): v for k, v in overrides.items()}, "")
 
 
-def _set(node: Any, parts: list[str], value: Any, key: str) -> Any:
-  field = {f.name: f for f in dataclasses.fields(node)}[parts[0]]
-  if len(parts) == 1:
-    hints = typing.get_type_hints(type(node))
-    new = coerce(value, hints[field.name], key)
-  else:
-    new = _set(getattr(node, parts[0]), parts[1:], value, key)
-  return dataclasses.replace(node, **{parts[0]: new})
+def _hint(key: str, valid: list[str]) -> str:
+  same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+  near = same_leaf or difflib.get_close_matches(key, valid, n=4, cutoff=0.5)
+  if near:
+    return f"did you mean {', '.join(near)}?"
+  section = key.split(".")[0]
+  same_section = [k for k in valid if k.startswith(section + ".")]
+  if same_section:
+    return f"valid keys in {section!r}: {', '.join(same_section)}"
+  return f"valid sections: {', '.join(sorted({k.split('.')[0] for k in valid}))}"
+
+
+def _set_many(node: Any, changes: dict[tuple[str, ...], Any], prefix: str) -> Any:
+  hints = typing.get_type_hints(type(node))
+  fields = {}
+  for name in {parts[0] for parts in changes}:
+    here = {parts[1:]: v for parts, v in changes.items() if parts[0] == name}
+    if () in here:
+      fields[name] = coerce(here[()], hints[name], prefix + name)
+    else:
+      fields[name] = _set_many(getattr(node, name), here, f"{prefix}{name}.")
+  return dataclasses.replace(node, **fields)
 
 
 def describe(tp: Any) -> str:

@@ -8,10 +8,9 @@ from typing import Any
 import jax
 
 from memx.config import Config
-from memx.data import make_loader
 from memx.experiment import loading, rundir
-from memx.parallel.mesh import make_mesh, maybe_initialize_distributed
-from memx.train.loop import split_seeds, train
+from memx.parallel.mesh import maybe_initialize_distributed
+from memx.train.loop import prepare, train
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +42,13 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progres
   cfg = resolve_config(spec)
   maybe_initialize_distributed()
   run_dir = pathlib.Path(spec.workdir) / spec.name
-  # Cheap checks that can fail on user input come before the run directory is touched.
-  mesh = make_mesh(cfg.parallel)
-  seeds = split_seeds(cfg.train.seed)
-  data_hash = make_loader(cfg.data, batch_size=cfg.train.batch_size, seed=seeds.data_seed,
-                          split="train").data_hash
+  # Every check that can fail on user input runs before the run directory is touched.
+  setup = prepare(cfg)
   if jax.process_index() == 0:
     rundir.prepare(run_dir, resume=resume, overwrite=overwrite)
     rundir.write_config(run_dir, cfg)
     rundir.write_json(run_dir / "provenance.json", rundir.provenance(
-        cfg, seeds={"seed": cfg.train.seed, "data_seed": seeds.data_seed},
-        data_hash=data_hash, mesh_shape=dict(mesh.shape)))
+        cfg, seeds={"seed": cfg.train.seed, "data_seed": setup.seeds.data_seed},
+        data_hash=setup.loader.data_hash, mesh_shape=dict(setup.mesh.shape)))
   return train(cfg, run_dir, resume=resume, stop_at_step=stop_at_step, progress=progress,
-               name=spec.name)
+               name=spec.name, setup=setup)

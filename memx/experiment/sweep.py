@@ -9,6 +9,7 @@ their newest checkpoint when the config is unchanged.
 import concurrent.futures
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -109,6 +110,13 @@ def _record(index, total, i, spec, ok, result, log):
     log(f"[{i}/{total}] {spec.name}: FAILED: {first}")
 
 
+def _with_cause_last(text: str) -> str:
+  """submitit ends its message with a log path: repeat the exception line last."""
+  lines = [ln.strip() for ln in text.splitlines()]
+  causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
+  return text if not causes or lines[-1] == causes[-1] else f"{text}\n{causes[-1]}"
+
+
 def _subprocess_run(spec: RunSpec, *, resume: bool, overwrite: bool,
                     show_output: bool) -> tuple[bool, Any]:
   run_dir = pathlib.Path(spec.workdir) / spec.name
@@ -148,7 +156,7 @@ def _run_submitit(todo, total, index, executor, slurm, sweep_dir, log):
     try:
       ok, result = True, job.result()
     except Exception as e:  # noqa: BLE001 - a failed job must not stop the others
-      ok, result = False, str(e)
+      ok, result = False, _with_cause_last(str(e))
     _record(index, total, i, spec, ok, result, log)
 
 

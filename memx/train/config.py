@@ -24,8 +24,8 @@ class OptimConfig:
             "must lie in [0, 1]")
     require(self.warmup_steps >= 0, "optim", "warmup_steps", self.warmup_steps, "must be >= 0")
     require(self.weight_decay >= 0, "optim", "weight_decay", self.weight_decay, "must be >= 0")
-    require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim", "b1/b2", (self.b1, self.b2),
-            "must lie in [0, 1)")
+    require(0 <= self.b1 < 1, "optim", "b1", self.b1, "must lie in [0, 1)")
+    require(0 <= self.b2 < 1, "optim", "b2", self.b2, "must lie in [0, 1)")
     require(self.clip_norm is None or self.clip_norm > 0, "optim", "clip_norm", self.clip_norm,
             "must be None (no clipping) or > 0")
 

@@ -1,29 +1,39 @@
 """The training loop: init or resume, AOT-compile, step, log, evaluate, checkpoint, summarise.
 
-The loop's only host syncs are metric flushes (every train.log_every steps, before evals and
-before checkpoints); between them steps are dispatched asynchronously while the host builds
-the next batch.
+Host syncs happen only at metric flushes (every train.log_every steps, before evals) and at
+checkpoints; between them steps are dispatched asynchronously while the host builds the next
+batch.
+
+Checkpoint of step k. A state is saved only once a loss computed *from* it is known to be
+finite, so a NaN never reaches a checkpoint: step k+1 runs as two programs, forward+backward
+(reads state k, gives loss k+1) and the optimizer update (donates state k). Between them the
+loop checks loss k+1 and saves state k; in lazy mode the device-to-host copy of state k runs
+during that forward+backward (memx/checkpoint/manager.py). The last step's state is checked
+with an evaluation pass on the next training batch before its save.
 """
 
 import dataclasses
 import json
 import math
 import pathlib
+import signal
 import statistics
+import threading
 import time
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from memx.checkpoint import Checkpointer
+from memx.checkpoint import Checkpointer, remove_incomplete
 from memx.config import Config, to_dict
 from memx.data import make_loader
-from memx.errors import ConfigError, NonFiniteLossError
+from memx.errors import ConfigError, NonFiniteLossError, Preempted
 from memx.parallel.mesh import batch_sharding, make_mesh
 from memx.train.memory import compiled_memory, peak_device_bytes
 from memx.train.metrics import MetricsWriter, truncate_after
-from memx.train.step import init_state, make_eval_step, make_train_step, state_shardings, tree_bytes
+from memx.train.step import (init_state, make_apply_step, make_eval_step, make_grad_step,
+                             make_train_step, state_shardings, tree_bytes)
 
 
 @dataclasses.dataclass
@@ -40,16 +50,11 @@ def split_seeds(seed: int) -> Seeds:
   return Seeds(seed, data_seed, model_key)
 
 
-def _check_shapes(cfg: Config, mesh, vocab: int) -> None:
-  data_size = mesh.shape["data"]
-  if cfg.train.batch_size % (data_size * jax.process_count()):
-    raise ConfigError(
-        f"train.batch_size = {cfg.train.batch_size} is not allowed: it must be a multiple of the "
-        f"data-parallel size {data_size} (mesh axis 'data') and of the {jax.process_count()} "
-        "host(s).")
-  if cfg.model.vocab_size < vocab:
-    raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is not allowed: the data's "
-                      f"tokenizer has {vocab} tokens; use at least that.")
+def run_identity(cfg: Config) -> dict:
+  """What a checkpoint must share with the run resuming it. Optimizer settings and
+  train.steps may change on resume (a lower lr after a divergence, a longer run)."""
+  identity = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "seed": cfg.train.seed}
+  return json.loads(json.dumps(identity))  # as stored: tuples become lists
 
 
 def _task_eval_config(cfg: Config):
@@ -60,17 +65,20 @@ def _task_eval_config(cfg: Config):
   return dataclasses.replace(cfg.data, source=task, task=None, task_fraction=0.0)
 
 
-def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = False,
-          stop_at_step: int | None = None, progress: bool = True, name: str = "run") -> dict:
-  """Trains `cfg` (writing metrics/checkpoints under run_dir when given); returns the summary.
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before any compute; building it validates the config."""
 
-  resume: continue from the newest checkpoint in run_dir/checkpoints if there is one.
-  stop_at_step: stop (and checkpoint) after this many steps, keeping the schedule of
-    train.steps: "train k, stop, resume, train N-k" equals "train N" bit for bit.
-  """
-  t_start = time.perf_counter()
+  mesh: jax.sharding.Mesh
+  seeds: Seeds
+  loader: object
+  eval_loader: object
+  task_loader: object | None
+
+
+def prepare(cfg: Config) -> Setup:
+  """Builds mesh and loaders and checks shapes: every user error surfaces here, cheaply."""
   tc = cfg.train
-  end = tc.steps if stop_at_step is None else min(stop_at_step, tc.steps)
   mesh = make_mesh(cfg.parallel)
   seeds = split_seeds(tc.seed)
   loader = make_loader(cfg.data, batch_size=tc.batch_size, seed=seeds.data_seed, split="train")
@@ -79,47 +87,103 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
   task_cfg = _task_eval_config(cfg)
   task_loader = None if task_cfg is None else make_loader(
       task_cfg, batch_size=tc.batch_size, seed=seeds.data_seed, split="eval")
-  _check_shapes(cfg, mesh, loader.vocab_size)
-  bsh = batch_sharding(mesh)
+  data_size = mesh.shape["data"]
+  if tc.batch_size % (data_size * jax.process_count()):
+    raise ConfigError(
+        f"train.batch_size = {tc.batch_size} is not allowed: it must be a multiple of the "
+        f"data-parallel size {data_size} (mesh axis 'data') and of the {jax.process_count()} "
+        "host(s).")
+  if cfg.model.vocab_size < loader.vocab_size:
+    raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is not allowed: the data's "
+                      f"tokenizer has {loader.vocab_size} tokens; use at least that.")
+  return Setup(mesh, seeds, loader, eval_loader, task_loader)
 
-  ts = init_state(cfg, seeds.model_key)
-  shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
+
+class _SigtermFlag:
+  """Sets a flag on SIGTERM (main thread only); the loop saves and stops at the next step."""
+
+  def __init__(self, enabled: bool):
+    self.raised = False
+    self._old = None
+    self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+  def __enter__(self):
+    if self.enabled:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self.enabled:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = False,
+          stop_at_step: int | None = None, progress: bool = True, name: str = "run",
+          setup: Setup | None = None) -> dict:
+  """Trains `cfg` (writing metrics/checkpoints under run_dir when given); returns the summary.
+
+  resume: continue from the newest complete checkpoint in run_dir/checkpoints, if any.
+  stop_at_step: stop (and checkpoint) after this many steps, keeping the schedule of
+    train.steps: "train k, stop, resume, train N-k" equals "train N" bit for bit.
+  """
+  t_start = time.perf_counter()
+  tc = cfg.train
+  end = tc.steps if stop_at_step is None else min(stop_at_step, tc.steps)
+  setup = setup or prepare(cfg)
+  loader, bsh = setup.loader, batch_sharding(setup.mesh)
+  run_dir = None if run_dir is None else pathlib.Path(run_dir)
+
+  ts = init_state(cfg, setup.seeds.model_key)
+  shardings = state_shardings(ts.state, setup.mesh, cfg.parallel.strategy)
   state = jax.device_put(ts.state, shardings)
 
   ckpt = None
   if run_dir is not None and cfg.checkpoint.enabled:
-    ckpt = Checkpointer(pathlib.Path(run_dir) / "checkpoints", cfg.checkpoint)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+  identity = run_identity(cfg)
   start = 0
   if resume and ckpt is not None and ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(ckpt.latest_step(), state)
+    state, data_state, _ = ckpt.restore(state, expect_meta={"run": identity})
     loader.restore(data_state)
     start = int(data_state["step"])
+  if ckpt is not None:
+    # A crash's leftovers (unfinished or corrupt steps) would collide with new saves.
+    remove_incomplete(ckpt.directory, after=start)
   if run_dir is not None:
-    truncate_after(pathlib.Path(run_dir) / "metrics.jsonl", start)
+    if start >= end and (run_dir / "summary.json").exists():
+      if ckpt is not None:
+        ckpt.close()
+      return json.loads((run_dir / "summary.json").read_text())  # finished earlier
+    (run_dir / "summary.json").unlink(missing_ok=True)  # in progress: no stale summary
+    truncate_after(run_dir / "metrics.jsonl", start)
   writer = MetricsWriter(run_dir if jax.process_index() == 0 else None)
+  meta = {"run": identity, "config": to_dict(cfg)}
 
   try:
-    # Compile once ahead of time: the executable is what runs, and it reports its memory.
+    # Compile once ahead of time: the executables are what runs, and they report memory.
     example = loader.global_batch(start, bsh)
     step_fn = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
                       out_shardings=(shardings, None)).lower(state, example).compile()
     eval_fn = jax.jit(make_eval_step(ts.graphdef)).lower(state, example).compile()
     memory = compiled_memory(step_fn)
+    split_fns = None  # (grad, apply) executables, compiled at the first mid-run checkpoint
 
     bar = tqdm(total=end, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0, leave=True)
     pending: list[tuple[int, dict]] = []
     rates, recent_losses = [], []
-    t_flush, steps_since = time.perf_counter(), 0
+    clock = {"t": time.perf_counter(), "steps": 0}
     tokens_per_step = tc.batch_size * cfg.data.seq_len
 
     def flush():
-      nonlocal t_flush, steps_since
       if not pending:
         return
       host = jax.device_get([m for _, m in pending])
       now = time.perf_counter()
-      rate = steps_since * tokens_per_step / max(now - t_flush, 1e-9)
+      rate = clock["steps"] * tokens_per_step / max(now - clock["t"], 1e-9)
       for (step, _), m in zip(pending, host, strict=True):
         loss = float(m["loss"])
         record = {"step": step, "split": "train", "loss": loss,
@@ -136,35 +200,66 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       bar.update(len(pending))
       bar.set_postfix(loss=f"{recent_losses[-1]:.4f}")
       pending.clear()
-      t_flush, steps_since = now, 0
+      clock["t"], clock["steps"] = now, 0
+
+    def final_save(step):
+      """Checks state `step` with a loss on the next batch, then saves it synchronously."""
+      flush()
+      snap = ckpt.begin(state)
+      out = jax.device_get(eval_fn(state, loader.global_batch(step, bsh)))
+      loss = float(out["loss_sum"]) / max(float(out["weight"]), 1.0)
+      if not math.isfinite(loss):
+        raise NonFiniteLossError(step + 1, loss)
+      ckpt.save(step, snap, {"step": step}, meta)
+      ckpt.wait()
 
     eval_metrics = {}
-    for step in range(start, end):
-      batch = example if step == start else loader.global_batch(step, bsh)
-      state, metrics = step_fn(state, batch)
-      done = step + 1
-      pending.append((done, metrics))
-      steps_since += 1
-      eval_due = done == end or (tc.eval_every and done % tc.eval_every == 0)
-      ckpt_due = ckpt is not None and (done % cfg.checkpoint.every == 0 or done == end)
-      if done % tc.log_every == 0 or eval_due or ckpt_due:
-        flush()
-      if eval_due:
-        eval_metrics = _evaluate(eval_fn, state, eval_loader, task_loader, tc.eval_batches, bsh)
-        writer.write({"step": done, "split": "eval", **eval_metrics})
-        t_flush = time.perf_counter()  # keep eval time out of the throughput
-      if ckpt_due:
-        loader.restore({"step": done})
-        ckpt.save(done, state, loader.state(), {"config": to_dict(cfg)})
-        t_flush = time.perf_counter()
-    flush()
+    save_after: int | None = None  # a step whose state is saved during the next step
+    with _SigtermFlag(cfg.checkpoint.save_on_sigterm and ckpt is not None) as sigterm:
+      for step in range(start, end):
+        batch = example if step == start else loader.global_batch(step, bsh)
+        if save_after is not None:
+          if split_fns is None:
+            split_fns = _compile_split(cfg, ts.graphdef, shardings, state, example)
+          grad_fn, apply_fn = split_fns
+          snap = ckpt.begin(state)                       # lazy: copies start now
+          grads, metrics = grad_fn(state, batch)         # reads state `save_after` only
+          pending.append((step + 1, metrics))
+          clock["steps"] += 1
+          flush()                                        # loss from that state is finite
+          ckpt.save(save_after, snap, {"step": save_after}, meta)
+          state = apply_fn(state, grads)                 # donation: after the copy is done
+          save_after = None
+        else:
+          state, metrics = step_fn(state, batch)
+          pending.append((step + 1, metrics))
+          clock["steps"] += 1
+        done = step + 1
+        eval_due = done == end or (tc.eval_every and done % tc.eval_every == 0)
+        if done % tc.log_every == 0 or eval_due:
+          flush()
+        if ckpt is not None:
+          ckpt.poll()
+        if eval_due:
+          eval_metrics = _evaluate(eval_fn, state, setup.eval_loader, setup.task_loader,
+                                   tc.eval_batches, bsh)
+          writer.write({"step": done, "split": "eval", **eval_metrics})
+          clock["t"] = time.perf_counter()  # keep eval time out of the throughput
+        if ckpt is not None and sigterm.raised:
+          final_save(done)
+          raise Preempted(done)
+        if ckpt is not None and done % cfg.checkpoint.every == 0 and done < end:
+          save_after = done
+      flush()
+      if ckpt is not None:
+        final_save(end)
     bar.close()
 
     summary = {
         "name": name,
         "status": "done" if end == tc.steps else "stopped",
         "steps": end,
-        "params": count_params_from_state(ts.state),
+        "params": tree_params(ts.state),
         "final_train_loss": statistics.fmean(recent_losses[-10:]) if recent_losses else None,
         "final_eval_loss": eval_metrics.get("loss"),
         "eval_perplexity": eval_metrics.get("perplexity"),
@@ -172,13 +267,16 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         "tokens_per_s": statistics.median(rates) if rates else None,
         "step_time_s": (tokens_per_step / statistics.median(rates)) if rates else None,
         "memory": {**memory, "peak_bytes": peak_device_bytes()},
-        "param_bytes": tree_bytes(_params(ts.state)),
-        "opt_state_bytes": tree_bytes(ts.state) - tree_bytes(_params(ts.state)),
+        "param_bytes": tree_bytes(ts.state[0]),
+        "opt_state_bytes": tree_bytes(ts.state) - tree_bytes(ts.state[0]),
         "checkpoint_bytes": None if ckpt is None else ckpt.size_bytes(),
+        "checkpoint_mode": None if ckpt is None else cfg.checkpoint.mode,
+        "checkpoint_blocking_s": (statistics.median(ckpt.blocking_s)
+                                  if ckpt is not None and ckpt.blocking_s else None),
         "wall_s": time.perf_counter() - t_start,
     }
     if run_dir is not None and jax.process_index() == 0:
-      _atomic_json(pathlib.Path(run_dir) / "summary.json", summary)
+      _atomic_json(run_dir / "summary.json", summary)
     return summary
   finally:
     writer.close()
@@ -186,13 +284,17 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       ckpt.close()
 
 
-def _params(state):
-  """The model half of the (model, optimizer) state: parameters only."""
-  return state[0]
+def _compile_split(cfg, graphdef, shardings, state, batch):
+  grad_fn = jax.jit(make_grad_step(cfg, graphdef)).lower(state, batch).compile()
+  grads_shape = jax.eval_shape(make_grad_step(cfg, graphdef), state, batch)[0]
+  apply_fn = jax.jit(make_apply_step(graphdef), donate_argnums=0,
+                     out_shardings=shardings).lower(state, grads_shape).compile()
+  return grad_fn, apply_fn
 
 
-def count_params_from_state(state) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(_params(state))))
+def tree_params(state) -> int:
+  """Parameter count: the model half of the (model, optimizer) state."""
+  return int(sum(x.size for x in jax.tree.leaves(state[0])))
 
 
 def _evaluate(eval_fn, state, loader, task_loader, n_batches: int, bsh) -> dict:

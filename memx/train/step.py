@@ -66,10 +66,11 @@ def tree_bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(cfg: Config, graphdef):
+def make_grad_step(cfg: Config, graphdef):
+  """(state, batch) → (grads, metrics): reads the state, never mutates it."""
   schedule = lr_schedule(cfg.optim, cfg.train.steps)
 
-  def train_step(state, batch: Batch):
+  def grad_step(state, batch: Batch):
     model, opt = nnx.merge(graphdef, state)
 
     def loss_fn(model):
@@ -77,10 +78,30 @@ def make_train_step(cfg: Config, graphdef):
       return weighted_mean(token_losses(logits, batch["targets"]), batch["weights"])
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
-    lr = schedule(opt.step[...])
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...])}
+    return grads, metrics
+
+  return grad_step
+
+
+def make_apply_step(graphdef):
+  """(state, grads) → state after one optimizer update (the only mutation of the state)."""
+
+  def apply_step(state, grads):
+    model, opt = nnx.merge(graphdef, state)
     opt.update(model, grads)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr}
-    return nnx.state((model, opt)), metrics
+    return nnx.state((model, opt))
+
+  return apply_step
+
+
+def make_train_step(cfg: Config, graphdef):
+  """The fused step: grad_step then apply_step in one program (bit-identical to the split)."""
+  grad_step, apply_step = make_grad_step(cfg, graphdef), make_apply_step(graphdef)
+
+  def train_step(state, batch: Batch):
+    grads, metrics = grad_step(state, batch)
+    return apply_step(state, grads), metrics
 
   return train_step
 

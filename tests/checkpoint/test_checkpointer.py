@@ -1,40 +1,64 @@
-"""Checkpointer: round trip with data state, keep-K, fingerprint mismatch, no partial steps."""
+"""Checkpointer: every mode round-trips exactly; retention; checksums and fallback; resharding."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from memx.checkpoint import Checkpointer, state_fingerprint
 from memx.checkpoint.config import CheckpointConfig
-from memx.errors import CheckpointMismatchError
+from memx.checkpoint.manager import MANIFEST
+from memx.config import ParallelConfig
+from memx.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointWriteError
+from memx.parallel.mesh import make_mesh
+
+MODES = ("sync", "async", "lazy")
 
 
 def _state(scale=1.0, width=4):
   return {"w": jnp.arange(width * 3, dtype=jnp.float32).reshape(width, 3) * scale,
-          "step": jnp.int32(7), "layers": [jnp.ones(2, jnp.bfloat16)]}
+          "step": jnp.int32(7), "layers": [jnp.ones(2, jnp.bfloat16) * scale]}
 
 
-def test_round_trip_and_keep(tmp_path):
-  ckpt = Checkpointer(tmp_path, CheckpointConfig(every=1, keep=2))
+def _assert_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_round_trip_every_mode(tmp_path, mode):
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode=mode, every=1, keep=2))
   for step in (1, 2, 3):
-    ckpt.save(step, _state(step), {"step": step}, {"note": "x"})
-  assert ckpt.latest_step() == 3
-  assert sorted(p.name for p in tmp_path.iterdir() if p.name.isdigit()) == ["2", "3"]
-  restored, data = ckpt.restore(3, _state(0.0))
-  assert data == {"step": 3}
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(_state(3)), strict=True):
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    assert a.dtype == b.dtype
-  assert ckpt.size_bytes() > 0
+    ckpt.save(step, ckpt.begin(_state(step)), {"step": step}, {"note": "x"})
+  ckpt.wait()
+  assert ckpt.complete_steps() == [2, 3]  # keep=2
+  restored, data, step = ckpt.restore(_state(0.0))
+  assert (data, step) == ({"step": 3}, 3)
+  _assert_equal(restored, _state(3))
+  assert len(ckpt.blocking_s) == 3 and ckpt.size_bytes() > 0
+  ckpt.close()
+
+
+def test_keep_every_keeps_milestones_forever(tmp_path):
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="lazy", every=1, keep=2, keep_every=4))
+  for step in range(1, 11):
+    ckpt.save(step, ckpt.begin(_state(step)), {"step": step}, {})
+  ckpt.wait()
+  assert ckpt.complete_steps() == [4, 8, 9, 10]
   ckpt.close()
 
 
 def test_mismatch_is_reported_before_reading(tmp_path):
-  ckpt = Checkpointer(tmp_path, CheckpointConfig())
-  ckpt.save(1, _state(), {"step": 1}, {})
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="sync"))
+  ckpt.save(1, _state(), {"step": 1}, {"run": {"seed": 0}})
   with pytest.raises(CheckpointMismatchError, match=r"\['w'\] has shape/dtype"):
-    ckpt.restore(1, _state(width=5))
+    ckpt.restore(_state(width=5))
+  with pytest.raises(CheckpointMismatchError, match="another run.*seed = 0 there, 1 now"):
+    ckpt.restore(_state(), expect_meta={"run": {"seed": 1}})
   ckpt.close()
 
 
@@ -45,15 +69,84 @@ def test_fingerprint_lists_paths_shapes_dtypes():
 
 
 def test_unfinished_save_is_invisible(tmp_path):
-  """A step directory Orbax never finalised (a crash mid-save) is not offered for restore."""
-  ckpt = Checkpointer(tmp_path, CheckpointConfig())
+  """A step Orbax never finalised, or one without its manifest, is not offered for restore."""
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="sync"))
   ckpt.save(1, _state(), {"step": 1}, {})
+  ckpt.save(2, _state(2.0), {"step": 2}, {})
   ckpt.close()
-  # Simulate a crash during the save of step 2: Orbax's temporary directory is left behind.
-  (tmp_path / "2.orbax-checkpoint-tmp-123").mkdir()
-  (tmp_path / "2.orbax-checkpoint-tmp-123" / "partial").write_text("torn")
-  again = Checkpointer(tmp_path, CheckpointConfig())
-  assert again.latest_step() == 1
-  restored, data = again.restore(1, _state(0.0))
-  assert data == {"step": 1}
+  (tmp_path / "2" / MANIFEST).unlink()                    # crashed before the manifest
+  (tmp_path / "3.orbax-checkpoint-tmp-123").mkdir()        # crashed mid-write
+  again = Checkpointer(tmp_path, CheckpointConfig(mode="sync"))
+  assert again.complete_steps() == [1]
+  restored, data, step = again.restore(_state(0.0))
+  assert step == 1 and data == {"step": 1}
   again.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_corrupt_checkpoint_falls_back_with_warning(tmp_path, damage, caplog):
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="lazy", keep=3))
+  for step in (1, 2):
+    ckpt.save(step, ckpt.begin(_state(step)), {"step": step}, {})
+  ckpt.wait()
+  victim = max((p for p in (tmp_path / "2" / "state").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  data = victim.read_bytes()
+  if damage == "truncate":
+    victim.write_bytes(data[: len(data) // 2])
+  elif damage == "flip":
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+  else:
+    victim.unlink()
+  with caplog.at_level(logging.WARNING, logger="memx.checkpoint.manager"):
+    restored, _, step = ckpt.restore(_state(0.0))
+  assert step == 1
+  _assert_equal(restored, _state(1))
+  assert "step 2" in caplog.text and "falling back" in caplog.text
+  # With every step damaged the error is clear.
+  (tmp_path / "1" / MANIFEST).write_text("{not json")
+  with pytest.raises(CheckpointCorruptError, match="no usable checkpoint"):
+    ckpt.restore(_state(0.0))
+  ckpt.close()
+
+
+def test_failed_background_write_is_reported(tmp_path, monkeypatch):
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="lazy"))
+  ckpt.save(1, ckpt.begin(_state()), {"step": 1}, {})
+  ckpt.wait()
+
+  def disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(ckpt._manager, "save", disk_full)
+  ckpt.save(2, ckpt.begin(_state(2.0)), {"step": 2}, {})  # returns: the write is queued
+  with pytest.raises(CheckpointWriteError, match="No space left on device.*last good"):
+    ckpt.wait()
+  monkeypatch.undo()
+  assert ckpt.complete_steps() == [1]
+  ckpt.close()
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("mode", ["sync", "lazy"])
+def test_restore_onto_another_mesh(tmp_path, mode):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh8 = make_mesh(ParallelConfig())
+  sharded = {"w": jax.device_put(jnp.arange(64.0).reshape(16, 4),
+                                 NamedSharding(mesh8, PartitionSpec("data"))),
+             "b": jax.device_put(jnp.ones(3), NamedSharding(mesh8, PartitionSpec()))}
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode=mode))
+  ckpt.save(5, ckpt.begin(sharded), {"step": 5}, {})
+  ckpt.wait()
+  for n in (2, 1):
+    mesh = make_mesh(ParallelConfig(mesh_shape=(n,)), devices=jax.devices()[:n])
+    target = {"w": jax.ShapeDtypeStruct((16, 4), jnp.float32,
+                                        sharding=NamedSharding(mesh, PartitionSpec("data"))),
+              "b": jax.ShapeDtypeStruct((3,), jnp.float32,
+                                        sharding=NamedSharding(mesh, PartitionSpec()))}
+    restored, _, _ = ckpt.restore(target)
+    assert restored["w"].sharding.num_devices == n
+    np.testing.assert_array_equal(restored["w"], np.arange(64.0).reshape(16, 4))
+    np.testing.assert_array_equal(restored["b"], np.ones(3))
+  ckpt.close()

@@ -19,7 +19,6 @@ import pytest
 from memx.cli import main
 from memx.config import config_hash, to_dict
 from memx.data import make_loader
-from memx.errors import NonFiniteLossError
 from memx.experiment import loading
 from memx.experiment.runner import RunSpec, run
 from memx.train.loop import split_seeds
@@ -177,7 +176,7 @@ BAD_INPUTS = {
 }
 
 
-# Checked by the training loop (_check_shapes), after the run directory has been written.
+# Checked by the training loop's prepare(), which runs before the run directory is written.
 CHECKED_AFTER_THE_RUN_DIRECTORY = ("batch not divisible by the devices",
                                    "vocabulary smaller than the tokenizer's")
 
@@ -192,8 +191,7 @@ def test_bad_input_is_one_paragraph_with_exit_code_2(case, tmp_path, capsys):
   _assert_user_error(rc, err)
   for fragment in fragments:
     assert fragment in err
-  if case not in CHECKED_AFTER_THE_RUN_DIRECTORY:  # see the xfail test below
-    assert not workdir.exists()  # rejected before anything was written
+  assert not workdir.exists()  # rejected before anything was written
 
 
 @pytest.mark.parametrize("case", ["unknown experiment file", "corrupt npy file"])
@@ -207,6 +205,28 @@ def test_bad_input_from_the_real_command_has_no_traceback(case, tmp_path):
   for fragment in fragments:
     assert fragment in proc.stderr
   assert proc.stdout == ""
+  assert not (tmp_path / "runs").exists()
+
+
+def _sweep_with_a_bad_entry(tmp: pathlib.Path) -> pathlib.Path:
+  path = tmp / "exp.py"
+  path.write_text("from memx.config import Config\n\n\ndef config(variant='base'):\n"
+                  "  return Config()\n\n\ndef sweep():\n"
+                  "  return [('ok', {}), ('bad', {'model.n_heads': 3})]\n")
+  return path
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (lambda t: [_sweep_with_a_bad_entry(t)], ["sweep entry 'bad'", "model.n_heads = 3"]),
+    (lambda t: [FIXTURE, "--slurm", "partition"], ["--slurm 'partition'", "key=value"]),
+    (lambda t: [FIXTURE, "--workers", "0"], ["--workers 0"]),
+    (lambda t: [t / "nope.py"], ["nope.py", "does not exist"]),
+])
+def test_bad_sweep_input_is_one_paragraph_with_exit_code_2(args, fragments, tmp_path, capsys):
+  rc, out, err = _cli(capsys, "sweep", *args(tmp_path), "--workdir", tmp_path / "runs")
+  _assert_user_error(rc, err)
+  for fragment in fragments:
+    assert fragment in err
   assert not (tmp_path / "runs").exists()
 
 
@@ -254,11 +274,8 @@ def test_a_nan_failure_keeps_the_last_good_checkpoint_for_resume(tmp_path, capsy
   run_dir = tmp_path / RUN_NAME
 
   # Continue with an absurd learning rate: the loss turns NaN before the next checkpoint.
-  with pytest.raises(NonFiniteLossError) as info:
-    main([str(a) for a in [*base, "--resume", "--set", "train.steps=6",
-                           "--set", "optim.lr=1e9"]])
-  capsys.readouterr()
-  assert info.value.step == 4 and "step 4" in str(info.value)
+  rc, _, err = _cli(capsys, *base, "--resume", "--set", "train.steps=6", "--set", "optim.lr=1e9")
+  assert rc == 1 and "non-finite" in err and "at step 4" in err and "Traceback" not in err
   # Only complete checkpoints: no step written after the NaN, no temporary directories.
   assert _checkpoint_steps(run_dir) == ["2"]
   assert not any(p.name.endswith(".tmp") for p in run_dir.iterdir())
@@ -280,27 +297,19 @@ def test_a_nan_failure_keeps_the_last_good_checkpoint_for_resume(tmp_path, capsy
 
 
 # ---------------------------------------------------------------------------------------------
-# Known bugs (strict xfail: they start failing loudly once fixed, so the marker gets removed)
+# Regressions of bugs found in review
 
 
-@pytest.mark.xfail(strict=True, raises=NonFiniteLossError, reason=(
-    "memx/train/loop.py checks only the losses up to step k (each computed before its update) "
-    "and then saves the state after update k; when update k is the divergent one, the "
-    "checkpoint holds parameters of ~1e9 and resuming with a sane lr is NaN again at once"))
 def test_a_nan_failure_never_checkpoints_the_diverged_state(tmp_path, capsys):
   base = ["run", EXP, "--workdir", tmp_path, "--set", "checkpoint.every=1",
           "--set", "optim.warmup_steps=0"]
-  with pytest.raises(NonFiniteLossError):
-    main([str(a) for a in [*base, "--set", "optim.lr=1e9"]])
+  rc, _, err = _cli(capsys, *base, "--set", "optim.lr=1e9")
+  assert rc == 1 and "non-finite" in err
   # The error says the last good checkpoint is intact and to lower optim.lr: do so.
   rc, _, err = _cli(capsys, *base, "--resume")
   assert rc == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "memx/experiment/runner.py writes the run directory (config.json, provenance.json) before "
-    "memx/train/loop.py's _check_shapes rejects train.batch_size / model.vocab_size, so the "
-    "corrected command is refused with 'already holds a run' unless --overwrite is passed"))
 @pytest.mark.parametrize("case", CHECKED_AFTER_THE_RUN_DIRECTORY)
 def test_a_rejected_config_leaves_nothing_that_blocks_the_corrected_run(case, tmp_path, capsys):
   args, _ = BAD_INPUTS[case](tmp_path)
@@ -311,9 +320,6 @@ def test_a_rejected_config_leaves_nothing_that_blocks_the_corrected_run(case, tm
   assert rc == 0, err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "resuming a run whose newest checkpoint is its last step runs no step, so memx/train/loop.py "
-    "rewrites summary.json with final_train_loss/final_eval_loss/tokens_per_s = None"))
 def test_resuming_a_finished_run_keeps_its_summary(tmp_path, capsys):
   rc, _, err = _cli(capsys, "run", EXP, "--workdir", tmp_path)
   assert rc == 0, err

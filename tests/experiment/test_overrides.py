@@ -1,7 +1,6 @@
 """Tests for typed dotted overrides (`--set key=value`) and for config validation messages."""
 
 import dataclasses
-import math
 
 import pytest
 from hypothesis import assume, given, settings
@@ -317,7 +316,7 @@ def test_parse_assignments_rejects_items_without_a_key(item):
     ({"data.vocab_size": "100"}, ["data.vocab_size = 100", ">= 261"]),
     ({"optim.lr": "0"}, ["optim.lr = 0.0", "must be > 0"]),
     ({"optim.lr": "nan"}, ["optim.lr = nan", "must be > 0"]),
-    ({"optim.b1": "1.0"}, ["optim.b1/b2 = (1.0, 0.95)", "[0, 1)"]),
+    ({"optim.b1": "1.0"}, ["optim.b1 = 1.0", "[0, 1)"]),
     ({"optim.clip_norm": "0"}, ["optim.clip_norm = 0.0", "None (no clipping) or > 0"]),
     ({"train.steps": "0"}, ["train.steps = 0", "must be > 0"]),
     ({"train.batch_size": "-8"}, ["train.batch_size = -8", "must be > 0"]),
@@ -353,17 +352,12 @@ def test_nan_and_inf_are_rejected_where_a_range_is_required():
   for key in ("data.task_fraction", "data.eval_fraction", "optim.min_lr_ratio"):
     msg = _error({"data.task": "mqar", key: "nan"})
     assert key in msg and "nan" in msg
-  assert math.isinf(apply_overrides(Config(), {"model.rope_theta": "inf"}).model.rope_theta)
 
 
 # ---------------------------------------------------------------------------------------------
-# Known bug: each override is validated on its own, so coupled fields cannot change together.
+# Regression: coupled fields change together, in any order.
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "apply_overrides validates after every single key (dataclasses.replace per key), so "
-    "parallel.mesh_shape and parallel.mesh_axes, which must have equal lengths, cannot "
-    "change length together in either order"))
 @pytest.mark.parametrize("order", ["axes-first", "shape-first"])
 def test_coupled_fields_can_change_together(order):
   pairs = [("parallel.mesh_axes", "data,model"), ("parallel.mesh_shape", "-1,1")]
@@ -371,9 +365,6 @@ def test_coupled_fields_can_change_together(order):
   assert cfg.parallel.mesh_shape == (-1, 1)
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    "apply_overrides validates after every single key: --set data.source=text --set "
-    "data.paths=x.txt fails (source before paths) while the reverse order works"))
 def test_override_order_does_not_matter():
   cfg = apply_overrides(Config(), {"data.source": "text", "data.paths": "x.txt"})
   assert cfg.data.source == "text"

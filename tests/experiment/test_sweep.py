@@ -1,12 +1,12 @@
 """Sweeps: failure isolation, skipping finished runs, retries, changed entries, report, submitit.
 
 Every run of a sweep is its own process. To keep these tests at a few seconds per run, the run
-processes share a persistent XLA compilation cache (set through the environment they inherit);
-the fixture's good entries differ only in the seed, so after the first run they compile nothing.
+processes use one CPU device and share a persistent XLA compilation cache (both set through the
+environment they inherit); the fixture's good entries differ only in the seed, so after the
+first run they compile nothing.
 """
 
 import json
-import os
 import pathlib
 import shutil
 
@@ -23,27 +23,6 @@ from memx.train.metrics import read_metrics
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 TINY_SWEEP = FIXTURES / "tiny_sweep.py"
 NAMES = ["seed-0", "seed-1", "diverge"]
-
-
-@pytest.fixture(scope="session")
-def _compilation_cache(tmp_path_factory) -> pathlib.Path:
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent  # shared by the workers of this session
-  path = base / "memx-xla-cache"
-  path.mkdir(exist_ok=True)
-  return path
-
-
-@pytest.fixture
-def run_env(monkeypatch, _compilation_cache):
-  """Environment of the run processes: a shared compilation cache, the fixture's defaults."""
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(_compilation_cache))
-  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-  monkeypatch.delenv("MEMX_TEST_SWEEP_SEED", raising=False)
-  monkeypatch.delenv("MEMX_TEST_SWEEP_DIVERGE_LR", raising=False)
-  return monkeypatch
 
 
 def _rows(sweep_dir: pathlib.Path) -> dict[str, dict]:
@@ -159,9 +138,9 @@ def test_sweep_isolates_failures_skips_finished_runs_and_retries_the_rest(tmp_pa
   metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
                              if json.loads(line)["step"] <= 3))
   sweep_dir, log = _sweep(tmp_path)
-  assert log == ["[1/3] seed-0: running", "[1/3] seed-0: done",
-                 "[2/3] seed-1: finished earlier, skipped",
-                 "[3/3] diverge: finished earlier, skipped"]
+  assert log == ["[2/3] seed-1: finished earlier, skipped",
+                 "[3/3] diverge: finished earlier, skipped",
+                 "[1/3] seed-0: running", "[1/3] seed-0: done"]
   rows = _rows(sweep_dir)
   summary = _assert_done(sweep_dir, rows["seed-0"], "seed-0")
   assert summary["final_eval_loss"] is not None

@@ -58,11 +58,12 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
   assert info.value.step == first_bad
   assert f"step {first_bad}" in str(info.value)
   ckpt = Checkpointer(tmp_path / "checkpoints", cfg.checkpoint)
-  assert ckpt.latest_step() == first_bad - 1  # the step before the NaN was computed from
-  # The last good checkpoint restores to finite parameters.
+  # State k is saved only once the loss computed from it (step k+1's) is finite: the state
+  # the NaN came from (first_bad - 1) is never saved, the one before it is.
+  assert ckpt.latest_step() == first_bad - 2
   state = init_state(cfg, jax.random.key(0)).state
-  restored, data_state = ckpt.restore(ckpt.latest_step(), state)
-  assert data_state["step"] == first_bad - 1
+  restored, data_state, _ = ckpt.restore(state)
+  assert data_state["step"] == first_bad - 2
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored))
   assert not (tmp_path / "summary.json").exists()
   ckpt.close()
@@ -89,8 +90,8 @@ def test_resume_is_exact(tmp_path):
   a = Checkpointer(tmp_path / "full" / "checkpoints", TINY.checkpoint)
   b = Checkpointer(tmp_path / "split" / "checkpoints", TINY.checkpoint)
   target = init_state(TINY, jax.random.key(0)).state
-  sa, _ = a.restore(6, target)
-  sb, _ = b.restore(6, target)
+  sa, _, _ = a.restore(target, 6)
+  sb, _, _ = b.restore(target, 6)
   for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
     np.testing.assert_array_equal(x, y)
   a.close()
@@ -100,8 +101,12 @@ def test_resume_is_exact(tmp_path):
 def test_resume_with_incompatible_config_fails_clearly(tmp_path):
   train(TINY, tmp_path, progress=False, stop_at_step=3)
   wider = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_model=48))
-  with pytest.raises(CheckpointMismatchError, match="does not fit the current config"):
+  with pytest.raises(CheckpointMismatchError, match="another run.*model.d_model = 32 there, 48"):
     train(wider, tmp_path, progress=False, resume=True)
+  # Optimizer settings may change on resume, but not the optimizer state's layout.
+  no_clip = dataclasses.replace(TINY, optim=dataclasses.replace(TINY.optim, clip_norm=None))
+  with pytest.raises(CheckpointMismatchError, match="does not fit the current config"):
+    train(no_clip, tmp_path, progress=False, resume=True)
   # The checkpoint is untouched and still resumes with the right config.
   train(TINY, tmp_path, progress=False, resume=True)
   assert len(_losses(tmp_path)) == TINY.train.steps

@@ -60,13 +60,20 @@ def uniform_params(m: Mask) -> tuple[int, int, int]:
   return w(m.window_left), w(m.window_right), m.n_sink
 
 
-def visible(rule: Rule, q_pos, k_pos, window_left, window_right, n_sink):
+def visible(rule: Rule, q_pos, k_pos, window_left, window_right, n_sink, *,
+            transpose: bool = False):
   """Element rule of `Mask` on one tile: bool [bq, bk] from positions q_pos [bq], k_pos [bk].
 
-  q_pos are absolute query positions (q_offset already added), k_pos key indices. Written with
-  2-D broadcasts only, so the same code runs inside Triton kernels and in XLA.
+  q_pos are absolute query positions (q_offset already added), k_pos key indices. With
+  transpose=True the tile is laid out [bk, bq] (the dK/dV pass works on transposed scores).
+  Written with 2-D broadcasts only, so the same code runs inside Triton kernels and in XLA.
   """
-  qp, kp = q_pos[:, None], k_pos[None, :]
+  if transpose:
+    qp, kp = q_pos[None, :], k_pos[:, None]
+    shape = (k_pos.shape[0], q_pos.shape[0])
+  else:
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    shape = (q_pos.shape[0], k_pos.shape[0])
   ok = None
 
   def conj(a, b):
@@ -86,8 +93,8 @@ def visible(rule: Rule, q_pos, k_pos, window_left, window_right, n_sink):
   if rule.mask_padding:
     ok = conj(ok, kp < rule.s_len)
   if ok is None:
-    ok = jnp.broadcast_to(kp >= 0, (q_pos.shape[0], k_pos.shape[0]))
-  return jnp.broadcast_to(ok, (q_pos.shape[0], k_pos.shape[0]))
+    ok = kp >= 0
+  return jnp.broadcast_to(ok, shape)
 
 
 def dedupe_heads(masks: tuple[Mask, ...]) -> tuple[Mask, ...]:
@@ -137,33 +144,39 @@ def segment_ranges(ids, block: int):
   return tiles.min(-1), tiles.max(-1)
 
 
-def segment_schedule(table: np.ndarray, counts: np.ndarray, outer_rng, inner_rng):
+def segment_schedule(table: np.ndarray, counts: np.ndarray, outer_rng, inner_rng, *,
+                     union_batch: bool = False):
   """Refines a static schedule with segment ids (run time, plain XLA, cheap).
 
   A tile is dropped when the segment-id ranges of its query and key blocks do not intersect
   (no pair can share a segment; exact for the usual packing, conservative otherwise), and a
-  FULL tile stays FULL only when both blocks lie in one and the same segment.
+  FULL tile stays FULL only when both blocks lie in one and the same segment, so FULL tiles
+  still need no masking of any kind.
 
   Args:
     table, counts: the static schedule ([H', n_outer, M], [H', n_outer, 2]).
     outer_rng, inner_rng: (min, max) segment ids per outer / inner block, each [B, n].
+    union_batch: one schedule for the whole batch (a tile is kept if any row needs it, FULL
+      only if FULL in every row) instead of one per batch row.
 
   Returns:
-    (table, counts) with a leading batch axis: int32 [B, H', n_outer, M], [B, H', n_outer, 2].
+    (table, counts) with a leading batch axis (size B, or 1 with union_batch): int32
+    [B, H', n_outer, M] and [B, H', n_outer, 2].
   """
   table_j = jnp.asarray(table)[None]                                   # [1, H', nO, M]
   n_full = jnp.asarray(counts[..., 0])[None, :, :, None]               # [1, H', nO, 1]
   n_tot = jnp.asarray(counts[..., 1])[None, :, :, None]
   j = jnp.arange(table.shape[-1])[None, None, None, :]
   o_min, o_max = (x[:, None, :, None] for x in outer_rng)              # [B, 1, nO, 1]
-  i_min = jnp.take(inner_rng[0], table_j.reshape(-1), axis=1).reshape(  # [B, H', nO, M]
-      (inner_rng[0].shape[0],) + table.shape)
-  i_max = jnp.take(inner_rng[1], table_j.reshape(-1), axis=1).reshape(
-      (inner_rng[1].shape[0],) + table.shape)
+  b = inner_rng[0].shape[0]
+  i_min, i_max = (jnp.take(x, table_j.reshape(-1), axis=1).reshape((b, *table.shape))
+                  for x in inner_rng)                                  # [B, H', nO, M]
   overlap = (o_min <= i_max) & (i_min <= o_max)
   one_segment = (o_min == o_max) & (i_min == i_max) & (o_min == i_min)
   keep = (j < n_tot) & overlap
   full = keep & (j < n_full) & one_segment
+  if union_batch:
+    keep, full = keep.any(0, keepdims=True), full.all(0, keepdims=True)
   key = jnp.where(full, 0, jnp.where(keep, 1, 2)).astype(jnp.int32)
   order = jnp.argsort(key, axis=-1, stable=True)
   new_table = jnp.take_along_axis(jnp.broadcast_to(table_j, key.shape), order, axis=-1)

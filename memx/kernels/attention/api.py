@@ -124,7 +124,7 @@ def attention(
       block-sparse layout, q_offset (see `Mask`).
     segment_ids: packed sequences: one [B, T] int array (T == S) or (q_ids [B, T],
       kv_ids [B, S]); tokens attend only within their own segment.
-    scale: logit scale; default D ** -0.5.
+    scale: logit scale, a Python float (static); default D ** -0.5.
     implementation: None dispatches by backend: on an NVIDIA GPU cuDNN when it covers the
       mask, else pallas_gpu, else xla; elsewhere xla. A single name forces that
       implementation and raises if it cannot serve the inputs; a sequence is tried in order,

@@ -4,7 +4,6 @@ import dataclasses
 
 from memx.kernels.attention.mask import Mask
 
-
 # (field, tiles the query axis?) for every tile field.
 _TILE_FIELDS = (("block_q", True), ("block_k", False), ("block_q_dkv", True),
                 ("block_k_dkv", False), ("block_q_dq", True), ("block_k_dq", False))
@@ -37,14 +36,14 @@ class BlockSizes:
 
   block_q: int = 128
   block_k: int = 64
-  block_q_dkv: int = 32
+  block_q_dkv: int = 64
   block_k_dkv: int = 128
   block_q_dq: int = 128
-  block_k_dq: int = 32
+  block_k_dq: int = 64
   num_warps_fwd: int | None = None
   num_warps_bwd: int | None = None
   num_stages_fwd: int = 3
-  num_stages_bwd: int = 3
+  num_stages_bwd: int = 2
 
   def __post_init__(self):
     for f, _ in _TILE_FIELDS:
@@ -65,9 +64,10 @@ class BlockSizes:
   def get_default(cls, implementation: str = "pallas_gpu") -> "BlockSizes":
     """Defaults per implementation.
 
-    pallas_gpu: FA2-style tiles from the Triton fused-attention tutorial's Hopper settings
-    (fwd 128x64; bwd 32x128 for dK/dV and 128x32 for dQ). Untuned on memx's own kernels:
-    `scripts/bench_attention.py --sweep` times alternatives on the GPU.
+    pallas_gpu: the tiles that made JAX's stock Pallas-Triton attention fastest on an H100
+    (research/anchors_attention.md §2.1: fwd 128x64, dK/dV 64x128, dQ 128x64, 8 warps at
+    head dim 128). Not yet tuned on memx's own kernels: `scripts/bench_attention.py --sweep`
+    times alternatives on the GPU.
     xla: larger tiles, since each tile is one step of an XLA loop with fixed overhead.
     """
     if implementation == "xla":

@@ -8,6 +8,7 @@ else (sinks, per-head or block-sparse masks, q_offset, packed segments) goes to 
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from memx.kernels.attention.mask import Mask
@@ -20,7 +21,7 @@ def gpu_backend() -> bool:
   try:
     if jax.default_backend() != "gpu":
       return False
-    return "cuda" in jax.devices()[0].client.platform_version.lower()
+    return "cuda" in jax.extend.backend.get_backend().platform_version.lower()
   except Exception:  # noqa: BLE001 - any backend probing failure means "no cuDNN here"
     return False
 
@@ -44,7 +45,7 @@ def unsupported_reason(q, k, mask: Mask, segment_ids) -> str | None:
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"cuDNN flash attention takes bf16/fp16, got {q.dtype}"
   d = q.shape[-1]
-  if d % 8 or d > 128 and not _hopper_or_later() or d > 256:
+  if d % 8 or (d > 128 and not _hopper_or_later()) or d > 256:
     return f"head dim {d} must be a multiple of 8 and <= 128 (256 on Hopper)"
   if mask.num_heads is not None:
     return "per-head masks are not expressible in cuDNN"

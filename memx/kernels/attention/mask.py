@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -331,21 +330,16 @@ def _row_counts(m: Mask, p: np.ndarray, k0: int, k1: int) -> np.ndarray:
   return n
 
 
-def _layout_rows_cols(m: Mask, t: int, s: int):
-  bs = m.block_sparse
-  n_kl = -(-s // bs.block_k)
-  return bs.layout[0], n_kl
-
-
 def _count_pairs(m: Mask, t: int, s: int) -> int:
   p = np.arange(t, dtype=np.int64) + m.q_offset
   if m.block_sparse is None:
     return int(_row_counts(m, p, 0, s).sum())
-  layout, n_kl = _layout_rows_cols(m, t, s)
+  # Sum the closed-form row counts over the key blocks the layout lets each row visit.
   bs = m.block_sparse
+  layout = bs.layout[0]
   row_block = np.arange(t) // bs.block_q
   total = 0
-  for j in range(n_kl):
+  for j in range(-(-s // bs.block_k)):
     k0, k1 = j * bs.block_k, min((j + 1) * bs.block_k, s)
     total += int((_row_counts(m, p, k0, k1) * layout[row_block, j]).sum())
   return total
@@ -398,8 +392,3 @@ def moa_windows(num_heads: int, s: int, density: float, *, n_sink: int = 0,
     else:
       hi = mid
   return make(hi)
-
-
-def as_tuple(x: Any, n: int) -> tuple:
-  """A per-head field as an n-tuple (broadcasting a scalar)."""
-  return tuple(x) if isinstance(x, Sequence) and not isinstance(x, str) else (x,) * n

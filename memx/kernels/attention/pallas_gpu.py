@@ -97,12 +97,16 @@ def _head_scalars(plan: _Plan, hp_ref, h):
   return sched.uniform_params(plan.masks[0])
 
 
-def _tile_visibility(plan: _Plan, q_pos, k_pos, params, qseg, kseg, elementwise: bool):
-  """bool [bq, bk] for a tile, or None when the tile needs no masking at all."""
-  vis = sched.visible(plan.rule, q_pos, k_pos, *params) if elementwise else None
+def _tile_visibility(plan: _Plan, q_pos, k_pos, params, qseg, kseg, transpose: bool = False):
+  """bool visibility of a PARTIAL tile: [bq, bk], or [bk, bq] with transpose.
+
+  FULL tiles need none: the segment-refined schedules keep a tile FULL only when its query
+  and key blocks lie in one and the same segment.
+  """
+  vis = sched.visible(plan.rule, q_pos, k_pos, *params, transpose=transpose)
   if plan.segments:
-    same = qseg[:, None] == kseg[None, :]
-    vis = same if vis is None else vis & same
+    same = (kseg[:, None] == qseg[None, :]) if transpose else (qseg[:, None] == kseg[None, :])
+    vis = vis & same
   return vis
 
 
@@ -142,9 +146,9 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
     k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
     s = plgpu.dot(q, k, trans_b=True) * c                # fp32 [bq, bk], base-2 logits
-    kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
-    vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg, elementwise)
-    if vis is not None:
+    if elementwise:
+      kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
+      vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg)
       # -inf, not MASK_VALUE: exp2 then yields exact zeros even while m is still MASK_VALUE.
       s = jnp.where(vis, s, -jnp.inf)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -159,10 +163,10 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
   init = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
           jnp.zeros((bq, plan.d_pad), jnp.float32))
   carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), init)
-  m, l, acc = lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), carry)
+  m, den, acc = lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), carry)
   # Rows that saw no key (l == 0) output zeros and get a huge lse (zero gradients later).
-  seen = l > 0.0
-  l_safe = jnp.where(seen, l, 1.0)
+  seen = den > 0.0
+  l_safe = jnp.where(seen, den, 1.0)
   r["o"][...] = (acc / l_safe[:, None]).astype(r["o"].dtype)
   r["lse"][...] = jnp.where(seen, m + jnp.log2(l_safe), LSE_EMPTY)
 
@@ -234,17 +238,20 @@ def _dkv_kernel(*refs, plan: _Plan):
       do = r["do"][pl.ds(q0, bq), rr, :]
       lse = r["lse"][rr, pl.ds(q0, bq)]
       delta = r["delta"][rr, pl.ds(q0, bq)]
-      s = plgpu.dot(q, k, trans_b=True) * c               # [bq, bk]
-      qseg = r["qseg"][pl.ds(q0, bq)] if plan.segments else None
-      q_pos = plan.rule.q_offset + q0 + jnp.arange(bq)
-      vis = _tile_visibility(plan, q_pos, k_pos, params, qseg, kseg, elementwise)
-      if vis is not None:
-        s = jnp.where(vis, s, -jnp.inf)
-      p = jnp.exp2(s - lse[:, None])                      # probabilities, recomputed
-      dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-      dp = plgpu.dot(do, v, trans_b=True)
-      ds = p * (dp - delta[:, None])                      # FA2 Alg. 2 line 14 (no scale yet)
-      dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+      # Transposed tile [bk, bq] (as in Triton's fused-attention tutorial): every dot below
+      # then takes a register tensor as its left operand untransposed, and only loaded tiles
+      # (q, do) are transposed, which costs nothing beyond their shared-memory layout.
+      s_t = plgpu.dot(k, q, trans_b=True) * c
+      if elementwise:
+        qseg = r["qseg"][pl.ds(q0, bq)] if plan.segments else None
+        q_pos = plan.rule.q_offset + q0 + jnp.arange(bq)
+        vis = _tile_visibility(plan, q_pos, k_pos, params, qseg, kseg, transpose=True)
+        s_t = jnp.where(vis, s_t, -jnp.inf)
+      p_t = jnp.exp2(s_t - lse[None, :])                  # probabilities, recomputed
+      dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
+      dp_t = plgpu.dot(v, do, trans_b=True)
+      ds_t = p_t * (dp_t - delta[None, :])                # FA2 Alg. 2 line 14 (no scale yet)
+      dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
       return dk, dv
 
     carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), carry)
@@ -312,9 +319,9 @@ def _dq_kernel(*refs, plan: _Plan, n_q: int):
     k = r["k"][pl.ds(k0, bk), :]
     v = r["v"][pl.ds(k0, bk), :]
     s = plgpu.dot(q, k, trans_b=True) * c
-    kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
-    vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg, elementwise)
-    if vis is not None:
+    if elementwise:
+      kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
+      vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg)
       s = jnp.where(vis, s, -jnp.inf)
     p = jnp.exp2(s - lse[:, None])
     dp = plgpu.dot(do, v, trans_b=True)

@@ -51,17 +51,26 @@ def _tile_scores(q_blk, k_blk, c):
   return jnp.einsum("bqgrd,bkgd->bgrqk", q_blk, k_blk, preferred_element_type=jnp.float32) * c
 
 
-def _tile_mask(plan: _Plan, rule, q0, k0, bq, bk, qseg_blk, kseg_blk, elementwise: bool):
-  """Visibility [B or 1, 1, 1, bq, bk] of one tile, or None when nothing needs masking."""
-  vis = None
-  if elementwise:
-    q_pos = plan.mask.q_offset + q0 + jnp.arange(bq)
-    k_pos = k0 + jnp.arange(bk)
-    vis = sched.visible(rule, q_pos, k_pos, *sched.uniform_params(plan.mask))[None, None, None]
+def _tile_mask(plan: _Plan, rule, q0, k0, bq, bk, qseg_blk, kseg_blk):
+  """Visibility [B or 1, 1, 1, bq, bk] of a PARTIAL tile (FULL tiles need none)."""
+  q_pos = plan.mask.q_offset + q0 + jnp.arange(bq)
+  k_pos = k0 + jnp.arange(bk)
+  vis = sched.visible(rule, q_pos, k_pos, *sched.uniform_params(plan.mask))[None, None, None]
   if plan.segments:
-    same = (qseg_blk[:, :, None] == kseg_blk[:, None, :])[:, None, None]
-    vis = same if vis is None else vis & same
+    vis = vis & (qseg_blk[:, :, None] == kseg_blk[:, None, :])[:, None, None]
   return vis
+
+
+def _tables(plan: _Plan, q_seg, kv_seg, bq: int, bk: int, transpose: bool):
+  """Tile schedule for one pass; with segment ids, refined for the whole batch at once."""
+  table, counts = sched.schedule((plan.mask,), plan.t, plan.s, bq, bk, transpose, plan.t_pad,
+                                 plan.s_pad)
+  if not plan.segments:
+    return jnp.asarray(table[0]), jnp.asarray(counts[0])
+  q_rng, k_rng = sched.segment_ranges(q_seg, bq), sched.segment_ranges(kv_seg, bk)
+  outer, inner = (k_rng, q_rng) if transpose else (q_rng, k_rng)
+  table, counts = sched.segment_schedule(table, counts, outer, inner, union_batch=True)
+  return table[0, 0], counts[0, 0]
 
 
 def _forward(plan: _Plan, q, k, v, q_seg, kv_seg):
@@ -69,9 +78,7 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg):
   b, t_pad, g, r, _ = q.shape
   dv = v.shape[-1]
   bq, bk = plan.blocks.block_q, plan.blocks.block_k
-  table, counts = sched.schedule((plan.mask,), plan.t, plan.s, bq, bk, False, plan.t_pad,
-                                 plan.s_pad)
-  table, counts = jnp.asarray(table[0]), jnp.asarray(counts[0])
+  table, counts = _tables(plan, q_seg, kv_seg, bq, bk, transpose=False)
   rule = sched.rule_for((plan.mask,), plan.s, plan.s_pad)
   c = plan.scale * LOG2E
 
@@ -85,10 +92,10 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg):
       k0 = table[qb, j] * bk
       k_blk = lax.dynamic_slice_in_dim(k, k0, bk, axis=1)
       v_blk = lax.dynamic_slice_in_dim(v, k0, bk, axis=1)
-      kseg_blk = lax.dynamic_slice_in_dim(kv_seg, k0, bk, axis=1) if plan.segments else None
       s = _tile_scores(q_blk, k_blk, c)
-      vis = _tile_mask(plan, rule, q0, k0, bq, bk, qseg_blk, kseg_blk, elementwise)
-      if vis is not None:
+      if elementwise:
+        kseg_blk = lax.dynamic_slice_in_dim(kv_seg, k0, bk, axis=1) if plan.segments else None
+        vis = _tile_mask(plan, rule, q0, k0, bq, bk, qseg_blk, kseg_blk)
         # -inf (not MASK_VALUE) so exp2 gives exact zeros even while m is still MASK_VALUE.
         s = jnp.where(vis, s, -jnp.inf)
       # Online softmax (FA2 eq. after Alg. 1 line 10): rescale what we have by exp2(m - m_new).
@@ -106,9 +113,10 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg):
             jnp.zeros((b, g, r, bq, dv), jnp.float32))
     n_full, n_tot = counts[qb, 0], counts[qb, 1]
     carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), init)
-    m, l, acc = lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), carry)
-    o = acc / jnp.where(l == 0.0, 1.0, l)[..., None]
-    lse = jnp.where(l > 0.0, m + jnp.log2(jnp.where(l > 0.0, l, 1.0)), LSE_EMPTY)
+    m, den, acc = lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True),
+                                carry)
+    o = acc / jnp.where(den == 0.0, 1.0, den)[..., None]
+    lse = jnp.where(den > 0.0, m + jnp.log2(jnp.where(den > 0.0, den, 1.0)), LSE_EMPTY)
     return o.astype(q.dtype), lse
 
   o_blocks, lse_blocks = lax.map(q_block, jnp.arange(t_pad // bq))
@@ -122,9 +130,7 @@ def _backward(plan: _Plan, q, k, v, q_seg, kv_seg, o, lse, do):
   """dq, dk, dv on padded inputs: one pass over key blocks (FA2 Alg. 2)."""
   b, t_pad, g, r, dk_ = q.shape
   bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
-  table, counts = sched.schedule((plan.mask,), plan.t, plan.s, bq, bk, True, plan.t_pad,
-                                 plan.s_pad)
-  table, counts = jnp.asarray(table[0]), jnp.asarray(counts[0])
+  table, counts = _tables(plan, q_seg, kv_seg, bq, bk, transpose=True)
   rule = sched.rule_for((plan.mask,), plan.s, plan.s_pad)
   c = plan.scale * LOG2E
   # delta_i = rowsum(dO_i * O_i) (FA2 Alg. 2 line 4), fp32, [B, G, R, Tp].
@@ -143,11 +149,10 @@ def _backward(plan: _Plan, q, k, v, q_seg, kv_seg, o, lse, do):
       do_blk = lax.dynamic_slice_in_dim(do, q0, bq, axis=1)
       lse_blk = lax.dynamic_slice_in_dim(lse, q0, bq, axis=3)
       delta_blk = lax.dynamic_slice_in_dim(delta, q0, bq, axis=3)
-      qseg_blk = lax.dynamic_slice_in_dim(q_seg, q0, bq, axis=1) if plan.segments else None
       s = _tile_scores(q_blk, k_blk, c)
-      vis = _tile_mask(plan, rule, q0, k0, bq, bk, qseg_blk, kseg_blk, elementwise)
-      if vis is not None:
-        s = jnp.where(vis, s, -jnp.inf)
+      if elementwise:
+        qseg_blk = lax.dynamic_slice_in_dim(q_seg, q0, bq, axis=1) if plan.segments else None
+        s = jnp.where(_tile_mask(plan, rule, q0, k0, bq, bk, qseg_blk, kseg_blk), s, -jnp.inf)
       p = jnp.exp2(s - lse_blk[..., None])                          # [B, G, R, bq, bk]
       dv_acc = dv_acc + jnp.einsum("bgrqk,bqgrd->bkgd", p.astype(do.dtype), do_blk,
                                    preferred_element_type=jnp.float32)

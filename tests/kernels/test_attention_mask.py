@@ -1,0 +1,142 @@
+"""Mask: closed-form density / block layout agree exactly with the dense element rule."""
+
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from memx.kernels.attention import CAUSAL, EMPTY, FULL, PARTIAL, BlockSparse, Mask, moa_windows
+from memx.kernels.attention import _schedule as sched
+
+_window = st.one_of(st.none(), st.integers(0, 40))
+
+
+@st.composite
+def masks_and_sizes(draw):
+  t, s = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+  heads = draw(st.sampled_from([None, 3]))
+  field = (lambda strat: strat if heads is None else st.tuples(*[strat] * heads))
+  layout = None
+  if draw(st.booleans()):
+    lq, lk = draw(st.sampled_from([16, 32])), draw(st.sampled_from([16, 32]))
+    shape = (heads or 1, -(-t // lq), -(-s // lk))
+    bits = draw(st.lists(st.booleans(), min_size=int(np.prod(shape)),
+                         max_size=int(np.prod(shape))))
+    layout = BlockSparse(np.array(bits).reshape(shape), block_q=lq, block_k=lk)
+  mask = Mask(causal=draw(st.booleans()), window_left=draw(field(_window)),
+              window_right=draw(field(_window)),
+              n_sink=draw(field(st.integers(0, min(s, 6)))),
+              q_offset=draw(st.integers(0, 40)), block_sparse=layout)
+  return mask, t, s
+
+
+def _dense_np(m, t, s):
+  """The element rule of `Mask`, restated in numpy for one head-uniform mask."""
+  p = np.arange(t)[:, None] + m.q_offset
+  j = np.arange(s)[None, :]
+  ok = (j <= p) if m.causal else np.ones((t, s), bool)
+  band = np.ones((t, s), bool)
+  if m.window_left is not None:
+    band &= p - j <= m.window_left
+  if m.window_right is not None:
+    band &= j - p <= m.window_right
+  ok = ok & (band | (j < m.n_sink))
+  if m.block_sparse is not None:
+    bs = m.block_sparse
+    ok &= bs.layout[0][np.arange(t)[:, None] // bs.block_q, np.arange(s)[None, :] // bs.block_k]
+  return ok
+
+
+def _dense_heads(mask, t, s):
+  n = mask.num_heads
+  return np.stack([_dense_np(mask.head(h), t, s) for h in range(n or 1)])
+
+
+@pytest.mark.parametrize("mask", [
+    CAUSAL, Mask(causal=False, window_left=3, window_right=1, n_sink=2),
+    Mask(q_offset=5, window_left=2, block_sparse=BlockSparse(np.array([[1, 0], [1, 1]]),
+                                                             block_q=16, block_k=16)),
+])
+def test_mask_dense_matches_numpy_restatement(mask):
+  np.testing.assert_array_equal(np.asarray(mask.dense(20, 30)), _dense_np(mask, 20, 30))
+
+
+@settings(max_examples=60, deadline=None)
+@given(masks_and_sizes(), st.sampled_from([16, 32]), st.sampled_from([16, 32]))
+def test_density_and_block_layout_match_dense(mask_t_s, bq, bk):
+  mask, t, s = mask_t_s
+  dense = _dense_heads(mask, t, s)
+  np.testing.assert_array_equal(mask.visited_pairs(t, s), dense.sum((1, 2)))
+  assert mask.density(t, s) == pytest.approx(dense.mean())
+  if mask.block_sparse is not None and (mask.block_sparse.block_q % bq
+                                        or mask.block_sparse.block_k % bk):
+    with pytest.raises(ValueError, match="nest"):
+      mask.block_layout(t, s, bq, bk)
+    return
+  layout = mask.block_layout(t, s, bq, bk)
+  nq, nk = -(-t // bq), -(-s // bk)
+  assert layout.shape == (dense.shape[0], nq, nk) and layout.dtype == np.int8
+  padded = np.zeros((dense.shape[0], nq * bq, nk * bk), bool)
+  padded[:, :t, :s] = dense
+  tiles = padded.reshape(dense.shape[0], nq, bq, nk, bk)
+  want = np.where(~tiles.any((2, 4)), EMPTY, np.where(tiles.all((2, 4)), FULL, PARTIAL))
+  np.testing.assert_array_equal(layout, want)
+
+
+def test_known_densities():
+  assert CAUSAL.density(4, 4) == pytest.approx(10 / 16)
+  assert Mask(causal=False).density(3, 5) == 1.0
+  # Decode: one query at position 9 sees keys 0..9 of 16.
+  assert Mask(q_offset=9).density(1, 16) == pytest.approx(10 / 16)
+  # Window 1 + sink 1 on 4 tokens: rows see {0}, {0,1}, {0,1,2}, {0,2,3}.
+  assert Mask(window_left=1, n_sink=1).visited_pairs(4, 4).tolist() == [1 + 2 + 3 + 3]
+
+
+def test_per_head_fields_normalise_and_hash():
+  a = Mask(window_left=[3, None], n_sink=np.array([1, 0]))
+  b = Mask(window_left=(3, None), n_sink=(1, 0))
+  assert a == b and hash(a) == hash(b)
+  assert a.num_heads == 2 and a.head(1) == Mask(window_left=None, n_sink=0)
+  layout = np.array([[True, False], [True, True]])
+  assert BlockSparse(layout, block_q=16, block_k=16) == BlockSparse(layout.astype(int),
+                                                                    block_q=16, block_k=16)
+  assert hash(Mask(block_sparse=BlockSparse(layout, block_q=16, block_k=16))) == hash(
+      Mask(block_sparse=BlockSparse(layout.copy(), block_q=16, block_k=16)))
+  with pytest.raises(ValueError, match="pass head"):
+    a.dense(4, 4)
+
+
+def test_moa_windows_hits_target_density():
+  mask = moa_windows(8, 1024, 0.125, n_sink=16)
+  assert mask.num_heads == 8
+  assert abs(mask.density(1024, 1024) - 0.125) < 2e-3
+  wins = mask.window_left
+  assert list(wins) == sorted(wins) and wins[-1] > 2 * wins[0]  # heterogeneous heads
+
+
+def test_schedule_lists_visited_tiles_full_first():
+  mask = Mask(window_left=20, n_sink=4)
+  table, counts = sched.schedule((mask,), 64, 64, 16, 16, False, 64, 64)
+  layout = mask.block_layout(64, 64, 16, 16)[0]
+  for qb in range(4):
+    n_full, n_tot = counts[0, qb]
+    row = table[0, qb, :n_tot].tolist()
+    assert sorted(row) == np.flatnonzero(layout[qb] != EMPTY).tolist()
+    assert all(layout[qb, j] == FULL for j in row[:n_full])
+    assert all(layout[qb, j] == PARTIAL for j in row[n_full:])
+  table_t, counts_t = sched.schedule((mask,), 64, 64, 16, 16, True, 64, 80)
+  assert counts_t.shape == (1, 5, 2) and counts_t[0, 4, 1] == 0  # padding tiles are EMPTY
+  assert counts_t[..., 1].sum() == counts[..., 1].sum()
+
+
+def test_segment_schedule_drops_tiles_across_documents():
+  table, counts = sched.schedule((CAUSAL,), 64, 64, 16, 16, False, 64, 64)
+  ids = jnp.asarray([[0] * 32 + [1] * 32, [0] * 16 + [1] * 48])
+  rng = sched.segment_ranges(ids, 16)
+  tbl, cnt = sched.segment_schedule(table, counts, rng, rng)
+  # Row 0: two documents of two tiles each -> causal tiles inside each document only.
+  assert np.asarray(cnt[0, 0, :, 1]).tolist() == [1, 2, 1, 2]
+  assert np.asarray(cnt[0, 0, :, 0]).tolist() == [0, 1, 0, 1]  # diagonal tiles stay PARTIAL
+  assert np.asarray(tbl[0, 0, 3, :2]).tolist() == [2, 3]
+  assert np.asarray(cnt[1, 0, :, 1]).tolist() == [1, 1, 2, 3]
