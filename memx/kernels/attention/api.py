@@ -54,6 +54,8 @@ def _check_inputs(q, k, v, mask: Mask, segment_ids) -> None:
     raise ValueError(f"attention: mask must be a memx Mask, got {type(mask).__name__}")
   b, t, h, _ = q.shape
   s = k.shape[1]
+  if 0 in q.shape or 0 in k.shape:
+    raise ValueError(f"attention: empty inputs (q {q.shape}, k {k.shape})")
   mask.check_fits(t, s, h)
   if segment_ids is not None:
     if isinstance(segment_ids, tuple | list) and len(segment_ids) != 2:

@@ -1,0 +1,437 @@
+"""Pallas (Triton) GPU kernels for chunked SSD: two forward and two backward passes.
+
+The algorithm and notation are those of `xla.py` (Dao & Gu 2024, §6): chunks of Q tokens, cum
+the chunk-local cumulative log-decay, x̃ = Δ x, boundary states H_c. Four kernels:
+  * state forward, grid (B, H, P/bp, N/bn): one program owns a [bp, bn] tile of one head's
+    state in fp32 registers and walks the chunks in order; per chunk it loads x̃ [Q, bp] and
+    B [Q, bn], stores the entering state H_c, and updates H <- exp(cum_last) H + (x̃ ∘ w)ᵀ B
+    (one tensor-core dot). Only the T/Q boundary states reach memory.
+  * output forward, grid (T/Q, B·H, P/bp): fully parallel over chunks. C Bᵀ [Q, Q] (a dot over
+    N), the decay mask L = exp(cum_t - cum_s) (s <= t, same segment) built from iotas, then
+    y = (L ∘ C Bᵀ) x̃ + exp(cum_t) C H_cᵀ + D x: two more dots.
+  * state backward, grid (B, H, P/bp, N/bn): the same walk in reverse for the state cotangents
+    dH_{c-1} = exp(cum_last) dH_c + (dy ∘ exp(cum))ᵀ C, storing each chunk's outgoing dH_c.
+  * chunk backward, grid (T/Q, B·H): per chunk and head, loops over P tiles accumulating
+    dy x̃ᵀ [Q, Q], dy H_c [Q, N] and x̃ dH_c [Q, N] in fp32, writing dx and Δ's gradient per
+    tile, then dB, dC (per head; groups summed outside) and d cum (equations in xla.py).
+The decays are fp32 and taken inside one chunk only (cum_t - cum_s stays small); dots take
+operands in the input dtype (bf16 on tensor cores) with fp32 accumulation, and fp32 operands
+use full-precision (not TF32) dots so fp32 results match the reference. Custom VJP residuals:
+the inputs and the fp32 boundary states.
+
+Runs compiled on NVIDIA GPUs (Triton lowering) and in the Pallas interpreter anywhere
+(`interpret=True`, what CPU tests use).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from memx.kernels.ssd.config import BlockSizes
+from memx.kernels.ssd.xla import Plan
+
+F32 = jnp.float32
+MAX_STATE = 256  # the output kernels hold [Q, N] tiles of B and C and a [bp, N] state tile
+
+
+def _next_pow2(x: int) -> int:
+  return max(16, 1 << (x - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class _PPlan:
+  """Static description of one call (hashable: the custom_vjp nondiff argument)."""
+
+  chunk: int
+  n_chunks: int
+  segments: bool
+  p_pad: int
+  n_pad: int
+  block_p: int
+  block_n: int
+  blocks: BlockSizes
+  interpret: bool
+
+  @property
+  def t_pad(self) -> int:
+    return self.chunk * self.n_chunks
+
+  def params(self, backward: bool = False):
+    b = self.blocks
+    if backward:
+      return plgpu.CompilerParams(num_warps=b.num_warps_bwd, num_stages=b.num_stages_bwd)
+    return plgpu.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages)
+
+
+def unsupported_reason(p: int, n: int) -> str | None:
+  del p
+  if n > MAX_STATE:
+    return f"state size N = {n} > {MAX_STATE} does not fit the output kernel's register tiles"
+  return None
+
+
+def make_plan(plan: Plan, p: int, n: int, blocks: BlockSizes, interpret: bool) -> _PPlan:
+  """Pads P and N to Triton-friendly sizes and fixes the tiles (no tracing)."""
+  n_pad = _next_pow2(n)
+  block_p = min(blocks.block_p, _next_pow2(p))
+  return _PPlan(chunk=plan.chunk, n_chunks=plan.n_chunks, segments=plan.segments,
+                p_pad=-(-p // block_p) * block_p, n_pad=n_pad, block_p=block_p,
+                block_n=min(blocks.block_n, n_pad), blocks=blocks, interpret=interpret)
+
+
+def _dot(a, b, *, trans_a=False, trans_b=False):
+  """fp32-accumulated dot; fp32 operands in full precision, not TF32."""
+  precision = lax.Precision.HIGHEST if a.dtype == F32 else None
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def _chunk_factors(plan: _PPlan, cum, seg, seg_prev):
+  """eoff [Q] (chunk start -> t), wst [Q] (s -> chunk end), g (whole chunk), and the segment
+  mask pieces, from the chunk's cum [Q] and (optionally) its segment ids [Q]."""
+  q = plan.chunk
+  idx = jnp.arange(q)
+  last = jnp.sum(jnp.where(idx == q - 1, cum, 0.0))   # cum[Q-1] as a scalar
+  eoff = jnp.exp(cum)
+  wst = jnp.exp(last - cum)
+  g = jnp.exp(last)
+  if plan.segments:
+    seg_last = jnp.sum(jnp.where(idx == q - 1, seg, 0))
+    eoff = jnp.where(seg == seg_prev, eoff, 0.0)
+    wst = jnp.where(seg == seg_last, wst, 0.0)
+    g = jnp.where(seg_last == seg_prev, g, 0.0)
+  return eoff, wst, g
+
+
+def _decay_matrix(plan: _PPlan, cum, seg):
+  """L [Q, Q]: exp(cum_t - cum_s) for s <= t in the same segment, else 0."""
+  q = plan.chunk
+  rows = lax.broadcasted_iota(jnp.int32, (q, q), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (q, q), 1)
+  vis = rows >= cols
+  if plan.segments:
+    vis = vis & (seg[:, None] == seg[None, :])
+  # Masked before exp: above the diagonal cum_t - cum_s > 0 could overflow.
+  return jnp.exp(jnp.where(vis, cum[:, None] - cum[None, :], -jnp.inf))
+
+
+# --- forward -----------------------------------------------------------------------------------
+
+
+def _state_fwd_kernel(*refs, plan: _PPlan):
+  if plan.segments:
+    x_ref, dt_ref, cum_ref, b_ref, h0_ref, seg_ref, sp_ref, h_in_ref, h_last_ref = refs
+  else:
+    x_ref, dt_ref, cum_ref, b_ref, h0_ref, h_in_ref, h_last_ref = refs
+  q = plan.chunk
+
+  def body(c, state):
+    rows = pl.ds(pl.multiple_of(c * q, q), q)
+    cum = cum_ref[rows]
+    seg, seg_prev = (seg_ref[rows], sp_ref[c]) if plan.segments else (None, None)
+    _, wst, g = _chunk_factors(plan, cum, seg, seg_prev)
+    x = x_ref[rows, :]
+    xw = (x.astype(F32) * (dt_ref[rows].astype(F32) * wst)[:, None]).astype(x.dtype)
+    h_in_ref[c] = state
+    # S_c = (x̃ ∘ w)ᵀ B: [bp, Q] x [Q, bn] on tensor cores.
+    return g * state + _dot(xw, b_ref[rows, :], trans_a=True)
+
+  h_last_ref[...] = lax.fori_loop(0, plan.n_chunks, body, h0_ref[...].astype(F32))
+
+
+def _out_fwd_kernel(*refs, plan: _PPlan, heads: int):
+  if plan.segments:
+    x_ref, dt_ref, cum_ref, b_ref, c_ref, h_in_ref, d_ref, seg_ref, sp_ref, y_ref = refs
+  else:
+    x_ref, dt_ref, cum_ref, b_ref, c_ref, h_in_ref, d_ref, y_ref = refs
+  ci, bh = pl.program_id(0), pl.program_id(1)
+  h = bh % heads
+  cum = cum_ref[...]
+  seg, seg_prev = (seg_ref[...], sp_ref[ci]) if plan.segments else (None, None)
+  eoff, _, _ = _chunk_factors(plan, cum, seg, seg_prev)
+  x = x_ref[...]
+  xdt = (x.astype(F32) * dt_ref[...].astype(F32)[:, None]).astype(x.dtype)
+  cm = c_ref[...]
+  # Intra-chunk: (L ∘ C Bᵀ) x̃, with the Q x Q scores in fp32 until the second dot.
+  scores = _dot(cm, b_ref[...], trans_b=True) * _decay_matrix(plan, cum, seg)
+  y = _dot(scores.astype(x.dtype), xdt)
+  # The entering state read out by C: [Q, N] x [N, bp].
+  y_off = _dot(cm, h_in_ref[...].astype(x.dtype), trans_b=True)
+  y = y + eoff[:, None] * y_off + d_ref[h] * x.astype(F32)
+  y_ref[...] = y.astype(y_ref.dtype)
+
+
+# --- backward ----------------------------------------------------------------------------------
+
+
+def _state_bwd_kernel(*refs, plan: _PPlan):
+  if plan.segments:
+    dy_ref, cum_ref, c_ref, dh_last_ref, seg_ref, sp_ref, dh_out_ref, dh0_ref = refs
+  else:
+    dy_ref, cum_ref, c_ref, dh_last_ref, dh_out_ref, dh0_ref = refs
+  q, n = plan.chunk, plan.n_chunks
+
+  def body(j, dstate):
+    c = n - 1 - j
+    rows = pl.ds(pl.multiple_of(c * q, q), q)
+    cum = cum_ref[rows]
+    seg, seg_prev = (seg_ref[rows], sp_ref[c]) if plan.segments else (None, None)
+    eoff, _, g = _chunk_factors(plan, cum, seg, seg_prev)
+    dh_out_ref[c] = dstate
+    dy = dy_ref[rows, :]
+    dye = (dy.astype(F32) * eoff[:, None]).astype(dy.dtype)
+    # What chunk c's outputs send back to its entering state: (dy ∘ eoff)ᵀ C.
+    return g * dstate + _dot(dye, c_ref[rows, :], trans_a=True)
+
+  dh0_ref[...] = lax.fori_loop(0, n, body, dh_last_ref[...].astype(F32))
+
+
+def _chunk_bwd_kernel(*refs, plan: _PPlan, heads: int):
+  if plan.segments:
+    (x_ref, dy_ref, dt_ref, cum_ref, b_ref, c_ref, h_in_ref, dh_out_ref, d_ref, seg_ref, sp_ref,
+     dx_ref, ddt_ref, dcum_ref, db_ref, dc_ref, dd_ref) = refs
+  else:
+    (x_ref, dy_ref, dt_ref, cum_ref, b_ref, c_ref, h_in_ref, dh_out_ref, d_ref,
+     dx_ref, ddt_ref, dcum_ref, db_ref, dc_ref, dd_ref) = refs
+  q, bp, nn = plan.chunk, plan.block_p, plan.n_pad
+  ci, bh = pl.program_id(0), pl.program_id(1)
+  h = bh % heads
+  cum = cum_ref[...]
+  dt = dt_ref[...].astype(F32)
+  seg, seg_prev = (seg_ref[...], sp_ref[ci]) if plan.segments else (None, None)
+  eoff, wst, g = _chunk_factors(plan, cum, seg, seg_prev)
+  bm, cm = b_ref[...], c_ref[...]
+  mm = bm.dtype
+  lmat = _decay_matrix(plan, cum, seg)
+  cb = _dot(cm, bm, trans_b=True)
+  amat = (lmat * cb).astype(mm)                        # L ∘ C Bᵀ, the forward's scores
+  dd = d_ref[h]
+
+  def p_tile(j, carry):
+    dxdot, dc_off, db_st, gsum, ddt, ddd = carry
+    cols = pl.ds(pl.multiple_of(j * bp, bp), bp)
+    x = x_ref[:, cols].astype(F32)
+    dy = dy_ref[:, cols]
+    dy32 = dy.astype(F32)
+    xdt = (x * dt[:, None]).astype(mm)
+    h_in = h_in_ref[cols, :]                           # [bp, N] fp32
+    dh = dh_out_ref[cols, :]
+    # dx̃_s = Σ_t A_ts dy_t + wst_s dH B_s
+    dxdt = _dot(amat, dy.astype(mm), trans_a=True)
+    dxdt = dxdt + wst[:, None] * _dot(bm, dh.astype(mm), trans_b=True)
+    dx_ref[:, cols] = (dxdt * dt[:, None] + dd * dy32).astype(dx_ref.dtype)
+    ddt = ddt + jnp.sum(dxdt * x, axis=1)
+    ddd = ddd + jnp.sum(dy32 * x, axis=1)
+    dxdot = dxdot + _dot(dy.astype(mm), xdt, trans_b=True)          # dy_t · x̃_s
+    dc_off = dc_off + _dot(dy.astype(mm), h_in.astype(mm))           # dy_t H
+    db_st = db_st + _dot(xdt, dh.astype(mm))                         # x̃_s dH
+    # One axis at a time: Pallas-Triton lowers multi-axis reductions through a path that
+    # loses the avals' sharding under an abstract mesh.
+    gsum = gsum + jnp.sum(jnp.sum(dh * h_in, axis=1))
+    return dxdot, dc_off, db_st, gsum, ddt, ddd
+
+  zq = jnp.zeros((q,), F32)
+  init = (jnp.zeros((q, q), F32), jnp.zeros((q, nn), F32), jnp.zeros((q, nn), F32),
+          jnp.zeros((), F32), zq, zq)
+  dxdot, dc_off, db_st, gsum, ddt, ddd = lax.fori_loop(0, plan.p_pad // bp, p_tile, init)
+  dc_off = eoff[:, None] * dc_off
+  db_st = wst[:, None] * db_st
+  ldx = (lmat * dxdot).astype(mm)
+  dc_ref[...] = _dot(ldx, bm) + dc_off
+  db_ref[...] = _dot(ldx, cm, trans_a=True) + db_st
+  z = cb * lmat * dxdot
+  state_term = jnp.sum(db_st * bm.astype(F32), axis=1)
+  dcum = (jnp.sum(z, axis=1) - jnp.sum(z, axis=0) + jnp.sum(dc_off * cm.astype(F32), axis=1)
+          - state_term)
+  last = jnp.sum(state_term) + g * gsum
+  dcum_ref[...] = dcum + jnp.where(jnp.arange(q) == q - 1, last, 0.0)
+  ddt_ref[...] = ddt
+  dd_ref[...] = ddd
+
+
+# --- launches ----------------------------------------------------------------------------------
+
+
+def _seg_args(plan: _PPlan, seg, full: bool, per_program):
+  """(arrays, specs) for segment ids and each chunk's preceding id, or empty when unused."""
+  if not plan.segments:
+    return [], []
+  q = plan.chunk
+  seg_prev = jnp.concatenate([seg[:, :1], seg[:, q - 1::q][:, :-1]], axis=1)   # [B, nc]
+  return [seg, seg_prev], per_program(full)
+
+
+def _state_fwd(plan: _PPlan, x, dt_t, cum_t, bm, h0, seg):
+  bsz, tp, h, _ = x.shape
+  gb = bm.shape[2]
+  bp, bn, nc = plan.block_p, plan.block_n, plan.n_chunks
+  grid = (bsz, h, plan.p_pad // bp, plan.n_pad // bn)
+  specs = [pl.BlockSpec((None, tp, None, bp), lambda b, i, p, n: (b, 0, i, p)),
+           pl.BlockSpec((None, None, tp), lambda b, i, p, n: (b, i, 0)),
+           pl.BlockSpec((None, None, tp), lambda b, i, p, n: (b, i, 0)),
+           pl.BlockSpec((None, tp, None, bn), lambda b, i, p, n: (b, 0, i // (h // gb), n)),
+           pl.BlockSpec((None, None, bp, bn), lambda b, i, p, n: (b, i, p, n))]
+  seg_arrays, seg_specs = _seg_args(plan, seg, True, lambda _: [
+      pl.BlockSpec((None, tp), lambda b, i, p, n: (b, 0)),
+      pl.BlockSpec((None, nc), lambda b, i, p, n: (b, 0))])
+  out_specs = [pl.BlockSpec((None, nc, None, bp, bn), lambda b, i, p, n: (b, 0, i, p, n)),
+               pl.BlockSpec((None, None, bp, bn), lambda b, i, p, n: (b, i, p, n))]
+  out_shape = [jax.ShapeDtypeStruct((bsz, nc, h, plan.p_pad, plan.n_pad), F32),
+               jax.ShapeDtypeStruct(h0.shape, F32)]
+  return pl.pallas_call(
+      functools.partial(_state_fwd_kernel, plan=plan), grid=grid,
+      in_specs=specs + seg_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plan.params(), interpret=plan.interpret,
+      cost_estimate=pl.CostEstimate(
+          flops=2 * bsz * tp * h * plan.p_pad * plan.n_pad, transcendentals=bsz * tp * h,
+          bytes_accessed=x.size * x.dtype.itemsize + 4 * bsz * nc * h * plan.p_pad * plan.n_pad),
+      name="memx_ssd_state_fwd",
+  )(x, dt_t, cum_t, bm, h0, *seg_arrays)
+
+
+def _chunk_specs(plan: _PPlan, h: int, gb: int, gc: int, p_block: int, grid_p: bool):
+  """BlockSpecs over the grid (chunk, batch·head[, P tile]) for the per-chunk kernels."""
+  q = plan.chunk
+  if grid_p:
+    def idx(f):
+      return lambda c, bh, p: f(c, bh // h, bh % h, p)
+  else:
+    def idx(f):
+      return lambda c, bh: f(c, bh // h, bh % h, 0)
+  return {
+      "x": pl.BlockSpec((None, q, None, p_block), idx(lambda c, b, i, p: (b, c, i, p))),
+      "row": pl.BlockSpec((None, None, q), idx(lambda c, b, i, p: (b, i, c))),
+      "b": pl.BlockSpec((None, q, None, plan.n_pad),
+                        idx(lambda c, b, i, p: (b, c, i // (h // gb), 0))),
+      "c": pl.BlockSpec((None, q, None, plan.n_pad),
+                        idx(lambda c, b, i, p: (b, c, i // (h // gc), 0))),
+      "state": pl.BlockSpec((None, None, None, p_block, plan.n_pad),
+                            idx(lambda c, b, i, p: (b, c, i, p, 0))),
+      "whole_h": pl.BlockSpec((h,), idx(lambda c, b, i, p: (0,))),
+      "seg": pl.BlockSpec((None, q), idx(lambda c, b, i, p: (b, c))),
+      "seg_prev": pl.BlockSpec((None, plan.n_chunks), idx(lambda c, b, i, p: (b, 0))),
+      "per_head_n": pl.BlockSpec((None, q, None, plan.n_pad), idx(lambda c, b, i, p: (b, c, i, 0))),
+  }
+
+
+def _out_fwd(plan: _PPlan, x, dt_t, cum_t, bm, cm, h_in, d, seg):
+  bsz, tp, h, _ = x.shape
+  s = _chunk_specs(plan, h, bm.shape[2], cm.shape[2], plan.block_p, grid_p=True)
+  seg_arrays, seg_specs = _seg_args(plan, seg, False, lambda _: [s["seg"], s["seg_prev"]])
+  n_flops = 2 * bsz * tp * h * (plan.chunk * (plan.n_pad + plan.p_pad) + plan.p_pad * plan.n_pad)
+  return pl.pallas_call(
+      functools.partial(_out_fwd_kernel, plan=plan, heads=h),
+      grid=(plan.n_chunks, bsz * h, plan.p_pad // plan.block_p),
+      in_specs=[s["x"], s["row"], s["row"], s["b"], s["c"], s["state"], s["whole_h"],
+                *seg_specs],
+      out_specs=s["x"], out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      compiler_params=plan.params(), interpret=plan.interpret,
+      cost_estimate=pl.CostEstimate(flops=n_flops, transcendentals=bsz * tp * h * plan.chunk,
+                                    bytes_accessed=2 * x.size * x.dtype.itemsize
+                                    + h_in.size * 4),
+      name="memx_ssd_out_fwd",
+  )(x, dt_t, cum_t, bm, cm, h_in, d, *seg_arrays)
+
+
+def _state_bwd(plan: _PPlan, dy, cum_t, cm, dh_last, seg):
+  bsz, tp, h, _ = dy.shape
+  gc = cm.shape[2]
+  bp, bn, nc = plan.block_p, plan.block_n, plan.n_chunks
+  grid = (bsz, h, plan.p_pad // bp, plan.n_pad // bn)
+  specs = [pl.BlockSpec((None, tp, None, bp), lambda b, i, p, n: (b, 0, i, p)),
+           pl.BlockSpec((None, None, tp), lambda b, i, p, n: (b, i, 0)),
+           pl.BlockSpec((None, tp, None, bn), lambda b, i, p, n: (b, 0, i // (h // gc), n)),
+           pl.BlockSpec((None, None, bp, bn), lambda b, i, p, n: (b, i, p, n))]
+  seg_arrays, seg_specs = _seg_args(plan, seg, True, lambda _: [
+      pl.BlockSpec((None, tp), lambda b, i, p, n: (b, 0)),
+      pl.BlockSpec((None, nc), lambda b, i, p, n: (b, 0))])
+  out_specs = [pl.BlockSpec((None, nc, None, bp, bn), lambda b, i, p, n: (b, 0, i, p, n)),
+               pl.BlockSpec((None, None, bp, bn), lambda b, i, p, n: (b, i, p, n))]
+  out_shape = [jax.ShapeDtypeStruct((bsz, nc, h, plan.p_pad, plan.n_pad), F32),
+               jax.ShapeDtypeStruct(dh_last.shape, F32)]
+  return pl.pallas_call(
+      functools.partial(_state_bwd_kernel, plan=plan), grid=grid,
+      in_specs=specs + seg_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plan.params(backward=True), interpret=plan.interpret,
+      name="memx_ssd_state_bwd",
+  )(dy, cum_t, cm, dh_last, *seg_arrays)
+
+
+def _chunk_bwd(plan: _PPlan, x, dy, dt_t, cum_t, bm, cm, h_in, dh_out, d, seg):
+  bsz, tp, h, _ = x.shape
+  s = _chunk_specs(plan, h, bm.shape[2], cm.shape[2], plan.p_pad, grid_p=False)
+  seg_arrays, seg_specs = _seg_args(plan, seg, False, lambda _: [s["seg"], s["seg_prev"]])
+  row_shape = jax.ShapeDtypeStruct((bsz, h, tp), F32)
+  per_head = jax.ShapeDtypeStruct((bsz, tp, h, plan.n_pad), F32)
+  return pl.pallas_call(
+      functools.partial(_chunk_bwd_kernel, plan=plan, heads=h),
+      grid=(plan.n_chunks, bsz * h),
+      in_specs=[s["x"], s["x"], s["row"], s["row"], s["b"], s["c"], s["state"], s["state"],
+                s["whole_h"], *seg_specs],
+      out_specs=[s["x"], s["row"], s["row"], s["per_head_n"], s["per_head_n"], s["row"]],
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), row_shape, row_shape, per_head,
+                 per_head, row_shape],
+      compiler_params=plan.params(backward=True), interpret=plan.interpret,
+      name="memx_ssd_chunk_bwd",
+  )(x, dy, dt_t, cum_t, bm, cm, h_in, dh_out, d, *seg_arrays)
+
+
+# --- custom VJP and entry point ----------------------------------------------------------------
+
+
+def _heads_major(v):
+  """[B, Tp, H] -> [B, H, Tp]: per-head rows load as contiguous vectors."""
+  return jnp.swapaxes(v, 1, 2)
+
+
+def _forward(plan: _PPlan, x, dt, cum, bm, cm, d, h0, seg):
+  dt_t, cum_t = _heads_major(dt), _heads_major(cum)
+  h_in, h_last = _state_fwd(plan, x, dt_t, cum_t, bm, h0, seg)
+  y = _out_fwd(plan, x, dt_t, cum_t, bm, cm, h_in, d, seg)
+  return y, h_in, h_last
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ssd(plan: _PPlan, x, dt, cum, bm, cm, d, h0, seg):
+  y, _, h_last = _forward(plan, x, dt, cum, bm, cm, d, h0, seg)
+  return y, h_last
+
+
+def _ssd_fwd(plan, x, dt, cum, bm, cm, d, h0, seg):
+  y, h_in, h_last = _forward(plan, x, dt, cum, bm, cm, d, h0, seg)
+  return (y, h_last), (x, dt, cum, bm, cm, d, h0, seg, h_in)
+
+
+def _ssd_bwd(plan, res, cts):
+  x, dt, cum, bm, cm, d, h0, seg, h_in = res
+  dy, dh_last = cts
+  dy = dy.astype(x.dtype)
+  dt_t, cum_t = _heads_major(dt), _heads_major(cum)
+  dh_out, dh0 = _state_bwd(plan, dy, cum_t, cm, dh_last.astype(F32), seg)
+  dx, ddt, dcum, db_h, dc_h, ddd = _chunk_bwd(plan, x, dy, dt_t, cum_t, bm, cm, h_in, dh_out, d,
+                                               seg)
+  bsz, tp, h, _ = x.shape
+  # Heads of a group share B (and C): their per-head gradients add up.
+  db = db_h.reshape(bsz, tp, bm.shape[2], -1, plan.n_pad).sum(3)
+  dc = dc_h.reshape(bsz, tp, cm.shape[2], -1, plan.n_pad).sum(3)
+  return (dx, _heads_major(ddt).astype(dt.dtype), _heads_major(dcum), db.astype(bm.dtype),
+          dc.astype(cm.dtype), ddd.sum(axis=(0, 2)).astype(d.dtype), dh0, None)
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+
+
+def ssd_pallas(plan: _PPlan, x, dt, cum, bm, cm, d, h0, seg):
+  """Same contract as `xla.ssd_chunked`; pads P and N to the Triton tiles around the kernels."""
+  p, n = x.shape[-1], bm.shape[-1]
+  pp, pn = plan.p_pad - p, plan.n_pad - n
+  pad = lambda v, w: jnp.pad(v, ((0, 0),) * (v.ndim - 1) + ((0, w),))  # noqa: E731
+  h0 = jnp.pad(h0, ((0, 0), (0, 0), (0, pp), (0, pn)))
+  y, h_last = _ssd(plan, pad(x, pp), dt, cum, pad(bm, pn), pad(cm, pn), d.astype(F32), h0, seg)
+  return y[..., :p], h_last[:, :, :p, :n]
