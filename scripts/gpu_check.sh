@@ -20,16 +20,25 @@ status=0
 cat "$OUT/env.txt"
 
 echo "== gpu tests"
-timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests \
+timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests \
   > "$OUT/gpu_tests.txt" 2>&1 || status=1
 tail -5 "$OUT/gpu_tests.txt"
 
+# Per-benchmark arguments and time limits sized so the whole check fits in 8 minutes.
+bench_args() {
+  case "$1" in
+    bench_attention) echo "--budget-s 150" ;;
+    bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
+    bench_checkpoint) echo "--size gpu --repeats 1" ;;
+    *) echo "" ;;
+  esac
+}
 for bench in scripts/bench_*.py; do
   name=$(basename "$bench" .py)
   echo "== $name"
-  args=(--out "$OUT/$name")
-  [ "$name" = bench_train ] && args+=(--sizes gpu --repeats 3)
-  timeout 200 $PY "$bench" "${args[@]}" > "$OUT/$name.txt" 2>&1 || status=1
+  # shellcheck disable=SC2046
+  timeout 170 $PY "$bench" --out "$OUT/$name" $(bench_args "$name") \
+    > "$OUT/$name.txt" 2>&1 || status=1
   tail -15 "$OUT/$name.txt"
 done
 exit $status

@@ -133,9 +133,11 @@ class Checkpointer:
     if self.cfg.mode == "lazy":
       if not isinstance(snapshot, _LazySnapshot):
         snapshot = _LazySnapshot(snapshot)
+      # One write in flight, as Orbax does: host memory stays bounded when writes are slower
+      # than steps (then the loop waits here, for the disk, not for the copy).
+      self._drain()
       host_state = snapshot.to_host()
       self.blocking_s.append(time.perf_counter() - t0)
-      self._pending = [f for f in self._pending if not f.done()]
       self._pending.append(self._pool.submit(self._write, step, host_state, data_state, meta))
       return
     if self.cfg.mode == "async":

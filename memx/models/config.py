@@ -1,4 +1,4 @@
-"""ModelConfig: the decoder-only Transformer LM's shape, numerics and attention choices."""
+"""ModelConfig: the decoder-only LM's shape, numerics, attention choices and per-layer mixers."""
 
 import dataclasses
 from typing import Literal
@@ -7,11 +7,77 @@ from memx._validate import one_of, require
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+MIXERS = ("attention", "mamba2", "linear_attention")
+FEATURE_MAPS = ("identity", "elu1")
+
+
+def _pow2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SSMConfig:
+  """Settings of the linear-time mixers ("mamba2" and "linear_attention" layers).
+
+  Overridable as `--set model.ssm.d_state=128`. Defaults follow state-spaces/mamba's `Mamba2`
+  (d_conv 4, expand 2, A_init_range (1, 16), dt in [0.001, 0.1]) at memx's small scale (state
+  64, head dim 64, chunk 64).
+
+  Attributes:
+    d_state: N, the Mamba-2 state size per head (width of B and C per group).
+    expand: Mamba-2 inner width = expand · model.d_model.
+    head_dim: P, the Mamba-2 head dim; heads = expand · d_model / head_dim.
+    n_groups: G, Mamba-2 B/C groups shared by heads (ngroups); must divide the heads.
+    conv_width: width of Mamba-2's short causal depthwise convolution (d_conv).
+    chunk_size: SSD chunk length Q (both mixers), a power of two >= 16.
+    dt_min, dt_max, dt_init_floor: Δ is initialised log-uniform in [dt_min, dt_max], at least
+      dt_init_floor, through the inverse softplus of the Δ bias.
+    a_init_min, a_init_max: A = -U(a_init_min, a_init_max) per head (stored as log).
+    impl: implementation passed to memx.kernels.ssd (None = dispatch by backend).
+    feature_map: linear attention's q/k feature map: "identity" or "elu1" (elu(x) + 1,
+      Katharopoulos et al. 2020).
+    gated: linear attention with a per-head scalar forget gate per token (GLA-style).
+  """
+
+  d_state: int = 64
+  expand: int = 2
+  head_dim: int = 64
+  n_groups: int = 1
+  conv_width: int = 4
+  chunk_size: int = 64
+  dt_min: float = 1e-3
+  dt_max: float = 0.1
+  dt_init_floor: float = 1e-4
+  a_init_min: float = 1.0
+  a_init_max: float = 16.0
+  impl: str | None = None
+  feature_map: Literal["identity", "elu1"] = "elu1"
+  gated: bool = False
+
+  def __post_init__(self):
+    name = "model.ssm"
+    for f in ("d_state", "expand", "head_dim", "n_groups", "conv_width"):
+      require(getattr(self, f) > 0, name, f, getattr(self, f), "must be a positive integer")
+    require(_pow2(self.chunk_size) and self.chunk_size >= 16, name, "chunk_size",
+            self.chunk_size, "must be a power of two >= 16")
+    require(0 < self.dt_min <= self.dt_max, name, "dt_min", self.dt_min,
+            f"must satisfy 0 < dt_min <= dt_max = {self.dt_max} (dt must stay positive)")
+    require(self.dt_init_floor > 0, name, "dt_init_floor", self.dt_init_floor, "must be > 0")
+    require(0 < self.a_init_min <= self.a_init_max, name, "a_init_min", self.a_init_min,
+            f"must satisfy 0 < a_init_min <= a_init_max = {self.a_init_max}")
+    one_of(name, "feature_map", self.feature_map, FEATURE_MAPS)
+    require(self.impl in (None, "reference", "quadratic", "xla", "pallas_gpu"), name, "impl",
+            self.impl, "expected None or one of reference, quadratic, xla, pallas_gpu")
+
+
+def hybrid_mixers(n_layers: int, attention_every: int, ssm: str = "mamba2") -> tuple[str, ...]:
+  """Attention at layers 0, k, 2k, ... and `ssm` elsewhere (mmMamba-hybrid keeps every 4th)."""
+  return tuple("attention" if i % attention_every == 0 else ssm for i in range(n_layers))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-  """Decoder-only Transformer LM.
+  """Decoder-only LM: attention, SSM or hybrid, one token mixer per layer.
 
   Attributes:
     vocab_size: rows of the embedding table; must cover the tokenizer's vocabulary.
@@ -27,6 +93,12 @@ class ModelConfig:
     attn_sinks: always-visible initial tokens in windowed layers (StreamingLLM sinks).
     attn_window_layers: which layers use the window; None means all layers.
     attn_impl: kernel implementation passed to memx.kernels.attention.attention (None = dispatch).
+    mixers: token mixer per layer, each "attention", "mamba2" or "linear_attention"; None
+      means attention everywhere. For example ("mamba2",) * 3 + ("attention",), or
+      `hybrid_mixers(n_layers, 4)`; on the command line `--set model.mixers=mamba2,attention`.
+    ssm: settings of the mamba2 / linear_attention mixers (`SSMConfig`).
+    mlp: give every block a SwiGLU; False makes mixer-only blocks (the pure Mamba-2 LM layout,
+      whose expanded mixer stands in for the MLP).
   """
 
   vocab_size: int = 512
@@ -46,6 +118,9 @@ class ModelConfig:
   attn_sinks: int = 0
   attn_window_layers: tuple[int, ...] | None = None
   attn_impl: str | None = None
+  mixers: tuple[str, ...] | None = None
+  ssm: SSMConfig = SSMConfig()
+  mlp: bool = True
 
   def __post_init__(self):
     name = "model"
@@ -73,6 +148,29 @@ class ModelConfig:
       bad = [i for i in self.attn_window_layers if not 0 <= i < self.n_layers]
       require(not bad, name, "attn_window_layers", self.attn_window_layers,
               f"layer indices must lie in [0, {self.n_layers})")
+    self._check_mixers(name)
+
+  def _check_mixers(self, name: str) -> None:
+    if self.mixers is None:
+      return
+    require(isinstance(self.mixers, tuple) and len(self.mixers) == self.n_layers, name,
+            "mixers", self.mixers,
+            f"must list one mixer per layer (model.n_layers = {self.n_layers}), each one of "
+            f"{', '.join(MIXERS)}")
+    bad = [m for m in self.mixers if m not in MIXERS]
+    require(not bad, name, "mixers", self.mixers,
+            f"unknown mixer(s) {bad}; expected each of {', '.join(MIXERS)}")
+    if self.attn_window_layers is not None:
+      bad = [i for i in self.attn_window_layers if self.mixers[i] != "attention"]
+      require(not bad, name, "attn_window_layers", self.attn_window_layers,
+              f"layers {bad} are not attention layers in model.mixers")
+    if "mamba2" in self.mixers:
+      s = self.ssm
+      inner = s.expand * self.d_model
+      require(inner % s.head_dim == 0, name, "ssm.head_dim", s.head_dim,
+              f"must divide the Mamba-2 inner width ssm.expand * d_model = {inner}")
+      require(self.ssm_heads % s.n_groups == 0, name, "ssm.n_groups", s.n_groups,
+              f"must divide the {self.ssm_heads} Mamba-2 heads")
 
   @property
   def kv_heads(self) -> int:
@@ -88,7 +186,16 @@ class ModelConfig:
       return self.d_ff
     return -(-(8 * self.d_model // 3) // 64) * 64
 
+  @property
+  def ssm_heads(self) -> int:
+    """Mamba-2 heads: expand · d_model / head_dim."""
+    return self.ssm.expand * self.d_model // self.ssm.head_dim
+
+  def mixer(self, layer: int) -> str:
+    """The token mixer of `layer`."""
+    return "attention" if self.mixers is None else self.mixers[layer]
+
   def is_windowed(self, layer: int) -> bool:
-    if self.attn_window is None:
+    if self.attn_window is None or self.mixer(layer) != "attention":
       return False
     return self.attn_window_layers is None or layer in self.attn_window_layers

@@ -4,16 +4,14 @@ Forward: T is split into chunks of C steps. A loop over the C steps of every chu
 each chunk's product of gates and its local state from zero; a `lax.scan` over the T/C chunk
 summaries carries the true state into every chunk; a second loop over the C steps reruns each
 chunk from its entering state and writes h in place. Sequential depth is 2C + T/C instead of T
-(`lax.scan` over tokens), and nothing is stored per level (`lax.associative_scan`). Backward: the cotangent g_t = dh_t + a_{t+1} g_{t+1} is the
-same recurrence run backwards in time with shifted gates, so it reuses the chunked scan; then
-db = g and da_t = g_t h_{t-1}. The VJP saves only a, h (the output, which callers keep anyway)
-and h0: no per-level intermediates as autodiff through `lax.associative_scan` would.
+(`lax.scan` over tokens), and nothing is kept per level (`lax.associative_scan`).
 
-Measured on CPU (2 shared cores, B=4, T=4096, D=256 fp32, chunk 32-64): forward 8 ms with 2 MiB
-of temporaries vs 31 ms / 40 MiB for `lax.associative_scan` over T and 27 ms / 48 MiB for
-`lax.scan`; forward+backward 45 ms / 52 MiB vs 70 ms / 87 MiB (associative) and 38 ms / 52 MiB
-(`lax.scan`), and an earlier version with an associative scan inside chunks took 84-150 ms /
-113 MiB. `scripts/bench_ssm.py` repeats this on the GPU.
+Backward: the cotangent g_t = dh_t + a_{t+1} g_{t+1} is the same recurrence run backwards in
+time with shifted gates, so it reuses the chunked scan; then db = g and da_t = g_t h_{t-1}. The
+VJP saves only a, h (the output, which callers keep anyway) and h0.
+
+Chosen over an associative scan by measurement (CPU, B=4, T=4096, D=256 fp32): see
+`scripts/bench_ssm.py --quick` and benchmarks/RESULTS.md; the GPU comparison is pending.
 """
 
 from __future__ import annotations
@@ -54,8 +52,8 @@ def chunked_scan(a, b, h0, chunk: int, reverse: bool):
   prod, local = lax.fori_loop(0, chunk, summary, (ones, jnp.zeros_like(ones)))
 
   def carry(h, inp):
-    p, l = inp
-    return p * h + l, h                                                # emits the entering state
+    prod_c, local_c = inp
+    return prod_c * h + local_c, h  # emits the entering state
 
   # Pass 2: the true state entering every chunk (T/chunk sequential steps).
   h_last, h_in = lax.scan(carry, h0, (jnp.swapaxes(prod, 0, 1), jnp.swapaxes(local, 0, 1)),

@@ -59,6 +59,9 @@ def _check_core(op: str, x, dt, log_a, bm, cm, d, h0, seg) -> None:
     if v.dtype not in _FLOAT_DTYPES:
       raise ValueError(f"{op}: {name} dtype {v.dtype} is not supported; use float32, bfloat16 "
                        f"or float16")
+  if not x.dtype == bm.dtype == cm.dtype:
+    names = "x, B, C" if op == "ssd" else "v, k, q"
+    raise ValueError(f"{op}: {names} dtypes differ ({x.dtype}, {bm.dtype}, {cm.dtype})")
   bsz, t, h, p = x.shape
   if t == 0:
     raise ValueError(f"{op}: the sequence is empty (T = 0)")
@@ -139,7 +142,7 @@ def ssd_core(
     b: Float[Array, "B T G N"],
     c: Float[Array, "B T G N"],
     *,
-    d: Float[Array, "H"] | None = None,
+    d: Float[Array, " H"] | None = None,
     initial_state: Float[Array, "B H P N"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
     implementation: Implementation | Sequence[Implementation] | None = None,
@@ -187,11 +190,11 @@ def ssd_core(
 def ssd(
     x: Float[Array, "B T H P"],
     dt: Float[Array, "B T H"],
-    a: Float[Array, "H"],
+    a: Float[Array, " H"],
     b: Float[Array, "B T G N"],
     c: Float[Array, "B T G N"],
     *,
-    d: Float[Array, "H"] | None = None,
+    d: Float[Array, " H"] | None = None,
     initial_state: Float[Array, "B H P N"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
     implementation: Implementation | Sequence[Implementation] | None = None,
@@ -236,9 +239,13 @@ def ssd(
   if getattr(b, "shape", None) != getattr(c, "shape", None):
     raise ValueError(f"ssd: B {_shape(b)} and C {_shape(c)} must have the same shape "
                      f"[B, T, G, N]")
-  h = x.shape[2] if getattr(x, "ndim", 0) == 4 else None
+  if getattr(x, "ndim", None) != 4:
+    raise ValueError(f"ssd: x must be [B, T, H, P]; got shape {_shape(x)}")
+  h = x.shape[2]
   if _shape(a) != (h,):
     raise ValueError(f"ssd: A must have shape [H] = {(h,)}, got {_shape(a)}")
+  if _shape(dt) != x.shape[:3]:
+    raise ValueError(f"ssd: dt must have shape [B, T, H] = {x.shape[:3]}, got {_shape(dt)}")
   if _concrete(dt) and dt.size and not bool(np.all(np.asarray(dt, np.float32) > 0)):
     raise ValueError("ssd: dt must be positive after the activation (got values <= 0); "
                      "apply softplus to the raw Δ and keep dt_min > 0")

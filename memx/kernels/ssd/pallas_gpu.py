@@ -258,13 +258,13 @@ def _chunk_bwd_kernel(*refs, plan: _PPlan, heads: int):
 # --- launches ----------------------------------------------------------------------------------
 
 
-def _seg_args(plan: _PPlan, seg, full: bool, per_program):
+def _seg_args(plan: _PPlan, seg, specs):
   """(arrays, specs) for segment ids and each chunk's preceding id, or empty when unused."""
   if not plan.segments:
     return [], []
   q = plan.chunk
   seg_prev = jnp.concatenate([seg[:, :1], seg[:, q - 1::q][:, :-1]], axis=1)   # [B, nc]
-  return [seg, seg_prev], per_program(full)
+  return [seg, seg_prev], specs
 
 
 def _state_fwd(plan: _PPlan, x, dt_t, cum_t, bm, h0, seg):
@@ -277,7 +277,7 @@ def _state_fwd(plan: _PPlan, x, dt_t, cum_t, bm, h0, seg):
            pl.BlockSpec((None, None, tp), lambda b, i, p, n: (b, i, 0)),
            pl.BlockSpec((None, tp, None, bn), lambda b, i, p, n: (b, 0, i // (h // gb), n)),
            pl.BlockSpec((None, None, bp, bn), lambda b, i, p, n: (b, i, p, n))]
-  seg_arrays, seg_specs = _seg_args(plan, seg, True, lambda _: [
+  seg_arrays, seg_specs = _seg_args(plan, seg, [
       pl.BlockSpec((None, tp), lambda b, i, p, n: (b, 0)),
       pl.BlockSpec((None, nc), lambda b, i, p, n: (b, 0))])
   out_specs = [pl.BlockSpec((None, nc, None, bp, bn), lambda b, i, p, n: (b, 0, i, p, n)),
@@ -323,7 +323,7 @@ def _chunk_specs(plan: _PPlan, h: int, gb: int, gc: int, p_block: int, grid_p: b
 def _out_fwd(plan: _PPlan, x, dt_t, cum_t, bm, cm, h_in, d, seg):
   bsz, tp, h, _ = x.shape
   s = _chunk_specs(plan, h, bm.shape[2], cm.shape[2], plan.block_p, grid_p=True)
-  seg_arrays, seg_specs = _seg_args(plan, seg, False, lambda _: [s["seg"], s["seg_prev"]])
+  seg_arrays, seg_specs = _seg_args(plan, seg, [s["seg"], s["seg_prev"]])
   n_flops = 2 * bsz * tp * h * (plan.chunk * (plan.n_pad + plan.p_pad) + plan.p_pad * plan.n_pad)
   return pl.pallas_call(
       functools.partial(_out_fwd_kernel, plan=plan, heads=h),
@@ -348,7 +348,7 @@ def _state_bwd(plan: _PPlan, dy, cum_t, cm, dh_last, seg):
            pl.BlockSpec((None, None, tp), lambda b, i, p, n: (b, i, 0)),
            pl.BlockSpec((None, tp, None, bn), lambda b, i, p, n: (b, 0, i // (h // gc), n)),
            pl.BlockSpec((None, None, bp, bn), lambda b, i, p, n: (b, i, p, n))]
-  seg_arrays, seg_specs = _seg_args(plan, seg, True, lambda _: [
+  seg_arrays, seg_specs = _seg_args(plan, seg, [
       pl.BlockSpec((None, tp), lambda b, i, p, n: (b, 0)),
       pl.BlockSpec((None, nc), lambda b, i, p, n: (b, 0))])
   out_specs = [pl.BlockSpec((None, nc, None, bp, bn), lambda b, i, p, n: (b, 0, i, p, n)),
@@ -366,7 +366,7 @@ def _state_bwd(plan: _PPlan, dy, cum_t, cm, dh_last, seg):
 def _chunk_bwd(plan: _PPlan, x, dy, dt_t, cum_t, bm, cm, h_in, dh_out, d, seg):
   bsz, tp, h, _ = x.shape
   s = _chunk_specs(plan, h, bm.shape[2], cm.shape[2], plan.p_pad, grid_p=False)
-  seg_arrays, seg_specs = _seg_args(plan, seg, False, lambda _: [s["seg"], s["seg_prev"]])
+  seg_arrays, seg_specs = _seg_args(plan, seg, [s["seg"], s["seg_prev"]])
   row_shape = jax.ShapeDtypeStruct((bsz, h, tp), F32)
   per_head = jax.ShapeDtypeStruct((bsz, tp, h, plan.n_pad), F32)
   return pl.pallas_call(

@@ -54,7 +54,7 @@ def ssd_scan(
     b: Float[Array, "B T G N"],
     c: Float[Array, "B T G N"],
     *,
-    d: Float[Array, "H"] | None = None,
+    d: Float[Array, " H"] | None = None,
     initial_state: Float[Array, "B H P N"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T H P"], Float[Array, "B H P N"]]:
@@ -108,7 +108,7 @@ def ssd_quadratic_form(
     b: Float[Array, "B T G N"],
     c: Float[Array, "B T G N"],
     *,
-    d: Float[Array, "H"] | None = None,
+    d: Float[Array, " H"] | None = None,
     initial_state: Float[Array, "B H P N"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T H P"], Float[Array, "B H P N"]]:
@@ -149,11 +149,11 @@ def ssd_quadratic_form(
 def ssd_reference(
     x: Float[Array, "B T H P"],
     dt: Float[Array, "B T H"],
-    a: Float[Array, "H"],
+    a: Float[Array, " H"],
     b: Float[Array, "B T G N"],
     c: Float[Array, "B T G N"],
     *,
-    d: Float[Array, "H"] | None = None,
+    d: Float[Array, " H"] | None = None,
     initial_state: Float[Array, "B H P N"] | None = None,
     segment_ids: Int[Array, "B T"] | None = None,
 ) -> tuple[Float[Array, "B T H P"], Float[Array, "B H P N"]]:
@@ -183,7 +183,7 @@ def ssd_step(
     log_a: Float[Array, "B H"],
     b: Float[Array, "B G N"],
     c: Float[Array, "B G N"],
-    d: Float[Array, "H"] | None = None,
+    d: Float[Array, " H"] | None = None,
 ) -> tuple[Float[Array, "B H P"], Float[Array, "B H P N"]]:
   """One recurrent step (decoding) of the general form; returns (y_t in x.dtype, new state).
 
