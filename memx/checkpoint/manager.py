@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from memx.checkpoint.config import CheckpointConfig
 from memx.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointWriteError
@@ -186,9 +187,11 @@ class Checkpointer:
                                  f"{type(e).__name__}: {e}. The last good checkpoint is kept.")
 
   def wait(self) -> None:
-    """Blocks until every queued write is durable (and its manifest written)."""
+    """Blocks until every queued write is durable (and its manifest written). Collective."""
     self._drain()
     self._manager.wait_until_finished()
+    if jax.process_count() > 1:  # process 0 writes manifests: everyone sees them after this
+      multihost_utils.sync_global_devices("memx-checkpoint-wait")
     self.poll()
 
   # ------------------------------------------------------------------ reading

@@ -1,1 +1,6 @@
-"""Assembled models and their configs (transformer LM; hybrids and MatMul-free LMs later)."""
+"""Assembled models and their configs: the decoder-only LM with attention, Mamba-2, linear
+attention or hybrid token mixers (`ModelConfig.mixers`), `factory.build_model`, and decoding
+(`decode.generate`).
+
+Kept import-free: memx.nn imports memx.models.config, so this package must not import layers.
+"""

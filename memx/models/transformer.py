@@ -1,12 +1,22 @@
-"""Decoder-only Transformer LM: embed → L × (RMSNorm → GQA attention, RMSNorm → SwiGLU) → logits."""
+"""Decoder-only LM: embed → L × (RMSNorm → token mixer, RMSNorm → SwiGLU) → logits.
+
+The token mixer of each layer comes from `ModelConfig.mixers`: GQA attention (the Transformer),
+Mamba-2, or (gated) linear attention; all-attention is the default, a list mixing them is a
+hybrid (e.g. attention every 4th layer, as mmMamba-hybrid). Every mixer also has a recurrent
+step form, which `init_cache` / `prefill` / `decode_step` use for generation: SSM and
+linear-attention layers carry a fixed-size state, attention layers a KV cache.
+"""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from memx.models.config import ModelConfig
+from memx.nn import attention_decode
 from memx.nn._params import DTYPES, param
 from memx.nn.attention import Attention
+from memx.nn.linear_attention import LinearAttention
+from memx.nn.mamba2 import Mamba2
 from memx.nn.mlp import SwiGLU
 from memx.nn.norms import RMSNorm
 from memx.parallel.axes import EMBED, VOCAB
@@ -17,18 +27,57 @@ REMAT_POLICIES = {
     "full": None,  # save only the block input; recompute everything
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+SSM_MIXERS = {"mamba2": Mamba2, "linear_attention": LinearAttention}
 
 
 class Block(nnx.Module):
+  """Pre-norm residual block. Attention layers keep the names attn_norm/attn (checkpoints of
+  attention-only models are unchanged); other mixers live in mixer_norm/mixer."""
+
   def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-    self.attn = Attention(cfg, layer, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-    self.mlp = SwiGLU(cfg, rngs=rngs)
+    self.kind = cfg.mixer(layer)
+    if self.kind == "attention":
+      self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+      self.attn = Attention(cfg, layer, rngs=rngs)
+    else:
+      self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+      self.mixer = SSM_MIXERS[self.kind](cfg, layer, rngs=rngs)
+    if cfg.mlp:
+      self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+      self.mlp = SwiGLU(cfg, rngs=rngs)
+    else:
+      self.mlp = None
+
+  def _mlp(self, x):
+    return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
   def __call__(self, x, positions, segment_ids=None):
-    x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-    return x + self.mlp(self.mlp_norm(x))
+    if self.kind == "attention":
+      x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+    else:
+      x = x + self.mixer(self.mixer_norm(x), segment_ids)
+    return self._mlp(x)
+
+  # --- decoding -------------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, max_len: int):
+    if self.kind == "attention":
+      return attention_decode.init_cache(self.attn, batch, max_len)
+    return self.mixer.init_cache(batch)
+
+  def prefill(self, x, positions, max_len: int):
+    if self.kind == "attention":
+      y, cache = attention_decode.prefill(self.attn, self.attn_norm(x), positions, max_len)
+    else:
+      y, cache = self.mixer(self.mixer_norm(x), return_state=True)
+    return self._mlp(x + y), cache
+
+  def step(self, x_t, pos, cache):
+    if self.kind == "attention":
+      y, cache = attention_decode.step(self.attn, self.attn_norm(x_t), pos, cache)
+    else:
+      y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
+    return self._mlp(x_t + y), cache
 
 
 def _run_block(block: Block, x, positions, segment_ids):
@@ -52,23 +101,64 @@ class TransformerLM(nnx.Module):
       run = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat])
     self._run_block = run
 
-  def __call__(self, tokens: Int[Array, "B T"], *, positions: Int[Array, "B T"] | None = None,
-               segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+  def _embed(self, tokens):
+    return jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.compute_dtype])
+
+  def _logits(self, x):
     cfg = self.cfg
     dt = DTYPES[cfg.compute_dtype]
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-    for block in self.blocks:
-      x = self._run_block(block, x, positions, segment_ids)
     x = self.final_norm(x)
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt),
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("btd,dv->btv", x, self.unembed[...].astype(dt),
-                          preferred_element_type=jnp.float32)
-    return logits
+      return jnp.einsum("...d,vd->...v", x, self.embed[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, self.unembed[...].astype(dt),
+                      preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens: Int[Array, "B T"], *, positions: Int[Array, "B T"] | None = None,
+               segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self._embed(tokens)
+    for block in self.blocks:
+      x = self._run_block(block, x, positions, segment_ids)
+    return self._logits(x)
+
+  # --- decoding -------------------------------------------------------------------------------
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """Empty decode state for `batch` sequences of up to `max_len` tokens.
+
+    {"pos": int32 scalar (tokens seen), "layers": one entry per layer}. SSM and linear-attention
+    entries have a fixed size; only attention layers hold [B, max_len, G, K] keys and values.
+    """
+    return {"pos": jnp.zeros((), jnp.int32),
+            "layers": [block.init_cache(batch, max_len) for block in self.blocks]}
+
+  def prefill(self, tokens: Int[Array, "B T"], max_len: int):
+    """Parallel forward over a prompt that also returns the decode state after it.
+
+    Returns (logits [B, T, V] float32, cache). All rows share one position (equal-length
+    prompts); max_len bounds prompt + generated tokens for the attention caches.
+    """
+    if tokens.shape[1] > max_len:
+      raise ValueError(f"prefill: prompt length {tokens.shape[1]} exceeds max_len {max_len}")
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self._embed(tokens)
+    caches = []
+    for block in self.blocks:
+      x, cache = block.prefill(x, positions, max_len)
+      caches.append(cache)
+    return self._logits(x), {"pos": jnp.asarray(tokens.shape[1], jnp.int32), "layers": caches}
+
+  def decode_step(self, tokens: Int[Array, " B"], cache: dict):
+    """One token per row at position cache["pos"] → (logits [B, V] float32, next cache)."""
+    pos = cache["pos"]
+    x = self._embed(tokens)
+    new = []
+    for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+      x, layer_cache = block.step(x, pos, layer_cache)
+      new.append(layer_cache)
+    return self._logits(x), {"pos": pos + 1, "layers": new}
 
 
 def count_params(model: nnx.Module) -> int:

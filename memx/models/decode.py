@@ -1,0 +1,63 @@
+"""Autoregressive generation with the models' recurrent forms (O(1) state per SSM layer).
+
+`generate` runs the prompt through the parallel forward once (`prefill`, which also returns
+each layer's decode state), then one `decode_step` per new token inside a `lax.scan`. SSM and
+linear-attention layers carry fixed-size states, so their memory per sequence does not grow
+with the length; attention layers of a hybrid keep a KV cache of max_len tokens.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memx.models.transformer import TransformerLM
+from memx.typing import Array, Int
+
+
+def cache_bytes(cache) -> int:
+  """Bytes held by a decode cache (every array, including the position counter)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
+
+
+def _sample(logits, key, temperature: float):
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: int, *,
+             temperature: float = 0.0, rng: jax.Array | None = None,
+             max_len: int | None = None) -> Int[Array, "B S"]:
+  """Prompt [B, T] → prompt followed by max_new_tokens sampled tokens [B, T + max_new_tokens].
+
+  temperature 0 is greedy decoding (no rng needed); otherwise rng is required. max_len (default
+  T + max_new_tokens) sizes the attention layers' KV caches.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature < 0:
+    raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+  if temperature > 0 and rng is None:
+    raise ValueError("generate: sampling with temperature > 0 needs an rng key")
+  t = prompt.shape[1]
+  max_len = t + max_new_tokens if max_len is None else max_len
+  if max_len < t + max_new_tokens:
+    raise ValueError(f"generate: max_len {max_len} < prompt {t} + new tokens {max_new_tokens}")
+  keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def run(state, prompt, keys):
+    m = nnx.merge(graphdef, state)
+    logits, cache = m.prefill(prompt, max_len)
+    first = _sample(logits[:, -1], keys[0], temperature)
+
+    def body(carry, key):
+      tok, cache = carry
+      logits, cache = m.decode_step(tok, cache)
+      return (_sample(logits, key, temperature), cache), tok
+
+    (last, _), toks = jax.lax.scan(body, (first, cache), keys[1:])
+    return jnp.concatenate([prompt, jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1)
+
+  return run(state, prompt, keys)

@@ -1,0 +1,100 @@
+"""Causal linear attention (Katharopoulos et al. 2020) with an optional per-head scalar gate.
+
+o_t = Σ_{s<=t} (Π_{s<j<=t} g_j) (φ(q_t)·φ(k_s)) v_s, computed by the chunked SSD kernel
+(memx.kernels.ssd.linear_attention); φ is the identity or elu + 1. The gated variant is GLA with
+one gate per head and token (Yang et al. 2024, §4.4's head-wise gate; RetNet with a learned,
+data-dependent decay): log g_t = logsigmoid(x_t W_g + b) / 16, the normaliser 16 from GLA so
+gates start near 1. Outputs are normalised per head (RMSNorm over the value dim, as GLA and
+RetNet do instead of dividing by φ(q)·Σφ(k)), then projected.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memx.kernels.ssd import BlockSizes, linear_attention, ssd_step
+from memx.models.config import ModelConfig
+from memx.nn._params import DTYPES, ones, param
+from memx.parallel.axes import EMBED, HEAD_DIM, HEADS, KV_HEADS
+from memx.typing import Array, Float, Int
+
+GATE_LOGIT_NORMALIZER = 16.0
+NORM_EPS = 1e-6
+
+
+def feature_map(x: jax.Array, kind: str) -> jax.Array:
+  """φ(x): "identity", or "elu1" = elu(x) + 1 > 0 (computed in fp32, returned in x.dtype)."""
+  if kind == "identity":
+    return x
+  return (jax.nn.elu(x.astype(jnp.float32)) + 1.0).astype(x.dtype)
+
+
+class LinearAttention(nnx.Module):
+  """Linear-attention token mixer; x [B, T, D] → [B, T, D].
+
+  Heads follow the attention config: H = n_heads query heads of dim K = d_model / n_heads;
+  keys and values have n_kv_heads groups (GQA-style shared keys), values repeated to the H heads
+  inside the kernel since every head keeps its own state. The recurrent state is [B, H, K, K]
+  per layer (value rows, key columns) whatever the sequence length.
+  """
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    del layer
+    d, h, g, k = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    std, pd = cfg.init_std, cfg.param_dtype
+    self.cfg = cfg
+    self.wq = param(rngs, (d, h, k), (EMBED, HEADS, HEAD_DIM), std=std, dtype=pd)
+    self.wk = param(rngs, (d, g, k), (EMBED, KV_HEADS, HEAD_DIM), std=std, dtype=pd)
+    self.wv = param(rngs, (d, g, k), (EMBED, KV_HEADS, HEAD_DIM), std=std, dtype=pd)
+    if cfg.ssm.gated:
+      self.w_gate = param(rngs, (d, h), (EMBED, HEADS), std=std, dtype=pd)
+      self.gate_bias = nnx.Param(jnp.zeros((h,), jnp.float32), axes=(HEADS,))
+    self.norm = ones((k,), (HEAD_DIM,), dtype=pd)
+    self.wo = param(rngs, (h, k, d), (HEADS, HEAD_DIM, EMBED),
+                    std=std / (2 * cfg.n_layers) ** 0.5, dtype=pd)
+
+  def _qkv(self, x):
+    dt = DTYPES[self.cfg.compute_dtype]
+    fm = self.cfg.ssm.feature_map
+    q = feature_map(jnp.einsum("...d,dhk->...hk", x, self.wq[...].astype(dt)), fm)
+    k = feature_map(jnp.einsum("...d,dgk->...gk", x, self.wk[...].astype(dt)), fm)
+    v = jnp.einsum("...d,dgk->...gk", x, self.wv[...].astype(dt))
+    # Scores scaled like softmax attention's logits, so both start at the same magnitude.
+    q = (q.astype(jnp.float32) * self.cfg.head_dim ** -0.5).astype(dt)
+    log_gate = None
+    if self.cfg.ssm.gated:
+      logits = jnp.einsum("...d,dh->...h", x, self.w_gate[...].astype(dt)).astype(jnp.float32)
+      bias = self.gate_bias[...].reshape((1,) * (logits.ndim - 1) + (-1,))
+      log_gate = jax.nn.log_sigmoid(logits + bias) / GATE_LOGIT_NORMALIZER
+    return q, k, v, log_gate
+
+  def _output(self, o):
+    dt = DTYPES[self.cfg.compute_dtype]
+    o32 = o.astype(jnp.float32)
+    o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + NORM_EPS)
+    o = (o32 * self.norm[...].astype(jnp.float32).reshape((1,) * (o.ndim - 1) + (-1,)))
+    return jnp.einsum("...hk,hkd->...d", o.astype(dt), self.wo[...].astype(dt))
+
+  def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
+               *, return_state: bool = False):
+    """Parallel (chunked) form; with return_state also the decode state after the last token."""
+    q, k, v, log_gate = self._qkv(x)
+    o, state = linear_attention(q, k, v, log_gate=log_gate, segment_ids=segment_ids,
+                                implementation=self.cfg.ssm.impl,
+                                block_sizes=BlockSizes(chunk=self.cfg.ssm.chunk_size))
+    out = self._output(o)
+    return (out, {"state": state}) if return_state else out
+
+  def init_cache(self, batch: int) -> dict[str, jax.Array]:
+    h, k = self.cfg.n_heads, self.cfg.head_dim
+    return {"state": jnp.zeros((batch, h, k, k), jnp.float32)}
+
+  def step(self, x_t: Float[Array, "B D"], cache: dict[str, jax.Array]):
+    """Recurrent form for one token: (y_t [B, D], new cache)."""
+    q, k, v, log_gate = self._qkv(x_t)
+    h = q.shape[1]
+    v = jnp.repeat(v, h // v.shape[1], axis=1)
+    if log_gate is None:
+      log_gate = jnp.zeros(q.shape[:2], jnp.float32)
+    o, state = ssd_step(cache["state"], v, jnp.ones(q.shape[:2], jnp.float32), log_gate, k, q)
+    return self._output(o), {"state": state}

@@ -1,0 +1,153 @@
+"""Mamba-2 mixer (Dao & Gu 2024, §7.1, Fig. 6 right): parallel (chunked SSD) and recurrent forms.
+
+u → in-projections z, x, B, C, Δ → short causal depthwise conv + SiLU on x, B, C → SSD
+(memx.kernels.ssd.ssd) → gated RMSNorm(y ⊙ silu(z)) → out-projection.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memx.kernels.ssd import BlockSizes, ssd, ssd_step
+from memx.models.config import ModelConfig
+from memx.nn._params import DTYPES, param
+from memx.nn.short_conv import causal_conv, conv_state, conv_step
+from memx.parallel.axes import EMBED, HEAD_DIM, HEADS, KV_HEADS, STATE
+from memx.typing import Array, Float, Int
+
+NORM_EPS = 1e-5  # RMSNormGated's default in state-spaces/mamba
+
+
+def _uniform(rngs: nnx.Rngs, shape, bound: float) -> jax.Array:
+  return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+
+
+def gated_rms_norm(y: Float[Array, "B T H P"], z: Float[Array, "B T H P"],
+                   scale: Float[Array, "H P"], groups: int, eps: float = NORM_EPS):
+  """RMSNorm(y ⊙ silu(z)) · scale over groups of H/groups heads (norm_before_gate=False)."""
+  g = (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32)))
+  shape = g.shape
+  g = g.reshape(*shape[:-2], groups, -1)
+  g = g * jax.lax.rsqrt(jnp.mean(jnp.square(g), axis=-1, keepdims=True) + eps)
+  g = g.reshape(shape) * scale.astype(jnp.float32).reshape((1,) * (len(shape) - 2) + scale.shape)
+  return g.astype(y.dtype)
+
+
+class Mamba2(nnx.Module):
+  """Mamba-2 token mixer; x [B, T, D] → [B, T, D].
+
+  Shapes: inner width E·D split into H = E·D/P heads of dim P (cfg.ssm.expand, head_dim), B and
+  C of N = cfg.ssm.d_state per group, G = cfg.ssm.n_groups groups shared by H/G heads.
+
+  Initialisation (state-spaces/mamba `Mamba2.__init__`):
+    * Δ bias: Δ0 = exp(U(log dt_min, log dt_max)) clamped below at dt_init_floor, stored as its
+      inverse softplus Δ0 + log(-expm1(-Δ0)), so softplus(0 + bias) = Δ0 at the start.
+    * A: A_log = log U(a_init_min, a_init_max) per head (default (1, 16)); A = -exp(A_log).
+    * D = 1 per head. Δ bias, A_log and D stay float32 whatever param_dtype (as upstream keeps
+      them fp32 and out of weight decay).
+    * conv weights and biases: U(±1/sqrt(conv_width)) (PyTorch Conv1d default, fan-in = width).
+    * gated norm scale = 1.
+    * in-projections (z, x, B, C, Δ): memx's truncated normal(init_std); out-projection
+      init_std / sqrt(2 · n_layers) (upstream: PyTorch Linear default, out_proj rescaled by
+      1/sqrt(n_layer) in `_init_weights`).
+  Projections are separate parameters (not one fused in_proj) so each carries its logical axes
+  and attention → SSM weight transfers (Q → C, K → B, V → x) are plain copies.
+  """
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    del layer
+    s = cfg.ssm
+    d, h, p, g, n, w = cfg.d_model, cfg.ssm_heads, s.head_dim, s.n_groups, s.d_state, s.conv_width
+    std, pd = cfg.init_std, cfg.param_dtype
+    self.cfg = cfg
+    self.w_z = param(rngs, (d, h, p), (EMBED, HEADS, HEAD_DIM), std=std, dtype=pd)
+    self.w_x = param(rngs, (d, h, p), (EMBED, HEADS, HEAD_DIM), std=std, dtype=pd)
+    self.w_b = param(rngs, (d, g, n), (EMBED, KV_HEADS, STATE), std=std, dtype=pd)
+    self.w_c = param(rngs, (d, g, n), (EMBED, KV_HEADS, STATE), std=std, dtype=pd)
+    self.w_dt = param(rngs, (d, h), (EMBED, HEADS), std=std, dtype=pd)
+    bound = w ** -0.5
+    conv = lambda shape, axes: nnx.Param(  # noqa: E731
+        _uniform(rngs, shape, bound).astype(DTYPES[pd]), axes=axes)
+    self.conv_x = conv((w, h, p), (None, HEADS, HEAD_DIM))
+    self.conv_x_bias = conv((h, p), (HEADS, HEAD_DIM))
+    self.conv_b = conv((w, g, n), (None, KV_HEADS, STATE))
+    self.conv_b_bias = conv((g, n), (KV_HEADS, STATE))
+    self.conv_c = conv((w, g, n), (None, KV_HEADS, STATE))
+    self.conv_c_bias = conv((g, n), (KV_HEADS, STATE))
+    u = jax.random.uniform(rngs.params(), (h,), jnp.float32)
+    dt0 = jnp.exp(u * (math.log(s.dt_max) - math.log(s.dt_min)) + math.log(s.dt_min))
+    dt0 = jnp.maximum(dt0, s.dt_init_floor)
+    self.dt_bias = nnx.Param(dt0 + jnp.log(-jnp.expm1(-dt0)), axes=(HEADS,))
+    a0 = jax.random.uniform(rngs.params(), (h,), jnp.float32, s.a_init_min, s.a_init_max)
+    self.a_log = nnx.Param(jnp.log(a0), axes=(HEADS,))
+    self.d = nnx.Param(jnp.ones((h,), jnp.float32), axes=(HEADS,))
+    self.norm = nnx.Param(jnp.ones((h, p), DTYPES[pd]), axes=(HEADS, HEAD_DIM))
+    self.w_out = param(rngs, (h, p, d), (HEADS, HEAD_DIM, EMBED),
+                       std=std / (2 * cfg.n_layers) ** 0.5, dtype=pd)
+
+  def _project(self, u):
+    dt = DTYPES[self.cfg.compute_dtype]
+    z = jnp.einsum("...d,dhp->...hp", u, self.w_z[...].astype(dt))
+    x = jnp.einsum("...d,dhp->...hp", u, self.w_x[...].astype(dt))
+    b = jnp.einsum("...d,dgn->...gn", u, self.w_b[...].astype(dt))
+    c = jnp.einsum("...d,dgn->...gn", u, self.w_c[...].astype(dt))
+    dt_raw = jnp.einsum("...d,dh->...h", u, self.w_dt[...].astype(dt))
+    return z, x, b, c, dt_raw
+
+  def _dt_and_a(self, dt_raw):
+    # softplus in fp32 keeps Δ > 0 (bf16 would flush small Δ to 0 and stop the decay).
+    bias = self.dt_bias[...].reshape((1,) * (dt_raw.ndim - 1) + (-1,))
+    delta = jax.nn.softplus(dt_raw.astype(jnp.float32) + bias)
+    return delta, -jnp.exp(self.a_log[...])
+
+  def _output(self, y, z):
+    dt = DTYPES[self.cfg.compute_dtype]
+    y = gated_rms_norm(y, z, self.norm[...], self.cfg.ssm.n_groups)
+    return jnp.einsum("...hp,hpd->...d", y, self.w_out[...].astype(dt))
+
+  def _convs(self):
+    return ((self.conv_x, self.conv_x_bias), (self.conv_b, self.conv_b_bias),
+            (self.conv_c, self.conv_c_bias))
+
+  def __call__(self, u: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
+               *, return_state: bool = False):
+    """Parallel form. u [B, T, D] in the compute dtype → [B, T, D] (and the decode state)."""
+    s = self.cfg.ssm
+    z, x, b, c, dt_raw = self._project(u)
+    raw = (x, b, c)
+    x, b, c = (jax.nn.silu(causal_conv(v, w[...], bias[...], segment_ids))
+               for v, (w, bias) in zip(raw, self._convs(), strict=True))
+    delta, a = self._dt_and_a(dt_raw)
+    y, state = ssd(x, delta, a, b, c, d=self.d[...], segment_ids=segment_ids,
+                   implementation=s.impl, block_sizes=BlockSizes(chunk=s.chunk_size))
+    out = self._output(y, z)
+    if not return_state:
+      return out
+    cache = {f"conv_{k}": conv_state(v, s.conv_width) for k, v in zip("xbc", raw, strict=True)}
+    cache["ssm"] = state
+    return out, cache
+
+  def init_cache(self, batch: int) -> dict[str, jax.Array]:
+    """The fixed-size decode state: last conv_width-1 inputs of x, B, C and the SSM state."""
+    s, dt = self.cfg.ssm, DTYPES[self.cfg.compute_dtype]
+    h, p, g, n, w = self.cfg.ssm_heads, s.head_dim, s.n_groups, s.d_state, s.conv_width
+    return {"conv_x": jnp.zeros((batch, w - 1, h, p), dt),
+            "conv_b": jnp.zeros((batch, w - 1, g, n), dt),
+            "conv_c": jnp.zeros((batch, w - 1, g, n), dt),
+            "ssm": jnp.zeros((batch, h, p, n), jnp.float32)}
+
+  def step(self, u_t: Float[Array, "B D"], cache: dict[str, jax.Array]):
+    """Recurrent form for one token: (y_t [B, D], new cache); equals the parallel form."""
+    z, x, b, c, dt_raw = self._project(u_t)
+    new = {}
+    outs = []
+    for key, v, (w, bias) in zip(("conv_x", "conv_b", "conv_c"), (x, b, c), self._convs(),
+                                 strict=True):
+      y_conv, new[key] = conv_step(cache[key], v, w[...], bias[...])
+      outs.append(jax.nn.silu(y_conv))
+    x, b, c = outs
+    delta, a = self._dt_and_a(dt_raw)
+    y, new["ssm"] = ssd_step(cache["ssm"], x, delta, delta * a[None], b, c, self.d[...])
+    return self._output(y, z), new

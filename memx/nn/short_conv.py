@@ -1,0 +1,44 @@
+"""Short causal depthwise convolution over time (Mamba's conv1d), parallel and one-step forms."""
+
+import jax.numpy as jnp
+
+from memx.typing import Array, Float, Int
+
+
+def causal_conv(x: Float[Array, "B T ..."], w: Float[Array, "W ..."], bias: Float[Array, "..."],
+                segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T ..."]:
+  """y_t = bias + Σ_{k<W} w[k] ⊙ x_{t-W+1+k}, with zeros before the sequence.
+
+  Per channel (depthwise), computed in float32, output in x.dtype. With packed segment ids a
+  token never sees inputs from an earlier segment, so packed runs equal separate ones.
+  """
+  width, t = w.shape[0], x.shape[1]
+  xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (width - 1, 0)) + ((0, 0),) * (x.ndim - 2))
+  if segment_ids is not None:
+    # Padding positions get an id no real token has; they hold zeros anyway.
+    seg = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
+  y = jnp.broadcast_to(bias.astype(jnp.float32)[None, None], x.shape)
+  for k in range(width):
+    xs = xp[:, k:k + t]                                    # x_{t - (W-1-k)}
+    if segment_ids is not None and k < width - 1:
+      same = seg[:, k:k + t] == segment_ids
+      xs = jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), xs, 0.0)
+    y = y + w[k].astype(jnp.float32)[None, None] * xs
+  return y.astype(x.dtype)
+
+
+def conv_step(state: Float[Array, "B Wm1 ..."], x_t: Float[Array, "B ..."],
+              w: Float[Array, "W ..."], bias: Float[Array, "..."]):
+  """One decoding step: state holds the last W-1 inputs. Returns (y_t in x_t.dtype, new state)."""
+  window = jnp.concatenate([state.astype(jnp.float32), x_t.astype(jnp.float32)[:, None]], axis=1)
+  y = jnp.sum(window * w.astype(jnp.float32)[None], axis=1) + bias.astype(jnp.float32)[None]
+  return y.astype(x_t.dtype), window[:, 1:].astype(state.dtype)
+
+
+def conv_state(x: Float[Array, "B T ..."], width: int) -> Float[Array, "B Wm1 ..."]:
+  """The last W-1 inputs of a sequence (zeros in front when T < W-1): the decode state."""
+  keep = width - 1
+  if keep == 0:
+    return x[:, :0]
+  pad = ((0, 0), (max(0, keep - x.shape[1]), 0)) + ((0, 0),) * (x.ndim - 2)
+  return jnp.pad(x, pad)[:, -keep:]
