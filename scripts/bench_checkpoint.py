@@ -10,7 +10,6 @@ Goals: lazy adds ≤ 5% to the step time where sync adds > 50%; lazy blocks ≥ 
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib

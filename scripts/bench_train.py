@@ -11,7 +11,6 @@ Overhead = bare tokens/s ÷ loop tokens/s − 1; the goal is ≤ 5%.
 """
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib

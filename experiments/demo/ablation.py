@@ -15,8 +15,7 @@ SWEEP below, so every report compares them against the same dense baselines.
 
 import dataclasses
 
-from memx.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig,
-                         TrainConfig)
+from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
 VARIANTS = ("base", "tiny")
 

@@ -1,7 +1,6 @@
 """SwiGLU feed-forward block (Shazeer, 2020): (silu(x W_gate) ⊙ x W_up) W_down."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from memx.models.config import ModelConfig

@@ -32,8 +32,15 @@ from memx.errors import ConfigError, NonFiniteLossError, Preempted
 from memx.parallel.mesh import batch_sharding, make_mesh
 from memx.train.memory import compiled_memory, peak_device_bytes
 from memx.train.metrics import MetricsWriter, truncate_after
-from memx.train.step import (init_state, make_apply_step, make_eval_step, make_grad_step,
-                             make_train_step, state_shardings, tree_bytes)
+from memx.train.step import (
+  init_state,
+  make_apply_step,
+  make_eval_step,
+  make_grad_step,
+  make_train_step,
+  state_shardings,
+  tree_bytes,
+)
 
 
 @dataclasses.dataclass

@@ -11,8 +11,15 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from memx.checkpoint import Checkpointer
-from memx.config import (CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig,
-                         ParallelConfig, TrainConfig)
+from memx.config import (
+  CheckpointConfig,
+  Config,
+  DataConfig,
+  ModelConfig,
+  OptimConfig,
+  ParallelConfig,
+  TrainConfig,
+)
 from memx.data import make_loader
 from memx.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
 from memx.parallel.mesh import make_mesh
