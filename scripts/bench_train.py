@@ -31,8 +31,8 @@ from memx.train.step import init_state, make_train_step, state_shardings
 
 # name → (d_model, n_layers, n_heads, seq_len, batch, steps)
 SIZES = {
-    "cpu": {"xs": (64, 2, 4, 128, 8, 60), "s": (128, 4, 4, 256, 8, 40),
-            "m": (256, 4, 8, 256, 8, 30)},
+    "cpu": {"xs": (64, 2, 4, 128, 8, 200), "s": (128, 4, 4, 256, 8, 100),
+            "m": (256, 4, 8, 256, 8, 50)},
     "gpu": {"125m": (768, 12, 12, 1024, 32, 60), "350m": (1024, 24, 16, 1024, 16, 40),
             "760m": (1536, 24, 16, 1024, 8, 30)},
 }

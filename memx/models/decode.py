@@ -6,6 +6,8 @@ linear-attention layers carry fixed-size states, so their memory per sequence do
 with the length; attention layers of a hybrid keep a KV cache of max_len tokens.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -45,19 +47,20 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
     raise ValueError(f"generate: max_len {max_len} < prompt {t} + new tokens {max_new_tokens}")
   keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)
   graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, prompt, keys, max_len=max_len, temperature=temperature)
 
-  @jax.jit
-  def run(state, prompt, keys):
-    m = nnx.merge(graphdef, state)
-    logits, cache = m.prefill(prompt, max_len)
-    first = _sample(logits[:, -1], keys[0], temperature)
 
-    def body(carry, key):
-      tok, cache = carry
-      logits, cache = m.decode_step(tok, cache)
-      return (_sample(logits, key, temperature), cache), tok
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature"))
+def _generate(graphdef, state, prompt, keys, *, max_len: int, temperature: float):
+  """Compiled once per (model structure, shapes, max_len, temperature)."""
+  model = nnx.merge(graphdef, state)
+  logits, cache = model.prefill(prompt, max_len)
+  first = _sample(logits[:, -1], keys[0], temperature)
 
-    (last, _), toks = jax.lax.scan(body, (first, cache), keys[1:])
-    return jnp.concatenate([prompt, jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1)
+  def body(carry, key):
+    tok, cache = carry
+    logits, cache = model.decode_step(tok, cache)
+    return (_sample(logits, key, temperature), cache), tok
 
-  return run(state, prompt, keys)
+  (last, _), toks = jax.lax.scan(body, (first, cache), keys[1:])
+  return jnp.concatenate([prompt, jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1)

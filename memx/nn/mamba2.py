@@ -88,12 +88,12 @@ class Mamba2(nnx.Module):
                        std=std / (2 * cfg.n_layers) ** 0.5, dtype=pd)
 
   def _project(self, u):
-    dt = DTYPES[self.cfg.compute_dtype]
-    z = jnp.einsum("...d,dhp->...hp", u, self.w_z[...].astype(dt))
-    x = jnp.einsum("...d,dhp->...hp", u, self.w_x[...].astype(dt))
-    b = jnp.einsum("...d,dgn->...gn", u, self.w_b[...].astype(dt))
-    c = jnp.einsum("...d,dgn->...gn", u, self.w_c[...].astype(dt))
-    dt_raw = jnp.einsum("...d,dh->...h", u, self.w_dt[...].astype(dt))
+    cd = DTYPES[self.cfg.compute_dtype]
+    z = jnp.einsum("...d,dhp->...hp", u, self.w_z[...].astype(cd))
+    x = jnp.einsum("...d,dhp->...hp", u, self.w_x[...].astype(cd))
+    b = jnp.einsum("...d,dgn->...gn", u, self.w_b[...].astype(cd))
+    c = jnp.einsum("...d,dgn->...gn", u, self.w_c[...].astype(cd))
+    dt_raw = jnp.einsum("...d,dh->...h", u, self.w_dt[...].astype(cd))
     return z, x, b, c, dt_raw
 
   def _dt_and_a(self, dt_raw):
@@ -103,9 +103,9 @@ class Mamba2(nnx.Module):
     return delta, -jnp.exp(self.a_log[...])
 
   def _output(self, y, z):
-    dt = DTYPES[self.cfg.compute_dtype]
+    cd = DTYPES[self.cfg.compute_dtype]
     y = gated_rms_norm(y, z, self.norm[...], self.cfg.ssm.n_groups)
-    return jnp.einsum("...hp,hpd->...d", y, self.w_out[...].astype(dt))
+    return jnp.einsum("...hp,hpd->...d", y, self.w_out[...].astype(cd))
 
   def _convs(self):
     return ((self.conv_x, self.conv_x_bias), (self.conv_b, self.conv_b_bias),
@@ -131,11 +131,11 @@ class Mamba2(nnx.Module):
 
   def init_cache(self, batch: int) -> dict[str, jax.Array]:
     """The fixed-size decode state: last conv_width-1 inputs of x, B, C and the SSM state."""
-    s, dt = self.cfg.ssm, DTYPES[self.cfg.compute_dtype]
+    s, cd = self.cfg.ssm, DTYPES[self.cfg.compute_dtype]
     h, p, g, n, w = self.cfg.ssm_heads, s.head_dim, s.n_groups, s.d_state, s.conv_width
-    return {"conv_x": jnp.zeros((batch, w - 1, h, p), dt),
-            "conv_b": jnp.zeros((batch, w - 1, g, n), dt),
-            "conv_c": jnp.zeros((batch, w - 1, g, n), dt),
+    return {"conv_x": jnp.zeros((batch, w - 1, h, p), cd),
+            "conv_b": jnp.zeros((batch, w - 1, g, n), cd),
+            "conv_c": jnp.zeros((batch, w - 1, g, n), cd),
             "ssm": jnp.zeros((batch, h, p, n), jnp.float32)}
 
   def step(self, u_t: Float[Array, "B D"], cache: dict[str, jax.Array]):

@@ -1,5 +1,6 @@
 """The only place a mesh is built; also distributed initialisation (single host tolerated)."""
 
+import inspect
 import logging
 import os
 
@@ -7,30 +8,120 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from memx.errors import ConfigError
+from memx.parallel.axes import BATCH, SEQ
 from memx.parallel.config import ParallelConfig
+from memx.parallel.rules import RULES, logical_to_spec
 
 log = logging.getLogger(__name__)
 
+# Bounds on waiting for peers (seconds). JAX's own defaults (300 s to start, 100 s without a
+# heartbeat) are bounded too; these are shorter so a dead peer ends a job within ~a minute,
+# and overridable because very large jobs can need longer to assemble.
+INIT_TIMEOUT_ENV, HEARTBEAT_TIMEOUT_ENV = "MEMX_DIST_INIT_TIMEOUT", "MEMX_DIST_HEARTBEAT_TIMEOUT"
+DEFAULT_INIT_TIMEOUT_S, DEFAULT_HEARTBEAT_TIMEOUT_S = 300, 60
+
+
+class DistributedInitError(RuntimeError):
+  """jax.distributed could not assemble all processes (a peer is missing or unreachable)."""
+
+
+def check_process_args(coordinator: str | None, num_processes: int | None,
+                       process_id: int | None) -> None:
+  """ConfigError for an inconsistent --coordinator / --num-processes / --process-id set."""
+  explicit = (num_processes, process_id)
+  if coordinator is None:
+    if any(x is not None for x in explicit) and "SLURM_NTASKS" not in os.environ:
+      raise ConfigError(
+          f"--num-processes = {num_processes} / --process-id = {process_id} is not allowed "
+          "without --coordinator HOST:PORT: pass all three (under SLURM, pass none; srun's "
+          "environment supplies them).")
+    return
+  host, sep, port = coordinator.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise ConfigError(f"--coordinator = {coordinator!r} is not allowed: expected HOST:PORT, "
+                      "e.g. 127.0.0.1:12355 or node001:12355.")
+  if num_processes is None or process_id is None:
+    raise ConfigError(f"--coordinator = {coordinator!r} needs --num-processes N and "
+                      f"--process-id I as well (got {num_processes}, {process_id}).")
+  if num_processes < 1:
+    raise ConfigError(f"--num-processes = {num_processes} is not allowed: must be >= 1.")
+  if not 0 <= process_id < num_processes:
+    raise ConfigError(f"--process-id = {process_id} is not allowed: must lie in "
+                      f"[0, {num_processes}) for --num-processes = {num_processes}.")
+
+
+def _timeout(env: str, default: int) -> int:
+  raw = os.environ.get(env)
+  if raw is None:
+    return default
+  if not raw.isdigit() or int(raw) <= 0:
+    raise ConfigError(f"{env} = {raw!r} is not allowed: must be a positive number of seconds.")
+  return int(raw)
+
+
+def _timeout_kwargs(init_s: int, heartbeat_s: int) -> dict:
+  # Only the keywords this jax accepts (0.11 and 0.12 both have them; older ones did not).
+  params = inspect.signature(jax.distributed.initialize).parameters
+  kwargs = {"initialization_timeout": init_s, "heartbeat_timeout_seconds": heartbeat_s}
+  return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _is_initialized() -> bool:
+  fn = getattr(jax.distributed, "is_initialized", None)
+  return bool(fn()) if fn is not None else False
+
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> None:
+                                 process_id: int | None = None, *,
+                                 initialization_timeout: int | None = None,
+                                 heartbeat_timeout: int | None = None) -> None:
   """Start multi-controller JAX when launched on several hosts; a no-op on one host.
 
   Under SLURM with more than one task, JAX's cluster detection fills in the coordinator.
-  Elsewhere pass the coordinator address, process count and id explicitly.
+  Elsewhere pass the coordinator address, process count and id explicitly. Waiting is bounded:
+  a peer that never arrives fails initialisation after `initialization_timeout` seconds
+  (env MEMX_DIST_INIT_TIMEOUT, default 300), and one that dies later is detected by the
+  coordination service's heartbeat after `heartbeat_timeout` seconds (env
+  MEMX_DIST_HEARTBEAT_TIMEOUT, default 60), which terminates the surviving processes with an
+  error instead of leaving them blocked in a collective.
+
+  Raises:
+    ConfigError: inconsistent flags (checked before anything starts).
+    DistributedInitError: the processes could not assemble within the timeout.
   """
-  if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+  check_process_args(coordinator, num_processes, process_id)
+  if _is_initialized():
     return
-  if coordinator is not None:
-    jax.distributed.initialize(coordinator, num_processes, process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
+  slurm = coordinator is None and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  if coordinator is None and not slurm:
+    return
+  init_s = initialization_timeout or _timeout(INIT_TIMEOUT_ENV, DEFAULT_INIT_TIMEOUT_S)
+  beat_s = heartbeat_timeout or _timeout(HEARTBEAT_TIMEOUT_ENV, DEFAULT_HEARTBEAT_TIMEOUT_S)
+  kwargs = _timeout_kwargs(init_s, beat_s)
+  where = (f"coordinator {coordinator}, process {process_id} of {num_processes}" if coordinator
+           else f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')}, "
+                f"{os.environ.get('SLURM_NTASKS')} tasks")
+  try:
+    if coordinator is not None:
+      jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
+    else:
+      jax.distributed.initialize(**kwargs)
+  except Exception as e:  # jaxlib raises XlaRuntimeError/RuntimeError with a long gRPC message
+    raise DistributedInitError(
+        f"jax.distributed.initialize failed ({where}) within {init_s} s: {e}. Check that every "
+        "process was started with the same --coordinator and --num-processes, a distinct "
+        "--process-id, and that the coordinator's port is reachable.") from e
   log.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
            jax.local_devices())
 
 
 def make_mesh(cfg: ParallelConfig, devices=None) -> Mesh:
-  """Mesh over all (or the given) devices with Auto axis types (shard_map-friendly)."""
+  """Mesh over all (or the given) devices with Auto axis types (shard_map-friendly).
+
+  Devices are laid out process-major (jax.devices() order), so the last mesh axes stay within
+  a host: put "tensor" (and "seq") last and "data" first, where the slow links are cheapest.
+  """
   devices = jax.devices() if devices is None else devices
   shape = cfg.resolved_shape(len(devices))
   mesh = Mesh(np.asarray(devices).reshape(shape), cfg.mesh_axes,
@@ -39,9 +130,16 @@ def make_mesh(cfg: ParallelConfig, devices=None) -> Mesh:
   return mesh
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dim over the data axis; everything else replicated."""
-  return NamedSharding(mesh, PartitionSpec("data"))
+def batch_spec(mesh: Mesh, strategy: str | None = None) -> PartitionSpec:
+  """Spec of [B, T] token arrays: B over the strategy's batch axes, T over "seq" when split."""
+  if strategy is None:
+    return PartitionSpec("data")
+  return logical_to_spec((BATCH, SEQ), RULES[strategy], dict(mesh.shape))
+
+
+def batch_sharding(mesh: Mesh, strategy: str | None = None) -> NamedSharding:
+  """Leading (batch) dim over the data axis (and fsdp / seq per strategy); rest replicated."""
+  return NamedSharding(mesh, batch_spec(mesh, strategy))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

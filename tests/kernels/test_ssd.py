@@ -75,8 +75,10 @@ def _fn(case, **kw):
 def _reference_result(case, dtype_name):
   x, dt, a, bm, cm, d, h0, dy, dh = _inputs(CASES[case][0], jnp.dtype(dtype_name))
   f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
-  return _value_and_grads(_fn(case, implementation="reference"),
-                          (f32(x), dt, a, f32(bm), f32(cm), d, h0), (f32(dy), dh))
+  # Full fp32 matmuls: on GPUs XLA's default fp32 precision may use TF32 (~1e-3 error).
+  with jax.default_matmul_precision("highest"):
+    return _value_and_grads(_fn(case, implementation="reference"),
+                            (f32(x), dt, a, f32(bm), f32(cm), d, h0), (f32(dy), dh))
 
 
 NAMES = ("y", "final_state", "dx", "ddt", "dA", "dB", "dC", "dD", "dh0")

@@ -27,7 +27,7 @@ class BlockSizes:
 
   chunk: int = 64
   block_p: int = 64
-  block_n: int = 64
+  block_n: int = 32
   num_warps: int = 4
   num_stages: int = 2
   num_warps_bwd: int = 8
@@ -56,9 +56,11 @@ class BlockSizes:
   def get_default(cls, implementation: str = "pallas_gpu") -> "BlockSizes":
     """Defaults per implementation; untuned on GPU (`scripts/bench_ssm.py` times chunks).
 
-    Q = 64 as in flash-linear-attention's chunked kernels: at P = N = 128 the fp32 boundary
-    states (T/64·P·N per head) cost about as much memory traffic as x itself, and the Q x Q
-    tiles fit registers next to the [P, N] state tile.
+    Q = 64 as in flash-linear-attention's chunked kernels: at P = N = 128 the boundary states
+    (T/64·P·N per head, bf16 for bf16 inputs) cost as much memory traffic as x itself, and the
+    Q x Q tiles fit registers next to the state tiles. The state passes are sequential over
+    chunks, so their parallelism is B·H·(P/block_p)·(N/block_n): 64 x 32 tiles give 128
+    programs at B=1, H=16, P=N=128, about one per H100 SM.
     """
     del implementation
     return cls()

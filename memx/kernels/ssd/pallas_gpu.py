@@ -16,8 +16,9 @@ the chunk-local cumulative log-decay, x̃ = Δ x, boundary states H_c. Four kern
     tile, then dB, dC (per head; groups summed outside) and d cum (equations in xla.py).
 The decays are fp32 and taken inside one chunk only (cum_t - cum_s stays small); dots take
 operands in the input dtype (bf16 on tensor cores) with fp32 accumulation, and fp32 operands
-use full-precision (not TF32) dots so fp32 results match the reference. Custom VJP residuals:
-the inputs and the fp32 boundary states.
+use full-precision (not TF32) dots so fp32 results match the reference. Boundary states and
+their cotangents are stored in the matmul dtype (what their dots read), carried in fp32. Custom
+VJP residuals: the inputs and the boundary states.
 
 Runs compiled on NVIDIA GPUs (Triton lowering) and in the Pallas interpreter anywhere
 (`interpret=True`, what CPU tests use).
@@ -138,7 +139,7 @@ def _state_fwd_kernel(*refs, plan: _PPlan):
     _, wst, g = _chunk_factors(plan, cum, seg, seg_prev)
     x = x_ref[rows, :]
     xw = (x.astype(F32) * (dt_ref[rows].astype(F32) * wst)[:, None]).astype(x.dtype)
-    h_in_ref[c] = state
+    h_in_ref[c] = state.astype(h_in_ref.dtype)
     # S_c = (x̃ ∘ w)ᵀ B: [bp, Q] x [Q, bn] on tensor cores.
     return g * state + _dot(xw, b_ref[rows, :], trans_a=True)
 
@@ -183,7 +184,7 @@ def _state_bwd_kernel(*refs, plan: _PPlan):
     cum = cum_ref[rows]
     seg, seg_prev = (seg_ref[rows], sp_ref[c]) if plan.segments else (None, None)
     eoff, _, g = _chunk_factors(plan, cum, seg, seg_prev)
-    dh_out_ref[c] = dstate
+    dh_out_ref[c] = dstate.astype(dh_out_ref.dtype)
     dy = dy_ref[rows, :]
     dye = (dy.astype(F32) * eoff[:, None]).astype(dy.dtype)
     # What chunk c's outputs send back to its entering state: (dy ∘ eoff)ᵀ C.
@@ -220,8 +221,8 @@ def _chunk_bwd_kernel(*refs, plan: _PPlan, heads: int):
     dy = dy_ref[:, cols]
     dy32 = dy.astype(F32)
     xdt = (x * dt[:, None]).astype(mm)
-    h_in = h_in_ref[cols, :]                           # [bp, N] fp32
-    dh = dh_out_ref[cols, :]
+    h_in = h_in_ref[cols, :].astype(F32)               # [bp, N]
+    dh = dh_out_ref[cols, :].astype(F32)
     # dx̃_s = Σ_t A_ts dy_t + wst_s dH B_s
     dxdt = _dot(amat, dy.astype(mm), trans_a=True)
     dxdt = dxdt + wst[:, None] * _dot(bm, dh.astype(mm), trans_b=True)
@@ -282,7 +283,10 @@ def _state_fwd(plan: _PPlan, x, dt_t, cum_t, bm, h0, seg):
       pl.BlockSpec((None, nc), lambda b, i, p, n: (b, 0))])
   out_specs = [pl.BlockSpec((None, nc, None, bp, bn), lambda b, i, p, n: (b, 0, i, p, n)),
                pl.BlockSpec((None, None, bp, bn), lambda b, i, p, n: (b, i, p, n))]
-  out_shape = [jax.ShapeDtypeStruct((bsz, nc, h, plan.p_pad, plan.n_pad), F32),
+  # Boundary states are stored in the matmul dtype: every consumer feeds them to a dot in that
+  # dtype anyway, and bf16 halves the dominant memory traffic (T/Q·P·N per head, written here
+  # and read by the output kernel). The carried state and the final state stay fp32.
+  out_shape = [jax.ShapeDtypeStruct((bsz, nc, h, plan.p_pad, plan.n_pad), x.dtype),
                jax.ShapeDtypeStruct(h0.shape, F32)]
   return pl.pallas_call(
       functools.partial(_state_fwd_kernel, plan=plan), grid=grid,
@@ -353,7 +357,7 @@ def _state_bwd(plan: _PPlan, dy, cum_t, cm, dh_last, seg):
       pl.BlockSpec((None, nc), lambda b, i, p, n: (b, 0))])
   out_specs = [pl.BlockSpec((None, nc, None, bp, bn), lambda b, i, p, n: (b, 0, i, p, n)),
                pl.BlockSpec((None, None, bp, bn), lambda b, i, p, n: (b, i, p, n))]
-  out_shape = [jax.ShapeDtypeStruct((bsz, nc, h, plan.p_pad, plan.n_pad), F32),
+  out_shape = [jax.ShapeDtypeStruct((bsz, nc, h, plan.p_pad, plan.n_pad), dy.dtype),
                jax.ShapeDtypeStruct(dh_last.shape, F32)]
   return pl.pallas_call(
       functools.partial(_state_bwd_kernel, plan=plan), grid=grid,

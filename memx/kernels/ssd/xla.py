@@ -86,8 +86,11 @@ def decays(plan: Plan, cum, seg):
 
 
 def _mm(spec, a, b, dtype):
-  """einsum with operands cast to the matmul dtype and an fp32 result."""
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=F32)
+  """einsum with operands cast to the matmul dtype and an fp32 result; fp32 operands in full
+  precision (XLA's default on GPUs may be TF32, ~1e-3 relative error)."""
+  precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == F32 else None
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=F32,
+                    precision=precision)
 
 
 def _views(plan: Plan, x, dt, cum, bm, cm, seg):

@@ -1,0 +1,100 @@
+"""Checks that a strategy splits every dimension it touches evenly, before anything compiles.
+
+`validate_for_model` reads the usual fields of a model config by name (it never imports
+memx.models: this package knows no models) and names the field a strategy would split
+unevenly; `validate_arrays` checks the `axes` metadata of any array tree exactly.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from memx.errors import ConfigError
+from memx.parallel.axes import BATCH, EMBED, HEADS, KV_HEADS, MLP, SEQ, VOCAB
+from memx.parallel.rules import RULES, mesh_axes_of, shards
+
+
+def _sizes(mesh, parallel_cfg) -> dict[str, int]:
+  if mesh is None:
+    return dict(zip(parallel_cfg.mesh_axes, parallel_cfg.resolved_shape(jax.device_count()),
+                    strict=True))
+  if isinstance(mesh, Mapping):
+    return dict(mesh)
+  return dict(mesh.shape)
+
+
+def _model_dims(model_cfg: Any) -> list[tuple[str, int, str]]:
+  """(logical axis, size, field) for every split-able dim of a memx ModelConfig."""
+  g = lambda name, default=None: getattr(model_cfg, name, default)  # noqa: E731
+  dims = []
+  mixers = g("mixers") or ("attention",) * (g("n_layers") or 1)
+  if "attention" in mixers or "linear_attention" in mixers:
+    dims += [(HEADS, g("n_heads"), "model.n_heads"),
+             (KV_HEADS, g("kv_heads", g("n_heads")), "model.n_kv_heads (None = n_heads)")]
+  if "mamba2" in mixers:
+    ssm = g("ssm")
+    dims += [(HEADS, g("ssm_heads"), "model.ssm_heads (= ssm.expand * d_model / ssm.head_dim)"),
+             (KV_HEADS, getattr(ssm, "n_groups", 1), "model.ssm.n_groups")]
+  dims.append((EMBED, g("d_model"), "model.d_model"))
+  if g("mlp", True):
+    dims.append((MLP, g("ff_dim", g("d_ff")), "model.d_ff (resolved)"))
+  dims.append((VOCAB, g("vocab_size"), "model.vocab_size"))
+  return [d for d in dims if d[1] is not None]
+
+
+def validate_for_model(parallel_cfg, model_cfg, mesh=None, *, batch_size: int | None = None,
+                       seq_len: int | None = None) -> None:
+  """ConfigError naming the first dimension the strategy would split unevenly.
+
+  Args:
+    parallel_cfg: a ParallelConfig (its strategy and, without `mesh`, its mesh shape).
+    model_cfg: a ModelConfig (read by field name: n_heads, kv_heads, d_model, ff_dim, ...).
+    mesh: a Mesh, or a {axis: size} mapping; default parallel_cfg resolved on all devices.
+    batch_size, seq_len: also check the global batch over the batch axes and the sequence
+      over "seq" (twice the seq size for the zigzag layout, whose chunks are half shards).
+  """
+  sizes = _sizes(mesh, parallel_cfg)
+  strategy = parallel_cfg.strategy
+  table = dict(RULES[strategy])
+  checks = _model_dims(model_cfg)
+  if batch_size is not None:
+    checks.append((BATCH, batch_size, "train.batch_size"))
+  if seq_len is not None:
+    checks.append((SEQ, seq_len, "data.seq_len"))
+  for name, size, field in checks:
+    entry = table.get(name)
+    n = shards(entry, sizes)
+    if name == SEQ and parallel_cfg.layout == "zigzag":
+      n *= 2
+    if n > 1 and size % n:
+      axes = mesh_axes_of(entry)
+      what = " x ".join(f"{a}={sizes.get(a, 1)}" for a in axes)
+      extra = " (x2: the zigzag layout cuts each shard in two chunks)" if name == SEQ and (
+          parallel_cfg.layout == "zigzag") else ""
+      raise ConfigError(
+          f"{field} = {size} is not allowed with parallel.strategy = {strategy!r}: it splits "
+          f"the {name!r} dimension over mesh axes {what}{extra}, so it must be a multiple of "
+          f"{n}. Change {field}, the mesh shape, or the strategy.")
+
+
+def validate_arrays(tree, mesh, strategy: str) -> None:
+  """ConfigError for any nnx.Variable whose `axes` metadata the rules would split unevenly."""
+  from flax import nnx  # only here: the rest of this package needs no Flax
+
+  sizes, table = _sizes(mesh, None), dict(RULES[strategy])
+  leaves = jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  for path, var in leaves:
+    if not isinstance(var, nnx.Variable):
+      continue
+    axes = var.get_metadata().get("axes")
+    if axes is None:
+      continue
+    for dim, (name, size) in enumerate(zip(axes, var.shape, strict=True)):
+      n = shards(table.get(name), sizes)
+      if n > 1 and size % n:
+        raise ConfigError(
+            f"parameter {jax.tree_util.keystr(path)} dim {dim} ({name!r}, size {size}) is not "
+            f"a multiple of the {n} shards strategy {strategy!r} splits it into on mesh "
+            f"{sizes}.")

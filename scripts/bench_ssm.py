@@ -1,0 +1,352 @@
+"""Benchmark the linear-time mixers' kernels: SSD (Mamba-2) and the element-wise linear scan.
+
+SSD shapes (bf16 x/B/C, fp32 Δ, one B/C group, H = 16, P = N = 128): B=1, T=16384 (the shape of
+the goal "≤ 1.0x fla chunk_simple_gla, 0.315 ms") and B=4, T=4096. Forms timed:
+  memx `pallas_gpu` and `xla` (chunked, custom VJP), `lax_scan` (the reference recurrence, a
+  `lax.scan` over tokens) and `assoc_scan` (`lax.associative_scan` over materialised
+  [B, T, H, P, N] states, what direct JAX ports do). A form whose compiled memory exceeds the
+  device's is reported as skipped with the bytes it would need.
+Linear-scan shapes (fp32): B=4, T=4096 with D = 1536 (Mamba-1 d_inner; the "~0.1 ms memory
+floor" of the goal) and D = 1536·16 (the same with the N = 16 state flattened into channels).
+Forms: memx `pallas_gpu`, `xla`, `lax_scan` (reference) and `assoc_scan`.
+
+Per (form, shape, pass) the script reports the median wall time of compiled calls (after
+warm-up, each ended by block_until_ready), the compiled temporary bytes, and a roofline: SSD
+TFLOP/s on the chunked algorithm's FLOPs (2·Q·(N+P) + 4·P·N per token and head at Q = 64;
+backward counted as 2x forward) and both scans' GB/s against the memory floor (each input read
+once, each output written once) at the bandwidth of a device copy measured in the same run.
+
+  python scripts/bench_ssm.py --out $OUT/bench_ssm              # GPU: full run (< 3 minutes)
+  python scripts/bench_ssm.py --out /tmp/bs --quick             # CPU run, small shapes (~1 min)
+  python scripts/bench_ssm.py --out $OUT/bs --sweep             # + pallas chunk / tile sweep
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memx.kernels import linear_scan as ls
+from memx.kernels import ssd as ssd_ops
+from memx.kernels.ssd import api as ssd_api
+
+FLA_CHUNK_SIMPLE_GLA_MS = 0.315     # fla chunk_simple_gla fwd, B=1, T=16k, H=16, D=128, H100
+ASSOC_SCAN_LINEAR_MS = 3.74         # jax.lax.associative_scan, linear scan goal shape, H100
+
+
+@dataclasses.dataclass(frozen=True)
+class SsdShape:
+  b: int
+  t: int
+  h: int = 16
+  p: int = 128
+  g: int = 1
+  n: int = 128
+  dtype: str = "bfloat16"
+
+  @property
+  def name(self) -> str:
+    return f"ssd {self.b}x{self.t} H{self.h} P{self.p} N{self.n}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanShape:
+  b: int
+  t: int
+  d: int
+  dtype: str = "float32"
+
+  @property
+  def name(self) -> str:
+    return f"scan {self.b}x{self.t}x{self.d}"
+
+
+# --- problems -----------------------------------------------------------------------------------
+
+
+def ssd_inputs(s: SsdShape, seed: int = 0):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  dt_ = jnp.dtype(s.dtype)
+  x = jax.random.normal(ks[0], (s.b, s.t, s.h, s.p), dt_)
+  dt = jax.nn.softplus(jax.random.normal(ks[1], (s.b, s.t, s.h)) - 2.0)
+  a = -jnp.exp(jax.random.uniform(ks[2], (s.h,), minval=0.0, maxval=2.7))
+  bm = jax.random.normal(ks[3], (s.b, s.t, s.g, s.n), dt_) * s.n ** -0.5
+  cm = jax.random.normal(ks[4], (s.b, s.t, s.g, s.n), dt_) * s.n ** -0.5
+  dy = jax.random.normal(ks[5], x.shape, dt_)
+  return (x, dt, a, bm.astype(dt_), cm.astype(dt_)), dy
+
+
+def ssd_form(name: str, blocks=None):
+  """y = f(x, dt, A, B, C) for one form."""
+  if name in ("pallas_gpu", "xla"):
+    return lambda x, dt, a, b, c: ssd_ops.ssd(x, dt, a, b, c, implementation=name,
+                                              block_sizes=blocks)[0]
+  if name == "lax_scan":
+    return lambda x, dt, a, b, c: ssd_ops.ssd_reference(x, dt, a, b, c)[0]
+  if name == "assoc_scan":
+    return lambda x, dt, a, b, c: ssd_ops.associative_scan_states(
+        x, dt, dt * a[None, None, :], b, c)
+  raise ValueError(name)
+
+
+def ssd_flops(s: SsdShape, q: int = 64) -> float:
+  return float(s.b * s.t * s.h * (2 * q * (s.n + s.p) + 4 * s.p * s.n))
+
+
+def ssd_bytes(s: SsdShape) -> float:
+  item = jnp.dtype(s.dtype).itemsize
+  return float(item * s.b * s.t * (2 * s.h * s.p + 2 * s.g * s.n) + 4 * s.b * s.t * s.h)
+
+
+def scan_inputs(s: ScanShape, seed: int = 0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  dt_ = jnp.dtype(s.dtype)
+  a = jax.nn.sigmoid(jax.random.normal(ks[0], (s.b, s.t, s.d)) + 2.0).astype(dt_)
+  x = jax.random.normal(ks[1], (s.b, s.t, s.d), dt_)
+  dh = jax.random.normal(ks[2], (s.b, s.t, s.d), dt_)
+  return (a, x), dh
+
+
+def scan_form(name: str, blocks=None):
+  if name in ("pallas_gpu", "xla"):
+    return lambda a, b: ls.linear_scan(a, b, implementation=name, block_sizes=blocks)[0]
+  if name == "lax_scan":
+    return lambda a, b: ls.linear_scan_reference(a, b)[0]
+  if name == "assoc_scan":
+    return lambda a, b: ls.linear_scan_associative(a, b)[0]
+  raise ValueError(name)
+
+
+def scan_bytes(s: ScanShape) -> float:
+  return float(3 * s.b * s.t * s.d * jnp.dtype(s.dtype).itemsize)
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+
+def _time(fn, args, reps: int, budget_s: float) -> float:
+  jax.block_until_ready(fn(*args))      # warm-up: first-call costs stay out of the numbers
+  times, start = [], time.perf_counter()
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+    if time.perf_counter() - start > budget_s and len(times) >= 3:
+      break
+  return statistics.median(times)
+
+
+def copy_bandwidth(on_gpu: bool) -> float:
+  """Bytes/s of a device copy (read + write) of 1 GiB (64 MiB on CPU): the memory ceiling."""
+  n = (1 << 28) if on_gpu else (1 << 24)
+  x = jnp.ones((n,), jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001)
+  return 2 * x.size * 4 / _time(f, (x,), 10, 5.0)
+
+
+def device_memory() -> int | None:
+  try:
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["bytes_limit"]) if stats else None
+  except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
+    return None
+
+
+def measure(form_name, fn, inputs, cot, *, reps, budget_s, mem_limit, deadline):
+  """Rows for the fwd and fwd+bwd passes of one form on one problem."""
+  rows = []
+  if time.perf_counter() > deadline:
+    return [dict(form=form_name, pass_=p, status="skipped", reason="total time budget")
+            for p in ("fwd", "fwd+bwd")]
+
+  def fwd_bwd(*args):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cot)
+
+  for pass_name, f in (("fwd", fn), ("fwd+bwd", fwd_bwd)):
+    row = dict(form=form_name, pass_=pass_name)
+    try:
+      t0 = time.perf_counter()
+      compiled = jax.jit(f).lower(*inputs).compile()
+      row["compile_s"] = time.perf_counter() - t0
+      mem = compiled.memory_analysis()
+      row["temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else None
+      if mem_limit is not None and row["temp_bytes"] and row["temp_bytes"] > 0.9 * mem_limit:
+        row.update(status="skipped", reason=f"needs {row['temp_bytes'] / 2**30:.1f} GiB of "
+                                            f"temporaries")
+      else:
+        row.update(status="ok", time_ms=_time(compiled, inputs, reps, budget_s) * 1e3)
+    except Exception as e:  # noqa: BLE001 - record the failure and go on to the next form
+      row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
+      traceback.print_exc(file=sys.stderr)
+    rows.append(row)
+  return rows
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _env(bandwidth):
+  dev = jax.devices()[0]
+  try:
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False).stdout.strip()
+  except OSError:
+    sha = ""
+  return dict(date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              commit=sha, jax=jax.__version__, device=dev.device_kind, platform=dev.platform,
+              copy_bandwidth_gbs=bandwidth / 1e9)
+
+
+def goals(records):
+  """The issue's goals, evaluated where the run has the numbers (GPU runs)."""
+  out = []
+
+  def t(kind, shape, form, pass_="fwd"):
+    for r in records:
+      if (r["kind"], r["shape"], r["form"], r["pass_"], r["status"]) == (kind, shape, form,
+                                                                         pass_, "ok"):
+        return r
+    return None
+
+  big = SsdShape(1, 16384).name
+  pg = t("ssd", big, "pallas_gpu")
+  if pg:
+    out.append(dict(goal="SSD fwd <= 1.0x fla chunk_simple_gla (0.315 ms)",
+                    value=pg["time_ms"] / FLA_CHUNK_SIMPLE_GLA_MS, target=1.0,
+                    met=pg["time_ms"] <= FLA_CHUNK_SIMPLE_GLA_MS))
+  scan = ScanShape(4, 4096, 1536).name
+  ps, assoc = t("scan", scan, "pallas_gpu"), t("scan", scan, "assoc_scan")
+  if ps:
+    base = assoc["time_ms"] if assoc else ASSOC_SCAN_LINEAR_MS
+    out.append(dict(goal="linear_scan >= 5x faster than associative_scan", value=base
+                    / ps["time_ms"], target=5.0, met=base / ps["time_ms"] >= 5.0))
+    out.append(dict(goal="linear_scan within 3x of the memory floor", value=ps["vs_floor"],
+                    target=3.0, met=ps["vs_floor"] <= 3.0))
+  return out
+
+
+def write_report(out_dir: pathlib.Path, env, records):
+  out_dir.mkdir(parents=True, exist_ok=True)
+  result = dict(env=env, records=records, goals=goals(records))
+  tmp = out_dir / "results.json.tmp"
+  tmp.write_text(json.dumps(result, indent=1))
+  tmp.rename(out_dir / "results.json")
+  lines = [f"# bench_ssm — {env['device']} ({env['platform']}), jax {env['jax']}, "
+           f"{env['date']}, commit {env['commit']}", "",
+           f"Device copy bandwidth (same run): {env['copy_bandwidth_gbs']:.1f} GB/s", "",
+           "| problem | form | pass | time ms | TFLOP/s | GB/s | x floor | temp MiB | status |",
+           "|---|---|---|---:|---:|---:|---:|---:|---|"]
+  fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+  for r in records:
+    temp = r.get("temp_bytes")
+    lines.append(
+        f"| {r['shape']} | {r['form']} | {r['pass_']} | {fmt(r.get('time_ms'), '.4g')} | "
+        f"{fmt(r.get('tflops'), '.3g')} | {fmt(r.get('gbs'), '.4g')} | "
+        f"{fmt(r.get('vs_floor'), '.3g')} | {fmt(None if temp is None else temp / 2**20, '.1f')}"
+        f" | {r['status']}{' — ' + r['reason'] if r.get('reason') else ''} |")
+  if result["goals"]:
+    lines += ["", "| goal | value | target | met |", "|---|---:|---:|---|"]
+    lines += [f"| {g['goal']} | {g['value']:.3g} | {g['target']} | {g['met']} |"
+              for g in result["goals"]]
+  tmp = out_dir / "results.md.tmp"
+  tmp.write_text("\n".join(lines) + "\n")
+  tmp.rename(out_dir / "results.md")
+  return lines
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--out", required=True, help="output directory (results.json, results.md)")
+  ap.add_argument("--quick", action="store_true", help="small shapes (CPU smoke test)")
+  ap.add_argument("--tiny", action="store_true", help="tiny shapes (the unit test's run)")
+  ap.add_argument("--forms", default="pallas_gpu,xla,lax_scan,assoc_scan",
+                  help="comma-separated forms to time")
+  ap.add_argument("--sweep", action="store_true", help="also time pallas_gpu chunk/tile options")
+  ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--budget-s", type=float, default=1.5, help="timing budget per measurement")
+  ap.add_argument("--total-budget-s", type=float, default=140.0,
+                  help="stop starting new measurements after this long (gpu_check allows 170)")
+  args = ap.parse_args(argv)
+  on_gpu = ssd_api.gpu_backend()
+  if args.tiny:
+    ssd_shapes = [SsdShape(1, 64, h=2, p=16, n=16, dtype="float32")]
+    scan_shapes = [ScanShape(2, 64, 32)]
+  elif args.quick:
+    ssd_shapes = [SsdShape(1, 1024, h=4, p=32, n=32, dtype="float32"),
+                  SsdShape(2, 512, h=4, p=32, n=32, dtype="float32")]
+    scan_shapes = [ScanShape(4, 4096, 256)]
+  else:
+    ssd_shapes = [SsdShape(1, 16384), SsdShape(4, 4096)]
+    scan_shapes = [ScanShape(4, 4096, 1536), ScanShape(4, 4096, 1536 * 16)]
+  wanted = args.forms.split(",")
+  forms = [f for f in ("pallas_gpu", "xla", "lax_scan", "assoc_scan")
+           if f in wanted and (f != "pallas_gpu" or on_gpu)]
+  deadline = time.perf_counter() + args.total_budget_s
+  bandwidth = copy_bandwidth(on_gpu)
+  env = _env(bandwidth)
+  mem_limit = device_memory()
+  out_dir = pathlib.Path(args.out)
+  records = []
+  if not on_gpu:
+    records.append(dict(kind="-", shape="all", form="pallas_gpu", pass_="-", status="skipped",
+                        reason="no NVIDIA GPU (the Pallas kernels run only in the interpreter)"))
+  sweep = {}
+  if args.sweep and on_gpu:
+    sweep = {f"pallas_gpu q{q} bp{bp}": ssd_ops.BlockSizes(chunk=q, block_p=bp, block_n=bn)
+             for q, bp, bn in ((64, 32, 32), (128, 64, 64), (128, 32, 64))}
+  for s in ssd_shapes:
+    inputs, cot = ssd_inputs(s)
+    candidates = [(f, ssd_form(f)) for f in forms]
+    candidates += [(name, ssd_form("pallas_gpu", blocks)) for name, blocks in sweep.items()]
+    for name, fn in candidates:
+      for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
+                         mem_limit=mem_limit, deadline=deadline):
+        row.update(kind="ssd", shape=s.name)
+        if row.get("time_ms"):
+          factor = 1.0 if row["pass_"] == "fwd" else 3.0
+          row["tflops"] = factor * ssd_flops(s) / (row["time_ms"] * 1e-3) / 1e12
+          row["gbs"] = factor * ssd_bytes(s) / (row["time_ms"] * 1e-3) / 1e9
+          row["vs_floor"] = row["time_ms"] * 1e-3 / (factor * ssd_bytes(s) / bandwidth)
+        records.append(row)
+        print(row, flush=True)
+      write_report(out_dir, env, records)
+  scan_sweep = {}
+  if args.sweep and on_gpu:
+    scan_sweep = {f"pallas_gpu c{c} bd{bd} w{w}": ls.BlockSizes(chunk=c, block_d=bd, num_warps=w)
+                  for c, bd, w in ((64, 128, 1), (128, 512, 4), (32, 256, 2))}
+  for s in scan_shapes:
+    inputs, cot = scan_inputs(s)
+    candidates = [(f, scan_form(f)) for f in forms]
+    candidates += [(name, scan_form("pallas_gpu", b)) for name, b in scan_sweep.items()]
+    for name, fn in candidates:
+      for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
+                         mem_limit=mem_limit, deadline=deadline):
+        row.update(kind="scan", shape=s.name)
+        if row.get("time_ms"):
+          # fwd: read a, b, write h (3 tensors); the backward adds read a, h, dh and write
+          # da, db (5 more), so fwd+bwd moves at least 8/3 of the forward's bytes.
+          moved = scan_bytes(s) * (1.0 if row["pass_"] == "fwd" else 8.0 / 3.0)
+          row["gbs"] = moved / (row["time_ms"] * 1e-3) / 1e9
+          row["vs_floor"] = row["time_ms"] * 1e-3 / (moved / bandwidth)
+        records.append(row)
+        print(row, flush=True)
+      write_report(out_dir, env, records)
+  lines = write_report(out_dir, env, records)
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  np.set_printoptions(precision=4)
+  sys.exit(main())

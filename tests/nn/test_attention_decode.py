@@ -1,0 +1,35 @@
+"""KV-cache decoding of the attention layer equals its parallel forward (causal, window, sinks)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from memx.kernels import _testing
+from memx.models._testing import jit_for_test
+from memx.models.config import ModelConfig
+from memx.nn import attention_decode
+from memx.nn.attention import Attention
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)
+
+
+@pytest.mark.parametrize("window, sinks", [(None, 0), (3, 2)])
+def test_prefill_and_steps_equal_parallel_forward(window, sinks):
+  cfg = dataclasses.replace(CFG, attn_window=window, attn_sinks=sinks)
+  attn = Attention(cfg, 0, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 11, 32))
+  positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  full = jit_for_test(lambda m, x, p: m(x, p))(attn, x, positions)
+  head, cache = jit_for_test(lambda m, x, p: attention_decode.prefill(m, x, p, max_len=16))(
+      attn, x[:, :6], positions[:, :6])
+  _testing.assert_allclose(head, full[:, :6], name="prefill")
+  step = jax.jit(lambda x_t, pos, c: attention_decode.step(attn, x_t, pos, c))
+  ys = []
+  for t in range(6, 11):
+    y, cache = step(x[:, t], jnp.int32(t), cache)
+    ys.append(y)
+  _testing.assert_allclose(jnp.stack(ys, 1), full[:, 6:], name="steps")
+  assert cache["k"].shape == (2, 16, 2, 8)
