@@ -28,6 +28,7 @@ SWEEP: list[tuple[str, dict]] = [
     ("window32-sink4-d128", {"model.attn_window": 32, "model.attn_sinks": 4}),
     ("mamba2-d128", {"model.mixers": ("mamba2", "mamba2")}),
     ("hybrid-mamba2-attn-d128", {"model.mixers": ("mamba2", "attention")}),
+    ("matmulfree-d128", {"model.mixers": ("mlgru", "mlgru"), "model.mlp_kind": "bitglu"}),
 ]
 
 

@@ -7,7 +7,8 @@ from memx._validate import one_of, require
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-MIXERS = ("attention", "mamba2", "linear_attention")
+MIXERS = ("attention", "mamba2", "linear_attention", "mlgru")
+MLP_KINDS = ("swiglu", "bitglu")
 FEATURE_MAPS = ("identity", "elu1")
 
 
@@ -70,6 +71,13 @@ class SSMConfig:
             self.impl, "expected None or one of reference, quadratic, xla, pallas_gpu")
 
 
+def matmulfree_config(**overrides) -> "ModelConfig":
+  """The MatMul-free LM (Zhu et al. 2024): MLGRU mixers and BitGLU MLPs in every layer."""
+  n_layers = overrides.get("n_layers", ModelConfig.n_layers)
+  base = {"mixers": ("mlgru",) * n_layers, "mlp_kind": "bitglu", "ternary": True}
+  return ModelConfig(**{**base, **overrides})
+
+
 def hybrid_mixers(n_layers: int, attention_every: int, ssm: str = "mamba2") -> tuple[str, ...]:
   """Attention at layers 0, k, 2k, ... and `ssm` elsewhere (mmMamba-hybrid keeps every 4th)."""
   return tuple("attention" if i % attention_every == 0 else ssm for i in range(n_layers))
@@ -93,12 +101,18 @@ class ModelConfig:
     attn_sinks: always-visible initial tokens in windowed layers (StreamingLLM sinks).
     attn_window_layers: which layers use the window; None means all layers.
     attn_impl: kernel implementation passed to memx.kernels.attention.attention (None = dispatch).
-    mixers: token mixer per layer, each "attention", "mamba2" or "linear_attention"; None
-      means attention everywhere. For example ("mamba2",) * 3 + ("attention",), or
+    mixers: token mixer per layer, each "attention", "mamba2", "linear_attention" or "mlgru"
+      (the MatMul-free LM's gated recurrence, BitLinear projections); None means attention
+      everywhere. For example ("mamba2",) * 3 + ("attention",), or
       `hybrid_mixers(n_layers, 4)`; on the command line `--set model.mixers=mamba2,attention`.
     ssm: settings of the mamba2 / linear_attention mixers (`SSMConfig`).
     mlp: give every block a SwiGLU; False makes mixer-only blocks (the pure Mamba-2 LM layout,
       whose expanded mixer stands in for the MLP).
+    mlp_kind: the channel mixer when mlp is on: "swiglu" (full-precision SwiGLU) or "bitglu"
+      (the MatMul-free LM's GLU with BitLinear projections).
+    ternary: whether BitLinear layers (those of "mlgru" mixers and "bitglu" MLPs) quantize to
+      ternary weights and int8 activations; False trains the same layers in full precision
+      (the ablation baseline). Attention/SSM layers and the embeddings are unaffected.
   """
 
   vocab_size: int = 512
@@ -121,6 +135,8 @@ class ModelConfig:
   mixers: tuple[str, ...] | None = None
   ssm: SSMConfig = SSMConfig()
   mlp: bool = True
+  mlp_kind: Literal["swiglu", "bitglu"] = "swiglu"
+  ternary: bool = True
 
   def __post_init__(self):
     name = "model"
@@ -148,6 +164,11 @@ class ModelConfig:
       bad = [i for i in self.attn_window_layers if not 0 <= i < self.n_layers]
       require(not bad, name, "attn_window_layers", self.attn_window_layers,
               f"layer indices must lie in [0, {self.n_layers})")
+    one_of(name, "mlp_kind", self.mlp_kind, MLP_KINDS)
+    require(self.mlp or self.mlp_kind == "swiglu", name, "mlp_kind", self.mlp_kind,
+            "a channel mixer kind needs model.mlp = True")
+    require(isinstance(self.ternary, bool), name, "ternary", self.ternary,
+            "must be true or false")
     self._check_mixers(name)
 
   def _check_mixers(self, name: str) -> None:
@@ -171,6 +192,11 @@ class ModelConfig:
               f"must divide the Mamba-2 inner width ssm.expand * d_model = {inner}")
       require(self.ssm_heads % s.n_groups == 0, name, "ssm.n_groups", s.n_groups,
               f"must divide the {self.ssm_heads} Mamba-2 heads")
+
+  @property
+  def uses_bitlinear(self) -> bool:
+    """Whether any layer has BitLinear projections (mlgru mixers or a bitglu MLP)."""
+    return self.mlp_kind == "bitglu" or (self.mixers is not None and "mlgru" in self.mixers)
 
   @property
   def kv_heads(self) -> int:

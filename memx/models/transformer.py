@@ -5,6 +5,11 @@ Mamba-2, or (gated) linear attention; all-attention is the default, a list mixin
 hybrid (e.g. attention every 4th layer, as mmMamba-hybrid). Every mixer also has a recurrent
 step form, which `init_cache` / `prefill` / `decode_step` use for generation: SSM and
 linear-attention layers carry a fixed-size state, attention layers a KV cache.
+
+The MatMul-free LM (`config.matmulfree_config`) is this model with "mlgru" mixers and "bitglu"
+MLPs: ternary BitLinear projections everywhere but the embeddings, plus a model-level [L, D]
+parameter (`lower_bounds`) from which every MLGRU layer takes its forget-gate lower bound.
+`pack_bitlinears(model)` turns it into the packed 2-bit inference form (memx.models.packed).
 """
 
 import jax
@@ -15,11 +20,13 @@ from memx.models.config import ModelConfig
 from memx.nn import attention_decode
 from memx.nn._params import DTYPES, param
 from memx.nn.attention import Attention
+from memx.nn.glu import BitGLU
 from memx.nn.linear_attention import LinearAttention
 from memx.nn.mamba2 import Mamba2
+from memx.nn.mlgru import MLGRU, lower_bounds
 from memx.nn.mlp import SwiGLU
 from memx.nn.norms import RMSNorm
-from memx.parallel.axes import EMBED, VOCAB
+from memx.parallel.axes import EMBED, LAYERS, MLP, VOCAB
 from memx.typing import Array, Float, Int
 
 # Which intermediates a rematerialised block keeps for the backward pass.
@@ -27,7 +34,8 @@ REMAT_POLICIES = {
     "full": None,  # save only the block input; recompute everything
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-SSM_MIXERS = {"mamba2": Mamba2, "linear_attention": LinearAttention}
+SSM_MIXERS = {"mamba2": Mamba2, "linear_attention": LinearAttention, "mlgru": MLGRU}
+MLPS = {"swiglu": SwiGLU, "bitglu": BitGLU}
 
 
 class Block(nnx.Module):
@@ -44,18 +52,22 @@ class Block(nnx.Module):
       self.mixer = SSM_MIXERS[self.kind](cfg, layer, rngs=rngs)
     if cfg.mlp:
       self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-      self.mlp = SwiGLU(cfg, rngs=rngs)
+      self.mlp = MLPS[cfg.mlp_kind](cfg, rngs=rngs)
     else:
       self.mlp = None
 
   def _mlp(self, x):
     return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
-  def __call__(self, x, positions, segment_ids=None):
+  def _lb(self, lower_bound):
+    """Keyword arguments for the mixer: only MLGRU layers take a forget-gate lower bound."""
+    return {"lower_bound": lower_bound} if self.kind == "mlgru" else {}
+
+  def __call__(self, x, positions, segment_ids=None, lower_bound=None):
     if self.kind == "attention":
       x = x + self.attn(self.attn_norm(x), positions, segment_ids)
     else:
-      x = x + self.mixer(self.mixer_norm(x), segment_ids)
+      x = x + self.mixer(self.mixer_norm(x), segment_ids, **self._lb(lower_bound))
     return self._mlp(x)
 
   # --- decoding -------------------------------------------------------------------------------
@@ -65,23 +77,23 @@ class Block(nnx.Module):
       return attention_decode.init_cache(self.attn, batch, max_len)
     return self.mixer.init_cache(batch)
 
-  def prefill(self, x, positions, max_len: int):
+  def prefill(self, x, positions, max_len: int, lower_bound=None):
     if self.kind == "attention":
       y, cache = attention_decode.prefill(self.attn, self.attn_norm(x), positions, max_len)
     else:
-      y, cache = self.mixer(self.mixer_norm(x), return_state=True)
+      y, cache = self.mixer(self.mixer_norm(x), return_state=True, **self._lb(lower_bound))
     return self._mlp(x + y), cache
 
-  def step(self, x_t, pos, cache):
+  def step(self, x_t, pos, cache, lower_bound=None):
     if self.kind == "attention":
       y, cache = attention_decode.step(self.attn, self.attn_norm(x_t), pos, cache)
     else:
-      y, cache = self.mixer.step(self.mixer_norm(x_t), cache)
+      y, cache = self.mixer.step(self.mixer_norm(x_t), cache, **self._lb(lower_bound))
     return self._mlp(x_t + y), cache
 
 
-def _run_block(block: Block, x, positions, segment_ids):
-  return block(x, positions, segment_ids)
+def _run_block(block: Block, x, positions, segment_ids, lower_bound=None):
+  return block(x, positions, segment_ids, lower_bound)
 
 
 class TransformerLM(nnx.Module):
@@ -93,6 +105,10 @@ class TransformerLM(nnx.Module):
                        dtype=cfg.param_dtype)
     self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+    if cfg.mixers is not None and "mlgru" in cfg.mixers:
+      # Zeros: a uniform softmax, so bounds start at 0, 1/L, ..., (L-1)/L (HGRNBitModel's init).
+      self.lower_bounds = nnx.Param(jnp.zeros((cfg.n_layers, cfg.d_model), jnp.float32),
+                                    axes=(LAYERS, MLP))
     if not cfg.tie_embeddings:
       self.unembed = param(rngs, (cfg.d_model, cfg.vocab_size), (EMBED, VOCAB),
                            std=cfg.d_model ** -0.5, dtype=cfg.param_dtype)
@@ -100,6 +116,13 @@ class TransformerLM(nnx.Module):
     if cfg.remat != "none":
       run = nnx.remat(_run_block, policy=REMAT_POLICIES[cfg.remat])
     self._run_block = run
+
+  def _layer_bounds(self) -> list:
+    """Each layer's MLGRU forget-gate lower bound [D] (None for models without MLGRU)."""
+    if not hasattr(self, "lower_bounds"):
+      return [None] * self.cfg.n_layers
+    lb = lower_bounds(self.lower_bounds[...])
+    return [lb[i] for i in range(self.cfg.n_layers)]
 
   def _embed(self, tokens):
     return jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.compute_dtype])
@@ -119,8 +142,8 @@ class TransformerLM(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self._embed(tokens)
-    for block in self.blocks:
-      x = self._run_block(block, x, positions, segment_ids)
+    for block, lb in zip(self.blocks, self._layer_bounds(), strict=True):
+      x = self._run_block(block, x, positions, segment_ids, lb)
     return self._logits(x)
 
   # --- decoding -------------------------------------------------------------------------------
@@ -145,8 +168,8 @@ class TransformerLM(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x = self._embed(tokens)
     caches = []
-    for block in self.blocks:
-      x, cache = block.prefill(x, positions, max_len)
+    for block, lb in zip(self.blocks, self._layer_bounds(), strict=True):
+      x, cache = block.prefill(x, positions, max_len, lb)
       caches.append(cache)
     return self._logits(x), {"pos": jnp.asarray(tokens.shape[1], jnp.int32), "layers": caches}
 
@@ -155,8 +178,9 @@ class TransformerLM(nnx.Module):
     pos = cache["pos"]
     x = self._embed(tokens)
     new = []
-    for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
-      x, layer_cache = block.step(x, pos, layer_cache)
+    for block, layer_cache, lb in zip(self.blocks, cache["layers"], self._layer_bounds(),
+                                      strict=True):
+      x, layer_cache = block.step(x, pos, layer_cache, lb)
       new.append(layer_cache)
     return self._logits(x), {"pos": pos + 1, "layers": new}
 

@@ -1,0 +1,39 @@
+"""Ternary (1.58-bit) weights: absmean/absmax quantizers with straight-through gradients,
+2-bit packing (4 weights per byte) and a matmul on packed weights.
+
+Implementations of the packed matmul: reference (unpack, then one dot), xla (one bit plane at
+a time), pallas_gpu (decodes in registers); `packed_matmul` dispatches.
+"""
+
+from memx.kernels.ternary.api import IMPLEMENTATIONS, Implementation, default_order, packed_matmul
+from memx.kernels.ternary.config import BlockSizes
+from memx.kernels.ternary.pallas_gpu import packed_matmul_pallas_gpu
+from memx.kernels.ternary.reference import (
+    absmax_quantize,
+    absmean_quantize,
+    int8_fake_quant,
+    pack_ternary,
+    packed_matmul_reference,
+    packed_rows,
+    ternary_fake_quant,
+    unpack_ternary,
+)
+from memx.kernels.ternary.xla import packed_matmul_xla
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "BlockSizes",
+    "Implementation",
+    "absmax_quantize",
+    "absmean_quantize",
+    "default_order",
+    "int8_fake_quant",
+    "pack_ternary",
+    "packed_matmul",
+    "packed_matmul_pallas_gpu",
+    "packed_matmul_reference",
+    "packed_matmul_xla",
+    "packed_rows",
+    "ternary_fake_quant",
+    "unpack_ternary",
+]

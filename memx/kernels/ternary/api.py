@@ -1,0 +1,116 @@
+"""packed_matmul(): the one entry point for matmuls on 2-bit packed ternary weights."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import jax.numpy as jnp
+
+from memx.kernels.linear_scan.api import gpu_backend
+from memx.kernels.ternary.config import BlockSizes
+from memx.kernels.ternary.pallas_gpu import packed_matmul_pallas_gpu
+from memx.kernels.ternary.reference import packed_matmul_reference, packed_rows
+from memx.kernels.ternary.xla import packed_matmul_xla
+from memx.typing import Array
+
+Implementation = Literal["reference", "xla", "pallas_gpu"]
+IMPLEMENTATIONS: tuple[str, ...] = ("reference", "xla", "pallas_gpu")
+_X_DTYPES = (jnp.int8, jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def default_order() -> tuple[str, ...]:
+  """Dispatch order for implementation=None on the current backend."""
+  return ("pallas_gpu", "xla") if gpu_backend() else ("xla",)
+
+
+def _check_inputs(x, packed) -> None:
+  if getattr(x, "ndim", 0) < 1:
+    raise ValueError(f"packed_matmul: x must be [..., K]; got shape {getattr(x, 'shape', None)}")
+  if getattr(packed, "ndim", None) != 2:
+    raise ValueError(f"packed_matmul: packed weights must be [ceil(K/4), N]; got shape "
+                     f"{getattr(packed, 'shape', None)}")
+  if packed.dtype != jnp.uint8:
+    raise ValueError(f"packed_matmul: packed weights must be uint8 (pack_ternary's output), got "
+                     f"{packed.dtype}")
+  k = x.shape[-1]
+  if packed.shape[0] != packed_rows(k):
+    raise ValueError(f"packed_matmul: x has K = {k} features, so the packed weights need "
+                     f"ceil(K/4) = {packed_rows(k)} rows; got {packed.shape[0]}")
+  if x.dtype not in _X_DTYPES:
+    raise ValueError(f"packed_matmul: x dtype {x.dtype} is not supported; use int8 (quantized "
+                     f"activations) or float32/bfloat16/float16")
+
+
+def unsupported_reason(name: str, interpret: bool) -> str | None:
+  """Why implementation `name` cannot serve these (valid) inputs, or None if it can."""
+  if name in ("reference", "xla"):
+    return None
+  if name == "pallas_gpu":
+    if not interpret and not gpu_backend():
+      return ("needs an NVIDIA GPU backend to compile; pass interpret=True to run the kernel in "
+              "the Pallas interpreter")
+    return None
+  raise NotImplementedError(f"packed_matmul: unknown implementation {name!r}; available: "
+                            f"{IMPLEMENTATIONS}")
+
+
+def packed_matmul(
+    x: Array,
+    packed: Array,
+    *,
+    implementation: Implementation | Sequence[Implementation] | None = None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> Array:
+  """y = x @ W̃ for ternary W̃ [K, N] stored as `pack_ternary(W̃)` (uint8 [⌈K/4⌉, N]).
+
+  Args:
+    x: activations [..., K]: int8 codes (exact int32 result) or floats (float32 result).
+    packed: 2-bit weights, 4 per byte along K.
+    implementation: None dispatches by backend (pallas_gpu on an NVIDIA GPU, else xla); a single
+      name forces it and raises if it cannot serve; a sequence is tried in order, warning on
+      every skip.
+    block_sizes: pallas_gpu tiles (`BlockSizes`).
+    interpret: run pallas_gpu in the Pallas interpreter (CPU tests).
+
+  Returns:
+    [..., N], int32 for int8 x (bit-exact in every implementation), float32 otherwise. Scales
+    are the caller's: y_real = y · s_w / s_x.
+
+  Raises:
+    ValueError: malformed inputs. NotImplementedError: the requested implementation(s) cannot
+    serve the inputs.
+  """
+  _check_inputs(x, packed)
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise ValueError(f"packed_matmul: block_sizes must be a BlockSizes, got {block_sizes!r}")
+  single = isinstance(implementation, str)
+  if implementation is None:
+    order, warn_skips = default_order(), False
+  elif single:
+    order, warn_skips = (implementation,), False
+  else:
+    order, warn_skips = tuple(implementation), True
+    if not order:
+      raise ValueError("packed_matmul: implementation sequence is empty")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])  # one canonical [M, K] shape for every implementation
+  errors = []
+  for name in order:
+    reason = unsupported_reason(name, interpret)
+    if reason is None:
+      if name == "reference":
+        y = packed_matmul_reference(x2, packed)
+      elif name == "xla":
+        y = packed_matmul_xla(x2, packed)
+      else:
+        y = packed_matmul_pallas_gpu(x2, packed, block_sizes=block_sizes, interpret=interpret)
+      return y.reshape(lead + (packed.shape[1],))
+    if single:
+      raise NotImplementedError(f"packed_matmul[{name}]: {reason}")
+    errors.append(f"{name}: {reason}")
+    if warn_skips or name == "pallas_gpu":
+      warnings.warn(f"packed_matmul: skipping {name}: {reason}", stacklevel=2)
+  raise NotImplementedError("packed_matmul: no usable implementation: " + "; ".join(errors))

@@ -1,0 +1,111 @@
+"""BitLinear (BitNet b1.58; MatMul-free LM §3.1): RMSNorm → 8-bit activations → ternary weights.
+
+Training form (`BitLinear`): full-precision latent weights; the forward uses the fake-quantized
+values (absmean ternary weights, per-token absmax int8 activations) and the backward passes
+gradients straight through both quantizers to the latent weights, as ridgerchu/matmulfreellm's
+`BitLinear` (which also fuses an RMSNorm in front, so every projection sees unit-RMS input).
+
+Inference form (`PackedBitLinear`, from `BitLinear.pack()` or `pack_bitlinears(model)`): the
+weights stored as 2-bit codes (4 per byte) plus one fp32 scale; the matmul runs on int8
+activation codes and the packed weights (memx.kernels.ternary.packed_matmul, int32 accumulation)
+and is rescaled by s_w / s_x afterwards.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memx.kernels.ternary import (
+    absmax_quantize,
+    absmean_quantize,
+    int8_fake_quant,
+    pack_ternary,
+    packed_matmul,
+    ternary_fake_quant,
+)
+from memx.nn._params import DTYPES, ones, param
+
+
+class PackedWeight(nnx.Variable):
+  """2-bit packed ternary codes and their scale: inference state, not trained."""
+
+
+def _rms_norm(x, scale, eps: float):
+  x32 = x.astype(jnp.float32)
+  var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+  return x32 * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32).reshape(
+      (1,) * (x.ndim - 1) + (-1,))
+
+
+class BitLinear(nnx.Module):
+  """x [..., in] → [..., out]: RMSNorm(x) then a ternary-weight, int8-activation projection.
+
+  quantize=False keeps the same layer (norm included) in full precision: the ablation baseline.
+  """
+
+  def __init__(self, in_dim: int, out_dim: int, *, axes: tuple[str, str], std: float,
+               rngs: nnx.Rngs, param_dtype: str = "float32", compute_dtype: str = "float32",
+               eps: float = 1e-6, quantize: bool = True):
+    self.in_dim, self.out_dim, self.eps, self.quantize = in_dim, out_dim, eps, quantize
+    self.compute_dtype = compute_dtype
+    self.norm = ones((in_dim,), (axes[0],), dtype=param_dtype)
+    self.weight = param(rngs, (in_dim, out_dim), axes, std=std, dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = DTYPES[self.compute_dtype]
+    xn = _rms_norm(x, self.norm[...], self.eps)
+    w = self.weight[...]
+    if self.quantize:
+      xn = int8_fake_quant(xn)
+      w = ternary_fake_quant(w.astype(jnp.float32))
+    return jnp.dot(xn.astype(dt), w.astype(dt), preferred_element_type=jnp.float32).astype(dt)
+
+  def pack(self, *, implementation=None) -> "PackedBitLinear":
+    """The packed inference form of this layer (requires quantize=True)."""
+    if not self.quantize:
+      raise ValueError("BitLinear.pack: this layer is not quantized (quantize=False / "
+                       "model.ternary=False); only ternary layers have a packed form")
+    codes, scale = absmean_quantize(self.weight[...])
+    return PackedBitLinear(pack_ternary(codes), scale, self.norm[...], in_dim=self.in_dim,
+                           eps=self.eps, compute_dtype=self.compute_dtype,
+                           implementation=implementation)
+
+
+class PackedBitLinear(nnx.Module):
+  """Inference-only BitLinear over 2-bit packed weights ([⌈in/4⌉, out] uint8 + fp32 scale)."""
+
+  def __init__(self, packed: jax.Array, scale: jax.Array, norm: jax.Array, *, in_dim: int,
+               eps: float = 1e-6, compute_dtype: str = "float32", implementation=None):
+    self.in_dim, self.eps, self.compute_dtype = in_dim, eps, compute_dtype
+    self.implementation = implementation
+    self.packed = PackedWeight(jnp.asarray(packed, jnp.uint8))
+    self.scale = PackedWeight(jnp.asarray(scale, jnp.float32))
+    self.norm = PackedWeight(jnp.asarray(norm))
+
+  @property
+  def out_dim(self) -> int:
+    return self.packed.shape[1]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = DTYPES[self.compute_dtype]
+    xq, s_x = absmax_quantize(_rms_norm(x, self.norm[...], self.eps))
+    y = packed_matmul(xq, self.packed[...], implementation=self.implementation)
+    return (y.astype(jnp.float32) * (self.scale[...] / s_x)).astype(dt)
+
+
+def pack_bitlinears(module: nnx.Module, *, implementation=None) -> int:
+  """Replaces every BitLinear inside `module` (in place) by its packed form; returns the count."""
+  count = 0
+  children = (list(enumerate(module)) if isinstance(module, nnx.List)
+              else list(vars(module).items()))
+  for name, child in children:
+    if isinstance(child, BitLinear):
+      packed = child.pack(implementation=implementation)
+      if isinstance(module, nnx.List):
+        module[name] = packed
+      else:
+        setattr(module, name, packed)
+      count += 1
+    elif isinstance(child, nnx.Module | nnx.List):
+      count += pack_bitlinears(child, implementation=implementation)
+  return count

@@ -1,0 +1,89 @@
+"""MLGRU: the MatMul-free LM's token mixer (Zhu et al. 2024, §3.3.1; HGRN, Qin et al. 2023).
+
+  f_t = lb + (1 - lb) · σ(x_t W_f)        forget gate with a learned per-layer lower bound lb
+  c_t = SiLU(x_t W_c)                     candidate
+  h_t = f_t ⊙ h_{t-1} + (1 - f_t) ⊙ c_t    element-wise recurrence (memx.kernels.linear_scan)
+  g_t = σ(x_t W_g)                        output gate
+  o_t = (g_t ⊙ RMSNorm(h_t)) W_o
+
+Every projection is a BitLinear (ternary weights, int8 activations; full precision with
+model.ternary=False). The lower bound comes from the model (`lower_bounds`): as in
+ridgerchu/matmulfreellm's `HGRNBitModel`, a [L, D] parameter is softmaxed over layers and
+cumulatively summed, minus layer 0's share, so layer 0 has lb = 0 (free to forget) and deeper
+layers are pushed towards long memory. The decode state is h [B, D] per layer (float32).
+
+Differences from the reference code, kept deliberately: the output gate is σ as in the paper's
+eq. (the code uses a swish-gated RMSNorm), and the inner width equals d_model (its
+expand_ratio = 1 default).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memx.kernels.linear_scan import linear_scan
+from memx.models.config import ModelConfig
+from memx.nn._params import ones
+from memx.nn.bitlinear import BitLinear
+from memx.parallel.axes import EMBED, MLP
+from memx.typing import Array, Float, Int
+
+_SCAN_IMPLS = ("reference", "xla", "pallas_gpu")
+
+
+def lower_bounds(logits: Float[Array, "L D"]) -> Float[Array, "L D"]:
+  """Per-layer forget-gate lower bounds: cumsum(softmax over layers) minus layer 0's share."""
+  p = jax.nn.softmax(logits.astype(jnp.float32), axis=0)
+  return jnp.cumsum(p, axis=0) - p[:1]
+
+
+class MLGRU(nnx.Module):
+  """MLGRU token mixer; x [B, T, D] → [B, T, D]."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    del layer
+    d, std = cfg.d_model, cfg.init_std
+    kw = {"param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+          "eps": cfg.norm_eps, "quantize": cfg.ternary, "rngs": rngs}
+    self.cfg = cfg
+    # The recurrence width is named MLP (like a feed-forward hidden layer): it is element-wise,
+    # so tensor parallelism may split it, and the in/out dims must not share one logical name.
+    self.w_f = BitLinear(d, d, axes=(EMBED, MLP), std=std, **kw)
+    self.w_c = BitLinear(d, d, axes=(EMBED, MLP), std=std, **kw)
+    self.w_g = BitLinear(d, d, axes=(EMBED, MLP), std=std, **kw)
+    self.h_norm = ones((d,), (MLP,), dtype=cfg.param_dtype)
+    self.w_o = BitLinear(d, d, axes=(MLP, EMBED), std=std / (2 * cfg.n_layers) ** 0.5, **kw)
+
+  def _gates(self, x, lower_bound):
+    f = jax.nn.sigmoid(self.w_f(x).astype(jnp.float32))
+    if lower_bound is not None:
+      lb = lower_bound.astype(jnp.float32).reshape((1,) * (f.ndim - 1) + (-1,))
+      f = lb + (1.0 - lb) * f
+    c = jax.nn.silu(self.w_c(x).astype(jnp.float32))
+    return f, (1.0 - f) * c
+
+  def _output(self, x, h):
+    g = jax.nn.sigmoid(self.w_g(x).astype(jnp.float32))
+    h32 = h.astype(jnp.float32)
+    hn = h32 * jax.lax.rsqrt(jnp.mean(jnp.square(h32), -1, keepdims=True) + self.cfg.norm_eps)
+    hn = hn * self.h_norm[...].astype(jnp.float32).reshape((1,) * (h.ndim - 1) + (-1,))
+    return self.w_o((g * hn).astype(x.dtype))
+
+  def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
+               *, lower_bound: Float[Array, " D"] | None = None, return_state: bool = False):
+    """Parallel form (one linear_scan); with return_state also the decode state."""
+    f, b = self._gates(x, lower_bound)
+    impl = self.cfg.ssm.impl if self.cfg.ssm.impl in _SCAN_IMPLS else None
+    h, final = linear_scan(f, b, segment_ids=segment_ids, implementation=impl)
+    out = self._output(x, h)
+    return (out, {"state": final}) if return_state else out
+
+  def init_cache(self, batch: int) -> dict[str, jax.Array]:
+    return {"state": jnp.zeros((batch, self.cfg.d_model), jnp.float32)}
+
+  def step(self, x_t: Float[Array, "B D"], cache: dict[str, jax.Array], *,
+           lower_bound: Float[Array, " D"] | None = None):
+    """Recurrent form for one token: (y_t [B, D], new cache)."""
+    f, b = self._gates(x_t, lower_bound)
+    h = f * cache["state"] + b
+    return self._output(x_t, h), {"state": h}

@@ -1,0 +1,198 @@
+"""Ternary quantizers, 2-bit packing and the packed matmul (reference, xla, Pallas interpret)."""
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from memx.kernels import _testing
+from memx.kernels.ternary import (
+    BlockSizes,
+    absmax_quantize,
+    absmean_quantize,
+    int8_fake_quant,
+    pack_ternary,
+    packed_matmul,
+    packed_rows,
+    ternary_fake_quant,
+    unpack_ternary,
+)
+
+SMALL = BlockSizes(block_m=16, block_n=16, block_k=64)
+
+
+def _w(shape, seed=0):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+# --- quantizers -----------------------------------------------------------------------------
+
+
+def test_absmean_codes_are_ternary_and_scale_is_mean_abs():
+  w = _w((64, 48))
+  codes, scale = absmean_quantize(w)
+  assert codes.dtype == jnp.int8
+  assert set(np.unique(np.asarray(codes)).tolist()) <= {-1, 0, 1}
+  np.testing.assert_allclose(scale, jnp.mean(jnp.abs(w)), rtol=1e-6)
+  q = ternary_fake_quant(w)
+  vals = np.unique(np.asarray(q))
+  np.testing.assert_allclose(np.sort(np.abs(vals))[-1], scale, rtol=1e-6)
+  assert len(vals) <= 3
+
+
+def test_quantizers_idempotent():
+  w = _w((32, 16))
+  codes, _ = absmean_quantize(w)
+  # Codes are a fixed point (the scale of {-1,0,1} is the fraction of nonzeros, which maps every
+  # nonzero code back to ±1 and keeps zeros at 0).
+  codes2, _ = absmean_quantize(ternary_fake_quant(w))
+  np.testing.assert_array_equal(codes2, codes)
+  x = _w((4, 7, 33), seed=1) * 5
+  x1 = int8_fake_quant(x)
+  c1, s1 = absmax_quantize(x)
+  c2, s2 = absmax_quantize(x1)
+  np.testing.assert_array_equal(c2, c1)
+  np.testing.assert_allclose(s2, s1, rtol=1e-6)
+  np.testing.assert_allclose(int8_fake_quant(x1), x1, rtol=1e-6, atol=1e-7)
+
+
+def test_absmax_codes_in_int8_range_and_max_maps_to_127():
+  x = _w((3, 5, 40)) * 100
+  codes, scale = absmax_quantize(x)
+  assert codes.dtype == jnp.int8 and scale.shape == (3, 5, 1)
+  assert int(jnp.max(jnp.abs(codes.astype(jnp.int32)))) == 127
+  np.testing.assert_array_equal(jnp.max(jnp.abs(codes.astype(jnp.int32)), -1), 127)
+  np.testing.assert_allclose(codes / scale, x, atol=float(jnp.max(1 / scale)) * 0.5 + 1e-5)
+
+
+def test_all_zero_inputs_stay_finite():
+  codes, scale = absmean_quantize(jnp.zeros((8, 8)))
+  assert np.isfinite(scale) and not codes.any()
+  assert np.isfinite(np.asarray(int8_fake_quant(jnp.zeros((2, 8))))).all()
+
+
+def test_straight_through_gradients_are_identity():
+  w, x = _w((16, 8)), _w((4, 16), seed=2)
+  g = jax.random.normal(jax.random.key(3), (16, 8))
+  gw = jax.grad(lambda w: jnp.sum(ternary_fake_quant(w) * g))(w)
+  np.testing.assert_array_equal(gw, g)
+  gx = jax.grad(lambda x: jnp.sum(int8_fake_quant(x) ** 2))(x)
+  np.testing.assert_allclose(gx, 2 * int8_fake_quant(x), rtol=1e-6)
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1,), (4,), (7,), (37, 24), (64, 5), (3, 1)])
+def test_pack_unpack_roundtrip_and_byte_count(shape):
+  codes, _ = absmean_quantize(_w(shape))
+  packed = pack_ternary(codes)
+  assert packed.dtype == jnp.uint8
+  n = int(np.prod(shape))
+  cols = n // shape[0]
+  assert packed.size == packed_rows(shape[0]) * cols
+  if len(shape) == 1:
+    assert packed.nbytes == -(-n // 4)  # exactly ceil(n/4) bytes (+ the fp32 scale: 4 bytes)
+  np.testing.assert_array_equal(unpack_ternary(packed, shape[0]), codes)
+
+
+def test_pack_rejects_non_ternary_and_bad_shapes():
+  with pytest.raises(ValueError, match=r"\{-1, 0, 1\}.*index \(1, 0\)"):
+    pack_ternary(jnp.array([[1, 0], [2, -1]]))
+  with pytest.raises(ValueError, match="codes must be"):
+    pack_ternary(jnp.array([0.5, 1.0]))
+  with pytest.raises(ValueError, match=r"\[K\] or \[K, N\]"):
+    pack_ternary(jnp.zeros((2, 2, 2), jnp.int8))
+  with pytest.raises(ValueError, match="uint8"):
+    unpack_ternary(jnp.zeros((2, 2), jnp.int8), 8)
+  with pytest.raises(ValueError, match="does not hold K = 9"):
+    unpack_ternary(jnp.zeros((2, 2), jnp.uint8), 9)
+
+
+def test_pack_inside_jit_skips_value_check():
+  codes, _ = absmean_quantize(_w((12, 4)))
+  np.testing.assert_array_equal(jax.jit(pack_ternary)(codes), pack_ternary(codes))
+
+
+# --- packed matmul --------------------------------------------------------------------------
+
+IMPLS = [("xla", {}), ("pallas_gpu", {"interpret": True, "block_sizes": SMALL})]
+
+
+@pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
+@pytest.mark.parametrize("m,k,n", [(5, 37, 24), (16, 64, 16), (33, 130, 40)])
+def test_packed_matmul_integer_exact(impl, kw, m, k, n):
+  codes, _ = absmean_quantize(_w((k, n)))
+  packed = pack_ternary(codes)
+  x = jax.random.randint(jax.random.key(1), (m, k), -128, 128).astype(jnp.int8)
+  want = packed_matmul(x, packed, implementation="reference")
+  np.testing.assert_array_equal(want, jnp.dot(x.astype(jnp.int32), codes.astype(jnp.int32)))
+  got = packed_matmul(x, packed, implementation=impl, **kw)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, want)  # atol = 0
+
+
+@pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_packed_matmul_rescaled_matches_fake_quant(impl, kw, dtype):
+  """(x̃ @ W̃) · s_w / s_x equals the fake-quantized float matmul within the dtype tolerance."""
+  w, x = _w((72, 20)), _w((2, 3, 72), seed=4)
+  codes, s_w = absmean_quantize(w)
+  xq, s_x = absmax_quantize(x)
+  y = packed_matmul(xq, pack_ternary(codes), implementation=impl, **kw) * (s_w / s_x)
+  want = jnp.dot(int8_fake_quant(x), ternary_fake_quant(w))
+  _testing.assert_allclose(y, want, dtype=jnp.float32, reduction_size=72, name="rescaled")
+  # float activations straight on the packed weights
+  xf = x.astype(dtype)
+  yf = packed_matmul(xf, pack_ternary(codes), implementation=impl, **kw)
+  ref = packed_matmul(xf, pack_ternary(codes), implementation="reference")
+  assert yf.dtype == jnp.float32 and yf.shape == (2, 3, 20)
+  _testing.assert_allclose(yf, ref, dtype=dtype, reduction_size=72, name=f"float {impl}")
+
+
+def test_dispatch():
+  codes, _ = absmean_quantize(_w((8, 4)))
+  packed, x = pack_ternary(codes), jnp.ones((2, 8), jnp.int8)
+  if jax.default_backend() == "cpu":
+    with pytest.raises(NotImplementedError, match="pallas_gpu"):
+      packed_matmul(x, packed, implementation="pallas_gpu")
+    with pytest.warns(UserWarning, match="skipping pallas_gpu"):
+      y = packed_matmul(x, packed, implementation=("pallas_gpu", "xla"))
+    np.testing.assert_array_equal(y, packed_matmul(x, packed, implementation="reference"))
+  np.testing.assert_array_equal(packed_matmul(x, packed),
+                                packed_matmul(x, packed, implementation="reference"))
+  with pytest.raises(NotImplementedError, match="unknown implementation"):
+    packed_matmul(x, packed, implementation="cuda")
+  with pytest.raises(ValueError, match="need ceil"):
+    packed_matmul(jnp.ones((2, 12), jnp.int8), packed)
+  with pytest.raises(ValueError, match="uint8"):
+    packed_matmul(x, codes)
+  with pytest.raises(ValueError, match="int8"):
+    packed_matmul(x.astype(jnp.int32), packed)
+  with pytest.raises(ValueError, match="block_k"):
+    BlockSizes(block_k=32)
+
+
+@settings(max_examples=15, deadline=None)
+@given(k=st.integers(1, 9), n=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_pack_unpack_roundtrip_property(k, n, seed):
+  codes = np.random.default_rng(seed).integers(-1, 2, size=(k, n)).astype(np.int8)
+  packed = pack_ternary(codes)
+  assert packed.shape == (-(-k // 4), n)
+  np.testing.assert_array_equal(unpack_ternary(packed, k), codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 4096, 11008), (128, 1000, 300)])
+def test_packed_matmul_pallas_gpu_compiled(m, k, n):
+  codes, _ = absmean_quantize(_w((k, n)))
+  packed = pack_ternary(codes)
+  x = jax.random.randint(jax.random.key(1), (m, k), -128, 128).astype(jnp.int8)
+  np.testing.assert_array_equal(packed_matmul(x, packed, implementation="pallas_gpu"),
+                                packed_matmul(x, packed, implementation="reference"))
+  xb = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+  _testing.assert_allclose(packed_matmul(xb, packed, implementation="pallas_gpu"),
+                           packed_matmul(xb, packed, implementation="reference"),
+                           dtype=jnp.bfloat16, reduction_size=k, name="bf16")
