@@ -2,7 +2,7 @@
 
 Command:   memx sweep experiments/demo/ablation.py          (this is `make demo`)
 One run:   memx run experiments/demo/ablation.py:base --set model.d_model=192
-Hardware:  CPU, 2 cores; about 3 minutes for the whole sweep after installation.
+Hardware:  CPU, 2 cores; 3–4 minutes for the whole sweep after installation.
 Expected:  eval loss near 1.7 nats/byte (from ln(512) ≈ 6.2 at step 0); the wider model reaches
            the lowest loss; remat reproduces its twin's losses bit for bit with ~40% less temporary
            memory; the windowed run (32 tokens back + 4 sinks) ends with a higher loss; the Mamba-2
@@ -38,9 +38,9 @@ def config(variant: str = "base") -> Config:
       data=DataConfig(source="corpus", seq_len=128, task="mqar", task_fraction=0.25,
                       mqar_pairs=8),
       optim=OptimConfig(lr=3e-3, warmup_steps=30),
-      train=TrainConfig(steps=150, batch_size=16, log_every=10, eval_every=75,
+      train=TrainConfig(steps=100, batch_size=16, log_every=10, eval_every=50,
                         eval_batches=4),
-      checkpoint=CheckpointConfig(every=150, keep=1),
+      checkpoint=CheckpointConfig(every=100, keep=1),
   )
   if variant == "tiny":  # CPU smoke test: seconds, not minutes
     cfg = dataclasses.replace(
