@@ -83,8 +83,7 @@ def _cmd_run(args) -> int:
   from memx.experiment.runner import RunSpec, default_name, run
   from memx.parallel.mesh import maybe_initialize_distributed
 
-  if args.coordinator:
-    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+  maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   path, variant = loading.split_spec(args.experiment)
   spec = RunSpec(str(path), variant, parse_assignments(args.overrides), args.workdir,
                  args.name or default_name(str(path), variant))

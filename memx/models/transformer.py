@@ -26,7 +26,8 @@ from memx.nn.mamba2 import Mamba2
 from memx.nn.mlgru import MLGRU, lower_bounds
 from memx.nn.mlp import SwiGLU
 from memx.nn.norms import RMSNorm
-from memx.parallel.axes import EMBED, LAYERS, MLP, VOCAB
+from memx.parallel.axes import BATCH, EMBED, LAYERS, MLP, SEQ, VOCAB
+from memx.parallel.constrain import constrain
 from memx.typing import Array, Float, Int
 
 # Which intermediates a rematerialised block keeps for the backward pass.
@@ -141,10 +142,11 @@ class TransformerLM(nnx.Module):
                segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = self._embed(tokens)
+    # Activation shardings by logical name (no-ops without a mesh and rules).
+    x = constrain(self._embed(tokens), (BATCH, SEQ, EMBED))
     for block, lb in zip(self.blocks, self._layer_bounds(), strict=True):
-      x = self._run_block(block, x, positions, segment_ids, lb)
-    return self._logits(x)
+      x = constrain(self._run_block(block, x, positions, segment_ids, lb), (BATCH, SEQ, EMBED))
+    return constrain(self._logits(x), (BATCH, SEQ, VOCAB))
 
   # --- decoding -------------------------------------------------------------------------------
 

@@ -4,11 +4,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memx.kernels.attention import Mask, attention
+from memx.kernels.attention import Mask
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, param
 from memx.nn.rope import apply_rope
-from memx.parallel.axes import EMBED, HEAD_DIM, HEADS, KV_HEADS
+from memx.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, SEQ
+from memx.parallel.constrain import constrain
+from memx.parallel.sequence import sharded_attention
 
 
 def layer_mask(cfg: ModelConfig, layer: int) -> Mask:
@@ -40,6 +42,10 @@ class Attention(nnx.Module):
     v = jnp.einsum("btd,dgk->btgk", x, self.wv[...].astype(dt))
     q = apply_rope(q, positions, theta=self.cfg.rope_theta)
     k = apply_rope(k, positions, theta=self.cfg.rope_theta)
-    out = attention(q, k, v, mask=self.mask, segment_ids=segment_ids,
+    # Plain kernel call unless the active rules split SEQ (then ring / all-to-all attention).
+    q = constrain(q, (BATCH, SEQ, HEADS, HEAD_DIM))
+    k = constrain(k, (BATCH, SEQ, KV_HEADS, HEAD_DIM))
+    v = constrain(v, (BATCH, SEQ, KV_HEADS, HEAD_DIM))
+    out = sharded_attention(q, k, v, mask=self.mask, segment_ids=segment_ids,
                     implementation=self.cfg.attn_impl)
     return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))

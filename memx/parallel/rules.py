@@ -15,8 +15,6 @@ a second set of names).
 
 from collections.abc import Mapping, Sequence
 
-from jax.sharding import PartitionSpec
-
 from memx.parallel.axes import BATCH, EMBED, HEADS, KV_HEADS, MLP, SEQ, VOCAB
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -68,13 +66,17 @@ def mesh_axes_of(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, rules: Rules,
-                    mesh_shape: Mapping[str, int] | None = None) -> PartitionSpec:
+                    mesh_shape: Mapping[str, int] | None = None):
   """PartitionSpec for an array whose dims carry the logical names `axes`.
 
   The first rule for a name wins; a mesh axis already used by an earlier dim of the same array
   is dropped (an array cannot be split twice over one axis). With `mesh_shape`, mesh axes the
   mesh lacks are dropped too, so one table serves meshes with and without, say, "tensor".
+  Returns a jax.sharding.PartitionSpec.
   """
+  # Imported here: the tables are plain data that ParallelConfig (a config leaf) reads.
+  from jax.sharding import PartitionSpec
+
   if axes is None:
     return PartitionSpec()
   table: dict[str, tuple[str, ...]] = {}

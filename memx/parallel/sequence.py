@@ -21,13 +21,14 @@ sequence into 2n chunks and gives device d chunks d and 2n-1-d (MaxText's dual c
 Both make every device visit the same number of key tiles. The data arrive in the layout's
 order (`permute_sequence`, with RoPE positions from `layout_positions`); outputs stay in it.
 
-Masks: causal, windows (left/right), sinks, q_offset and segment ids. The static schedule
-(numpy, per device and hop) lists only the key tiles a mask leaves non-empty, FULL tiles
-before PARTIAL ones, and drops hops no device needs: a left window of w tokens on contiguous
-shards walks only ceil(w / (T/n)) + 1 hops. Sinks of a windowed mask travel on a side channel
-(one small psum of the first n_sink keys to every device) so they do not force the full ring.
-Per-head masks and block-sparse layouts are not supported by the ring (all_to_all passes a
-head-uniform block-sparse mask to the kernel).
+Masks: causal, windows (left/right), sinks, q_offset and segment ids. At every hop a device
+lists the key tiles its mask leaves non-empty (from the tiles' position ranges: a few integer
+ops per tile pair, computed in the kernel, so no per-device tables are baked into the
+program), FULL tiles before PARTIAL ones, and the ring walks only the hops some device needs:
+a left window of w tokens on contiguous shards walks ceil(w / (T/n)) + 1 hops. Sinks of a
+windowed mask travel on a side channel (one small psum of the first n_sink keys to every
+device) so they do not force the full ring. Per-head masks and block-sparse layouts are not
+supported by the ring (all_to_all passes a head-uniform block-sparse mask to the kernel).
 
 `sequence_parallel_attention` is the entry point on global arrays (it wraps the shard_map);
 `sharded_attention` is what a layer calls: it routes to sequence parallelism when the active
@@ -65,6 +66,9 @@ LSE_EMPTY = -MASK_VALUE
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Largest default tile: each tile is one step of an XLA loop with fixed overhead.
 DEFAULT_BLOCK = 512
+# ... but a tile's fp32 scores [B, H, bq, bk] (and the probabilities, dP, dS of the backward)
+# stay below this many elements (4 MiB each), or with a large batch they dominate memory.
+TILE_ELEMENTS = 1 << 20
 
 
 # --- layouts ------------------------------------------------------------------------------------
@@ -158,118 +162,118 @@ class _Plan:
     return _Rule(self.causal, None, None, 0)
 
 
+def _local_positions(plan: _Plan, d, xp=np):
+  """Positions [T/n] device d holds, in local order (d an int, or traced with xp=jnp)."""
+  n, tl = plan.n, plan.t_local
+  i = xp.arange(tl)
+  if plan.layout == "contiguous":
+    return d * tl + i
+  if plan.layout == "striped":
+    return d + n * i
+  c = tl // 2  # zigzag: chunks d and 2n-1-d
+  return xp.where(i < c, d * c + i, (2 * n - 1 - d) * c + (i - c))
+
+
+def _owner(plan: _Plan, p, xp=np):
+  """(device, local index) holding position p (inverse of `_local_positions`)."""
+  n, tl = plan.n, plan.t_local
+  if plan.layout == "contiguous":
+    return p // tl, p % tl
+  if plan.layout == "striped":
+    return p % n, p // n
+  c = tl // 2
+  chunk = p // c
+  first = chunk < n
+  return xp.where(first, chunk, 2 * n - 1 - chunk), p % c + xp.where(first, 0, c)
+
+
+def _bounds(pos, b: int):
+  """(min, max) position of each run of b local tokens. Positions rise within a chunk and no
+  run straddles two chunks (tiles divide chunks), so they are the run's ends."""
+  runs = pos.reshape(-1, b)
+  return runs[:, 0], runs[:, -1]
+
+
+def _classify(rule: _Rule, q_lo, q_hi, k_lo, k_hi, segments: bool, xp=np):
+  """int32 [nq, nk] tile classes from position ranges (conservative: PARTIAL when unsure).
+
+  Exact for contiguous runs of positions (contiguous and zigzag layouts); for striped runs a
+  tile may be called PARTIAL although no pair in it is visited (it is then masked, not wrong).
+  Runs in numpy for the static schedule and in jnp inside the kernel, the same code.
+  """
+  d_min = q_lo[:, None] - k_hi[None, :]
+  d_max = q_hi[:, None] - k_lo[None, :]
+  empty = xp.zeros(d_min.shape, bool)
+  full = xp.ones(d_min.shape, bool)
+  if rule.causal:
+    empty = empty | (d_max < 0)
+    full = full & (d_min >= 0)
+  if rule.window_left is not None:
+    empty = empty | (d_min > rule.window_left)
+    full = full & (d_max <= rule.window_left)
+  if rule.window_right is not None:
+    empty = empty | (-d_max > rule.window_right)
+    full = full & (-d_min <= rule.window_right)
+  if rule.k_lo:
+    empty = empty | (k_hi[None, :] < rule.k_lo)
+    full = full & (k_lo[None, :] >= rule.k_lo)
+  if segments:
+    full = full & False
+  return xp.where(empty, EMPTY, xp.where(full, FULL, PARTIAL)).astype(xp.int32)
+
+
+def _rows(classes, xp=np):
+  """Per row: inner tile indices, FULL first then PARTIAL (each ascending), and int32
+  (number FULL, number visited); the loops run exactly over the first `visited` entries."""
+  key = xp.where(classes == FULL, 0, xp.where(classes == PARTIAL, 1, 2))
+  order = (np.argsort(key, axis=-1, kind="stable") if xp is np else
+           jnp.argsort(key, axis=-1, stable=True)).astype(xp.int32)
+  n_full = (classes == FULL).sum(-1)
+  n_tot = n_full + (classes == PARTIAL).sum(-1)
+  return order, xp.stack([n_full, n_tot], -1).astype(xp.int32)
+
+
+def _hop_classes(plan: _Plan, rule: _Rule, qpos, kpos, bq: int, bk: int, xp=np):
+  q_lo, q_hi = _bounds(qpos + plan.q_offset, bq)
+  k_lo, k_hi = _bounds(kpos, bk)
+  return _classify(rule, q_lo, q_hi, k_lo, k_hi, plan.segments, xp)
+
+
+@functools.lru_cache(maxsize=256)
+def _hops(plan: _Plan) -> tuple[int, ...]:
+  """The hops some device needs: chunk-level ranges, O(n^2) numpy at trace time."""
+  chunk = plan.t_local // 2 if plan.layout == "zigzag" else plan.t_local
+  pos = [_local_positions(plan, d) for d in range(plan.n)]
+  return tuple(h for h in range(plan.n) if h == 0 or any(
+      (_hop_classes(plan, plan.ring_rule, pos[d], pos[(d - h) % plan.n], chunk, chunk)
+       != EMPTY).any() for d in range(plan.n)))
+
+
 @dataclasses.dataclass(frozen=True)
 class RingSchedule:
-  """Which key tiles each device visits at each hop (static numpy; see `ring_schedule`).
+  """What `ring_attention` visits (static numpy, for tests and reports; see `ring_schedule`).
+
+  The kernel computes the same classification per device and hop at run time from the same
+  functions, so these counts are the trip counts of its loops.
 
   Attributes:
-    positions: int32 [n, T/n], the positions each device holds.
+    positions: int [n, T/n], the positions each device holds.
     hops: the ring hops walked (0 = own block); hops no device needs are left out.
-    fwd_table, fwd_counts: int32 [n, n_hops, n_q_tiles, M] key-tile indices per query tile
-      (FULL first, then PARTIAL) and [n, n_hops, n_q_tiles, 2] (number FULL, number visited).
-    bwd_table, bwd_counts: the same transposed (query tiles per key tile), for dK/dV.
-    sink_loc: int32 [n, n_sink]: local index of sink position p on device d, or -1.
-    sink_fwd_counts: int32 [n, n_q_tiles, 2]; sink_bwd_table/counts: [n, 1, n_q_tiles] and
-      [n, 1, 2]: the side-channel pass (one key tile holding every sink).
+    counts: int32 [n, n_hops, n_q_tiles, 2]: per query tile, (FULL key tiles, visited key
+      tiles) of the forward pass.
   """
 
   positions: np.ndarray
   hops: tuple[int, ...]
-  fwd_table: np.ndarray
-  fwd_counts: np.ndarray
-  bwd_table: np.ndarray
-  bwd_counts: np.ndarray
-  sink_loc: np.ndarray
-  sink_fwd_counts: np.ndarray
-  sink_bwd_table: np.ndarray
-  sink_bwd_counts: np.ndarray
+  counts: np.ndarray
 
   def visited_tiles(self) -> np.ndarray:
     """int [n]: key tiles each device visits over the whole ring (its work, in tiles)."""
-    return self.fwd_counts[..., 1].sum(axis=(1, 2))
+    return self.counts[..., 1].sum(axis=(1, 2))
 
   def visited_tiles_per_hop(self) -> np.ndarray:
     """int [n, n_hops]."""
-    return self.fwd_counts[..., 1].sum(axis=2)
-
-
-def _classify(rule: _Rule, q_lo, q_hi, k_lo, k_hi, segments: bool) -> np.ndarray:
-  """int8 [nq, nk] tile classes from position ranges (conservative: PARTIAL when unsure)."""
-  d_min = q_lo[:, None] - k_hi[None, :]
-  d_max = q_hi[:, None] - k_lo[None, :]
-  empty = np.zeros(d_min.shape, bool)
-  full = np.ones(d_min.shape, bool)
-  if rule.causal:
-    empty |= d_max < 0
-    full &= d_min >= 0
-  if rule.window_left is not None:
-    empty |= d_min > rule.window_left
-    full &= d_max <= rule.window_left
-  if rule.window_right is not None:
-    empty |= -d_max > rule.window_right
-    full &= -d_min <= rule.window_right
-  if rule.k_lo:
-    empty |= np.broadcast_to(k_hi[None, :] < rule.k_lo, empty.shape)
-    full &= k_lo[None, :] >= rule.k_lo
-  if segments:
-    full[:] = False
-  return np.where(empty, EMPTY, np.where(full, FULL, PARTIAL)).astype(np.int8)
-
-
-def _rows(classes: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per row: inner indices (FULL first, then PARTIAL, ascending) and (n FULL, n visited)."""
-  key = np.where(classes == FULL, 0, np.where(classes == PARTIAL, 1, 2))
-  order = np.argsort(key, axis=-1, kind="stable").astype(np.int32)
-  n_full = (classes == FULL).sum(-1)
-  n_tot = n_full + (classes == PARTIAL).sum(-1)
-  if order.shape[-1] < width:
-    pad = [(0, 0)] * (order.ndim - 1) + [(0, width - order.shape[-1])]
-    order = np.pad(order, pad)
-  return order[..., :width], np.stack([n_full, n_tot], -1).astype(np.int32)
-
-
-def _tile_ranges(pos: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
-  tiles = pos.reshape(-1, b)
-  return tiles.min(-1).astype(np.int64), tiles.max(-1).astype(np.int64)
-
-
-@functools.lru_cache(maxsize=64)
-def _schedule(plan: _Plan) -> RingSchedule:
-  n, bq, bk = plan.n, plan.block_q, plan.block_k
-  pos = _positions(plan.n * plan.t_local, n, plan.layout)
-  rule = plan.ring_rule
-  nqt = plan.t_local // bq
-  classes = np.empty((n, n, nqt, plan.t_local // bk), np.int8)  # [device, hop, q tile, k tile]
-  for d in range(n):
-    q_lo, q_hi = _tile_ranges(pos[d] + plan.q_offset, bq)
-    for h in range(n):
-      k_lo, k_hi = _tile_ranges(pos[(d - h) % n], bk)
-      classes[d, h] = _classify(rule, q_lo, q_hi, k_lo, k_hi, plan.segments)
-  hops = tuple(h for h in range(n) if h == 0 or (classes[:, h] != EMPTY).any())
-  classes = classes[:, list(hops)]
-  width_f = max(1, int((classes != EMPTY).sum(-1).max()))
-  width_b = max(1, int((classes != EMPTY).sum(-2).max()))
-  fwd_table, fwd_counts = _rows(classes, width_f)
-  bwd_table, bwd_counts = _rows(np.swapaxes(classes, -1, -2), width_b)
-  ns = plan.sinks
-  sink_loc = np.full((n, max(ns, 1)), -1, np.int32)
-  sink_cls = np.zeros((n, nqt, 1), np.int8)
-  if ns:
-    for d in range(n):
-      for i, p in enumerate(pos[d]):
-        if p < ns:
-          sink_loc[d, p] = i
-      q_lo, q_hi = _tile_ranges(pos[d] + plan.q_offset, bq)
-      sink_cls[d] = _classify(plan.sink_rule, q_lo, q_hi, np.array([0]), np.array([ns - 1]),
-                              plan.segments)
-  _, sink_fwd_counts = _rows(sink_cls, 1)
-  sink_bwd_table, sink_bwd_counts = _rows(np.swapaxes(sink_cls, -1, -2), nqt)
-  arrays = dict(positions=pos, fwd_table=fwd_table, fwd_counts=fwd_counts, bwd_table=bwd_table,
-                bwd_counts=bwd_counts, sink_loc=sink_loc, sink_fwd_counts=sink_fwd_counts,
-                sink_bwd_table=sink_bwd_table, sink_bwd_counts=sink_bwd_counts)
-  for a in arrays.values():
-    a.flags.writeable = False
-  return RingSchedule(hops=hops, **arrays)
+    return self.counts[..., 1].sum(axis=2)
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -279,9 +283,12 @@ def _largest_divisor(n: int, at_most: int) -> int:
   return 1
 
 
-def _block_bounds(block_sizes: BlockSizes | None) -> tuple[int, int]:
+def _block_bounds(block_sizes: BlockSizes | None, batch_heads: int) -> tuple[int, int]:
   if block_sizes is None:
-    return DEFAULT_BLOCK, DEFAULT_BLOCK
+    b = DEFAULT_BLOCK
+    while b > 16 and batch_heads * b * b > TILE_ELEMENTS:
+      b //= 2
+    return b, b
   if not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"block_sizes must be a BlockSizes, got {block_sizes!r}")
   return block_sizes.block_q, block_sizes.block_k
@@ -318,17 +325,22 @@ def _make_plan(q, k, *, axis_name: str, axis_size: int, layout: str, mask: Mask,
 def ring_schedule(seq_len: int, n: int, *, layout: Layout = "contiguous", mask: Mask = CAUSAL,
                   block_q: int = DEFAULT_BLOCK, block_k: int = DEFAULT_BLOCK,
                   segments: bool = False) -> RingSchedule:
-  """The schedule `ring_attention` runs for a sequence of seq_len over n devices.
+  """What `ring_attention` visits for a sequence of seq_len over n devices.
 
-  The kernel's loops take their trip counts from exactly these tables, so
-  `visited_tiles()` counts the tiles each device computes. block_q / block_k bound the tiles
-  (the largest divisors of a chunk not above them), as `BlockSizes.block_q / block_k` do.
+  block_q / block_k bound the tiles (the largest divisors of a chunk not above them), as
+  `BlockSizes.block_q / block_k` do. O(n^2 tiles^2) numpy: for tests and reports.
   """
   q = jax.ShapeDtypeStruct((1, seq_len // n, 1, 8), jnp.float32)
   plan = _make_plan(q, q, axis_name="seq", axis_size=n, layout=layout, mask=mask,
                     q_seg=True if segments else None, scale=1.0, block_q=block_q,
                     block_k=block_k)
-  return _schedule(plan)
+  hops = _hops(plan)
+  pos = np.stack([_local_positions(plan, d) for d in range(n)])
+  counts = np.stack([np.stack([_rows(_hop_classes(plan, plan.ring_rule, pos[d],
+                                                  pos[(d - h) % n], plan.block_q,
+                                                  plan.block_k))[1] for h in hops])
+                     for d in range(n)])
+  return RingSchedule(positions=pos, hops=hops, counts=counts)
 
 
 # --- blockwise passes (one hop) -----------------------------------------------------------------
@@ -463,17 +475,18 @@ def _shift(tree, plan: _Plan, s: int):
 
 def _one_step_ring(hops: tuple[int, ...]) -> bool:
   """Hops 0, 1, ..., h: a lax.scan of one-step shifts (else an unrolled walk)."""
-  return hops == tuple(range(len(hops))) and len(hops) > 2
+  return hops == tuple(range(len(hops))) and len(hops) > 1
 
 
-def _sink_owner(sch: RingSchedule, me):
-  loc = jnp.asarray(sch.sink_loc)[me]
-  return loc >= 0, jnp.maximum(loc, 0)
+def _sink_owner(plan: _Plan, me):
+  """For sink positions 0..n_sink-1: held by this device?, and at which local index."""
+  device, local = _owner(plan, jnp.arange(plan.sinks), jnp)
+  return device == me, local
 
 
-def _gather_sinks(plan: _Plan, sch: RingSchedule, me, k, v, kv_seg):
+def _gather_sinks(plan: _Plan, me, k, v, kv_seg):
   """The first `plan.sinks` keys, values (and segment ids) on every device: one tiny psum."""
-  mine, idx = _sink_owner(sch, me)
+  mine, idx = _sink_owner(plan, me)
 
   def pick(x):
     sel = jnp.take(x, idx, axis=1)
@@ -504,36 +517,43 @@ def _walk(plan: _Plan, hops: tuple[int, ...], hop, moving, fixed):
   return moving, fixed
 
 
+def _tables(plan: _Plan, rule: _Rule, qpos, kpos, bk: int, transpose: bool):
+  """This device's tile lists for one pass (run time: device and hop are traced values)."""
+  classes = _hop_classes(plan, rule, qpos, kpos, plan.block_q, bk, jnp)
+  return _rows(classes.T if transpose else classes, jnp)
+
+
 def _ring_forward(plan: _Plan, q, k, v, q_seg, kv_seg):
-  sch = _schedule(plan)
   me = lax.axis_index(plan.axis)
+  hops = _hops(plan)
   b, tl, h, dk = q.shape
   g, dv = k.shape[2], v.shape[-1]
   r = h // g
   bq, bk = plan.block_q, plan.block_k
   c = plan.scale * LOG2E
-  pos = jnp.asarray(sch.positions)
-  qpos = pos[me] + plan.q_offset
+  pos = _local_positions(plan, me, jnp)
+  qpos = pos + plan.q_offset
   q5 = q.reshape(b, tl, g, r, dk)
   # m starts at a finite MASK_VALUE so exp2(m_prev - m_new) is never exp2(-inf + inf).
   state = (jnp.full((b, g, r, tl), MASK_VALUE, jnp.float32),
            jnp.zeros((b, g, r, tl), jnp.float32), jnp.zeros((b, tl, g, r, dv), jnp.float32))
   sinks = None
   if plan.sinks:
-    sinks = _gather_sinks(plan, sch, me, k, v, kv_seg)
-    state = _fwd_pass(plan.sink_rule, c, q5, qpos, q_seg, sinks[0], sinks[1],
-                      jnp.arange(plan.sinks), sinks[2], state, jnp.zeros((tl // bq, 1), jnp.int32),
-                      jnp.asarray(sch.sink_fwd_counts)[me], bq, plan.sinks)
-  tables, counts = jnp.asarray(sch.fwd_table)[me], jnp.asarray(sch.fwd_counts)[me]
-  hop_of = jnp.asarray(sch.hops, jnp.int32)
+    sinks = _gather_sinks(plan, me, k, v, kv_seg)
+    spos = jnp.arange(plan.sinks)
+    table, counts = _tables(plan, plan.sink_rule, pos, spos, plan.sinks, transpose=False)
+    state = _fwd_pass(plan.sink_rule, c, q5, qpos, q_seg, sinks[0], sinks[1], spos, sinks[2],
+                      state, table, counts, bq, plan.sinks)
+  hop_of = jnp.asarray(hops, jnp.int32)
 
   def hop(i, kv, state):
-    kp = pos[(me - hop_of[i]) % plan.n]
-    state = _fwd_pass(plan.ring_rule, c, q5, qpos, q_seg, kv[0], kv[1], kp, kv[2], state,
-                      tables[i], counts[i], bq, bk)
+    kpos = _local_positions(plan, (me - hop_of[i]) % plan.n, jnp)
+    table, counts = _tables(plan, plan.ring_rule, pos, kpos, bk, transpose=False)
+    state = _fwd_pass(plan.ring_rule, c, q5, qpos, q_seg, kv[0], kv[1], kpos, kv[2], state,
+                      table, counts, bq, bk)
     return kv, state
 
-  _, (m, den, acc) = _walk(plan, sch.hops, hop, (k, v, kv_seg), state)
+  _, (m, den, acc) = _walk(plan, hops, hop, (k, v, kv_seg), state)
   o = acc / jnp.moveaxis(jnp.where(den == 0.0, 1.0, den), 3, 1)[..., None]
   lse = jnp.where(den > 0.0, m + jnp.log2(jnp.where(den > 0.0, den, 1.0)), LSE_EMPTY)
   return o.reshape(b, tl, h, dv).astype(q.dtype), lse, sinks
@@ -552,15 +572,15 @@ def _ring_fwd(plan, q, k, v, q_seg, kv_seg):
 
 def _ring_bwd(plan, res, do):
   q, k, v, q_seg, kv_seg, o, lse, sinks = res
-  sch = _schedule(plan)
   me = lax.axis_index(plan.axis)
+  hops = _hops(plan)
   b, tl, h, dk = q.shape
   g, dv = k.shape[2], v.shape[-1]
   r = h // g
   bq, bk = plan.block_q, plan.block_k
   c = plan.scale * LOG2E
-  pos = jnp.asarray(sch.positions)
-  qpos = pos[me] + plan.q_offset
+  pos = _local_positions(plan, me, jnp)
+  qpos = pos + plan.q_offset
   q5, do5 = q.reshape(b, tl, g, r, dk), do.reshape(b, tl, g, r, dv)
   # delta_i = rowsum(dO_i * O_i) (FA2 Alg. 2 line 4), fp32 [B, G, R, T].
   delta = jnp.einsum("bqgrd,bqgrd->bgrq", do5.astype(jnp.float32),
@@ -568,28 +588,29 @@ def _ring_bwd(plan, res, do):
   dq = jnp.zeros(q5.shape, jnp.float32)
   sink_grads = None
   if plan.sinks:
+    spos = jnp.arange(plan.sinks)
+    table, counts = _tables(plan, plan.sink_rule, pos, spos, plan.sinks, transpose=True)
     zeros = (jnp.zeros(sinks[0].shape, jnp.float32), jnp.zeros(sinks[1].shape, jnp.float32))
     dq, dks, dvs = _bwd_pass(plan.sink_rule, c, q5, do5, lse, delta, qpos, q_seg, sinks[0],
-                             sinks[1], jnp.arange(plan.sinks), sinks[2], (dq, *zeros),
-                             jnp.asarray(sch.sink_bwd_table)[me],
-                             jnp.asarray(sch.sink_bwd_counts)[me], bq, plan.sinks)
+                             sinks[1], spos, sinks[2], (dq, *zeros), table, counts, bq,
+                             plan.sinks)
     sink_grads = lax.psum((dks, dvs), plan.axis)
-  tables, counts = jnp.asarray(sch.bwd_table)[me], jnp.asarray(sch.bwd_counts)[me]
-  hop_of = jnp.asarray(sch.hops, jnp.int32)
+  hop_of = jnp.asarray(hops, jnp.int32)
 
   def hop(i, moving, dq):
     (k_, v_, ks_), (dk_, dv_) = moving
-    kp = pos[(me - hop_of[i]) % plan.n]
-    dq, dk_, dv_ = _bwd_pass(plan.ring_rule, c, q5, do5, lse, delta, qpos, q_seg, k_, v_, kp,
-                             ks_, (dq, dk_, dv_), tables[i], counts[i], bq, bk)
+    kpos = _local_positions(plan, (me - hop_of[i]) % plan.n, jnp)
+    table, counts = _tables(plan, plan.ring_rule, pos, kpos, bk, transpose=True)
+    dq, dk_, dv_ = _bwd_pass(plan.ring_rule, c, q5, do5, lse, delta, qpos, q_seg, k_, v_, kpos,
+                             ks_, (dq, dk_, dv_), table, counts, bq, bk)
     return ((k_, v_, ks_), (dk_, dv_)), dq
 
   # dK/dV of a block travel with it (fp32: they are sums over every device's queries).
   dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-  (_, dkv), dq = _walk(plan, sch.hops, hop, ((k, v, kv_seg), dkv), dq)
-  dk_f, dv_f = _shift(dkv, plan, -sch.hops[-1])  # home: the block that left d returns to d
+  (_, dkv), dq = _walk(plan, hops, hop, ((k, v, kv_seg), dkv), dq)
+  dk_f, dv_f = _shift(dkv, plan, -hops[-1])  # home: the block that left d returns to d
   if sink_grads is not None:
-    mine, idx = _sink_owner(sch, me)
+    mine, idx = _sink_owner(plan, me)
     keep = mine[None, :, None, None]
     dk_f = dk_f.at[:, idx].add(jnp.where(keep, sink_grads[0], 0.0))
     dv_f = dv_f.at[:, idx].add(jnp.where(keep, sink_grads[1], 0.0))
@@ -645,7 +666,8 @@ def ring_attention(
     mask: causal / window / sinks / q_offset (positions are global); head-uniform only.
     segment_ids: local [B, T/n] ids (or a (q, kv) pair of them); pairs attend within a segment.
     scale: logit scale; default K ** -0.5.
-    block_sizes: block_q / block_k bound the tiles (default 512; each tile divides a chunk).
+    block_sizes: block_q / block_k bound the tiles; each tile divides a chunk (default 512,
+      halved while the fp32 scores of a tile, B·H·bq·bk, exceed TILE_ELEMENTS).
 
   Returns:
     The local output [B, T/n, H, K] in q.dtype; scores, softmax statistics, accumulators and
@@ -653,7 +675,7 @@ def ring_attention(
   """
   _check_qkv(q, k, v, "ring_attention")
   q_seg, kv_seg = _local_segments(segment_ids, q, k)
-  bq, bk = _block_bounds(block_sizes)
+  bq, bk = _block_bounds(block_sizes, q.shape[0] * q.shape[2])
   plan = _make_plan(q, k, axis_name=axis_name, axis_size=axis_size, layout=layout, mask=mask,
                     q_seg=q_seg, scale=scale, block_q=bq, block_k=bk)
   return _ring(plan, q, k, v, q_seg, kv_seg)
@@ -806,6 +828,40 @@ def sequence_parallel_attention(
   return fn(q, k, v, segment_ids)
 
 
+def _active_seq_axis() -> tuple[str, int] | None:
+  """(mesh axis, size) the active rules split SEQ over, or None (no mesh, rules or split)."""
+  mesh, rules = active_mesh(), active_rules()
+  if mesh is None or not rules:
+    return None
+  spec = logical_to_spec((SEQ,), rules, dict(mesh.shape))
+  axes = tuple(a for a in mesh_axes_of(spec[0]) if mesh.shape[a] > 1)
+  if not axes:
+    return None
+  if len(axes) > 1:
+    raise NotImplementedError(f"sequence parallelism over several mesh axes {axes}")
+  return axes[0], mesh.shape[axes[0]]
+
+
+def batch_to_layout(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+  """The batch in the token order sequence-parallel attention expects, and its positions.
+
+  Under a sharding context whose rules split SEQ over n devices with the zigzag or striped
+  layout, every [B, T, ...] array of `batch` is reordered (`permute_sequence`) and positions
+  [B, T] are the reordered 0..T-1 (for RoPE); otherwise the batch is returned as it is with
+  positions 0..T-1. Token-wise losses (sum or mean over tokens) do not change.
+  """
+  shape = next(iter(batch.values())).shape[:2]
+  positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+  seq = _active_seq_axis()
+  layout = sequence_options().layout
+  if seq is None or layout == "contiguous" or sequence_options().method != "ring":
+    return batch, positions
+  n = seq[1]
+  out = {k: permute_sequence(x, n, layout) if x.shape[:2] == shape else x
+         for k, x in batch.items()}
+  return out, permute_sequence(positions, n, layout)
+
+
 def sharded_attention(
     q: Float[Array, "B T H K"],
     k: Float[Array, "B T G K"],
@@ -823,18 +879,12 @@ def sharded_attention(
   of size > 1, runs `sequence_parallel_attention` with the context's method and layout;
   otherwise (one device, no mesh, no SP) it is exactly `memx.kernels.attention.attention`.
   """
-  mesh, rules = active_mesh(), active_rules()
-  seq_axes = ()
-  if mesh is not None and rules:
-    spec = logical_to_spec((SEQ,), rules, dict(mesh.shape))
-    seq_axes = tuple(a for a in mesh_axes_of(spec[0]) if mesh.shape[a] > 1)
-  if not seq_axes:
+  seq = _active_seq_axis()
+  if seq is None:
     return attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale,
                      implementation=implementation, block_sizes=block_sizes)
-  if len(seq_axes) > 1:
-    raise NotImplementedError(f"sharded_attention: SEQ split over several mesh axes {seq_axes}")
   opts = sequence_options()
   return sequence_parallel_attention(
-      q, k, v, mesh=mesh, axis=seq_axes[0], method=opts.method, layout=opts.layout, mask=mask,
+      q, k, v, mesh=active_mesh(), axis=seq[0], method=opts.method, layout=opts.layout, mask=mask,
       segment_ids=segment_ids, scale=scale, block_sizes=block_sizes,
       implementation=implementation)

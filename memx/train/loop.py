@@ -13,6 +13,7 @@ with an evaluation pass on the next training batch before its save.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -29,7 +30,11 @@ from memx.checkpoint import Checkpointer, remove_incomplete
 from memx.config import Config, to_dict
 from memx.data import make_loader
 from memx.errors import ConfigError, NonFiniteLossError, Preempted
+from memx.parallel.axes import BATCH
+from memx.parallel.constrain import sharding_context
 from memx.parallel.mesh import batch_sharding, make_mesh
+from memx.parallel.rules import RULES, shards
+from memx.parallel.validate import validate_for_model
 from memx.train.memory import compiled_memory, peak_device_bytes
 from memx.train.metrics import MetricsWriter, truncate_after
 from memx.train.step import (
@@ -94,12 +99,14 @@ def prepare(cfg: Config) -> Setup:
   task_cfg = _task_eval_config(cfg)
   task_loader = None if task_cfg is None else make_loader(
       task_cfg, batch_size=tc.batch_size, seed=seeds.data_seed, split="eval")
-  data_size = mesh.shape["data"]
+  data_size = shards(dict(RULES[cfg.parallel.strategy])[BATCH], dict(mesh.shape))
   if tc.batch_size % (data_size * jax.process_count()):
     raise ConfigError(
         f"train.batch_size = {tc.batch_size} is not allowed: it must be a multiple of the "
-        f"data-parallel size {data_size} (mesh axis 'data') and of the {jax.process_count()} "
-        "host(s).")
+        f"data-parallel size {data_size} (the mesh axes the batch is split over) and of the "
+        f"{jax.process_count()} host(s).")
+  validate_for_model(cfg.parallel, cfg.model, mesh, batch_size=tc.batch_size,
+                     seq_len=cfg.data.seq_len)
   if cfg.model.vocab_size < loader.vocab_size:
     raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is not allowed: the data's "
                       f"tokenizer has {loader.vocab_size} tokens; use at least that.")
@@ -140,7 +147,11 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
   tc = cfg.train
   end = tc.steps if stop_at_step is None else min(stop_at_step, tc.steps)
   setup = setup or prepare(cfg)
-  loader, bsh = setup.loader, batch_sharding(setup.mesh)
+  loader, bsh = setup.loader, batch_sharding(setup.mesh, cfg.parallel.strategy)
+  # Mesh, logical rules and sequence-parallel options for every trace of the step.
+  context = functools.partial(sharding_context, setup.mesh, cfg.parallel.strategy,
+                              sequence_method=cfg.parallel.sequence_method,
+                              sequence_layout=cfg.parallel.layout)
   run_dir = None if run_dir is None else pathlib.Path(run_dir)
 
   ts = init_state(cfg, setup.seeds.model_key)
@@ -164,17 +175,19 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       if ckpt is not None:
         ckpt.close()
       return json.loads((run_dir / "summary.json").read_text())  # finished earlier
-    (run_dir / "summary.json").unlink(missing_ok=True)  # in progress: no stale summary
-    truncate_after(run_dir / "metrics.jsonl", start)
+    if jax.process_index() == 0:  # process 0 alone owns the run directory's files
+      (run_dir / "summary.json").unlink(missing_ok=True)  # in progress: no stale summary
+      truncate_after(run_dir / "metrics.jsonl", start)
   writer = MetricsWriter(run_dir if jax.process_index() == 0 else None)
   meta = {"run": identity, "config": to_dict(cfg)}
 
   try:
     # Compile once ahead of time: the executables are what runs, and they report memory.
     example = loader.global_batch(start, bsh)
-    step_fn = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
-                      out_shardings=(shardings, None)).lower(state, example).compile()
-    eval_fn = jax.jit(make_eval_step(ts.graphdef)).lower(state, example).compile()
+    with context():
+      step_fn = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
+                        out_shardings=(shardings, None)).lower(state, example).compile()
+      eval_fn = jax.jit(make_eval_step(ts.graphdef)).lower(state, example).compile()
     memory = compiled_memory(step_fn)
     split_fns = None  # (grad, apply) executables, compiled at the first mid-run checkpoint
 
@@ -227,7 +240,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         batch = example if step == start else loader.global_batch(step, bsh)
         if save_after is not None:
           if split_fns is None:
-            split_fns = _compile_split(cfg, ts.graphdef, shardings, state, example)
+            with context():
+              split_fns = _compile_split(cfg, ts.graphdef, shardings, state, example)
           grad_fn, apply_fn = split_fns
           snap = ckpt.begin(state)                       # lazy: copies start now
           grads, metrics = grad_fn(state, batch)         # reads state `save_after` only

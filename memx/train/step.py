@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from memx.config import Config
 from memx.models.transformer import TransformerLM
 from memx.parallel.rules import RULES
+from memx.parallel.sequence import batch_to_layout
 from memx.train.loss import answer_hits, token_losses, weighted_mean
 from memx.train.optim import lr_schedule, make_optimizer
 
@@ -73,9 +74,12 @@ def make_grad_step(cfg: Config, graphdef):
   def grad_step(state, batch: Batch):
     model, opt = nnx.merge(graphdef, state)
 
+    # Under sequence parallelism the tokens arrive in the ring's layout (positions say where).
+    b, positions = batch_to_layout(batch)
+
     def loss_fn(model):
-      logits = model(batch["inputs"])
-      return weighted_mean(token_losses(logits, batch["targets"]), batch["weights"])
+      logits = model(b["inputs"], positions=positions)
+      return weighted_mean(token_losses(logits, b["targets"]), b["weights"])
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...])}
@@ -109,10 +113,11 @@ def make_train_step(cfg: Config, graphdef):
 def make_eval_step(graphdef):
   def eval_step(state, batch: Batch):
     model, _ = nnx.merge(graphdef, state)
-    logits = model(batch["inputs"])
-    losses = token_losses(logits, batch["targets"])
-    correct, answers = answer_hits(logits, batch["targets"], batch["answer_mask"])
-    return {"loss_sum": jnp.sum(losses * batch["weights"]), "weight": jnp.sum(batch["weights"]),
+    b, positions = batch_to_layout(batch)
+    logits = model(b["inputs"], positions=positions)
+    losses = token_losses(logits, b["targets"])
+    correct, answers = answer_hits(logits, b["targets"], b["answer_mask"])
+    return {"loss_sum": jnp.sum(losses * b["weights"]), "weight": jnp.sum(b["weights"]),
             "correct": correct, "answers": answers}
 
   return eval_step

@@ -1,13 +1,25 @@
-"""Mesh construction and the dp rule table."""
+"""Mesh construction, strategies and their validation, batch specs, activation constraints."""
+
+import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from memx.config import Config, ModelConfig, ParallelConfig
 from memx.errors import ConfigError
-from memx.parallel.mesh import batch_sharding, make_mesh
-from memx.parallel.rules import RULES
+from memx.parallel.constrain import (
+  constrain,
+  sequence_options,
+  sharding_context,
+  spec_for,
+  use_rules,
+)
+from memx.parallel.mesh import batch_sharding, batch_spec, make_mesh
+from memx.parallel.rules import RULES, STRATEGIES
+from memx.parallel.validate import validate_arrays, validate_for_model
 from memx.train.step import init_state, state_shardings
 
 
@@ -29,7 +41,8 @@ def test_two_axes_and_explicit_sizes():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"strategy": "tp"}, "parallel.strategy"),
+    ({"strategy": "zero9"}, "parallel.strategy"),
+    ({"strategy": "tp"}, "is missing"),
     ({"mesh_shape": (-1, -1), "mesh_axes": ("data", "x")}, "at most one axis may be -1"),
     ({"mesh_shape": (2,), "mesh_axes": ("data", "x")}, "one size per axis"),
     ({"mesh_axes": ("batch",)}, "'data' axis"),
@@ -49,3 +62,82 @@ def test_dp_rules_replicate_params_and_split_batch():
   assert specs == {PartitionSpec(None, None), PartitionSpec(None), PartitionSpec(),
                    PartitionSpec(None, None, None)}
   assert batch_sharding(mesh).spec == PartitionSpec("data")
+
+
+# --- strategies, validation, activation constraints ---------------------------------------------
+
+def test_every_strategy_needs_its_axes():
+  for strategy in STRATEGIES:
+    axes = ("data",) + tuple(a for a in ("fsdp", "seq", "tensor") if a in strategy.replace(
+        "sp", "seq").replace("tp", "tensor"))
+    ParallelConfig(strategy=strategy, mesh_shape=(1,) * (len(axes) - 1) + (-1,), mesh_axes=axes)
+  with pytest.raises(ConfigError, match=r"strategy 'fsdp_tp' .* \('tensor',\) is missing"):
+    ParallelConfig(strategy="fsdp_tp", mesh_shape=(1, -1), mesh_axes=("data", "fsdp"))
+  with pytest.raises(ConfigError, match="parallel.sequence_method"):
+    ParallelConfig(sequence_method="ulysses")
+  with pytest.raises(ConfigError, match="parallel.sequence_layout"):
+    ParallelConfig(sequence_layout="snake")
+  sp = ParallelConfig(strategy="sp", mesh_shape=(1, -1), mesh_axes=("data", "seq"))
+  assert sp.layout == "zigzag"
+  assert dataclasses.replace(sp, sequence_method="all_to_all").layout == "contiguous"
+  assert ParallelConfig().layout == "contiguous"
+
+
+@pytest.mark.parametrize("strategy, shape, model, extra, match", [
+    ("tp", (2, 4), dict(n_heads=6, d_model=48), {}, r"model.n_heads = 6 .* tensor=4"),
+    ("tp", (2, 4), dict(n_heads=8, n_kv_heads=2, d_model=64), {}, "model.n_kv_heads"),
+    ("fsdp", (1, 8), dict(d_model=36, n_heads=2), {}, r"model.d_model = 36 .* fsdp=8"),
+    ("tp", (1, 8), dict(n_heads=8, d_model=64, vocab_size=260), {}, "model.vocab_size = 260"),
+    ("fsdp", (2, 4), dict(), {"batch_size": 12}, r"train.batch_size = 12 .* data=2 x fsdp=4"),
+    ("sp", (2, 4), dict(), {"seq_len": 36}, r"data.seq_len = 36 .*x2: the zigzag"),
+])
+def test_validate_for_model_names_the_uneven_dimension(strategy, shape, model, extra, match):
+  axes = ("data",) + {"tp": ("tensor",), "fsdp": ("fsdp",), "sp": ("seq",)}[strategy]
+  pcfg = ParallelConfig(strategy=strategy, mesh_shape=shape, mesh_axes=axes)
+  with pytest.raises(ConfigError, match=match):
+    validate_for_model(pcfg, ModelConfig(**model), dict(zip(axes, shape, strict=True)), **extra)
+
+
+def test_validate_for_model_accepts_even_splits():
+  pcfg = ParallelConfig(strategy="fsdp_sp_tp", mesh_shape=(1, 2, 2, 2),
+                        mesh_axes=("data", "fsdp", "seq", "tensor"))
+  validate_for_model(pcfg, ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2),
+                     {"data": 1, "fsdp": 2, "seq": 2, "tensor": 2}, batch_size=4, seq_len=64)
+
+
+def test_validate_arrays_reads_axes_metadata():
+  cfg = Config(model=ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2))
+  state = init_state(cfg, jax.random.key(0)).state
+  validate_arrays(state, {"data": 1, "tensor": 2}, "tp")
+  with pytest.raises(ConfigError, match=r"heads', size 2\) is not a multiple of the 4"):
+    validate_arrays(state, {"data": 1, "tensor": 4}, "tp")
+
+
+@pytest.mark.multidevice
+def test_batch_spec_follows_the_strategy():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = make_mesh(ParallelConfig(strategy="fsdp_sp", mesh_shape=(2, 2, 2),
+                                  mesh_axes=("data", "fsdp", "seq")))
+  assert batch_spec(mesh) == PartitionSpec("data")
+  assert batch_spec(mesh, "fsdp_sp") == PartitionSpec(("data", "fsdp"), "seq")
+  assert batch_spec(mesh, "dp") == PartitionSpec("data", None)
+
+
+@pytest.mark.multidevice
+def test_constrain_is_a_no_op_without_mesh_and_shards_with_one():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  x = jnp.ones((8, 16, 4))
+  assert constrain(x, ("batch", "seq", "embed")) is x
+  with use_rules("fsdp"):
+    assert constrain(x, ("batch", "seq", "embed")) is x  # rules but no mesh
+    assert spec_for(("batch", "embed")) == PartitionSpec(("data", "fsdp"), None)
+  mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "seq"))
+  with sharding_context(mesh, "fsdp_sp", sequence_method="all_to_all"):
+    assert sequence_options().method == "all_to_all"
+    y = jax.jit(lambda x: constrain(x * 2, ("batch", "seq", "embed")))(x)
+  assert sequence_options().method == "ring"
+  assert y.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "seq")), 3)
+  with pytest.raises(ValueError, match="2 logical axes"):
+    constrain(x, ("batch", "seq"))
