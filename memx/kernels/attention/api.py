@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import jax.numpy as jnp
 import numpy as np
 
+from memx.kernels._dispatch import choose
 from memx.kernels.attention import cudnn as cudnn_impl
 from memx.kernels.attention.config import BlockSizes
 from memx.kernels.attention.mask import CAUSAL, Mask
@@ -152,28 +152,14 @@ def attention(
     block_sizes.fit(q.shape[1], k.shape[1], mask, explicit=True)
   if scale is not None:
     scale = float(np.asarray(scale))
-  single = isinstance(implementation, str)
-  if implementation is None:
-    order, warn_skips = default_order(), False
-  elif single:
-    order, warn_skips = (implementation,), False
-  else:
-    order, warn_skips = tuple(implementation), True
-    if not order:
-      raise ValueError("attention: implementation sequence is empty")
-  errors = []
-  for i, name in enumerate(order):
+  def reason(name):
     if name not in IMPLEMENTATIONS:
       raise NotImplementedError(f"attention: unknown implementation {name!r}; available: "
                                 f"{IMPLEMENTATIONS}")
-    reason = unsupported_reason(name, q, k, mask, segment_ids, interpret)
-    if reason is None:
-      return _run(name, q, k, v, mask, segment_ids, scale, block_sizes, interpret)
-    if single:
-      raise NotImplementedError(f"attention[{name}]: {reason}")
-    errors.append(f"{name}: {reason}")
-    # Default dispatch: passing over cuDNN for a mask it cannot express is the rule, not a
-    # fallback; skipping the kernel meant for this backend is, and says so.
-    if warn_skips or (i > 0 or name != "cudnn"):
-      warnings.warn(f"attention: skipping {name}: {reason}", stacklevel=2)
-  raise NotImplementedError("attention: no usable implementation: " + "; ".join(errors))
+    return unsupported_reason(name, q, k, mask, segment_ids, interpret)
+
+  # Default dispatch: passing over cuDNN (first on GPU) for a mask it cannot express is the
+  # rule, not a fallback; skipping the kernel meant for this backend is, and says so.
+  name = choose("attention", implementation, default_order(), reason,
+                silent_default_skip=lambda i, n: i == 0 and n == "cudnn")
+  return _run(name, q, k, v, mask, segment_ids, scale, block_sizes, interpret)

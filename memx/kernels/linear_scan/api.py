@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
+from memx.kernels._dispatch import choose
 from memx.kernels.linear_scan.config import BlockSizes
 from memx.kernels.linear_scan.pallas_gpu import linear_scan_pallas_gpu
 from memx.kernels.linear_scan.reference import linear_scan_reference
@@ -112,28 +112,11 @@ def linear_scan(
   _check_inputs(a, b, h0, segment_ids)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"linear_scan: block_sizes must be a BlockSizes, got {block_sizes!r}")
-  single = isinstance(implementation, str)
-  if implementation is None:
-    order, warn_skips = default_order(), False
-  elif single:
-    order, warn_skips = (implementation,), False
-  else:
-    order, warn_skips = tuple(implementation), True
-    if not order:
-      raise ValueError("linear_scan: implementation sequence is empty")
-  errors = []
-  for name in order:
-    reason = unsupported_reason(name, interpret)
-    if reason is None:
-      if name == "reference":
-        return linear_scan_reference(a, b, h0, segment_ids=segment_ids)
-      if name == "xla":
-        return linear_scan_xla(a, b, h0, segment_ids=segment_ids, block_sizes=block_sizes)
-      return linear_scan_pallas_gpu(a, b, h0, segment_ids=segment_ids, block_sizes=block_sizes,
-                                    interpret=interpret)
-    if single:
-      raise NotImplementedError(f"linear_scan[{name}]: {reason}")
-    errors.append(f"{name}: {reason}")
-    if warn_skips or name == "pallas_gpu":
-      warnings.warn(f"linear_scan: skipping {name}: {reason}", stacklevel=2)
-  raise NotImplementedError("linear_scan: no usable implementation: " + "; ".join(errors))
+  name = choose("linear_scan", implementation, default_order(),
+                lambda n: unsupported_reason(n, interpret))
+  if name == "reference":
+    return linear_scan_reference(a, b, h0, segment_ids=segment_ids)
+  if name == "xla":
+    return linear_scan_xla(a, b, h0, segment_ids=segment_ids, block_sizes=block_sizes)
+  return linear_scan_pallas_gpu(a, b, h0, segment_ids=segment_ids, block_sizes=block_sizes,
+                                interpret=interpret)

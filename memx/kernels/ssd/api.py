@@ -8,7 +8,6 @@ x = v.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memx.kernels._dispatch import choose
 from memx.kernels.ssd import pallas_gpu as pallas_impl
 from memx.kernels.ssd import xla as xla_impl
 from memx.kernels.ssd.config import BlockSizes
@@ -159,32 +159,15 @@ def ssd_core(
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"{_op}: block_sizes must be a BlockSizes, got {block_sizes!r}")
   seg = segment_runs(segment_ids)
-  single = isinstance(implementation, str)
-  if implementation is None:
-    order, warn_skips = default_order(), False
-  elif single:
-    order, warn_skips = (implementation,), False
-  else:
-    order, warn_skips = tuple(implementation), True
-    if not order:
-      raise ValueError(f"{_op}: implementation sequence is empty")
-  errors = []
-  for name in order:
-    reason = unsupported_reason(name, x, b, block_sizes, interpret)
-    if reason is None:
-      if name == "reference":
-        return ssd_scan(x, dt, log_a, b, c, d=d, initial_state=initial_state, segment_ids=seg)
-      if name == "quadratic":
-        return ssd_quadratic_form(x, dt, log_a, b, c, d=d, initial_state=initial_state,
-                                  segment_ids=seg)
-      return _chunked(name, x, dt, log_a, b, c, d, initial_state, seg, block_sizes=block_sizes,
-                      interpret=interpret)
-    if single:
-      raise NotImplementedError(f"{_op}[{name}]: {reason}")
-    errors.append(f"{name}: {reason}")
-    if warn_skips or name == "pallas_gpu":
-      warnings.warn(f"{_op}: skipping {name}: {reason}", stacklevel=3)
-  raise NotImplementedError(f"{_op}: no usable implementation: " + "; ".join(errors))
+  name = choose(_op, implementation, default_order(),
+                lambda n: unsupported_reason(n, x, b, block_sizes, interpret), stacklevel=4)
+  if name == "reference":
+    return ssd_scan(x, dt, log_a, b, c, d=d, initial_state=initial_state, segment_ids=seg)
+  if name == "quadratic":
+    return ssd_quadratic_form(x, dt, log_a, b, c, d=d, initial_state=initial_state,
+                              segment_ids=seg)
+  return _chunked(name, x, dt, log_a, b, c, d, initial_state, seg, block_sizes=block_sizes,
+                  interpret=interpret)
 
 
 def ssd(

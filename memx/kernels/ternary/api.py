@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Literal
 
 import jax.numpy as jnp
 
+from memx.kernels._dispatch import choose
 from memx.kernels.linear_scan.api import gpu_backend
 from memx.kernels.ternary.config import BlockSizes
 from memx.kernels.ternary.pallas_gpu import packed_matmul_pallas_gpu
@@ -86,31 +86,14 @@ def packed_matmul(
   _check_inputs(x, packed)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(f"packed_matmul: block_sizes must be a BlockSizes, got {block_sizes!r}")
-  single = isinstance(implementation, str)
-  if implementation is None:
-    order, warn_skips = default_order(), False
-  elif single:
-    order, warn_skips = (implementation,), False
-  else:
-    order, warn_skips = tuple(implementation), True
-    if not order:
-      raise ValueError("packed_matmul: implementation sequence is empty")
+  name = choose("packed_matmul", implementation, default_order(),
+                lambda n: unsupported_reason(n, interpret))
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])  # one canonical [M, K] shape for every implementation
-  errors = []
-  for name in order:
-    reason = unsupported_reason(name, interpret)
-    if reason is None:
-      if name == "reference":
-        y = packed_matmul_reference(x2, packed)
-      elif name == "xla":
-        y = packed_matmul_xla(x2, packed)
-      else:
-        y = packed_matmul_pallas_gpu(x2, packed, block_sizes=block_sizes, interpret=interpret)
-      return y.reshape(lead + (packed.shape[1],))
-    if single:
-      raise NotImplementedError(f"packed_matmul[{name}]: {reason}")
-    errors.append(f"{name}: {reason}")
-    if warn_skips or name == "pallas_gpu":
-      warnings.warn(f"packed_matmul: skipping {name}: {reason}", stacklevel=2)
-  raise NotImplementedError("packed_matmul: no usable implementation: " + "; ".join(errors))
+  if name == "reference":
+    y = packed_matmul_reference(x2, packed)
+  elif name == "xla":
+    y = packed_matmul_xla(x2, packed)
+  else:
+    y = packed_matmul_pallas_gpu(x2, packed, block_sizes=block_sizes, interpret=interpret)
+  return y.reshape(lead + (packed.shape[1],))
