@@ -7,6 +7,18 @@ reason), or a sequence of names (try in order, warning on each skip).
 import warnings
 from collections.abc import Callable, Sequence
 
+import jax
+
+
+def gpu_backend() -> bool:
+  """True when JAX's default backend is an NVIDIA GPU (CUDA)."""
+  try:
+    if jax.default_backend() != "gpu":
+      return False
+    return "cuda" in jax.devices()[0].client.platform_version.lower()
+  except Exception:  # noqa: BLE001 - any backend probing failure means "not a CUDA GPU"
+    return False
+
 
 def choose(op: str, implementation: str | Sequence[str] | None, default_order: Sequence[str],
            reason: Callable[[str], str | None], *,

@@ -11,19 +11,10 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
+from memx.kernels._dispatch import gpu_backend
 from memx.kernels.attention.mask import Mask
 from memx.kernels.attention.reference import SegmentIds
 from memx.typing import Array, Float
-
-
-def gpu_backend() -> bool:
-  """True when JAX's default backend is an NVIDIA GPU (CUDA)."""
-  try:
-    if jax.default_backend() != "gpu":
-      return False
-    return "cuda" in jax.extend.backend.get_backend().platform_version.lower()
-  except Exception:  # noqa: BLE001 - any backend probing failure means "no cuDNN here"
-    return False
 
 
 def _window(mask: Mask) -> tuple[int, int] | None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 
-from memx.kernels._dispatch import choose
+from memx.kernels._dispatch import choose, gpu_backend
 from memx.kernels.linear_scan.config import BlockSizes
 from memx.kernels.linear_scan.pallas_gpu import linear_scan_pallas_gpu
 from memx.kernels.linear_scan.reference import linear_scan_reference
@@ -19,15 +18,6 @@ Implementation = Literal["reference", "xla", "pallas_gpu"]
 IMPLEMENTATIONS: tuple[str, ...] = ("reference", "xla", "pallas_gpu")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-
-def gpu_backend() -> bool:
-  """True when JAX's default backend is an NVIDIA GPU (CUDA)."""
-  try:
-    if jax.default_backend() != "gpu":
-      return False
-    return "cuda" in jax.devices()[0].client.platform_version.lower()
-  except Exception:  # noqa: BLE001 - any backend probing failure means "not a CUDA GPU"
-    return False
 
 
 def default_order() -> tuple[str, ...]:

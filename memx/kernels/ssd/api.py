@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memx.kernels._dispatch import choose
+from memx.kernels._dispatch import choose, gpu_backend
 from memx.kernels.ssd import pallas_gpu as pallas_impl
 from memx.kernels.ssd import xla as xla_impl
 from memx.kernels.ssd.config import BlockSizes
@@ -26,15 +26,6 @@ Implementation = Literal["reference", "quadratic", "xla", "pallas_gpu"]
 IMPLEMENTATIONS: tuple[str, ...] = ("reference", "quadratic", "xla", "pallas_gpu")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-
-def gpu_backend() -> bool:
-  """True when JAX's default backend is an NVIDIA GPU (CUDA)."""
-  try:
-    if jax.default_backend() != "gpu":
-      return False
-    return "cuda" in jax.devices()[0].client.platform_version.lower()
-  except Exception:  # noqa: BLE001 - any backend probing failure means "not a CUDA GPU"
-    return False
 
 
 def default_order() -> tuple[str, ...]:

@@ -7,8 +7,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from memx.kernels._dispatch import choose
-from memx.kernels.linear_scan.api import gpu_backend
+from memx.kernels._dispatch import choose, gpu_backend
 from memx.kernels.ternary.config import BlockSizes
 from memx.kernels.ternary.pallas_gpu import packed_matmul_pallas_gpu
 from memx.kernels.ternary.reference import packed_matmul_reference, packed_rows
