@@ -1,6 +1,7 @@
-"""The `memx` command: run, sweep, report."""
+"""The `memx` command: run, sweep, report, sparse (MoA plans), distill (attention → Mamba-2)."""
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -10,7 +11,13 @@ from memx.errors import CheckpointWriteError, NonFiniteLossError, Preempted, Use
 USAGE_EXAMPLES = """examples:
   memx run experiments/demo/ablation.py:tiny --set optim.lr=1e-3 --workdir runs
   memx sweep experiments/demo/ablation.py --workers 1
-  memx report runs/ablation"""
+  memx report runs/ablation
+  memx sparse profile runs/dense --lengths 256,512 --out profile.npz
+  memx distill runs/dense --student hybrid:every=4 --stages 1,2,3"""
+
+# Subcommands that live beside their package: each module has add_parser(subparsers), which
+# registers its parser with set_defaults(handler=fn); fn(args) -> exit code imports lazily.
+EXTENSIONS = ("memx.sparse.cli",)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--name", default=None, help="run directory name (default: FILE-VARIANT)")
   r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
   r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+  r.add_argument("--plan", default=None, help="sparse-attention plan JSON (memx sparse search)")
   r.add_argument("--coordinator", default=None, help="multi-host: coordinator host:port")
   r.add_argument("--num-processes", type=int, default=None)
   r.add_argument("--process-id", type=int, default=None)
@@ -40,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
   rep = sub.add_parser("report", help="write report.md and plots for a sweep directory")
   rep.add_argument("directory")
+  for module in EXTENSIONS:
+    importlib.import_module(module).add_parser(sub)
   return p
 
 
@@ -62,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
       return _cmd_run(args)
     if args.command == "sweep":
       return _cmd_sweep(args)
-    return _cmd_report(args)
+    if args.command == "report":
+      return _cmd_report(args)
+    return args.handler(args)
   except UserError as e:
     print(f"memx: error: {e}", file=sys.stderr)
     return 2
@@ -86,7 +98,7 @@ def _cmd_run(args) -> int:
   maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   path, variant = loading.split_spec(args.experiment)
   spec = RunSpec(str(path), variant, parse_assignments(args.overrides), args.workdir,
-                 args.name or default_name(str(path), variant))
+                 args.name or default_name(str(path), variant), plan=args.plan)
   summary = run(spec, resume=args.resume, overwrite=args.overwrite)
   print(f"run {spec.name}: {summary['status']} after {summary['steps']} steps; "
         f"eval loss {_fmt(summary['final_eval_loss'])}, task accuracy "

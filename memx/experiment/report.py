@@ -37,6 +37,7 @@ class _Run:
   summary: dict | None = None
   metrics: list[dict] = dataclasses.field(default_factory=list)
   error: str | None = None
+  evaluations: list[dict] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +233,72 @@ def _load_runs(sweep_dir: Path) -> list[_Run]:
     error = _error_line(error) if isinstance(error, str) and error.strip() else None
     runs.append(_Run(name=name, status=str(status), config=_read_json(run_dir / "config.json"),
                      summary=summary, metrics=_read_metrics(run_dir / "metrics.jsonl"),
-                     error=error))
+                     error=error, evaluations=_read_evaluations(run_dir)))
   return runs
+
+
+def _read_evaluations(run_dir: Path) -> list[dict]:
+  """RUN/evaluations/*.json written by `memx eval` (and experiments): name, columns, curves."""
+  out = []
+  folder = run_dir / "evaluations"
+  if folder.is_dir():
+    for path in sorted(folder.glob("*.json")):
+      d = _read_json(path)
+      if d is not None and isinstance(d.get("columns"), dict):
+        out.append({"name": str(d.get("name", path.stem)), "columns": d["columns"],
+                    "curves": d.get("curves") if isinstance(d.get("curves"), dict) else {}})
+  return out
+
+
+def _fmt_eval(v: Any) -> str:
+  if v is None:
+    return MISSING
+  if isinstance(v, bool) or not isinstance(v, int | float):
+    return _cell(str(v))
+  if isinstance(v, int):
+    return str(v)
+  return f"{v:.4g}"
+
+
+def _evaluation_rows(runs: Sequence[_Run]) -> tuple[list[str], list[list[str]]]:
+  evals = [(r.name, e) for r in runs for e in r.evaluations]
+  keys = list(dict.fromkeys(k for _, e in evals for k in e["columns"]))
+  rows = [[_cell(run), _cell(e["name"])] + [_fmt_eval(e["columns"].get(k)) for k in keys]
+          for run, e in evals]
+  return ["run", "evaluation", *keys], rows
+
+
+def _curve_names(runs: Sequence[_Run]) -> list[str]:
+  return list(dict.fromkeys(c for r in runs for e in r.evaluations for c in e["curves"]))
+
+
+def _plot_curves(runs: Sequence[_Run], curve: str):
+  """One line per evaluation of `curve` (y against x, e.g. accuracy against length)."""
+  evals = [(r.name, e) for r in runs for e in r.evaluations if curve in e["curves"]]
+  fig = _figure(6.5, 4.0)
+  ax = fig.subplots()
+  multi_run = len({run for run, _ in evals}) > 1
+  for color, (run, e) in zip(_colors(len(evals)), evals, strict=True):
+    c = e["curves"][curve]
+    pts = [(x, y) for x, y in zip(c.get("x", []), c.get("y", []), strict=False)
+           if isinstance(x, int | float) and isinstance(y, int | float)]
+    if pts:
+      xs, ys = zip(*pts, strict=True)
+      label = f"{run}: {e['name']}" if multi_run else e["name"]
+      ax.plot(xs, ys, marker="o", color=color, label=label)
+  if evals:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(curve)
+    ax.legend(fontsize=8)
+  else:
+    _no_data(ax, "no evaluations")
+  ax.set_title(curve)
+  return fig
+
+
+def _curve_file(curve: str) -> str:
+  return "eval-" + "".join(ch if ch.isalnum() else "-" for ch in curve.lower()) + ".png"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,6 +564,15 @@ def _render(sweep_dir: Path, runs: Sequence[_Run]) -> str:
       out.append(f"- **{_cell(r.name)}** ({r.status}): {_cell(err)}")
     out.append("")
 
+  if any(r.evaluations for r in runs):
+    header, rows = _evaluation_rows(runs)
+    out += ["## Evaluations", "",
+            "Trained runs evaluated as they are or under sparse plans (`memx eval`, "
+            "RUN/evaluations/*.json); @max = at the longest evaluated length.", "",
+            _md_table(header, rows, right=set(range(2, len(header)))), ""]
+    for curve in _curve_names(runs):
+      out += [f"![{curve}]({_curve_file(curve)})", ""]
+
   out += ["## What differs", ""]
   with_cfg, keys = _differing_config(runs)
   if not keys:
@@ -535,6 +609,8 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
   for key, plot in (("loss", _plot_loss), ("memory", _plot_memory),
                     ("throughput", _plot_throughput)):
     _save_figure(plot(runs), sweep_dir / PLOTS[key])
+  for curve in _curve_names(runs):
+    _save_figure(_plot_curves(runs, curve), sweep_dir / _curve_file(curve))
   # The Markdown goes last so that its image links never point at plots not yet written.
   path = sweep_dir / REPORT_NAME
   text = _render(sweep_dir, runs)

@@ -24,6 +24,7 @@ class RunSpec:
   overrides: dict[str, Any]
   workdir: str
   name: str
+  plan: str | None = None  # a sparse-attention plan file (memx.sparse.plan) applied to the model
 
 
 def default_name(experiment: str, variant: str | None) -> str:
@@ -33,7 +34,11 @@ def default_name(experiment: str, variant: str | None) -> str:
 
 def resolve_config(spec: RunSpec) -> Config:
   module = loading.load_module(pathlib.Path(spec.experiment))
-  return loading.build_config(module, spec.variant, spec.overrides)
+  cfg = loading.build_config(module, spec.variant, spec.overrides)
+  if spec.plan is not None:
+    from memx.sparse.plan import Plan, apply_plan
+    cfg = apply_plan(cfg, Plan.load(spec.plan))
+  return cfg
 
 
 def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progress: bool = True,

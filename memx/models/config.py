@@ -1,6 +1,7 @@
 """ModelConfig: the decoder-only LM's shape, numerics, attention choices and per-layer mixers."""
 
 import dataclasses
+import math
 from typing import Literal
 
 from memx._validate import one_of, require
@@ -101,6 +102,11 @@ class ModelConfig:
     attn_sinks: always-visible initial tokens in windowed layers (StreamingLLM sinks).
     attn_window_layers: which layers use the window; None means all layers.
     attn_impl: kernel implementation passed to memx.kernels.attention.attention (None = dispatch).
+    attn_plan: a MoA sparse-attention plan (memx.sparse.plan): per layer, None (the layer keeps
+      its usual mask) or one (alpha, beta, n_sink) rule per query head; head h then sees the
+      alpha + beta·N most recent keys plus its first n_sink keys at whatever length N the
+      model runs (`memx.kernels.attention.elastic_mask`). Set it with `memx run --plan FILE`
+      or `memx.sparse.plan.apply_plan`; it replaces attn_window (both set is an error).
     mixers: token mixer per layer, each "attention", "mamba2", "linear_attention" or "mlgru"
       (the MatMul-free LM's gated recurrence, BitLinear projections); None means attention
       everywhere. For example ("mamba2",) * 3 + ("attention",), or
@@ -132,6 +138,7 @@ class ModelConfig:
   attn_sinks: int = 0
   attn_window_layers: tuple[int, ...] | None = None
   attn_impl: str | None = None
+  attn_plan: tuple[tuple[tuple[float, float, int], ...] | None, ...] | None = None
   mixers: tuple[str, ...] | None = None
   ssm: SSMConfig = SSMConfig()
   mlp: bool = True
@@ -170,6 +177,39 @@ class ModelConfig:
     require(isinstance(self.ternary, bool), name, "ternary", self.ternary,
             "must be true or false")
     self._check_mixers(name)
+    self._check_plan(name)
+
+  def _check_plan(self, name: str) -> None:
+    if self.attn_plan is None:
+      return
+    plan = self.attn_plan
+    require(isinstance(plan, tuple | list) and len(plan) == self.n_layers, name, "attn_plan",
+            "<plan>", f"must list one entry per layer (model.n_layers = {self.n_layers}), got "
+            f"{len(plan) if isinstance(plan, tuple | list) else type(plan).__name__}")
+    require(self.attn_window is None, name, "attn_window", self.attn_window,
+            "must be None when model.attn_plan is set (the plan gives every head its window)")
+    layers = []
+    for i, entry in enumerate(plan):
+      if entry is None:
+        layers.append(None)
+        continue
+      require(self.mixer(i) == "attention", name, f"attn_plan[{i}]", "<rules>",
+              f"must be None: layer {i} is a {self.mixer(i)} layer, not attention")
+      require(isinstance(entry, tuple | list) and len(entry) == self.n_heads, name,
+              f"attn_plan[{i}]", "<rules>",
+              f"must give one (alpha, beta, n_sink) rule per query head ({self.n_heads})")
+      rules = []
+      for h, rule in enumerate(entry):
+        ok = isinstance(rule, tuple | list) and len(rule) == 3
+        alpha, beta, sink = rule if ok else (None, None, None)
+        ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool)
+                        and math.isfinite(v) for v in (alpha, beta))
+        ok = ok and 0.0 <= beta <= 1.0 and isinstance(sink, int) and sink >= 0
+        require(ok, name, f"attn_plan[{i}][{h}]", rule,
+                "must be (alpha: finite number, beta in [0, 1], n_sink: int >= 0)")
+        rules.append((float(alpha), float(beta), int(sink)))
+      layers.append(tuple(rules))
+    object.__setattr__(self, "attn_plan", tuple(layers))
 
   def _check_mixers(self, name: str) -> None:
     if self.mixers is None:

@@ -3,7 +3,10 @@
 `generate` runs the prompt through the parallel forward once (`prefill`, which also returns
 each layer's decode state), then one `decode_step` per new token inside a `lax.scan`. SSM and
 linear-attention layers carry fixed-size states, so their memory per sequence does not grow
-with the length; attention layers of a hybrid keep a KV cache of max_len tokens.
+with the length; attention layers keep a KV cache of max_len tokens, or, in layers of a sparse
+plan (ModelConfig.attn_plan), per-head sink + ring buffers sized to each head's span at
+N = max_len (memx.nn.attention_decode). `kv_cache_bytes(cfg, max_len, batch)` is the exact size
+of the keys and values; per token of context, divide by max_len.
 """
 
 import functools
@@ -13,7 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memx.models.transformer import TransformerLM
+from memx.nn.attention_decode import kv_cache_bytes
 from memx.typing import Array, Int
+
+__all__ = ["cache_bytes", "generate", "kv_cache_bytes"]
 
 
 def cache_bytes(cache) -> int:
@@ -33,7 +39,8 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
   """Prompt [B, T] → prompt followed by max_new_tokens sampled tokens [B, T + max_new_tokens].
 
   temperature 0 is greedy decoding (no rng needed); otherwise rng is required. max_len (default
-  T + max_new_tokens) sizes the attention layers' KV caches.
+  T + max_new_tokens) sizes the attention layers' KV caches and is the length N at which a
+  sparse plan's spans are taken.
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -64,23 +64,24 @@ class Block(nnx.Module):
     """Keyword arguments for the mixer: only MLGRU layers take a forget-gate lower bound."""
     return {"lower_bound": lower_bound} if self.kind == "mlgru" else {}
 
-  def __call__(self, x, positions, segment_ids=None, lower_bound=None):
+  def __call__(self, x, positions, segment_ids=None, lower_bound=None, score_bias=None):
     if self.kind == "attention":
-      x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+      x = x + self.attn(self.attn_norm(x), positions, segment_ids, score_bias)
     else:
       x = x + self.mixer(self.mixer_norm(x), segment_ids, **self._lb(lower_bound))
     return self._mlp(x)
 
   # --- decoding -------------------------------------------------------------------------------
 
-  def init_cache(self, batch: int, max_len: int):
+  def init_cache(self, batch: int, max_len: int, full_cache: bool = False):
     if self.kind == "attention":
-      return attention_decode.init_cache(self.attn, batch, max_len)
+      return attention_decode.init_cache(self.attn, batch, max_len, full=full_cache)
     return self.mixer.init_cache(batch)
 
-  def prefill(self, x, positions, max_len: int, lower_bound=None):
+  def prefill(self, x, positions, max_len: int, lower_bound=None, full_cache: bool = False):
     if self.kind == "attention":
-      y, cache = attention_decode.prefill(self.attn, self.attn_norm(x), positions, max_len)
+      y, cache = attention_decode.prefill(self.attn, self.attn_norm(x), positions, max_len,
+                                          full=full_cache)
     else:
       y, cache = self.mixer(self.mixer_norm(x), return_state=True, **self._lb(lower_bound))
     return self._mlp(x + y), cache
@@ -139,31 +140,45 @@ class TransformerLM(nnx.Module):
                       preferred_element_type=jnp.float32)
 
   def __call__(self, tokens: Int[Array, "B T"], *, positions: Int[Array, "B T"] | None = None,
-               segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T V"]:
+               segment_ids: Int[Array, "B T"] | None = None,
+               score_biases: dict[int, Array] | None = None) -> Float[Array, "B T V"]:
+    """score_biases: {attention layer: [B, H, T, T] logit bias}, for attention profiling
+    (memx.sparse.profile); those layers run explicit dense attention without remat."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     # Activation shardings by logical name (no-ops without a mesh and rules).
     x = constrain(self._embed(tokens), (BATCH, SEQ, EMBED))
-    for block, lb in zip(self.blocks, self._layer_bounds(), strict=True):
-      x = constrain(self._run_block(block, x, positions, segment_ids, lb), (BATCH, SEQ, EMBED))
+    for i, (block, lb) in enumerate(zip(self.blocks, self._layer_bounds(), strict=True)):
+      if score_biases is not None and i in score_biases:
+        x = block(x, positions, segment_ids, lb, score_biases[i])
+      else:
+        x = self._run_block(block, x, positions, segment_ids, lb)
+      x = constrain(x, (BATCH, SEQ, EMBED))
     return constrain(self._logits(x), (BATCH, SEQ, VOCAB))
 
   # --- decoding -------------------------------------------------------------------------------
 
-  def init_cache(self, batch: int, max_len: int) -> dict:
+  def init_cache(self, batch: int, max_len: int, *, full_cache: bool = False) -> dict:
     """Empty decode state for `batch` sequences of up to `max_len` tokens.
 
     {"pos": int32 scalar (tokens seen), "layers": one entry per layer}. SSM and linear-attention
-    entries have a fixed size; only attention layers hold [B, max_len, G, K] keys and values.
+    entries have a fixed size; attention layers hold [B, max_len, G, K] keys and values, except
+    layers of a sparse plan (cfg.attn_plan), which keep per-KV-head sink + ring buffers sized
+    to their heads' spans at N = max_len (`memx.nn.attention_decode.PlanCache`). full_cache=True
+    gives plan layers the dense cache too (same results, for comparisons). Bytes of keys and
+    values: `memx.nn.attention_decode.kv_cache_bytes(cfg, max_len, batch)`.
     """
     return {"pos": jnp.zeros((), jnp.int32),
-            "layers": [block.init_cache(batch, max_len) for block in self.blocks]}
+            "layers": [block.init_cache(batch, max_len, full_cache) for block in self.blocks]}
 
-  def prefill(self, tokens: Int[Array, "B T"], max_len: int):
+  def prefill(self, tokens: Int[Array, "B T"], max_len: int, *, full_cache: bool = False):
     """Parallel forward over a prompt that also returns the decode state after it.
 
     Returns (logits [B, T, V] float32, cache). All rows share one position (equal-length
-    prompts); max_len bounds prompt + generated tokens for the attention caches.
+    prompts); max_len bounds prompt + generated tokens for the attention caches, and is the
+    length N at which sparse-plan layers take their spans, in the prompt as in every later
+    step (so the logits are those of `self(tokens)` on a max_len-token sequence, not of a
+    T-token one, unless the plan's spans do not depend on N). full_cache: see init_cache.
     """
     if tokens.shape[1] > max_len:
       raise ValueError(f"prefill: prompt length {tokens.shape[1]} exceeds max_len {max_len}")
@@ -171,7 +186,7 @@ class TransformerLM(nnx.Module):
     x = self._embed(tokens)
     caches = []
     for block, lb in zip(self.blocks, self._layer_bounds(), strict=True):
-      x, cache = block.prefill(x, positions, max_len, lb)
+      x, cache = block.prefill(x, positions, max_len, lb, full_cache)
       caches.append(cache)
     return self._logits(x), {"pos": jnp.asarray(tokens.shape[1], jnp.int32), "layers": caches}
 

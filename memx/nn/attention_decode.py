@@ -1,18 +1,55 @@
 """KV-cache decoding for `memx.nn.attention.Attention`: prefill and one-token steps.
 
-The cache is preallocated to max_len ([B, max_len, G, K] keys and values); a step writes the new
-key/value at its position and attends over the cache with the layer's causal/window/sink mask
-(fp32 softmax, as the kernels do).
+Two cache layouts, chosen per layer by `init_cache` / `prefill` (a step reads the layout from
+the cache it is given):
+
+* dense, {"k", "v": [B, max_len, G, K]}: every layer without a sparse plan, and every layer
+  when full=True. A step writes the new key/value at its position and attends over the whole
+  cache with the layer's causal/window/sink mask, per-head masks included (fp32 softmax, as the
+  kernels do). For a plan layer this is the exact oracle of the ring cache below.
+* per-head rings (`PlanCache`), for layers of a MoA sparse plan (`cfg.attn_plan[layer]` is not
+  None): query head h sees its span_h most recent keys plus its first sink_h keys, so KV head g
+  (shared by query heads h with h // (H / G) == g) keeps only
+    a sink part: slots [0, S_g) hold positions 0 .. S_g - 1, S_g = max sink_h, stored once;
+    a ring:      slots [S_g, S_g + R_g) hold positions p >= S_g at S_g + (p - S_g) mod R_g,
+                 R_g = min(max span_h, max_len - S_g)
+  (capacity S_g + R_g <= max_len, [B, cap_g, K] keys and values per KV head), plus the absolute
+  position stored in every slot (int32 [cap_g], -1 = empty). Query head h at position pos sees
+  slot s when 0 <= slot_pos[s] <= pos and (pos - slot_pos[s] <= span_h - 1 or slot_pos[s] <
+  sink_h): exactly the keys the dense mask lets it see, since the ring always holds the R_g >=
+  span_h most recent positions past the sinks. KV memory therefore follows the plan's density.
+
+Plan length. A plan's spans depend on the sequence length N (span = clip(round(alpha + beta·N),
+1, N)). For a generation N is the cache's max_len (prompt + generated tokens, known when the
+cache is made): prefill and every step use the masks at N = max_len, so the cached and uncached
+paths compute the same function (decoding max_len tokens equals `Attention.__call__` on those
+max_len tokens, position by position), and a longer generation simply gets longer spans. A
+prompt of T < max_len tokens is prefilled with the rows 0..T-1 of the mask at N = max_len (its
+sinks clipped to the T keys present).
+
+`kv_cache_bytes(cfg, max_len, batch)` is the exact number of bytes of keys and values the decode
+state of a model holds for its attention layers (it equals the summed nbytes of those arrays in
+`init_cache`); reports quote kv_cache_bytes(cfg, N) / N bytes per token.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memx.kernels.attention import Mask, attention
 from memx.kernels.attention.reference import MASK_VALUE
+from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES
-from memx.nn.attention import Attention
+from memx.nn.attention import Attention, layer_mask
 from memx.nn.rope import apply_rope
+
+# "No window" in the integer visibility tests: larger than any position difference.
+_UNBOUNDED = 1 << 30
 
 
 def _qkv(attn: Attention, x, positions):
@@ -25,38 +62,195 @@ def _qkv(attn: Attention, x, positions):
   return q, k, v
 
 
-def _visible(mask: Mask, q_pos, k_pos):
-  """Which cache positions a query at q_pos sees (head-uniform causal/window/sink masks)."""
-  if mask.num_heads is not None or mask.block_sparse is not None or mask.q_offset:
-    raise NotImplementedError("attention decode: per-head, block-sparse or offset masks are "
-                              "not supported by the KV-cache step")
-  ok = jnp.ones_like(k_pos, bool)
+def _head_rules(mask: Mask, num_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per query head (window_left, window_right, n_sink) as int32 [H, 1] (windows unbounded →
+  _UNBOUNDED), for the causal decode masks (no block-sparse layout, no q_offset)."""
+  if mask.block_sparse is not None or mask.q_offset:
+    raise NotImplementedError(f"attention decode: block-sparse or offset masks are not "
+                              f"supported by the KV-cache step (got {mask}); use causal masks "
+                              f"with windows and sinks, uniform or per head")
+  heads = mask.heads(num_heads)
+  col = lambda xs: np.asarray(xs, np.int32)[:, None]
+  unb = lambda w: _UNBOUNDED if w is None else w
+  return (col([unb(m.window_left) for m in heads]), col([unb(m.window_right) for m in heads]),
+          col([m.n_sink for m in heads]))
+
+
+def _visible(mask: Mask, num_heads: int, q_pos, k_pos):
+  """Which keys at positions k_pos [S] each query head at position q_pos sees: bool [H, S]."""
+  left, right, sink = _head_rules(mask, num_heads)
+  k_pos = k_pos[None, :]
+  ok = jnp.ones((num_heads, k_pos.shape[1]), bool)
   if mask.causal:
     ok &= k_pos <= q_pos
-  in_window = jnp.ones_like(k_pos, bool)
-  if mask.window_left is not None:
-    in_window &= q_pos - k_pos <= mask.window_left
-  if mask.window_right is not None:
-    in_window &= k_pos - q_pos <= mask.window_right
-  if mask.n_sink:
-    in_window |= k_pos < mask.n_sink
+  in_window = (q_pos - k_pos <= jnp.asarray(left)) & (k_pos - q_pos <= jnp.asarray(right))
+  in_window |= k_pos < jnp.asarray(sink)
   return ok & in_window
 
 
-def init_cache(attn: Attention, batch: int, max_len: int) -> dict[str, jax.Array]:
+def _prefix_mask(mask: Mask, t: int) -> Mask:
+  """The mask of queries/keys 0..t-1 cut from a mask written for a longer sequence: the same
+  rows, with sinks clipped to the t keys present (a sink past the last key sees nothing more)."""
+  sink = mask.n_sink
+  sink = tuple(min(n, t) for n in sink) if isinstance(sink, tuple) else min(sink, t)
+  return dataclasses.replace(mask, n_sink=sink)
+
+
+# --- per-head ring caches for sparse-plan layers ----------------------------------------------
+
+def is_plan_layer(cfg: ModelConfig, layer: int) -> bool:
+  """Whether attention layer `layer` follows a sparse plan (and so decodes with rings)."""
+  return cfg.attn_plan is not None and cfg.attn_plan[layer] is not None
+
+
+def ring_layout(mask: Mask, num_heads: int, num_kv_heads: int, max_len: int
+                ) -> tuple[tuple[int, int], ...]:
+  """(sink slots S_g, ring slots R_g) per KV head for a causal per-head mask at N = max_len.
+
+  S_g = max sink_h and R_g = min(max span_h, max_len - S_g) over the query heads h of group g,
+  where span_h = window_left_h + 1 (max_len when unbounded). S_g + R_g <= max_len.
+  """
+  left, right, sink = _head_rules(mask, num_heads)
+  if not mask.causal or (right != _UNBOUNDED).any():
+    raise NotImplementedError(f"ring KV cache: only causal masks without a right window are "
+                              f"allowed, got {mask}")
+  span = np.minimum(left[:, 0].astype(np.int64) + 1, max_len).reshape(num_kv_heads, -1)
+  sink = np.minimum(sink[:, 0].astype(np.int64), max_len).reshape(num_kv_heads, -1)
+  layout = []
+  for g in range(num_kv_heads):
+    n_sink = int(sink[g].max())
+    layout.append((n_sink, int(min(span[g].max(), max_len - n_sink))))
+  return tuple(layout)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v", "slot_pos"),
+                   meta_fields=("max_len",))
+@dataclasses.dataclass(frozen=True)
+class PlanCache:
+  """Decode state of one sparse-plan attention layer: a sink part + ring per KV head.
+
+  k, v: per KV head g, [B, cap_g, K] in the compute dtype (cap_g = S_g + R_g of `ring_layout`).
+  slot_pos: per KV head g, int32 [cap_g]: the absolute position in each slot, -1 when empty
+    (shared by the batch rows, which decode in lockstep).
+  max_len: the generation length N the plan's masks are taken at (static).
+  """
+
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  slot_pos: tuple[jax.Array, ...]
+  max_len: int
+
+
+def _plan_layout(attn: Attention, max_len: int) -> tuple[tuple[int, int], ...]:
   cfg = attn.cfg
+  return ring_layout(attn.mask(max_len), cfg.n_heads, cfg.kv_heads, max_len)
+
+
+def _init_plan_cache(attn: Attention, batch: int, max_len: int) -> PlanCache:
+  cfg = attn.cfg
+  dt = DTYPES[cfg.compute_dtype]
+  caps = [s + r for s, r in _plan_layout(attn, max_len)]
+  return PlanCache(k=tuple(jnp.zeros((batch, c, cfg.head_dim), dt) for c in caps),
+                   v=tuple(jnp.zeros((batch, c, cfg.head_dim), dt) for c in caps),
+                   slot_pos=tuple(jnp.full((c,), -1, jnp.int32) for c in caps), max_len=max_len)
+
+
+def _fill_ring(buf, pos: np.ndarray, val, n_sink: int, n_ring: int):
+  """Writes a prompt's keys (or values) val [B, T, K] at positions 0..T-1 into one KV head's
+  buffer [B, cap, K]: the sink positions and the last n_ring positions past them, with static
+  slices (each slot written at most once). Updates the numpy slot positions `pos` in place."""
+  t = val.shape[1]
+  ns = min(n_sink, t)
+  buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, :ns], 0, axis=1)
+  pos[:ns] = np.arange(ns)
+  n = min(n_ring, t - ns)
+  if n > 0:
+    p0 = t - n
+    s0 = (p0 - n_sink) % n_ring
+    first = min(n, n_ring - s0)          # slots s0 .. n_ring - 1, then wrap to slot 0
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, p0:p0 + first], n_sink + s0, axis=1)
+    pos[n_sink + s0:n_sink + s0 + first] = np.arange(p0, p0 + first)
+    if n > first:
+      buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, p0 + first:], n_sink, axis=1)
+      pos[n_sink:n_sink + n - first] = np.arange(p0 + first, t)
+  return buf
+
+
+def _prefill_plan_cache(attn: Attention, k, v, max_len: int) -> PlanCache:
+  cache = _init_plan_cache(attn, k.shape[0], max_len)
+  ks, vs, ps = [], [], []
+  for g, (n_sink, n_ring) in enumerate(_plan_layout(attn, max_len)):
+    pos = np.full(n_sink + n_ring, -1, np.int32)
+    ks.append(_fill_ring(cache.k[g], pos, k[:, :, g], n_sink, n_ring))
+    vs.append(_fill_ring(cache.v[g], pos, v[:, :, g], n_sink, n_ring))
+    ps.append(jnp.asarray(pos))
+  return PlanCache(k=tuple(ks), v=tuple(vs), slot_pos=tuple(ps), max_len=max_len)
+
+
+def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
+  """q [B, 1, H, K], k/v [B, 1, G, K] at position pos → (out [B, H, K], next PlanCache)."""
+  cfg = attn.cfg
+  dt = DTYPES[cfg.compute_dtype]
+  mask = attn.mask(cache.max_len)
+  layout = ring_layout(mask, cfg.n_heads, cfg.kv_heads, cache.max_len)
+  caps = tuple(x.shape[1] for x in cache.k)
+  if caps != tuple(s + r for s, r in layout):
+    raise ValueError(f"attention decode: layer {attn.layer}'s ring cache has slots {caps} per KV "
+                     f"head, but its plan at max_len {cache.max_len} needs {layout} "
+                     f"(sink, ring) slots: the cache was made for another config")
+  left, _, sink = _head_rules(mask, cfg.n_heads)
+  rep = cfg.n_heads // cfg.kv_heads
+  pos = jnp.asarray(pos, jnp.int32)
+  ks, vs, ps, outs = [], [], [], []
+  for g, (n_sink, n_ring) in enumerate(layout):
+    if n_ring == 0:                      # every position is a sink (sink_h = max_len)
+      slot = pos
+    else:
+      slot = jnp.where(pos < n_sink, pos, n_sink + (pos - n_sink) % n_ring)
+    kg = jax.lax.dynamic_update_slice_in_dim(cache.k[g], k[:, :, g], slot, axis=1)
+    vg = jax.lax.dynamic_update_slice_in_dim(cache.v[g], v[:, :, g], slot, axis=1)
+    sp = jax.lax.dynamic_update_slice_in_dim(cache.slot_pos[g], pos[None], slot, axis=0)
+    heads = slice(g * rep, (g + 1) * rep)
+    scores = jnp.einsum("brk,bsk->brs", q[:, 0, heads], kg,
+                        preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
+    sp_row = sp[None, :]
+    vis = ((sp_row >= 0) & (sp_row <= pos)
+           & ((pos - sp_row <= jnp.asarray(left[heads])) | (sp_row < jnp.asarray(sink[heads]))))
+    scores = jnp.where(vis[None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    outs.append(jnp.einsum("brs,bsk->brk", probs.astype(vg.dtype), vg,
+                           preferred_element_type=jnp.float32).astype(dt))
+    ks.append(kg)
+    vs.append(vg)
+    ps.append(sp)
+  new = PlanCache(k=tuple(ks), v=tuple(vs), slot_pos=tuple(ps), max_len=cache.max_len)
+  return jnp.concatenate(outs, axis=1), new
+
+
+# --- public API -------------------------------------------------------------------------------
+
+def init_cache(attn: Attention, batch: int, max_len: int, *, full: bool = False):
+  """Empty decode state: a PlanCache for sparse-plan layers, else (or with full=True) the dense
+  {"k", "v": [B, max_len, G, K]} cache."""
+  cfg = attn.cfg
+  if is_plan_layer(cfg, attn.layer) and not full:
+    return _init_plan_cache(attn, batch, max_len)
   shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
   dt = DTYPES[cfg.compute_dtype]
   return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
 
-def prefill(attn: Attention, x, positions, max_len: int):
-  """The parallel forward of `Attention.__call__` plus a cache holding the prompt's keys/values."""
+def prefill(attn: Attention, x, positions, max_len: int, *, full: bool = False):
+  """The parallel forward over a prompt x [B, T, D] at positions 0..T-1 with the layer's mask
+  at N = max_len, plus the decode state holding the prompt's keys/values (see init_cache)."""
   dt = DTYPES[attn.cfg.compute_dtype]
   q, k, v = _qkv(attn, x, positions)
-  out = attention(q, k, v, mask=attn.mask, implementation=attn.cfg.attn_impl)
+  mask = _prefix_mask(attn.mask(max_len), x.shape[1])
+  out = attention(q, k, v, mask=mask, implementation=attn.cfg.attn_impl)
   out = jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt))
-  cache = init_cache(attn, x.shape[0], max_len)
+  if is_plan_layer(attn.cfg, attn.layer) and not full:
+    return out, _prefill_plan_cache(attn, k, v, max_len)
+  cache = init_cache(attn, x.shape[0], max_len, full=True)
   cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val, 0, axis=1)
            for name, val in (("k", k), ("v", v))}
   return out, cache
@@ -68,16 +262,49 @@ def step(attn: Attention, x_t, pos, cache):
   b = x_t.shape[0]
   positions = jnp.full((b, 1), pos, jnp.int32)
   q, k, v = _qkv(attn, x_t[:, None], positions)
+  if isinstance(cache, PlanCache):
+    out, cache = _plan_step(attn, q, k, v, pos, cache)
+    return jnp.einsum("bhk,hkd->bd", out, attn.wo[...].astype(dt)), cache
   cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1),
            "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)}
-  g = cache["k"].shape[2]
-  q_gr = q[:, 0].reshape(b, g, -1, q.shape[-1])                          # [B, G, R, K]
+  s, g = cache["k"].shape[1:3]
+  h = q.shape[2]
+  q_gr = q[:, 0].reshape(b, g, h // g, q.shape[-1])                      # [B, G, R, K]
   scores = jnp.einsum("bgrk,bsgk->bgrs", q_gr, cache["k"],
                       preferred_element_type=jnp.float32) * attn.cfg.head_dim ** -0.5
-  vis = _visible(attn.mask, pos, jnp.arange(cache["k"].shape[1]))
-  scores = jnp.where(vis[None, None, None], scores, MASK_VALUE)
+  vis = _visible(attn.mask(s), h, pos, jnp.arange(s)).reshape(g, h // g, s)
+  scores = jnp.where(vis[None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bgrs,bsgk->bgrk", probs.astype(cache["v"].dtype), cache["v"],
                    preferred_element_type=jnp.float32).astype(dt)
   out = out.reshape(b, -1, out.shape[-1])                                # [B, H, K]
   return jnp.einsum("bhk,hkd->bd", out, attn.wo[...].astype(dt)), cache
+
+
+def kv_cache_bytes(cfg: ModelConfig, max_len: int, batch: int = 1, *, full: bool = False,
+                   include_positions: bool = False) -> int:
+  """Exact bytes of the keys and values a model's decode state holds for `batch` sequences of
+  up to max_len tokens, over its attention layers (SSM/linear-attention states not included).
+
+  Sparse-plan layers hold sum_g (S_g + R_g) slots per sequence (`ring_layout` at N = max_len),
+  other attention layers (and all of them with full=True) G · max_len; each slot is a key and a
+  value of head_dim numbers in the compute dtype. include_positions adds the ring caches' int32
+  slot positions (one per slot, shared by the batch). Equals the summed nbytes of those arrays
+  in `TransformerLM.init_cache(batch, max_len)`; per token of context: this / max_len.
+  """
+  if max_len <= 0 or batch <= 0:
+    raise ValueError(f"kv_cache_bytes: max_len = {max_len} and batch = {batch} must be >= 1")
+  item = jnp.dtype(DTYPES[cfg.compute_dtype]).itemsize
+  total = 0
+  for layer in range(cfg.n_layers):
+    if cfg.mixer(layer) != "attention":
+      continue
+    if is_plan_layer(cfg, layer) and not full:
+      mask = layer_mask(cfg, layer, max_len)
+      slots = sum(s + r for s, r in ring_layout(mask, cfg.n_heads, cfg.kv_heads, max_len))
+      total += 2 * batch * slots * cfg.head_dim * item
+      if include_positions:
+        total += slots * 4
+    else:
+      total += 2 * batch * max_len * cfg.kv_heads * cfg.head_dim * item
+  return total

@@ -140,3 +140,23 @@ def test_segment_schedule_drops_tiles_across_documents():
   assert np.asarray(cnt[0, 0, :, 0]).tolist() == [0, 1, 0, 1]  # diagonal tiles stay PARTIAL
   assert np.asarray(tbl[0, 0, 3, :2]).tolist() == [2, 3]
   assert np.asarray(cnt[1, 0, :, 1]).tolist() == [1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("mask", [
+    Mask(causal=True),
+    Mask(causal=True, window_left=(3, 10, 0), n_sink=(2, 0, 5)),
+    Mask(causal=False, window_left=5, window_right=2, q_offset=3),
+    Mask(causal=True, block_sparse=BlockSparse(np.array([[1, 0], [1, 1], [0, 1]], bool),
+                                               block_q=16, block_k=32)),
+])
+def test_block_counts_match_dense_tiles(mask):
+  t, s, bq, bk = 40, 50, 16, 16
+  counts = mask.block_counts(t, s, bq, bk)
+  heads = mask.num_heads or 1
+  for h in range(heads):
+    dense = np.asarray(mask.dense(t, s, head=h if mask.num_heads else None))
+    padded = np.zeros((3 * bq, 4 * bk), bool)
+    padded[:t, :s] = dense
+    want = padded.reshape(3, bq, 4, bk).sum((1, 3))
+    np.testing.assert_array_equal(counts[h], want)
+  np.testing.assert_array_equal(counts.sum((1, 2)), mask.visited_pairs(t, s))

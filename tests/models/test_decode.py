@@ -11,7 +11,7 @@ from flax import nnx
 from memx.kernels import _testing
 from memx.models._testing import jit_for_test
 from memx.models.config import ModelConfig, SSMConfig
-from memx.models.decode import cache_bytes, generate
+from memx.models.decode import cache_bytes, generate, kv_cache_bytes
 from memx.models.transformer import TransformerLM
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
@@ -76,3 +76,102 @@ def test_ssm_state_does_not_grow_with_length():
   grow = cache_bytes(hybrid.init_cache(2, 4096)) - cache_bytes(hybrid.init_cache(2, 64))
   # Only the one attention layer grows: keys + values, [B, S, G, K] fp32 each.
   assert grow == 2 * 2 * (4096 - 64) * 2 * 8 * 4
+
+
+# --- sparse plans (MoA): per-head ring caches -----------------------------------------------
+
+# Heterogeneous per-head rules (alpha, beta, n_sink); spans at N = 26 in the comments. Layer 0
+# has a full head, layer 1 only short spans (its rings wrap several times in 26 tokens).
+PLAN = (
+    ((3.0, 0.0, 1), (1.0, 0.1, 0), (0.0, 1.0, 0), (2.0, 0.0, 2)),   # 3, 4, 26, 2
+    ((4.0, 0.0, 0), (2.0, 0.05, 1), (1.0, 0.0, 3), (3.0, 0.1, 0)),  # 4, 3, 1, 6
+)
+PLAN_BASE = dataclasses.replace(BASE, n_layers=2, attn_window=None, attn_sinks=0)
+
+
+def _decode_all(model, tokens, prompt: int, max_len: int, full_cache: bool):
+  """Prefill tokens[:, :prompt], then decode the rest: logits at every position [B, T, V]."""
+  logits, cache = jit_for_test(lambda m, t: m.prefill(t, max_len, full_cache=full_cache))(
+      model, tokens[:, :prompt])
+  step = jit_for_test(lambda m, t, c: m.decode_step(t, c))
+  out = [logits]
+  for t in range(prompt, tokens.shape[1]):
+    logits, cache = step(model, tokens[:, t], cache)
+    out.append(logits[:, None])
+  return jnp.concatenate(out, 1), cache
+
+
+def test_plan_ring_cache_equals_full_cache_and_parallel_forward():
+  """Prompt 6 + 20 decoded tokens with max_len = 26: the plan's N is max_len, and the parallel
+  forward on the 26 tokens uses the spans at N = 26 too, so all three agree at every position
+  (however the spans depend on N). Other KV-head counts: tests/nn/test_sparse_cache.py."""
+  cfg = dataclasses.replace(PLAN_BASE, attn_plan=PLAN)
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  tokens = _tokens(t=26, seed=4)
+  full = jit_for_test(lambda m, t: m(t))(model, tokens)
+  ring, cache = _decode_all(model, tokens, 6, 26, full_cache=False)
+  dense, dense_cache = _decode_all(model, tokens, 6, 26, full_cache=True)
+  _testing.assert_allclose(ring, dense, name="ring cache vs full cache")
+  _testing.assert_allclose(ring, full, name="ring cache vs parallel forward at N = max_len")
+  assert cache_bytes(cache) < cache_bytes(dense_cache)
+
+
+def test_plan_with_full_spans_is_the_dense_model():
+  """Spans >= N (and sinks, which a full span already sees) change nothing."""
+  full_span = ((0.0, 1.0, 0), (40.0, 0.0, 2), (1.0, 1.0, 5), (30.0, 0.5, 0))
+  dense_cfg = dataclasses.replace(PLAN_BASE, mixers=("mamba2", "attention"))
+  dense = TransformerLM(dense_cfg, rngs=nnx.Rngs(0))
+  planned = TransformerLM(dataclasses.replace(dense_cfg, attn_plan=(None, full_span)),
+                          rngs=nnx.Rngs(0))
+  nnx.update(planned, nnx.state(dense, nnx.Param))
+  tokens = _tokens(t=20, seed=5)
+  want = jit_for_test(lambda m, t: m(t))(dense, tokens)
+  _testing.assert_allclose(jit_for_test(lambda m, t: m(t))(planned, tokens), want,
+                           name="parallel forward")
+  got, cache = _decode_all(planned, tokens, 5, 20, full_cache=False)
+  _testing.assert_allclose(got, want, name="ring-cache decode")
+  assert [c.shape for c in cache["layers"][1].k] == [(2, 20, 8)] * 2  # rings hold everything
+
+
+def test_kv_cache_bytes_matches_the_cache_arrays():
+  hybrid_plan = dataclasses.replace(PLAN_BASE, n_layers=3, mixers=("attention", "mamba2",
+                                                                    "attention"),
+                                    attn_plan=(None, None, PLAN[1]))
+  for cfg in (dataclasses.replace(PLAN_BASE, attn_plan=PLAN), hybrid_plan, BASE,
+              dataclasses.replace(PLAN_BASE, attn_plan=PLAN, compute_dtype="bfloat16")):
+    model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+    for max_len, batch, full in ((26, 2, False), (9, 3, False), (26, 1, True)):
+      cache = jax.eval_shape(lambda m=model, b=batch, n=max_len, f=full:
+                             m.init_cache(b, n, full_cache=f))
+      attn = [c for blk, c in zip(model.blocks, cache["layers"], strict=True)
+              if blk.kind == "attention"]
+      kv = sum(x.size * x.dtype.itemsize for c in attn for x in jax.tree.leaves(c)
+               if x.dtype != jnp.int32)
+      everything = sum(x.size * x.dtype.itemsize for c in attn for x in jax.tree.leaves(c))
+      assert kv_cache_bytes(cfg, max_len, batch, full=full) == kv
+      assert kv_cache_bytes(cfg, max_len, batch, full=full, include_positions=True) == everything
+  # A plan's cache follows its spans: at N = 4096, layer 1's KV head 0 (query heads 0, 1) keeps
+  # max sink 1 + max span(4, 2 + 0.05 N = 207) slots, KV head 1 (heads 2, 3) max sink 3 +
+  # max span(1, 3 + 0.1 N = 413); the dense layer 0 keeps N slots per KV head.
+  cfg = dataclasses.replace(PLAN_BASE, attn_plan=(None, PLAN[1]))
+  slot = 2 * 8 * 4  # key + value, head_dim 8, fp32
+  assert kv_cache_bytes(cfg, 4096) == (2 * 4096 + (1 + 207) + (3 + 413)) * slot
+  short = dataclasses.replace(PLAN_BASE, attn_plan=(PLAN[1], PLAN[1]))
+  assert kv_cache_bytes(short, 4096) / kv_cache_bytes(short, 4096, full=True) == pytest.approx(
+      (1 + 207 + 3 + 413) / (2 * 4096))
+  assert kv_cache_bytes(cfg, 4096, full=True) == 2 * 2 * 4096 * slot
+  with pytest.raises(ValueError, match="max_len"):
+    kv_cache_bytes(cfg, 0)
+
+
+def test_greedy_generation_with_a_plan():
+  """generate's max_len (= prompt + new tokens) is the plan's N: each generated token is the
+  argmax of the parallel forward on the generated sequence (which runs at that same N)."""
+  cfg = dataclasses.replace(PLAN_BASE, attn_plan=PLAN)
+  model = TransformerLM(cfg, rngs=nnx.Rngs(2))
+  prompt = _tokens(t=4, seed=6)
+  out = generate(model, prompt, 14)
+  assert out.shape == (2, 18)
+  np.testing.assert_array_equal(out[:, :4], prompt)
+  logits = jit_for_test(lambda m, t: m(t))(model, out)
+  np.testing.assert_array_equal(jnp.argmax(logits[:, 3:-1], -1), out[:, 4:])

@@ -16,7 +16,8 @@ from memx.nn.attention import Attention
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2)
 
 
-@pytest.mark.parametrize("window, sinks", [(None, 0), (3, 2)])
+# (2, 8): more sinks than the 6-token prompt has keys (prefill clips them to the keys present).
+@pytest.mark.parametrize("window, sinks", [(None, 0), (3, 2), (2, 8)])
 def test_prefill_and_steps_equal_parallel_forward(window, sinks):
   cfg = dataclasses.replace(CFG, attn_window=window, attn_sinks=sinks)
   attn = Attention(cfg, 0, rngs=nnx.Rngs(0))

@@ -13,6 +13,8 @@ from memx.kernels.attention.mask import (
     PARTIAL,
     BlockSparse,
     Mask,
+    elastic_mask,
+    elastic_span,
     moa_windows,
 )
 from memx.kernels.attention.pallas_gpu import attention_pallas_gpu
@@ -34,6 +36,8 @@ __all__ = [
     "attention_pallas_gpu",
     "attention_reference",
     "attention_xla",
+    "elastic_mask",
+    "elastic_span",
     "default_order",
     "moa_windows",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -292,6 +293,20 @@ class Mask:
     heads = (self,) if n is None else tuple(self.head(h) for h in range(n))
     return np.stack([_classify(m, t, s, block_q, block_k) for m in heads])
 
+  def block_counts(self, t: int, s: int, block_q: int, block_k: int) -> np.ndarray:
+    """Exact number of visited pairs in every [block_q, block_k] tile: int64 [H, nQ, nK].
+
+    H = num_heads, or 1 for a head-uniform mask. Sparse planning weighs block-pooled
+    attention profiles with it (memx.sparse.profile).
+    """
+    for name, b in (("block_q", block_q), ("block_k", block_k)):
+      if not _is_int(b) or b <= 0:
+        raise ValueError(f"Mask.block_counts: {name} = {b!r} must be a positive int.")
+    self.check_fits(t, s)
+    n = self.num_heads
+    heads = (self,) if n is None else tuple(self.head(h) for h in range(n))
+    return np.stack([_block_counts(m, t, s, block_q, block_k) for m in heads])
+
   def visited_pairs(self, t: int, s: int) -> np.ndarray:
     """Exact number of visited (query, key) pairs per head: int64 [H] (H = 1 if uniform)."""
     self.check_fits(t, s)
@@ -345,9 +360,8 @@ def _count_pairs(m: Mask, t: int, s: int) -> int:
   return total
 
 
-@functools.lru_cache(maxsize=256)
-def _classify(m: Mask, t: int, s: int, block_q: int, block_k: int) -> np.ndarray:
-  """int8 [nQ, nK] block classes for one head-uniform mask (see Mask.block_layout)."""
+def _element_block_counts(m: Mask, t: int, s: int, block_q: int, block_k: int) -> np.ndarray:
+  """Visited pairs per [block_q, block_k] tile from the element rules only (no layout)."""
   n_q, n_k = -(-t // block_q), -(-s // block_k)
   p = np.arange(n_q * block_q, dtype=np.int64) + m.q_offset
   row_valid = np.arange(n_q * block_q) < t
@@ -356,12 +370,34 @@ def _classify(m: Mask, t: int, s: int, block_q: int, block_k: int) -> np.ndarray
     k0, k1 = j * block_k, min((j + 1) * block_k, s)
     c = np.where(row_valid, _row_counts(m, p, k0, k1), 0)
     counts[:, j] = c.reshape(n_q, block_q).sum(-1)
+  return counts
+
+
+def _layout_keep(m: Mask, n_q: int, n_k: int, block_q: int, block_k: int) -> np.ndarray | bool:
+  """Which tiles the block-sparse layout keeps (tiles nest inside layout blocks)."""
+  if m.block_sparse is None:
+    return True
+  bs = m.block_sparse
+  return bs.layout[0][(np.arange(n_q) * block_q) // bs.block_q][:, (np.arange(n_k) * block_k)
+                                                               // bs.block_k]
+
+
+def _block_counts(m: Mask, t: int, s: int, block_q: int, block_k: int) -> np.ndarray:
+  if m.block_sparse is not None and (m.block_sparse.block_q % block_q
+                                     or m.block_sparse.block_k % block_k):
+    raise ValueError(f"Mask.block_counts: tiles ({block_q}, {block_k}) must nest inside the "
+                     f"block-sparse layout blocks ({m.block_sparse.block_q}, "
+                     f"{m.block_sparse.block_k}).")
+  counts = _element_block_counts(m, t, s, block_q, block_k)
+  return np.where(_layout_keep(m, *counts.shape, block_q, block_k), counts, 0)
+
+
+@functools.lru_cache(maxsize=256)
+def _classify(m: Mask, t: int, s: int, block_q: int, block_k: int) -> np.ndarray:
+  """int8 [nQ, nK] block classes for one head-uniform mask (see Mask.block_layout)."""
+  counts = _element_block_counts(m, t, s, block_q, block_k)
   cls = np.where(counts == 0, EMPTY, np.where(counts == block_q * block_k, FULL, PARTIAL))
-  if m.block_sparse is not None:
-    bs = m.block_sparse
-    keep = bs.layout[0][(np.arange(n_q) * block_q) // bs.block_q][:, (np.arange(n_k) * block_k)
-                                                                  // bs.block_k]
-    cls = np.where(keep, cls, EMPTY)
+  cls = np.where(_layout_keep(m, *counts.shape, block_q, block_k), cls, EMPTY)
   cls = cls.astype(np.int8)
   cls.flags.writeable = False
   return cls
@@ -392,3 +428,27 @@ def moa_windows(num_heads: int, s: int, density: float, *, n_sink: int = 0,
     else:
       hi = mid
   return make(hi)
+
+
+# --- length-elastic spans (MoA) ---------------------------------------------------------------
+
+ElasticRule = tuple[float, float, int]  # (alpha, beta, n_sink)
+
+
+def elastic_span(alpha: float, beta: float, length: int) -> int:
+  """Keys a head sees behind (and including) each query at sequence length N: α + β·N,
+  rounded half up and clipped to [1, N] (MoA's span rule)."""
+  return int(min(length, max(1, math.floor(alpha + beta * length + 0.5))))
+
+
+def elastic_mask(rules: tuple[ElasticRule, ...] | list[ElasticRule], length: int) -> Mask:
+  """The per-head causal mask of MoA rules at sequence length N.
+
+  Head h sees the span(α_h, β_h, N) most recent keys (window_left = span - 1) plus its first
+  n_sink_h keys (clipped to N). A span >= N is dense causal attention.
+  """
+  if length <= 0:
+    raise ValueError(f"elastic_mask: length = {length} must be a positive number of tokens.")
+  spans = tuple(elastic_span(a, b, length) for a, b, _ in rules)
+  sinks = tuple(min(int(n), length) for _, _, n in rules)
+  return Mask(causal=True, window_left=tuple(sp - 1 for sp in spans), n_sink=sinks)

@@ -1,0 +1,196 @@
+"""`memx sparse profile|search|baseline|show` and `memx eval`: the MoA pipeline on the CLI.
+
+  memx sparse profile RUN --lengths 256,512,1024 --out RUN/sparse/profile.npz
+  memx sparse search PROFILE --budget 0.25 --out plan.json [--layer-budget 0.5] [--method milp]
+  memx sparse baseline RUN --kind uniform|longgen|dense --budget 0.25 --lengths ... --out F
+  memx sparse show PLAN                    (rules per layer, densities, KV slots)
+  memx eval RUN [--plan PLAN] --name NAME --lengths 256,512,1024 [--depths 0.1,0.5,0.9]
+  memx run EXPERIMENT --plan PLAN          (train or fine-tune with the plan's masks)
+
+Every step is also a Python call (memx.sparse.profile.profile_model, plan.search_plan,
+plan.uniform_plan / longgen_plan, evaluate.evaluate). Inputs are checked before any compute;
+every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from memx.errors import UserError
+
+
+def _ints(text: str, what: str) -> list[int]:
+  try:
+    out = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise UserError(f"{what} = {text!r} must be a comma-separated list of integers.") from None
+  if not out or min(out) < 2:
+    raise UserError(f"{what} = {text!r} must list integers >= 2.")
+  return out
+
+
+def _floats(text: str, what: str) -> list[float]:
+  try:
+    out = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise UserError(f"{what} = {text!r} must be a comma-separated list of numbers.") from None
+  if not out:
+    raise UserError(f"{what} is empty.")
+  return out
+
+
+def add_parser(sub) -> None:
+  sp = sub.add_parser("sparse", help="MoA sparse-attention plans: profile, search, baselines")
+  ssub = sp.add_subparsers(dest="sparse_command", required=True)
+
+  p = ssub.add_parser("profile", help="profile a trained dense run's attention influence")
+  p.add_argument("run", help="run directory (or its checkpoints/)")
+  p.add_argument("--lengths", required=True, help="comma-separated sequence lengths")
+  p.add_argument("--out", required=True, help="profile file to write (.npz)")
+  p.add_argument("--batches", type=int, default=4)
+  p.add_argument("--batch-size", type=int, default=2)
+  p.add_argument("--block", type=int, default=32, help="tile size of the influence pooling")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+  p.set_defaults(handler=_profile)
+
+  s = ssub.add_parser("search", help="pick one rule per head under a density budget")
+  s.add_argument("profile")
+  s.add_argument("--budget", required=True,
+                 help="fraction of causal pairs kept, one value or one per length")
+  s.add_argument("--lengths", default=None, help="profiled lengths to use (default all)")
+  s.add_argument("--layer-budget", type=float, default=None)
+  s.add_argument("--n-sink", type=int, default=4)
+  s.add_argument("--no-full", action="store_true", help="exclude full attention as a rule")
+  s.add_argument("--method", default="auto", choices=["auto", "milp", "greedy"])
+  s.add_argument("--time-limit", type=float, default=60.0)
+  s.add_argument("--out", required=True)
+  s.set_defaults(handler=_search)
+
+  b = ssub.add_parser("baseline", help="uniform-window / LongGen / dense plans at a budget")
+  b.add_argument("run")
+  b.add_argument("--kind", required=True, choices=["uniform", "longgen", "dense"])
+  b.add_argument("--budget", default="1.0")
+  b.add_argument("--lengths", required=True)
+  b.add_argument("--n-sink", type=int, default=4)
+  b.add_argument("--out", required=True)
+  b.set_defaults(handler=_baseline)
+
+  sh = ssub.add_parser("show", help="print a plan's rules and densities")
+  sh.add_argument("plan")
+  sh.set_defaults(handler=_show)
+
+  e = sub.add_parser("eval", help="evaluate a trained run (optionally under a sparse plan)")
+  e.add_argument("run")
+  e.add_argument("--plan", default=None)
+  e.add_argument("--name", default=None, help="evaluation name (default: plan kind or dense)")
+  e.add_argument("--lengths", required=True)
+  e.add_argument("--depths", default="0.1,0.5,0.9", help="passkey needle depths")
+  e.add_argument("--batches", type=int, default=2)
+  e.add_argument("--batch-size", type=int, default=8)
+  e.add_argument("--step", type=int, default=None)
+  e.set_defaults(handler=_eval)
+
+
+def _budget_arg(text: str) -> float | list[float]:
+  values = _floats(text, "--budget")
+  return values[0] if len(values) == 1 else values
+
+
+def _profile(args) -> int:
+  from memx.sparse.profile import ProfileError, profile_model
+  from memx.train.restore import load_trained
+
+  lengths = _ints(args.lengths, "--lengths")
+  if args.batches < 1 or args.batch_size < 1 or args.block < 1:
+    raise ProfileError("--batches, --batch-size and --block must be positive.")
+  trained = load_trained(args.run, step=args.step)
+  prof = profile_model(trained.model, trained.cfg.data, lengths, batches=args.batches,
+                       batch_size=args.batch_size, block=args.block,
+                       meta={"run": str(trained.run_dir), "step": trained.step})
+  out = prof.save(args.out)
+  print(f"profile of {trained.run_dir} (step {trained.step}) at lengths {prof.lengths}: {out}")
+  return 0
+
+
+def _search(args) -> int:
+  from memx.sparse.plan import search_plan
+  from memx.sparse.profile import Profile
+
+  prof = Profile.load(args.profile)
+  lengths = _ints(args.lengths, "--lengths") if args.lengths else None
+  plan = search_plan(prof, _budget_arg(args.budget), lengths=lengths,
+                     layer_budget=args.layer_budget, n_sink=args.n_sink,
+                     include_full=not args.no_full, method=args.method,
+                     time_limit=args.time_limit)
+  out = plan.save(args.out)
+  print(_describe(plan))
+  print(f"plan: {out}")
+  return 0
+
+
+def _baseline(args) -> int:
+  from memx.sparse import plan as plans
+  from memx.train.restore import load_config
+
+  model_cfg = load_config(args.run).model
+  lengths = _ints(args.lengths, "--lengths")
+  if args.kind == "dense":
+    plan = plans.dense_plan(model_cfg, lengths)
+  elif args.kind == "uniform":
+    plan = plans.uniform_plan(model_cfg, _budget_arg(args.budget), lengths, n_sink=args.n_sink)
+  else:
+    plan = plans.longgen_plan(model_cfg, _budget_arg(args.budget), lengths, n_sink=args.n_sink)
+  out = plan.save(args.out)
+  print(_describe(plan))
+  print(f"plan: {out}")
+  return 0
+
+
+def _describe(plan) -> str:
+  lines = [f"{plan.kind} plan for {plan.n_layers} layers × {plan.n_heads} heads"
+           + (f", budget {list(plan.budget)}" if plan.budget else "")
+           + (f"; solver {plan.solver}, predicted loss increase {plan.predicted_loss:.4g}"
+              if plan.solver else "")]
+  for i, rules in enumerate(plan.layers):
+    if rules is None:
+      lines.append(f"  layer {i}: (unchanged)")
+      continue
+    lines.append(f"  layer {i}: " + ", ".join(
+        "full" if r.beta >= 1.0 and r.alpha >= 0 else f"{r.alpha:g}+{r.beta:g}N/{r.n_sink}s"
+        for r in rules))
+  for n in plan.lengths:
+    lines.append(f"  N={n}: density {plan.density(n):.3f} of causal pairs, "
+                 f"{plan.kv_slots(n) / (n * len(plan.rules())):.3f} of dense KV slots")
+  return "\n".join(lines)
+
+
+def _show(args) -> int:
+  from memx.sparse.plan import Plan
+
+  print(_describe(Plan.load(args.plan)))
+  return 0
+
+
+def _eval(args) -> int:
+  from memx.sparse.evaluate import evaluate, write_evaluation
+  from memx.sparse.plan import Plan, check_plan
+  from memx.train.restore import load_config, load_trained
+
+  lengths = _ints(args.lengths, "--lengths")
+  depths = _floats(args.depths, "--depths")
+  if not all(0.0 <= d <= 1.0 for d in depths):
+    raise UserError(f"--depths {args.depths} must lie in [0, 1].")
+  plan = Plan.load(args.plan) if args.plan else None
+  if plan is not None:
+    check_plan(plan, load_config(args.run).model)  # before restoring any weights
+  name = args.name or (plan.kind if plan else "dense")
+  trained = load_trained(args.run, step=args.step)
+  result = evaluate(trained.model, trained.cfg.data, lengths, plan=plan, depths=depths,
+                    batches=args.batches, batch_size=args.batch_size)
+  result["plan_file"] = None if args.plan is None else str(pathlib.Path(args.plan).resolve())
+  out = write_evaluation(trained.run_dir, name, result)
+  cols = result["columns"]
+  print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                for k, v in cols.items()))
+  print(f"evaluation: {out}")
+  return 0

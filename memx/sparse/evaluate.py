@@ -1,0 +1,190 @@
+"""Evaluate a trained model as is or under a sparse plan, without retraining.
+
+Per length N: eval loss on the held-out corpus, passkey retrieval accuracy at several needle
+depths (a row counts only when every digit of the key is predicted), MQAR recall, KV-cache
+bytes per token of context (exact, from the decode cache layout), and decode tokens/s at the
+longest length (prefill N - k tokens, then k single-token steps under jit, median of repeats).
+The effective context length is the longest evaluated N up to which every length's mean
+retrieval accuracy is at least `threshold` (MoA's definition, with 90%).
+
+`write_evaluation` stores the result as RUN/evaluations/NAME.json (atomically); `memx report`
+adds every run's evaluations to its report as a table and accuracy-versus-length plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memx.data import make_loader
+from memx.data.config import DataConfig
+from memx.models.decode import kv_cache_bytes
+from memx.models.transformer import TransformerLM
+from memx.sparse.plan import Plan, apply_plan
+from memx.train.loss import token_losses
+
+EVALUATIONS_DIR = "evaluations"
+
+
+def with_plan(model: TransformerLM, plan: Plan | None) -> TransformerLM:
+  """The same weights under `plan` (None: the model itself)."""
+  if plan is None:
+    return model
+  new = nnx.eval_shape(lambda: TransformerLM(apply_plan(model.cfg, plan), rngs=nnx.Rngs(0)))
+  nnx.update(new, nnx.state(model))
+  return new
+
+
+@jax.jit
+def _row_stats(logits, targets, weights, answer_mask):
+  losses = token_losses(logits, targets)
+  correct = (jnp.argmax(logits, -1) == targets) | ~answer_mask
+  has_answer = answer_mask.any(-1)
+  return (jnp.sum(losses * weights), jnp.sum(weights),
+          jnp.sum(correct.all(-1) & has_answer), jnp.sum(has_answer))
+
+
+def _forward(model):
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def fn(state, inputs):
+    return nnx.merge(graphdef, state)(inputs)
+
+  return lambda inputs: fn(state, inputs)
+
+
+def _run(forward, data_cfg, batches, batch_size, seed, split):
+  loader = make_loader(data_cfg, batch_size=batch_size, seed=seed, split=split)
+  loss, weight, hits, rows = 0.0, 0.0, 0, 0
+  for k in range(batches):
+    b = loader.local_batch(k)
+    out = _row_stats(forward(jnp.asarray(b["inputs"])), b["targets"], b["weights"],
+                     b["answer_mask"])
+    loss, weight = loss + float(out[0]), weight + float(out[1])
+    hits, rows = hits + int(out[2]), rows + int(out[3])
+  return loss / max(weight, 1.0), (hits / rows if rows else None)
+
+
+def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 16,
+                        batch: int = 1, repeats: int = 3) -> float:
+  """Tokens/s of `new_tokens` decode steps after a prompt of length - new_tokens (jit'd)."""
+  graphdef, state = nnx.split(model)
+  prompt = jnp.zeros((batch, length - new_tokens), jnp.int32)
+
+  @jax.jit
+  def prefill(state, prompt):
+    return nnx.merge(graphdef, state).prefill(prompt, length)
+
+  @jax.jit
+  def steps(state, cache, tok):
+    def body(carry, _):
+      cache, tok = carry
+      logits, cache = nnx.merge(graphdef, state).decode_step(tok, cache)
+      return (cache, jnp.argmax(logits, -1).astype(jnp.int32)), None
+    (cache, tok), _ = jax.lax.scan(body, (cache, tok), None, length=new_tokens)
+    return tok
+
+  _, cache = prefill(state, prompt)
+  tok = jnp.zeros((batch,), jnp.int32)
+  jax.block_until_ready(steps(state, cache, tok))  # compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(steps(state, cache, tok))
+    times.append(time.perf_counter() - t0)
+  return batch * new_tokens / statistics.median(times)
+
+
+def effective_context(lengths: Sequence[int], accuracy: Sequence[float | None],
+                      threshold: float = 0.9) -> int | None:
+  best = None
+  for n, acc in sorted(zip(lengths, accuracy, strict=True)):
+    if acc is None or acc < threshold:
+      break
+    best = n
+  return best
+
+
+def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int], *,
+             plan: Plan | None = None, depths: Sequence[float] = (0.1, 0.5, 0.9),
+             batches: int = 2, batch_size: int = 8, seed: int = 4242,
+             decode_new_tokens: int = 16, threshold: float = 0.9) -> dict:
+  """Evaluates `model` (under `plan` if given); returns the JSON-ready result (module doc)."""
+  lengths = sorted(int(n) for n in lengths)
+  base = dataclasses.replace(data_cfg, task=None, task_fraction=0.0)
+  configs = {n: (dataclasses.replace(base, source="corpus", seq_len=n),
+                 {d: dataclasses.replace(base, source="passkey", seq_len=n,
+                                         passkey_depth=float(d)) for d in depths},
+                 dataclasses.replace(base, source="mqar", seq_len=n)) for n in lengths}
+  # Every data config is checked (e.g. a length too short for the passkey) before any compute.
+  for lm, pks, mq in configs.values():
+    for c in (lm, *pks.values(), mq):
+      make_loader(c, batch_size=batch_size, seed=seed, split="eval")
+  m = with_plan(model, plan)
+  forward = _forward(m)
+  loss, passkey, mqar, kv = {}, {}, {}, {}
+  for n, (lm, pks, mq) in configs.items():
+    loss[n], _ = _run(forward, lm, batches, batch_size, seed, "eval")
+    passkey[n] = {d: _run(forward, pk, batches, batch_size, seed, "eval")[1]
+                  for d, pk in pks.items()}
+    mqar[n] = _run(forward, mq, batches, batch_size, seed, "eval")[1]
+    kv[n] = kv_cache_bytes(m.cfg, n) / n
+  mean_pk = [float(np.mean(list(passkey[n].values()))) for n in lengths]
+  eff = effective_context(lengths, mean_pk, threshold)
+  tps = decode_tokens_per_s(m, lengths[-1], new_tokens=min(decode_new_tokens, lengths[-1] - 1))
+  density = {n: (plan.density(n) if plan is not None else 1.0) for n in lengths}
+  name = "dense" if plan is None else plan.kind
+  return {
+      "kind": "evaluation", "method": name,
+      "plan": None if plan is None else {"kind": plan.kind, "budget": plan.budget,
+                                         "solver": plan.solver},
+      "lengths": lengths, "depths": list(depths), "threshold": threshold,
+      "eval_loss": {str(n): loss[n] for n in lengths},
+      "passkey": {str(n): {str(d): passkey[n][d] for d in depths} for n in lengths},
+      "passkey_mean": {str(n): a for n, a in zip(lengths, mean_pk, strict=True)},
+      "mqar": {str(n): mqar[n] for n in lengths},
+      "density": {str(n): density[n] for n in lengths},
+      "kv_bytes_per_token": {str(n): kv[n] for n in lengths},
+      "effective_context": eff,
+      "decode_tokens_per_s": tps, "decode_length": lengths[-1],
+      # What `memx report` shows: one row of columns, curves against length.
+      "columns": {
+          "density@max": density[lengths[-1]],
+          "eval loss@max": loss[lengths[-1]],
+          "passkey@max": mean_pk[-1],
+          "mqar@max": mqar[lengths[-1]],
+          "effective ctx": eff,
+          "KV B/token@max": kv[lengths[-1]],
+          "decode tok/s": tps,
+      },
+      "curves": {
+          "passkey accuracy": {"x": lengths, "y": mean_pk},
+          "mqar accuracy": {"x": lengths, "y": [mqar[n] for n in lengths]},
+          "eval loss": {"x": lengths, "y": [loss[n] for n in lengths]},
+      },
+  }
+
+
+def write_evaluation(run_dir: str | pathlib.Path, name: str, result: dict) -> pathlib.Path:
+  """RUN/evaluations/NAME.json, written atomically."""
+  if not name or "/" in name or name.startswith("."):
+    raise ValueError(f"evaluation name {name!r} must be a plain file name.")
+  out_dir = pathlib.Path(run_dir) / EVALUATIONS_DIR
+  out_dir.mkdir(parents=True, exist_ok=True)
+  path = out_dir / f"{name}.json"
+  with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".json", delete=False) as f:
+    json.dump({"name": name, **result}, f, indent=1)
+    tmp = pathlib.Path(f.name)
+  tmp.replace(path)
+  return path

@@ -1,0 +1,58 @@
+"""`memx sparse ...` and `memx eval` end to end on a tiny trained run, and their errors."""
+
+import json
+
+from memx.cli import main
+
+
+def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
+  prof = tmp_path / "profile.npz"
+  assert main(["sparse", "profile", str(tiny_run), "--lengths", "32,64", "--out", str(prof),
+               "--batches", "1", "--batch-size", "2", "--block", "16"]) == 0
+  plan = tmp_path / "moa.json"
+  assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
+               "--out", str(plan)]) == 0
+  out = capsys.readouterr().out
+  assert "moa plan for 2 layers × 4 heads" in out and "milp" in out
+  d = json.loads(plan.read_text())
+  assert all(v <= 0.5 for v in d["predicted_density"].values())
+  uni = tmp_path / "uniform.json"
+  assert main(["sparse", "baseline", str(tiny_run), "--kind", "uniform", "--budget", "0.5",
+               "--lengths", "32,64", "--out", str(uni)]) == 0
+  assert main(["sparse", "show", str(uni)]) == 0
+  for name, p in (("moa", plan), ("uniform", uni)):
+    assert main(["eval", str(tiny_run), "--plan", str(p), "--name", name, "--lengths", "128",
+                 "--depths", "0.5", "--batches", "1", "--batch-size", "2"]) == 0
+  assert main(["eval", str(tiny_run), "--lengths", "128", "--depths", "0.5", "--batches", "1",
+               "--batch-size", "2"]) == 0
+  result = json.loads((tiny_run / "evaluations" / "moa.json").read_text())
+  assert result["method"] == "moa" and "passkey accuracy" in result["curves"]
+  dense = json.loads((tiny_run / "evaluations" / "dense.json").read_text())
+  assert result["kv_bytes_per_token"]["128"] < dense["kv_bytes_per_token"]["128"]
+  assert main(["report", str(tiny_run.parent)]) == 0
+  report = (tiny_run.parent / "report.md").read_text()
+  assert "## Evaluations" in report and "| dense | moa |" in report
+  assert (tiny_run.parent / "eval-passkey-accuracy.png").is_file()
+
+
+def test_errors_are_one_paragraph(tiny_run, tmp_path, capsys):
+  assert main(["sparse", "search", str(tmp_path / "none.npz"), "--budget", "0.5",
+               "--out", str(tmp_path / "p.json")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert main(["sparse", "baseline", str(tiny_run), "--kind", "uniform", "--budget", "1.5",
+               "--lengths", "32", "--out", str(tmp_path / "u.json")]) == 2
+  assert "(0, 1]" in capsys.readouterr().err
+  assert not (tmp_path / "u.json").exists()
+  assert main(["sparse", "profile", str(tmp_path), "--lengths", "32", "--out",
+               str(tmp_path / "x.npz")]) == 2
+  assert "not a memx run" in capsys.readouterr().err
+  bad = tmp_path / "other.json"
+  bad.write_text(json.dumps({"version": 1, "kind": "dense", "fingerprint": "0", "n_layers": 3,
+                             "n_heads": 4, "lengths": [32], "budget": None,
+                             "layers": [None, None, None]}))
+  assert main(["eval", str(tiny_run), "--plan", str(bad), "--lengths", "128"]) == 2
+  assert "3 layers × 4 heads" in capsys.readouterr().err
+  assert main(["eval", str(tiny_run), "--lengths", "96", "--batches", "1"]) == 2
+  assert "too short for the 'passkey' task" in capsys.readouterr().err
+  assert main(["sparse", "search", str(tmp_path / "none.npz"), "--budget", "x",
+               "--out", "p.json"]) == 2
