@@ -30,6 +30,7 @@ bench_args() {
     bench_attention) echo "--budget-s 150" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
     bench_checkpoint) echo "--size gpu --repeats 1" ;;
+    bench_moa) echo "--size gpu --repeats 5" ;;
     *) echo "" ;;
   esac
 }

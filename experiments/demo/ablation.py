@@ -11,13 +11,21 @@ Expected:  dense d128 eval loss ≈ 2.0 nats/byte after 100 steps (from ln(512) 
            accuracy stays near chance at this budget: recall needs longer training, which the
            GPU variants give it.
 
-Later techniques (MoA plans, ternary weights, distilled students) join as new entries of SWEEP
-below, so every report compares them against the same dense baselines.
+Later techniques join as new entries of SWEEP below, so every report compares them against the
+same dense baselines. moa50-d128 trains dense-d128 under a MoA plan (moa50_plan.json: profiled
+from a trained dense-d128 and searched at 50% of the causal pairs with
+`memx sparse profile/search`; per-head spans α + β·N with 4 sinks) — compare it with the
+uniform window32-sink4 run. Post-training evaluation of plans: experiments/moa/pipeline.py.
 """
 
 import dataclasses
+import pathlib
 
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from memx.sparse.plan import Plan
+
+# Rules are per layer and head, so the plan fits both variants (2 layers × 4 heads).
+MOA50 = Plan.load(pathlib.Path(__file__).with_name("moa50_plan.json")).attn_plan()
 
 VARIANTS = ("base", "tiny")
 
@@ -30,6 +38,7 @@ SWEEP: list[tuple[str, dict]] = [
     ("mamba2-d128", {"model.mixers": ("mamba2", "mamba2")}),
     ("hybrid-mamba2-attn-d128", {"model.mixers": ("mamba2", "attention")}),
     ("matmulfree-d128", {"model.mixers": ("mlgru", "mlgru"), "model.mlp_kind": "bitglu"}),
+    ("moa50-d128", {"model.attn_plan": MOA50}),
 ]
 
 
@@ -46,7 +55,7 @@ def config(variant: str = "base") -> Config:
   if variant == "tiny":  # CPU smoke test: seconds, not minutes
     cfg = dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, d_model=32, n_heads=2, n_kv_heads=1),
+        model=dataclasses.replace(cfg.model, d_model=32),
         data=dataclasses.replace(cfg.data, seq_len=32, mqar_pairs=4),
         train=dataclasses.replace(cfg.train, steps=6, batch_size=8, log_every=2, eval_every=0,
                                   eval_batches=1),
