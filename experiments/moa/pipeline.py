@@ -28,11 +28,12 @@ RESULTS = """(filled in after the first full run)"""
 def config(variant: str = "base") -> Config:
   cfg = Config(
       model=ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
-      # Half the rows are passkey retrieval (needle at a random depth), half corpus text.
-      data=DataConfig(source="corpus", seq_len=256, task="passkey", task_fraction=0.5,
-                      passkey_digits=5),
+      # 3/4 of the rows are passkey retrieval (needle at a random depth), 1/4 corpus text.
+      data=DataConfig(source="corpus", seq_len=256, task="passkey", task_fraction=0.75,
+                      passkey_digits=3),
       optim=OptimConfig(lr=3e-3, warmup_steps=50),
-      train=TrainConfig(steps=800, batch_size=16, log_every=50, eval_every=400, eval_batches=4),
+      train=TrainConfig(steps=1200, batch_size=16, log_every=50, eval_every=400,
+                        eval_batches=4),
       checkpoint=CheckpointConfig(every=400, keep=1),
   )
   if variant == "tiny":  # smoke test: the pipeline's plumbing, not its numbers

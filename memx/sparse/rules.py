@@ -100,22 +100,24 @@ def kv_slots(rule: Rule, length: int) -> int:
   return min(length, w + min(rule.n_sink, length))
 
 
-def candidate_rules(lengths: Sequence[int], *, n_alphas: int = 8, n_betas: int = 5,
+def candidate_rules(lengths: Sequence[int], *, n_alphas: int = 10, n_betas: int = 12,
                     n_sink: int = 4, include_full: bool = True) -> list[Rule]:
-  """MoA's candidate grid: α on a grid from 0 up to the longest length, β in [0, 1).
+  """MoA's candidate grid: α from 0 up to the longest length, β from 0 up to 0.9.
 
-  α steps are spaced geometrically (short local heads need fine steps, long ones do not);
-  β = k / n_betas for k < n_betas. Rules that are dense at every profiled length are dropped
-  (they duplicate `Rule.full()`, added when include_full). Sorted, no duplicates.
+  Both are spaced geometrically after a 0 (short local heads and small slopes need fine steps,
+  long ones do not; a uniform β grid is too coarse at the budgets that matter, 10–50%): α in
+  {0} ∪ geomspace(4, max N), β in {0} ∪ geomspace(1/64, 0.9). Rules dense at every profiled
+  length are dropped (they duplicate `Rule.full()`, added when include_full). Sorted, unique.
   """
   if not lengths:
     raise ValueError("candidate_rules: give at least one length.")
   if n_alphas < 1 or n_betas < 1:
     raise ValueError(f"candidate_rules: n_alphas = {n_alphas}, n_betas = {n_betas} must be >= 1.")
   top = max(lengths)
-  alphas = [0.0] + [float(round(a)) for a in np.geomspace(8, top, n_alphas - 1)] \
-      if n_alphas > 1 else [0.0]
-  betas = [k / n_betas for k in range(n_betas)]
+  alphas = [0.0] + ([float(round(a)) for a in np.geomspace(4, top, n_alphas - 1)]
+                    if n_alphas > 1 else [])
+  betas = [0.0] + ([round(float(b), 4) for b in np.geomspace(1 / 64, 0.9, n_betas - 1)]
+                   if n_betas > 1 else [])
   out = set()
   for a in alphas:
     for b in betas:

@@ -1,6 +1,7 @@
 """`memx sparse ...` and `memx eval` end to end on a tiny trained run, and their errors."""
 
 import json
+import pathlib
 
 from memx.cli import main
 
@@ -56,3 +57,26 @@ def test_errors_are_one_paragraph(tiny_run, tmp_path, capsys):
   assert "too short for the 'passkey' task" in capsys.readouterr().err
   assert main(["sparse", "search", str(tmp_path / "none.npz"), "--budget", "x",
                "--out", "p.json"]) == 2
+
+
+def test_run_with_plan(tiny_run, tmp_path, capsys):
+  """`memx run --plan` trains the experiment's model under the plan's per-head masks."""
+  exp = tmp_path / "exp.py"
+  here = str(pathlib.Path(__file__).parent)
+  exp.write_text(f"import sys\nsys.path.insert(0, {here!r})\nfrom conftest import TINY_RUN\n\n"
+                 "def config(variant='base'):\n  return TINY_RUN\n")
+  plan = tmp_path / "uniform.json"
+  assert main(["sparse", "baseline", str(tiny_run), "--kind", "uniform", "--budget", "0.3",
+               "--lengths", "64", "--out", str(plan)]) == 0
+  args = ["run", str(exp), "--plan", str(plan), "--workdir", str(tmp_path / "runs"),
+          "--set", "train.steps=2", "--set", "checkpoint.every=2", "--set", "train.eval_batches=1"]
+  assert main(args) == 0
+  cfg = json.loads((tmp_path / "runs" / "exp" / "config.json").read_text())
+  assert cfg["model"]["attn_plan"][0][0][2] == 4  # the plan's sinks reached the config
+  other = tmp_path / "other.json"
+  d = json.loads(plan.read_text())
+  d["fingerprint"] = "0" * 16
+  other.write_text(json.dumps(d))
+  assert main([*args[:3], str(other), "--workdir", str(tmp_path / "runs2")]) == 2
+  assert "another model" in capsys.readouterr().err
+  assert not (tmp_path / "runs2").exists()
