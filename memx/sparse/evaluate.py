@@ -1,7 +1,8 @@
 """Evaluate a trained model as is or under a sparse plan, without retraining.
 
 Per length N: eval loss on the held-out corpus, passkey retrieval accuracy at several needle
-depths (a row counts only when every digit of the key is predicted), MQAR recall, KV-cache
+depths (a row counts only when every digit of the key is predicted; the per-digit accuracy is
+reported beside it), MQAR recall (per queried key), KV-cache
 bytes per token of context (exact, from the decode cache layout), and decode tokens/s at the
 longest length (prefill N - k tokens, then k single-token steps under jit, median of repeats).
 The effective context length is the longest evaluated N up to which every length's mean
@@ -48,10 +49,11 @@ def with_plan(model: TransformerLM, plan: Plan | None) -> TransformerLM:
 @jax.jit
 def _row_stats(logits, targets, weights, answer_mask):
   losses = token_losses(logits, targets)
-  correct = (jnp.argmax(logits, -1) == targets) | ~answer_mask
+  hit = jnp.argmax(logits, -1) == targets
   has_answer = answer_mask.any(-1)
   return (jnp.sum(losses * weights), jnp.sum(weights),
-          jnp.sum(correct.all(-1) & has_answer), jnp.sum(has_answer))
+          jnp.sum((hit | ~answer_mask).all(-1) & has_answer), jnp.sum(has_answer),
+          jnp.sum(hit & answer_mask), jnp.sum(answer_mask))
 
 
 def _forward(model):
@@ -65,15 +67,17 @@ def _forward(model):
 
 
 def _run(forward, data_cfg, batches, batch_size, seed, split):
+  """(mean loss, exact-match rate over rows with an answer, answer-token accuracy)."""
   loader = make_loader(data_cfg, batch_size=batch_size, seed=seed, split=split)
-  loss, weight, hits, rows = 0.0, 0.0, 0, 0
+  sums = np.zeros(6)
   for k in range(batches):
     b = loader.local_batch(k)
     out = _row_stats(forward(jnp.asarray(b["inputs"])), b["targets"], b["weights"],
                      b["answer_mask"])
-    loss, weight = loss + float(out[0]), weight + float(out[1])
-    hits, rows = hits + int(out[2]), rows + int(out[3])
-  return loss / max(weight, 1.0), (hits / rows if rows else None)
+    sums += np.array([float(x) for x in out])
+  loss, weight, hits, rows, tok_hits, toks = sums
+  return (loss / max(weight, 1.0), (hits / rows if rows else None),
+          (tok_hits / toks if toks else None))
 
 
 def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 16,
@@ -133,14 +137,16 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
       make_loader(c, batch_size=batch_size, seed=seed, split="eval")
   m = with_plan(model, plan)
   forward = _forward(m)
-  loss, passkey, mqar, kv = {}, {}, {}, {}
+  loss, passkey, passkey_tok, mqar, kv = {}, {}, {}, {}, {}
   for n, (lm, pks, mq) in configs.items():
-    loss[n], _ = _run(forward, lm, batches, batch_size, seed, "eval")
-    passkey[n] = {d: _run(forward, pk, batches, batch_size, seed, "eval")[1]
-                  for d, pk in pks.items()}
-    mqar[n] = _run(forward, mq, batches, batch_size, seed, "eval")[1]
+    loss[n] = _run(forward, lm, batches, batch_size, seed, "eval")[0]
+    passkey[n], passkey_tok[n] = {}, {}
+    for d, pk in pks.items():
+      _, passkey[n][d], passkey_tok[n][d] = _run(forward, pk, batches, batch_size, seed, "eval")
+    mqar[n] = _run(forward, mq, batches, batch_size, seed, "eval")[2]
     kv[n] = kv_cache_bytes(m.cfg, n) / n
   mean_pk = [float(np.mean(list(passkey[n].values()))) for n in lengths]
+  mean_tok = [float(np.mean(list(passkey_tok[n].values()))) for n in lengths]
   eff = effective_context(lengths, mean_pk, threshold)
   tps = decode_tokens_per_s(m, lengths[-1], new_tokens=min(decode_new_tokens, lengths[-1] - 1))
   density = {n: (plan.density(n) if plan is not None else 1.0) for n in lengths}
@@ -153,6 +159,8 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
       "eval_loss": {str(n): loss[n] for n in lengths},
       "passkey": {str(n): {str(d): passkey[n][d] for d in depths} for n in lengths},
       "passkey_mean": {str(n): a for n, a in zip(lengths, mean_pk, strict=True)},
+      "passkey_digits": {str(n): {str(d): passkey_tok[n][d] for d in depths} for n in lengths},
+      "passkey_digits_mean": {str(n): a for n, a in zip(lengths, mean_tok, strict=True)},
       "mqar": {str(n): mqar[n] for n in lengths},
       "density": {str(n): density[n] for n in lengths},
       "kv_bytes_per_token": {str(n): kv[n] for n in lengths},
@@ -163,6 +171,7 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
           "density@max": density[lengths[-1]],
           "eval loss@max": loss[lengths[-1]],
           "passkey@max": mean_pk[-1],
+          "passkey digits@max": mean_tok[-1],
           "mqar@max": mqar[lengths[-1]],
           "effective ctx": eff,
           "KV B/token@max": kv[lengths[-1]],
@@ -170,6 +179,7 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
       },
       "curves": {
           "passkey accuracy": {"x": lengths, "y": mean_pk},
+          "passkey digit accuracy": {"x": lengths, "y": mean_tok},
           "mqar accuracy": {"x": lengths, "y": [mqar[n] for n in lengths]},
           "eval loss": {"x": lengths, "y": [loss[n] for n in lengths]},
       },
