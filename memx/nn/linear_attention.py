@@ -5,17 +5,20 @@ o_t = Σ_{s<=t} (Π_{s<j<=t} g_j) (φ(q_t)·φ(k_s)) v_s, computed by the chunke
 one gate per head and token (Yang et al. 2024, §4.4's head-wise gate; RetNet with a learned,
 data-dependent decay): log g_t = logsigmoid(x_t W_g + b) / 16, the normaliser 16 from GLA so
 gates start near 1. Outputs are normalised per head (RMSNorm over the value dim, as GLA and
-RetNet do instead of dividing by φ(q)·Σφ(k)), then projected.
+RetNet do instead of dividing by φ(q)·Σφ(k)), then projected. Under sequence parallelism the
+kernel runs per device and the devices exchange one state each
+(`memx.parallel.sequence_scan.sequence_map`).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memx.kernels.ssd import BlockSizes, linear_attention, ssd_step
+from memx.kernels.ssd import BlockSizes, ssd_step
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, ones, param
-from memx.parallel.axes import EMBED, HEAD_DIM, HEADS, KV_HEADS
+from memx.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, SEQ
+from memx.parallel.sequence_scan import sequence_map
 from memx.typing import Array, Float, Int
 
 GATE_LOGIT_NORMALIZER = 16.0
@@ -79,9 +82,19 @@ class LinearAttention(nnx.Module):
                *, return_state: bool = False):
     """Parallel (chunked) form; with return_state also the decode state after the last token."""
     q, k, v, log_gate = self._qkv(x)
-    o, state = linear_attention(q, k, v, log_gate=log_gate, segment_ids=segment_ids,
-                                implementation=self.cfg.ssm.impl,
-                                block_sizes=BlockSizes(chunk=self.cfg.ssm.chunk_size))
+    blocks = BlockSizes(chunk=self.cfg.ssm.chunk_size)
+
+    def mix(shard, q, k, v, log_gate, seg):
+      o, state = shard.linear_attention(q, k, v, log_gate=log_gate, segment_ids=seg,
+                                        implementation=self.cfg.ssm.impl, block_sizes=blocks,
+                                        final_state=return_state)
+      return (o, state) if return_state else o
+
+    qs, ks = (BATCH, SEQ, HEADS, HEAD_DIM), (BATCH, SEQ, KV_HEADS, HEAD_DIM)
+    out = sequence_map(mix, q, k, v, log_gate, segment_ids,
+                       in_axes=(qs, ks, ks, (BATCH, SEQ, HEADS), (BATCH, SEQ)),
+                       out_axes=(qs, (BATCH, HEADS, HEAD_DIM, HEAD_DIM)) if return_state else qs)
+    o, state = out if return_state else (out, None)
     out = self._output(o)
     return (out, {"state": state}) if return_state else out
 

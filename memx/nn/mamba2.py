@@ -2,6 +2,11 @@
 
 u → in-projections z, x, B, C, Δ → short causal depthwise conv + SiLU on x, B, C → SSD
 (memx.kernels.ssd.ssd) → gated RMSNorm(y ⊙ silu(z)) → out-projection.
+
+Under sequence parallelism (active rules split SEQ) the conv and the SSD run per device through
+`memx.parallel.sequence_scan.sequence_map`: the conv takes the conv_width - 1 tokens before the
+device's run from its neighbour (a halo), the SSD scans locally and exchanges one state per
+device; the projections and the norm are token-wise and stay outside.
 """
 
 import math
@@ -10,11 +15,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memx.kernels.ssd import BlockSizes, ssd, ssd_step
+from memx.kernels.ssd import BlockSizes, ssd_step
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, param
-from memx.nn.short_conv import causal_conv, conv_state, conv_step
-from memx.parallel.axes import EMBED, HEAD_DIM, HEADS, KV_HEADS, STATE
+from memx.nn.short_conv import causal_conv, conv_step
+from memx.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, SEQ, STATE
+from memx.parallel.sequence_scan import sequence_map
 from memx.typing import Array, Float, Int
 
 NORM_EPS = 1e-5  # RMSNormGated's default in state-spaces/mamba
@@ -116,18 +122,41 @@ class Mamba2(nnx.Module):
     """Parallel form. u [B, T, D] in the compute dtype → [B, T, D] (and the decode state)."""
     s = self.cfg.ssm
     z, x, b, c, dt_raw = self._project(u)
-    raw = (x, b, c)
-    x, b, c = (jax.nn.silu(causal_conv(v, w[...], bias[...], segment_ids))
-               for v, (w, bias) in zip(raw, self._convs(), strict=True))
     delta, a = self._dt_and_a(dt_raw)
-    y, state = ssd(x, delta, a, b, c, d=self.d[...], segment_ids=segment_ids,
-                   implementation=s.impl, block_sizes=BlockSizes(chunk=s.chunk_size))
+    convs = [p[...] for pair in self._convs() for p in pair]
+    blocks = BlockSizes(chunk=s.chunk_size)
+
+    def mix(shard, x, b, c, delta, a, d, seg, *convs):
+      raw = (x, b, c)
+      x, b, c = (jax.nn.silu(shard.with_history(
+                     lambda v, sg, w=w, bias=bias: causal_conv(v, w, bias, sg), v,
+                     s.conv_width - 1, seg))
+                 for v, w, bias in zip(raw, convs[::2], convs[1::2], strict=True))
+      y, state = shard.ssd(x, delta, a, b, c, d=d, segment_ids=seg, implementation=s.impl,
+                           block_sizes=blocks, final_state=return_state)
+      if not return_state:
+        return y
+      cache = {f"conv_{k}": shard.last_tokens(v, s.conv_width - 1)
+               for k, v in zip("xbc", raw, strict=True)}
+      cache["ssm"] = state
+      return y, cache
+
+    xs, gs = (BATCH, SEQ, HEADS, HEAD_DIM), (BATCH, SEQ, KV_HEADS, STATE)
+    conv_axes = [(None, HEADS, HEAD_DIM), (HEADS, HEAD_DIM)] + [(None, KV_HEADS, STATE),
+                                                               (KV_HEADS, STATE)] * 2
+    out_axes = xs
+    if return_state:
+      out_axes = (xs, {"conv_x": (BATCH, None, HEADS, HEAD_DIM),
+                       "conv_b": (BATCH, None, KV_HEADS, STATE),
+                       "conv_c": (BATCH, None, KV_HEADS, STATE),
+                       "ssm": (BATCH, HEADS, HEAD_DIM, STATE)})
+    out = sequence_map(mix, x, b, c, delta, a, self.d[...], segment_ids, *convs,
+                       in_axes=(xs, gs, gs, (BATCH, SEQ, HEADS), (HEADS,), (HEADS,),
+                                (BATCH, SEQ), *conv_axes),
+                       out_axes=out_axes)
+    y, cache = out if return_state else (out, None)
     out = self._output(y, z)
-    if not return_state:
-      return out
-    cache = {f"conv_{k}": conv_state(v, s.conv_width) for k, v in zip("xbc", raw, strict=True)}
-    cache["ssm"] = state
-    return out, cache
+    return (out, cache) if return_state else out
 
   def init_cache(self, batch: int) -> dict[str, jax.Array]:
     """The fixed-size decode state: last conv_width-1 inputs of x, B, C and the SSM state."""

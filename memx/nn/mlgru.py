@@ -14,18 +14,19 @@ layers are pushed towards long memory. The decode state is h [B, D] per layer (f
 
 Differences from the reference code, kept deliberately: the output gate is σ as in the paper's
 eq. (the code uses a swish-gated RMSNorm), and the inner width equals d_model (its
-expand_ratio = 1 default).
+expand_ratio = 1 default). Under sequence parallelism the scan runs per device and the devices
+exchange one [B, D] state each (`memx.parallel.sequence_scan.sequence_map`).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memx.kernels.linear_scan import linear_scan
 from memx.models.config import ModelConfig
 from memx.nn._params import ones
 from memx.nn.bitlinear import BitLinear
-from memx.parallel.axes import EMBED, MLP
+from memx.parallel.axes import BATCH, EMBED, MLP, SEQ
+from memx.parallel.sequence_scan import sequence_map
 from memx.typing import Array, Float, Int
 
 _SCAN_IMPLS = ("reference", "xla", "pallas_gpu")
@@ -74,7 +75,16 @@ class MLGRU(nnx.Module):
     """Parallel form (one linear_scan); with return_state also the decode state."""
     f, b = self._gates(x, lower_bound)
     impl = self.cfg.ssm.impl if self.cfg.ssm.impl in _SCAN_IMPLS else None
-    h, final = linear_scan(f, b, segment_ids=segment_ids, implementation=impl)
+
+    def mix(shard, f, b, seg):
+      h, final = shard.linear_scan(f, b, segment_ids=seg, implementation=impl,
+                                   final_state=return_state)
+      return (h, final) if return_state else h
+
+    hs = (BATCH, SEQ, MLP)
+    out = sequence_map(mix, f, b, segment_ids, in_axes=(hs, hs, (BATCH, SEQ)),
+                       out_axes=(hs, (BATCH, MLP)) if return_state else hs)
+    h, final = out if return_state else (out, None)
     out = self._output(x, h)
     return (out, {"state": final}) if return_state else out
 

@@ -2,7 +2,8 @@
 
 `validate_for_model` reads the usual fields of a model config by name (it never imports
 memx.models: this package knows no models) and names the field a strategy would split
-unevenly; `validate_arrays` checks the `axes` metadata of any array tree exactly.
+unevenly, or a sequence layout its recurrent layers cannot run on; `validate_arrays` checks
+the `axes` metadata of any array tree exactly.
 """
 
 from collections.abc import Mapping
@@ -13,6 +14,9 @@ import jax
 from memx.errors import ConfigError
 from memx.parallel.axes import BATCH, EMBED, HEADS, KV_HEADS, MLP, SEQ, VOCAB
 from memx.parallel.rules import RULES, mesh_axes_of, shards
+
+# Token mixers that scan the sequence (memx.parallel.sequence_scan under sequence parallelism).
+SCAN_MIXERS = ("mamba2", "linear_attention", "mlgru")
 
 
 def _sizes(mesh, parallel_cfg) -> dict[str, int]:
@@ -76,6 +80,34 @@ def validate_for_model(parallel_cfg, model_cfg, mesh=None, *, batch_size: int | 
           f"{field} = {size} is not allowed with parallel.strategy = {strategy!r}: it splits "
           f"the {name!r} dimension over mesh axes {what}{extra}, so it must be a multiple of "
           f"{n}. Change {field}, the mesh shape, or the strategy.")
+  _check_scan_layers(parallel_cfg, model_cfg, shards(table.get(SEQ), sizes), seq_len)
+
+
+def _check_scan_layers(parallel_cfg, model_cfg, n: int, seq_len: int | None) -> None:
+  """Recurrent mixers under sequence parallelism: each device must hold runs of consecutive
+  tokens ("contiguous" or "zigzag", not "striped"), long enough for Mamba-2's conv halo."""
+  mixers = getattr(model_cfg, "mixers", None) or ()
+  scans = [m for m in SCAN_MIXERS if m in mixers]
+  if n <= 1 or not scans:
+    return
+  layout = parallel_cfg.layout
+  if layout == "striped":
+    raise ConfigError(
+        f"parallel.sequence_layout = 'striped' is not allowed with model.mixers containing "
+        f"{', '.join(scans)} under parallel.strategy = {parallel_cfg.strategy!r}: striped "
+        f"shards hold every {n}-th token, so a recurrence would pass a state per token between "
+        f"devices. Use 'zigzag' (balanced causal attention, two runs per device) or "
+        f"'contiguous'.")
+  if "mamba2" in scans and seq_len is not None:
+    runs = 2 * n if layout == "zigzag" else n
+    need = model_cfg.ssm.conv_width - 1
+    if seq_len // runs < need:
+      raise ConfigError(
+          f"data.seq_len = {seq_len} is not allowed with parallel.strategy = "
+          f"{parallel_cfg.strategy!r} and layout {layout!r}: each device holds runs of "
+          f"{seq_len // runs} tokens, but Mamba-2's conv (model.ssm.conv_width = "
+          f"{model_cfg.ssm.conv_width}) takes the {need} tokens before a run from one "
+          f"neighbour. Use seq_len >= {need * runs} or fewer devices on 'seq'.")
 
 
 def validate_arrays(tree, mesh, strategy: str) -> None:
