@@ -5,8 +5,8 @@ depths (a row counts only when every digit of the key is predicted; the per-digi
 reported beside it), MQAR recall (per queried key), KV-cache
 bytes per token of context (exact, from the decode cache layout), and decode tokens/s at the
 longest length (prefill N - k tokens, then k single-token steps under jit, median of repeats).
-The effective context length is the longest evaluated N up to which every length's mean
-retrieval accuracy is at least `threshold` (MoA's definition, with 90%).
+The effective context length is the longest evaluated N whose mean retrieval accuracy (over
+depths) is at least `threshold` (MoA's definition, with 90%).
 
 `write_evaluation` stores the result as RUN/evaluations/NAME.json (atomically); `memx report`
 adds every run's evaluations to its report as a table and accuracy-versus-length plots.
@@ -112,12 +112,9 @@ def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 
 
 def effective_context(lengths: Sequence[int], accuracy: Sequence[float | None],
                       threshold: float = 0.9) -> int | None:
-  best = None
-  for n, acc in sorted(zip(lengths, accuracy, strict=True)):
-    if acc is None or acc < threshold:
-      break
-    best = n
-  return best
+  """The longest evaluated length whose retrieval accuracy is at least `threshold` (MoA)."""
+  ok = [n for n, acc in zip(lengths, accuracy, strict=True) if acc is not None and acc >= threshold]
+  return max(ok) if ok else None
 
 
 def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int], *,

@@ -165,3 +165,10 @@ def test_applied_plan_masks_follow_length():
   # The parallel forward runs at every length (static per trace).
   for n in (16, 40):
     assert model(jnp.zeros((1, n), jnp.int32)).shape == (1, n, MODEL.vocab_size)
+
+
+def test_effective_context_is_longest_length_above_threshold():
+  from memx.sparse.evaluate import effective_context
+  assert effective_context([128, 256, 512], [0.0, 1.0, 0.0]) == 256
+  assert effective_context([128, 256], [0.95, 0.89]) == 128
+  assert effective_context([128], [None]) is None
