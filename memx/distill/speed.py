@@ -1,0 +1,147 @@
+"""Prefill and decode cost of a model at one sequence length: time, compiled memory, state bytes.
+
+Shared by scripts/bench_distill.py and the distillation experiment (experiments/distill). Times
+are medians of compiled calls after a warm-up call, each ended by block_until_ready; memory is
+XLA's memory_analysis of the compiled prefill (temporaries + outputs: activations and the
+returned decode state; parameters excluded); the decode state is counted exactly in bytes.
+"""
+
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memx.models.config import ModelConfig
+from memx.models.decode import cache_bytes
+from memx.models.transformer import TransformerLM, count_params
+
+
+def median_time(fn, args, reps: int, budget_s: float) -> float:
+  jax.block_until_ready(fn(*args))  # warm-up
+  times, start = [], time.perf_counter()
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+    if time.perf_counter() - start > budget_s and len(times) >= 2:
+      break
+  return statistics.median(times)
+
+
+def device_limit() -> int | None:
+  try:
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["bytes_limit"]) if stats else None
+  except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
+    return None
+
+
+def measure(name: str, cfg: ModelConfig, length: int, *, batch: int = 1, repeats: int = 3,
+            budget_s: float = 10.0, mem_limit: int | None = None,
+            model: TransformerLM | None = None) -> dict:
+  """{"model", "length", "prefill_s", "prefill_bytes", "decode_s", "state_bytes", "params",
+  "prefill_status"} of `cfg` (random weights unless `model` is given) at `length` tokens."""
+  row = {"model": name, "length": length}
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0)) if model is None else model
+  graphdef, state = nnx.split(model)
+  tokens = jnp.zeros((batch, length), jnp.int32)
+
+  def prefill(state, tokens):
+    logits, cache = nnx.merge(graphdef, state).prefill(tokens, length)
+    return logits[:, -1], cache
+
+  def decode(state, token, cache):
+    return nnx.merge(graphdef, state).decode_step(token, cache)
+
+  try:
+    compiled = jax.jit(prefill).lower(state, tokens).compile()
+    ma = compiled.memory_analysis()
+    if ma is not None:
+      row["prefill_bytes"] = int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
+    if mem_limit and row.get("prefill_bytes", 0) > 0.9 * mem_limit:
+      row["prefill_status"] = f"skipped: needs {row['prefill_bytes'] / 2**30:.1f} GiB"
+    else:
+      row["prefill_s"] = median_time(compiled, (state, tokens), repeats, budget_s)
+      row["prefill_status"] = "ok"
+  except Exception as e:  # noqa: BLE001 - record and go on (e.g. out of memory)
+    row["prefill_status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+    traceback.print_exc(file=sys.stderr)
+  try:
+    cache = model.init_cache(batch, length)
+    cache["pos"] = jnp.asarray(length - 1, jnp.int32)  # the last slot: attention reads them all
+    row["state_bytes"] = cache_bytes(cache)
+    token = jnp.zeros((batch,), jnp.int32)
+    step = jax.jit(decode).lower(state, token, cache).compile()
+    row["decode_s"] = median_time(step, (state, token, cache), repeats, budget_s)
+  except Exception as e:  # noqa: BLE001
+    row["decode_status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
+    traceback.print_exc(file=sys.stderr)
+  row["params"] = count_params(model)
+  return row
+
+
+def fmt_ms(s):
+  return "–" if s is None else f"{s * 1e3:.1f}"
+
+
+def fmt_bytes(b):
+  if b is None:
+    return "–"
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if b >= size:
+      return f"{b / size:.1f} {unit}"
+  return f"{b} B"
+
+
+def summarize(rows: list[dict], names: list[str]) -> list[str]:
+  """Crossover length and the ratios at the longest length both models ran, per student."""
+  by = {(r["model"], r["length"]): r for r in rows}
+  lengths = sorted({r["length"] for r in rows})
+  lines = []
+  for student in names[1:]:
+    both = [n for n in lengths if by.get(("teacher", n), {}).get("prefill_s")
+            and by.get((student, n), {}).get("prefill_s")]
+    if not both:
+      lines.append(f"{student}: no length where both ran")
+      continue
+    faster = [n for n in both if by[(student, n)]["prefill_s"] < by[("teacher", n)]["prefill_s"]]
+    cross = f"{faster[0]}" if faster else f"none up to {both[-1]}"
+    n = both[-1]
+    t, s = by[("teacher", n)], by[(student, n)]
+    mem = 1 - s["prefill_bytes"] / t["prefill_bytes"] if t.get("prefill_bytes") else None
+    dec = 1 - s["state_bytes"] / t["state_bytes"] if t.get("state_bytes") else None
+    lines.append(
+        f"{student}: prefill crossover at L = {cross}; at L = {n}: prefill "
+        f"{t['prefill_s'] / s['prefill_s']:.2f}x faster, "
+        + ("–" if mem is None else f"{100 * mem:.1f}% less prefill memory")
+        + ("" if dec is None else f", {100 * dec:.1f}% smaller decode state")
+        + (f", decode step {t['decode_s'] / s['decode_s']:.2f}x faster"
+           if t.get("decode_s") and s.get("decode_s") else ""))
+  return lines
+
+
+def markdown(rows: list[dict], names: list[str]) -> str:
+  out = ["| L | model | prefill ms | prefill memory | decode ms/token | decode state | "
+         "prefill time vs teacher | prefill memory vs teacher |",
+         "|---|---|---|---|---|---|---|---|"]
+  by = {(r["model"], r["length"]): r for r in rows}
+  for n in sorted({r["length"] for r in rows}):
+    t = by.get(("teacher", n), {})
+    for name in names:
+      r = by.get((name, n))
+      if r is None:
+        continue
+      ratio = mem = "–"
+      if name != "teacher" and t.get("prefill_s") and r.get("prefill_s"):
+        ratio = f"{t['prefill_s'] / r['prefill_s']:.2f}x faster"
+      if name != "teacher" and t.get("prefill_bytes") and r.get("prefill_bytes"):
+        mem = f"{100 * (1 - r['prefill_bytes'] / t['prefill_bytes']):.0f}% less"
+      status = "" if r.get("prefill_status", "ok") == "ok" else f" ({r['prefill_status']})"
+      out.append(f"| {n} | {name} | {fmt_ms(r.get('prefill_s'))}{status} | "
+                 f"{fmt_bytes(r.get('prefill_bytes'))} | {fmt_ms(r.get('decode_s'))} | "
+                 f"{fmt_bytes(r.get('state_bytes'))} | {ratio} | {mem} |")
+  return "\n".join(out)

@@ -1,0 +1,127 @@
+"""Benchmark a Transformer teacher against its distilled linear (all Mamba-2) and hybrid students.
+
+Per sequence length L (batch 1 unless --batch) and model:
+  prefill:  median wall time of the compiled `model.prefill(tokens, max_len=L)` (returning only
+            the last position's logits and the decode state), after a warm-up call, each call
+            ended by block_until_ready; and its compiled memory (XLA memory_analysis: temporaries
+            + outputs, i.e. activations and the returned decode state; parameters excluded,
+            listed once). A form whose compiled memory would not fit the device is skipped.
+  decode:   median time of one compiled `decode_step` with a cache for L tokens, and the bytes
+            of that decode state (KV caches for attention layers, fixed-size SSM states).
+The models have the same width, depth and heads; weights are random (times and memory do not
+depend on them), the students' shapes are those `memx.distill.seed.student_model_config` gives
+(per-head Mamba-2, N = P = head dim). Summary lines: the crossover length (shortest L where the
+student's prefill is faster than the teacher's) and, at the longest length both ran, the
+teacher/student time ratio and the student's memory reduction.
+
+  python scripts/bench_distill.py --out /tmp/bd --quick   # CPU: d128, 2 layers, fp32, lengths
+                                                          # 256..16k, teacher up to 8k (~3 min)
+  python scripts/bench_distill.py --out $OUT/bench_distill  # GPU: d1024, 16 heads (4 KV), 8
+                                                            # layers, bf16, lengths 4k..64k
+  (scripts/gpu_check.sh runs 4 layers at 16k, 64k and 128k, the teacher up to 64k, to fit its
+  time budget.)
+Goal (H100): the linear student's decode memory stays constant in L; at 64k its prefill is
+≥ 5x faster than the teacher's with ≥ 70% less memory.
+"""
+
+import argparse
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+
+from memx.distill.config import StudentConfig
+from memx.distill.seed import student_model_config
+from memx.distill.speed import device_limit, fmt_bytes, fmt_ms, markdown, measure, summarize
+from memx.models.config import ModelConfig
+
+
+def model_configs(args) -> dict[str, ModelConfig]:
+  teacher = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
+                        n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                        param_dtype=args.dtype, compute_dtype=args.dtype)
+  student = StudentConfig(chunk_size=args.chunk)
+  return {
+      "teacher": teacher,
+      "linear": student_model_config(teacher, student),
+      f"hybrid{args.every}": student_model_config(
+          teacher, StudentConfig(kind="hybrid", every=args.every, chunk_size=args.chunk)),
+  }
+
+
+def _env() -> dict:
+  dev = jax.devices()[0]
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    commit = None
+  return {"date": datetime.date.today().isoformat(), "device": dev.device_kind,
+          "platform": dev.platform, "jax": jax.__version__, "commit": commit}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--quick", action="store_true", help="CPU: small model, lengths 256..4096")
+  p.add_argument("--d-model", type=int, default=1024)
+  p.add_argument("--n-layers", type=int, default=8)
+  p.add_argument("--n-heads", type=int, default=16)
+  p.add_argument("--n-kv-heads", type=int, default=4)
+  p.add_argument("--vocab", type=int, default=512)
+  p.add_argument("--every", type=int, default=2, help="hybrid: attention at layers i %% every")
+  p.add_argument("--chunk", type=int, default=128, help="SSD chunk length of the students")
+  p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--lengths", default="4096,8192,16384,32768,65536")
+  p.add_argument("--teacher-max", type=int, default=None,
+                 help="longest length to run the teacher at (students go on beyond it)")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--budget-s", type=float, default=20.0, help="timing budget per measurement")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.d_model, args.n_layers, args.n_heads, args.n_kv_heads, args.chunk = 128, 2, 4, 2, 64
+    args.dtype = "float32"
+    if args.lengths == p.get_default("lengths"):
+      args.lengths = "256,1024,2048,4096,8192,16384"
+    if args.teacher_max is None:
+      args.teacher_max = 8192
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  lengths = [int(x) for x in args.lengths.split(",")]
+  cfgs = model_configs(args)
+  names = list(cfgs)
+  mem_limit = device_limit()
+  env = _env()
+  print(f"bench_distill: {env}; d_model {args.d_model}, {args.n_layers} layers, "
+        f"{args.n_heads} heads ({args.n_kv_heads} kv), {args.dtype}, batch {args.batch}")
+  rows = []
+  for n in lengths:
+    for name, cfg in cfgs.items():
+      if name == "teacher" and args.teacher_max is not None and n > args.teacher_max:
+        continue
+      row = measure(name, cfg, n, batch=args.batch, repeats=args.repeats,
+                    budget_s=args.budget_s, mem_limit=mem_limit)
+      rows.append(row)
+      print(f"  L={n:>6} {name:>8}: prefill {fmt_ms(row.get('prefill_s'))} ms "
+            f"{fmt_bytes(row.get('prefill_bytes'))}, decode {fmt_ms(row.get('decode_s'))} "
+            f"ms, state {fmt_bytes(row.get('state_bytes'))}", flush=True)
+  table = markdown(rows, names)
+  summary = summarize(rows, names)
+  text = (f"{env}\n\nd_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads "
+          f"({args.n_kv_heads} kv), {args.dtype}, batch {args.batch}; params "
+          + ", ".join(f"{r['model']} {r['params']:,}" for r in rows[:len(names)])
+          + "\n\n" + table + "\n\n" + "\n".join(summary) + "\n")
+  (out / "results.md").write_text(text)
+  (out / "results.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows,
+                                                "summary": summary}, indent=2))
+  print(table)
+  print("\n".join(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

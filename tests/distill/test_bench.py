@@ -1,0 +1,60 @@
+"""scripts/bench_distill.py and memx.distill.speed: a tiny end-to-end run, constant decode state."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from memx.distill.config import StudentConfig
+from memx.distill.seed import student_model_config
+from memx.distill.speed import markdown, summarize
+from memx.models.config import ModelConfig
+from memx.models.decode import cache_bytes
+from memx.models.transformer import TransformerLM
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_distill.py"
+
+
+def test_linear_student_decode_state_is_constant_in_length():
+  from flax import nnx
+  teacher = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
+  sizes = {}
+  for name, cfg in (("teacher", teacher),
+                    ("linear", student_model_config(teacher, StudentConfig())),
+                    ("hybrid", student_model_config(teacher, StudentConfig(kind="hybrid",
+                                                                           every=2)))):
+    model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+    sizes[name] = [cache_bytes(model.init_cache(1, n)) for n in (256, 4096)]
+  assert sizes["linear"][0] == sizes["linear"][1]
+  assert sizes["teacher"][1] > 10 * sizes["teacher"][0]
+  assert sizes["teacher"][1] > sizes["hybrid"][1] > sizes["linear"][1]
+
+
+def test_summary_finds_crossover_and_ratio():
+  rows = [{"model": m, "length": n, "prefill_s": t, "prefill_bytes": b, "state_bytes": s,
+           "decode_s": 1.0, "prefill_status": "ok"}
+          for m, n, t, b, s in (("teacher", 1, 1.0, 100, 10), ("linear", 1, 2.0, 100, 1),
+                                ("teacher", 4, 8.0, 400, 40), ("linear", 4, 2.0, 100, 1),
+                                ("linear", 16, 4.0, 100, 1))]
+  (line,) = summarize(rows, ["teacher", "linear"])
+  assert "crossover at L = 4" in line and "4.00x faster" in line and "75.0% less" in line
+  assert "| 16 | linear |" in markdown(rows, ["teacher", "linear"])
+
+
+@pytest.mark.slow  # ten small compiles: ~15 s on 2 cores
+def test_bench_tiny_end_to_end(tmp_path):
+  spec = importlib.util.spec_from_file_location("bench_distill", _SCRIPT)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert bench.main(["--out", str(tmp_path), "--d-model", "32", "--n-layers", "2",
+                     "--n-heads", "2", "--n-kv-heads", "1", "--dtype", "float32",
+                     "--lengths", "32,64", "--teacher-max", "32", "--chunk", "16",
+                     "--repeats", "1", "--budget-s", "0.1"]) == 0
+  results = json.loads((tmp_path / "results.json").read_text())
+  rows = {(r["model"], r["length"]): r for r in results["rows"]}
+  assert set(rows) == {("teacher", 32), ("linear", 32), ("hybrid2", 32), ("linear", 64),
+                       ("hybrid2", 64)}
+  assert all(r["prefill_status"] == "ok" and r["prefill_s"] > 0 for r in rows.values())
+  assert rows[("linear", 32)]["state_bytes"] == rows[("linear", 64)]["state_bytes"]
+  assert "crossover" in (tmp_path / "results.md").read_text()
