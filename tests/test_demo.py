@@ -4,21 +4,18 @@ import json
 
 import pytest
 
-from memx.experiment import loading
+from memx.experiment import loading, sweep
 from memx.experiment.runner import RunSpec, run
 from memx.train.metrics import read_metrics
 
 DEMO = "experiments/demo/ablation.py"
 
 
-def test_demo_sweep_entries_all_validate():
+def test_demo_sweep_entries_all_validate(tmp_path):
   module = loading.load_module(DEMO)
-  names = []
   for variant in loading.variants(module):
-    for name, overrides in loading.sweep_entries(module):
-      loading.build_config(module, variant, overrides)
-      names.append(name)
-  assert len(set(names)) == len(loading.sweep_entries(module)) >= 4
+    _, specs = sweep.plan(DEMO, variant, str(tmp_path))  # training and distillation entries
+    assert len({spec.name for spec, _ in specs}) == len(specs) >= 4
 
 
 @pytest.mark.entry

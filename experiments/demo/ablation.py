@@ -2,7 +2,7 @@
 
 Command:   memx sweep experiments/demo/ablation.py          (this is `make demo`)
 One run:   memx run experiments/demo/ablation.py:base --set model.d_model=192
-Hardware:  CPU, 2 cores; 3–4 minutes for the whole sweep after installation.
+Hardware:  CPU, 2 cores; 4–8 minutes for the whole sweep after installation.
 Expected:  dense d128 eval loss ≈ 2.0 nats/byte after 100 steps (from ln(512) ≈ 6.2); the wider
            model does better (≈ 1.9); remat reproduces its twin's losses bit for bit with ~40% less
            temporary memory; the windowed run (32 tokens back + 4 sinks) ends higher; Mamba-2 and
@@ -16,6 +16,9 @@ same dense baselines. moa50-d128 trains dense-d128 under a MoA plan (moa50_plan.
 from a trained dense-d128 and searched at 50% of the causal pairs with
 `memx sparse profile/search`; per-head spans α + β·N with 4 sinks) — compare it with the
 uniform window32-sink4 run. Post-training evaluation of plans: experiments/moa/pipeline.py.
+hybrid-distilled-d128 distils the trained dense-d128 (a sweep entry with distill.* keys runs
+after the training entries): eval loss ≈ 2.00 against the teacher's 1.98, top-1 agreement
+≈ 0.98 after 3 × 40 stage steps.
 """
 
 import dataclasses
@@ -39,6 +42,11 @@ SWEEP: list[tuple[str, dict]] = [
     ("hybrid-mamba2-attn-d128", {"model.mixers": ("mamba2", "attention")}),
     ("matmulfree-d128", {"model.mixers": ("mlgru", "mlgru"), "model.mlp_kind": "bitglu"}),
     ("moa50-d128", {"model.attn_plan": MOA50}),
+    # Distilled from dense-d128 after it trains (memx.distill.sweep_entry): attention kept at
+    # layer 0, layer 1 seeded from its attention weights, then stages 1-2-3 (mmMamba-hybrid).
+    ("hybrid-distilled-d128", {"distill.from": "dense-d128", "distill.student": "hybrid:every=2",
+                               "distill.stage1.steps": 40, "distill.stage2.steps": 40,
+                               "distill.stage3.steps": 40, "distill.eval_batches": 2}),
 ]
 
 

@@ -41,9 +41,18 @@ def resolve_config(spec: RunSpec) -> Config:
   return cfg
 
 
+def is_distill_entry(overrides: dict[str, Any]) -> bool:
+  """Whether a sweep entry distils another entry's run (distill.* keys) instead of training."""
+  return any(k.startswith("distill.") for k in overrides)
+
+
 def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
         stop_at_step: int | None = None) -> dict:
   """Validates everything before any compute, writes config/provenance, trains, summarises."""
+  if is_distill_entry(spec.overrides):
+    from memx.distill import sweep_entry
+    module = loading.load_module(pathlib.Path(spec.experiment))
+    return sweep_entry.run(spec, module, resume=resume, overwrite=overwrite, progress=progress)
   cfg = resolve_config(spec)
   maybe_initialize_distributed()
   run_dir = pathlib.Path(spec.workdir) / spec.name

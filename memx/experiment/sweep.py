@@ -7,6 +7,7 @@ their newest checkpoint when the config is unchanged.
 """
 
 import concurrent.futures
+import hashlib
 import json
 import pathlib
 import re
@@ -16,11 +17,11 @@ import tempfile
 import traceback
 from typing import Any
 
-from memx.config import config_hash
+from memx.config import config_hash, to_dict
 from memx.errors import UserError
 from memx.experiment import loading
 from memx.experiment.index import RunIndex
-from memx.experiment.runner import RunSpec, run
+from memx.experiment.runner import RunSpec, is_distill_entry, run
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -30,14 +31,21 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
   module = loading.load_module(pathlib.Path(experiment))
   entries = loading.sweep_entries(module)
   sweep_dir = pathlib.Path(workdir) / pathlib.Path(experiment).stem
-  out = []
+  out, hashes = [], {}
   for name, overrides in entries:
     try:
-      cfg = loading.build_config(module, variant, overrides)
+      if is_distill_entry(overrides):  # a student distilled from an earlier entry's run
+        from memx.distill import sweep_entry
+        teacher, dcfg = sweep_entry.build(module, variant, overrides, list(hashes))
+        blob = json.dumps({"teacher": hashes[teacher], "distill": to_dict(dcfg)},
+                          sort_keys=True, default=str)
+        h = hashlib.sha256(blob.encode()).hexdigest()[:12]
+      else:
+        h = config_hash(loading.build_config(module, variant, overrides))
     except UserError as e:
       raise UserError(f"sweep entry {name!r}: {e}") from None
-    out.append((RunSpec(str(experiment), variant, dict(overrides), str(sweep_dir), name),
-                config_hash(cfg)))
+    hashes[name] = h
+    out.append((RunSpec(str(experiment), variant, dict(overrides), str(sweep_dir), name), h))
   return sweep_dir, out
 
 
@@ -69,10 +77,14 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
       # Same config: continue from its checkpoint. Changed config: start that run over.
       same = row["config_hash"] == h and row["status"] != "pending"
       todo.append((i, spec, h, same))
-    if executor == "local":
-      _run_local(todo, len(entries), index, workers, progress, log)
-    else:
-      _run_submitit(todo, len(entries), index, executor, slurm or {}, sweep_dir, log)
+    # Distillation entries need their teachers' checkpoints: they run after every training run.
+    phases = [[t for t in todo if not is_distill_entry(t[1].overrides)],
+              [t for t in todo if is_distill_entry(t[1].overrides)]]
+    for phase in filter(None, phases):
+      if executor == "local":
+        _run_local(phase, len(entries), index, workers, progress, log)
+      else:
+        _run_submitit(phase, len(entries), index, executor, slurm or {}, sweep_dir, log)
   finally:
     index.close()
   return sweep_dir

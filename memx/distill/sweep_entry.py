@@ -1,0 +1,82 @@
+"""Distillations as sweep entries: a student distilled from another entry's trained run.
+
+A sweep entry whose overrides use `distill.*` keys is a distillation, not a training run:
+
+  ("hybrid-distilled-d128", {"distill.from": "dense-d128", "distill.student": "hybrid:every=2",
+                             "distill.stage1.steps": 40})
+
+`distill.from` names an earlier entry of the same sweep (the teacher), `distill.student` is
+`memx distill --student`'s value (default "hybrid"), and every other `distill.KEY` overrides
+the DistillConfig (the experiment file's `distill_config(variant)` when it defines one, else
+the defaults; data defaults to the teacher's). The sweep driver runs distillation entries
+after all training entries. The stages go to SWEEP/NAME/distill/; the final student's config,
+metrics (every stage's, with a stage column) and summary are copied to SWEEP/NAME so the
+report shows the student as one more row. (Glue between memx.experiment's sweeps and
+memx.distill: it imports both, and only memx.experiment.runner imports it, lazily.)
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from memx.errors import ConfigError
+
+PREFIX = "distill."
+FROM, STUDENT = "distill.from", "distill.student"
+
+
+def build(module, variant: str | None, overrides: dict[str, Any], names_before: list[str]):
+  """(teacher entry name, DistillConfig without data resolution); checks everything."""
+  from memx.distill.cli import parse_student
+  from memx.distill.config import DistillConfig
+  from memx.experiment.overrides import apply_overrides
+
+  plain = [k for k in overrides if not k.startswith(PREFIX)]
+  if plain:
+    raise ConfigError(f"a distillation entry takes only distill.* keys; got {plain} (the student's "
+                      "shape comes from the teacher; set stage options as distill.stageK.FIELD).")
+  teacher = overrides.get(FROM)
+  if not isinstance(teacher, str) or teacher not in names_before:
+    raise ConfigError(f"{FROM} = {teacher!r} must name an earlier entry of the sweep (the "
+                      f"teacher run); earlier entries: {names_before}.")
+  fn = getattr(module, "distill_config", None)
+  dcfg = (fn(variant) if variant is not None else fn()) if fn else DistillConfig()
+  flags = parse_student(str(overrides.get(STUDENT, "hybrid")))
+  flags |= {k[len(PREFIX):]: v for k, v in overrides.items() if k not in (FROM, STUDENT)}
+  return teacher, apply_overrides(dcfg, flags)
+
+
+def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:
+  """Distils SWEEP/<teacher> into SWEEP/<spec.name>; returns the final stage's summary."""
+  from memx.distill import runner
+  from memx.experiment.rundir import write_json
+  from memx.train.metrics import read_metrics
+
+  sweep_dir = pathlib.Path(spec.workdir)
+  names = [n for n in _entry_names(module) if n != spec.name]
+  teacher, dcfg = build(module, spec.variant, spec.overrides, names)
+  teacher_dir = sweep_dir / teacher
+  dcfg = runner.resolve_config(teacher_dir, dcfg)
+  out = sweep_dir / spec.name
+  stages_dir = out / "distill"
+  summaries = runner.distill(teacher_dir, dcfg, stages_dir, resume=resume, overwrite=overwrite,
+                             progress=progress)
+  last = stages_dir / f"stage{max(summaries)}"
+  rows, offset = [], 0
+  for k in sorted(summaries):  # one step axis across stages, so the loss plot reads left to right
+    stage_rows = read_metrics(stages_dir / f"stage{k}" / "metrics.jsonl")
+    rows += [{**r, "step": r["step"] + offset, "stage": k} for r in stage_rows]
+    offset += max((r["step"] for r in stage_rows), default=0)
+  write_json(out / "config.json", json.loads((last / "config.json").read_text()))
+  (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  summary = {**summaries[max(summaries)], "name": spec.name, "teacher": teacher,
+             "student": dcfg.student.label, "stages": list(dcfg.stages)}
+  write_json(out / "summary.json", summary)  # last: its presence marks the entry finished
+  return summary
+
+
+def _entry_names(module) -> list[str]:
+  from memx.experiment import loading
+  return [n for n, _ in loading.sweep_entries(module)]

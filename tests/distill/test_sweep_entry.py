@@ -1,0 +1,65 @@
+"""A sweep entry that distils another entry's run: validation, ordering, the report row."""
+
+import json
+
+import pytest
+
+from memx.errors import UserError
+from memx.experiment import sweep
+from memx.experiment.index import RunIndex
+
+EXPERIMENT = '''
+import dataclasses
+from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+def config(variant="base"):
+  return Config(
+      model=ModelConfig(vocab_size=264, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1),
+      data=DataConfig(source="corpus", seq_len=16),
+      optim=OptimConfig(lr=1e-2, warmup_steps=2),
+      train=TrainConfig(steps=4, batch_size=8, log_every=2, eval_batches=1),
+      checkpoint=CheckpointConfig(every=4, keep=1, mode="sync"))
+
+FAST = {f"distill.stage{i}.{k}": v for i in (1, 2, 3)
+        for k, v in (("steps", 2), ("batch_size", 4), ("log_every", 1), ("warmup_steps", 0),
+                     ("checkpoint_every", 2))}
+
+STUDENT = {"distill.from": "teacher", "distill.student": "hybrid:every=2",
+           "distill.eval_batches": 1, **FAST}
+
+def sweep():
+  return ENTRIES
+'''
+
+
+def _write(tmp_path, entries: str) -> str:
+  exp = tmp_path / "exp.py"
+  exp.write_text(EXPERIMENT + f"\nENTRIES = {entries}\n")
+  return str(exp)
+
+
+def test_distill_entry_needs_an_earlier_teacher(tmp_path):
+  # Listed before its teacher: an error naming the earlier entries, before anything runs.
+  exp = _write(tmp_path, '[("student", STUDENT), ("teacher", {})]')
+  with pytest.raises(UserError, match="must name an earlier entry"):
+    sweep.plan(exp, None, str(tmp_path / "runs"))
+  exp = _write(tmp_path, '[("teacher", {}), ("student", {**STUDENT, "model.d_model": 32})]')
+  with pytest.raises(UserError, match=r"only distill\.\* keys"):
+    sweep.plan(exp, None, str(tmp_path / "runs"))
+  assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_sweep_trains_teacher_then_distils(tmp_path):
+  exp = _write(tmp_path, '[("teacher", {}), ("student", STUDENT)]')
+  sweep_dir = sweep.run_sweep(exp, workdir=str(tmp_path / "runs"), progress=False)
+  index = RunIndex(sweep_dir / "index.sqlite")
+  assert {r["name"]: r["status"] for r in index.rows()} == {"teacher": "done", "student": "done"}
+  index.close()
+  summary = json.loads((sweep_dir / "student" / "summary.json").read_text())
+  assert summary["teacher"] == "teacher" and summary["stages"] == [1, 2, 3]
+  cfg = json.loads((sweep_dir / "student" / "config.json").read_text())
+  assert cfg["model"]["mixers"] == ["attention", "mamba2"]
+  assert (sweep_dir / "student" / "distill" / "stage3" / "checkpoints").is_dir()
+  from memx.experiment import report
+  assert "student" in report.summary_table(sweep_dir)
