@@ -1,7 +1,6 @@
 """`memx sparse ...` and `memx eval` end to end on a tiny trained run, and their errors."""
 
 import json
-import pathlib
 
 from memx.cli import main
 
@@ -62,9 +61,12 @@ def test_errors_are_one_paragraph(tiny_run, tmp_path, capsys):
 def test_run_with_plan(tiny_run, tmp_path, capsys):
   """`memx run --plan` trains the experiment's model under the plan's per-head masks."""
   exp = tmp_path / "exp.py"
-  here = str(pathlib.Path(__file__).parent)
-  exp.write_text(f"import sys\nsys.path.insert(0, {here!r})\nfrom conftest import TINY_RUN\n\n"
-                 "def config(variant='base'):\n  return TINY_RUN\n")
+  # The experiment rebuilds the tiny run's config from its config.json (importing this
+  # directory's conftest would collide with other conftest modules under xdist).
+  cfg_file = tiny_run / "config.json"
+  exp.write_text("import json\nfrom memx.config import from_dict\n\n"
+                 "def config(variant='base'):\n"
+                 f"  return from_dict(json.load(open({str(cfg_file)!r})))\n")
   plan = tmp_path / "uniform.json"
   assert main(["sparse", "baseline", str(tiny_run), "--kind", "uniform", "--budget", "0.3",
                "--lengths", "64", "--out", str(plan)]) == 0
