@@ -21,9 +21,7 @@ import argparse
 import datetime
 import json
 import pathlib
-import statistics
 import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +35,7 @@ from memx.models.transformer import TransformerLM
 from memx.sparse.evaluate import decode_tokens_per_s
 from memx.sparse.plan import uniform_plan
 from memx.sparse.rules import Rule, density
+from memx.timing import median_time
 
 SIZES = {
     # batch, length, query heads, kv heads, head dim, dtype, decode batch, decode layers
@@ -66,16 +65,6 @@ def moa_rules(n_heads: int, length: int, budget: float, *, spread: float = 16.0,
   return make(lo)
 
 
-def _median_time(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def prefill(mask, cfg, repeats: int) -> dict:
   dt = jnp.dtype(cfg["dtype"])
   k0, k1, k2 = jax.random.split(jax.random.key(0), 3)
@@ -89,7 +78,7 @@ def prefill(mask, cfg, repeats: int) -> dict:
   fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   compiled = fn.lower(q, k, v).compile()
   mem = compiled.memory_analysis()
-  return {"fwd_bwd_s": _median_time(compiled, q, k, v, repeats=repeats),
+  return {"fwd_bwd_s": median_time(compiled, (q, k, v), repeats),
           "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0))}
 
 

@@ -6,9 +6,7 @@ XLA's memory_analysis of the compiled prefill (temporaries + outputs: activation
 returned decode state; parameters excluded); the decode state is counted exactly in bytes.
 """
 
-import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -18,18 +16,7 @@ from flax import nnx
 from memx.models.config import ModelConfig
 from memx.models.decode import cache_bytes
 from memx.models.transformer import TransformerLM, count_params
-
-
-def median_time(fn, args, reps: int, budget_s: float) -> float:
-  jax.block_until_ready(fn(*args))  # warm-up
-  times, start = [], time.perf_counter()
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-    if time.perf_counter() - start > budget_s and len(times) >= 2:
-      break
-  return statistics.median(times)
+from memx.timing import median_time
 
 
 def device_limit() -> int | None:

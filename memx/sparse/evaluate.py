@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 
 import jax
@@ -32,6 +30,7 @@ from memx.data.config import DataConfig
 from memx.models.decode import kv_cache_bytes
 from memx.models.transformer import TransformerLM
 from memx.sparse.plan import Plan, apply_plan
+from memx.timing import median_time
 from memx.train.loss import token_losses
 
 EVALUATIONS_DIR = "evaluations"
@@ -101,13 +100,7 @@ def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 
 
   _, cache = prefill(state, prompt)
   tok = jnp.zeros((batch,), jnp.int32)
-  jax.block_until_ready(steps(state, cache, tok))  # compile
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(steps(state, cache, tok))
-    times.append(time.perf_counter() - t0)
-  return batch * new_tokens / statistics.median(times)
+  return batch * new_tokens / median_time(steps, (state, cache, tok), repeats)
 
 
 def effective_context(lengths: Sequence[int], accuracy: Sequence[float | None],
