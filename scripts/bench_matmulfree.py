@@ -16,10 +16,14 @@ Reports (JSON + Markdown in --out):
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
+import os
 import pathlib
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -29,11 +33,16 @@ import optax
 from flax import nnx
 
 from memx.kernels.linear_scan.api import gpu_backend
-from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul
+from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul, packed_rows
 from memx.models.config import ModelConfig, matmulfree_config
 from memx.models.decode import cache_bytes, generate
 from memx.models.packed import pack_model
 from memx.models.transformer import TransformerLM
+from memx.nn.bitlinear import BitLinear
+from memx.train.memory import saved_activation_bytes
+
+# (d_model, layers, vocab): the quick LM, then roughly the paper's 370M, 1.3B and 2.7B shapes.
+WEIGHT_SIZES = [(128, 2, 512), (1024, 24, 32000), (2048, 24, 32000), (2560, 32, 32000)]
 
 
 def _time(fn, *args, reps: int) -> float:
@@ -90,26 +99,66 @@ def bench_decode(d, layers, vocab, prompt, new, reps) -> list[dict]:
   return rows
 
 
-def _temp_bytes(cfg, batch, seq) -> int:
+def train_memory(cfg, batch: int, seq: int) -> dict:
+  """Exact memory of one AdamW training step (compiled, not run): arguments (parameters,
+  optimizer state, tokens), the compiler's temporaries (gradients, activations, workspace) and
+  the activation bytes kept for the backward pass."""
   model = TransformerLM(cfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adamw(1e-3)
   opt = tx.init(params)
   tokens = jnp.zeros((batch, seq + 1), jnp.int32)
 
+  def loss_fn(p):
+    logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
   def step(params, opt, tokens):
-    def loss_fn(p):
-      logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     loss, g = jax.value_and_grad(loss_fn)(params)
     upd, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, upd), opt, loss
 
   mem = jax.jit(step).lower(params, opt, tokens).compile().memory_analysis()
-  return int(getattr(mem, "temp_size_in_bytes", -1)) if mem is not None else -1
+  args, temp = int(mem.argument_size_in_bytes), int(mem.temp_size_in_bytes)
+  return {"argument_bytes": args, "temp_bytes": temp, "total_bytes": args + temp,
+          "saved_activation_bytes": saved_activation_bytes(loss_fn, params)}
 
 
-def bench_memory(d, layers, vocab, batch, seq, lengths) -> dict:
+def train_memory_table(d, layers, vocab, batch, seq) -> list[dict]:
+  """MatMul-free vs Transformer, without and with per-block remat of everything but the dots."""
+  mf, tf = _models(d, layers, vocab)
+  rows = []
+  for remat in ("none", "dots"):
+    res = {name: train_memory(dataclasses.replace(cfg, remat=remat), batch, seq)
+           for name, cfg in (("matmulfree", mf), ("transformer", tf))}
+    for key in ("total_bytes", "temp_bytes", "saved_activation_bytes"):
+      a, b = res["matmulfree"][key], res["transformer"][key]
+      rows.append({"d/layers/batch/seq": f"{d}/{layers}/{batch}/{seq}", "remat": remat,
+                   "measure": key, "matmulfree": a, "transformer": b, "ratio": a / b})
+  return rows
+
+
+def weight_table(sizes) -> list[dict]:
+  """Inference weight bytes by model size, exact from the parameter shapes (nothing allocated):
+  packed = 2-bit BitLinear codes + an fp32 scale each, every other parameter in bf16."""
+  rows = []
+  for d, layers, vocab in sizes:
+    mf, _ = _models(d, layers, vocab)
+    model = nnx.eval_shape(lambda cfg=mf: TransformerLM(cfg, rngs=nnx.Rngs(0)))
+    ternary = [m.weight.shape for _, m in model.iter_modules() if isinstance(m, BitLinear)]
+    n_ternary = sum(k * n for k, n in ternary)
+    n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    packed_ternary = sum(packed_rows(k) * n + 4 for k, n in ternary)
+    packed_model = packed_ternary + 2 * (n_all - n_ternary)
+    rows.append({"d/layers/vocab": f"{d}/{layers}/{vocab}", "params": n_all,
+                 "ternary share": n_ternary / n_all,
+                 "projections bf16/packed": 2 * n_ternary / packed_ternary,
+                 "model bf16 bytes": 2 * n_all, "model packed bytes": packed_model,
+                 "model bf16/packed": 2 * n_all / packed_model})
+  return rows
+
+
+def bench_memory(d, layers, vocab, batch, seq, lengths, train_sizes) -> dict:
   mf, tf = _models(d, layers, vocab)
   model = TransformerLM(mf, rngs=nnx.Rngs(0))
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -117,14 +166,30 @@ def bench_memory(d, layers, vocab, batch, seq, lengths) -> dict:
   packed_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(packed)))
   weights = {"params": n_params, "fp32_bytes": 4 * n_params, "bf16_bytes": 2 * n_params,
              "packed_bytes (2-bit ternary + fp32 rest)": packed_bytes}
-  train = {"matmulfree_temp_bytes": _temp_bytes(mf, batch, seq),
-           "transformer_temp_bytes": _temp_bytes(tf, batch, seq), "batch": batch, "seq": seq}
+  train = [row for size in [(d, layers, vocab, batch, seq), *train_sizes]
+           for row in train_memory_table(*size)]
   tmodel = TransformerLM(tf, rngs=nnx.Rngs(0))
   state = [{"length": n, "matmulfree_state_bytes": cache_bytes(model.init_cache(1, n)),
             "transformer_kv_bytes": cache_bytes(
                 jax.eval_shape(lambda n=n: tmodel.init_cache(1, n)))}
            for n in lengths]
-  return {"weights": weights, "train_step": train, "decode_state_per_sequence": state}
+  return {"weights": weights, "weights_by_size": weight_table(WEIGHT_SIZES),
+          "train_step": train, "decode_state_per_sequence": state}
+
+
+def _cpu_train_memory_without_ynn(sizes) -> list[dict] | None:
+  """The train-step table again in a fresh process with XLA:CPU's YNNPACK fusions off.
+
+  Those fusions take full-size materialised broadcasts as inputs (e.g. a per-token scale
+  broadcast to [B, T, D]) and keep them live, which a GPU compile does not; element-wise-heavy
+  models (the MatMul-free LM) pay for that more. Reported beside the default-flag numbers."""
+  if jax.default_backend() != "cpu":
+    return None
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+  out = subprocess.run([sys.executable, __file__, "--train-memory-json", json.dumps(sizes)],
+                       env=env, capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _md(rows: list[dict]) -> str:
@@ -136,39 +201,57 @@ def _md(rows: list[dict]) -> str:
                    + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]) + "\n"
 
 
-def main() -> None:
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out")
   ap.add_argument("--quick", action="store_true", help="small shapes for a CPU run")
-  args = ap.parse_args()
+  ap.add_argument("--train-memory-json", help=argparse.SUPPRESS)  # child of the no-YNN rerun
+  args = ap.parse_args(argv)
+  if args.train_memory_json:
+    sizes = json.loads(args.train_memory_json)
+    print(json.dumps([row for size in sizes for row in train_memory_table(*size)]))
+    return
+  if not args.out:
+    ap.error("--out is required")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if args.quick:
     shapes, reps = [(1, 1024, 1024), (16, 1024, 2816)], 5
     dec = {"d": 128, "layers": 2, "vocab": 512, "prompt": 16, "new": 32, "reps": 3}
     mem = {"d": 128, "layers": 2, "vocab": 512, "batch": 4, "seq": 128}
+    train_sizes = [(512, 4, 4096, 8, 2048)]  # compiled only, never run: cheap on a CPU
   else:
     shapes, reps = [(1, 4096, 4096), (16, 4096, 11008), (256, 4096, 4096),
                     (4096, 4096, 4096)], 20
     dec = {"d": 1024, "layers": 8, "vocab": 32000, "prompt": 128, "new": 256, "reps": 3}
     mem = {"d": 1024, "layers": 8, "vocab": 32000, "batch": 8, "seq": 2048}
+    train_sizes = []
   lengths = (1024, 4096, 16384, 65536)
+  memory = bench_memory(**mem, lengths=lengths, train_sizes=train_sizes)
+  all_sizes = [[mem["d"], mem["layers"], mem["vocab"], mem["batch"], mem["seq"]],
+               *map(list, train_sizes)]
+  memory["train_step_cpu_without_ynn_fusion"] = _cpu_train_memory_without_ynn(all_sizes)
   result = {
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
       "quick": args.quick,
       "matmul": bench_matmul(shapes, reps),
       "decode": bench_decode(**dec),
-      "memory": bench_memory(**mem, lengths=lengths),
-      "settings": {"decode": dec, "memory": mem},
+      "memory": memory,
+      "settings": {"decode": dec, "memory": mem, "train_sizes": train_sizes},
   }
   (out / "results.json").write_text(json.dumps(result, indent=2))
   m = result["memory"]
   md = (f"# MatMul-free LM benchmark ({result['device']}, {result['date']})\n\n## Packed matmul\n\n"
         + _md(result["matmul"]) + "\n## Decode\n\n" + _md(result["decode"])
-        + "\n## Weights\n\n" + _md([m["weights"]]) + "\n## Training step temporaries\n\n"
-        + _md([m["train_step"]]) + "\n## Decode state per sequence\n\n"
-        + _md(m["decode_state_per_sequence"]))
+        + "\n## Weights\n\n" + _md([m["weights"]])
+        + "\n## Inference weights by model size (exact, from shapes)\n\n"
+        + _md(m["weights_by_size"])
+        + "\n## Training step memory (compiled, AdamW, fp32)\n\n" + _md(m["train_step"])
+        + ("\n## Training step memory, XLA:CPU YNNPACK fusions off\n\n"
+           + _md(m["train_step_cpu_without_ynn_fusion"])
+           if m["train_step_cpu_without_ynn_fusion"] else "")
+        + "\n## Decode state per sequence\n\n" + _md(m["decode_state_per_sequence"]))
   tmp = out / "results.md.tmp"
   tmp.write_text(md)
   tmp.replace(out / "results.md")

@@ -4,6 +4,8 @@ Training form (`BitLinear`): full-precision latent weights; the forward uses the
 values (absmean ternary weights, per-token absmax int8 activations) and the backward passes
 gradients straight through both quantizers to the latent weights, as ridgerchu/matmulfreellm's
 `BitLinear` (which also fuses an RMSNorm in front, so every projection sees unit-RMS input).
+The op is `memx.kernels.ternary.bitlinear`: by default it keeps only its input for the backward
+pass and recomputes the norm and quantizers there (the fused kernel's memory saving).
 
 Inference form (`PackedBitLinear`, from `BitLinear.pack()` or `pack_bitlinears(model)`): the
 weights stored as 2-bit codes (4 per byte) plus one fp32 scale; the matmul runs on int8
@@ -15,14 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memx.kernels.ternary import (
-    absmax_quantize,
-    absmean_quantize,
-    int8_fake_quant,
-    pack_ternary,
-    packed_matmul,
-    ternary_fake_quant,
-)
+from memx.kernels.ternary import absmax_quantize, absmean_quantize, pack_ternary, packed_matmul
+from memx.kernels.ternary.bitlinear import bitlinear
 from memx.nn._params import DTYPES, ones, param
 
 
@@ -45,20 +41,22 @@ class BitLinear(nnx.Module):
 
   def __init__(self, in_dim: int, out_dim: int, *, axes: tuple[str, str], std: float,
                rngs: nnx.Rngs, param_dtype: str = "float32", compute_dtype: str = "float32",
-               eps: float = 1e-6, quantize: bool = True):
+               eps: float = 1e-6, quantize: bool = True, implementation=None):
     self.in_dim, self.out_dim, self.eps, self.quantize = in_dim, out_dim, eps, quantize
-    self.compute_dtype = compute_dtype
+    self.compute_dtype, self.implementation = compute_dtype, implementation
     self.norm = ones((in_dim,), (axes[0],), dtype=param_dtype)
     self.weight = param(rngs, (in_dim, out_dim), axes, std=std, dtype=param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    dt = DTYPES[self.compute_dtype]
-    xn = _rms_norm(x, self.norm[...], self.eps)
-    w = self.weight[...]
-    if self.quantize:
-      xn = int8_fake_quant(xn)
-      w = ternary_fake_quant(w.astype(jnp.float32))
-    return jnp.dot(xn.astype(dt), w.astype(dt), preferred_element_type=jnp.float32).astype(dt)
+    return self.apply(x, self.norm[...], self.weight[...])
+
+  def apply(self, x: jax.Array, norm: jax.Array, weight: jax.Array) -> jax.Array:
+    """This layer's op on explicit parameter arrays (for use inside jax.checkpoint)."""
+    return bitlinear(x, norm, weight, eps=self.eps, quantize=self.quantize,
+                     compute_dtype=DTYPES[self.compute_dtype], implementation=self.implementation)
+
+  def params(self) -> tuple[jax.Array, jax.Array]:
+    return self.norm[...], self.weight[...]
 
   def pack(self, *, implementation=None) -> "PackedBitLinear":
     """The packed inference form of this layer (requires quantize=True)."""
@@ -87,10 +85,18 @@ class PackedBitLinear(nnx.Module):
     return self.packed.shape[1]
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    return self.apply(x, *self.params())
+
+  def params(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return self.packed[...], self.scale[...], self.norm[...]
+
+  def apply(self, x: jax.Array, packed: jax.Array, scale: jax.Array,
+            norm: jax.Array) -> jax.Array:
+    """This layer's op on explicit arrays (the same interface as `BitLinear.apply`)."""
     dt = DTYPES[self.compute_dtype]
-    xq, s_x = absmax_quantize(_rms_norm(x, self.norm[...], self.eps))
-    y = packed_matmul(xq, self.packed[...], implementation=self.implementation)
-    return (y.astype(jnp.float32) * (self.scale[...] / s_x)).astype(dt)
+    xq, s_x = absmax_quantize(_rms_norm(x, norm, self.eps))
+    y = packed_matmul(xq, packed, implementation=self.implementation)
+    return (y.astype(jnp.float32) * (scale / s_x)).astype(dt)
 
 
 def pack_bitlinears(module: nnx.Module, *, implementation=None) -> int:

@@ -23,7 +23,12 @@ class BitGLU(nnx.Module):
     self.w_down = BitLinear(f, d, axes=(MLP, EMBED), std=std / (2 * cfg.n_layers) ** 0.5, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gu = self.w_gate_up(x)
-    gate, up = gu[..., :self.ff_dim], gu[..., self.ff_dim:]
-    h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gu.dtype)
-    return self.w_down(h)
+    """The backward pass keeps x and gate/up; silu(gate) ⊙ up and the down projection's
+    norm and quantizers are recomputed (`jax.checkpoint`), so no [B, T, f] product is kept."""
+
+    def down(gu, *params):
+      gate, up = gu[..., :self.ff_dim], gu[..., self.ff_dim:]
+      h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gu.dtype)
+      return self.w_down.apply(h, *params)
+
+    return jax.checkpoint(down)(self.w_gate_up(x), *self.w_down.params())

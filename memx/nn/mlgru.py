@@ -55,25 +55,32 @@ class MLGRU(nnx.Module):
     self.h_norm = ones((d,), (MLP,), dtype=cfg.param_dtype)
     self.w_o = BitLinear(d, d, axes=(MLP, EMBED), std=std / (2 * cfg.n_layers) ** 0.5, **kw)
 
-  def _gates(self, x, lower_bound):
-    f = jax.nn.sigmoid(self.w_f(x).astype(jnp.float32))
+  def _gates(self, f_pre, c_pre, lower_bound):
+    """(decay f, input (1 - f) ⊙ c) in float32 from the two projections' outputs."""
+    f = jax.nn.sigmoid(f_pre.astype(jnp.float32))
     if lower_bound is not None:
       lb = lower_bound.astype(jnp.float32).reshape((1,) * (f.ndim - 1) + (-1,))
       f = lb + (1.0 - lb) * f
-    c = jax.nn.silu(self.w_c(x).astype(jnp.float32))
+    c = jax.nn.silu(c_pre.astype(jnp.float32))
     return f, (1.0 - f) * c
 
-  def _output(self, x, h):
-    g = jax.nn.sigmoid(self.w_g(x).astype(jnp.float32))
+  def _output(self, g_pre, h, h_norm, o_params, dtype):
+    g = jax.nn.sigmoid(g_pre.astype(jnp.float32))
     h32 = h.astype(jnp.float32)
     hn = h32 * jax.lax.rsqrt(jnp.mean(jnp.square(h32), -1, keepdims=True) + self.cfg.norm_eps)
-    hn = hn * self.h_norm[...].astype(jnp.float32).reshape((1,) * (h.ndim - 1) + (-1,))
-    return self.w_o((g * hn).astype(x.dtype))
+    hn = hn * h_norm.astype(jnp.float32).reshape((1,) * (h.ndim - 1) + (-1,))
+    return self.w_o.apply((g * hn).astype(dtype), *o_params)
 
   def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
                *, lower_bound: Float[Array, " D"] | None = None, return_state: bool = False):
-    """Parallel form (one linear_scan); with return_state also the decode state."""
-    f, b = self._gates(x, lower_bound)
+    """Parallel form (one linear_scan); with return_state also the decode state.
+
+    Memory: the backward pass keeps x and the three input projections' outputs per layer. The
+    gates, the scan, the normed output and the output projection are recomputed from them
+    (`jax.checkpoint` over `core`): element-wise work and one [T, D] scan, against the
+    [B, T, D] tensors of a dozen intermediates autodiff would otherwise keep.
+    """
+    f_pre, c_pre, g_pre = self.w_f(x), self.w_c(x), self.w_g(x)
     impl = self.cfg.ssm.impl if self.cfg.ssm.impl in _SCAN_IMPLS else None
 
     def mix(shard, f, b, seg):
@@ -81,11 +88,16 @@ class MLGRU(nnx.Module):
                                    final_state=return_state)
       return (h, final) if return_state else h
 
-    hs = (BATCH, SEQ, MLP)
-    out = sequence_map(mix, f, b, segment_ids, in_axes=(hs, hs, (BATCH, SEQ)),
-                       out_axes=(hs, (BATCH, MLP)) if return_state else hs)
-    h, final = out if return_state else (out, None)
-    out = self._output(x, h)
+    def core(f_pre, c_pre, g_pre, lower_bound, segment_ids, h_norm, o_params):
+      f, b = self._gates(f_pre, c_pre, lower_bound)
+      hs = (BATCH, SEQ, MLP)
+      out = sequence_map(mix, f, b, segment_ids, in_axes=(hs, hs, (BATCH, SEQ)),
+                         out_axes=(hs, (BATCH, MLP)) if return_state else hs)
+      h, final = out if return_state else (out, None)
+      return self._output(g_pre, h, h_norm, o_params, x.dtype), final
+
+    out, final = jax.checkpoint(core)(f_pre, c_pre, g_pre, lower_bound, segment_ids,
+                                      self.h_norm[...], self.w_o.params())
     return (out, {"state": final}) if return_state else out
 
   def init_cache(self, batch: int) -> dict[str, jax.Array]:
@@ -94,6 +106,7 @@ class MLGRU(nnx.Module):
   def step(self, x_t: Float[Array, "B D"], cache: dict[str, jax.Array], *,
            lower_bound: Float[Array, " D"] | None = None):
     """Recurrent form for one token: (y_t [B, D], new cache)."""
-    f, b = self._gates(x_t, lower_bound)
+    f, b = self._gates(self.w_f(x_t), self.w_c(x_t), lower_bound)
     h = f * cache["state"] + b
-    return self._output(x_t, h), {"state": h}
+    out = self._output(self.w_g(x_t), h, self.h_norm[...], self.w_o.params(), x_t.dtype)
+    return out, {"state": h}

@@ -1,9 +1,9 @@
 """RMSNorm (Zhang & Sennrich, 2019): x / rms(x) · g, computed in float32."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from memx.kernels.norms import rms_norm
 from memx.nn._params import ones
 from memx.parallel.axes import EMBED
 
@@ -14,9 +14,7 @@ class RMSNorm(nnx.Module):
     self.scale = ones((dim,), (EMBED,), dtype=param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Normalises the last axis in fp32 (bf16 variance is too coarse); output in x.dtype."""
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    scale = self.scale[...].astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    y = x32 * jax.lax.rsqrt(var + self.eps) * scale
-    return y.astype(x.dtype)
+    """Normalises the last axis in fp32 (bf16 variance is too coarse); output in x.dtype.
+
+    The backward pass keeps only x (`memx.kernels.norms.rms_norm`)."""
+    return rms_norm(x, self.scale[...], self.eps)

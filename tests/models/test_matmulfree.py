@@ -125,3 +125,28 @@ def test_load_into_mismatched_config_is_a_clear_error(tmp_path):
   bad.write_bytes(b"not a zip")
   with pytest.raises(CheckpointCorruptError, match="cannot read"):
     load_packed(bad)
+
+
+def test_training_keeps_under_60_percent_of_the_transformers_activations():
+  """The memory claim at the level that does not depend on a compiler: the activation bytes
+  autodiff keeps for the backward pass (fused BitLinear and the recomputed element-wise MLGRU/
+  GLU parts) are < 0.6x those of a Transformer of equal width, depth and parameter count."""
+  from memx.models.transformer import TransformerLM
+  from memx.train.memory import saved_activation_bytes
+
+  mf = matmulfree_config(vocab_size=128, d_model=64, n_layers=2, n_heads=4)
+  tf = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4)
+  tokens = _tokens(2, 65)
+
+  def saved(cfg):
+    graphdef, params, rest = nnx.split(TransformerLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss(p):
+      logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    return saved_activation_bytes(loss, params), n_params
+
+  (mf_bytes, mf_params), (tf_bytes, tf_params) = saved(mf), saved(tf)
+  assert abs(mf_params - tf_params) / tf_params < 0.02  # equal size (MF: +norms, +bounds)
+  assert mf_bytes < 0.6 * tf_bytes, (mf_bytes, tf_bytes)
