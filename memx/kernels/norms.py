@@ -45,7 +45,7 @@ def rms_norm_vjp(x: Array, g: Array, eps: float, dy: Array) -> tuple[Array, Arra
   xhat, r = _stats(x, eps)
   dy32 = dy.astype(jnp.float32)
   gd = dy32 * _row(g, x.ndim)
-  dg = jnp.sum((dy32 * xhat).reshape(-1, x.shape[-1]), axis=0)
+  dg = jnp.sum(dy32 * xhat, axis=tuple(range(x.ndim - 1)))  # no reshape: see bitlinear
   dx = r * (gd - xhat * jnp.mean(gd * xhat, axis=-1, keepdims=True))
   return dx, dg
 

@@ -115,3 +115,26 @@ def test_bitlinear_bad_input():
     bitlinear(x.astype(jnp.int32), g, w)
   with pytest.raises(NotImplementedError, match="available"):
     bitlinear(x, g, w, implementation="pallas_gpu")
+
+
+def test_backward_of_sequence_sharded_input_gathers_nothing():
+  """Under sequence parallelism the recomputing backward must stay local to each shard: no
+  all-gather of a [B, T, K] activation (a [tokens, K] reshape of a T-sharded array forces one)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("seq",))
+  x, g, w = _inputs()
+  x = jnp.concatenate([x] * 5, axis=1)[:, :32]  # T = 32: divisible by 8
+  seq = NamedSharding(mesh, PartitionSpec(None, "seq"))
+  rep = NamedSharding(mesh, PartitionSpec())
+
+  def grads(x, g, w):
+    loss = lambda x, g, w: jnp.sum(jnp.sin(bitlinear(rms_norm(x, g, 1e-6), g, w)))  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1, 2))(x, g, w)
+
+  args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+          for a, s in ((x, seq), (g, rep), (w, rep))]
+  text = jax.jit(grads).lower(*args).compile(_testing.FAST_CPU_COMPILE).as_text()
+  assert "all-gather" not in text

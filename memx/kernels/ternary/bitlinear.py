@@ -72,11 +72,12 @@ def _fused_bwd(eps, quantize, compute_dtype, res, dy):
   # normalised and quantized activations alive, undoing the saving): as jax.checkpoint does.
   x, g, w, dy = jax.lax.optimization_barrier(res + (dy,))
   xq, wq = _operands(x, g, w, eps, quantize)
-  k, n = w.shape
   dt = compute_dtype
-  # Contract over the token axis / N directly: no transposed copy of x̃ or W̃ is made.
-  dw = jax.lax.dot_general(xq.reshape(-1, k).astype(dt), dy.reshape(-1, n).astype(dt),
-                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  # Contract over all leading (token) axes at once: a reshape to [tokens, K] would merge a
+  # sharded sequence axis with the batch and make the SPMD partitioner all-gather it.
+  lead = tuple(range(x.ndim - 1))
+  dw = jax.lax.dot_general(xq.astype(dt), dy.astype(dt), ((lead, lead), ((), ())),
+                           preferred_element_type=jnp.float32)
   dxn = jax.lax.dot_general(dy.astype(dt), wq.astype(dt), (((dy.ndim - 1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)  # STE: d(x̃) is d(xn)
   dx, dg = rms_norm_vjp(x, g, eps, dxn)
