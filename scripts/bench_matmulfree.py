@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from memx.kernels.cross_entropy import cross_entropy
 from memx.kernels.linear_scan.api import gpu_backend
 from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul, packed_rows
 from memx.models.config import ModelConfig, matmulfree_config
@@ -99,10 +100,11 @@ def bench_decode(d, layers, vocab, prompt, new, reps) -> list[dict]:
   return rows
 
 
-def train_memory(cfg, batch: int, seq: int) -> dict:
+def train_memory(cfg, batch: int, seq: int, vocab_block: int = 0) -> dict:
   """Exact memory of one AdamW training step (compiled, not run): arguments (parameters,
   optimizer state, tokens), the compiler's temporaries (gradients, activations, workspace) and
-  the activation bytes kept for the backward pass."""
+  the activation bytes kept for the backward pass. vocab_block > 0: the loss never forms the
+  [B, T, V] logits (memx.kernels.cross_entropy, as train.loss_vocab_block)."""
   model = TransformerLM(cfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adamw(1e-3)
@@ -110,7 +112,11 @@ def train_memory(cfg, batch: int, seq: int) -> dict:
   tokens = jnp.zeros((batch, seq + 1), jnp.int32)
 
   def loss_fn(p):
-    logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+    model = nnx.merge(graphdef, p, rest)
+    if vocab_block:
+      return cross_entropy(model.features(tokens[:, :-1]), model.head_weight(), tokens[:, 1:],
+                           vocab_block=vocab_block).mean()
+    logits = model(tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
   def step(params, opt, tokens):
@@ -125,15 +131,18 @@ def train_memory(cfg, batch: int, seq: int) -> dict:
 
 
 def train_memory_table(d, layers, vocab, batch, seq) -> list[dict]:
-  """MatMul-free vs Transformer, without and with per-block remat of everything but the dots."""
+  """MatMul-free vs Transformer: plain; with the blocked-vocabulary loss; with per-block remat
+  of everything but the dots."""
   mf, tf = _models(d, layers, vocab)
   rows = []
-  for remat in ("none", "dots"):
-    res = {name: train_memory(dataclasses.replace(cfg, remat=remat), batch, seq)
+  vocab_block = min(4096, max(256, vocab // 4))  # at least four vocabulary blocks
+  for remat, block in (("none", 0), ("none", vocab_block), ("dots", 0)):
+    res = {name: train_memory(dataclasses.replace(cfg, remat=remat), batch, seq, block)
            for name, cfg in (("matmulfree", mf), ("transformer", tf))}
     for key in ("total_bytes", "temp_bytes", "saved_activation_bytes"):
       a, b = res["matmulfree"][key], res["transformer"][key]
       rows.append({"d/layers/batch/seq": f"{d}/{layers}/{batch}/{seq}", "remat": remat,
+                   "loss": f"vocab blocks of {block}" if block else "full logits",
                    "measure": key, "matmulfree": a, "transformer": b, "ratio": a / b})
   return rows
 
@@ -219,7 +228,8 @@ def main(argv=None) -> None:
     shapes, reps = [(1, 1024, 1024), (16, 1024, 2816)], 5
     dec = {"d": 128, "layers": 2, "vocab": 512, "prompt": 16, "new": 32, "reps": 3}
     mem = {"d": 128, "layers": 2, "vocab": 512, "batch": 4, "seq": 128}
-    train_sizes = [(512, 4, 4096, 8, 2048)]  # compiled only, never run: cheap on a CPU
+    # compiled only, never run: cheap on a CPU. A byte vocabulary, then an LLM-sized one.
+    train_sizes = [(512, 4, 4096, 8, 2048), (512, 4, 32000, 8, 2048)]
   else:
     shapes, reps = [(1, 4096, 4096), (16, 4096, 11008), (256, 4096, 4096),
                     (4096, 4096, 4096)], 20

@@ -130,20 +130,37 @@ class TransformerLM(nnx.Module):
     return jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.compute_dtype])
 
   def _logits(self, x):
-    cfg = self.cfg
-    dt = DTYPES[cfg.compute_dtype]
-    x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      return jnp.einsum("...d,vd->...v", x, self.embed[...].astype(dt),
+    return self._project(self.final_norm(x))
+
+  def _project(self, xn):
+    """Final-normed hidden states → logits [..., V] float32."""
+    dt = DTYPES[self.cfg.compute_dtype]
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("...d,vd->...v", xn, self.embed[...].astype(dt),
                         preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", x, self.unembed[...].astype(dt),
+    return jnp.einsum("...d,dv->...v", xn, self.unembed[...].astype(dt),
                       preferred_element_type=jnp.float32)
+
+  def head_weight(self) -> Float[Array, "D V"]:
+    """The output projection as [D, V] (the embedding table transposed when tied)."""
+    if self.cfg.tie_embeddings:
+      return self.embed[...].T
+    return self.unembed[...]
 
   def __call__(self, tokens: Int[Array, "B T"], *, positions: Int[Array, "B T"] | None = None,
                segment_ids: Int[Array, "B T"] | None = None,
                score_biases: dict[int, Array] | None = None) -> Float[Array, "B T V"]:
     """score_biases: {attention layer: [B, H, T, T] logit bias}, for attention profiling
     (memx.sparse.profile); those layers run explicit dense attention without remat."""
+    xn = self.features(tokens, positions=positions, segment_ids=segment_ids,
+                       score_biases=score_biases)
+    return constrain(self._project(xn), (BATCH, SEQ, VOCAB))
+
+  def features(self, tokens: Int[Array, "B T"], *, positions: Int[Array, "B T"] | None = None,
+               segment_ids: Int[Array, "B T"] | None = None,
+               score_biases: dict[int, Array] | None = None) -> Float[Array, "B T D"]:
+    """The final-normed hidden states: logits = features · head_weight(). A loss that never
+    materialises the logits (memx.kernels.cross_entropy) starts from here."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     # Activation shardings by logical name (no-ops without a mesh and rules).
@@ -154,7 +171,7 @@ class TransformerLM(nnx.Module):
       else:
         x = self._run_block(block, x, positions, segment_ids, lb)
       x = constrain(x, (BATCH, SEQ, EMBED))
-    return constrain(self._logits(x), (BATCH, SEQ, VOCAB))
+    return self.final_norm(x)
 
   # --- decoding -------------------------------------------------------------------------------
 

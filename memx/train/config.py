@@ -39,6 +39,10 @@ class TrainConfig:
     log_every: steps between metric fetches (the only host syncs of the loop).
     eval_every: steps between evaluations (0 = only at the end).
     eval_batches: batches per evaluation.
+    loss_vocab_block: 0 computes the training loss from the full [B, T, V] logits; > 0 uses
+      memx.kernels.cross_entropy over blocks of this many vocabulary columns, so neither the
+      logits nor their gradient ever exist whole (evaluation still forms logits: it needs
+      their argmax and keeps no gradient).
   """
 
   steps: int = 200
@@ -47,6 +51,7 @@ class TrainConfig:
   log_every: int = 10
   eval_every: int = 0
   eval_batches: int = 4
+  loss_vocab_block: int = 0
 
   def __post_init__(self):
     require(self.steps > 0, "train", "steps", self.steps, "must be > 0")
@@ -55,3 +60,5 @@ class TrainConfig:
     require(self.log_every > 0, "train", "log_every", self.log_every, "must be > 0")
     require(self.eval_every >= 0, "train", "eval_every", self.eval_every, "must be >= 0")
     require(self.eval_batches > 0, "train", "eval_batches", self.eval_batches, "must be > 0")
+    require(self.loss_vocab_block >= 0, "train", "loss_vocab_block", self.loss_vocab_block,
+            "must be >= 0 (0: full logits)")

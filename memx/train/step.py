@@ -10,7 +10,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from memx.config import Config
+from memx.kernels.cross_entropy import cross_entropy
 from memx.models.transformer import TransformerLM
+from memx.nn._params import DTYPES
 from memx.parallel.rules import RULES
 from memx.parallel.sequence import batch_to_layout
 from memx.train.loss import answer_hits, token_losses, weighted_mean
@@ -78,8 +80,14 @@ def make_grad_step(cfg: Config, graphdef):
     b, positions = batch_to_layout(batch)
 
     def loss_fn(model):
-      logits = model(b["inputs"], positions=positions)
-      return weighted_mean(token_losses(logits, b["targets"]), b["weights"])
+      if cfg.train.loss_vocab_block:  # never materialise the [B, T, V] logits
+        losses = cross_entropy(model.features(b["inputs"], positions=positions),
+                               model.head_weight(), b["targets"],
+                               vocab_block=cfg.train.loss_vocab_block,
+                               compute_dtype=DTYPES[cfg.model.compute_dtype])
+      else:
+        losses = token_losses(model(b["inputs"], positions=positions), b["targets"])
+      return weighted_mean(losses, b["weights"])
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...])}

@@ -165,3 +165,24 @@ def test_data_parallel_step_matches_single_device():
   # The batch really was split: each device holds one row.
   batch = loader.global_batch(0, NamedSharding(make_mesh(ParallelConfig()), PartitionSpec("data")))
   assert {s.data.shape[0] for s in batch["inputs"].addressable_shards} == {1}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_blocked_vocab_loss_gives_the_same_step(tie):
+  """train.loss_vocab_block > 0 (the logits never exist whole) changes memory, not results:
+  loss and gradients equal the full-logits step's (vocab 264 = 4 blocks of 64 + a padded 8)."""
+  from memx.train.step import make_grad_step
+
+  base = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, tie_embeddings=tie))
+  blocked = dataclasses.replace(base, train=dataclasses.replace(base.train, loss_vocab_block=64))
+  ts = init_state(base, jax.random.key(0))
+  one = NamedSharding(make_mesh(ParallelConfig(mesh_shape=(1,)), devices=jax.devices()[:1]),
+                      PartitionSpec())
+  batch = make_loader(base.data, batch_size=8, seed=0, split="train").global_batch(0, one)
+  g_full, m_full = jax.jit(make_grad_step(base, ts.graphdef))(ts.state, batch)
+  g_blk, m_blk = jax.jit(make_grad_step(blocked, ts.graphdef))(ts.state, batch)
+  np.testing.assert_allclose(m_blk["loss"], m_full["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_full), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ConfigError, match="loss_vocab_block"):
+    TrainConfig(loss_vocab_block=-1)

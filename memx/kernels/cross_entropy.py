@@ -1,0 +1,177 @@
+"""Cross-entropy of a linear head without materialising the [..., V] logits.
+
+    loss[i] = logsumexp_v(h_i · W[:, v]) − h_i · W[:, t_i]
+
+For a language model the logits and their gradient are the largest activations of a training
+step once the vocabulary is large ([B, T, V] float32: 8 GB at B·T = 16k tokens and V = 128k),
+and they exist only to be reduced to one number per token.
+
+Implementations:
+  reference  logits = h W in full, then logsumexp; autodiff keeps [..., V] float32 tensors.
+  xla        the vocabulary in blocks of `vocab_block` columns (`lax.scan`): the forward keeps a
+             running max, sum of exponentials and the target's logit per token (an online
+             logsumexp, as in blockwise attention); a custom VJP keeps h, W, the targets and the
+             per-token logsumexp, and the backward recomputes each block's logits to form
+             softmax − onehot, accumulating dh and writing that block's dW. Peak extra memory is
+             one [..., vocab_block] block instead of several [..., V] tensors; the matmul FLOPs
+             grow from 3 to 4 (the forward logits are computed twice).
+
+Matmuls take h and W in `compute_dtype` with float32 accumulation (as the model's own logits);
+the softmax statistics are float32. Blocks run over the vocabulary, never over tokens, so token
+axes sharded over devices (batch, sequence) stay where they are.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from memx.kernels._dispatch import choose
+from memx.typing import Array
+
+Implementation = Literal["reference", "xla"]
+IMPLEMENTATIONS: tuple[str, ...] = ("reference", "xla")
+DEFAULT_VOCAB_BLOCK = 4096
+
+
+def _logits(h, w, dt):
+  return jnp.einsum("...d,dv->...v", h.astype(dt), w.astype(dt),
+                    preferred_element_type=jnp.float32)
+
+
+def cross_entropy_reference(h: Array, w: Array, targets: Array, *,
+                            compute_dtype=jnp.float32) -> Array:
+  """The oracle: full logits, fp32 logsumexp; returns the per-token loss [...] float32."""
+  logits = _logits(h, w, compute_dtype)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return lse - picked
+
+
+def _blocks(w, block: int):
+  """W [D, V] → [nb, D, block] (zero columns pad the last block) and the column offsets."""
+  d, v = w.shape
+  nb = -(-v // block)
+  wp = jnp.pad(w, ((0, 0), (0, nb * block - v)))
+  return wp.reshape(d, nb, block).transpose(1, 0, 2), jnp.arange(nb) * block
+
+
+def _block_logits(h, wb, start, v: int, dt):
+  """One block's logits [..., block], padding columns at −inf, and their column ids."""
+  cols = (start + jnp.arange(wb.shape[-1])).reshape((1,) * (h.ndim - 1) + (-1,))
+  logits = _logits(h, wb, dt)
+  return jnp.where(cols < v, logits, -jnp.inf), cols
+
+
+def _forward(h, w, targets, block, dt):
+  v = w.shape[1]
+  wbs, starts = _blocks(w, block)
+  shape = h.shape[:-1]
+
+  def body(carry, xs):
+    m, s, picked = carry
+    wb, start = xs
+    logits, cols = _block_logits(h, wb, start, v, dt)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
+    picked = picked + jnp.sum(jnp.where(targets[..., None] == cols, logits, 0.0), axis=-1)
+    return (m_new, s, picked), None
+
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape, jnp.float32))
+  (m, s, picked), _ = jax.lax.scan(body, init, (wbs, starts))
+  lse = m + jnp.log(s)
+  return lse - picked, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blockwise(h, w, targets, block, dt):
+  return _forward(h, w, targets, block, dt)[0]
+
+
+def _fwd(h, w, targets, block, dt):
+  loss, lse = _forward(h, w, targets, block, dt)
+  return loss, (h, w, targets, lse)
+
+
+def _bwd(block, dt, res, dloss):
+  # The barrier keeps the recomputed logits from being CSE'd with the forward's (which would
+  # keep them alive) and schedules them after dloss exists.
+  h, w, targets, lse, dloss = jax.lax.optimization_barrier(res + (dloss,))
+  v = w.shape[1]
+  wbs, starts = _blocks(w, block)
+  lead = tuple(range(h.ndim - 1))
+
+  def body(dh, xs):
+    wb, start = xs
+    logits, cols = _block_logits(h, wb, start, v, dt)
+    p = jnp.exp(logits - lse[..., None])  # padding columns: exp(−inf) = 0
+    dlogits = (p - (targets[..., None] == cols)) * dloss[..., None]
+    dh = dh + jnp.einsum("...v,dv->...d", dlogits.astype(dt), wb.astype(dt),
+                         preferred_element_type=jnp.float32)
+    dwb = jax.lax.dot_general(h.astype(dt), dlogits.astype(dt), ((lead, lead), ((), ())),
+                              preferred_element_type=jnp.float32)  # [D, block]
+    return dh, dwb
+
+  dh, dwbs = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), (wbs, starts))
+  dw = dwbs.transpose(1, 0, 2).reshape(w.shape[0], -1)[:, :v]
+  return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+_blockwise.defvjp(_fwd, _bwd)
+
+
+def cross_entropy_xla(h: Array, w: Array, targets: Array, *, vocab_block: int = DEFAULT_VOCAB_BLOCK,
+                      compute_dtype=jnp.float32) -> Array:
+  """Vocabulary-blocked form with a recomputing backward; per-token loss [...] float32."""
+  return _blockwise(h, w, targets, int(vocab_block), jnp.dtype(compute_dtype))
+
+
+def _check(h, w, targets, vocab_block) -> None:
+  if getattr(w, "ndim", None) != 2:
+    raise ValueError(f"cross_entropy: head weight must be [D, V]; got shape "
+                     f"{getattr(w, 'shape', None)}")
+  if getattr(h, "ndim", 0) < 1 or h.shape[-1] != w.shape[0]:
+    raise ValueError(f"cross_entropy: h must be [..., D] with D = {w.shape[0]} (the head's rows); "
+                     f"got shape {getattr(h, 'shape', None)}")
+  if getattr(targets, "shape", None) != h.shape[:-1]:
+    raise ValueError(f"cross_entropy: targets must have h's leading shape {h.shape[:-1]}; got "
+                     f"{getattr(targets, 'shape', None)}")
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(f"cross_entropy: targets must be integer token ids; got {targets.dtype}")
+  if vocab_block is not None and (not isinstance(vocab_block, int) or vocab_block < 1):
+    raise ValueError(f"cross_entropy: vocab_block must be a positive int; got {vocab_block!r}")
+
+
+def cross_entropy(
+    h: Array,
+    w: Array,
+    targets: Array,
+    *,
+    vocab_block: int | None = None,
+    compute_dtype=jnp.float32,
+    implementation: Implementation | Sequence[Implementation] | None = None,
+) -> Array:
+  """Per-token −log softmax(h W)[target] without keeping [..., V] logits.
+
+  Args:
+    h: final hidden states [..., D] (after the final norm). w: head weight [D, V] (for tied
+      embeddings, the embedding table transposed). targets: token ids [...].
+    vocab_block: columns per block for "xla" (default 4096; any V, the last block is padded).
+    compute_dtype: matmul operand dtype (accumulation and statistics are float32).
+    implementation: None → "xla"; "reference" materialises the logits.
+
+  Returns:
+    [...] float32 losses. Differentiable in h and w.
+  """
+  _check(h, w, targets, vocab_block)
+  name = choose("cross_entropy", implementation, ("xla", "reference"), lambda n: (
+      None if n in IMPLEMENTATIONS else f"unknown implementation; available: {IMPLEMENTATIONS}"))
+  if name == "reference":
+    return cross_entropy_reference(h, w, targets, compute_dtype=compute_dtype)
+  return cross_entropy_xla(h, w, targets, vocab_block=vocab_block or DEFAULT_VOCAB_BLOCK,
+                           compute_dtype=compute_dtype)

@@ -1,0 +1,101 @@
+"""memx.kernels.cross_entropy: the vocabulary-blocked form against full logits (the oracle)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memx.kernels import _testing
+from memx.kernels.cross_entropy import cross_entropy, cross_entropy_reference
+from memx.train.loss import token_losses
+from memx.train.memory import saved_activation_bytes
+
+B, T, D, V = 2, 9, 24, 203  # V prime: every block size pads
+
+
+def _inputs(dtype=jnp.float32, seed=0):
+  kh, kw, kt = jax.random.split(jax.random.key(seed), 3)
+  h = (2.0 * jax.random.normal(kh, (B, T, D))).astype(dtype)
+  w = (0.5 * jax.random.normal(kw, (D, V))).astype(dtype)
+  return h, w, jax.random.randint(kt, (B, T), 0, V)
+
+
+def test_reference_is_the_train_loss():
+  h, w, t = _inputs()
+  np.testing.assert_allclose(cross_entropy_reference(h, w, t), token_losses(h @ w, t),
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [16, 64, 203, 4096])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_blocked_matches_reference_values_and_gradients(dtype, block):
+  h, w, t = _inputs(dtype)
+  ct = jax.random.uniform(jax.random.key(5), (B, T))  # per-token weights, as the train loss
+  kw = {"compute_dtype": dtype}
+  got = cross_entropy(h, w, t, vocab_block=block, **kw)
+  want = cross_entropy(h, w, t, implementation="reference", **kw)
+  assert got.dtype == jnp.float32 and got.shape == (B, T)
+  _testing.assert_allclose(got, want, dtype=dtype, reduction_size=V, name="loss")
+
+  def loss(impl):
+    return lambda h, w: jnp.sum(ct * cross_entropy(h, w, t, vocab_block=block,
+                                                   implementation=impl, **kw))
+
+  dh, dw = jax.grad(loss("xla"), argnums=(0, 1))(h, w)
+  rh, rw = jax.grad(loss("reference"), argnums=(0, 1))(h, w)
+  assert dh.dtype == h.dtype and dw.dtype == w.dtype
+  _testing.assert_allclose(dh, rh, dtype=dtype, grad=True, reduction_size=V, name="dh")
+  _testing.assert_allclose(dw, rw, dtype=dtype, grad=True, reduction_size=B * T, name="dW")
+
+
+def test_gradient_is_softmax_minus_onehot():
+  """dL/dlogits = softmax − onehot, so dh = (p − y) Wᵀ: an independent closed form."""
+  h, w, t = _inputs()
+  dh = jax.grad(lambda h: jnp.sum(cross_entropy(h, w, t, vocab_block=32)))(h)
+  p = jax.nn.softmax(h @ w, axis=-1) - jax.nn.one_hot(t, V)
+  _testing.assert_allclose(dh, p @ w.T, grad=True, name="dh")
+
+
+def test_keeps_no_vocab_sized_activation():
+  h, w, t = _inputs()
+
+  def loss(impl):
+    return lambda h, w: jnp.sum(cross_entropy(h, w, t, vocab_block=32, implementation=impl))
+
+  # xla keeps the per-token logsumexp [B, T] (plus a copy of the ids); reference keeps logits.
+  assert saved_activation_bytes(loss("xla"), h, w) <= 2 * B * T * 4
+  assert saved_activation_bytes(loss("reference"), h, w) >= B * T * V * 4
+
+
+def test_sequence_sharded_tokens_are_not_gathered():
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  mesh = Mesh(np.asarray(jax.devices()[:8]), ("seq",))
+  seq = NamedSharding(mesh, PartitionSpec(None, "seq"))
+  rep = NamedSharding(mesh, PartitionSpec())
+  args = [jax.ShapeDtypeStruct((2, 64, D), jnp.float32, sharding=seq),
+          jax.ShapeDtypeStruct((D, V), jnp.float32, sharding=rep),
+          jax.ShapeDtypeStruct((2, 64), jnp.int32, sharding=seq)]
+
+  def grads(h, w, t):
+    return jax.grad(lambda h, w: jnp.sum(cross_entropy(h, w, t, vocab_block=64)),
+                    argnums=(0, 1))(h, w)
+
+  text = jax.jit(grads).lower(*args).compile(_testing.FAST_CPU_COMPILE).as_text()
+  assert "all-gather" not in text
+
+
+def test_bad_input():
+  h, w, t = _inputs()
+  with pytest.raises(ValueError, match="D = 24"):
+    cross_entropy(h[..., :-1], w, t)
+  with pytest.raises(ValueError, match=r"\[D, V\]"):
+    cross_entropy(h, w[None], t)
+  with pytest.raises(ValueError, match="leading shape"):
+    cross_entropy(h, w, t[:, :-1])
+  with pytest.raises(ValueError, match="integer"):
+    cross_entropy(h, w, t.astype(jnp.float32))
+  with pytest.raises(ValueError, match="vocab_block"):
+    cross_entropy(h, w, t, vocab_block=0)
