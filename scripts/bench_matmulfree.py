@@ -141,7 +141,8 @@ def train_memory_table(d, layers, vocab, batch, seq) -> list[dict]:
            for name, cfg in (("matmulfree", mf), ("transformer", tf))}
     for key in ("total_bytes", "temp_bytes", "saved_activation_bytes"):
       a, b = res["matmulfree"][key], res["transformer"][key]
-      rows.append({"d/layers/batch/seq": f"{d}/{layers}/{batch}/{seq}", "remat": remat,
+      rows.append({"d/layers/vocab/batch/seq": f"{d}/{layers}/{vocab}/{batch}/{seq}",
+                   "remat": remat,
                    "loss": f"vocab blocks of {block}" if block else "full logits",
                    "measure": key, "matmulfree": a, "transformer": b, "ratio": a / b})
   return rows
