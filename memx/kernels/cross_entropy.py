@@ -128,7 +128,8 @@ _blockwise.defvjp(_fwd, _bwd)
 def cross_entropy_xla(h: Array, w: Array, targets: Array, *, vocab_block: int = DEFAULT_VOCAB_BLOCK,
                       compute_dtype=jnp.float32) -> Array:
   """Vocabulary-blocked form with a recomputing backward; per-token loss [...] float32."""
-  return _blockwise(h, w, targets, int(vocab_block), jnp.dtype(compute_dtype))
+  block = min(int(vocab_block), w.shape[1])  # a block wider than V would only add padding
+  return _blockwise(h, w, targets, block, jnp.dtype(compute_dtype))
 
 
 def _check(h, w, targets, vocab_block) -> None:
