@@ -2,10 +2,13 @@
 2-bit packing (4 weights per byte) and a matmul on packed weights.
 
 Implementations of the packed matmul: reference (unpack, then one dot), xla (one bit plane at
-a time), pallas_gpu (decodes in registers); `packed_matmul` dispatches.
+a time), pallas_gpu (decodes in registers); `packed_matmul` dispatches. `bitlinear` is the
+training op (RMSNorm → int8 → ternary matmul, straight-through), whose `xla` form keeps only
+its input for the backward pass.
 """
 
 from memx.kernels.ternary.api import IMPLEMENTATIONS, Implementation, default_order, packed_matmul
+from memx.kernels.ternary.bitlinear import bitlinear, bitlinear_reference, bitlinear_xla
 from memx.kernels.ternary.config import BlockSizes
 from memx.kernels.ternary.pallas_gpu import packed_matmul_pallas_gpu
 from memx.kernels.ternary.reference import (
@@ -26,6 +29,9 @@ __all__ = [
     "Implementation",
     "absmax_quantize",
     "absmean_quantize",
+    "bitlinear",
+    "bitlinear_reference",
+    "bitlinear_xla",
     "default_order",
     "int8_fake_quant",
     "pack_ternary",
