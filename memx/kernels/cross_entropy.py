@@ -18,7 +18,9 @@ Implementations:
 
 Matmuls take h and W in `compute_dtype` with float32 accumulation (as the model's own logits);
 the softmax statistics are float32. Blocks run over the vocabulary, never over tokens, so token
-axes sharded over devices (batch, sequence) stay where they are.
+axes sharded over devices (batch, sequence) stay where they are; blocks are strided over the
+vocabulary, so a vocabulary sharded by tensor parallelism stays sharded too. Target ids must
+be in [0, V) (an id outside picks no logit: its loss is the logsumexp alone).
 """
 
 from __future__ import annotations
@@ -53,37 +55,44 @@ def cross_entropy_reference(h: Array, w: Array, targets: Array, *,
 
 
 def _blocks(w, block: int):
-  """W [D, V] → [nb, D, block] (zero columns pad the last block) and the column offsets."""
+  """W [D, V] → [nb, D, block] strided blocks and each block's column ids [nb, block].
+
+  Block j holds columns j, j + nb, j + 2·nb, ... (zero columns pad V to nb·block). Strided
+  rather than contiguous so that a vocabulary sharded over devices (tensor parallelism splits
+  V into contiguous runs) stays sharded inside every block: each device computes its own
+  columns of each block and only per-token statistics cross devices."""
   d, v = w.shape
   nb = -(-v // block)
   wp = jnp.pad(w, ((0, 0), (0, nb * block - v)))
-  return wp.reshape(d, nb, block).transpose(1, 0, 2), jnp.arange(nb) * block
+  cols = jnp.arange(block)[None, :] * nb + jnp.arange(nb)[:, None]
+  return wp.reshape(d, block, nb).transpose(2, 0, 1), cols
 
 
-def _block_logits(h, wb, start, v: int, dt):
-  """One block's logits [..., block], padding columns at −inf, and their column ids."""
-  cols = (start + jnp.arange(wb.shape[-1])).reshape((1,) * (h.ndim - 1) + (-1,))
+def _block_logits(h, wb, cols, v: int, dt):
+  """One block's logits [..., block] with padding columns at −inf, and its column ids."""
+  cols = cols.reshape((1,) * (h.ndim - 1) + (-1,))
   logits = _logits(h, wb, dt)
   return jnp.where(cols < v, logits, -jnp.inf), cols
 
 
 def _forward(h, w, targets, block, dt):
   v = w.shape[1]
-  wbs, starts = _blocks(w, block)
+  wbs, cols = _blocks(w, block)
   shape = h.shape[:-1]
 
   def body(carry, xs):
     m, s, picked = carry
-    wb, start = xs
-    logits, cols = _block_logits(h, wb, start, v, dt)
+    wb, block_cols = xs
+    logits, cols = _block_logits(h, wb, block_cols, v, dt)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
-    picked = picked + jnp.sum(jnp.where(targets[..., None] == cols, logits, 0.0), axis=-1)
+    hit = (targets[..., None] == cols) & (cols < v)  # ids outside [0, V) pick nothing
+    picked = picked + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     return (m_new, s, picked), None
 
   init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(shape, jnp.float32))
-  (m, s, picked), _ = jax.lax.scan(body, init, (wbs, starts))
+  (m, s, picked), _ = jax.lax.scan(body, init, (wbs, cols))
   lse = m + jnp.log(s)
   return lse - picked, lse
 
@@ -103,22 +112,22 @@ def _bwd(block, dt, res, dloss):
   # keep them alive) and schedules them after dloss exists.
   h, w, targets, lse, dloss = jax.lax.optimization_barrier(res + (dloss,))
   v = w.shape[1]
-  wbs, starts = _blocks(w, block)
+  wbs, cols = _blocks(w, block)
   lead = tuple(range(h.ndim - 1))
 
   def body(dh, xs):
-    wb, start = xs
-    logits, cols = _block_logits(h, wb, start, v, dt)
+    wb, block_cols = xs
+    logits, cols = _block_logits(h, wb, block_cols, v, dt)
     p = jnp.exp(logits - lse[..., None])  # padding columns: exp(−inf) = 0
-    dlogits = (p - (targets[..., None] == cols)) * dloss[..., None]
+    dlogits = (p - ((targets[..., None] == cols) & (cols < v))) * dloss[..., None]
     dh = dh + jnp.einsum("...v,dv->...d", dlogits.astype(dt), wb.astype(dt),
                          preferred_element_type=jnp.float32)
     dwb = jax.lax.dot_general(h.astype(dt), dlogits.astype(dt), ((lead, lead), ((), ())),
                               preferred_element_type=jnp.float32)  # [D, block]
     return dh, dwb
 
-  dh, dwbs = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), (wbs, starts))
-  dw = dwbs.transpose(1, 0, 2).reshape(w.shape[0], -1)[:, :v]
+  dh, dwbs = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), (wbs, cols))
+  dw = dwbs.transpose(1, 2, 0).reshape(w.shape[0], -1)[:, :v]  # back to column c = i·nb + j
   return dh.astype(h.dtype), dw.astype(w.dtype), None
 
 

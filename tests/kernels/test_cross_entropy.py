@@ -99,3 +99,26 @@ def test_bad_input():
     cross_entropy(h, w, t.astype(jnp.float32))
   with pytest.raises(ValueError, match="vocab_block"):
     cross_entropy(h, w, t, vocab_block=0)
+
+
+def test_vocabulary_sharded_head_is_not_gathered():
+  """Tensor parallelism splits V into contiguous runs; strided blocks keep every block split
+  the same way, so neither W nor the logits are gathered (only per-token statistics move)."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+  args = [jax.ShapeDtypeStruct((4, 64, D), jnp.float32,
+                               sharding=NamedSharding(mesh, PartitionSpec("data"))),
+          jax.ShapeDtypeStruct((D, 256), jnp.float32,
+                               sharding=NamedSharding(mesh, PartitionSpec(None, "tensor"))),
+          jax.ShapeDtypeStruct((4, 64), jnp.int32,
+                               sharding=NamedSharding(mesh, PartitionSpec("data")))]
+
+  def grads(h, w, t):
+    return jax.grad(lambda h, w: jnp.sum(cross_entropy(h, w, t, vocab_block=64)),
+                    argnums=(0, 1))(h, w)
+
+  text = jax.jit(grads).lower(*args).compile(_testing.FAST_CPU_COMPILE).as_text()
+  assert "all-gather" not in text
