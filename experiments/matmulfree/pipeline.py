@@ -6,7 +6,8 @@ Steps:     trains the sweep of compare.py (resuming finished runs), then for eve
            measures, on the trained weights: the training step's memory (the run's compiled
            step, and the activation bytes autodiff keeps for its backward pass), inference
            weight bytes (packed 2-bit vs bf16), decode state per sequence against a KV cache at
-           1k–64k tokens, and greedy decode tokens/s (packed form for ternary runs). Each run
+           1k–64k tokens, and greedy decode tokens/s (timed on the packed form for ternary
+           runs and on the fp32 weights otherwise, while serving bytes count bf16). Each run
            gets RUN/evaluations/inference.json; the sweep gets matmulfree_summary.json and a
            report with the comparison table.
 Hardware:  CPU, 2 cores: "base" ≈ 7 minutes (training is most of it), "tiny" ≈ 30 seconds.

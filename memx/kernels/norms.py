@@ -9,8 +9,8 @@ are x and g; the backward recomputes r (one reduction) and applies
 
     x̂ = x·r,   dg = Σ dy ⊙ x̂,   dx = r · (g⊙dy − x̂ · mean(g⊙dy ⊙ x̂))
 
-(`rms_norm_vjp`, also used by the fused BitLinear). A pre-norm block's input is kept anyway
-(it is the residual stream), so the norm then costs no activation memory at all.
+(`rms_norm_vjp`, also used by the fused BitLinear). What the norm keeps is then its input
+alone; its output is kept by whatever consumes it (e.g. a projection), as before.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ class MLGRU(nnx.Module):
     Memory: the backward pass keeps x and the three input projections' outputs per layer. The
     gates, the scan, the normed output and the output projection are recomputed from them
     (`jax.checkpoint` over `core`): element-wise work and one [T, D] scan, against the
-    [B, T, D] tensors of a dozen intermediates autodiff would otherwise keep.
+    [B, T, D] tensors of a dozen intermediates autodiff would otherwise keep. Under sequence
+    parallelism the recomputed scan repeats its state exchange ([B, D] per device and round).
     """
     f_pre, c_pre, g_pre = self.w_f(x), self.w_c(x), self.w_g(x)
     impl = self.cfg.ssm.impl if self.cfg.ssm.impl in _SCAN_IMPLS else None
