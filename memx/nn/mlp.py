@@ -17,6 +17,12 @@ class SwiGLU(nnx.Module):
     self.w_down = param(rngs, (f, d), (MLP, EMBED), std=std / (2 * cfg.n_layers) ** 0.5, dtype=pd)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """The backward pass keeps x and the two [.., f] projections; silu(gate) ⊙ up is
+    recomputed (`jax.checkpoint`), as in BitGLU, instead of keeping four more [.., f] tensors."""
     dt = self.compute_dtype
-    gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
-    return (gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+
+    def down(gate, up, w_down):
+      return (jax.nn.silu(gate) * up) @ w_down
+
+    return jax.checkpoint(down)(x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt),
+                                self.w_down[...].astype(dt))

@@ -127,10 +127,11 @@ def test_load_into_mismatched_config_is_a_clear_error(tmp_path):
     load_packed(bad)
 
 
-def test_training_keeps_under_60_percent_of_the_transformers_activations():
+def test_training_keeps_fewer_activations_than_the_transformer():
   """The memory claim at the level that does not depend on a compiler: the activation bytes
-  autodiff keeps for the backward pass (fused BitLinear and the recomputed element-wise MLGRU/
-  GLU parts) are < 0.6x those of a Transformer of equal width, depth and parameter count."""
+  autodiff keeps for the backward pass are fewer than those of a Transformer of equal width,
+  depth and parameter count given the same care (SwiGLU also recomputes silu(gate)·up). The
+  MLGRU keeps 3 [B, T, D] projections where attention keeps q, k, v, rotated q/k and output."""
   from memx.models.transformer import TransformerLM
   from memx.train.memory import saved_activation_bytes
 
@@ -149,4 +150,4 @@ def test_training_keeps_under_60_percent_of_the_transformers_activations():
 
   (mf_bytes, mf_params), (tf_bytes, tf_params) = saved(mf), saved(tf)
   assert abs(mf_params - tf_params) / tf_params < 0.02  # equal size (MF: +norms, +bounds)
-  assert mf_bytes < 0.6 * tf_bytes, (mf_bytes, tf_bytes)
+  assert mf_bytes < 0.9 * tf_bytes, (mf_bytes, tf_bytes)
