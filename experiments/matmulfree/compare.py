@@ -10,8 +10,8 @@ Sweep:     Transformer (at the shared lr and at 1e-3) and MatMul-free LM at d_mo
            ternary BitGLU channel mixer.
 Result (base, 2-core CPU, 2026-11-26; benchmarks/RESULTS.md, "MatMul-free experiment"):
            at this budget (150 steps × 16 × 128 tokens) the MatMul-free LM reaches a lower eval
-           loss than the better-tuned Transformer at every size (1.85 vs 2.03, 1.55 vs 1.62,
-           1.43 vs 1.57 nats/byte at d 64/128/192); ternary weights cost 0.07 nats against the
+           loss than the better-tuned Transformer at every size (1.84 vs 2.03, 1.54 vs 1.62,
+           1.43 vs 1.57 nats/byte at d 64/128/192); ternary weights cost 0.06 nats against the
            full-precision MLGRU twin. Decode state is 2 · d_model · 4 bytes per layer and
            sequence, whatever the length.
 """
