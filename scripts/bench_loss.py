@@ -19,11 +19,9 @@ import jax
 import optax
 from flax import nnx
 
-from memx.kernels.cross_entropy import cross_entropy
 from memx.models.config import ModelConfig
 from memx.models.transformer import TransformerLM
-from memx.nn._params import DTYPES
-from memx.train.loss import token_losses
+from memx.train.loss import lm_token_losses
 
 
 def _step(cfg: ModelConfig, batch: int, seq: int, vocab_block: int):
@@ -35,12 +33,8 @@ def _step(cfg: ModelConfig, batch: int, seq: int, vocab_block: int):
 
   def step(params, opt, tokens):
     def loss_fn(p):
-      m = nnx.merge(graphdef, p, rest)
-      if vocab_block:
-        return cross_entropy(m.features(tokens[:, :-1]), m.head_weight(), tokens[:, 1:],
-                             vocab_block=vocab_block,
-                             compute_dtype=DTYPES[cfg.compute_dtype]).mean()
-      return token_losses(m(tokens[:, :-1]), tokens[:, 1:]).mean()
+      return lm_token_losses(nnx.merge(graphdef, p, rest), tokens[:, :-1], tokens[:, 1:],
+                             vocab_block=vocab_block).mean()
     loss, g = jax.value_and_grad(loss_fn)(params)
     upd, opt = tx.update(g, opt, params)
     return optax.apply_updates(params, upd), opt, loss

@@ -32,16 +32,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from memx.kernels.cross_entropy import cross_entropy
 from memx.kernels.linear_scan.api import gpu_backend
 from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul, packed_rows
 from memx.models.config import ModelConfig, matmulfree_config
 from memx.models.decode import cache_bytes, generate
 from memx.models.packed import pack_model
 from memx.models.transformer import TransformerLM
-from memx.nn._params import DTYPES
 from memx.nn.bitlinear import BitLinear
-from memx.train.loss import token_losses
+from memx.train.loss import lm_token_losses
 from memx.train.memory import saved_activation_bytes
 
 # (d_model, layers, vocab): the quick LM, then roughly the paper's 370M, 1.3B and 2.7B shapes.
@@ -113,13 +111,9 @@ def train_memory(cfg, batch: int, seq: int, vocab_block: int = 0) -> dict:
   opt = tx.init(params)
   tokens = jnp.zeros((batch, seq + 1), jnp.int32)
 
-  def loss_fn(p):
-    model = nnx.merge(graphdef, p, rest)
-    if vocab_block:  # as memx.train.step does with train.loss_vocab_block
-      return cross_entropy(model.features(tokens[:, :-1]), model.head_weight(), tokens[:, 1:],
-                           vocab_block=vocab_block,
-                           compute_dtype=DTYPES[cfg.compute_dtype]).mean()
-    return token_losses(model(tokens[:, :-1]), tokens[:, 1:]).mean()
+  def loss_fn(p):  # the train step's loss (memx.train.step), with or without vocabulary blocks
+    return lm_token_losses(nnx.merge(graphdef, p, rest), tokens[:, :-1], tokens[:, 1:],
+                           vocab_block=vocab_block).mean()
 
   def step(params, opt, tokens):
     loss, g = jax.value_and_grad(loss_fn)(params)

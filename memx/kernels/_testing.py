@@ -108,3 +108,12 @@ def jit_for_test(fn):
       return jitted(*args)
     return jitted.lower(*args).compile(compiler_options=FAST_CPU_COMPILE)(*args)
   return run
+
+
+def abstract_h100_mesh():
+  """A one-device abstract mesh of an H100, for lowering Pallas kernels to Triton IR on CPU
+  (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` inside use_abstract_mesh)."""
+  from jax._src import mesh as mesh_lib  # AbstractDevice is not re-exported in jax 0.11
+  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
+                                   platform="gpu")
+  return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)

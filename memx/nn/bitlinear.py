@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memx.kernels.norms import rms_norm_reference
 from memx.kernels.ternary import absmax_quantize, absmean_quantize, pack_ternary, packed_matmul
 from memx.kernels.ternary.bitlinear import bitlinear
 from memx.nn._params import DTYPES, ones, param
@@ -24,13 +25,6 @@ from memx.nn._params import DTYPES, ones, param
 
 class PackedWeight(nnx.Variable):
   """2-bit packed ternary codes and their scale: inference state, not trained."""
-
-
-def _rms_norm(x, scale, eps: float):
-  x32 = x.astype(jnp.float32)
-  var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-  return x32 * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32).reshape(
-      (1,) * (x.ndim - 1) + (-1,))
 
 
 class BitLinear(nnx.Module):
@@ -94,7 +88,7 @@ class PackedBitLinear(nnx.Module):
             norm: jax.Array) -> jax.Array:
     """This layer's op on explicit arrays (the same interface as `BitLinear.apply`)."""
     dt = DTYPES[self.compute_dtype]
-    xq, s_x = absmax_quantize(_rms_norm(x, norm, self.eps))
+    xq, s_x = absmax_quantize(rms_norm_reference(x.astype(jnp.float32), norm, self.eps))
     y = packed_matmul(xq, packed, implementation=self.implementation)
     return (y.astype(jnp.float32) * (scale / s_x)).astype(dt)
 

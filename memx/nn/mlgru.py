@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memx.kernels.norms import rms_norm_reference
 from memx.models.config import ModelConfig
 from memx.nn._params import ones
 from memx.nn.bitlinear import BitLinear
@@ -66,9 +67,7 @@ class MLGRU(nnx.Module):
 
   def _output(self, g_pre, h, h_norm, o_params, dtype):
     g = jax.nn.sigmoid(g_pre.astype(jnp.float32))
-    h32 = h.astype(jnp.float32)
-    hn = h32 * jax.lax.rsqrt(jnp.mean(jnp.square(h32), -1, keepdims=True) + self.cfg.norm_eps)
-    hn = hn * h_norm.astype(jnp.float32).reshape((1,) * (h.ndim - 1) + (-1,))
+    hn = rms_norm_reference(h.astype(jnp.float32), h_norm, self.cfg.norm_eps)
     return self.w_o.apply((g * hn).astype(dtype), *o_params)
 
   def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,

@@ -3,6 +3,8 @@
 import jax
 import jax.numpy as jnp
 
+from memx.kernels.cross_entropy import cross_entropy
+from memx.nn._params import DTYPES
 from memx.typing import Array, Bool, Float, Int
 
 
@@ -23,3 +25,14 @@ def answer_hits(logits: Float[Array, "B T V"], targets: Int[Array, "B T"],
   """(correct answers, answer positions): greedy prediction equals the target."""
   correct = (jnp.argmax(logits, axis=-1) == targets) & answer_mask
   return jnp.sum(correct), jnp.sum(answer_mask)
+
+
+def lm_token_losses(model, inputs: Int[Array, "B T"], targets: Int[Array, "B T"], *,
+                    positions: Int[Array, "B T"] | None = None,
+                    vocab_block: int = 0) -> Float[Array, "B T"]:
+  """Per-token losses of a memx LM: from its full logits, or (vocab_block > 0) over vocabulary
+  blocks so the [B, T, V] logits never exist whole (memx.kernels.cross_entropy)."""
+  if not vocab_block:
+    return token_losses(model(inputs, positions=positions), targets)
+  return cross_entropy(model.features(inputs, positions=positions), model.head_weight(), targets,
+                       vocab_block=vocab_block, compute_dtype=DTYPES[model.cfg.compute_dtype])

@@ -10,12 +10,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from memx.config import Config
-from memx.kernels.cross_entropy import cross_entropy
 from memx.models.transformer import TransformerLM
-from memx.nn._params import DTYPES
 from memx.parallel.rules import RULES
 from memx.parallel.sequence import batch_to_layout
-from memx.train.loss import answer_hits, token_losses, weighted_mean
+from memx.train.loss import answer_hits, lm_token_losses, token_losses, weighted_mean
 from memx.train.optim import lr_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -80,13 +78,8 @@ def make_grad_step(cfg: Config, graphdef):
     b, positions = batch_to_layout(batch)
 
     def loss_fn(model):
-      if cfg.train.loss_vocab_block:  # never materialise the [B, T, V] logits
-        losses = cross_entropy(model.features(b["inputs"], positions=positions),
-                               model.head_weight(), b["targets"],
-                               vocab_block=cfg.train.loss_vocab_block,
-                               compute_dtype=DTYPES[cfg.model.compute_dtype])
-      else:
-        losses = token_losses(model(b["inputs"], positions=positions), b["targets"])
+      losses = lm_token_losses(model, b["inputs"], b["targets"], positions=positions,
+                               vocab_block=cfg.train.loss_vocab_block)
       return weighted_mean(losses, b["weights"])
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)

@@ -342,12 +342,6 @@ def test_mask_construction_errors():
 # --- the compiled GPU path, checked on CPU -------------------------------------------------------
 
 
-def _abstract_gpu_mesh():
-  from jax._src import mesh as mesh_lib  # AbstractDevice is not re-exported in jax 0.11
-  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="gpu")
-  return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-
 
 @pytest.mark.parametrize("mask, segments", [
     (CAUSAL, False),
@@ -365,7 +359,7 @@ def test_pallas_kernels_lower_to_triton_for_h100(mask, segments):
     o = attention_pallas_gpu(q, k, v, mask=mask, segment_ids=seg)
     return o.astype(jnp.float32).sum()
 
-  with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh()):
+  with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, seg).lower(
         lowering_platforms=("cuda",))
   text = lowered.as_text()

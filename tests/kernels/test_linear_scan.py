@@ -169,12 +169,6 @@ def test_bad_input_raises_value_error(args, kwargs, match):
     BlockSizes(chunk=24)
 
 
-def _abstract_gpu_mesh():
-  from jax._src import mesh as mesh_lib  # AbstractDevice is not re-exported in jax 0.11
-  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="gpu")
-  return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-
 
 def test_pallas_kernels_lower_to_triton_for_h100():
   """Lowers forward + backward for CUDA (Triton IR), with the default tiles, on CPU."""
@@ -187,7 +181,7 @@ def test_pallas_kernels_lower_to_triton_for_h100():
     h, last = linear_scan_pallas_gpu(a, b, h0, segment_ids=seg)
     return h.astype(jnp.float32).sum() + last.sum()
 
-  with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh()):
+  with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, h0, seg).lower(
         lowering_platforms=("cuda",))
   text = lowered.as_text()

@@ -258,12 +258,6 @@ def test_bad_block_sizes_and_gates_raise():
     linear_attention(jnp.ones((1, 4, 4, 16)), jnp.ones((1, 4, 1, 16)), jnp.ones((1, 4, 3, 16)))
 
 
-def _abstract_gpu_mesh():
-  from jax._src import mesh as mesh_lib  # AbstractDevice is not re-exported in jax 0.11
-  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="gpu")
-  return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-
 
 @pytest.mark.parametrize("segments", [False, True])
 def test_pallas_kernels_lower_to_triton_for_h100(segments):
@@ -284,7 +278,7 @@ def test_pallas_kernels_lower_to_triton_for_h100(segments):
                        interpret=False)
     return y.astype(jnp.float32).sum() + last.sum()
 
-  with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh()):
+  with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
     lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6))).trace(
         x, row, row, bc, bc, hd, h0, seg).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()

@@ -198,12 +198,6 @@ def test_packed_matmul_pallas_gpu_compiled(m, k, n):
                            dtype=jnp.bfloat16, reduction_size=k, name="bf16")
 
 
-def _abstract_gpu_mesh():
-  from jax._src import mesh as mesh_lib  # AbstractDevice is not re-exported in jax 0.11
-  device = mesh_lib.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                   platform="gpu")
-  return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-
 
 @pytest.mark.parametrize("x_dtype", [jnp.int8, jnp.bfloat16])
 @pytest.mark.parametrize("m", [1, 16, 300])
@@ -213,7 +207,7 @@ def test_pallas_kernel_lowers_to_triton_for_h100(m, x_dtype):
   from memx.kernels.ternary import packed_matmul_pallas_gpu
   x = jax.ShapeDtypeStruct((m, 4096), x_dtype)
   w = jax.ShapeDtypeStruct((packed_rows(4096), 11008), jnp.uint8)
-  with jax.sharding.use_abstract_mesh(_abstract_gpu_mesh()):
+  with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
     lowered = jax.jit(packed_matmul_pallas_gpu).trace(x, w).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
