@@ -28,6 +28,7 @@ from memx.parallel.sequence import batch_to_layout, permute_sequence, unpermute_
 from memx.parallel.sequence_scan import (
     UNSHARDED,
     SeqShard,
+    _cumprod,
     sequence_map,
     sequence_parallel_linear_attention,
     sequence_parallel_linear_scan,
@@ -89,6 +90,19 @@ CASES = {
     "zigzag_8_segments_h0": ((1, 8), "zigzag", (13, 3, 40, 8), True),
     "contiguous_4x2_segments": ((4, 2), "contiguous", (30, 2, 32), False),
 }
+
+
+def test_cumprod_gradient_is_exact_with_zero_gates():
+  """The scan-based cumprod backward equals autodiff of jnp.cumprod, zero gates included."""
+  rng = np.random.default_rng(1)
+  a = rng.uniform(0.2, 1.5, (2, 9, 3))
+  a[0, 3, :] = 0.0  # a reset
+  a[1, 0, 1] = a[1, 8, 2] = 0.0  # at either end
+  a, ct = jnp.asarray(a, F32), _normal(rng, 2, 9, 3)
+  got = jax.vjp(_cumprod, a)
+  want = jax.vjp(lambda a: jnp.cumprod(a, axis=1), a)
+  _check("cumprod", got[0], want[0])
+  _check("d cumprod", got[1](ct), want[1](ct), grad=True)
 
 
 @pytest.mark.parametrize("name", list(CASES))
