@@ -76,9 +76,15 @@ def test_predicted_loss_increase_tracks_measured(trained, profile):
   assert (np.diff(predicted[:3]) < 0).all() and (np.diff(predicted[3:]) < 0).all()
   # ... and the costliest predicted mask really raises the loss the most.
   assert measured[np.argmax(predicted)] == measured.max() > 0.01, measured
-  rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
-  spearman = np.corrcoef(rank(predicted), rank(measured))[0, 1]
-  assert spearman > 0.7, (predicted, measured)
+  # Every pair of masks whose real costs differ measurably is ordered the same way by the
+  # prediction. Masks that drop little attention move this tiny model's loss by ±0.003 nats
+  # either way (the sign depends on the training run's rounding: device count, jax version),
+  # which no first-order estimate resolves, so pairs closer than `resolution` are not ranked.
+  resolution = 0.005
+  pairs = [(i, j) for i in range(6) for j in range(6) if measured[i] - measured[j] > resolution]
+  assert len(pairs) >= 6, measured  # not vacuous: the narrow layer-0 masks clearly cost
+  wrong = [(i, j) for i, j in pairs if not predicted[i] > predicted[j]]
+  assert not wrong, (wrong, predicted, measured)
 
 
 def test_profile_search_apply_round_trip(trained, profile, tmp_path):
