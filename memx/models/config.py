@@ -95,7 +95,8 @@ class ModelConfig:
     d_ff: SwiGLU hidden width; 0 means 8/3·d_model rounded up to a multiple of 64.
     tie_embeddings: reuse the embedding table as the output projection.
     remat: per-block rematerialisation: "none", "full" (save only block inputs) or "dots"
-      (save matmul outputs, recompute elementwise ops).
+      (save matmul outputs and the attention / SSD kernels' forward results, recompute
+      elementwise ops).
     param_dtype, compute_dtype: storage and compute dtypes ("bfloat16" compute = mixed
       precision; norms, softmax and the loss stay in float32).
     attn_window: left window (tokens) of windowed layers; None means full causal attention.

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memx.kernels import save_kernel_results
 from memx.models.config import ModelConfig
 from memx.nn import attention_decode
 from memx.nn._params import DTYPES, param
@@ -33,7 +34,10 @@ from memx.typing import Array, Float, Int
 # Which intermediates a rematerialised block keeps for the backward pass.
 REMAT_POLICIES = {
     "full": None,  # save only the block input; recompute everything
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # matmul outputs, and the attention / SSD kernels' forward results (their custom backward
+    # passes need them; without them the kernels' whole forward pass would run again)
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, save_kernel_results),
 }
 SSM_MIXERS = {"mamba2": Mamba2, "linear_attention": LinearAttention, "mlgru": MLGRU}
 MLPS = {"swiglu": SwiGLU, "bitglu": BitGLU}

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memx.kernels import save_kernel_results
 from memx.kernels.ssd import BlockSizes, ssd_step
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, param
@@ -102,16 +103,20 @@ class Mamba2(nnx.Module):
     dt_raw = jnp.einsum("...d,dh->...h", u, self.w_dt[...].astype(cd))
     return z, x, b, c, dt_raw
 
-  def _dt_and_a(self, dt_raw):
+  def _dt_and_a(self, dt_raw, dt_bias=None, a_log=None):
     # softplus in fp32 keeps Δ > 0 (bf16 would flush small Δ to 0 and stop the decay).
-    bias = self.dt_bias[...].reshape((1,) * (dt_raw.ndim - 1) + (-1,))
+    dt_bias = self.dt_bias[...] if dt_bias is None else dt_bias
+    a_log = self.a_log[...] if a_log is None else a_log
+    bias = dt_bias.reshape((1,) * (dt_raw.ndim - 1) + (-1,))
     delta = jax.nn.softplus(dt_raw.astype(jnp.float32) + bias)
-    return delta, -jnp.exp(self.a_log[...])
+    return delta, -jnp.exp(a_log)
 
-  def _output(self, y, z):
+  def _output(self, y, z, norm=None, w_out=None):
     cd = DTYPES[self.cfg.compute_dtype]
-    y = gated_rms_norm(y, z, self.norm[...], self.cfg.ssm.n_groups)
-    return jnp.einsum("...hp,hpd->...d", y, self.w_out[...].astype(cd))
+    norm = self.norm[...] if norm is None else norm
+    w_out = self.w_out[...] if w_out is None else w_out
+    y = gated_rms_norm(y, z, norm, self.cfg.ssm.n_groups)
+    return jnp.einsum("...hp,hpd->...d", y, w_out.astype(cd))
 
   def _convs(self):
     return ((self.conv_x, self.conv_x_bias), (self.conv_b, self.conv_b_bias),
@@ -119,10 +124,18 @@ class Mamba2(nnx.Module):
 
   def __call__(self, u: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
                *, return_state: bool = False):
-    """Parallel form. u [B, T, D] in the compute dtype → [B, T, D] (and the decode state)."""
+    """Parallel form. u [B, T, D] in the compute dtype → [B, T, D] (and the decode state).
+
+    Memory: the backward pass keeps u, the five in-projections' outputs and, from the SSD, its
+    output and chunk-entry states (`memx.kernels.save_kernel_results`). The convolutions, the
+    activations, Δ, the gated norm and the out-projection's input are recomputed from them
+    (`jax.checkpoint` over `core`): element-wise work, against the dozen [B, T, E·D]-sized
+    intermediates autodiff would otherwise keep (the shifted conv inputs alone are W of them).
+    No matmul and no SSD forward runs twice. Under sequence parallelism the recomputed conv
+    halo and SSD correction repeat their small exchanges.
+    """
     s = self.cfg.ssm
     z, x, b, c, dt_raw = self._project(u)
-    delta, a = self._dt_and_a(dt_raw)
     convs = [p[...] for pair in self._convs() for p in pair]
     blocks = BlockSizes(chunk=s.chunk_size)
 
@@ -150,12 +163,19 @@ class Mamba2(nnx.Module):
                        "conv_b": (BATCH, None, KV_HEADS, STATE),
                        "conv_c": (BATCH, None, KV_HEADS, STATE),
                        "ssm": (BATCH, HEADS, HEAD_DIM, STATE)})
-    out = sequence_map(mix, x, b, c, delta, a, self.d[...], segment_ids, *convs,
-                       in_axes=(xs, gs, gs, (BATCH, SEQ, HEADS), (HEADS,), (HEADS,),
-                                (BATCH, SEQ), *conv_axes),
-                       out_axes=out_axes)
-    y, cache = out if return_state else (out, None)
-    out = self._output(y, z)
+
+    def core(x, b, c, dt_raw, z, segment_ids, dt_bias, a_log, d, norm, w_out, *convs):
+      delta, a = self._dt_and_a(dt_raw, dt_bias, a_log)
+      out = sequence_map(mix, x, b, c, delta, a, d, segment_ids, *convs,
+                         in_axes=(xs, gs, gs, (BATCH, SEQ, HEADS), (HEADS,), (HEADS,),
+                                  (BATCH, SEQ), *conv_axes),
+                         out_axes=out_axes)
+      y, cache = out if return_state else (out, None)
+      return self._output(y, z, norm, w_out), cache
+
+    out, cache = jax.checkpoint(core, policy=save_kernel_results)(
+        x, b, c, dt_raw, z, segment_ids, self.dt_bias[...], self.a_log[...], self.d[...],
+        self.norm[...], self.w_out[...], *convs)
     return (out, cache) if return_state else out
 
   def init_cache(self, batch: int) -> dict[str, jax.Array]:

@@ -46,8 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
+from memx.kernels import ATTENTION_LSE, ATTENTION_OUT
 from memx.kernels.attention import CAUSAL, BlockSizes, Mask, attention
 from memx.kernels.attention.reference import MASK_VALUE, SegmentIds, split_segment_ids
 from memx.parallel.axes import BATCH, HEADS, KV_HEADS, SEQ
@@ -566,12 +568,14 @@ def _ring(plan: _Plan, q, k, v, q_seg, kv_seg):
 
 def _ring_fwd(plan, q, k, v, q_seg, kv_seg):
   o, lse, sinks = _ring_forward(plan, q, k, v, q_seg, kv_seg)
+  o, lse = checkpoint_name(o, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
   # Residuals: inputs, O and the LSE only; no [T, S] tensor and no remote K/V survive.
   return o, (q, k, v, q_seg, kv_seg, o, lse, sinks)
 
 
 def _ring_bwd(plan, res, do):
-  q, k, v, q_seg, kv_seg, o, lse, sinks = res
+  # As in the single-device kernel: no CSE between the backward's recomputation and the forward.
+  q, k, v, q_seg, kv_seg, o, lse, sinks, do = lax.optimization_barrier(res + (do,))
   me = lax.axis_index(plan.axis)
   hops = _hops(plan)
   b, tl, h, dk = q.shape

@@ -28,9 +28,11 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from memx.kernels import ATTENTION_LSE, ATTENTION_OUT
 from memx.kernels.attention import _schedule as sched
 from memx.kernels.attention.config import BlockSizes
 from memx.kernels.attention.mask import Mask
@@ -375,6 +377,7 @@ def _flash(plan: _Plan, q, k, v, q_seg, kv_seg):
 
 def _flash_fwd(plan, q, k, v, q_seg, kv_seg):
   o, lse = _forward(plan, q, k, v, q_seg, kv_seg)
+  o, lse = checkpoint_name(o, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
   return o, (q, k, v, q_seg, kv_seg, o, lse)
 
 

@@ -19,7 +19,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
+from memx.kernels import ATTENTION_LSE, ATTENTION_OUT
 from memx.kernels.attention import _schedule as sched
 from memx.kernels.attention.config import BlockSizes
 from memx.kernels.attention.mask import Mask
@@ -187,12 +189,15 @@ def _blockwise(plan: _Plan, q, k, v, q_seg, kv_seg):
 
 def _blockwise_fwd(plan, q, k, v, q_seg, kv_seg):
   o, lse = _forward(plan, q, k, v, q_seg, kv_seg)
+  o, lse = checkpoint_name(o, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
   # Residuals: the inputs plus O and the log-sum-exp only; no [T, S] tensor survives.
   return o, (q, k, v, q_seg, kv_seg, o, lse)
 
 
 def _blockwise_bwd(plan, res, do):
-  q, k, v, q_seg, kv_seg, o, lse = res
+  # The barrier keeps XLA from merging the backward pass's score recomputation with the
+  # forward's (CSE would keep the forward's score blocks alive until the backward: O(T·S)).
+  q, k, v, q_seg, kv_seg, o, lse, do = jax.lax.optimization_barrier(res + (do,))
   dq, dk, dv = _backward(plan, q, k, v, q_seg, kv_seg, o, lse, do)
   return dq, dk, dv, None, None
 

@@ -29,6 +29,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from memx.kernels import SSD_OUT, SSD_STATES
 
 F32 = jnp.float32
 
@@ -203,6 +206,7 @@ def ssd_chunked(plan: Plan, x, dt, cum, bm, cm, d, h0, seg):
 
 def _fwd(plan, x, dt, cum, bm, cm, d, h0, seg):
   y, h_in, h_last = _forward(plan, x, dt, cum, bm, cm, d, h0, seg)
+  y, h_in = checkpoint_name(y, SSD_OUT), checkpoint_name(h_in, SSD_STATES)
   return (y, h_last), (x, dt, cum, bm, cm, d, h0, seg, h_in)
 
 
