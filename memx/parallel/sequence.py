@@ -574,8 +574,7 @@ def _ring_fwd(plan, q, k, v, q_seg, kv_seg):
 
 
 def _ring_bwd(plan, res, do):
-  # As in the single-device kernel: no CSE between the backward's recomputation and the forward.
-  q, k, v, q_seg, kv_seg, o, lse, sinks, do = lax.optimization_barrier(res + (do,))
+  q, k, v, q_seg, kv_seg, o, lse, sinks = res
   me = lax.axis_index(plan.axis)
   hops = _hops(plan)
   b, tl, h, dk = q.shape

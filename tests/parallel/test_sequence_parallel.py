@@ -218,13 +218,11 @@ def test_ring_hlo_passes_blocks_and_never_gathers_kv(long_ring):
 
 
 def test_ring_memory_per_device(long_ring):
-  """8-way ring fwd+bwd at fixed T: per-device temporaries <= 0.25x one device's (GQA 8/2).
+  """8-way ring fwd+bwd at fixed T: per-device temporaries <= 0.2x one device's (GQA 8/2).
 
-  Measured 0.21x (7.2 MB vs 34.1 MB). The rest above 1/8 is the ring's double buffers: the
-  K/V block in flight, and the fp32 dK/dV that travel with it in the backward (with MHA,
-  G = H, they weigh 4x more). Before the single-device backward got its optimization barrier,
-  XLA's CSE kept forward blocks alive there (50.9 MB), which made this ratio look like 0.14x.
+  The rest of 1/8 is the ring's double buffers: the K/V block in flight, and the fp32 dK/dV
+  that travel with it in the backward (with MHA, G = H, they weigh 4x more: ~0.3x).
   """
   single = long_ring["single"].memory_analysis().temp_size_in_bytes
   ring = long_ring["ring"].memory_analysis().temp_size_in_bytes
-  assert ring <= 0.25 * single, (ring, single, ring / single)
+  assert ring <= 0.2 * single, (ring, single, ring / single)

@@ -195,9 +195,7 @@ def _blockwise_fwd(plan, q, k, v, q_seg, kv_seg):
 
 
 def _blockwise_bwd(plan, res, do):
-  # The barrier keeps XLA from merging the backward pass's score recomputation with the
-  # forward's (CSE would keep the forward's score blocks alive until the backward: O(T·S)).
-  q, k, v, q_seg, kv_seg, o, lse, do = jax.lax.optimization_barrier(res + (do,))
+  q, k, v, q_seg, kv_seg, o, lse = res
   dq, dk, dv = _backward(plan, q, k, v, q_seg, kv_seg, o, lse, do)
   return dq, dk, dv, None, None
 
