@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memx.kernels import save_kernel_results
 from memx.kernels.ssd import BlockSizes, ssd_step
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, ones, param
@@ -56,32 +57,56 @@ class LinearAttention(nnx.Module):
     self.wo = param(rngs, (h, k, d), (HEADS, HEAD_DIM, EMBED),
                     std=std / (2 * cfg.n_layers) ** 0.5, dtype=pd)
 
-  def _qkv(self, x):
+  def _project(self, x):
+    """The matmuls: raw q, k, v and the gate logits (None when ungated)."""
+    dt = DTYPES[self.cfg.compute_dtype]
+    q = jnp.einsum("...d,dhk->...hk", x, self.wq[...].astype(dt))
+    k = jnp.einsum("...d,dgk->...gk", x, self.wk[...].astype(dt))
+    v = jnp.einsum("...d,dgk->...gk", x, self.wv[...].astype(dt))
+    logits = None
+    if self.cfg.ssm.gated:
+      logits = jnp.einsum("...d,dh->...h", x, self.w_gate[...].astype(dt)).astype(jnp.float32)
+    return q, k, v, logits
+
+  def _activate(self, q, k, logits, gate_bias):
+    """Element-wise: feature maps, the query scale, the log-gate."""
     dt = DTYPES[self.cfg.compute_dtype]
     fm = self.cfg.ssm.feature_map
-    q = feature_map(jnp.einsum("...d,dhk->...hk", x, self.wq[...].astype(dt)), fm)
-    k = feature_map(jnp.einsum("...d,dgk->...gk", x, self.wk[...].astype(dt)), fm)
-    v = jnp.einsum("...d,dgk->...gk", x, self.wv[...].astype(dt))
+    q, k = feature_map(q, fm), feature_map(k, fm)
     # Scores scaled like softmax attention's logits, so both start at the same magnitude.
     q = (q.astype(jnp.float32) * self.cfg.head_dim ** -0.5).astype(dt)
     log_gate = None
-    if self.cfg.ssm.gated:
-      logits = jnp.einsum("...d,dh->...h", x, self.w_gate[...].astype(dt)).astype(jnp.float32)
-      bias = self.gate_bias[...].reshape((1,) * (logits.ndim - 1) + (-1,))
+    if logits is not None:
+      bias = gate_bias.reshape((1,) * (logits.ndim - 1) + (-1,))
       log_gate = jax.nn.log_sigmoid(logits + bias) / GATE_LOGIT_NORMALIZER
+    return q, k, log_gate
+
+  def _gate_bias(self):
+    return self.gate_bias[...] if self.cfg.ssm.gated else None
+
+  def _qkv(self, x):
+    q, k, v, logits = self._project(x)
+    q, k, log_gate = self._activate(q, k, logits, self._gate_bias())
     return q, k, v, log_gate
 
-  def _output(self, o):
+  def _output(self, o, norm=None, wo=None):
     dt = DTYPES[self.cfg.compute_dtype]
+    norm = self.norm[...] if norm is None else norm
+    wo = self.wo[...] if wo is None else wo
     o32 = o.astype(jnp.float32)
     o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + NORM_EPS)
-    o = (o32 * self.norm[...].astype(jnp.float32).reshape((1,) * (o.ndim - 1) + (-1,)))
-    return jnp.einsum("...hk,hkd->...d", o.astype(dt), self.wo[...].astype(dt))
+    o = (o32 * norm.astype(jnp.float32).reshape((1,) * (o.ndim - 1) + (-1,)))
+    return jnp.einsum("...hk,hkd->...d", o.astype(dt), wo.astype(dt))
 
   def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
                *, return_state: bool = False):
-    """Parallel (chunked) form; with return_state also the decode state after the last token."""
-    q, k, v, log_gate = self._qkv(x)
+    """Parallel (chunked) form; with return_state also the decode state after the last token.
+
+    Memory: the backward pass keeps x, the projections' outputs and the kernel's named results
+    (`memx.kernels.save_kernel_results`: its output and chunk-entry states); the feature maps,
+    the gate, the output norm and the out-projection's input are recomputed (`jax.checkpoint`
+    over `core`, as in Mamba2): no matmul and no kernel forward runs twice.
+    """
     blocks = BlockSizes(chunk=self.cfg.ssm.chunk_size)
 
     def mix(shard, q, k, v, log_gate, seg):
@@ -91,11 +116,18 @@ class LinearAttention(nnx.Module):
       return (o, state) if return_state else o
 
     qs, ks = (BATCH, SEQ, HEADS, HEAD_DIM), (BATCH, SEQ, KV_HEADS, HEAD_DIM)
-    out = sequence_map(mix, q, k, v, log_gate, segment_ids,
-                       in_axes=(qs, ks, ks, (BATCH, SEQ, HEADS), (BATCH, SEQ)),
-                       out_axes=(qs, (BATCH, HEADS, HEAD_DIM, HEAD_DIM)) if return_state else qs)
-    o, state = out if return_state else (out, None)
-    out = self._output(o)
+
+    def core(q, k, v, logits, segment_ids, gate_bias, norm, wo):
+      q, k, log_gate = self._activate(q, k, logits, gate_bias)
+      out = sequence_map(mix, q, k, v, log_gate, segment_ids,
+                         in_axes=(qs, ks, ks, (BATCH, SEQ, HEADS), (BATCH, SEQ)),
+                         out_axes=(qs, (BATCH, HEADS, HEAD_DIM, HEAD_DIM)) if return_state
+                         else qs)
+      o, state = out if return_state else (out, None)
+      return self._output(o, norm, wo), state
+
+    out, state = jax.checkpoint(core, policy=save_kernel_results)(
+        *self._project(x), segment_ids, self._gate_bias(), self.norm[...], self.wo[...])
     return (out, {"state": state}) if return_state else out
 
   def init_cache(self, batch: int) -> dict[str, jax.Array]:

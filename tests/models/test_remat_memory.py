@@ -12,7 +12,8 @@ from flax import nnx
 from memx.kernels import _testing
 from memx.models.config import ModelConfig, SSMConfig
 from memx.models.transformer import TransformerLM
-from memx.nn import mamba2
+from memx.nn import linear_attention, mamba2
+from memx.nn.linear_attention import LinearAttention
 from memx.nn.mamba2 import Mamba2
 from memx.train.loss import lm_token_losses
 from memx.train.memory import saved_activation_bytes
@@ -51,6 +52,31 @@ def test_mamba2_layer_keeps_projections_and_ssd_results_only(monkeypatch):
   plain_loss, _ = _layer_loss(layer, x)
   plain = saved_activation_bytes(plain_loss, params, x)
   assert plain > 3 * kept, (plain, kept)
+  _testing.assert_tree_allclose(jax.tree.leaves(grads),
+                                jax.tree.leaves(jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(
+                                    params, x)), dtype=jnp.float32, grad=True)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_linear_attention_layer_keeps_projections_and_kernel_results_only(gated, monkeypatch):
+  cfg = dataclasses.replace(CFG, n_kv_heads=1, mixers=("linear_attention",) * 2,
+                            ssm=dataclasses.replace(SSM, gated=gated, feature_map="elu1"))
+  layer = LinearAttention(cfg, 0, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model))
+  loss, params = _layer_loss(layer, x)
+  kept = saved_activation_bytes(loss, params, x)
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+  # float32: q, k, v (and the gate logits); the kernel's output and chunk-entry states
+  # [T/chunk, H, K, K]; the layer output.
+  h, g, k = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+  per_token = h * k + 2 * g * k + (h if gated else 0) + h * k + cfg.d_model
+  states = (T // SSM.chunk_size) * h * k * k
+  assert kept == 4 * B * (T * per_token + states), kept
+
+  monkeypatch.setattr(linear_attention.jax, "checkpoint", lambda f, policy=None: f)
+  plain_loss, _ = _layer_loss(layer, x)
+  assert saved_activation_bytes(plain_loss, params, x) > 1.4 * kept
   _testing.assert_tree_allclose(jax.tree.leaves(grads),
                                 jax.tree.leaves(jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(
                                     params, x)), dtype=jnp.float32, grad=True)
