@@ -1,0 +1,23 @@
+"""scripts/bench_remat.py at a small size: layer recompute keeps less than plain autodiff, and
+remat="dots" costs fewer FLOPs than the matmul-only policy it replaced."""
+
+import importlib.util
+import pathlib
+
+import jax
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_remat.py"
+
+
+def test_bench_remat_small():
+  spec = importlib.util.spec_from_file_location("bench_remat", _SCRIPT)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  checkpoint = jax.checkpoint
+  rows = bench.bench(d=64, layers=1, vocab=256, batch=1, seq=512, mixers=("mamba2",))
+  assert jax.checkpoint is checkpoint  # the baseline's patch is undone
+  got = {r["variant"]: r for r in rows}
+  assert list(got) == ["none", "none, plain", "dots", "dots, matmuls"]
+  assert got["none"]["saved vs baseline"] < 0.6, got["none"]
+  assert got["dots"]["gflops"] < got["dots, matmuls"]["gflops"], rows
+  assert got["dots"]["flops vs remat none"] <= 1.01, rows
