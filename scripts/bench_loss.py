@@ -9,9 +9,6 @@ temporary bytes (exact, XLA memory analysis). Writes results.json and results.md
 """
 
 import argparse
-import datetime
-import json
-import pathlib
 import statistics
 import time
 
@@ -19,6 +16,7 @@ import jax
 import optax
 from flax import nnx
 
+from memx.benchmark import write_results
 from memx.models.config import ModelConfig
 from memx.models.transformer import TransformerLM
 from memx.train.loss import lm_token_losses
@@ -83,17 +81,7 @@ def main(argv=None) -> None:
   if args.vocabs:
     s["vocabs"] = tuple(int(v) for v in args.vocabs.split(","))
   rows = bench(**s)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "device": str(jax.devices()[0].device_kind), "settings": s, "rows": rows}
-  (out / "results.json").write_text(json.dumps(result, indent=2))
-  keys = list(rows[0])
-  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-  md = "\n".join([f"# Loss benchmark ({result['device']}, {result['date']})", "",
-                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-                 + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]) + "\n"
-  (out / "results.md").write_text(md)
+  md = write_results(args.out, "Loss benchmark", s, rows)
   print(md)
 
 

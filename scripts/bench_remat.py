@@ -18,15 +18,13 @@ Writes results.json and results.md to --out.
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from memx.benchmark import write_results
 from memx.models import transformer
 from memx.models.config import ModelConfig, matmulfree_config
 from memx.models.transformer import TransformerLM
@@ -122,18 +120,7 @@ def main(argv=None) -> None:
   else:
     s = {"d": 1024, "layers": 8, "vocab": 32000, "batch": 4, "seq": 4096}
   rows = bench(**s, mixers=tuple(args.mixers.split(",")))
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "settings": s, "rows": rows}
-  (out / "results.json").write_text(json.dumps(result, indent=2))
-  keys = list(rows[0])
-  fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-  md = "\n".join([f"# Remat benchmark ({result['device']}, {result['date']})", "",
-                  "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-                 + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]) + "\n"
-  (out / "results.md").write_text(md)
+  md = write_results(args.out, "Remat benchmark", s, rows)
   print(md)
 
 

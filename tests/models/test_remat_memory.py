@@ -12,7 +12,6 @@ from flax import nnx
 from memx.kernels import _testing
 from memx.models.config import ModelConfig, SSMConfig
 from memx.models.transformer import TransformerLM
-from memx.nn import linear_attention, mamba2
 from memx.nn.linear_attention import LinearAttention
 from memx.nn.mamba2 import Mamba2
 from memx.train.loss import lm_token_losses
@@ -24,62 +23,49 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ssm=SSM,
 B, T = 2, 128
 
 
-def _layer_loss(layer, x):
+def _kept_bytes(layer, monkeypatch):
+  """(bytes the layer keeps for its backward pass, the same without any jax.checkpoint), after
+  checking that both give the same gradients."""
+  x = jax.random.normal(jax.random.key(1), (B, T, layer.cfg.d_model))
   graphdef, params = nnx.split(layer, nnx.Param)
 
   def loss(params, x):
     return jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))
-  return loss, params
+
+  def measure():
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    return saved_activation_bytes(loss, params, x), jax.tree.leaves(grads)
+
+  kept, grads = measure()
+  monkeypatch.setattr(jax, "checkpoint", lambda f, policy=None: f)  # autodiff keeps everything
+  plain, plain_grads = measure()
+  _testing.assert_tree_allclose(grads, plain_grads, dtype=jnp.float32, grad=True)
+  return kept, plain
 
 
 def test_mamba2_layer_keeps_projections_and_ssd_results_only(monkeypatch):
-  layer = Mamba2(CFG, 0, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (B, T, CFG.d_model))
-  loss, params = _layer_loss(layer, x)
-  kept = saved_activation_bytes(loss, params, x)
-  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-
+  kept, plain = _kept_bytes(Mamba2(CFG, 0, rngs=nnx.Rngs(0)), monkeypatch)
   # Exactly what the layer keeps (float32): the five in-projections' outputs z, x, B, C, Δ;
   # the SSD's output y and its chunk-entry states; the layer output (for the loss's sin).
   h, p, n = CFG.ssm_heads, SSM.head_dim, SSM.d_state
   per_token = 2 * h * p + 2 * n + h + h * p + CFG.d_model          # z, x; B, C; Δ; y; out
   states = (T // SSM.chunk_size) * h * p * n
   assert kept == 4 * B * (T * per_token + states), kept
-
-  # The same layer without its checkpoint (autodiff keeps every intermediate): same
-  # gradients, several times the memory.
-  monkeypatch.setattr(mamba2.jax, "checkpoint", lambda f, policy=None: f)
-  plain_loss, _ = _layer_loss(layer, x)
-  plain = saved_activation_bytes(plain_loss, params, x)
   assert plain > 3 * kept, (plain, kept)
-  _testing.assert_tree_allclose(jax.tree.leaves(grads),
-                                jax.tree.leaves(jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(
-                                    params, x)), dtype=jnp.float32, grad=True)
 
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_linear_attention_layer_keeps_projections_and_kernel_results_only(gated, monkeypatch):
   cfg = dataclasses.replace(CFG, n_kv_heads=1, mixers=("linear_attention",) * 2,
                             ssm=dataclasses.replace(SSM, gated=gated, feature_map="elu1"))
-  layer = LinearAttention(cfg, 0, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model))
-  loss, params = _layer_loss(layer, x)
-  kept = saved_activation_bytes(loss, params, x)
-  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
-
+  kept, plain = _kept_bytes(LinearAttention(cfg, 0, rngs=nnx.Rngs(0)), monkeypatch)
   # float32: q, k, v (and the gate logits); the kernel's output and chunk-entry states
   # [T/chunk, H, K, K]; the layer output.
   h, g, k = cfg.n_heads, cfg.kv_heads, cfg.head_dim
   per_token = h * k + 2 * g * k + (h if gated else 0) + h * k + cfg.d_model
   states = (T // SSM.chunk_size) * h * k * k
   assert kept == 4 * B * (T * per_token + states), kept
-
-  monkeypatch.setattr(linear_attention.jax, "checkpoint", lambda f, policy=None: f)
-  plain_loss, _ = _layer_loss(layer, x)
-  assert saved_activation_bytes(plain_loss, params, x) > 1.4 * kept
-  _testing.assert_tree_allclose(jax.tree.leaves(grads),
-                                jax.tree.leaves(jax.jit(jax.grad(plain_loss, argnums=(0, 1)))(
-                                    params, x)), dtype=jnp.float32, grad=True)
+  assert plain > 1.4 * kept, (plain, kept)
 
 
 def _flops(cfg, batch=2, seq=1024):
