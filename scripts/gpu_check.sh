@@ -32,6 +32,7 @@ bench_args() {
     bench_checkpoint) echo "--size gpu --repeats 1" ;;
     bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --repeats 3 --budget-s 2" ;;
     bench_moa) echo "--size gpu --repeats 5" ;;
+    bench_remat) echo "--mixers attention,mamba2" ;;
     *) echo "" ;;
   esac
 }
