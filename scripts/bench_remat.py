@@ -6,7 +6,8 @@ bytes kept for the backward pass (`memx.train.memory.saved_activation_bytes`) an
 count. Rows, all from the same run:
   none          memx as it is: each layer recomputes its element-wise work (Mamba2,
                 LinearAttention, MLGRU, the GLU/SwiGLU products)
-  none, plain   baseline: the same model with every jax.checkpoint removed (autodiff keeps all)
+  none, plain   baseline: the same model with every jax.checkpoint removed (the custom VJPs
+                of rms_norm and bitlinear still keep only their inputs)
   dots          remat="dots": matmul outputs and the attention/SSD kernels' named results kept
   dots, matmuls baseline: the matmul-only policy (reruns attention and SSD forward passes)
 Writes results.json and results.md to --out.

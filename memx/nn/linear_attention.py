@@ -82,17 +82,15 @@ class LinearAttention(nnx.Module):
     return q, k, log_gate
 
   def _gate_bias(self):
-    return self.gate_bias[...] if self.cfg.ssm.gated else None
+    return self.gate_bias[...] if self.cfg.ssm.gated else None  # None: ungated
 
   def _qkv(self, x):
     q, k, v, logits = self._project(x)
     q, k, log_gate = self._activate(q, k, logits, self._gate_bias())
     return q, k, v, log_gate
 
-  def _output(self, o, norm=None, wo=None):
+  def _output(self, o, norm, wo):
     dt = DTYPES[self.cfg.compute_dtype]
-    norm = self.norm[...] if norm is None else norm
-    wo = self.wo[...] if wo is None else wo
     o32 = o.astype(jnp.float32)
     o32 = o32 * jax.lax.rsqrt(jnp.mean(jnp.square(o32), -1, keepdims=True) + NORM_EPS)
     o = (o32 * norm.astype(jnp.float32).reshape((1,) * (o.ndim - 1) + (-1,)))
@@ -105,7 +103,8 @@ class LinearAttention(nnx.Module):
     Memory: the backward pass keeps x, the projections' outputs and the kernel's named results
     (`memx.kernels.save_kernel_results`: its output and chunk-entry states); the feature maps,
     the gate, the output norm and the out-projection's input are recomputed (`jax.checkpoint`
-    over `core`, as in Mamba2): no matmul and no kernel forward runs twice.
+    over `core`, as in Mamba2): no matmul and no kernel forward runs twice (under sequence
+    parallelism, the state exchange and the small einsum that reads the incoming state do).
     """
     blocks = BlockSizes(chunk=self.cfg.ssm.chunk_size)
 
@@ -142,4 +141,4 @@ class LinearAttention(nnx.Module):
     if log_gate is None:
       log_gate = jnp.zeros(q.shape[:2], jnp.float32)
     o, state = ssd_step(cache["state"], v, jnp.ones(q.shape[:2], jnp.float32), log_gate, k, q)
-    return self._output(o), {"state": state}
+    return self._output(o, self.norm[...], self.wo[...]), {"state": state}

@@ -103,18 +103,14 @@ class Mamba2(nnx.Module):
     dt_raw = jnp.einsum("...d,dh->...h", u, self.w_dt[...].astype(cd))
     return z, x, b, c, dt_raw
 
-  def _dt_and_a(self, dt_raw, dt_bias=None, a_log=None):
+  def _dt_and_a(self, dt_raw, dt_bias, a_log):
     # softplus in fp32 keeps Δ > 0 (bf16 would flush small Δ to 0 and stop the decay).
-    dt_bias = self.dt_bias[...] if dt_bias is None else dt_bias
-    a_log = self.a_log[...] if a_log is None else a_log
     bias = dt_bias.reshape((1,) * (dt_raw.ndim - 1) + (-1,))
     delta = jax.nn.softplus(dt_raw.astype(jnp.float32) + bias)
     return delta, -jnp.exp(a_log)
 
-  def _output(self, y, z, norm=None, w_out=None):
+  def _output(self, y, z, norm, w_out):
     cd = DTYPES[self.cfg.compute_dtype]
-    norm = self.norm[...] if norm is None else norm
-    w_out = self.w_out[...] if w_out is None else w_out
     y = gated_rms_norm(y, z, norm, self.cfg.ssm.n_groups)
     return jnp.einsum("...hp,hpd->...d", y, w_out.astype(cd))
 
@@ -131,8 +127,8 @@ class Mamba2(nnx.Module):
     activations, Δ, the gated norm and the out-projection's input are recomputed from them
     (`jax.checkpoint` over `core`): element-wise work, against the dozen [B, T, E·D]-sized
     intermediates autodiff would otherwise keep (the shifted conv inputs alone are W of them).
-    No matmul and no SSD forward runs twice. Under sequence parallelism the recomputed conv
-    halo and SSD correction repeat their small exchanges.
+    No matmul and no SSD forward runs twice. Under sequence parallelism the conv halo, the
+    state exchange and the output correction (one small einsum) run again.
     """
     s = self.cfg.ssm
     z, x, b, c, dt_raw = self._project(u)
@@ -197,6 +193,6 @@ class Mamba2(nnx.Module):
       y_conv, new[key] = conv_step(cache[key], v, w[...], bias[...])
       outs.append(jax.nn.silu(y_conv))
     x, b, c = outs
-    delta, a = self._dt_and_a(dt_raw)
+    delta, a = self._dt_and_a(dt_raw, self.dt_bias[...], self.a_log[...])
     y, new["ssm"] = ssd_step(cache["ssm"], x, delta, delta * a[None], b, c, self.d[...])
-    return self._output(y, z), new
+    return self._output(y, z, self.norm[...], self.w_out[...]), new

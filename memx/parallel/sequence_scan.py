@@ -5,8 +5,8 @@ run of tokens can scan them from a zero state first and fix the result up afterw
 
 1. Local pass: the memx kernel scans the device's tokens from h = 0. That gives the local
    outputs, the local final state h_loc and, from the gates alone, the decay from the run's
-   start to every token, D_t = Π_{s<=t} A_s (the cumulative product of the gates for
-   `linear_scan`, exp(cumsum(Δ·A)) per head for SSD): no second scan.
+   start to every token, D_t = Π_{s<=t} A_s: for `linear_scan` the same kernel over the gates
+   from h = 1 with zero input (a second element-wise pass), for SSD exp(cumsum(Δ·A)) per head.
 2. Exchange: the per-device summaries (A_loc = D_last, h_loc) compose like the pairs of a
    parallel prefix scan, (A1, h1) ∘ (A2, h2) = (A1·A2, A2·h1 + h2). A log-depth
    Hillis-Steele scan over the devices (ceil(log2 n) `lax.ppermute` rounds, after one shift that
@@ -65,32 +65,6 @@ from memx.typing import Array, Float, Int
 # Layouts a scan can run on: every device holds whole runs of consecutive tokens.
 SCAN_LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 _F32 = jnp.float32
-
-
-@jax.custom_vjp
-def _cumprod(a):
-  """jnp.cumprod over axis 1 ([B, L, D]) with an exact backward pass that is one reverse
-  `linear_scan`: λ_t = g_t + a_{t+1} λ_{t+1}, dL/da_t = λ_t · Π_{s<t} a_s (no division, so
-  zero gates, the segment resets, are exact). Autodiff differentiates cumprod through an
-  associative scan, whose transpose inside shard_map crashes jaxlib 0.11.2's Shardy partitioner
-  (a segfault at compile time; jax 0.12 compiles it)."""
-  return jnp.cumprod(a, axis=1)
-
-
-def _cumprod_fwd(a):
-  y = jnp.cumprod(a, axis=1)
-  return y, (a, y)
-
-
-def _cumprod_bwd(res, g):
-  a, y = res
-  a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
-  lam = jnp.flip(linear_scan(jnp.flip(a_next, 1), jnp.flip(g, 1))[0], 1)
-  y_before = jnp.concatenate([jnp.ones_like(y[:, :1]), y[:, :-1]], axis=1)
-  return ((lam * y_before).astype(a.dtype),)
-
-
-_cumprod.defvjp(_cumprod_fwd, _cumprod_bwd)
 
 
 def _check_layout(layout: str, local_len: int, who: str) -> int:
@@ -275,9 +249,13 @@ class SeqShard:
     starts = self._starts(segment_ids, runs)
     if starts is not None:  # a reset is a zero gate (the kernels' own rule)
       af = jnp.where(starts[..., None], jnp.zeros((), af.dtype), af)
-    h, h_loc = linear_scan(af, self._fold(b, runs), implementation=implementation,
-                           block_sizes=block_sizes, interpret=interpret)
-    decay = _cumprod(af.astype(_F32))                                  # [rB, L, D]
+    kw = {"implementation": implementation, "block_sizes": block_sizes, "interpret": interpret}
+    h, h_loc = linear_scan(af, self._fold(b, runs), **kw)
+    # D_t = Π_{s<=t} a_s, as the same recurrence from h = 1 with no input: its backward is the
+    # kernel's, exact at zero gates. (Autodiff of jnp.cumprod goes through an associative scan,
+    # whose transpose inside shard_map crashes jaxlib 0.11.2's Shardy partitioner.)
+    af32 = af.astype(_F32)
+    decay, _ = linear_scan(af32, jnp.zeros_like(af32), jnp.ones_like(af32[:, 0]), **kw)
     h_in, final = self._exchange(decay[:, -1], h_loc, h0, runs, lambda x: x, final_state)
     h = (h.astype(_F32) + decay * h_in[:, None, :]).astype(h.dtype)
     return self._unfold(h, runs), final

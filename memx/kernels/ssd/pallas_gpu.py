@@ -36,7 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from memx.kernels import SSD_OUT, SSD_STATES
+from memx.kernels import SSD_FINAL_STATE, SSD_OUT, SSD_STATES
 from memx.kernels.ssd.config import BlockSizes
 from memx.kernels.ssd.xla import Plan
 
@@ -412,6 +412,7 @@ def _ssd(plan: _PPlan, x, dt, cum, bm, cm, d, h0, seg):
 def _ssd_fwd(plan, x, dt, cum, bm, cm, d, h0, seg):
   y, h_in, h_last = _forward(plan, x, dt, cum, bm, cm, d, h0, seg)
   y, h_in = checkpoint_name(y, SSD_OUT), checkpoint_name(h_in, SSD_STATES)
+  h_last = checkpoint_name(h_last, SSD_FINAL_STATE)
   return (y, h_last), (x, dt, cum, bm, cm, d, h0, seg, h_in)
 
 

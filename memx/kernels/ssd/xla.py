@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from memx.kernels import SSD_OUT, SSD_STATES
+from memx.kernels import SSD_FINAL_STATE, SSD_OUT, SSD_STATES
 
 F32 = jnp.float32
 
@@ -207,6 +207,7 @@ def ssd_chunked(plan: Plan, x, dt, cum, bm, cm, d, h0, seg):
 def _fwd(plan, x, dt, cum, bm, cm, d, h0, seg):
   y, h_in, h_last = _forward(plan, x, dt, cum, bm, cm, d, h0, seg)
   y, h_in = checkpoint_name(y, SSD_OUT), checkpoint_name(h_in, SSD_STATES)
+  h_last = checkpoint_name(h_last, SSD_FINAL_STATE)
   return (y, h_last), (x, dt, cum, bm, cm, d, h0, seg, h_in)
 
 
