@@ -197,6 +197,12 @@ SWEEP = {
     "f128x64_kv64x64_q64x64_w4_s4/4": BlockSizes(block_k_dkv=64, block_q_dq=64,
                                                  num_warps_fwd=4, num_warps_bwd=4,
                                                  num_stages_fwd=4, num_stages_bwd=4),
+    # The Triton tutorial's Hopper-leaning backward: thin dK/dV and dQ tiles, deep pipelines.
+    "f128x128_kv32x128_q128x32_w8/4_s3/5": BlockSizes(block_k=128, block_q_dkv=32,
+                                                      block_k_dq=32, num_warps_fwd=8,
+                                                      num_warps_bwd=4, num_stages_bwd=5),
+    "f128x64_kv64x128_q128x64_w8_s4/3": BlockSizes(num_warps_fwd=8, num_warps_bwd=8,
+                                                   num_stages_fwd=4, num_stages_bwd=3),
 }
 
 

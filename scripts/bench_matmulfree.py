@@ -34,6 +34,7 @@ from flax import nnx
 
 from memx.kernels.linear_scan.api import gpu_backend
 from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul, packed_rows
+from memx.kernels.ternary.config import BlockSizes as TernaryBlockSizes
 from memx.models.config import ModelConfig, matmulfree_config
 from memx.models.decode import cache_bytes, generate
 from memx.models.packed import pack_model
@@ -77,6 +78,42 @@ def bench_matmul(shapes, reps: int) -> list[dict]:
       t = _time(f, xq, packed, reps=reps)
       rows.append({"shape": f"{m}x{k}x{n}", "form": f"packed {form} (int8 x)", "ms": t * 1e3,
                    "bytes": m * k + packed.nbytes + 4 + 4 * m * n, "vs_bf16": t / bf16_t})
+  return rows
+
+
+# Tile candidates for --sweep (name: block_m x block_n x block_k, warps, stages). M = 1..16 rows
+# need more programs than 64x128 tiles give (N / 128 of them): narrower tiles, and small M.
+SWEEP = {
+    "m16n32k256_w4s3": TernaryBlockSizes(block_m=16, block_n=32, block_k=256),
+    "m16n64k256_w4s3": TernaryBlockSizes(block_m=16, block_n=64, block_k=256),
+    "m16n64k512_w4s4": TernaryBlockSizes(block_m=16, block_n=64, block_k=512, num_stages=4),
+    "m64n64k256_w4s3": TernaryBlockSizes(block_m=64, block_n=64, block_k=256),
+    "m128n128k256_w8s3": TernaryBlockSizes(block_m=128, block_n=128, block_k=256, num_warps=8),
+    "m128n128k128_w8s4": TernaryBlockSizes(block_m=128, block_n=128, block_k=128, num_warps=8,
+                                           num_stages=4),
+    "m128n256k128_w8s3": TernaryBlockSizes(block_m=128, block_n=256, block_k=128, num_warps=8),
+}
+
+
+def bench_sweep(shapes, reps: int) -> list[dict]:
+  """Times pallas_gpu tile candidates at each shape (int8 activations), next to the default."""
+  rows = []
+  for m, k, n in shapes:
+    key = jax.random.key(0)
+    packed = pack_ternary(absmean_quantize(jax.random.normal(key, (k, n), jnp.float32))[0])
+    xq = jax.random.randint(key, (m, k), -127, 128).astype(jnp.int8)
+    want = packed_matmul(xq, packed, implementation="xla")
+    for name, bs in {"default": None, **SWEEP}.items():
+      f = jax.jit(lambda x, p, bs=bs: packed_matmul(x, p, implementation="pallas_gpu",
+                                                    block_sizes=bs))
+      try:
+        exact = bool(jnp.array_equal(f(xq, packed), want))
+        t = _time(f, xq, packed, reps=reps)
+        rows.append({"shape": f"{m}x{k}x{n}", "tiles": name, "ms": t * 1e3, "exact": exact})
+      except Exception as e:  # noqa: BLE001 - a candidate that does not compile is a result too
+        rows.append({"shape": f"{m}x{k}x{n}", "tiles": name, "ms": float("nan"),
+                     "exact": f"{type(e).__name__}: {str(e)[:120]}"})
+      print(rows[-1], flush=True)
   return rows
 
 
@@ -211,6 +248,8 @@ def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out")
   ap.add_argument("--quick", action="store_true", help="small shapes for a CPU run")
+  ap.add_argument("--sweep", action="store_true",
+                  help="only time pallas_gpu tile candidates of the packed matmul (GPU)")
   ap.add_argument("--train-memory-json", help=argparse.SUPPRESS)  # child of the no-YNN rerun
   args = ap.parse_args(argv)
   if args.train_memory_json:
@@ -233,6 +272,12 @@ def main(argv=None) -> None:
     dec = {"d": 1024, "layers": 8, "vocab": 32000, "prompt": 128, "new": 256, "reps": 3}
     mem = {"d": 1024, "layers": 8, "vocab": 32000, "batch": 8, "seq": 2048}
     train_sizes = []
+  if args.sweep:
+    rows = bench_sweep(shapes, reps)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
+    (out / "sweep.md").write_text(_md(rows))
+    print(_md(rows))
+    return
   lengths = (1024, 4096, 16384, 65536)
   result = {
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

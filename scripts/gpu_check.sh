@@ -9,7 +9,9 @@
 #   GPU_CHECK_DEADLINE_S  stop starting benches after this many seconds (default 300)
 #   GPU_CHECK_TESTS=0     skip the tests
 #   GPU_CHECK_BENCHES     bench names to run, in order (default: the issues' goal benches first,
-#                         then every other scripts/bench_*.py)
+#                         then every other scripts/bench_*.py); NAME runs scripts/bench_NAME.py,
+#                         a path ending in .py runs that script
+#   ARGS_<script name>    replaces a script's arguments, e.g. ARGS_bench_ssm="--forms xla"
 set -uo pipefail
 OUT=${1:?usage: bash scripts/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -39,6 +41,8 @@ if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
   say "== gpu tests"
   extra=()
   # Compiles dominate and are CPU-bound: spread them over the machine's cores.
+  # (-p no:benchmark: pytest-benchmark warns under xdist, and the suite turns warnings into errors)
+  $PY -c "import pytest_benchmark" 2>/dev/null && extra+=(-p no:benchmark)
   $PY -c "import xdist" 2>/dev/null && extra+=(-n 8)
   $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 150)
   timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs "${extra[@]}" \
@@ -49,6 +53,8 @@ fi
 
 # Per-benchmark arguments, sized so the goal benches fit the first call.
 bench_args() {
+  local override="ARGS_$1"
+  if [ -n "${!override+x}" ]; then echo "${!override}"; return; fi
   case "$1" in
     bench_attention) echo "--budget-s 80" ;;
     bench_ssm) echo "--total-budget-s 60" ;;
@@ -66,7 +72,10 @@ DEADLINE=${GPU_CHECK_DEADLINE_S:-300}
 FIRST=${GPU_CHECK_BENCHES:-"attention ssm matmulfree moa distill checkpoint train"}
 ordered=""
 for n in $FIRST; do
-  if [ -f "scripts/bench_$n.py" ]; then ordered="$ordered scripts/bench_$n.py"; fi
+  case "$n" in
+    *.py) if [ -f "$n" ]; then ordered="$ordered $n"; fi ;;
+    *) if [ -f "scripts/bench_$n.py" ]; then ordered="$ordered scripts/bench_$n.py"; fi ;;
+  esac
 done
 if [ -z "${GPU_CHECK_BENCHES:-}" ]; then
   for b in scripts/bench_*.py; do
