@@ -99,6 +99,13 @@ def _head_scalars(plan: _Plan, hp_ref, h):
   return sched.uniform_params(plan.masks[0])
 
 
+def _dot(a, b, *, trans_b=False):
+  """fp32-accumulated dot. fp32 operands run in full precision: Triton's default for them is
+  TF32 (relative error ~5e-4, measured on an H200), which fp32 callers did not ask for."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
+
+
 def _tile_visibility(plan: _Plan, q_pos, k_pos, params, qseg, kseg, transpose: bool = False):
   """bool visibility of a PARTIAL tile: [bq, bk], or [bk, bq] with transpose.
 
@@ -147,7 +154,7 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
     m_prev, l_prev, acc = carry
     k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
-    s = plgpu.dot(q, k, trans_b=True) * c                # fp32 [bq, bk], base-2 logits
+    s = _dot(q, k, trans_b=True) * c                # fp32 [bq, bk], base-2 logits
     if elementwise:
       kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
       vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg)
@@ -158,7 +165,7 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
     p = jnp.exp2(s - m_new[:, None])
     l_new = l_prev * corr + jnp.sum(p, axis=1)
     v = r["v"][pl.ds(k0, bk), :]
-    acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v)
+    acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
     return m_new, l_new, acc
 
   # Finite initial max: exp2(m_prev - m_new) never sees -inf - (-inf).
@@ -243,17 +250,17 @@ def _dkv_kernel(*refs, plan: _Plan):
       # Transposed tile [bk, bq] (as in Triton's fused-attention tutorial): every dot below
       # then takes a register tensor as its left operand untransposed, and only loaded tiles
       # (q, do) are transposed, which costs nothing beyond their shared-memory layout.
-      s_t = plgpu.dot(k, q, trans_b=True) * c
+      s_t = _dot(k, q, trans_b=True) * c
       if elementwise:
         qseg = r["qseg"][pl.ds(q0, bq)] if plan.segments else None
         q_pos = plan.rule.q_offset + q0 + jnp.arange(bq)
         vis = _tile_visibility(plan, q_pos, k_pos, params, qseg, kseg, transpose=True)
         s_t = jnp.where(vis, s_t, -jnp.inf)
       p_t = jnp.exp2(s_t - lse[None, :])                  # probabilities, recomputed
-      dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
-      dp_t = plgpu.dot(v, do, trans_b=True)
+      dv = dv + _dot(p_t.astype(do.dtype), do)
+      dp_t = _dot(v, do, trans_b=True)
       ds_t = p_t * (dp_t - delta[None, :])                # FA2 Alg. 2 line 14 (no scale yet)
-      dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
+      dk = dk + _dot(ds_t.astype(q.dtype), q)
       return dk, dv
 
     carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), carry)
@@ -320,15 +327,15 @@ def _dq_kernel(*refs, plan: _Plan, n_q: int):
     k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
     v = r["v"][pl.ds(k0, bk), :]
-    s = plgpu.dot(q, k, trans_b=True) * c
+    s = _dot(q, k, trans_b=True) * c
     if elementwise:
       kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
       vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg)
       s = jnp.where(vis, s, -jnp.inf)
     p = jnp.exp2(s - lse[:, None])
-    dp = plgpu.dot(do, v, trans_b=True)
+    dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
-    return dq + plgpu.dot(ds.astype(k.dtype), k)
+    return dq + _dot(ds.astype(k.dtype), k)
 
   dq = jnp.zeros((bq, plan.d_pad), jnp.float32)
   dq = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), dq)
