@@ -134,6 +134,18 @@ def test_packed_matmul_integer_exact(impl, kw, m, k, n):
   np.testing.assert_array_equal(got, want)  # atol = 0
 
 
+@pytest.mark.parametrize("m", [1, 12, 40])
+def test_packed_matmul_default_tiles_by_rows_exact(m):
+  """The row-dependent default tiles (16x64 with 512-deep K steps at M = 1, 16x64 at 12 rows,
+  64x64 at 40) compute the exact integer product (interpreter; the compiled run is gpu-marked)."""
+  k, n = 600, 72
+  codes, _ = absmean_quantize(_w((k, n)))
+  packed = pack_ternary(codes)
+  x = jax.random.randint(jax.random.key(2), (m, k), -128, 128).astype(jnp.int8)
+  got = packed_matmul(x, packed, implementation="pallas_gpu", interpret=True)
+  np.testing.assert_array_equal(got, jnp.dot(x.astype(jnp.int32), codes.astype(jnp.int32)))
+
+
 @pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_packed_matmul_rescaled_matches_fake_quant(impl, kw, dtype):

@@ -119,7 +119,9 @@ def test_linear_scan_lowers(triton_modules, case, dtype):
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.int8, jnp.bfloat16], ids=["int8", "bfloat16"])
-@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 1000, 300), (300, 512, 1024)])
+# Rows pick the default tiles: <= 8, <= 16, <= 1024, more (config.BlockSizes.get_default).
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 1000, 300), (300, 512, 1024),
+                                   (2048, 256, 256)])
 def test_packed_matmul_lowers(triton_modules, m, k, n, x_dtype):
   packed = pack_ternary(absmean_quantize(jax.random.normal(jax.random.key(0), (k, n)))[0])
   x = jnp.ones((m, k), x_dtype)

@@ -54,8 +54,8 @@ def packed_matmul_pallas_gpu(x: Array, packed: Array, *, block_sizes: BlockSizes
   M, N and the packed rows are padded to the tiles (zero activations, zero-weight bytes), so
   any shape is served; padding is sliced off the result.
   """
-  bs = block_sizes or BlockSizes.get_default("pallas_gpu")
   m, _ = x.shape
+  bs = block_sizes or BlockSizes.get_default("pallas_gpu", rows=m)
   kp0, n = packed.shape
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   bk4 = bs.block_k // 4
