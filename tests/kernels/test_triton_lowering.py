@@ -92,6 +92,20 @@ def test_attention_lowers(triton_modules, case, dtype):
 
 
 @DTYPES
+def test_attention_default_tiles_lower(triton_modules, dtype):
+  """Head dim 128 at the default tiles (bf16 takes 128-key forward tiles, fp32 64)."""
+  q = jnp.zeros((1, 512, 2, 128), dtype)
+  f = lambda q, k, v: attention(q, k, v, implementation="pallas_gpu").sum()  # noqa: E731
+  _lower_for_cuda(jax.grad(f, argnums=(0, 1, 2)), q, q, q)
+  assert len(triton_modules) == 3
+  key_tile = 128 if dtype == jnp.bfloat16 else 64
+  scores = [d for d in _dots(triton_modules[:1])
+            if f"* tensor<128x{key_tile}x" in d and f"-> tensor<128x{key_tile}xf32>" in d]
+  assert scores, "the forward's q @ k^T is not [128, D] x [D, key tile]"
+  _check_fp32_dots(triton_modules, dtype)
+
+
+@DTYPES
 @pytest.mark.parametrize("case", tuple(ts.CASES))
 def test_ssd_lowers(triton_modules, case, dtype):
   x, dt, a, bm, cm, d, h0, dy, dh = ts._inputs(ts.CASES[case][0], dtype)

@@ -61,18 +61,24 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be an int in [1, 8].")
 
   @classmethod
-  def get_default(cls, implementation: str = "pallas_gpu") -> "BlockSizes":
+  def get_default(cls, implementation: str = "pallas_gpu", *, itemsize: int | None = None,
+                  head_dim: int | None = None) -> "BlockSizes":
     """Defaults per implementation.
 
     pallas_gpu: the tiles that made JAX's stock Pallas-Triton attention fastest on an H100
     (research/anchors_attention.md §2.1: fwd 128x64, dK/dV 64x128, dQ 128x64, 8 warps at
-    head dim 128). Not yet tuned on memx's own kernels: `scripts/bench_attention.py --sweep`
-    times alternatives on the GPU.
+    head dim 128), with one change measured on memx's kernels (`bench_attention.py --sweep`,
+    H200, jax 0.11.2, bf16, 1x16384, 16 heads of 128): 2-byte inputs with a (padded) head
+    dim <= 128 take 128-key forward tiles, forward 3.84 -> 3.21 ms causal and 1.17 -> 1.03 ms
+    at MoA 25% density. (Larger heads or fp32 would overflow the 227 KB of shared memory with
+    three pipeline stages.) No backward candidate beat the default tiles.
     xla: larger tiles, since each tile is one step of an XLA loop with fixed overhead.
     """
     if implementation == "xla":
       return cls(block_q=512, block_k=512, block_q_dkv=512, block_k_dkv=512,
                  block_q_dq=512, block_k_dq=512)
+    if itemsize == 2 and head_dim is not None and head_dim <= 128:
+      return cls(block_k=128)
     return cls()
 
   def fit(self, t: int, s: int, mask: Mask | None = None, *, explicit: bool = False

@@ -402,18 +402,19 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def make_plan(q_shape, k_shape, *, mask: Mask, segments: bool, scale: float | None,
-              block_sizes: BlockSizes | None, interpret: bool) -> _Plan:
+              block_sizes: BlockSizes | None, interpret: bool, itemsize: int = 2) -> _Plan:
   """Validates sizes and fixes tiles, padding and per-head structure (no tracing)."""
   _, t, h, d = q_shape
   s, g = k_shape[1], k_shape[2]
-  blocks = (block_sizes or BlockSizes.get_default()).fit(
-      t, s, mask, explicit=block_sizes is not None)
+  d_pad = max(16, 1 << (d - 1).bit_length())
+  default = BlockSizes.get_default("pallas_gpu", itemsize=itemsize, head_dim=d_pad)
+  blocks = (block_sizes or default).fit(t, s, mask, explicit=block_sizes is not None)
   masks = sched.dedupe_heads(mask.heads(h))
   t_pad = sched.round_up(t, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
   s_pad = sched.round_up(s, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
   return _Plan(
       masks=masks, rule=sched.rule_for(masks, s, s_pad), t=t, s=s, t_pad=t_pad, s_pad=s_pad,
-      num_heads=h, num_kv_heads=g, d_pad=max(16, 1 << (d - 1).bit_length()), blocks=blocks,
+      num_heads=h, num_kv_heads=g, d_pad=d_pad, blocks=blocks,
       scale=d ** -0.5 if scale is None else float(scale), segments=segments,
       interpret=interpret)
 
@@ -440,7 +441,8 @@ def attention_pallas_gpu(
   s = k.shape[1]
   q_seg, kv_seg = split_segment_ids(segment_ids)
   plan = make_plan(q.shape, k.shape, mask=mask, segments=q_seg is not None, scale=scale,
-                   block_sizes=block_sizes, interpret=interpret)
+                   block_sizes=block_sizes, interpret=interpret,
+                   itemsize=jnp.dtype(q.dtype).itemsize)
   qp = sched.pad_axis(sched.pad_axis(q, 1, plan.t_pad), 3, plan.d_pad)
   kp = sched.pad_axis(sched.pad_axis(k, 1, plan.s_pad), 3, plan.d_pad)
   vp = sched.pad_axis(sched.pad_axis(v, 1, plan.s_pad), 3, plan.d_pad)
