@@ -6,8 +6,10 @@ Per sequence length L (batch 1 unless --batch) and model:
             ended by block_until_ready; and its compiled memory (XLA memory_analysis: temporaries
             + outputs, i.e. activations and the returned decode state; parameters excluded,
             listed once). A form whose compiled memory would not fit the device is skipped.
-  decode:   median time of one compiled `decode_step` with a cache for L tokens, and the bytes
-            of that decode state (KV caches for attention layers, fixed-size SSM states).
+  decode:   time per token of 16 `decode_step`s in one compiled scan (as `generate` runs
+            them; a host call per token would time Python dispatch) with a cache for L tokens,
+            and the bytes of that decode state (KV caches for attention layers, fixed-size SSM
+            states).
 The models have the same width, depth and heads; weights are random (times and memory do not
 depend on them), the students' shapes are those `memx.distill.seed.student_model_config` gives
 (per-head Mamba-2, N = P = head dim). Summary lines: the crossover length (shortest L where the
