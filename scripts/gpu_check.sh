@@ -6,7 +6,8 @@
 # with OUT_DIR/summary.txt beside it. (The device tool returns at most 8 files.)
 #
 # Knobs (environment):
-#   GPU_CHECK_DEADLINE_S  stop starting benches after this many seconds (default 300)
+#   GPU_CHECK_DEADLINE_S  stop starting benches after this many seconds (default 420; the
+#                         first H200 call took ~45 s of tests and ~40-100 s per goal bench)
 #   GPU_CHECK_TESTS=0     skip the tests
 #   GPU_CHECK_BENCHES     bench names to run, in order (default: the issues' goal benches first,
 #                         then every other scripts/bench_*.py); NAME runs scripts/bench_NAME.py,
@@ -57,7 +58,7 @@ bench_args() {
   if [ -n "${!override+x}" ]; then echo "${!override}"; return; fi
   case "$1" in
     bench_attention) echo "--budget-s 80" ;;
-    bench_ssm) echo "--total-budget-s 60" ;;
+    bench_ssm) echo "--forms pallas_gpu,xla,assoc_scan --total-budget-s 80" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
     bench_checkpoint) echo "--size gpu --repeats 1" ;;
     bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --repeats 3 --budget-s 2" ;;
@@ -68,8 +69,8 @@ bench_args() {
 }
 # A global deadline keeps the whole check inside the call however many benches exist: each gets
 # at most 170 s and never more than what is left; the rest are listed as skipped.
-DEADLINE=${GPU_CHECK_DEADLINE_S:-300}
-FIRST=${GPU_CHECK_BENCHES:-"attention ssm matmulfree moa distill checkpoint train"}
+DEADLINE=${GPU_CHECK_DEADLINE_S:-420}
+FIRST=${GPU_CHECK_BENCHES:-"attention ssm matmulfree moa distill scripts/profile_decode.py checkpoint train"}
 ordered=""
 for n in $FIRST; do
   case "$n" in
