@@ -64,6 +64,9 @@ bench_args() {
     bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --repeats 3 --budget-s 2" ;;
     bench_moa) echo "--size gpu --repeats 5" ;;
     bench_remat) echo "--mixers attention,mamba2" ;;
+    # Does XLA's dot -> multiply+reduce rewrite slow the M=1 decode projections? (H200: the
+    # teacher's reduce fusions moved ~100 GB/s.)
+    profile_decode) echo "--xla-flags=--xla_gpu_enable_dot_strength_reduction=false" ;;
     *) echo "" ;;
   esac
 }

@@ -1,19 +1,24 @@
 """Where one decode step's device time goes: per-kernel totals from a JAX profiler trace.
 
   python scripts/profile_decode.py --out DIR [--length 16384] [--models teacher,linear]
+      [--xla-flags=--xla_gpu_enable_dot_strength_reduction=false]
 
 Builds bench_distill's models (the teacher and its students), compiles one `decode_step` with a
 cache for --length tokens, times it (median of host-timed calls, as bench_distill does), then
 runs it --steps more times under `jax.profiler.trace` and sums the device time of each kernel
 from the trace. Prints, per model: the step time, the device time per step, and the top kernels.
 The gap between the two is host-side (dispatch, argument flattening). Writes DIR/profile.json.
+--xla-flags profiles the same models again in a child process with those XLA flags added (same
+run, so the two are comparable), into DIR/flags/.
 """
 
 import argparse
 import collections
 import gzip
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 
@@ -52,6 +57,8 @@ def main(argv=None) -> int:
   ap.add_argument("--models", default="teacher,linear")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--n-layers", type=int, default=4)
+  ap.add_argument("--xla-flags", default="",
+                  help="also profile with these XLA flags added (a child process)")
   args = ap.parse_args(argv)
   cfg_args = argparse.Namespace(d_model=1024, n_layers=args.n_layers, n_heads=16, n_kv_heads=4,
                                 vocab=512, every=2, chunk=128, dtype="bfloat16", batch=1)
@@ -84,6 +91,12 @@ def main(argv=None) -> int:
       print(f"   {v:9.1f} us  {k[:100]}", flush=True)
     (out / f"{name}_hlo.txt").write_text(compiled.as_text())
   (out / "profile.json").write_text(json.dumps(report, indent=2))
+  if args.xla_flags:
+    print(f"== again with XLA_FLAGS += {args.xla_flags}", flush=True)
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags))
+    child = [sys.executable, __file__, "--out", str(out / "flags"), "--length", str(args.length),
+             "--models", args.models, "--steps", str(args.steps), "--n-layers", str(args.n_layers)]
+    return subprocess.run(child, env=env, check=False).returncode
   return 0
 
 
