@@ -203,6 +203,10 @@ SWEEP = {
                                                       num_warps_bwd=4, num_stages_bwd=5),
     "f128x64_kv64x128_q128x64_w8_s4/3": BlockSizes(num_warps_fwd=8, num_warps_bwd=8,
                                                    num_stages_fwd=4, num_stages_bwd=3),
+    # dQ by atomic adds in the dK/dV pass (no dQ pass): 5 tile matmuls instead of 7.
+    "f128x128_kv64x128_dq-atomic_w8_s3/2": BlockSizes(block_k=128, dq_atomic=True),
+    "f128x128_kv32x128_dq-atomic_w8_s3/3": BlockSizes(block_k=128, block_q_dkv=32,
+                                                      num_stages_bwd=3, dq_atomic=True),
 }
 
 
@@ -361,6 +365,8 @@ def main(argv=None):
   ap.add_argument("--budget-s", type=float, default=170.0,
                   help="stop starting new configs after this many seconds")
   ap.add_argument("--sweep", action="store_true", help="also time pallas_gpu tile candidates")
+  ap.add_argument("--sweep-masks", default="causal",
+                  help="masks the tile candidates run on (first shape only), comma-separated")
   args = ap.parse_args(argv)
 
   on_gpu = jax.default_backend() == "gpu"
@@ -388,6 +394,9 @@ def main(argv=None):
         f"{len(impls)} implementations", flush=True)
   for p in problems:
     for impl_name, make in impls.items():
+      if "[" in impl_name and (p.shape != shapes[0]
+                               or p.mask_name not in args.sweep_masks.split(",")):
+        continue  # tile candidates: on the first shape and the --sweep-masks only
       base = dict(impl=impl_name, shape=p.shape.name, mask=p.mask_name, density=p.density,
                   density_vs_causal=p.density / CAUSAL.density(p.shape.s, p.shape.s),
                   visited_pairs=p.visited_pairs, dtype=p.shape.dtype, heads=p.shape.h,

@@ -57,7 +57,7 @@ bench_args() {
   local override="ARGS_$1"
   if [ -n "${!override+x}" ]; then echo "${!override}"; return; fi
   case "$1" in
-    bench_attention) echo "--budget-s 80" ;;
+    bench_attention) echo "--budget-s 110 --sweep" ;;
     bench_ssm) echo "--forms pallas_gpu,xla,assoc_scan --total-budget-s 80" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
     bench_checkpoint) echo "--size gpu --repeats 1" ;;

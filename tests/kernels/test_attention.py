@@ -1,5 +1,6 @@
 """Attention implementations vs the reference: values and gradients, dispatch, bad input."""
 
+import dataclasses
 import functools
 import warnings
 
@@ -115,6 +116,7 @@ def _reference_result(case_name, dtype_name):
 class _AttentionBase:
   IMPL: str = ""
   INTERPRET: bool = False
+  BLOCK_OPTIONS: dict = {}  # replaces fields of each case's BlockSizes
   CASE_NAMES: tuple[str, ...] = tuple(CASES)
   DTYPES = (jnp.float32, jnp.bfloat16)
 
@@ -136,6 +138,7 @@ class _AttentionBase:
     shape, mask, segment_ids, blocks = CASES[case]
     q, k, v, do = _inputs(shape, dtype)
     kwargs = dict(mask=mask, segment_ids=segment_ids)
+    blocks = dataclasses.replace(blocks, **self.BLOCK_OPTIONS)
     got = _value_and_grads(
         lambda q, k, v: attention(q, k, v, implementation=self.IMPL, interpret=self.INTERPRET,
                                   block_sizes=blocks if self.IMPL != "cudnn" else None,
@@ -167,6 +170,22 @@ class TestPallasGpuInterpret(_AttentionBase):
 class TestPallasGpu(_AttentionBase):
   IMPL = "pallas_gpu"
   CASE_NAMES = BF16_CASES  # every feature once; keeps the compiled-kernel run short
+
+
+class TestPallasGpuInterpretAtomicDq(_AttentionBase):
+  """dQ summed by atomic adds in the dK/dV pass: GQA sums, sparse and segmented schedules."""
+  IMPL, INTERPRET = "pallas_gpu", True
+  BLOCK_OPTIONS = {"dq_atomic": True}
+  CASE_NAMES = ("causal", "dense_gqa_t_ne_s", "per_head_causal", "block_sparse_empty_rows",
+                "segments_causal", "decode_offset_window")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cudnn.gpu_backend(), reason="needs an NVIDIA GPU backend")
+class TestPallasGpuAtomicDq(_AttentionBase):
+  IMPL = "pallas_gpu"
+  BLOCK_OPTIONS = {"dq_atomic": True}
+  CASE_NAMES = BF16_CASES
 
 
 @pytest.mark.gpu

@@ -8,6 +8,8 @@ kernels' own test modules, forward and backward. The Triton modules are verified
 fp32 dots must not run as TF32 (measured on an H200: 5e-4 relative error in fp32 attention).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -88,6 +90,26 @@ def test_attention_lowers(triton_modules, case, dtype):
 
   _lower_for_cuda(fn, q, k, v, do)
   assert len(triton_modules) == 3  # forward, dK/dV, dQ
+  _check_fp32_dots(triton_modules, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("case", ["causal", "dense_gqa_t_ne_s", "segments_causal"])
+def test_attention_atomic_dq_lowers(triton_modules, case, dtype):
+  """dq_atomic: two kernels (forward, dK/dV with dQ atomics), fp32 atomic adds."""
+  shape, mask, segment_ids, blocks = ta.CASES[case]
+  blocks = dataclasses.replace(blocks, dq_atomic=True)
+  q, k, v, do = ta._inputs(shape, dtype)
+
+  def fn(q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: attention(
+        q, k, v, mask=mask, segment_ids=segment_ids, implementation="pallas_gpu",
+        block_sizes=blocks), q, k, v)
+    return out, vjp(do)
+
+  _lower_for_cuda(fn, q, k, v, do)
+  assert len(triton_modules) == 2
+  assert "tt.atomic_rmw fadd" in triton_modules[1]
   _check_fp32_dots(triton_modules, dtype)
 
 

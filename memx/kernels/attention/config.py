@@ -32,6 +32,10 @@ class BlockSizes:
     block_q_dq, block_k_dq: dQ tiles (pallas_gpu only).
     num_warps_fwd, num_warps_bwd: Triton warps per program; None = 4 for head dim <= 64, else 8.
     num_stages_fwd, num_stages_bwd: Triton software-pipelining depth of the key/query loop.
+    dq_atomic: pallas_gpu only. The dK/dV pass also accumulates dQ, with fp32 atomic adds,
+      and the dQ pass is skipped: 5 tile matmuls in the backward instead of 7 (the dQ pass
+      recomputes QKᵀ and dO Vᵀ), for an fp32 dQ buffer and a summation order that varies from
+      run to run. Off by default until a GPU sweep shows it faster.
   """
 
   block_q: int = 128
@@ -44,6 +48,7 @@ class BlockSizes:
   num_warps_bwd: int | None = None
   num_stages_fwd: int = 3
   num_stages_bwd: int = 2
+  dq_atomic: bool = False
 
   def __post_init__(self):
     for f, _ in _TILE_FIELDS:
@@ -55,6 +60,9 @@ class BlockSizes:
       if v is not None and v not in (1, 2, 4, 8, 16):
         raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: expected None or one of "
                          f"1, 2, 4, 8, 16.")
+    if not isinstance(self.dq_atomic, bool):
+      raise ValueError(f"BlockSizes.dq_atomic = {self.dq_atomic!r} is not allowed: must be a "
+                       f"bool.")
     for f in ("num_stages_fwd", "num_stages_bwd"):
       v = getattr(self, f)
       if not isinstance(v, int) or not 1 <= v <= 8:

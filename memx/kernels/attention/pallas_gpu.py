@@ -9,6 +9,8 @@ Algorithm (Dao 2023, "FlashAttention-2", Alg. 1 forward, Alg. 2 backward):
     fp32 dK/dV accumulators, loops over the query heads that share this kv head (GQA without
     repeating K/V in memory) and over the query tiles the transposed schedule lists.
   * dQ: the grid is (query block, batch, query head); loops over key tiles like the forward.
+    With `BlockSizes.dq_atomic` the dK/dV pass instead adds each tile's dS K into an fp32 dQ
+    with atomic adds, and this pass does not run (5 tile matmuls instead of 7).
 Block skipping: schedules (`_schedule.py`, from `Mask.block_layout`) list only non-empty tiles,
 FULL ones first (no element mask) then PARTIAL ones (mask built from iotas and a few scalars).
 Segment ids refine the schedules per batch row before the launch (ranges per tile), and mask
@@ -99,11 +101,11 @@ def _head_scalars(plan: _Plan, hp_ref, h):
   return sched.uniform_params(plan.masks[0])
 
 
-def _dot(a, b, *, trans_b=False):
+def _dot(a, b, *, trans_a=False, trans_b=False):
   """fp32-accumulated dot. fp32 operands run in full precision: Triton's default for them is
   TF32 (relative error ~5e-4, measured on an H200), which fp32 callers did not ask for."""
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def _tile_visibility(plan: _Plan, q_pos, k_pos, params, qseg, kseg, transpose: bool = False):
@@ -223,7 +225,9 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg):
 
 
 def _dkv_kernel(*refs, plan: _Plan):
-  r = _unpack(refs, plan, ("q", "k", "v", "do", "lse", "delta", "dk", "dv"))
+  atomic = plan.blocks.dq_atomic
+  r = _unpack(refs, plan, ("q", "k", "v", "do", "lse", "delta")
+              + (("dq_zeros", "dk", "dv", "dq") if atomic else ("dk", "dv")))
   bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
   kb, b, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   tb = b if plan.segments else 0
@@ -261,6 +265,10 @@ def _dkv_kernel(*refs, plan: _Plan):
       dp_t = _dot(v, do, trans_b=True)
       ds_t = p_t * (dp_t - delta[None, :])                # FA2 Alg. 2 line 14 (no scale yet)
       dk = dk + _dot(ds_t.astype(q.dtype), q)
+      if atomic:  # dQ_tile = dS K: this program's share of the query tile's gradient
+        dq = _dot(ds_t.astype(k.dtype), k, trans_a=True) * plan.scale
+        # (an array index: the interpreter's atomic rule rejects a Python int head index)
+        plgpu.atomic_add(r["dq"], (pl.ds(q0, bq), jnp.asarray(rr, jnp.int32), slice(None)), dq)
       return dk, dv
 
     carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), carry)
@@ -294,11 +302,19 @@ def _dkv(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
   row_spec = pl.BlockSpec((None, rep, plan.t_pad), lambda i, b_, g: (b_, g, 0))
   args += [q, k, v, do, lse, delta]
   specs += [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  out_specs = [kv_spec, kv_spec]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  aliases = {}
+  if plan.blocks.dq_atomic:  # fp32 dQ, zeroed here, summed into by every key block's program
+    aliases = {len(args): 2}
+    args.append(jnp.zeros(q.shape, jnp.float32))
+    specs.append(q_spec)
+    out_specs.append(q_spec)
+    out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
   return pl.pallas_call(
       functools.partial(_dkv_kernel, plan=plan),
       grid=(plan.s_pad // bk, b, plan.num_kv_heads),
-      in_specs=specs, out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      in_specs=specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=plan.warps("num_warps_bwd"),
                                            num_stages=plan.blocks.num_stages_bwd),
       interpret=plan.interpret, name="memx_attention_dkv",
@@ -393,6 +409,9 @@ def _flash_bwd(plan, res, do):
   # delta_i = rowsum(dO_i * O_i) (FA2 Alg. 2 line 4): one fused elementwise+reduce in XLA.
   delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
   do = do.astype(q.dtype)
+  if plan.blocks.dq_atomic:
+    dk, dv, dq = _dkv(plan, q, k, v, q_seg, kv_seg, do, lse, delta)
+    return dq.astype(q.dtype), dk, dv, None, None
   dk, dv = _dkv(plan, q, k, v, q_seg, kv_seg, do, lse, delta)
   dq = _dq(plan, q, k, v, q_seg, kv_seg, do, lse, delta)
   return dq, dk, dv, None, None
