@@ -66,14 +66,14 @@ bench_args() {
     bench_remat) echo "--mixers attention,mamba2" ;;
     # Does XLA's dot -> multiply+reduce rewrite slow the M=1 decode projections? (H200: the
     # teacher's reduce fusions moved ~100 GB/s.)
-    profile_decode) echo "--xla-flags=--xla_gpu_enable_dot_strength_reduction=false" ;;
+    profile_model) echo "--prefill-length 65536 --xla-flags=--xla_gpu_enable_dot_strength_reduction=false" ;;
     *) echo "" ;;
   esac
 }
 # A global deadline keeps the whole check inside the call however many benches exist: each gets
 # at most 170 s and never more than what is left; the rest are listed as skipped.
 DEADLINE=${GPU_CHECK_DEADLINE_S:-420}
-FIRST=${GPU_CHECK_BENCHES:-"attention ssm matmulfree moa distill scripts/profile_decode.py checkpoint train"}
+FIRST=${GPU_CHECK_BENCHES:-"attention ssm matmulfree moa distill scripts/profile_model.py checkpoint train"}
 ordered=""
 for n in $FIRST; do
   case "$n" in

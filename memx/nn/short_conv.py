@@ -33,7 +33,7 @@ def conv_step(state: Float[Array, "B Wm1 ..."], x_t: Float[Array, "B ..."],
   """One decoding step: state holds the last W-1 inputs. Returns (y_t in x_t.dtype, new state)."""
   # x_t is usually a fresh M=1 projection, which XLA:GPU strength-reduces to multiply+reduce.
   # Left free, it fused that reduction into the concatenate below as a loop that summed each
-  # output serially: 3.6 of a 4.8 ms Mamba-2 decode step (H200, jax 0.11.2, profile_decode.py).
+  # output serially: 3.6 of a 4.8 ms Mamba-2 decode step (H200, jax 0.11.2, profile_model.py).
   # The barrier keeps the projection its own (parallel) reduction kernel.
   x_t = jax.lax.optimization_barrier(x_t)
   window = jnp.concatenate([state.astype(jnp.float32), x_t.astype(jnp.float32)[:, None]], axis=1)

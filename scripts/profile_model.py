@@ -1,13 +1,15 @@
-"""Where one decode step's device time goes: per-kernel totals from a JAX profiler trace.
+"""Where a model's device time goes: per-kernel totals from a JAX profiler trace.
 
-  python scripts/profile_decode.py --out DIR [--length 16384] [--models teacher,linear]
-      [--xla-flags=--xla_gpu_enable_dot_strength_reduction=false]
+  python scripts/profile_model.py --out DIR [--length 16384] [--models teacher,linear]
+      [--prefill-length 65536] [--xla-flags=--xla_gpu_enable_dot_strength_reduction=false]
 
-Builds bench_distill's models (the teacher and its students), compiles one `decode_step` with a
-cache for --length tokens, times it (median of host-timed calls, as bench_distill does), then
-runs it --steps more times under `jax.profiler.trace` and sums the device time of each kernel
-from the trace. Prints, per model: the step time, the device time per step, and the top kernels.
-The gap between the two is host-side (dispatch, argument flattening). Writes DIR/profile.json.
+Builds bench_distill's models (the teacher and its students). Decode: compiles one
+`decode_step` with a cache for --length tokens, times it (median of host-timed calls), then runs
+it --steps more times under `jax.profiler.trace` and sums the device time of each kernel from
+the trace; the gap between step time and device time is host-side (dispatch, argument
+flattening). Prefill (--prefill-length > 0): the same for `prefill` of that many tokens, 3 runs.
+Prints per model and phase the time, the device time and the top kernels, and writes
+DIR/profile.json and each compiled HLO (DIR/<model>_<phase>_hlo.txt, to look up a kernel).
 --xla-flags profiles the same models again in a child process with those XLA flags added (same
 run, so the two are comparable), into DIR/flags/.
 """
@@ -57,6 +59,8 @@ def main(argv=None) -> int:
   ap.add_argument("--models", default="teacher,linear")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--n-layers", type=int, default=4)
+  ap.add_argument("--prefill-length", type=int, default=0,
+                  help="also profile prefill of this many tokens (0: decode only)")
   ap.add_argument("--xla-flags", default="",
                   help="also profile with these XLA flags added (a child process)")
   args = ap.parse_args(argv)
@@ -66,36 +70,49 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   report = {}
+
+  def profile(name, phase, fn, args_, runs):
+    compiled = jax.jit(fn).lower(*args_).compile()
+    step_s = median_time(compiled, args_, max(3, runs))
+    with tempfile.TemporaryDirectory() as tmp:
+      with jax.profiler.trace(tmp, create_perfetto_trace=True):
+        for _ in range(runs):
+          jax.block_until_ready(compiled(*args_))
+      kernels = device_kernel_times(pathlib.Path(tmp))
+    per_run_us = {k: v / runs for k, v in kernels.items()}
+    top = sorted(per_run_us.items(), key=lambda kv: -kv[1])[:15]
+    report[f"{name} {phase}"] = {"ms": step_s * 1e3, "device_us": sum(per_run_us.values()),
+                                 "kernels": len(per_run_us), "top_us": top}
+    print(f"{name} {phase}: {step_s * 1e3:.3f} ms, device {sum(per_run_us.values()):.1f} us "
+          f"over {len(per_run_us)} kernels", flush=True)
+    for k, v in top:
+      print(f"   {v:9.1f} us  {k[:100]}", flush=True)
+    (out / f"{name}_{phase}_hlo.txt").write_text(compiled.as_text())
+
   for name in args.models.split(","):
     model = TransformerLM(cfgs[name], rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     cache = model.init_cache(1, args.length)
     cache["pos"] = jnp.asarray(args.length - 1, jnp.int32)
     token = jnp.zeros((1,), jnp.int32)
-    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c))
-    compiled = step.lower(state, token, cache).compile()
-    step_s = median_time(compiled, (state, token, cache), 20)
-    with tempfile.TemporaryDirectory() as tmp:
-      with jax.profiler.trace(tmp, create_perfetto_trace=True):
-        for _ in range(args.steps):
-          jax.block_until_ready(compiled(state, token, cache))
-      kernels = device_kernel_times(pathlib.Path(tmp))
-    per_step_us = {k: v / args.steps for k, v in kernels.items()}
-    top = sorted(per_step_us.items(), key=lambda kv: -kv[1])[:15]
-    report[name] = {"step_ms": step_s * 1e3, "device_us_per_step": sum(per_step_us.values()),
-                    "kernels_per_step": len(per_step_us), "top_us": top,
-                    "hlo_ops": compiled.as_text().count("\n")}
-    print(f"{name}: step {step_s * 1e3:.3f} ms, device {sum(per_step_us.values()):.1f} us/step "
-          f"over {len(per_step_us)} kernels", flush=True)
-    for k, v in top:
-      print(f"   {v:9.1f} us  {k[:100]}", flush=True)
-    (out / f"{name}_hlo.txt").write_text(compiled.as_text())
+    profile(name, "decode", lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c),
+            (state, token, cache), args.steps)
+    if args.prefill_length:
+      n = args.prefill_length
+      tokens = jnp.zeros((1, n), jnp.int32)
+
+      def prefill(s, t, n=n):
+        logits, cache = nnx.merge(graphdef, s).prefill(t, n)
+        return logits[:, -1], cache
+
+      profile(name, "prefill", prefill, (state, tokens), 3)
   (out / "profile.json").write_text(json.dumps(report, indent=2))
   if args.xla_flags:
     print(f"== again with XLA_FLAGS += {args.xla_flags}", flush=True)
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags))
     child = [sys.executable, __file__, "--out", str(out / "flags"), "--length", str(args.length),
-             "--models", args.models, "--steps", str(args.steps), "--n-layers", str(args.n_layers)]
+             "--models", args.models, "--steps", str(args.steps), "--n-layers", str(args.n_layers),
+             "--prefill-length", str(args.prefill_length)]
     return subprocess.run(child, env=env, check=False).returncode
   return 0
 
