@@ -58,7 +58,7 @@ bench_args() {
   if [ -n "${!override+x}" ]; then echo "${!override}"; return; fi
   case "$1" in
     bench_attention) echo "--budget-s 110 --sweep" ;;
-    bench_ssm) echo "--forms pallas_gpu,xla,assoc_scan --total-budget-s 80" ;;
+    bench_ssm) echo "--forms pallas_gpu,xla,assoc_scan --total-budget-s 110 --sweep" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
     bench_checkpoint) echo "--size gpu --repeats 1" ;;
     bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --repeats 3 --budget-s 2" ;;
