@@ -76,7 +76,7 @@ DEADLINE=${GPU_CHECK_DEADLINE_S:-420}
 # Order: what the last GPU session left unverified or unmeasured first (attention tiles and
 # atomic dQ, decode after the conv fix, checkpoint stalls), then the other goal benches. One
 # call does not reach them all; the second call of a session runs the rest:
-#   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="moa matmulfree train remat loss parallel" bash ...
+#   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="ssm moa matmulfree train remat loss parallel" bash ...
 FIRST=${GPU_CHECK_BENCHES:-"attention distill scripts/profile_model.py checkpoint ssm moa matmulfree train"}
 ordered=""
 for n in $FIRST; do
