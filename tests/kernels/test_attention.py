@@ -301,6 +301,27 @@ def test_gpu_default_dispatch(mask, expect):
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not cudnn.gpu_backend(), reason="needs an NVIDIA GPU backend")
+@pytest.mark.parametrize("dq_atomic", [False, True])
+def test_gpu_default_tiles_head_dim_128(dq_atomic):
+  """The compiled kernels at their default tiles (bf16, head dim 128: 128-key forward tiles),
+  the shapes the benchmarks time, against the fp32 reference; with and without atomic dQ."""
+  shape, mask = (2, 640, 640, 8, 2, 128), Mask(window_left=300, n_sink=4)
+  q, k, v, do = _inputs(shape, jnp.bfloat16)
+  blocks = BlockSizes.get_default("pallas_gpu", itemsize=2, head_dim=128)
+  blocks = dataclasses.replace(blocks, dq_atomic=dq_atomic)
+  assert blocks.block_k == 128
+  got = _value_and_grads(lambda q, k, v: attention(q, k, v, mask=mask, implementation="pallas_gpu",
+                                                   block_sizes=blocks), q, k, v, do)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
+  with jax.default_matmul_precision("highest"):
+    want = _value_and_grads(lambda q, k, v: attention_reference(q, k, v, mask=mask), *f32)
+  _testing.assert_allclose(got[0], want[0], dtype=jnp.bfloat16, name="out")
+  _testing.assert_tree_allclose(got[1:], want[1:], dtype=jnp.bfloat16, grad=True,
+                                names=("dq", "dk", "dv"))
+
+
 # --- bad input -----------------------------------------------------------------------------------
 
 

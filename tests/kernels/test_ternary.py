@@ -197,7 +197,8 @@ def test_pack_unpack_roundtrip_property(k, n, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 4096, 11008), (128, 1000, 300)])
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 4096, 11008), (128, 1000, 300),
+                                   (2048, 512, 256)])  # one shape per default-tile row range
 def test_packed_matmul_pallas_gpu_compiled(m, k, n):
   codes, _ = absmean_quantize(_w((k, n)))
   packed = pack_ternary(codes)
