@@ -13,8 +13,9 @@ the cache it is given):
     a sink part: slots [0, S_g) hold positions 0 .. S_g - 1, S_g = max sink_h, stored once;
     a ring:      slots [S_g, S_g + R_g) hold positions p >= S_g at S_g + (p - S_g) mod R_g,
                  R_g = min(max span_h, max_len - S_g)
-  (capacity S_g + R_g <= max_len, [B, cap_g, K] keys and values per KV head), plus the absolute
-  position stored in every slot (int32 [cap_g], -1 = empty). Query head h at position pos sees
+  (capacity cap_g = S_g + R_g <= max_len), the KV heads' slots side by side in one [B, sum_g
+  cap_g, K] buffer each for keys and values, plus the absolute position stored in every slot
+  (int32, -1 = empty). A step scores all slots with one einsum and masks other KV heads' slots. Query head h at position pos sees
   slot s when 0 <= slot_pos[s] <= pos and (pos - slot_pos[s] <= span_h - 1 or slot_pos[s] <
   sink_h): exactly the keys the dense mask lets it see, since the ring always holds the R_g >=
   span_h most recent positions past the sinks. KV memory therefore follows the plan's density.
@@ -124,21 +125,30 @@ def ring_layout(mask: Mask, num_heads: int, num_kv_heads: int, max_len: int
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v", "slot_pos"),
-                   meta_fields=("max_len",))
+                   meta_fields=("max_len", "caps"))
 @dataclasses.dataclass(frozen=True)
 class PlanCache:
-  """Decode state of one sparse-plan attention layer: a sink part + ring per KV head.
+  """Decode state of one sparse-plan attention layer: a sink part + ring per KV head, the KV
+  heads' slots side by side in one buffer (group g at slots `group(g)`), so that a decode step
+  attends over all of them with one einsum instead of a few small kernels per KV head.
 
-  k, v: per KV head g, [B, cap_g, K] in the compute dtype (cap_g = S_g + R_g of `ring_layout`).
-  slot_pos: per KV head g, int32 [cap_g]: the absolute position in each slot, -1 when empty
-    (shared by the batch rows, which decode in lockstep).
+  k, v: [B, sum_g cap_g, K] in the compute dtype (cap_g = S_g + R_g of `ring_layout`).
+  slot_pos: int32 [sum_g cap_g]: the absolute position in each slot, -1 when empty (shared by
+    the batch rows, which decode in lockstep).
   max_len: the generation length N the plan's masks are taken at (static).
+  caps: cap_g per KV head (static).
   """
 
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
-  slot_pos: tuple[jax.Array, ...]
+  k: jax.Array
+  v: jax.Array
+  slot_pos: jax.Array
   max_len: int
+  caps: tuple[int, ...]
+
+  def group(self, g: int) -> slice:
+    """The slots of KV head g."""
+    start = sum(self.caps[:g])
+    return slice(start, start + self.caps[g])
 
 
 def _plan_layout(attn: Attention, max_len: int) -> tuple[tuple[int, int], ...]:
@@ -149,10 +159,11 @@ def _plan_layout(attn: Attention, max_len: int) -> tuple[tuple[int, int], ...]:
 def _init_plan_cache(attn: Attention, batch: int, max_len: int) -> PlanCache:
   cfg = attn.cfg
   dt = DTYPES[cfg.compute_dtype]
-  caps = [s + r for s, r in _plan_layout(attn, max_len)]
-  return PlanCache(k=tuple(jnp.zeros((batch, c, cfg.head_dim), dt) for c in caps),
-                   v=tuple(jnp.zeros((batch, c, cfg.head_dim), dt) for c in caps),
-                   slot_pos=tuple(jnp.full((c,), -1, jnp.int32) for c in caps), max_len=max_len)
+  caps = tuple(s + r for s, r in _plan_layout(attn, max_len))
+  total = sum(caps)
+  return PlanCache(k=jnp.zeros((batch, total, cfg.head_dim), dt),
+                   v=jnp.zeros((batch, total, cfg.head_dim), dt),
+                   slot_pos=jnp.full((total,), -1, jnp.int32), max_len=max_len, caps=caps)
 
 
 def _fill_ring(buf, pos: np.ndarray, val, n_sink: int, n_ring: int):
@@ -181,50 +192,57 @@ def _prefill_plan_cache(attn: Attention, k, v, max_len: int) -> PlanCache:
   ks, vs, ps = [], [], []
   for g, (n_sink, n_ring) in enumerate(_plan_layout(attn, max_len)):
     pos = np.full(n_sink + n_ring, -1, np.int32)
-    ks.append(_fill_ring(cache.k[g], pos, k[:, :, g], n_sink, n_ring))
-    vs.append(_fill_ring(cache.v[g], pos, v[:, :, g], n_sink, n_ring))
-    ps.append(jnp.asarray(pos))
-  return PlanCache(k=tuple(ks), v=tuple(vs), slot_pos=tuple(ps), max_len=max_len)
+    ks.append(_fill_ring(cache.k[:, cache.group(g)], pos, k[:, :, g], n_sink, n_ring))
+    vs.append(_fill_ring(cache.v[:, cache.group(g)], pos, v[:, :, g], n_sink, n_ring))
+    ps.append(pos)
+  return dataclasses.replace(cache, k=jnp.concatenate(ks, axis=1),
+                             v=jnp.concatenate(vs, axis=1),
+                             slot_pos=jnp.asarray(np.concatenate(ps)))
 
 
 def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
-  """q [B, 1, H, K], k/v [B, 1, G, K] at position pos → (out [B, H, K], next PlanCache)."""
+  """q [B, 1, H, K], k/v [B, 1, G, K] at position pos → (out [B, H, K], next PlanCache).
+
+  Every query head scores every slot of the buffer (one einsum each for QKᵀ and PV), and slots
+  of other KV heads are masked out: G times the FLOPs of scoring each head's own slots, for a
+  handful of kernels per layer instead of a handful per KV head. Decode attention reads each
+  key once for H heads (~H FLOPs per byte), far under a GPU's ridge point, so the extra FLOPs
+  cost no time where the step is memory- or launch-bound.
+  """
   cfg = attn.cfg
   dt = DTYPES[cfg.compute_dtype]
   mask = attn.mask(cache.max_len)
   layout = ring_layout(mask, cfg.n_heads, cfg.kv_heads, cache.max_len)
-  caps = tuple(x.shape[1] for x in cache.k)
-  if caps != tuple(s + r for s, r in layout):
-    raise ValueError(f"attention decode: layer {attn.layer}'s ring cache has slots {caps} per KV "
-                     f"head, but its plan at max_len {cache.max_len} needs {layout} "
+  if cache.caps != tuple(s + r for s, r in layout):
+    raise ValueError(f"attention decode: layer {attn.layer}'s ring cache has slots {cache.caps} "
+                     f"per KV head, but its plan at max_len {cache.max_len} needs {layout} "
                      f"(sink, ring) slots: the cache was made for another config")
   left, _, sink = _head_rules(mask, cfg.n_heads)
   rep = cfg.n_heads // cfg.kv_heads
   pos = jnp.asarray(pos, jnp.int32)
-  ks, vs, ps, outs = [], [], [], []
+  starts = np.cumsum((0,) + cache.caps[:-1])
+  slots = []
   for g, (n_sink, n_ring) in enumerate(layout):
     if n_ring == 0:                      # every position is a sink (sink_h = max_len)
-      slot = pos
+      slots.append(starts[g] + pos)
     else:
-      slot = jnp.where(pos < n_sink, pos, n_sink + (pos - n_sink) % n_ring)
-    kg = jax.lax.dynamic_update_slice_in_dim(cache.k[g], k[:, :, g], slot, axis=1)
-    vg = jax.lax.dynamic_update_slice_in_dim(cache.v[g], v[:, :, g], slot, axis=1)
-    sp = jax.lax.dynamic_update_slice_in_dim(cache.slot_pos[g], pos[None], slot, axis=0)
-    heads = slice(g * rep, (g + 1) * rep)
-    scores = jnp.einsum("brk,bsk->brs", q[:, 0, heads], kg,
-                        preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
-    sp_row = sp[None, :]
-    vis = ((sp_row >= 0) & (sp_row <= pos)
-           & ((pos - sp_row <= jnp.asarray(left[heads])) | (sp_row < jnp.asarray(sink[heads]))))
-    scores = jnp.where(vis[None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    outs.append(jnp.einsum("brs,bsk->brk", probs.astype(vg.dtype), vg,
-                           preferred_element_type=jnp.float32).astype(dt))
-    ks.append(kg)
-    vs.append(vg)
-    ps.append(sp)
-  new = PlanCache(k=tuple(ks), v=tuple(vs), slot_pos=tuple(ps), max_len=cache.max_len)
-  return jnp.concatenate(outs, axis=1), new
+      slots.append(starts[g] + jnp.where(pos < n_sink, pos, n_sink + (pos - n_sink) % n_ring))
+  slots = jnp.stack(slots)                                             # [G]: one slot per head
+  kc = cache.k.at[:, slots].set(k[:, 0], unique_indices=True)
+  vc = cache.v.at[:, slots].set(v[:, 0], unique_indices=True)
+  sp = cache.slot_pos.at[slots].set(pos, unique_indices=True)
+  group_of_slot = np.repeat(np.arange(cfg.kv_heads), cache.caps)       # [S], static
+  own = group_of_slot[None, :] == (np.arange(cfg.n_heads) // rep)[:, None]
+  sp_row = sp[None, :]
+  vis = (own & (sp_row >= 0) & (sp_row <= pos)
+         & ((pos - sp_row <= jnp.asarray(left)) | (sp_row < jnp.asarray(sink))))   # [H, S]
+  scores = jnp.einsum("bhk,bsk->bhs", q[:, 0], kc,
+                      preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
+  scores = jnp.where(vis[None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bhs,bsk->bhk", probs.astype(vc.dtype), vc,
+                   preferred_element_type=jnp.float32).astype(dt)
+  return out, dataclasses.replace(cache, k=kc, v=vc, slot_pos=sp)
 
 
 # --- public API -------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ def test_plan_with_full_spans_is_the_dense_model():
                            name="parallel forward")
   got, cache = _decode_all(planned, tokens, 5, 20, full_cache=False)
   _testing.assert_allclose(got, want, name="ring-cache decode")
-  assert [c.shape for c in cache["layers"][1].k] == [(2, 20, 8)] * 2  # rings hold everything
+  ring = cache["layers"][1]
+  assert ring.caps == (20, 20) and ring.k.shape == (2, 40, 8)  # rings hold everything
 
 
 def test_kv_cache_bytes_matches_the_cache_arrays():
