@@ -1,0 +1,43 @@
+"""scripts/profile_model.py: the trace parser sums device kernels only, and a CPU run writes its
+report (no GPU kernels there, so the totals are empty but every phase is listed)."""
+
+import gzip
+import importlib.util
+import json
+import pathlib
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_model.py"
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location("profile_model", _SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_device_kernel_times_sums_gpu_events_only(tmp_path):
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+      {"ph": "X", "pid": 1, "name": "fusion_1", "dur": 3.0},
+      {"ph": "X", "pid": 1, "name": "fusion_1", "dur": 4.5},
+      {"ph": "X", "pid": 1, "name": "gemm", "dur": 2.0},
+      {"ph": "X", "pid": 2, "name": "fusion_1", "dur": 100.0},   # host-side: not counted
+      {"ph": "i", "pid": 1, "name": "marker"},                    # not a complete event
+  ]
+  trace = tmp_path / "plugins" / "profile" / "run" / "perfetto_trace.json.gz"
+  trace.parent.mkdir(parents=True)
+  with gzip.open(trace, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  assert _load().device_kernel_times(tmp_path) == {"fusion_1": 7.5, "gemm": 2.0}
+  assert _load().device_kernel_times(tmp_path / "plugins" / "none") == {}
+
+
+def test_cpu_run_writes_every_phase(tmp_path):
+  _load().main(["--out", str(tmp_path), "--length", "64", "--n-layers", "2", "--steps", "1",
+                "--models", "linear", "--prefill-length", "64"])
+  report = json.loads((tmp_path / "profile.json").read_text())
+  assert set(report) == {"linear decode", "linear prefill"}
+  assert all(r["ms"] > 0 for r in report.values())
+  assert (tmp_path / "linear_prefill_hlo.txt").exists()
