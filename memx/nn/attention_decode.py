@@ -204,10 +204,12 @@ def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
   """q [B, 1, H, K], k/v [B, 1, G, K] at position pos → (out [B, H, K], next PlanCache).
 
   Every query head scores every slot of the buffer (one einsum each for QKᵀ and PV), and slots
-  of other KV heads are masked out: G times the FLOPs of scoring each head's own slots, for a
-  handful of kernels per layer instead of a handful per KV head. Decode attention reads each
-  key once for H heads (~H FLOPs per byte), far under a GPU's ridge point, so the extra FLOPs
-  cost no time where the step is memory- or launch-bound.
+  of other KV heads are masked out: G times the FLOPs and the [B, H, slots] score memory of
+  scoring each head's own slots, for a handful of kernels per layer instead of a handful per KV
+  head. Decode attention reads each key once for H heads (~H FLOPs per byte), far under a
+  GPU's ridge point, so the extra FLOPs cost no time where the step is memory- or launch-bound;
+  the scores add ~3H/K of the KV bytes in traffic (fp32, written and read). For many KV heads
+  with long spans (a near-dense MHA plan), the dense cache is the better layout.
   """
   cfg = attn.cfg
   dt = DTYPES[cfg.compute_dtype]
