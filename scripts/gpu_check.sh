@@ -66,7 +66,7 @@ bench_args() {
     bench_remat) echo "--mixers attention,mamba2" ;;
     # Does XLA's dot -> multiply+reduce rewrite slow the M=1 decode projections? (H200: the
     # teacher's reduce fusions moved ~100 GB/s.)
-    profile_model) echo "--prefill-length 65536 --xla-flags=--xla_gpu_enable_dot_strength_reduction=false" ;;
+    profile_model) echo "--models teacher,linear,matmulfree --prefill-length 65536 --xla-flags=--xla_gpu_enable_dot_strength_reduction=false" ;;
     *) echo "" ;;
   esac
 }

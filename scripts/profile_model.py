@@ -3,7 +3,8 @@
   python scripts/profile_model.py --out DIR [--length 16384] [--models teacher,linear]
       [--prefill-length 65536] [--xla-flags=--xla_gpu_enable_dot_strength_reduction=false]
 
-Builds bench_distill's models (the teacher and its students). Decode: compiles one
+Builds bench_distill's models (the teacher and its students) and, as `matmulfree`, a MatMul-free
+LM of the same width and depth in its packed inference form. Decode: compiles one
 `decode_step` with a cache for --length tokens, times it (median of host-timed calls), then runs
 it --steps more times under `jax.profiler.trace` and sums the device time of each kernel from
 the trace; the gap between step time and device time is host-side (dispatch, argument
@@ -31,6 +32,8 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_distill  # noqa: E402
 
+from memx.models.config import matmulfree_config  # noqa: E402
+from memx.models.packed import pack_model  # noqa: E402
 from memx.models.transformer import TransformerLM  # noqa: E402
 from memx.timing import median_time  # noqa: E402
 
@@ -67,6 +70,9 @@ def main(argv=None) -> int:
   cfg_args = argparse.Namespace(d_model=1024, n_layers=args.n_layers, n_heads=16, n_kv_heads=4,
                                 vocab=512, every=2, chunk=128, dtype="bfloat16", batch=1)
   cfgs = bench_distill.model_configs(cfg_args)
+  cfgs["matmulfree"] = matmulfree_config(vocab_size=512, d_model=1024, n_layers=args.n_layers,
+                                         n_heads=16, compute_dtype="bfloat16",
+                                         param_dtype="bfloat16")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   report = {}
@@ -91,6 +97,8 @@ def main(argv=None) -> int:
 
   for name in args.models.split(","):
     model = TransformerLM(cfgs[name], rngs=nnx.Rngs(0))
+    if name == "matmulfree":
+      pack_model(model)
     graphdef, state = nnx.split(model)
     cache = model.init_cache(1, args.length)
     cache["pos"] = jnp.asarray(args.length - 1, jnp.int32)
