@@ -1,8 +1,9 @@
 """Benchmark frequent checkpointing against never, for the sync, async and lazy modes.
 
 One process, one model sized so a step takes tens of milliseconds or more: for each mode the
-loop trains with a checkpoint every step (CPU size) or 5th step (GPU size), and once with checkpointing off. Reported:
-median step time, its overhead over "never", and the median main-thread blocking time per save.
+loop trains with a checkpoint every step (CPU size) or 5th step (GPU size), and once with
+checkpointing off. Reported: median step time, its overhead over "never", and the median
+main-thread blocking time per save.
 Goals: lazy adds ≤ 5% to the step time where sync adds > 50%; lazy blocks ≥ 10× less than async.
 
   python scripts/bench_checkpoint.py --out benchmarks/out            # CPU size

@@ -103,13 +103,14 @@ def main(argv=None) -> int:
     cache = model.init_cache(1, args.length)
     cache["pos"] = jnp.asarray(args.length - 1, jnp.int32)
     token = jnp.zeros((1,), jnp.int32)
-    profile(name, "decode", lambda s, t, c: nnx.merge(graphdef, s).decode_step(t, c),
+    profile(name, "decode",
+            lambda s, t, c, graphdef=graphdef: nnx.merge(graphdef, s).decode_step(t, c),
             (state, token, cache), args.steps)
     if args.prefill_length:
       n = args.prefill_length
       tokens = jnp.zeros((1, n), jnp.int32)
 
-      def prefill(s, t, n=n):
+      def prefill(s, t, n=n, graphdef=graphdef):
         logits, cache = nnx.merge(graphdef, s).prefill(t, n)
         return logits[:, -1], cache
 

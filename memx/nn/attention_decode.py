@@ -15,10 +15,11 @@ the cache it is given):
                  R_g = min(max span_h, max_len - S_g)
   (capacity cap_g = S_g + R_g <= max_len), the KV heads' slots side by side in one [B, sum_g
   cap_g, K] buffer each for keys and values, plus the absolute position stored in every slot
-  (int32, -1 = empty). A step scores all slots with one einsum and masks other KV heads' slots. Query head h at position pos sees
-  slot s when 0 <= slot_pos[s] <= pos and (pos - slot_pos[s] <= span_h - 1 or slot_pos[s] <
-  sink_h): exactly the keys the dense mask lets it see, since the ring always holds the R_g >=
-  span_h most recent positions past the sinks. KV memory therefore follows the plan's density.
+  (int32, -1 = empty). A step scores all slots with one einsum and masks other KV heads' slots.
+  Query head h at position pos sees slot s when 0 <= slot_pos[s] <= pos and (pos - slot_pos[s]
+  <= span_h - 1 or slot_pos[s] < sink_h): exactly the keys the dense mask lets it see, since
+  the ring always holds the R_g >= span_h most recent positions past the sinks. KV memory
+  therefore follows the plan's density.
 
 Plan length. A plan's spans depend on the sequence length N (span = clip(round(alpha + beta·N),
 1, N)). For a generation N is the cache's max_len (prompt + generated tokens, known when the
