@@ -24,6 +24,24 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def load_script():
+  """Imports a repository file that is not a package module (scripts/bench_*.py, experiment
+  pipelines) by its path from the repository root: load_script("scripts/bench_ssm.py")."""
+  import importlib.util  # noqa: PLC0415
+
+  def load(relpath: str):
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+  return load
+
 
 @pytest.fixture(scope="session")
 def _compilation_cache(tmp_path_factory) -> pathlib.Path:

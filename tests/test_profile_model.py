@@ -2,21 +2,10 @@
 report (no GPU kernels there, so the totals are empty but every phase is listed)."""
 
 import gzip
-import importlib.util
 import json
-import pathlib
-
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "profile_model.py"
 
 
-def _load():
-  spec = importlib.util.spec_from_file_location("profile_model", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_device_kernel_times_sums_gpu_events_only(tmp_path):
+def test_device_kernel_times_sums_gpu_events_only(tmp_path, load_script):
   events = [
       {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
       {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
@@ -30,13 +19,15 @@ def test_device_kernel_times_sums_gpu_events_only(tmp_path):
   trace.parent.mkdir(parents=True)
   with gzip.open(trace, "wt") as f:
     json.dump({"traceEvents": events}, f)
-  assert _load().device_kernel_times(tmp_path) == {"fusion_1": 7.5, "gemm": 2.0}
-  assert _load().device_kernel_times(tmp_path / "plugins" / "none") == {}
+  profile_model = load_script("scripts/profile_model.py")
+  assert profile_model.device_kernel_times(tmp_path) == {"fusion_1": 7.5, "gemm": 2.0}
+  assert profile_model.device_kernel_times(tmp_path / "plugins" / "none") == {}
 
 
-def test_cpu_run_writes_every_phase(tmp_path):
-  _load().main(["--out", str(tmp_path), "--length", "64", "--n-layers", "2", "--steps", "1",
-                "--models", "linear", "--prefill-length", "64"])
+def test_cpu_run_writes_every_phase(tmp_path, load_script):
+  profile_model = load_script("scripts/profile_model.py")
+  profile_model.main(["--out", str(tmp_path), "--length", "64", "--n-layers", "2", "--steps", "1",
+                      "--models", "linear", "--prefill-length", "64"])
   report = json.loads((tmp_path / "profile.json").read_text())
   assert set(report) == {"linear decode", "linear prefill"}
   assert all(r["ms"] > 0 for r in report.values())

@@ -1,8 +1,6 @@
 """scripts/bench_distill.py and memx.distill.speed: a tiny end-to-end run, constant decode state."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
@@ -12,8 +10,6 @@ from memx.distill.speed import markdown, summarize
 from memx.models.config import ModelConfig
 from memx.models.decode import cache_bytes
 from memx.models.transformer import TransformerLM
-
-_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_distill.py"
 
 
 def test_linear_student_decode_state_is_constant_in_length():
@@ -43,10 +39,8 @@ def test_summary_finds_crossover_and_ratio():
 
 
 @pytest.mark.slow  # ten small compiles: ~15 s on 2 cores
-def test_bench_tiny_end_to_end(tmp_path):
-  spec = importlib.util.spec_from_file_location("bench_distill", _SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+def test_bench_tiny_end_to_end(tmp_path, load_script):
+  bench = load_script("scripts/bench_distill.py")
   assert bench.main(["--out", str(tmp_path), "--d-model", "32", "--n-layers", "2",
                      "--n-heads", "2", "--n-kv-heads", "1", "--dtype", "float32",
                      "--lengths", "32,64", "--teacher-max", "32", "--chunk", "16",

@@ -1,21 +1,10 @@
 """scripts/bench_attention.py runs end to end on tiny CPU shapes and writes its reports."""
 
-import importlib.util
 import json
-import pathlib
-
-_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_attention.py"
 
 
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("bench_attention", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_bench_quick_smoke(tmp_path):
-  bench = _load_bench()
+def test_bench_quick_smoke(tmp_path, load_script):
+  bench = load_script("scripts/bench_attention.py")
   bench.main(["--out", str(tmp_path), "--quick", "--seqs", "64", "--tokens", "128",
               "--masks", "causal,moa,packed", "--impls", "dispatch,xla", "--reps", "2"])
   results = json.loads((tmp_path / "results.json").read_text())

@@ -1,21 +1,10 @@
 """scripts/bench_ssm.py runs end to end on tiny CPU shapes and writes its reports."""
 
-import importlib.util
 import json
-import pathlib
-
-_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_ssm.py"
 
 
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("bench_ssm", _SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_bench_tiny_smoke(tmp_path):
-  bench = _load_bench()
+def test_bench_tiny_smoke(tmp_path, load_script):
+  bench = load_script("scripts/bench_ssm.py")
   bench.main(["--out", str(tmp_path), "--tiny", "--repeats", "2", "--forms", "xla,lax_scan"])
   results = json.loads((tmp_path / "results.json").read_text())
   rows = [r for r in results["records"] if r["form"] != "pallas_gpu"]

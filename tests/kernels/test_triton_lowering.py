@@ -74,12 +74,10 @@ def _check_fp32_dots(modules, dtype):
 DTYPES = pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 
 
-@DTYPES
-@pytest.mark.parametrize("case", ["causal", "dense_gqa_t_ne_s", "sinks_head_dim_24",
-                                  "per_head_bidirectional", "block_sparse_empty_rows",
-                                  "segments_pair_masked_rows", "decode_offset_window"])
-def test_attention_lowers(triton_modules, case, dtype):
+def _lower_attention_case(case, dtype, **block_options):
+  """Lowers a test_attention case's forward and backward (values, then the VJP)."""
   shape, mask, segment_ids, blocks = ta.CASES[case]
+  blocks = dataclasses.replace(blocks, **block_options)
   q, k, v, do = ta._inputs(shape, dtype)
 
   def fn(q, k, v, do):
@@ -89,6 +87,14 @@ def test_attention_lowers(triton_modules, case, dtype):
     return out, vjp(do)
 
   _lower_for_cuda(fn, q, k, v, do)
+
+
+@DTYPES
+@pytest.mark.parametrize("case", ["causal", "dense_gqa_t_ne_s", "sinks_head_dim_24",
+                                  "per_head_bidirectional", "block_sparse_empty_rows",
+                                  "segments_pair_masked_rows", "decode_offset_window"])
+def test_attention_lowers(triton_modules, case, dtype):
+  _lower_attention_case(case, dtype)
   assert len(triton_modules) == 3  # forward, dK/dV, dQ
   _check_fp32_dots(triton_modules, dtype)
 
@@ -97,17 +103,7 @@ def test_attention_lowers(triton_modules, case, dtype):
 @pytest.mark.parametrize("case", ["causal", "dense_gqa_t_ne_s", "segments_causal"])
 def test_attention_atomic_dq_lowers(triton_modules, case, dtype):
   """dq_atomic: two kernels (forward, dK/dV with dQ atomics), fp32 atomic adds."""
-  shape, mask, segment_ids, blocks = ta.CASES[case]
-  blocks = dataclasses.replace(blocks, dq_atomic=True)
-  q, k, v, do = ta._inputs(shape, dtype)
-
-  def fn(q, k, v, do):
-    out, vjp = jax.vjp(lambda q, k, v: attention(
-        q, k, v, mask=mask, segment_ids=segment_ids, implementation="pallas_gpu",
-        block_sizes=blocks), q, k, v)
-    return out, vjp(do)
-
-  _lower_for_cuda(fn, q, k, v, do)
+  _lower_attention_case(case, dtype, dq_atomic=True)
   assert len(triton_modules) == 2
   assert "tt.atomic_rmw fadd" in triton_modules[1]
   _check_fp32_dots(triton_modules, dtype)

@@ -1,6 +1,5 @@
 """experiments/matmulfree: its configs validate; the pipeline end to end at its tiny size (slow)."""
 
-import importlib.util
 import json
 
 import pytest
@@ -21,10 +20,8 @@ def test_sweep_configs_validate():
 
 
 @pytest.mark.slow
-def test_tiny_pipeline(tmp_path):
-  spec = importlib.util.spec_from_file_location("matmulfree_pipeline", PIPELINE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+def test_tiny_pipeline(tmp_path, load_script):
+  module = load_script(PIPELINE)
   assert module.main(["--variant", "tiny", "--workdir", str(tmp_path)]) == 0
   sweep = tmp_path / "matmulfree-tiny"
   summary = json.loads((sweep / "matmulfree_summary.json").read_text())

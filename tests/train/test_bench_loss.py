@@ -1,15 +1,7 @@
 """scripts/bench_loss.py measures both loss forms at a small size; the blocked one is lighter."""
 
-import importlib.util
-import pathlib
-
-_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_loss.py"
-
-
-def test_bench_loss_small():
-  spec = importlib.util.spec_from_file_location("bench_loss", _SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+def test_bench_loss_small(load_script):
+  bench = load_script("scripts/bench_loss.py")
   full, blocked = bench.bench(d=32, layers=1, vocabs=(4096,), batch=2, seq=64, block=512, reps=2)
   assert full["loss"] == "full logits" and blocked["loss"] == "vocab blocks of 512"
   assert full["step ms"] > 0 and blocked["step ms"] > 0

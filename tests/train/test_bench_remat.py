@@ -1,18 +1,12 @@
 """scripts/bench_remat.py at a small size: layer recompute keeps less than plain autodiff, and
 remat="dots" costs fewer FLOPs than the matmul-only policy it replaced."""
 
-import importlib.util
-import pathlib
 
 import jax
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_remat.py"
 
-
-def test_bench_remat_small():
-  spec = importlib.util.spec_from_file_location("bench_remat", _SCRIPT)
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+def test_bench_remat_small(load_script):
+  bench = load_script("scripts/bench_remat.py")
   checkpoint = jax.checkpoint
   rows = bench.bench(d=64, layers=1, vocab=256, batch=1, seq=512, mixers=("mamba2",))
   assert jax.checkpoint is checkpoint  # the baseline's patch is undone
