@@ -223,13 +223,13 @@ def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
   left, _, sink = _head_rules(mask, cfg.n_heads)
   rep = cfg.n_heads // cfg.kv_heads
   pos = jnp.asarray(pos, jnp.int32)
-  starts = np.cumsum((0,) + cache.caps[:-1])
   slots = []
   for g, (n_sink, n_ring) in enumerate(layout):
+    start = cache.group(g).start
     if n_ring == 0:                      # every position is a sink (sink_h = max_len)
-      slots.append(starts[g] + pos)
+      slots.append(start + pos)
     else:
-      slots.append(starts[g] + jnp.where(pos < n_sink, pos, n_sink + (pos - n_sink) % n_ring))
+      slots.append(start + jnp.where(pos < n_sink, pos, n_sink + (pos - n_sink) % n_ring))
   slots = jnp.stack(slots)                                             # [G]: one slot per head
   kc = cache.k.at[:, slots].set(k[:, 0], unique_indices=True)
   vc = cache.v.at[:, slots].set(v[:, 0], unique_indices=True)

@@ -156,7 +156,7 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
     m_prev, l_prev, acc = carry
     k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
-    s = _dot(q, k, trans_b=True) * c                # fp32 [bq, bk], base-2 logits
+    s = _dot(q, k, trans_b=True) * c                      # fp32 [bq, bk], base-2 logits
     if elementwise:
       kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
       vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg)
@@ -421,8 +421,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def make_plan(q_shape, k_shape, *, mask: Mask, segments: bool, scale: float | None,
-              block_sizes: BlockSizes | None, interpret: bool, itemsize: int = 2) -> _Plan:
-  """Validates sizes and fixes tiles, padding and per-head structure (no tracing)."""
+              block_sizes: BlockSizes | None, interpret: bool, itemsize: int) -> _Plan:
+  """Validates sizes and fixes tiles, padding and per-head structure (no tracing). itemsize:
+  bytes per input element, which picks the default tiles."""
   _, t, h, d = q_shape
   s, g = k_shape[1], k_shape[2]
   d_pad = max(16, 1 << (d - 1).bit_length())
