@@ -22,6 +22,17 @@ teacher/student time ratio and the student's memory reduction.
                                                             # layers, bf16, lengths 4k..64k
   (scripts/gpu_check.sh runs 4 layers at 16k, 64k and 128k, the teacher up to 64k, to fit its
   time budget.)
+Chunked prefill (--prefill-chunks whole,2048: one table per mode): `prefill(chunk_size=C)` runs
+the prompt C tokens at a time, so activations follow C and only the decode state grows with L
+(the teacher's KV cache; nothing for the linear student). --memory-only compiles without
+running: exact memory for GPU-sized models on a CPU. XLA:CPU's own scheduling then inflates it,
+so read CPU memory with
+  XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false
+             --xla_cpu_experimental_ynn_fusion_type="
+(the concurrency-optimised scheduler hoists data-independent buffers, such as each chunk's scan
+output fill, to the start and keeps them all alive; YNNPACK fusions materialise broadcasts and
+fp32 copies of bf16 weights; neither happens on GPU). fp32 on CPU: bf16 dots run on fp32 copies.
+
 Goal (H100): the linear student's decode memory stays constant in L; at 64k its prefill is
 ≥ 5x faster than the teacher's with ≥ 70% less memory.
 """
@@ -81,6 +92,12 @@ def main(argv=None) -> int:
   p.add_argument("--lengths", default="4096,8192,16384,32768,65536")
   p.add_argument("--teacher-max", type=int, default=None,
                  help="longest length to run the teacher at (students go on beyond it)")
+  p.add_argument("--prefill-chunks", default="whole",
+                 help="comma list of prefill modes: 'whole' (the prompt at once) and/or chunk "
+                      "sizes (TransformerLM.prefill's chunk_size), each a table of its own")
+  p.add_argument("--memory-only", action="store_true",
+                 help="compile only: prefill memory and state bytes, no times (exact on CPU "
+                      "for any model size)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--budget-s", type=float, default=20.0, help="timing budget per measurement")
   args = p.parse_args(argv)
@@ -94,35 +111,47 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   lengths = [int(x) for x in args.lengths.split(",")]
+  modes = [None if m.strip() == "whole" else int(m) for m in args.prefill_chunks.split(",")]
   cfgs = model_configs(args)
   names = list(cfgs)
   mem_limit = device_limit()
   env = _env()
   print(f"bench_distill: {env}; d_model {args.d_model}, {args.n_layers} layers, "
         f"{args.n_heads} heads ({args.n_kv_heads} kv), {args.dtype}, batch {args.batch}")
-  rows = []
-  for n in lengths:
-    for name, cfg in cfgs.items():
-      if name == "teacher" and args.teacher_max is not None and n > args.teacher_max:
-        continue
-      row = measure(name, cfg, n, batch=args.batch, repeats=args.repeats,
-                    budget_s=args.budget_s, mem_limit=mem_limit)
-      rows.append(row)
-      print(f"  L={n:>6} {name:>8}: prefill {fmt_ms(row.get('prefill_s'))} ms "
-            f"{fmt_bytes(row.get('prefill_bytes'))}, decode {fmt_ms(row.get('decode_s'))} "
-            f"ms, state {fmt_bytes(row.get('state_bytes'))}", flush=True)
-  table = markdown(rows, names)
-  summary = summarize(rows, names)
+  rows, sections, summary = [], [], []
+  for mode in modes:
+    mode_rows = []
+    for n in lengths:
+      for name, cfg in cfgs.items():
+        if name == "teacher" and args.teacher_max is not None and n > args.teacher_max:
+          continue
+        row = measure(name, cfg, n, batch=args.batch, repeats=args.repeats,
+                      budget_s=args.budget_s, mem_limit=mem_limit, prefill_chunk=mode,
+                      timed=not args.memory_only)
+        mode_rows.append(row)
+        print(f"  L={n:>6} {name:>8} prefill {_mode(mode)}: {fmt_ms(row.get('prefill_s'))} "
+              f"ms {fmt_bytes(row.get('prefill_bytes'))}, decode "
+              f"{fmt_ms(row.get('decode_s'))} ms, state {fmt_bytes(row.get('state_bytes'))}",
+              flush=True)
+    lines = [f"{_mode(mode)}: {line}" for line in summarize(mode_rows, names)]
+    sections.append(f"Prefill {_mode(mode)}:\n\n{markdown(mode_rows, names)}\n\n"
+                    + "\n".join(lines))
+    rows += mode_rows
+    summary += lines
+  table = "\n\n".join(sections)
   text = (f"{env}\n\nd_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads "
           f"({args.n_kv_heads} kv), {args.dtype}, batch {args.batch}; params "
           + ", ".join(f"{r['model']} {r['params']:,}" for r in rows[:len(names)])
-          + "\n\n" + table + "\n\n" + "\n".join(summary) + "\n")
+          + "\n\n" + table + "\n")
   (out / "results.md").write_text(text)
   (out / "results.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows,
                                                 "summary": summary}, indent=2))
   print(table)
-  print("\n".join(summary))
   return 0
+
+
+def _mode(chunk: int | None) -> str:
+  return "whole" if chunk is None else f"in chunks of {chunk}"
 
 
 if __name__ == "__main__":

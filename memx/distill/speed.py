@@ -29,19 +29,25 @@ def device_limit() -> int | None:
 
 def measure(name: str, cfg: ModelConfig, length: int, *, batch: int = 1, repeats: int = 3,
             budget_s: float = 10.0, mem_limit: int | None = None,
-            model: TransformerLM | None = None, decode_tokens: int = 16) -> dict:
-  """{"model", "length", "prefill_s", "prefill_bytes", "decode_s", "state_bytes", "params",
-  "prefill_status"} of `cfg` (random weights unless `model` is given) at `length` tokens.
-  decode_s is seconds per token: `decode_tokens` steps in one compiled scan, divided."""
-  row = {"model": name, "length": length}
+            model: TransformerLM | None = None, decode_tokens: int = 16,
+            prefill_chunk: int | None = None, timed: bool = True) -> dict:
+  """{"model", "length", "prefill_chunk", "prefill_s", "prefill_bytes", "decode_s",
+  "state_bytes", "params", "prefill_status"} of `cfg` (random weights unless `model` is given)
+  at `length` tokens. decode_s is seconds per token: `decode_tokens` steps in one compiled
+  scan, divided. prefill_chunk: prefill in chunks of that many tokens (`TransformerLM.prefill`'s
+  chunk_size; None = the whole prompt at once). timed=False only compiles: memory and state
+  bytes, no times (exact on any backend, so CPU can read the memory of GPU-sized models)."""
+  row = {"model": name, "length": length, "prefill_chunk": prefill_chunk}
   decode_tokens = max(1, min(decode_tokens, length))
-  model = TransformerLM(cfg, rngs=nnx.Rngs(0)) if model is None else model
+  if model is None:  # untimed: shapes suffice, nothing is allocated
+    make = lambda: TransformerLM(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    model = make() if timed else nnx.eval_shape(make)
   graphdef, state = nnx.split(model)
   tokens = jnp.zeros((batch, length), jnp.int32)
 
   def prefill(state, tokens):
-    logits, cache = nnx.merge(graphdef, state).prefill(tokens, length)
-    return logits[:, -1], cache
+    return nnx.merge(graphdef, state).prefill(tokens, length, chunk_size=prefill_chunk,
+                                              last_logits=True)
 
   def decode(state, token, cache):
     # `decode_tokens` steps in one compiled scan, as memx.models.decode.generate runs them:
@@ -62,7 +68,9 @@ def measure(name: str, cfg: ModelConfig, length: int, *, batch: int = 1, repeats
     ma = compiled.memory_analysis()
     if ma is not None:
       row["prefill_bytes"] = int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
-    if mem_limit and row.get("prefill_bytes", 0) > 0.9 * mem_limit:
+    if not timed:
+      row["prefill_status"] = "ok"
+    elif mem_limit and row.get("prefill_bytes", 0) > 0.9 * mem_limit:
       row["prefill_status"] = f"skipped: needs {row['prefill_bytes'] / 2**30:.1f} GiB"
     else:
       row["prefill_s"] = median_time(compiled, (state, tokens), repeats, budget_s)
@@ -71,13 +79,17 @@ def measure(name: str, cfg: ModelConfig, length: int, *, batch: int = 1, repeats
     row["prefill_status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
     traceback.print_exc(file=sys.stderr)
   try:
-    cache = model.init_cache(batch, length)
+    cache = (model.init_cache(batch, length) if timed else
+             jax.eval_shape(lambda: model.init_cache(batch, length)))
     # The last decode_tokens slots: every step's attention reads (nearly) the whole cache.
-    cache["pos"] = jnp.asarray(length - decode_tokens, jnp.int32)
+    if timed:
+      cache["pos"] = jnp.asarray(length - decode_tokens, jnp.int32)
     row["state_bytes"] = cache_bytes(cache)
-    token = jnp.zeros((batch,), jnp.int32)
-    step = jax.jit(decode).lower(state, token, cache).compile()
-    row["decode_s"] = median_time(step, (state, token, cache), repeats, budget_s) / decode_tokens
+    if timed:
+      token = jnp.zeros((batch,), jnp.int32)
+      step = jax.jit(decode).lower(state, token, cache).compile()
+      row["decode_s"] = (median_time(step, (state, token, cache), repeats, budget_s)
+                         / decode_tokens)
   except Exception as e:  # noqa: BLE001
     row["decode_status"] = f"error: {type(e).__name__}: {str(e)[:200]}"
     traceback.print_exc(file=sys.stderr)
@@ -99,26 +111,32 @@ def fmt_bytes(b):
 
 
 def summarize(rows: list[dict], names: list[str]) -> list[str]:
-  """Crossover length and the ratios at the longest length both models ran, per student."""
+  """Crossover length and the ratios at the longest length both models ran, per student (with
+  memory-only rows: the memory ratios at the longest length both compiled)."""
   by = {(r["model"], r["length"]): r for r in rows}
   lengths = sorted({r["length"] for r in rows})
+  timed = any(r.get("prefill_s") for r in rows)
+  key = "prefill_s" if timed else "prefill_bytes"
   lines = []
   for student in names[1:]:
-    both = [n for n in lengths if by.get(("teacher", n), {}).get("prefill_s")
-            and by.get((student, n), {}).get("prefill_s")]
+    both = [n for n in lengths if by.get(("teacher", n), {}).get(key)
+            and by.get((student, n), {}).get(key)]
     if not both:
       lines.append(f"{student}: no length where both ran")
       continue
-    faster = [n for n in both if by[(student, n)]["prefill_s"] < by[("teacher", n)]["prefill_s"]]
-    cross = f"{faster[0]}" if faster else f"none up to {both[-1]}"
     n = both[-1]
     t, s = by[("teacher", n)], by[(student, n)]
     mem = 1 - s["prefill_bytes"] / t["prefill_bytes"] if t.get("prefill_bytes") else None
     dec = 1 - s["state_bytes"] / t["state_bytes"] if t.get("state_bytes") else None
+    if timed:
+      faster = [m for m in both if by[(student, m)][key] < by[("teacher", m)][key]]
+      cross = f"{faster[0]}" if faster else f"none up to {both[-1]}"
+      head = (f"{student}: prefill crossover at L = {cross}; at L = {n}: prefill "
+              f"{t['prefill_s'] / s['prefill_s']:.2f}x faster, ")
+    else:
+      head = f"{student}: at L = {n} (compiled, not run): "
     lines.append(
-        f"{student}: prefill crossover at L = {cross}; at L = {n}: prefill "
-        f"{t['prefill_s'] / s['prefill_s']:.2f}x faster, "
-        + ("–" if mem is None else f"{100 * mem:.1f}% less prefill memory")
+        head + ("–" if mem is None else f"{100 * mem:.1f}% less prefill memory")
         + ("" if dec is None else f", {100 * dec:.1f}% smaller decode state")
         + (f", decode step {t['decode_s'] / s['decode_s']:.2f}x faster"
            if t.get("decode_s") and s.get("decode_s") else ""))

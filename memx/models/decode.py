@@ -1,12 +1,13 @@
 """Autoregressive generation with the models' recurrent forms (O(1) state per SSM layer).
 
 `generate` runs the prompt through the parallel forward once (`prefill`, which also returns
-each layer's decode state), then one `decode_step` per new token inside a `lax.scan`. SSM and
-linear-attention layers carry fixed-size states, so their memory per sequence does not grow
-with the length; attention layers keep a KV cache of max_len tokens, or, in layers of a sparse
-plan (ModelConfig.attn_plan), per-head sink + ring buffers sized to each head's span at
-N = max_len (memx.nn.attention_decode). `kv_cache_bytes(cfg, max_len, batch)` is the exact size
-of the keys and values; per token of context, divide by max_len.
+each layer's decode state; with prefill_chunk, a chunk at a time), then one `decode_step` per
+new token inside a `lax.scan`. SSM and linear-attention layers carry fixed-size states, so
+their memory per sequence does not grow with the length; attention layers keep a KV cache of
+max_len tokens, or, in layers of a sparse plan (ModelConfig.attn_plan), per-head sink + ring
+buffers sized to each head's span at N = max_len (memx.nn.attention_decode).
+`kv_cache_bytes(cfg, max_len, batch)` is the exact size of the keys and values; per token of
+context, divide by max_len.
 """
 
 import functools
@@ -35,12 +36,14 @@ def _sample(logits, key, temperature: float):
 
 def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: int, *,
              temperature: float = 0.0, rng: jax.Array | None = None,
-             max_len: int | None = None) -> Int[Array, "B S"]:
+             max_len: int | None = None, prefill_chunk: int | None = None
+             ) -> Int[Array, "B S"]:
   """Prompt [B, T] → prompt followed by max_new_tokens sampled tokens [B, T + max_new_tokens].
 
   temperature 0 is greedy decoding (no rng needed); otherwise rng is required. max_len (default
   T + max_new_tokens) sizes the attention layers' KV caches and is the length N at which a
-  sparse plan's spans are taken.
+  sparse plan's spans are taken. prefill_chunk: prefill the prompt that many tokens at a time
+  (same tokens; the prefill's activations scale with the chunk, not the prompt).
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -54,15 +57,18 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
     raise ValueError(f"generate: max_len {max_len} < prompt {t} + new tokens {max_new_tokens}")
   keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompt, keys, max_len=max_len, temperature=temperature)
+  return _generate(graphdef, state, prompt, keys, max_len=max_len, temperature=temperature,
+                   prefill_chunk=prefill_chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature"))
-def _generate(graphdef, state, prompt, keys, *, max_len: int, temperature: float):
-  """Compiled once per (model structure, shapes, max_len, temperature)."""
+@functools.partial(jax.jit,
+                   static_argnames=("graphdef", "max_len", "temperature", "prefill_chunk"))
+def _generate(graphdef, state, prompt, keys, *, max_len: int, temperature: float,
+              prefill_chunk: int | None):
+  """Compiled once per (model structure, shapes, max_len, temperature, prefill chunk)."""
   model = nnx.merge(graphdef, state)
-  logits, cache = model.prefill(prompt, max_len)
-  first = _sample(logits[:, -1], keys[0], temperature)
+  logits, cache = model.prefill(prompt, max_len, chunk_size=prefill_chunk, last_logits=True)
+  first = _sample(logits, keys[0], temperature)
 
   def body(carry, key):
     tok, cache = carry

@@ -82,12 +82,14 @@ class Block(nnx.Module):
       return attention_decode.init_cache(self.attn, batch, max_len, full=full_cache)
     return self.mixer.init_cache(batch)
 
-  def prefill(self, x, positions, max_len: int, lower_bound=None, full_cache: bool = False):
+  def extend(self, x, start: int, cache, lower_bound=None):
+    """x [B, C, D] at positions start..start+C-1, continuing from `cache` (the state after
+    positions 0..start-1; an empty one for start 0) → (block output, the state after them)."""
     if self.kind == "attention":
-      y, cache = attention_decode.prefill(self.attn, self.attn_norm(x), positions, max_len,
-                                          full=full_cache)
+      y, cache = attention_decode.extend(self.attn, self.attn_norm(x), start, cache)
     else:
-      y, cache = self.mixer(self.mixer_norm(x), return_state=True, **self._lb(lower_bound))
+      y, cache = self.mixer(self.mixer_norm(x), return_state=True, state=cache,
+                            **self._lb(lower_bound))
     return self._mlp(x + y), cache
 
   def step(self, x_t, pos, cache, lower_bound=None):
@@ -192,24 +194,47 @@ class TransformerLM(nnx.Module):
     return {"pos": jnp.zeros((), jnp.int32),
             "layers": [block.init_cache(batch, max_len, full_cache) for block in self.blocks]}
 
-  def prefill(self, tokens: Int[Array, "B T"], max_len: int, *, full_cache: bool = False):
+  def prefill(self, tokens: Int[Array, "B T"], max_len: int, *, full_cache: bool = False,
+              chunk_size: int | None = None, last_logits: bool = False):
     """Parallel forward over a prompt that also returns the decode state after it.
 
-    Returns (logits [B, T, V] float32, cache). All rows share one position (equal-length
-    prompts); max_len bounds prompt + generated tokens for the attention caches, and is the
-    length N at which sparse-plan layers take their spans, in the prompt as in every later
-    step (so the logits are those of `self(tokens)` on a max_len-token sequence, not of a
-    T-token one, unless the plan's spans do not depend on N). full_cache: see init_cache.
+    Returns (logits [B, T, V] float32, or [B, V] for the last token with last_logits, cache).
+    All rows share one position (equal-length prompts); max_len bounds prompt + generated
+    tokens for the attention caches, and is the length N at which sparse-plan layers take their
+    spans, in the prompt as in every later step (so the logits are those of `self(tokens)` on a
+    max_len-token sequence, not of a T-token one, unless the plan's spans do not depend on N).
+    full_cache: see init_cache.
+
+    chunk_size: prefill the prompt C tokens at a time, each chunk continuing from the state the
+    previous one left (`Block.extend`): the same logits and state as whole, with activations
+    that scale with C instead of T. What stays is the decode state itself: constant for SSM and
+    linear-attention layers, a KV cache of max_len tokens per attention layer (per-head rings
+    under a sparse plan). The chunks run one after another (unrolled: the offsets are static,
+    so attention still skips the blocks its causal mask empties).
     """
-    if tokens.shape[1] > max_len:
-      raise ValueError(f"prefill: prompt length {tokens.shape[1]} exceeds max_len {max_len}")
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x = self._embed(tokens)
-    caches = []
-    for block, lb in zip(self.blocks, self._layer_bounds(), strict=True):
-      x, cache = block.prefill(x, positions, max_len, lb, full_cache)
-      caches.append(cache)
-    return self._logits(x), {"pos": jnp.asarray(tokens.shape[1], jnp.int32), "layers": caches}
+    b, t = tokens.shape
+    if t > max_len:
+      raise ValueError(f"prefill: prompt length {t} exceeds max_len {max_len}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+      raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
+    chunk = t if chunk_size is None else min(chunk_size, t)
+    caches = self.init_cache(b, max_len, full_cache=full_cache)["layers"]
+    bounds = self._layer_bounds()
+    logits = []
+    for start in range(0, t, chunk):
+      ids = tokens[:, start:start + chunk]
+      if start:
+        # Nothing of this chunk may start before the previous one is done: otherwise XLA is
+        # free to hoist what needs only the tokens (every chunk's embeddings and first-layer
+        # projections) and keep it all alive, giving back the memory chunking saves.
+        ids, caches = jax.lax.optimization_barrier((ids, caches))
+      x = self._embed(ids)
+      for i, block in enumerate(self.blocks):
+        x, caches[i] = block.extend(x, start, caches[i], bounds[i])
+      if not last_logits or start + chunk >= t:
+        logits.append(self._logits(x[:, -1] if last_logits else x))
+    logits = logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=1)
+    return logits, {"pos": jnp.asarray(t, jnp.int32), "layers": caches}
 
   def decode_step(self, tokens: Int[Array, " B"], cache: dict):
     """One token per row at position cache["pos"] → (logits [B, V] float32, next cache)."""

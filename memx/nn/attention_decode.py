@@ -48,20 +48,9 @@ from memx.kernels.attention.reference import MASK_VALUE
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES
 from memx.nn.attention import Attention, layer_mask
-from memx.nn.rope import apply_rope
 
 # "No window" in the integer visibility tests: larger than any position difference.
 _UNBOUNDED = 1 << 30
-
-
-def _qkv(attn: Attention, x, positions):
-  dt = DTYPES[attn.cfg.compute_dtype]
-  q = jnp.einsum("btd,dhk->bthk", x, attn.wq[...].astype(dt))
-  k = jnp.einsum("btd,dgk->btgk", x, attn.wk[...].astype(dt))
-  v = jnp.einsum("btd,dgk->btgk", x, attn.wv[...].astype(dt))
-  q = apply_rope(q, positions, theta=attn.cfg.rope_theta)
-  k = apply_rope(k, positions, theta=attn.cfg.rope_theta)
-  return q, k, v
 
 
 def _head_rules(mask: Mask, num_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,38 +156,88 @@ def _init_plan_cache(attn: Attention, batch: int, max_len: int) -> PlanCache:
                    slot_pos=jnp.full((total,), -1, jnp.int32), max_len=max_len, caps=caps)
 
 
-def _fill_ring(buf, pos: np.ndarray, val, n_sink: int, n_ring: int):
-  """Writes a prompt's keys (or values) val [B, T, K] at positions 0..T-1 into one KV head's
-  buffer [B, cap, K]: the sink positions and the last n_ring positions past them, with static
-  slices (each slot written at most once). Updates the numpy slot positions `pos` in place."""
-  t = val.shape[1]
-  ns = min(n_sink, t)
-  buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, :ns], 0, axis=1)
-  pos[:ns] = np.arange(ns)
-  n = min(n_ring, t - ns)
+def _ring_slots(n_sink: int, n_ring: int, t: int) -> np.ndarray:
+  """int32 [n_sink + n_ring]: the position each slot of one KV head's buffer holds once
+  positions 0..t-1 are written (-1 = empty). Static: the layout follows from t alone."""
+  pos = np.full(n_sink + n_ring, -1, np.int32)
+  pos[:min(n_sink, t)] = np.arange(min(n_sink, t))
+  if n_ring:
+    ring = np.arange(max(n_sink, t - n_ring), t)
+    pos[n_sink + (ring - n_sink) % n_ring] = ring
+  return pos
+
+
+def _write_ring(buf, val, start: int, n_sink: int, n_ring: int):
+  """Writes the keys (or values) val [B, T, K] of positions start..start+T-1 into one KV head's
+  buffer [B, cap, K] with static slices: the sink positions among them, and the last n_ring
+  positions past the sinks (each slot written at most once)."""
+  end = start + val.shape[1]
+  if start < n_sink:
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, :min(n_sink, end) - start], start, 1)
+  p0 = max(n_sink, start, end - n_ring)  # first position that lands in the ring
+  n = end - p0
   if n > 0:
-    p0 = t - n
     s0 = (p0 - n_sink) % n_ring
     first = min(n, n_ring - s0)          # slots s0 .. n_ring - 1, then wrap to slot 0
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, p0:p0 + first], n_sink + s0, axis=1)
-    pos[n_sink + s0:n_sink + s0 + first] = np.arange(p0, p0 + first)
+    lo = p0 - start
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, lo:lo + first], n_sink + s0, 1)
     if n > first:
-      buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, p0 + first:], n_sink, axis=1)
-      pos[n_sink:n_sink + n - first] = np.arange(p0 + first, t)
+      buf = jax.lax.dynamic_update_slice_in_dim(buf, val[:, lo + first:], n_sink, 1)
   return buf
 
 
-def _prefill_plan_cache(attn: Attention, k, v, max_len: int) -> PlanCache:
-  cache = _init_plan_cache(attn, k.shape[0], max_len)
-  ks, vs, ps = [], [], []
-  for g, (n_sink, n_ring) in enumerate(_plan_layout(attn, max_len)):
-    pos = np.full(n_sink + n_ring, -1, np.int32)
-    ks.append(_fill_ring(cache.k[:, cache.group(g)], pos, k[:, :, g], n_sink, n_ring))
-    vs.append(_fill_ring(cache.v[:, cache.group(g)], pos, v[:, :, g], n_sink, n_ring))
-    ps.append(pos)
-  return dataclasses.replace(cache, k=jnp.concatenate(ks, axis=1),
-                             v=jnp.concatenate(vs, axis=1),
-                             slot_pos=jnp.asarray(np.concatenate(ps)))
+def _held_in_order(buf, start: int, n_sink: int, n_ring: int):
+  """(keys [B, L, K], index of position `start`): one KV head's held keys (or values) in an
+  order in which the masks' position arithmetic stays exact for queries at start and later.
+
+  While start <= n_sink + n_ring nothing has been overwritten: slots 0..start-1 hold positions
+  0..start-1. Later, the sinks (positions 0..n_sink-1) come first, then the ring rotated into
+  position order (start - n_ring .. start - 1), so that position start sits at index
+  n_sink + n_ring. Index differences then equal position differences for every ring key, and a
+  sink slot a head does not treat as a sink lies further back by index (> n_ring, which is at
+  least its span) than any window reaches, as it does by position: masks see what they would.
+  """
+  if start <= n_sink + n_ring:
+    return buf[:, :start], start
+  r0 = (start - n_sink) % n_ring  # slot of position start - n_ring: the oldest ring entry
+  ring = buf[:, n_sink:]
+  return jnp.concatenate([buf[:, :n_sink], ring[:, r0:], ring[:, :r0]], axis=1), n_sink + n_ring
+
+
+def _plan_extend(attn: Attention, q, k, v, start: int, cache: PlanCache, mask: Mask):
+  """Chunk attention for a ring-cache layer: per KV head, the chunk's queries over the keys it
+  holds (`_held_in_order`) and the chunk's own keys; then the chunk is written into the rings."""
+  cfg = attn.cfg
+  layout = ring_layout(mask, cfg.n_heads, cfg.kv_heads, cache.max_len)
+  _check_caps(attn, cache, layout)
+  rep = cfg.n_heads // cfg.kv_heads
+  heads = mask.heads(cfg.n_heads)
+  end = start + q.shape[1]
+  outs, ks, vs = [], [], []
+  for g, (n_sink, n_ring) in enumerate(layout):
+    kg, vg = cache.k[:, cache.group(g)], cache.v[:, cache.group(g)]
+    (k_held, offset), (v_held, _) = (_held_in_order(buf, start, n_sink, n_ring)
+                                     for buf in (kg, vg))
+    hs = heads[g * rep:(g + 1) * rep]
+    group_mask = Mask(causal=True, window_left=tuple(m.window_left for m in hs),
+                      n_sink=tuple(min(m.n_sink, end) for m in hs), q_offset=offset)
+    keys = jnp.concatenate([k_held, k[:, :, g]], axis=1)[:, :, None]
+    vals = jnp.concatenate([v_held, v[:, :, g]], axis=1)[:, :, None]
+    outs.append(attention(q[:, :, g * rep:(g + 1) * rep], keys, vals, mask=group_mask,
+                          implementation=cfg.attn_impl))
+    ks.append(_write_ring(kg, k[:, :, g], start, n_sink, n_ring))
+    vs.append(_write_ring(vg, v[:, :, g], start, n_sink, n_ring))
+  slot_pos = np.concatenate([_ring_slots(s, r, end) for s, r in layout])
+  cache = dataclasses.replace(cache, k=jnp.concatenate(ks, axis=1),
+                              v=jnp.concatenate(vs, axis=1), slot_pos=jnp.asarray(slot_pos))
+  return jnp.concatenate(outs, axis=2), cache
+
+
+def _check_caps(attn: Attention, cache: PlanCache, layout) -> None:
+  if cache.caps != tuple(s + r for s, r in layout):
+    raise ValueError(f"attention decode: layer {attn.layer}'s ring cache has slots {cache.caps} "
+                     f"per KV head, but its plan at max_len {cache.max_len} needs {layout} "
+                     f"(sink, ring) slots: the cache was made for another config")
 
 
 def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
@@ -216,10 +255,7 @@ def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
   dt = DTYPES[cfg.compute_dtype]
   mask = attn.mask(cache.max_len)
   layout = ring_layout(mask, cfg.n_heads, cfg.kv_heads, cache.max_len)
-  if cache.caps != tuple(s + r for s, r in layout):
-    raise ValueError(f"attention decode: layer {attn.layer}'s ring cache has slots {cache.caps} "
-                     f"per KV head, but its plan at max_len {cache.max_len} needs {layout} "
-                     f"(sink, ring) slots: the cache was made for another config")
+  _check_caps(attn, cache, layout)
   left, _, sink = _head_rules(mask, cfg.n_heads)
   rep = cfg.n_heads // cfg.kv_heads
   pos = jnp.asarray(pos, jnp.int32)
@@ -261,20 +297,40 @@ def init_cache(attn: Attention, batch: int, max_len: int, *, full: bool = False)
   return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
 
-def prefill(attn: Attention, x, positions, max_len: int, *, full: bool = False):
+def prefill(attn: Attention, x, max_len: int, *, full: bool = False):
   """The parallel forward over a prompt x [B, T, D] at positions 0..T-1 with the layer's mask
   at N = max_len, plus the decode state holding the prompt's keys/values (see init_cache)."""
-  dt = DTYPES[attn.cfg.compute_dtype]
-  q, k, v = _qkv(attn, x, positions)
-  mask = _prefix_mask(attn.mask(max_len), x.shape[1])
-  out = attention(q, k, v, mask=mask, implementation=attn.cfg.attn_impl)
-  out = jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt))
-  if is_plan_layer(attn.cfg, attn.layer) and not full:
-    return out, _prefill_plan_cache(attn, k, v, max_len)
-  cache = init_cache(attn, x.shape[0], max_len, full=True)
-  cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val, 0, axis=1)
-           for name, val in (("k", k), ("v", v))}
-  return out, cache
+  return extend(attn, x, 0, init_cache(attn, x.shape[0], max_len, full=full))
+
+
+def extend(attn: Attention, x, start: int, cache):
+  """Continues a prefill by a chunk: x [B, C, D] at positions start..start+C-1 (static), on a
+  cache holding positions 0..start-1 → (y [B, C, D], the cache holding 0..start+C-1).
+
+  The chunk's queries attend to the cached keys and their own (the mask at N = max_len, offset
+  by start), so prefilling a prompt chunk by chunk equals prefilling it whole, while the
+  activations scale with the chunk. A dense cache is read up to start + C; a ring cache per KV
+  head (`_held_in_order`), whose rings hold every key a chunk query can see.
+  """
+  cfg = attn.cfg
+  dt = DTYPES[cfg.compute_dtype]
+  b, c = x.shape[:2]
+  max_len = cache.max_len if isinstance(cache, PlanCache) else cache["k"].shape[1]
+  if start < 0 or start + c > max_len:
+    raise ValueError(f"attention extend: positions {start}..{start + c - 1} do not fit the "
+                     f"cache of max_len {max_len}")
+  q, k, v = attn.qkv(x, jnp.broadcast_to(jnp.arange(start, start + c), (b, c)))
+  mask = attn.mask(max_len)
+  if isinstance(cache, PlanCache):
+    out, cache = _plan_extend(attn, q, k, v, start, cache, mask)
+  else:
+    cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val, start, axis=1)
+             for name, val in (("k", k), ("v", v))}
+    end = start + c
+    out = attention(q, cache["k"][:, :end], cache["v"][:, :end],
+                    mask=dataclasses.replace(_prefix_mask(mask, end), q_offset=start),
+                    implementation=cfg.attn_impl)
+  return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
 
 
 def step(attn: Attention, x_t, pos, cache):
@@ -282,7 +338,7 @@ def step(attn: Attention, x_t, pos, cache):
   dt = DTYPES[attn.cfg.compute_dtype]
   b = x_t.shape[0]
   positions = jnp.full((b, 1), pos, jnp.int32)
-  q, k, v = _qkv(attn, x_t[:, None], positions)
+  q, k, v = attn.qkv(x_t[:, None], positions)
   if isinstance(cache, PlanCache):
     out, cache = _plan_step(attn, q, k, v, pos, cache)
     return jnp.einsum("bhk,hkd->bd", out, attn.wo[...].astype(dt)), cache

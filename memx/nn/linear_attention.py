@@ -18,6 +18,7 @@ from memx.kernels import save_kernel_results
 from memx.kernels.ssd import BlockSizes, ssd_step
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, ones, param
+from memx.nn._state import check_state
 from memx.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, SEQ
 from memx.parallel.sequence_scan import sequence_map
 from memx.typing import Array, Float, Int
@@ -97,8 +98,9 @@ class LinearAttention(nnx.Module):
     return jnp.einsum("...hk,hkd->...d", o.astype(dt), wo.astype(dt))
 
   def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
-               *, return_state: bool = False):
+               *, return_state: bool = False, state: dict[str, jax.Array] | None = None):
     """Parallel (chunked) form; with return_state also the decode state after the last token.
+    state: a decode state the sequence continues from (chunked prefill), else zeros.
 
     Memory: the backward pass keeps x, the projections' outputs and the kernel's named results
     (`memx.kernels.save_kernel_results`: its output and chunk-entry states); the feature maps,
@@ -107,27 +109,30 @@ class LinearAttention(nnx.Module):
     parallelism, the state exchange and the small einsum that reads the incoming state do).
     """
     blocks = BlockSizes(chunk=self.cfg.ssm.chunk_size)
+    if state is not None:
+      check_state("LinearAttention", state, lambda: self.init_cache(x.shape[0]))
+    h0 = None if state is None else state["state"]
+    state_axes = (BATCH, HEADS, HEAD_DIM, HEAD_DIM)
 
-    def mix(shard, q, k, v, log_gate, seg):
-      o, state = shard.linear_attention(q, k, v, log_gate=log_gate, segment_ids=seg,
+    def mix(shard, q, k, v, log_gate, seg, h0):
+      o, final = shard.linear_attention(q, k, v, log_gate=log_gate, segment_ids=seg,
                                         implementation=self.cfg.ssm.impl, block_sizes=blocks,
-                                        final_state=return_state)
-      return (o, state) if return_state else o
+                                        final_state=return_state, initial_state=h0)
+      return (o, final) if return_state else o
 
     qs, ks = (BATCH, SEQ, HEADS, HEAD_DIM), (BATCH, SEQ, KV_HEADS, HEAD_DIM)
 
-    def core(q, k, v, logits, segment_ids, gate_bias, norm, wo):
+    def core(q, k, v, logits, segment_ids, h0, gate_bias, norm, wo):
       q, k, log_gate = self._activate(q, k, logits, gate_bias)
-      out = sequence_map(mix, q, k, v, log_gate, segment_ids,
-                         in_axes=(qs, ks, ks, (BATCH, SEQ, HEADS), (BATCH, SEQ)),
-                         out_axes=(qs, (BATCH, HEADS, HEAD_DIM, HEAD_DIM)) if return_state
-                         else qs)
-      o, state = out if return_state else (out, None)
-      return self._output(o, norm, wo), state
+      out = sequence_map(mix, q, k, v, log_gate, segment_ids, h0,
+                         in_axes=(qs, ks, ks, (BATCH, SEQ, HEADS), (BATCH, SEQ), state_axes),
+                         out_axes=(qs, state_axes) if return_state else qs)
+      o, final = out if return_state else (out, None)
+      return self._output(o, norm, wo), final
 
-    out, state = jax.checkpoint(core, policy=save_kernel_results)(
-        *self._project(x), segment_ids, self._gate_bias(), self.norm[...], self.wo[...])
-    return (out, {"state": state}) if return_state else out
+    out, final = jax.checkpoint(core, policy=save_kernel_results)(
+        *self._project(x), segment_ids, h0, self._gate_bias(), self.norm[...], self.wo[...])
+    return (out, {"state": final}) if return_state else out
 
   def init_cache(self, batch: int) -> dict[str, jax.Array]:
     h, k = self.cfg.n_heads, self.cfg.head_dim

@@ -19,12 +19,16 @@ from memx.kernels import save_kernel_results
 from memx.kernels.ssd import BlockSizes, ssd_step
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, param
-from memx.nn.short_conv import causal_conv, conv_step
+from memx.nn._state import check_state
+from memx.nn.short_conv import causal_conv, conv_step, last_inputs
 from memx.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, SEQ, STATE
 from memx.parallel.sequence_scan import sequence_map
 from memx.typing import Array, Float, Int
 
 NORM_EPS = 1e-5  # RMSNormGated's default in state-spaces/mamba
+
+
+_STATE_KEYS = ("conv_x", "conv_b", "conv_c", "ssm")
 
 
 def _uniform(rngs: nnx.Rngs, shape, bound: float) -> jax.Array:
@@ -119,8 +123,12 @@ class Mamba2(nnx.Module):
             (self.conv_c, self.conv_c_bias))
 
   def __call__(self, u: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
-               *, return_state: bool = False):
+               *, return_state: bool = False, state: dict[str, jax.Array] | None = None):
     """Parallel form. u [B, T, D] in the compute dtype → [B, T, D] (and the decode state).
+
+    state: a decode state (`init_cache`, or a previous call's return_state) the sequence
+    continues from: its conv inputs precede the sequence and its SSM state is the initial one
+    (chunked prefill; equal to running the concatenated sequence).
 
     Memory: the backward pass keeps u, the five in-projections' outputs and, from the SSD, its
     output and chunk-entry states (`memx.kernels.save_kernel_results`). The convolutions, the
@@ -134,44 +142,49 @@ class Mamba2(nnx.Module):
     z, x, b, c, dt_raw = self._project(u)
     convs = [p[...] for pair in self._convs() for p in pair]
     blocks = BlockSizes(chunk=s.chunk_size)
+    if state is not None:
+      check_state("Mamba2", state, lambda: self.init_cache(u.shape[0]))
+    state_in = (None,) * 4 if state is None else tuple(state[k] for k in _STATE_KEYS)
 
-    def mix(shard, x, b, c, delta, a, d, seg, *convs):
-      raw = (x, b, c)
+    def mix(shard, x, b, c, delta, a, d, seg, hx, hb, hc, h0, *convs):
+      raw, history = (x, b, c), (hx, hb, hc)
       x, b, c = (jax.nn.silu(shard.with_history(
                      lambda v, sg, w=w, bias=bias: causal_conv(v, w, bias, sg), v,
-                     s.conv_width - 1, seg))
-                 for v, w, bias in zip(raw, convs[::2], convs[1::2], strict=True))
-      y, state = shard.ssd(x, delta, a, b, c, d=d, segment_ids=seg, implementation=s.impl,
-                           block_sizes=blocks, final_state=return_state)
+                     s.conv_width - 1, seg, history=hist))
+                 for v, hist, w, bias in zip(raw, history, convs[::2], convs[1::2], strict=True))
+      y, final = shard.ssd(x, delta, a, b, c, d=d, segment_ids=seg, implementation=s.impl,
+                           block_sizes=blocks, final_state=return_state,
+                           initial_state=h0)
       if not return_state:
         return y
-      cache = {f"conv_{k}": shard.last_tokens(v, s.conv_width - 1)
-               for k, v in zip("xbc", raw, strict=True)}
-      cache["ssm"] = state
+      cache = {f"conv_{k}": last_inputs(shard, v, hist, s.conv_width - 1)
+               for k, v, hist in zip("xbc", raw, history, strict=True)}
+      cache["ssm"] = final
       return y, cache
 
     xs, gs = (BATCH, SEQ, HEADS, HEAD_DIM), (BATCH, SEQ, KV_HEADS, STATE)
     conv_axes = [(None, HEADS, HEAD_DIM), (HEADS, HEAD_DIM)] + [(None, KV_HEADS, STATE),
                                                                (KV_HEADS, STATE)] * 2
-    out_axes = xs
-    if return_state:
-      out_axes = (xs, {"conv_x": (BATCH, None, HEADS, HEAD_DIM),
-                       "conv_b": (BATCH, None, KV_HEADS, STATE),
-                       "conv_c": (BATCH, None, KV_HEADS, STATE),
-                       "ssm": (BATCH, HEADS, HEAD_DIM, STATE)})
+    state_axes = {"conv_x": (BATCH, None, HEADS, HEAD_DIM),
+                  "conv_b": (BATCH, None, KV_HEADS, STATE),
+                  "conv_c": (BATCH, None, KV_HEADS, STATE),
+                  "ssm": (BATCH, HEADS, HEAD_DIM, STATE)}
+    out_axes = (xs, state_axes) if return_state else xs
 
-    def core(x, b, c, dt_raw, z, segment_ids, dt_bias, a_log, d, norm, w_out, *convs):
+    def core(x, b, c, dt_raw, z, segment_ids, state_in, dt_bias, a_log, d, norm, w_out,
+             *convs):
       delta, a = self._dt_and_a(dt_raw, dt_bias, a_log)
-      out = sequence_map(mix, x, b, c, delta, a, d, segment_ids, *convs,
+      out = sequence_map(mix, x, b, c, delta, a, d, segment_ids, *state_in, *convs,
                          in_axes=(xs, gs, gs, (BATCH, SEQ, HEADS), (HEADS,), (HEADS,),
-                                  (BATCH, SEQ), *conv_axes),
+                                  (BATCH, SEQ), *(state_axes[k] for k in _STATE_KEYS),
+                                  *conv_axes),
                          out_axes=out_axes)
       y, cache = out if return_state else (out, None)
       return self._output(y, z, norm, w_out), cache
 
     out, cache = jax.checkpoint(core, policy=save_kernel_results)(
-        x, b, c, dt_raw, z, segment_ids, self.dt_bias[...], self.a_log[...], self.d[...],
-        self.norm[...], self.w_out[...], *convs)
+        x, b, c, dt_raw, z, segment_ids, state_in, self.dt_bias[...], self.a_log[...],
+        self.d[...], self.norm[...], self.w_out[...], *convs)
     return (out, cache) if return_state else out
 
   def init_cache(self, batch: int) -> dict[str, jax.Array]:

@@ -25,6 +25,7 @@ from flax import nnx
 from memx.kernels.norms import rms_norm_reference
 from memx.models.config import ModelConfig
 from memx.nn._params import ones
+from memx.nn._state import check_state
 from memx.nn.bitlinear import BitLinear
 from memx.parallel.axes import BATCH, EMBED, MLP, SEQ
 from memx.parallel.sequence_scan import sequence_map
@@ -71,8 +72,10 @@ class MLGRU(nnx.Module):
     return self.w_o.apply((g * hn).astype(dtype), *o_params)
 
   def __call__(self, x: Float[Array, "B T D"], segment_ids: Int[Array, "B T"] | None = None,
-               *, lower_bound: Float[Array, " D"] | None = None, return_state: bool = False):
-    """Parallel form (one linear_scan); with return_state also the decode state.
+               *, lower_bound: Float[Array, " D"] | None = None, return_state: bool = False,
+               state: dict[str, jax.Array] | None = None):
+    """Parallel form (one linear_scan); with return_state also the decode state. state: a
+    decode state the sequence continues from (chunked prefill), else zeros.
 
     Memory: the backward pass keeps x and the three input projections' outputs per layer. The
     gates, the scan, the normed output and the output projection are recomputed from them
@@ -82,21 +85,24 @@ class MLGRU(nnx.Module):
     """
     f_pre, c_pre, g_pre = self.w_f(x), self.w_c(x), self.w_g(x)
     impl = self.cfg.ssm.impl if self.cfg.ssm.impl in _SCAN_IMPLS else None
+    if state is not None:
+      check_state("MLGRU", state, lambda: self.init_cache(x.shape[0]))
+    h0 = None if state is None else state["state"]
 
-    def mix(shard, f, b, seg):
-      h, final = shard.linear_scan(f, b, segment_ids=seg, implementation=impl,
+    def mix(shard, f, b, seg, h0):
+      h, final = shard.linear_scan(f, b, h0, segment_ids=seg, implementation=impl,
                                    final_state=return_state)
       return (h, final) if return_state else h
 
-    def core(f_pre, c_pre, g_pre, lower_bound, segment_ids, h_norm, o_params):
+    def core(f_pre, c_pre, g_pre, lower_bound, segment_ids, h0, h_norm, o_params):
       f, b = self._gates(f_pre, c_pre, lower_bound)
       hs = (BATCH, SEQ, MLP)
-      out = sequence_map(mix, f, b, segment_ids, in_axes=(hs, hs, (BATCH, SEQ)),
+      out = sequence_map(mix, f, b, segment_ids, h0, in_axes=(hs, hs, (BATCH, SEQ), (BATCH, MLP)),
                          out_axes=(hs, (BATCH, MLP)) if return_state else hs)
       h, final = out if return_state else (out, None)
       return self._output(g_pre, h, h_norm, o_params, x.dtype), final
 
-    out, final = jax.checkpoint(core)(f_pre, c_pre, g_pre, lower_bound, segment_ids,
+    out, final = jax.checkpoint(core)(f_pre, c_pre, g_pre, lower_bound, segment_ids, h0,
                                       self.h_norm[...], self.w_o.params())
     return (out, {"state": final}) if return_state else out
 

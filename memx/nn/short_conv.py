@@ -48,3 +48,13 @@ def conv_state(x: Float[Array, "B T ..."], width: int) -> Float[Array, "B Wm1 ..
     return x[:, :0]
   pad = ((0, 0), (max(0, keep - x.shape[1]), 0)) + ((0, 0),) * (x.ndim - 2)
   return jnp.pad(x, pad)[:, -keep:]
+
+
+def last_inputs(shard, x: Float[Array, "B T ..."], history, keep: int):
+  """The conv state after x on `shard` (a `memx.parallel.sequence_scan.SeqShard`): its last
+  `keep` inputs, reaching back into `history` (the state x continued from, or None for zeros)
+  when x is shorter. A sharded sequence holds at least `keep` tokens per device (with_history
+  requires it), so only the unsharded path ever reaches into history."""
+  if history is None or x.shape[1] >= keep:
+    return shard.last_tokens(x, keep)
+  return jnp.concatenate([history.astype(x.dtype), x], axis=1)[:, -keep:]

@@ -176,16 +176,40 @@ class SeqShard:
     first = (seg[:, 0] != prev) & ~very_first
     return jnp.concatenate([first[:, None], seg[:, 1:] != seg[:, :-1]], axis=1)
 
-  def with_history(self, fn: Callable, x, width: int, segment_ids=None):
+  def with_history(self, fn: Callable, x, width: int, segment_ids=None, history=None):
     """fn(x_ext, seg_ext) on each run extended by the `width` tokens before it; the first
     `width` outputs are dropped. For causal windows such as `causal_conv` (width = W-1), the
-    result equals fn on the whole sequence. Unsharded: fn(x, segment_ids)."""
-    if not self.sharded or width == 0:
+    result equals fn on the whole sequence. Unsharded, without history: fn(x, segment_ids).
+
+    history [B, width, ...] (the same on every device): the tokens before the sequence, where a
+    sequence continues an earlier one (chunked prefill), instead of zeros. They count as part
+    of the first token's segment.
+    """
+    if width == 0 or (not self.sharded and history is None):
       return fn(x, segment_ids)
+    if history is not None and tuple(history.shape) != (x.shape[0], width, *x.shape[2:]):
+      raise ValueError(f"with_history: history must have shape {(x.shape[0], width)} + "
+                       f"{tuple(x.shape[2:])}, got {tuple(history.shape)}")
+    if not self.sharded:
+      xe = jnp.concatenate([history.astype(x.dtype), x], axis=1)
+      se = None
+      if segment_ids is not None:
+        se = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width, axis=1), segment_ids], 1)
+      return fn(xe, se)[:, width:]
     runs = self._runs(x.shape[1], "with_history")
     xf, sf = self._fold(x, runs), self._fold(segment_ids, runs)
-    xe = jnp.concatenate([self._previous(xf, width, runs), xf], axis=1)
-    se = None if sf is None else jnp.concatenate([self._previous(sf, width, runs), sf], axis=1)
+    prev = self._previous(xf, width, runs)
+    sprev = None if sf is None else self._previous(sf, width, runs)
+    if history is not None:  # the chain's first run starts on device 0 (ascending)
+      b = x.shape[0]
+      very_first = jnp.repeat(jnp.stack([self._index() == 0] + [jnp.array(False)] * (runs - 1)),
+                              b)
+      pick = lambda a, v: jnp.where(very_first.reshape((-1,) + (1,) * (a.ndim - 1)), v, a)  # noqa: E731
+      prev = pick(prev, jnp.concatenate([history.astype(x.dtype)] * runs, axis=0))
+      if sprev is not None:
+        sprev = pick(sprev, jnp.repeat(sf[:, :1], width, axis=1))
+    xe = jnp.concatenate([prev, xf], axis=1)
+    se = None if sf is None else jnp.concatenate([sprev, sf], axis=1)
     return self._unfold(fn(xe, se)[:, width:], runs)
 
   def last_tokens(self, x, k: int):

@@ -1,6 +1,10 @@
 """scripts/bench_distill.py and memx.distill.speed: a tiny end-to-end run, constant decode state."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +14,8 @@ from memx.distill.speed import markdown, summarize
 from memx.models.config import ModelConfig
 from memx.models.decode import cache_bytes
 from memx.models.transformer import TransformerLM
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_linear_student_decode_state_is_constant_in_length():
@@ -36,6 +42,11 @@ def test_summary_finds_crossover_and_ratio():
   (line,) = summarize(rows, ["teacher", "linear"])
   assert "crossover at L = 4" in line and "4.00x faster" in line and "75.0% less" in line
   assert "| 16 | linear |" in markdown(rows, ["teacher", "linear"])
+  # Memory-only rows (compiled, never run): the ratios at the longest length both compiled.
+  untimed = [{k: v for k, v in r.items() if k not in ("prefill_s", "decode_s")} for r in rows]
+  (line,) = summarize(untimed, ["teacher", "linear"])
+  assert line == ("linear: at L = 4 (compiled, not run): 75.0% less prefill memory, "
+                  "97.5% smaller decode state")
 
 
 @pytest.mark.slow  # ten small compiles: ~15 s on 2 cores
@@ -52,3 +63,21 @@ def test_bench_tiny_end_to_end(tmp_path, load_script):
   assert all(r["prefill_status"] == "ok" and r["prefill_s"] > 0 for r in rows.values())
   assert rows[("linear", 32)]["state_bytes"] == rows[("linear", 64)]["state_bytes"]
   assert "crossover" in (tmp_path / "results.md").read_text()
+  # Chunked prefill, compiled only, with the XLA:CPU flags the script's docstring gives for
+  # memory (a child process: XLA reads them at start-up): the linear student's prefill memory
+  # stays flat from 64 to 256 tokens in chunks of 32, while the whole prefill's grows.
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=false "
+                                   "--xla_cpu_experimental_ynn_fusion_type=")
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+  subprocess.run([sys.executable, str(ROOT / "scripts/bench_distill.py"), "--out",
+                  str(tmp_path), "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
+                  "--n-kv-heads", "1", "--dtype", "float32", "--lengths", "64,256", "--chunk",
+                  "16", "--prefill-chunks", "whole,32", "--memory-only"],
+                 check=True, env=env, capture_output=True, timeout=300)
+  rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+  mem = {(r["model"], r["length"], r["prefill_chunk"]): r["prefill_bytes"] for r in rows}
+  assert all("prefill_s" not in r for r in rows)
+  assert mem[("linear", 256, 32)] < 1.01 * mem[("linear", 64, 32)]
+  assert mem[("linear", 256, None)] > 2 * mem[("linear", 64, None)]
+  assert mem[("teacher", 256, 32)] > mem[("teacher", 64, 32)]  # its KV cache grows
+  assert "in chunks of 32" in (tmp_path / "results.md").read_text()

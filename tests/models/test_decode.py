@@ -10,7 +10,7 @@ from flax import nnx
 
 from memx.kernels import _testing
 from memx.models._testing import jit_for_test
-from memx.models.config import ModelConfig, SSMConfig
+from memx.models.config import ModelConfig, SSMConfig, matmulfree_config
 from memx.models.decode import cache_bytes, generate, kv_cache_bytes
 from memx.models.transformer import TransformerLM
 
@@ -60,12 +60,57 @@ def test_greedy_generation_is_consistent_with_the_parallel_forward():
   # Teacher-forced: every generated token is the argmax of the forward pass before it.
   logits = jit_for_test(lambda m, t: m(t))(model, out)
   np.testing.assert_array_equal(jnp.argmax(logits[:, 5:-1], -1), out[:, 6:])
+  np.testing.assert_array_equal(generate(model, prompt, 5, prefill_chunk=4), out)
   sampled = generate(model, prompt, 5, temperature=1.0, rng=jax.random.key(3))
   assert sampled.shape == (2, 11) and int(sampled.max()) < 64
   with pytest.raises(ValueError, match="rng"):
     generate(model, prompt, 5, temperature=1.0)
   with pytest.raises(ValueError, match="max_len"):
     generate(model, prompt, 5, max_len=8)
+
+
+CHUNKED = {**MODELS,
+           "matmulfree": matmulfree_config(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                           d_ff=64, ssm=SSMConfig(chunk_size=16))}
+
+
+@pytest.mark.parametrize("name", tuple(CHUNKED))
+def test_chunked_prefill_equals_whole_prefill(name):
+  """prefill(chunk_size=C): chunks of 1 token, of a size that does not divide the prompt, and
+  larger than a kernel chunk give the whole prefill's logits and decode state (conv tails
+  across chunk boundaries, SSM states, KV caches), and decoding continues from it the same."""
+  model = TransformerLM(CHUNKED[name], rngs=nnx.Rngs(0))
+  tokens = _tokens(t=21, seed=6)
+  whole, want = jit_for_test(lambda m, t: m.prefill(t, 24))(model, tokens)
+  for chunk in (1, 5, 17):
+    got, cache = jit_for_test(lambda m, t, c=chunk: m.prefill(t, 24, chunk_size=c))(
+        model, tokens)
+    _testing.assert_allclose(got, whole, name=f"logits, chunks of {chunk}")
+    for (path, a), w in zip(jax.tree_util.tree_leaves_with_path(cache), jax.tree.leaves(want),
+                            strict=True):
+      where = f"chunks of {chunk}: cache{jax.tree_util.keystr(path)}"
+      if jnp.issubdtype(a.dtype, jnp.integer):  # positions
+        np.testing.assert_array_equal(a, w, err_msg=where)
+      else:
+        _testing.assert_allclose(a, w, name=where)
+  last, _ = jit_for_test(lambda m, t: m.prefill(t, 24, chunk_size=5, last_logits=True))(
+      model, tokens)
+  _testing.assert_allclose(last, whole[:, -1], name="last logits")
+  step = jit_for_test(lambda m, t, c: m.decode_step(t, c))
+  np.testing.assert_allclose(step(model, tokens[:, 0], cache)[0],
+                             step(model, tokens[:, 0], want)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_rejects_bad_input():
+  model = TransformerLM(MODELS["hybrid"], rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    model.prefill(_tokens(t=8), 8, chunk_size=0)
+  with pytest.raises(ValueError, match=r"Mamba2: state\['ssm'\] must have shape \(2, 4, 16"):
+    layer = model.blocks[0].mixer
+    bad = dict(layer.init_cache(2), ssm=jnp.zeros((1, 4, 16, 16)))
+    layer(jnp.zeros((2, 4, 32)), state=bad)
+  with pytest.raises(ValueError, match="keys"):
+    model.blocks[2].mixer(jnp.zeros((2, 4, 32)), state={"h": jnp.zeros((2,))})
 
 
 def test_ssm_state_does_not_grow_with_length():

@@ -24,9 +24,18 @@ def test_prefill_and_steps_equal_parallel_forward(window, sinks):
   x = jax.random.normal(jax.random.key(1), (2, 11, 32))
   positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
   full = jit_for_test(lambda m, x, p: m(x, p))(attn, x, positions)
-  head, cache = jit_for_test(lambda m, x, p: attention_decode.prefill(m, x, p, max_len=16))(
-      attn, x[:, :6], positions[:, :6])
+  head, cache = jit_for_test(lambda m, x: attention_decode.prefill(m, x, max_len=16))(
+      attn, x[:, :6])
   _testing.assert_allclose(head, full[:, :6], name="prefill")
+  # The same prompt in two chunks (4 + 2 tokens), each continuing the cache: same outputs.
+  first, chunked = jit_for_test(lambda m, x: attention_decode.prefill(m, x, max_len=16))(
+      attn, x[:, :4])
+  second, chunked = jit_for_test(lambda m, x, c: attention_decode.extend(m, x, 4, c))(
+      attn, x[:, 4:6], chunked)
+  _testing.assert_allclose(jnp.concatenate([first, second], 1), full[:, :6], name="chunks")
+  _testing.assert_allclose(chunked["k"], cache["k"], name="chunked cache")
+  with pytest.raises(ValueError, match=r"positions 14..17 do not fit the cache of max_len 16"):
+    attention_decode.extend(attn, x[:, :4], 14, chunked)
   step = jax.jit(lambda x_t, pos, c: attention_decode.step(attn, x_t, pos, c))
   ys = []
   for t in range(6, 11):

@@ -35,12 +35,11 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
 
 def _decode(attn, x, prompt: int, *, full: bool):
   """Prefill x[:, :prompt] (or start from an empty cache), then one step per remaining token."""
-  b, t, _ = x.shape
-  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  b = x.shape[0]
   step = jit_for_test(lambda m, x_t, pos, c: attention_decode.step(m, x_t, pos, c))
   if prompt:
-    y, cache = jit_for_test(lambda m, x, p: attention_decode.prefill(m, x, p, N, full=full))(
-        attn, x[:, :prompt], positions[:, :prompt])
+    y, cache = jit_for_test(lambda m, x: attention_decode.prefill(m, x, N, full=full))(
+        attn, x[:, :prompt])
     ys = [y]
   else:
     cache, ys = attention_decode.init_cache(attn, b, N, full=full), []
@@ -76,7 +75,7 @@ def test_parallel_forward_is_the_elastic_mask_at_n():
   x = jax.random.normal(jax.random.key(2), (1, N, 32))
 
   def both(attn, x):
-    q, k, v = attention_decode._qkv(attn, x, jnp.arange(N)[None])
+    q, k, v = attn.qkv(x, jnp.arange(N)[None])
     ref = attention_reference(q, k, v, mask=elastic_mask(PLAN[1], N))
     return attn(x, jnp.arange(N)[None]), jnp.einsum("bthk,hkd->btd", ref, attn.wo[...])
   got, ref = jit_for_test(both)(attn, x)
@@ -89,17 +88,34 @@ def test_ring_layout_and_slot_positions():
   assert attention_decode._plan_layout(attn, N) == ((1, 4), (3, 6))
   assert attention_decode._plan_layout(attn, 5) == ((1, 4), (3, 2))  # clipped to max_len
   for t in (1, 3, 7, 12, N):
-    kv = jnp.zeros((1, t, 2, 8))  # the slot positions are static: only shapes matter here
-    cache = attention_decode._prefill_plan_cache(attn, kv, kv, N)
-    assert cache.caps == (5, 9)
-    for g, (n_sink, n_ring) in enumerate(((1, 4), (3, 6))):
-      sp = np.asarray(cache.slot_pos[cache.group(g)])
+    for n_sink, n_ring in ((1, 4), (3, 6)):
+      sp = attention_decode._ring_slots(n_sink, n_ring, t)
       want = set(range(min(n_sink, t))) | set(range(max(n_sink, t - n_ring), t))
       assert set(sp[sp >= 0].tolist()) == want and (sp >= 0).sum() == len(want)
       ring = sp[n_sink:]
       held = ring >= 0
       np.testing.assert_array_equal(
           (ring[held] - n_sink) % n_ring, np.arange(n_ring)[held], err_msg=f"t={t}")
+
+
+@pytest.mark.parametrize("chunks", [(26,), (1,) * 26, (4, 7, 15), (11, 2, 13), (9, 3, 3, 3, 8)])
+def test_chunked_prefill_of_ring_caches_equals_whole(chunks):
+  """extend chunk by chunk: chunks that start before and after a ring first wraps (layer 1's
+  rings hold 4 and 6 positions past 1 and 3 sinks), chunks longer than a ring, one-token
+  chunks: the outputs and the whole cache (keys, values, slot positions) equal one prefill."""
+  attn = Attention(CFG, 1, rngs=nnx.Rngs(3))
+  x = jax.random.normal(jax.random.key(4), (2, N, 32))
+  whole, want = jit_for_test(lambda m, x: attention_decode.prefill(m, x, N))(attn, x)
+  cache, ys, start = attention_decode.init_cache(attn, 2, N), [], 0
+  for c in chunks:
+    y, cache = jit_for_test(lambda m, x, cache, s=start: attention_decode.extend(m, x, s, cache))(
+        attn, x[:, start:start + c], cache)
+    ys.append(y)
+    start += c
+  _testing.assert_allclose(jnp.concatenate(ys, 1), whole, name=f"chunks {chunks}")
+  np.testing.assert_array_equal(cache.slot_pos, want.slot_pos)
+  _testing.assert_allclose(cache.k, want.k, name="keys")
+  _testing.assert_allclose(cache.v, want.v, name="values")
 
 
 def test_per_head_visibility_of_the_full_cache_step():

@@ -283,6 +283,30 @@ def test_layers_return_state_under_sp():
     _check(cls.__name__, (unpermute_sequence(y, n, layout), cache), want)
 
 
+def test_layers_continue_from_a_state_under_sp():
+  """A chunk continuing a decode state (chunked prefill) under SP (zigzag, 2 x 4), packed
+  segments: outputs and next states equal the unsharded ones. The state's conv tails precede
+  only the sequence's first run (on device 0), not every device's."""
+  mesh, n, layout = _mesh((2, 4)), 4, "zigzag"
+  rng = np.random.default_rng(6)
+  prefix, x, seg = _normal(rng, 2, 8, 32), _normal(rng, 2, 64, 32), _packed(2, 64, (20, 30, 14))
+  # Full-precision BitLinears: an int8 activation rounding that flips between two compiled
+  # programs would move an output by a quantization step (this tests the state, not rounding).
+  cfg = dataclasses.replace(MAMBA, ternary=False)
+  for cls in (Mamba2, LinearAttention, MLGRU):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda cls=cls: cls(cfg, 0, rngs=nnx.Rngs(0))))
+    state = _testing.jit_for_test(lambda cls=cls: nnx.split(cls(cfg, 0, rngs=nnx.Rngs(0)))[1])()
+    first = lambda state, x, g=graphdef: nnx.merge(g, state)(x, return_state=True)[1]  # noqa: E731
+    run = lambda state, x, seg, h, g=graphdef: nnx.merge(g, state)(  # noqa: E731
+        x, seg, return_state=True, state=h)
+    h = _testing.jit_for_test(first)(state, prefix)
+    want = _testing.jit_for_test(run)(state, x, seg, h)
+    with sharding_context(mesh, "sp", sequence_layout=layout):
+      y, cache = _testing.jit_for_test(run)(state, permute_sequence(x, n, layout),
+                                            permute_sequence(seg, n, layout), h)
+    _check(cls.__name__, (unpermute_sequence(y, n, layout), cache), want)
+
+
 def test_ssm_layers_recompute_no_scan_under_sp(monkeypatch):
   """Under SP the layers' checkpoint keeps the kernel's final state too (the exchange needs it):
   the backward pass reruns no scan, and of the matmuls only the small einsum that reads the
