@@ -209,8 +209,9 @@ class TransformerLM(nnx.Module):
     previous one left (`Block.extend`): the same logits and state as whole, with activations
     that scale with C instead of T. What stays is the decode state itself: constant for SSM and
     linear-attention layers, a KV cache of max_len tokens per attention layer (per-head rings
-    under a sparse plan). The chunks run one after another (unrolled: the offsets are static,
-    so attention still skips the blocks its causal mask empties).
+    under a sparse plan). Attention-free models run the chunks in one `lax.scan` (one compiled
+    chunk); models with attention layers unroll them (static offsets, so attention still skips
+    the blocks its causal mask empties; compile time grows with the number of chunks).
     """
     b, t = tokens.shape
     if t > max_len:
@@ -220,17 +221,38 @@ class TransformerLM(nnx.Module):
     chunk = t if chunk_size is None else min(chunk_size, t)
     caches = self.init_cache(b, max_len, full_cache=full_cache)["layers"]
     bounds = self._layer_bounds()
-    logits = []
-    for start in range(0, t, chunk):
+
+    def run(ids, start, caches):
+      x, caches = self._embed(ids), list(caches)
+      for i, block in enumerate(self.blocks):
+        x, caches[i] = block.extend(x, start, caches[i], bounds[i])
+      return x, caches
+
+    logits, scanned = [], 0
+    n_scan = t // chunk if all(block.kind != "attention" for block in self.blocks) else 0
+    if n_scan > 1:
+      # Attention-free: every whole chunk runs the same program (no layer depends on the
+      # offset), so one scan compiles it once, however long the prompt.
+      def body(carry, ids):
+        x, caches = run(ids, 0, carry[0])
+        return (caches, x[:, -1]), None if last_logits else self._logits(x)
+
+      ids = jnp.swapaxes(tokens[:, :n_scan * chunk].reshape(b, n_scan, chunk), 0, 1)
+      x_last = jnp.zeros((b, self.cfg.d_model), DTYPES[self.cfg.compute_dtype])
+      (caches, x_last), ys = jax.lax.scan(body, (caches, x_last), ids)
+      scanned = n_scan * chunk
+      if last_logits and scanned == t:
+        logits.append(self._logits(x_last))
+      elif not last_logits:
+        logits.append(jnp.swapaxes(ys, 0, 1).reshape(b, scanned, -1))
+    for start in range(scanned, t, chunk):  # unrolled: attention needs static offsets
       ids = tokens[:, start:start + chunk]
       if start:
         # Nothing of this chunk may start before the previous one is done: otherwise XLA is
         # free to hoist what needs only the tokens (every chunk's embeddings and first-layer
         # projections) and keep it all alive, giving back the memory chunking saves.
         ids, caches = jax.lax.optimization_barrier((ids, caches))
-      x = self._embed(ids)
-      for i, block in enumerate(self.blocks):
-        x, caches[i] = block.extend(x, start, caches[i], bounds[i])
+      x, caches = run(ids, start, caches)
       if not last_logits or start + chunk >= t:
         logits.append(self._logits(x[:, -1] if last_logits else x))
     logits = logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=1)

@@ -78,7 +78,8 @@ CHUNKED = {**MODELS,
 def test_chunked_prefill_equals_whole_prefill(name):
   """prefill(chunk_size=C): chunks of 1 token, of a size that does not divide the prompt, and
   larger than a kernel chunk give the whole prefill's logits and decode state (conv tails
-  across chunk boundaries, SSM states, KV caches), and decoding continues from it the same."""
+  across chunk boundaries, SSM states, KV caches), and decoding continues from it the same.
+  Attention-free models scan the whole chunks and unroll the remainder: both paths run."""
   model = TransformerLM(CHUNKED[name], rngs=nnx.Rngs(0))
   tokens = _tokens(t=21, seed=6)
   whole, want = jit_for_test(lambda m, t: m.prefill(t, 24))(model, tokens)
@@ -93,9 +94,10 @@ def test_chunked_prefill_equals_whole_prefill(name):
         np.testing.assert_array_equal(a, w, err_msg=where)
       else:
         _testing.assert_allclose(a, w, name=where)
-  last, _ = jit_for_test(lambda m, t: m.prefill(t, 24, chunk_size=5, last_logits=True))(
-      model, tokens)
-  _testing.assert_allclose(last, whole[:, -1], name="last logits")
+  for chunk in (5, 7):  # with and without a remainder chunk after the whole ones
+    last, _ = jit_for_test(lambda m, t, c=chunk: m.prefill(t, 24, chunk_size=c,
+                                                           last_logits=True))(model, tokens)
+    _testing.assert_allclose(last, whole[:, -1], name=f"last logits, chunks of {chunk}")
   step = jit_for_test(lambda m, t, c: m.decode_step(t, c))
   np.testing.assert_allclose(step(model, tokens[:, 0], cache)[0],
                              step(model, tokens[:, 0], want)[0], rtol=1e-5, atol=1e-5)
