@@ -61,7 +61,7 @@ bench_args() {
     bench_ssm) echo "--forms pallas_gpu,xla,assoc_scan --total-budget-s 110 --sweep" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
     bench_checkpoint) echo "--size gpu --repeats 1" ;;
-    bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --prefill-chunks whole,4096 --repeats 3 --budget-s 2" ;;
+    bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --prefill-chunks whole,2048 --repeats 3 --budget-s 2" ;;
     bench_moa) echo "--size gpu --repeats 5" ;;
     bench_remat) echo "--mixers attention,mamba2" ;;
     # Does XLA's dot -> multiply+reduce rewrite slow the M=1 decode projections? (H200: the

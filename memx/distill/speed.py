@@ -110,6 +110,11 @@ def fmt_bytes(b):
   return f"{b} B"
 
 
+def _less(fraction: float, digits: int) -> str:
+  """0.25 → "25% less", -0.4 → "40% more"."""
+  return f"{100 * abs(fraction):.{digits}f}% {'less' if fraction >= 0 else 'more'}"
+
+
 def summarize(rows: list[dict], names: list[str]) -> list[str]:
   """Crossover length and the ratios at the longest length both models ran, per student (with
   memory-only rows: the memory ratios at the longest length both compiled)."""
@@ -136,7 +141,7 @@ def summarize(rows: list[dict], names: list[str]) -> list[str]:
     else:
       head = f"{student}: at L = {n} (compiled, not run): "
     lines.append(
-        head + ("–" if mem is None else f"{100 * mem:.1f}% less prefill memory")
+        head + ("–" if mem is None else f"{_less(mem, 1)} prefill memory")
         + ("" if dec is None else f", {100 * dec:.1f}% smaller decode state")
         + (f", decode step {t['decode_s'] / s['decode_s']:.2f}x faster"
            if t.get("decode_s") and s.get("decode_s") else ""))
@@ -158,7 +163,7 @@ def markdown(rows: list[dict], names: list[str]) -> str:
       if name != "teacher" and t.get("prefill_s") and r.get("prefill_s"):
         ratio = f"{t['prefill_s'] / r['prefill_s']:.2f}x faster"
       if name != "teacher" and t.get("prefill_bytes") and r.get("prefill_bytes"):
-        mem = f"{100 * (1 - r['prefill_bytes'] / t['prefill_bytes']):.0f}% less"
+        mem = _less(1 - r["prefill_bytes"] / t["prefill_bytes"], 0)
       status = "" if r.get("prefill_status", "ok") == "ok" else f" ({r['prefill_status']})"
       out.append(f"| {n} | {name} | {fmt_ms(r.get('prefill_s'))}{status} | "
                  f"{fmt_bytes(r.get('prefill_bytes'))} | {fmt_ms(r.get('decode_s'))} | "
