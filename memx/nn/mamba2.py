@@ -149,7 +149,7 @@ class Mamba2(nnx.Module):
     def mix(shard, x, b, c, delta, a, d, seg, hx, hb, hc, h0, *convs):
       raw, history = (x, b, c), (hx, hb, hc)
       x, b, c = (jax.nn.silu(shard.with_history(
-                     lambda v, sg, w=w, bias=bias: causal_conv(v, w, bias, sg), v,
+                     lambda v, sg, h, hs, w=w, bias=bias: causal_conv(v, w, bias, sg, h, hs), v,
                      s.conv_width - 1, seg, history=hist))
                  for v, hist, w, bias in zip(raw, history, convs[::2], convs[1::2], strict=True))
       y, final = shard.ssd(x, delta, a, b, c, d=d, segment_ids=seg, implementation=s.impl,

@@ -7,25 +7,39 @@ from memx.typing import Array, Float, Int
 
 
 def causal_conv(x: Float[Array, "B T ..."], w: Float[Array, "W ..."], bias: Float[Array, "..."],
-                segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T ..."]:
-  """y_t = bias + Σ_{k<W} w[k] ⊙ x_{t-W+1+k}, with zeros before the sequence.
+                segment_ids: Int[Array, "B T"] | None = None,
+                history: Float[Array, "B Wm1 ..."] | None = None,
+                history_segment_ids: Int[Array, "B Wm1"] | None = None) -> Float[Array, "B T ..."]:
+  """y_t = bias + Σ_{k<W} w[k] ⊙ x_{t-W+1+k}, reading `history` (the W-1 inputs before the
+  sequence) before it, or zeros.
 
   Per channel (depthwise), computed in float32, output in x.dtype. With packed segment ids a
-  token never sees inputs from an earlier segment, so packed runs equal separate ones.
+  token never sees inputs from an earlier segment, so packed runs equal separate ones; history
+  rows belong to `history_segment_ids` (default: the first token's segment).
+
+  One extended copy [history, x] is made (XLA:CPU materialises it; the taps are slices of it
+  fused into one pass). Shifting each tap on its own would fuse on GPU but costs W-1 copies on
+  XLA:CPU, measured.
   """
   width, t = w.shape[0], x.shape[1]
-  xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (width - 1, 0)) + ((0, 0),) * (x.ndim - 2))
+  keep = width - 1
+  if history is None:
+    history = jnp.zeros((x.shape[0], keep) + x.shape[2:], jnp.float32)
+    history_segment_ids = None if segment_ids is None else jnp.full((x.shape[0], keep), -1,
+                                                                     segment_ids.dtype)
+  xp = jnp.concatenate([history.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
   if segment_ids is not None:
-    # Padding positions get an id no real token has; they hold zeros anyway.
-    seg = jnp.pad(segment_ids, ((0, 0), (width - 1, 0)), constant_values=-1)
-  y = jnp.broadcast_to(bias.astype(jnp.float32)[None, None], x.shape)
+    if history_segment_ids is None:
+      history_segment_ids = jnp.broadcast_to(segment_ids[:, :1], (x.shape[0], keep))
+    seg = jnp.concatenate([history_segment_ids.astype(segment_ids.dtype), segment_ids], axis=1)
+  y = bias.astype(jnp.float32)[None, None]
   for k in range(width):
     xs = xp[:, k:k + t]                                    # x_{t - (W-1-k)}
-    if segment_ids is not None and k < width - 1:
+    if segment_ids is not None and k < keep:
       same = seg[:, k:k + t] == segment_ids
       xs = jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), xs, 0.0)
     y = y + w[k].astype(jnp.float32)[None, None] * xs
-  return y.astype(x.dtype)
+  return jnp.broadcast_to(y, x.shape).astype(x.dtype)
 
 
 def conv_step(state: Float[Array, "B Wm1 ..."], x_t: Float[Array, "B ..."],

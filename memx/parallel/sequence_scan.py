@@ -177,25 +177,20 @@ class SeqShard:
     return jnp.concatenate([first[:, None], seg[:, 1:] != seg[:, :-1]], axis=1)
 
   def with_history(self, fn: Callable, x, width: int, segment_ids=None, history=None):
-    """fn(x_ext, seg_ext) on each run extended by the `width` tokens before it; the first
-    `width` outputs are dropped. For causal windows such as `causal_conv` (width = W-1), the
-    result equals fn on the whole sequence. Unsharded, without history: fn(x, segment_ids).
+    """fn(x, seg, hist, hist_seg) on each run, where hist [B, width, ...] holds the `width`
+    tokens before the run (hist_seg their segment ids, or None for the first token's segment):
+    the previous device's tail, or `history` / None (zeros) before the sequence. For causal
+    windows such as `causal_conv` (width = W-1), the result equals fn on the whole sequence.
 
     history [B, width, ...] (the same on every device): the tokens before the sequence, where a
     sequence continues an earlier one (chunked prefill), instead of zeros. They count as part
     of the first token's segment.
     """
-    if width == 0 or (not self.sharded and history is None):
-      return fn(x, segment_ids)
     if history is not None and tuple(history.shape) != (x.shape[0], width, *x.shape[2:]):
       raise ValueError(f"with_history: history must have shape {(x.shape[0], width)} + "
                        f"{tuple(x.shape[2:])}, got {tuple(history.shape)}")
-    if not self.sharded:
-      xe = jnp.concatenate([history.astype(x.dtype), x], axis=1)
-      se = None
-      if segment_ids is not None:
-        se = jnp.concatenate([jnp.repeat(segment_ids[:, :1], width, axis=1), segment_ids], 1)
-      return fn(xe, se)[:, width:]
+    if width == 0 or not self.sharded:
+      return fn(x, segment_ids, None if width == 0 else history, None)
     runs = self._runs(x.shape[1], "with_history")
     xf, sf = self._fold(x, runs), self._fold(segment_ids, runs)
     prev = self._previous(xf, width, runs)
@@ -208,9 +203,7 @@ class SeqShard:
       prev = pick(prev, jnp.concatenate([history.astype(x.dtype)] * runs, axis=0))
       if sprev is not None:
         sprev = pick(sprev, jnp.repeat(sf[:, :1], width, axis=1))
-    xe = jnp.concatenate([prev, xf], axis=1)
-    se = None if sf is None else jnp.concatenate([sprev, sf], axis=1)
-    return self._unfold(fn(xe, se)[:, width:], runs)
+    return self._unfold(fn(xf, sf, prev, sprev), runs)
 
   def last_tokens(self, x, k: int):
     """[B, k, ...]: the last k tokens of the whole sequence (zeros in front if it is shorter),

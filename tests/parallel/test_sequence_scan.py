@@ -176,7 +176,8 @@ def test_conv_halo_and_last_tokens():
   seg = _packed(b, t, (6, 2, 24))
   for layout in ("contiguous", "zigzag"):
     def local(shard, x, seg):
-      y = shard.with_history(lambda v, s: causal_conv(v, wt, jnp.zeros((c,)), s), x, w - 1, seg)
+      y = shard.with_history(lambda v, s, h, hs: causal_conv(v, wt, jnp.zeros((c,)), s, h, hs),
+                             x, w - 1, seg)
       return y, shard.last_tokens(x, w - 1)
 
     px, ps = permute_sequence(x, n, layout), permute_sequence(seg, n, layout)
@@ -200,7 +201,7 @@ def test_routes_by_rules_and_refuses_striped():
     sequence_parallel_linear_scan(a, a, mesh=mesh, layout="striped")
   with pytest.raises(ValueError, match="shorter than the 3 tokens"):
     jax.jit(lambda x: sequence_map(
-        lambda s, x: s.with_history(lambda v, _: v, x, 3), x, in_axes=((None, "seq", None),),
+        lambda s, x: s.with_history(lambda v, *_: v, x, 3), x, in_axes=((None, "seq", None),),
         out_axes=(None, "seq", None), mesh=Mesh(np.asarray(jax.devices()[:8]), ("seq",)),
         axis="seq"))(jnp.zeros((1, 16, 2)))
   with pytest.raises(ValueError, match="initial state must have shape"):
