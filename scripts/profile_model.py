@@ -111,8 +111,7 @@ def main(argv=None) -> int:
       tokens = jnp.zeros((1, n), jnp.int32)
 
       def prefill(s, t, n=n, graphdef=graphdef):
-        logits, cache = nnx.merge(graphdef, s).prefill(t, n)
-        return logits[:, -1], cache
+        return nnx.merge(graphdef, s).prefill(t, n, last_logits=True)
 
       profile(name, "prefill", prefill, (state, tokens), 3)
   (out / "profile.json").write_text(json.dumps(report, indent=2))
