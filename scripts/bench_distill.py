@@ -3,9 +3,10 @@
 Per sequence length L (batch 1 unless --batch) and model:
   prefill:  median wall time of the compiled `model.prefill(tokens, max_len=L,
             last_logits=True)` (the last position's logits and the decode state), after a
-            warm-up call, each call ended by block_until_ready; and its compiled memory (XLA memory_analysis: temporaries
-            + outputs, i.e. activations and the returned decode state; parameters excluded,
-            listed once). A form whose compiled memory would not fit the device is skipped.
+            warm-up call, each call ended by block_until_ready; and its compiled memory (XLA
+            memory_analysis: temporaries + outputs, i.e. activations and the returned decode
+            state; parameters excluded, listed once). A form whose compiled memory would not
+            fit the device is skipped.
   decode:   time per token of 16 `decode_step`s in one compiled scan (as `generate` runs
             them; a host call per token would time Python dispatch) with a cache for L tokens,
             and the bytes of that decode state (KV caches for attention layers, fixed-size SSM
