@@ -69,9 +69,16 @@ def test_greedy_generation_is_consistent_with_the_parallel_forward():
     generate(model, prompt, 5, max_len=8)
 
 
+# MoA ring caches (spans at N = 24: 3, 4, 24, 2 and 4, 3, 1, 5; the short rings wrap within a
+# chunk and between chunks) next to an SSM layer.
+RING_PLAN = (None,
+             ((3.0, 0.0, 1), (1.0, 0.1, 0), (0.0, 1.0, 0), (2.0, 0.0, 2)),
+             ((4.0, 0.0, 0), (2.0, 0.05, 1), (1.0, 0.0, 3), (3.0, 0.1, 0)))
 CHUNKED = {**MODELS,
            "matmulfree": matmulfree_config(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
-                                           d_ff=64, ssm=SSMConfig(chunk_size=16))}
+                                           d_ff=64, ssm=SSMConfig(chunk_size=16)),
+           "plan": dataclasses.replace(BASE, attn_window=None, attn_sinks=0, attn_plan=RING_PLAN,
+                                       mixers=("mamba2", "attention", "attention"))}
 
 
 @pytest.mark.parametrize("name", tuple(CHUNKED))
