@@ -195,7 +195,7 @@ class TransformerLM(nnx.Module):
             "layers": [block.init_cache(batch, max_len, full_cache) for block in self.blocks]}
 
   def prefill(self, tokens: Int[Array, "B T"], max_len: int, *, full_cache: bool = False,
-              chunk_size: int | None = None, last_logits: bool = False):
+              chunk_size: int | None = None, last_logits: bool = False, unroll: bool = False):
     """Parallel forward over a prompt that also returns the decode state after it.
 
     Returns (logits [B, T, V] float32, or [B, V] for the last token with last_logits, cache).
@@ -209,9 +209,12 @@ class TransformerLM(nnx.Module):
     previous one left (`Block.extend`): the same logits and state as whole, with activations
     that scale with C instead of T. What stays is the decode state itself: constant for SSM and
     linear-attention layers, a KV cache of max_len tokens per attention layer (per-head rings
-    under a sparse plan). Attention-free models run the chunks in one `lax.scan` (one compiled
-    chunk); models with attention layers unroll them (static offsets, so attention still skips
-    the blocks its causal mask empties; compile time grows with the number of chunks).
+    under a sparse plan). The whole chunks run in one `lax.scan` (one compiled chunk, however
+    long the prompt): attention layers then read their cache with a forward-only online softmax
+    over the key blocks the chunk can see (`attention_decode._dynamic_chunk_attention`, plain
+    XLA). unroll=True (and any sparse-plan ring cache, whose layout depends on the offset)
+    unrolls them instead: static offsets, the attention kernels (Pallas, block skipping), and a
+    compile time that grows with the number of chunks.
     """
     b, t = tokens.shape
     if t > max_len:
@@ -229,23 +232,25 @@ class TransformerLM(nnx.Module):
       return x, caches
 
     logits, scanned = [], 0
-    n_scan = t // chunk if all(block.kind != "attention" for block in self.blocks) else 0
+    rings = any(isinstance(cache, attention_decode.PlanCache) for cache in caches)
+    n_scan = 0 if unroll or rings else t // chunk
     if n_scan > 1:
-      # Attention-free: every whole chunk runs the same program (no layer depends on the
-      # offset), so one scan compiles it once, however long the prompt.
+      # Every whole chunk runs the same program with a traced offset, so one scan compiles it
+      # once, however long the prompt.
       def body(carry, ids):
-        x, caches = run(ids, 0, carry[0])
-        return (caches, x[:, -1]), None if last_logits else self._logits(x)
+        caches, _, start = carry
+        x, caches = run(ids, start, caches)
+        return (caches, x[:, -1], start + chunk), None if last_logits else self._logits(x)
 
       ids = jnp.swapaxes(tokens[:, :n_scan * chunk].reshape(b, n_scan, chunk), 0, 1)
       x_last = jnp.zeros((b, self.cfg.d_model), DTYPES[self.cfg.compute_dtype])
-      (caches, x_last), ys = jax.lax.scan(body, (caches, x_last), ids)
+      (caches, x_last, _), ys = jax.lax.scan(body, (caches, x_last, jnp.int32(0)), ids)
       scanned = n_scan * chunk
       if last_logits and scanned == t:
         logits.append(self._logits(x_last))
       elif not last_logits:
         logits.append(jnp.swapaxes(ys, 0, 1).reshape(b, scanned, -1))
-    for start in range(scanned, t, chunk):  # unrolled: attention needs static offsets
+    for start in range(scanned, t, chunk):  # the remainder, or every chunk when unrolled
       ids = tokens[:, start:start + chunk]
       if start:
         # Nothing of this chunk may start before the previous one is done: otherwise XLA is

@@ -303,34 +303,95 @@ def prefill(attn: Attention, x, max_len: int, *, full: bool = False):
   return extend(attn, x, 0, init_cache(attn, x.shape[0], max_len, full=full))
 
 
-def extend(attn: Attention, x, start: int, cache):
-  """Continues a prefill by a chunk: x [B, C, D] at positions start..start+C-1 (static), on a
-  cache holding positions 0..start-1 → (y [B, C, D], the cache holding 0..start+C-1).
+def extend(attn: Attention, x, start, cache):
+  """Continues a prefill by a chunk: x [B, C, D] at positions start..start+C-1, on a cache
+  holding positions 0..start-1 → (y [B, C, D], the cache holding 0..start+C-1).
 
   The chunk's queries attend to the cached keys and their own (the mask at N = max_len, offset
   by start), so prefilling a prompt chunk by chunk equals prefilling it whole, while the
-  activations scale with the chunk. A dense cache is read up to start + C; a ring cache per KV
-  head (`_held_in_order`), whose rings hold every key a chunk query can see.
+  activations scale with the chunk. With a static start (an int), a dense cache is read up to
+  start + C by the attention kernels, a ring cache per KV head (`_held_in_order`), whose rings
+  hold every key a chunk query can see. A traced start (inside a scan over chunks: one compiled
+  chunk for any prompt length) needs a dense cache, read by `_dynamic_chunk_attention`.
   """
   cfg = attn.cfg
   dt = DTYPES[cfg.compute_dtype]
   b, c = x.shape[:2]
   max_len = cache.max_len if isinstance(cache, PlanCache) else cache["k"].shape[1]
-  if start < 0 or start + c > max_len:
+  static = isinstance(start, int)
+  if static and (start < 0 or start + c > max_len):
     raise ValueError(f"attention extend: positions {start}..{start + c - 1} do not fit the "
                      f"cache of max_len {max_len}")
-  q, k, v = attn.qkv(x, jnp.broadcast_to(jnp.arange(start, start + c), (b, c)))
+  if not static and isinstance(cache, PlanCache):
+    raise ValueError("attention extend: a ring cache (sparse-plan layer) needs a static start "
+                     "(its layout depends on it); unroll the chunks")
+  q, k, v = attn.qkv(x, jnp.broadcast_to(start + jnp.arange(c), (b, c)))
   mask = attn.mask(max_len)
   if isinstance(cache, PlanCache):
     out, cache = _plan_extend(attn, q, k, v, start, cache, mask)
   else:
     cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val, start, axis=1)
              for name, val in (("k", k), ("v", v))}
-    end = start + c
-    out = attention(q, cache["k"][:, :end], cache["v"][:, :end],
-                    mask=dataclasses.replace(_prefix_mask(mask, end), q_offset=start),
-                    implementation=cfg.attn_impl)
+    if static:
+      end = start + c
+      out = attention(q, cache["k"][:, :end], cache["v"][:, :end],
+                      mask=dataclasses.replace(_prefix_mask(mask, end), q_offset=start),
+                      implementation=cfg.attn_impl)
+    else:
+      out = _dynamic_chunk_attention(q, cache["k"], cache["v"], start, mask,
+                                     cfg.head_dim ** -0.5)
   return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
+
+
+def _dynamic_chunk_attention(q, kc, vc, start, mask: Mask, scale: float, block: int = 512):
+  """q [B, C, H, K] at positions start..start+C-1 (start traced) over a dense cache kc, vc
+  [B, S, G, K] that holds positions 0..start+C-1 → [B, C, H, K] in q.dtype.
+
+  Forward-only online softmax (fp32, as the kernels) over key blocks of `block`, visiting only
+  blocks that can hold a visible key: the sink blocks, then from the oldest block a window
+  reaches (all of them for unbounded heads) to the block of the chunk's last query. The trip
+  counts depend on start, so one compiled program serves every chunk of a prefill; per-head
+  windows and sinks are masked element-wise, as in `step`.
+  """
+  b, c, h, kd = q.shape
+  s, g = kc.shape[1:3]
+  r = h // g
+  bk = min(block, s)
+  left, right, sink = _head_rules(mask, h)
+  q_pos = start + jnp.arange(c)
+  qg = q.reshape(b, c, g, r, kd)
+  stats = (jnp.full((b, g, r, c), MASK_VALUE, jnp.float32), jnp.zeros((b, g, r, c), jnp.float32),
+           jnp.zeros((b, g, r, c, kd), jnp.float32))
+
+  def visit(j, carry):
+    m, denom, acc = carry
+    k0 = jnp.minimum(j * bk, s - bk)                   # the last block is clamped to fit,
+    kb = jax.lax.dynamic_slice_in_dim(kc, k0, bk, axis=1)
+    vb = jax.lax.dynamic_slice_in_dim(vc, k0, bk, axis=1)
+    k_pos = k0 + jnp.arange(bk)                        # keys before j·bk were visited already
+    vis = (k_pos[None, None] >= j * bk) & (k_pos[None, None] <= q_pos[None, :, None])
+    vis &= ((q_pos[None, :, None] - k_pos[None, None] <= jnp.asarray(left)[:, :, None])
+            & (k_pos[None, None] - q_pos[None, :, None] <= jnp.asarray(right)[:, :, None])
+            | (k_pos[None, None] < jnp.asarray(sink)[:, :, None]))       # [H, C, bk]
+    scores = jnp.einsum("bcgrk,bsgk->bgrcs", qg, kb, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(vis.reshape(g, r, c, bk)[None], scores, MASK_VALUE)
+    m_new = jnp.maximum(m, scores.max(-1))
+    p = jnp.exp(scores - m_new[..., None])
+    p = jnp.where(vis.reshape(g, r, c, bk)[None], p, 0.0)
+    corr = jnp.exp(m - m_new)
+    acc = acc * corr[..., None] + jnp.einsum("bgrcs,bsgk->bgrck", p.astype(vb.dtype), vb,
+                                             preferred_element_type=jnp.float32)
+    return m_new, denom * corr + p.sum(-1), acc
+
+  last = (start + c - 1) // bk + 1                                  # blocks [0, last) hold keys
+  sink_blocks = -(-int(sink.max()) // bk)
+  widest = int(left.max())
+  first = 0 if widest >= _UNBOUNDED else jnp.maximum((start - widest) // bk, 0)
+  stats = jax.lax.fori_loop(0, jnp.minimum(sink_blocks, last), visit, stats)
+  stats = jax.lax.fori_loop(jnp.maximum(first, sink_blocks), last, visit, stats)
+  _, denom, acc = stats
+  out = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
+  return jnp.moveaxis(out, 3, 1).reshape(b, c, h, kd).astype(q.dtype)
 
 
 def step(attn: Attention, x_t, pos, cache):

@@ -86,7 +86,8 @@ def test_chunked_prefill_equals_whole_prefill(name):
   """prefill(chunk_size=C): chunks of 1 token, of a size that does not divide the prompt, and
   larger than a kernel chunk give the whole prefill's logits and decode state (conv tails
   across chunk boundaries, SSM states, KV caches), and decoding continues from it the same.
-  Attention-free models scan the whole chunks and unroll the remainder: both paths run."""
+  The whole chunks run in a scan (attention over its cache with a traced offset), the remainder
+  unrolled; unroll=True and ring caches unroll every chunk: all paths run."""
   model = TransformerLM(CHUNKED[name], rngs=nnx.Rngs(0))
   tokens = _tokens(t=21, seed=6)
   whole, want = jit_for_test(lambda m, t: m.prefill(t, 24))(model, tokens)
@@ -94,6 +95,10 @@ def test_chunked_prefill_equals_whole_prefill(name):
     got, cache = jit_for_test(lambda m, t, c=chunk: m.prefill(t, 24, chunk_size=c))(
         model, tokens)
     _testing.assert_allclose(got, whole, name=f"logits, chunks of {chunk}")
+    if chunk == 5 and "attention" in (CHUNKED[name].mixers or ("attention",)):
+      unrolled, _ = jit_for_test(lambda m, t: m.prefill(t, 24, chunk_size=5, unroll=True))(
+          model, tokens)
+      _testing.assert_allclose(unrolled, whole, name="logits, unrolled chunks of 5")
     for (path, a), w in zip(jax.tree_util.tree_leaves_with_path(cache), jax.tree.leaves(want),
                             strict=True):
       where = f"chunks of {chunk}: cache{jax.tree_util.keystr(path)}"
