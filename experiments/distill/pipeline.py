@@ -88,7 +88,7 @@ Which mmMamba claims this supports, at this (tiny, CPU) scale:
     (the flash-attention teacher is linear-memory too, and both share the MLP). Prefilled in
     chunks (`TransformerLM.prefill(chunk_size=...)`, added after this run), the claim holds:
     the student's prefill memory is then constant in length while the teacher keeps its KV
-    cache, 84% less at 64k in chunks of 1024 (d 1024, 4 layers, fp32, compiled on CPU;
+    cache, 83% less at 64k in chunks of 1024 (d 1024, 4 layers, fp32, compiled on CPU;
     benchmarks/RESULTS.md, "Chunked prefill"). The GPU measurement is still to be made.
 """
 
