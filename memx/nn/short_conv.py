@@ -17,9 +17,8 @@ def causal_conv(x: Float[Array, "B T ..."], w: Float[Array, "W ..."], bias: Floa
   token never sees inputs from an earlier segment, so packed runs equal separate ones; history
   rows belong to `history_segment_ids` (default: the first token's segment).
 
-  One extended copy [history, x] is made (XLA:CPU materialises it; the taps are slices of it
-  fused into one pass). Shifting each tap on its own would fuse on GPU but costs W-1 copies on
-  XLA:CPU, measured.
+  One extended copy [history, x] is made and the taps are slices of it, fused into one pass.
+  (Shifting each tap on its own instead made XLA:CPU materialise W-1 shifted copies, measured.)
   """
   width, t = w.shape[0], x.shape[1]
   keep = width - 1
