@@ -133,7 +133,8 @@ def main(argv=None) -> int:
                       timed=not args.memory_only)
         mode_rows.append(row)
         print(f"  L={n:>6} {name:>8} prefill {_mode(mode)}: {fmt_ms(row.get('prefill_s'))} "
-              f"ms {fmt_bytes(row.get('prefill_bytes'))}, decode "
+              f"ms {fmt_bytes(row.get('prefill_bytes'))} (compiled in "
+              f"{row.get('compile_s', float('nan')):.1f} s), decode "
               f"{fmt_ms(row.get('decode_s'))} ms, state {fmt_bytes(row.get('state_bytes'))}",
               flush=True)
     lines = [f"{_mode(mode)}: {line}" for line in summarize(mode_rows, names)]

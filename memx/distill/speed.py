@@ -7,6 +7,7 @@ returned decode state; parameters excluded); the decode state is counted exactly
 """
 
 import sys
+import time
 import traceback
 
 import jax
@@ -31,7 +32,8 @@ def measure(name: str, cfg: ModelConfig, length: int, *, batch: int = 1, repeats
             budget_s: float = 10.0, mem_limit: int | None = None,
             model: TransformerLM | None = None, decode_tokens: int = 16,
             prefill_chunk: int | None = None, timed: bool = True) -> dict:
-  """{"model", "length", "prefill_chunk", "prefill_s", "prefill_bytes", "decode_s",
+  """{"model", "length", "prefill_chunk", "compile_s" (the prefill's trace + compile), "prefill_s",
+  "prefill_bytes", "decode_s",
   "state_bytes", "params", "prefill_status"} of `cfg` (random weights unless `model` is given)
   at `length` tokens. decode_s is seconds per token: `decode_tokens` steps in one compiled
   scan, divided. prefill_chunk: prefill in chunks of that many tokens (`TransformerLM.prefill`'s
@@ -64,7 +66,9 @@ def measure(name: str, cfg: ModelConfig, length: int, *, batch: int = 1, repeats
     return token, cache
 
   try:
+    t0 = time.perf_counter()
     compiled = jax.jit(prefill).lower(state, tokens).compile()
+    row["compile_s"] = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     if ma is not None:
       row["prefill_bytes"] = int(ma.temp_size_in_bytes + ma.output_size_in_bytes)
