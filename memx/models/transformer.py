@@ -82,9 +82,10 @@ class Block(nnx.Module):
       return attention_decode.init_cache(self.attn, batch, max_len, full=full_cache)
     return self.mixer.init_cache(batch)
 
-  def extend(self, x, start: int, cache, lower_bound=None):
-    """x [B, C, D] at positions start..start+C-1, continuing from `cache` (the state after
-    positions 0..start-1; an empty one for start 0) → (block output, the state after them)."""
+  def extend(self, x, start, cache, lower_bound=None):
+    """x [B, C, D] at positions start..start+C-1 (an int, or traced inside a scan), continuing
+    from `cache` (the state after positions 0..start-1; an empty one for start 0) → (block
+    output, the state after them)."""
     if self.kind == "attention":
       y, cache = attention_decode.extend(self.attn, self.attn_norm(x), start, cache)
     else:
@@ -219,7 +220,8 @@ class TransformerLM(nnx.Module):
     b, t = tokens.shape
     if t > max_len:
       raise ValueError(f"prefill: prompt length {t} exceeds max_len {max_len}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                   or chunk_size < 1):
       raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
     chunk = t if chunk_size is None else min(chunk_size, t)
     caches = self.init_cache(b, max_len, full_cache=full_cache)["layers"]

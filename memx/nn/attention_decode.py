@@ -68,14 +68,14 @@ def _head_rules(mask: Mask, num_heads: int) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _visible(mask: Mask, num_heads: int, q_pos, k_pos):
-  """Which keys at positions k_pos [S] each query head at position q_pos sees: bool [H, S]."""
-  left, right, sink = _head_rules(mask, num_heads)
-  k_pos = k_pos[None, :]
-  ok = jnp.ones((num_heads, k_pos.shape[1]), bool)
-  if mask.causal:
-    ok &= k_pos <= q_pos
-  in_window = (q_pos - k_pos <= jnp.asarray(left)) & (k_pos - q_pos <= jnp.asarray(right))
-  in_window |= k_pos < jnp.asarray(sink)
+  """Which keys at positions k_pos [S] each query head at positions q_pos (a scalar, or [C])
+  sees: bool [H, S], or [H, C, S]."""
+  left, right, sink = (jnp.asarray(a).reshape((num_heads,) + (1,) * jnp.ndim(q_pos) + (1,))
+                       for a in _head_rules(mask, num_heads))
+  q = jnp.asarray(q_pos)[None, ..., None]
+  k = jnp.asarray(k_pos).reshape((1,) * (q.ndim - 1) + (-1,))
+  ok = k <= q if mask.causal else jnp.ones((), bool)
+  in_window = ((q - k <= left) & (k - q <= right)) | (k < sink)
   return ok & in_window
 
 
@@ -357,7 +357,7 @@ def _dynamic_chunk_attention(q, kc, vc, start, mask: Mask, scale: float, block: 
   s, g = kc.shape[1:3]
   r = h // g
   bk = min(block, s)
-  left, right, sink = _head_rules(mask, h)
+  left, _, sink = _head_rules(mask, h)
   q_pos = start + jnp.arange(c)
   qg = q.reshape(b, c, g, r, kd)
   stats = (jnp.full((b, g, r, c), MASK_VALUE, jnp.float32), jnp.zeros((b, g, r, c), jnp.float32),
@@ -369,10 +369,7 @@ def _dynamic_chunk_attention(q, kc, vc, start, mask: Mask, scale: float, block: 
     kb = jax.lax.dynamic_slice_in_dim(kc, k0, bk, axis=1)
     vb = jax.lax.dynamic_slice_in_dim(vc, k0, bk, axis=1)
     k_pos = k0 + jnp.arange(bk)                        # keys before j·bk were visited already
-    vis = (k_pos[None, None] >= j * bk) & (k_pos[None, None] <= q_pos[None, :, None])
-    vis &= ((q_pos[None, :, None] - k_pos[None, None] <= jnp.asarray(left)[:, :, None])
-            & (k_pos[None, None] - q_pos[None, :, None] <= jnp.asarray(right)[:, :, None])
-            | (k_pos[None, None] < jnp.asarray(sink)[:, :, None]))       # [H, C, bk]
+    vis = _visible(mask, h, q_pos, k_pos) & (k_pos >= j * bk)[None, None]   # [H, C, bk]
     scores = jnp.einsum("bcgrk,bsgk->bgrcs", qg, kb, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(vis.reshape(g, r, c, bk)[None], scores, MASK_VALUE)
     m_new = jnp.maximum(m, scores.max(-1))

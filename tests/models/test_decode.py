@@ -119,6 +119,8 @@ def test_chunked_prefill_rejects_bad_input():
   model = TransformerLM(MODELS["hybrid"], rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):
     model.prefill(_tokens(t=8), 8, chunk_size=0)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    model.prefill(_tokens(t=8), 8, chunk_size=True)
   with pytest.raises(ValueError, match=r"Mamba2: state\['ssm'\] must have shape \(2, 4, 16"):
     layer = model.blocks[0].mixer
     bad = dict(layer.init_cache(2), ssm=jnp.zeros((1, 4, 16, 16)))
