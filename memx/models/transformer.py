@@ -211,11 +211,12 @@ class TransformerLM(nnx.Module):
     that scale with C instead of T. What stays is the decode state itself: constant for SSM and
     linear-attention layers, a KV cache of max_len tokens per attention layer (per-head rings
     under a sparse plan). The whole chunks run in one `lax.scan` (one compiled chunk, however
-    long the prompt): attention layers then read their cache with a forward-only online softmax
-    over the key blocks the chunk can see (`attention_decode._dynamic_chunk_attention`, plain
-    XLA). unroll=True (and any sparse-plan ring cache, whose layout depends on the offset)
-    unrolls them instead: static offsets, the attention kernels (Pallas, block skipping), and a
-    compile time that grows with the number of chunks.
+    long the prompt): attention layers then read their cache with `chunk_attention`, which
+    takes the chunk's offset at run time and visits only the cache blocks the chunk can see (a
+    Pallas kernel on GPUs, an XLA online softmax elsewhere). unroll=True (and any sparse-plan
+    ring cache, whose layout depends on the offset) unrolls them instead: static offsets, the
+    `attention` kernels (cuDNN where it applies), and a compile time that grows with the number
+    of chunks.
     """
     b, t = tokens.shape
     if t > max_len:

@@ -44,39 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from memx.kernels.attention import Mask, attention
+from memx.kernels.attention.chunk import UNBOUNDED, chunk_attention, head_rules, visible
 from memx.kernels.attention.reference import MASK_VALUE
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES
 from memx.nn.attention import Attention, layer_mask
-
-# "No window" in the integer visibility tests: larger than any position difference.
-_UNBOUNDED = 1 << 30
-
-
-def _head_rules(mask: Mask, num_heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per query head (window_left, window_right, n_sink) as int32 [H, 1] (windows unbounded →
-  _UNBOUNDED), for the causal decode masks (no block-sparse layout, no q_offset)."""
-  if mask.block_sparse is not None or mask.q_offset:
-    raise NotImplementedError(f"attention decode: block-sparse or offset masks are not "
-                              f"supported by the KV-cache step (got {mask}); use causal masks "
-                              f"with windows and sinks, uniform or per head")
-  heads = mask.heads(num_heads)
-  col = lambda xs: np.asarray(xs, np.int32)[:, None]
-  unb = lambda w: _UNBOUNDED if w is None else w
-  return (col([unb(m.window_left) for m in heads]), col([unb(m.window_right) for m in heads]),
-          col([m.n_sink for m in heads]))
-
-
-def _visible(mask: Mask, num_heads: int, q_pos, k_pos):
-  """Which keys at positions k_pos [S] each query head at positions q_pos (a scalar, or [C])
-  sees: bool [H, S], or [H, C, S]."""
-  left, right, sink = (jnp.asarray(a).reshape((num_heads,) + (1,) * jnp.ndim(q_pos) + (1,))
-                       for a in _head_rules(mask, num_heads))
-  q = jnp.asarray(q_pos)[None, ..., None]
-  k = jnp.asarray(k_pos).reshape((1,) * (q.ndim - 1) + (-1,))
-  ok = k <= q if mask.causal else jnp.ones((), bool)
-  in_window = ((q - k <= left) & (k - q <= right)) | (k < sink)
-  return ok & in_window
 
 
 def _prefix_mask(mask: Mask, t: int) -> Mask:
@@ -101,8 +73,8 @@ def ring_layout(mask: Mask, num_heads: int, num_kv_heads: int, max_len: int
   S_g = max sink_h and R_g = min(max span_h, max_len - S_g) over the query heads h of group g,
   where span_h = window_left_h + 1 (max_len when unbounded). S_g + R_g <= max_len.
   """
-  left, right, sink = _head_rules(mask, num_heads)
-  if not mask.causal or (right != _UNBOUNDED).any():
+  left, right, sink = head_rules(mask, num_heads)
+  if not mask.causal or (right != UNBOUNDED).any():
     raise NotImplementedError(f"ring KV cache: only causal masks without a right window are "
                               f"allowed, got {mask}")
   span = np.minimum(left[:, 0].astype(np.int64) + 1, max_len).reshape(num_kv_heads, -1)
@@ -256,7 +228,7 @@ def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
   mask = attn.mask(cache.max_len)
   layout = ring_layout(mask, cfg.n_heads, cfg.kv_heads, cache.max_len)
   _check_caps(attn, cache, layout)
-  left, _, sink = _head_rules(mask, cfg.n_heads)
+  left, _, sink = head_rules(mask, cfg.n_heads)
   rep = cfg.n_heads // cfg.kv_heads
   pos = jnp.asarray(pos, jnp.int32)
   slots = []
@@ -312,7 +284,8 @@ def extend(attn: Attention, x, start, cache):
   activations scale with the chunk. With a static start (an int), a dense cache is read up to
   start + C by the attention kernels, a ring cache per KV head (`_held_in_order`), whose rings
   hold every key a chunk query can see. A traced start (inside a scan over chunks: one compiled
-  chunk for any prompt length) needs a dense cache, read by `_dynamic_chunk_attention`.
+  chunk for any prompt length) needs a dense cache, read by `chunk_attention` (the offset read
+  at run time: a Pallas kernel on GPUs).
   """
   cfg = attn.cfg
   dt = DTYPES[cfg.compute_dtype]
@@ -338,57 +311,10 @@ def extend(attn: Attention, x, start, cache):
                       mask=dataclasses.replace(_prefix_mask(mask, end), q_offset=start),
                       implementation=cfg.attn_impl)
     else:
-      out = _dynamic_chunk_attention(q, cache["k"], cache["v"], start, mask,
-                                     cfg.head_dim ** -0.5)
+      # cuDNN cannot take a run-time offset: a config that asks for it gets the chunk dispatch.
+      impl = None if cfg.attn_impl in (None, "cudnn") else cfg.attn_impl
+      out = chunk_attention(q, cache["k"], cache["v"], start, mask=mask, implementation=impl)
   return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
-
-
-def _dynamic_chunk_attention(q, kc, vc, start, mask: Mask, scale: float, block: int = 512):
-  """q [B, C, H, K] at positions start..start+C-1 (start traced) over a dense cache kc, vc
-  [B, S, G, K] that holds positions 0..start+C-1 → [B, C, H, K] in q.dtype.
-
-  Forward-only online softmax (fp32, as the kernels) over key blocks of `block`, visiting only
-  blocks that can hold a visible key: the sink blocks, then from the oldest block a window
-  reaches (all of them for unbounded heads) to the block of the chunk's last query. The trip
-  counts depend on start, so one compiled program serves every chunk of a prefill; per-head
-  windows and sinks are masked element-wise, as in `step`.
-  """
-  b, c, h, kd = q.shape
-  s, g = kc.shape[1:3]
-  r = h // g
-  bk = min(block, s)
-  left, _, sink = _head_rules(mask, h)
-  q_pos = start + jnp.arange(c)
-  qg = q.reshape(b, c, g, r, kd)
-  stats = (jnp.full((b, g, r, c), MASK_VALUE, jnp.float32), jnp.zeros((b, g, r, c), jnp.float32),
-           jnp.zeros((b, g, r, c, kd), jnp.float32))
-
-  def visit(j, carry):
-    m, denom, acc = carry
-    k0 = jnp.minimum(j * bk, s - bk)                   # the last block is clamped to fit,
-    kb = jax.lax.dynamic_slice_in_dim(kc, k0, bk, axis=1)
-    vb = jax.lax.dynamic_slice_in_dim(vc, k0, bk, axis=1)
-    k_pos = k0 + jnp.arange(bk)                        # keys before j·bk were visited already
-    vis = _visible(mask, h, q_pos, k_pos) & (k_pos >= j * bk)[None, None]   # [H, C, bk]
-    scores = jnp.einsum("bcgrk,bsgk->bgrcs", qg, kb, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(vis.reshape(g, r, c, bk)[None], scores, MASK_VALUE)
-    m_new = jnp.maximum(m, scores.max(-1))
-    p = jnp.exp(scores - m_new[..., None])
-    p = jnp.where(vis.reshape(g, r, c, bk)[None], p, 0.0)
-    corr = jnp.exp(m - m_new)
-    acc = acc * corr[..., None] + jnp.einsum("bgrcs,bsgk->bgrck", p.astype(vb.dtype), vb,
-                                             preferred_element_type=jnp.float32)
-    return m_new, denom * corr + p.sum(-1), acc
-
-  last = (start + c - 1) // bk + 1                                  # blocks [0, last) hold keys
-  sink_blocks = -(-int(sink.max()) // bk)
-  widest = int(left.max())
-  first = 0 if widest >= _UNBOUNDED else jnp.maximum((start - widest) // bk, 0)
-  stats = jax.lax.fori_loop(0, jnp.minimum(sink_blocks, last), visit, stats)
-  stats = jax.lax.fori_loop(jnp.maximum(first, sink_blocks), last, visit, stats)
-  _, denom, acc = stats
-  out = jnp.where(denom[..., None] > 0, acc / jnp.maximum(denom, 1e-30)[..., None], 0.0)
-  return jnp.moveaxis(out, 3, 1).reshape(b, c, h, kd).astype(q.dtype)
 
 
 def step(attn: Attention, x_t, pos, cache):
@@ -407,7 +333,7 @@ def step(attn: Attention, x_t, pos, cache):
   q_gr = q[:, 0].reshape(b, g, h // g, q.shape[-1])                      # [B, G, R, K]
   scores = jnp.einsum("bgrk,bsgk->bgrs", q_gr, cache["k"],
                       preferred_element_type=jnp.float32) * attn.cfg.head_dim ** -0.5
-  vis = _visible(attn.mask(s), h, pos, jnp.arange(s)).reshape(g, h // g, s)
+  vis = visible(attn.mask(s), h, pos, jnp.arange(s)).reshape(g, h // g, s)
   scores = jnp.where(vis[None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bgrs,bsgk->bgrk", probs.astype(cache["v"].dtype), cache["v"],

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from . import test_attention as ta
+from . import test_chunk_attention as tc
 from . import test_linear_scan as tl
 from . import test_ssd as ts
 
@@ -22,6 +23,7 @@ triton_registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_re
 gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
 
 from memx.kernels.attention import attention  # noqa: E402
+from memx.kernels.attention.chunk import chunk_attention  # noqa: E402
 from memx.kernels.linear_scan import linear_scan  # noqa: E402
 from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul  # noqa: E402
 
@@ -106,6 +108,18 @@ def test_attention_atomic_dq_lowers(triton_modules, case, dtype):
   _lower_attention_case(case, dtype, dq_atomic=True)
   assert len(triton_modules) == 2
   assert "tt.atomic_rmw fadd" in triton_modules[1]
+  _check_fp32_dots(triton_modules, dtype)
+
+
+@DTYPES
+@pytest.mark.parametrize("mask_name", sorted(tc.MASKS))
+def test_chunk_attention_lowers(triton_modules, mask_name, dtype):
+  """The forward kernel with the query offset read at run time (scanned chunked prefill)."""
+  q_all, k, v = tc._inputs(dtype)
+  _lower_for_cuda(lambda q, start: chunk_attention(
+      q, k, v, start, mask=tc.MASKS[mask_name], implementation="pallas_gpu"),
+      q_all[:, :tc.SHAPE[-1]], jnp.int32(5))
+  assert len(triton_modules) == 1
   _check_fp32_dots(triton_modules, dtype)
 
 

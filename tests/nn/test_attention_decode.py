@@ -4,12 +4,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
 from memx.kernels import _testing
-from memx.kernels.attention import Mask, attention_reference
 from memx.models._testing import jit_for_test
 from memx.models.config import ModelConfig
 from memx.nn import attention_decode
@@ -45,25 +43,3 @@ def test_prefill_and_steps_equal_parallel_forward(window, sinks):
     ys.append(y)
   _testing.assert_allclose(jnp.stack(ys, 1), full[:, 6:], name="steps")
   assert cache["k"].shape == (2, 16, 2, 8)
-
-
-@pytest.mark.parametrize("mask", [
-    Mask(causal=True),
-    Mask(causal=True, window_left=5, n_sink=3),                 # sink blocks + window blocks
-    Mask(causal=True, window_left=(2, 9, None, 4), n_sink=(0, 2, 0, 6)),   # per head (MoA)
-], ids=["causal", "window_sinks", "per_head"])
-def test_dynamic_chunk_attention_equals_the_reference(mask):
-  """The scan's chunk attention (traced offset, blocks of 4 keys: clamped last block, skipped
-  window blocks) equals dense reference attention on the cached prefix, for every chunk."""
-  b, s, h, g, k, c = 2, 23, 4, 2, 8, 6
-  rng = np.random.default_rng(0)
-  q, kc, vc = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
-               for shape in ((b, s, h, k), (b, s, g, k), (b, s, g, k)))
-  run = jax.jit(lambda q, start: attention_decode._dynamic_chunk_attention(
-      q, kc, vc, start, mask, k ** -0.5, block=4))
-  for start in (0, 6, 12, 17):
-    n = min(c, s - start)
-    got = run(q[:, start:start + n], jnp.int32(start))
-    want = attention_reference(q[:, start:start + n], kc[:, :start + n], vc[:, :start + n],
-                               mask=dataclasses.replace(mask, q_offset=start))
-    _testing.assert_allclose(got, want, name=f"start {start}")

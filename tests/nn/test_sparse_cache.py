@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from memx.kernels import _testing
-from memx.kernels.attention import attention_reference, elastic_mask
+from memx.kernels.attention import attention_reference, chunk, elastic_mask
 from memx.models._testing import jit_for_test
 from memx.models.config import ModelConfig
 from memx.nn import attention_decode
@@ -120,7 +120,7 @@ def test_chunked_prefill_of_ring_caches_equals_whole(chunks):
 
 def test_per_head_visibility_of_the_full_cache_step():
   mask = elastic_mask(PLAN[0], N)
-  vis = attention_decode._visible(mask, 4, jnp.int32(10), jnp.arange(N))
+  vis = chunk.visible(mask, 4, jnp.int32(10), jnp.arange(N))
   for h in range(4):
     np.testing.assert_array_equal(vis[h], mask.dense(N, N, head=h)[10])
 

@@ -2,9 +2,12 @@
 
 Implementations: reference (dense oracle), xla (blockwise FA2, any backend), pallas_gpu
 (Triton kernels), cudnn (jax.nn.dot_product_attention); `attention` dispatches among them.
+`chunk_attention` (chunk.py): a query chunk at a run-time offset over a KV cache, forward only
+(chunked prefill inside a scan).
 """
 
 from memx.kernels.attention.api import IMPLEMENTATIONS, Implementation, attention, default_order
+from memx.kernels.attention.chunk import chunk_attention
 from memx.kernels.attention.config import BlockSizes
 from memx.kernels.attention.mask import (
     CAUSAL,
@@ -36,6 +39,7 @@ __all__ = [
     "attention_pallas_gpu",
     "attention_reference",
     "attention_xla",
+    "chunk_attention",
     "elastic_mask",
     "elastic_span",
     "default_order",

@@ -37,6 +37,10 @@ class Rule:
   q_offset: int
   s_len: int          # real number of keys; key columns >= s_len are padding
   mask_padding: bool  # whether any key tile sticks out past s_len
+  # The query offset is an int32 the kernel reads at run time (chunked prefill inside a scan:
+  # one compiled program for every chunk); q_offset is then 0 and schedules come from
+  # `dynamic_schedule`.
+  dynamic_offset: bool = False
 
 
 def rule_for(masks: tuple[Mask, ...], s_len: int, s_padded: int) -> Rule:
@@ -130,6 +134,46 @@ def schedule(masks: tuple[Mask, ...], t: int, s: int, block_q: int, block_k: int
   counts = np.stack([n_full, n_tot], -1).astype(np.int32)
   table.flags.writeable = False
   counts.flags.writeable = False
+  return table, counts
+
+
+def dynamic_schedule(masks: tuple[Mask, ...], rule: Rule, offset, block_q: int, block_k: int,
+                     t_pad: int, s_pad: int):
+  """`schedule` (forward direction) for queries at a run-time offset, computed in XLA.
+
+  Query block i holds positions offset + [i·bq, (i+1)·bq), key block j keys [j·bk, (j+1)·bk).
+  Each term of the element rule is monotone in q and k, so a tile's corners decide it: a tile
+  is FULL when every term holds on all of it, EMPTY when some term fails on all of it (or both
+  window and sink fail on all of it), else PARTIAL. Both tests are sufficient conditions, so a
+  tile is never FULL with a hidden pair nor EMPTY with a visible one; at worst a tile is
+  masked element-wise that need not be. Same layout as `schedule`: int32 table [H', n_q, n_k]
+  (FULL tiles first, then PARTIAL, ascending) and counts [H', n_q, 2].
+  """
+  n_q, n_k = t_pad // block_q, s_pad // block_k
+  hp = jnp.asarray(head_params(masks))[:, :, None, None]        # [H', 4, 1, 1]
+  left, right, sink = hp[:, 0], hp[:, 1], hp[:, 2]              # [H', 1, 1]
+  q_lo = (offset + jnp.arange(n_q) * block_q)[None, :, None]    # [1, n_q, 1]
+  q_hi = q_lo + block_q - 1
+  k_lo = (jnp.arange(n_k) * block_k)[None, None, :]             # [1, 1, n_k]
+  k_hi = k_lo + block_k - 1
+  every, none = jnp.ones((), bool), jnp.zeros((), bool)
+  if rule.causal:
+    every, none = every & (k_hi <= q_lo), none | (k_lo > q_hi)
+  band_all, band_none = jnp.ones((), bool), jnp.zeros((), bool)
+  if rule.window_left:
+    band_all, band_none = band_all & (q_hi - k_lo <= left), band_none | (q_lo - k_hi > left)
+  if rule.window_right:
+    band_all, band_none = band_all & (k_hi - q_lo <= right), band_none | (k_lo - q_hi > right)
+  if rule.sink:
+    band_all, band_none = band_all | (k_hi < sink), band_none & (k_lo >= sink)
+  every, none = every & band_all, none | band_none
+  every, none = every & (k_hi < rule.s_len), none | (k_lo >= rule.s_len)
+  shape = (len(masks), n_q, n_k)
+  full = jnp.broadcast_to(every & ~none, shape)
+  keep = jnp.broadcast_to(~none, shape)
+  key = jnp.where(full, 0, jnp.where(keep, 1, 2)).astype(jnp.int32)
+  table = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+  counts = jnp.stack([full.sum(-1), keep.sum(-1)], -1).astype(jnp.int32)
   return table, counts
 
 

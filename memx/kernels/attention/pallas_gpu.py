@@ -125,6 +125,7 @@ def _unpack(refs, plan: _Plan, names: tuple[str, ...]):
   """Names the kernel's refs: optional inputs (head params, segment ids) appear only if used."""
   it = iter(refs)
   out = {"tbl": next(it), "cnt": next(it)}
+  out["off"] = next(it) if plan.rule.dynamic_offset else None
   out["hp"] = next(it) if plan.per_head else None
   out["qseg"], out["kseg"] = (next(it), next(it)) if plan.segments else (None, None)
   for name in names:
@@ -149,7 +150,8 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
   c = plan.scale * LOG2E
 
   q = r["q"][...]                                       # [bq, D]: stays on chip for the loop
-  q_pos = plan.rule.q_offset + qb * bq + jnp.arange(bq)
+  offset = r["off"][0] if plan.rule.dynamic_offset else plan.rule.q_offset
+  q_pos = offset + qb * bq + jnp.arange(bq)
   qseg = r["qseg"][...] if plan.segments else None
 
   def body(j, carry, elementwise):
@@ -182,14 +184,25 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
   r["lse"][...] = jnp.where(seen, m + jnp.log2(l_safe), LSE_EMPTY)
 
 
-def _forward(plan: _Plan, q, k, v, q_seg, kv_seg):
-  """o [B, Tp, H, Dp] and base-2 lse [B, H, Tp] fp32 from padded inputs."""
+def _forward(plan: _Plan, q, k, v, q_seg, kv_seg, offset=None):
+  """o [B, Tp, H, Dp] and base-2 lse [B, H, Tp] fp32 from padded inputs; `offset` (int32
+  [1]) is the run-time query offset of a plan with rule.dynamic_offset."""
   b = q.shape[0]
   bq, bk = plan.blocks.block_q, plan.blocks.block_k
   n_q = plan.t_pad // bq
-  tbl, cnt, tiles = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
+  if plan.rule.dynamic_offset:
+    tbl, cnt = sched.dynamic_schedule(plan.masks, plan.rule, offset[0], bq, bk, plan.t_pad,
+                                      plan.s_pad)
+    tbl, cnt = tbl[None], cnt[None]
+    # The cost estimate's tile count must be static: take the causal average.
+    tiles = max(1, (n_q * (plan.s_pad // bk)) // 2) * len(plan.masks)
+  else:
+    tbl, cnt, tiles = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
   rep, d = plan.rep, plan.d_pad
   args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
+  if plan.rule.dynamic_offset:
+    args.append(offset)
+    specs.append(_whole(offset))
   if plan.per_head:
     hp = jnp.asarray(sched.head_params(plan.masks))
     args.append(hp)
@@ -437,6 +450,27 @@ def make_plan(q_shape, k_shape, *, mask: Mask, segments: bool, scale: float | No
       num_heads=h, num_kv_heads=g, d_pad=d_pad, blocks=blocks,
       scale=d ** -0.5 if scale is None else float(scale), segments=segments,
       interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "scale", "block_sizes", "interpret"))
+def chunk_attention_pallas_gpu(q, k, v, start, *, mask: Mask, scale: float | None = None,
+                               block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """Forward-only `chunk_attention` (see chunk.py): the forward kernel above with the query
+  offset `start` (an int32 scalar, may be traced) read at run time and its tile schedule built
+  in XLA from it, so one compiled program serves a chunk at any offset and visits only the
+  cache tiles the chunk can see."""
+  t, s = q.shape[1], k.shape[1]
+  plan = make_plan(q.shape, k.shape, mask=mask, segments=False, scale=scale,
+                   block_sizes=block_sizes, interpret=interpret,
+                   itemsize=jnp.dtype(q.dtype).itemsize)
+  plan = dataclasses.replace(plan, rule=dataclasses.replace(plan.rule, dynamic_offset=True))
+  qp = sched.pad_axis(sched.pad_axis(q, 1, plan.t_pad), 3, plan.d_pad)
+  kp = sched.pad_axis(sched.pad_axis(k, 1, plan.s_pad), 3, plan.d_pad)
+  vp = sched.pad_axis(sched.pad_axis(v, 1, plan.s_pad), 3, plan.d_pad)
+  offset = jnp.reshape(jnp.asarray(start, jnp.int32), (1,))
+  o, _ = _forward(plan, qp, kp, vp, None, None, offset)
+  del s
+  return o[:, :t, :, :q.shape[3]]
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "scale", "block_sizes", "interpret"))
