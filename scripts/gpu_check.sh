@@ -57,27 +57,30 @@ bench_args() {
   local override="ARGS_$1"
   if [ -n "${!override+x}" ]; then echo "${!override}"; return; fi
   case "$1" in
-    bench_attention) echo "--budget-s 110 --sweep" ;;
+    # (The tile sweep ran on an H100 in session 7: no candidate beat the defaults. Rerun it
+    # with ARGS_bench_attention="--budget-s 110 --sweep" after a kernel change.)
+    bench_attention) echo "--budget-s 90" ;;
     bench_ssm) echo "--forms pallas_gpu,xla,assoc_scan --total-budget-s 110 --sweep" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
     bench_checkpoint) echo "--size gpu --repeats 1" ;;
     bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --prefill-chunks whole,2048 --repeats 3 --budget-s 2" ;;
     bench_moa) echo "--size gpu --repeats 5" ;;
     bench_remat) echo "--mixers attention,mamba2" ;;
-    # Does XLA's dot -> multiply+reduce rewrite slow the M=1 decode projections? (H200: the
-    # teacher's reduce fusions moved ~100 GB/s.)
-    profile_model) echo "--models teacher,linear,matmulfree --prefill-length 65536 --xla-flags=--xla_gpu_enable_dot_strength_reduction=false" ;;
+    # (jax 0.11.2's XLA does not know --xla_gpu_enable_dot_strength_reduction: the profile of
+    # the M = 1 projections without that rewrite needs a newer jaxlib on the GPU machine.)
+    profile_model) echo "--models teacher,linear,matmulfree --prefill-length 65536" ;;
     *) echo "" ;;
   esac
 }
 # A global deadline keeps the whole check inside the call however many benches exist: each gets
 # at most 170 s and never more than what is left; the rest are listed as skipped.
 DEADLINE=${GPU_CHECK_DEADLINE_S:-420}
-# Order: what the last GPU session left unverified or unmeasured first (attention tiles and
-# atomic dQ, decode after the conv fix, checkpoint stalls), then the other goal benches. One
-# call does not reach them all; the second call of a session runs the rest:
-#   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="ssm moa matmulfree train remat loss parallel" bash ...
-FIRST=${GPU_CHECK_BENCHES:-"attention distill scripts/profile_model.py checkpoint ssm moa matmulfree train"}
+# Order: what the last GPU session (7, H100) left unmeasured first (the teacher's scanned
+# chunked prefill on the run-time-offset Pallas kernel, checkpoint stalls at a cadence the disk
+# keeps up with, the MatMul-free training memory, 350m training), then the other goal benches.
+# One call does not reach them all; the second call of a session runs the rest:
+#   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="ssm moa remat loss parallel" bash ...
+FIRST=${GPU_CHECK_BENCHES:-"distill checkpoint scripts/profile_model.py matmulfree train attention ssm moa"}
 ordered=""
 for n in $FIRST; do
   case "$n" in

@@ -113,6 +113,9 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     self.cfg = cfg
     self.blocking_s: list[float] = []  # main-thread time spent per save
+    # The part of it spent waiting for the previous save's write (one write in flight): the
+    # disk being slower than the save cadence, not the snapshot itself.
+    self.write_wait_s: list[float] = []
     self._error: BaseException | None = None
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
     self._pending: list[concurrent.futures.Future] = []
@@ -137,12 +140,15 @@ class Checkpointer:
       # One write in flight, as Orbax does: host memory stays bounded when writes are slower
       # than steps (then the loop waits here, for the disk, not for the copy).
       self._drain()
+      self.write_wait_s.append(time.perf_counter() - t0)
       host_state = snapshot.to_host()
       self.blocking_s.append(time.perf_counter() - t0)
       self._pending.append(self._pool.submit(self._write, step, host_state, data_state, meta))
       return
     if self.cfg.mode == "async":
       self._drain()  # Orbax allows one save in flight
+      self._manager.wait_until_finished()
+    self.write_wait_s.append(time.perf_counter() - t0)
     self._write(step, snapshot, data_state, meta, background=False)
     self.blocking_s.append(time.perf_counter() - t0)
     if self.cfg.mode == "async":  # Orbax writes in its thread; ours adds the manifest after

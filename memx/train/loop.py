@@ -196,6 +196,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     pending: list[tuple[int, dict]] = []
     rates, recent_losses = [], []
     clock = {"t": time.perf_counter(), "steps": 0}
+    timed = {"s": 0.0, "steps": 0}  # the intervals behind `rates`: their mean step time
     tokens_per_step = tc.batch_size * cfg.data.seq_len
 
     def flush():
@@ -216,6 +217,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         recent_losses.append(loss)
       if pending[0][0] > start + 1 or len(pending) == end - start:
         rates.append(rate)  # the first interval after compile includes warm-up: skip it
+        timed["s"] += now - clock["t"]
+        timed["steps"] += clock["steps"]
       del recent_losses[:-max(10, tc.log_every)]
       bar.update(len(pending))
       bar.set_postfix(loss=f"{recent_losses[-1]:.4f}")
@@ -287,6 +290,9 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         "task_accuracy": eval_metrics.get("accuracy"),
         "tokens_per_s": statistics.median(rates) if rates else None,
         "step_time_s": (tokens_per_step / statistics.median(rates)) if rates else None,
+        # Mean over the same intervals: unlike the median it includes the steps that save a
+        # checkpoint (or evaluate), so it is the cost a run pays.
+        "step_time_mean_s": timed["s"] / timed["steps"] if timed["steps"] else None,
         "memory": {**memory, "peak_bytes": peak_device_bytes()},
         "param_bytes": tree_bytes(ts.state[0]),
         "opt_state_bytes": tree_bytes(ts.state) - tree_bytes(ts.state[0]),
@@ -294,6 +300,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         "checkpoint_mode": None if ckpt is None else cfg.checkpoint.mode,
         "checkpoint_blocking_s": (statistics.median(ckpt.blocking_s)
                                   if ckpt is not None and ckpt.blocking_s else None),
+        "checkpoint_write_wait_s": (statistics.median(ckpt.write_wait_s)
+                                    if ckpt is not None and ckpt.write_wait_s else None),
         "wall_s": time.perf_counter() - t_start,
     }
     if run_dir is not None and jax.process_index() == 0:
