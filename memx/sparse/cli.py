@@ -59,6 +59,10 @@ def add_parser(sub) -> None:
                  help="fraction of causal pairs kept, one value or one per length")
   s.add_argument("--lengths", default=None, help="profiled lengths to use (default all)")
   s.add_argument("--layer-budget", type=float, default=None)
+  s.add_argument("--kv-budget", default=None,
+                 help="cap on the decode KV cache as a fraction of a dense one (one value or "
+                      "one per length; needs --kv-heads)")
+  s.add_argument("--kv-heads", type=int, default=None, help="the model's KV heads per layer")
   s.add_argument("--n-sink", type=int, default=4)
   s.add_argument("--no-full", action="store_true", help="exclude full attention as a rule")
   s.add_argument("--method", default="auto", choices=["auto", "milp", "greedy"])
@@ -121,7 +125,9 @@ def _search(args) -> int:
   plan = search_plan(prof, _budget_arg(args.budget), lengths=lengths,
                      layer_budget=args.layer_budget, n_sink=args.n_sink,
                      include_full=not args.no_full, method=args.method,
-                     time_limit=args.time_limit)
+                     time_limit=args.time_limit,
+                     kv_budget=None if args.kv_budget is None else _budget_arg(args.kv_budget),
+                     kv_heads=args.kv_heads)
   out = plan.save(args.out)
   print(_describe(plan))
   print(f"plan: {out}")

@@ -273,11 +273,17 @@ def longgen_plan(model_cfg, budget, lengths: Sequence[int], *, n_sink: int = 4,
 def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
                 rules: Sequence[Rule] | None = None, layer_budget: float | None = None,
                 n_sink: int = 4, include_full: bool = True, method: str = "auto",
-                time_limit: float = 60.0) -> Plan:
+                time_limit: float = 60.0, kv_budget: float | Sequence[float] | None = None,
+                kv_heads: int | None = None) -> Plan:
   """MoA: the rule per head minimising the profiled loss increase under the budget.
 
   lengths: the profiled lengths to optimise over (default all the profile has); budget: one
   density budget or one per length; layer_budget: optional cap on each layer's average.
+  kv_budget (with kv_heads, the model's KV heads per layer): optional cap on the decode KV cache
+  as a fraction of a dense one (one value or one per length). Under GQA a KV head's ring holds
+  the widest span of the query heads sharing it, so KV memory is a max per group, which the MILP
+  models exactly (`search` module docstring); each group is costed as max sinks + max span, as
+  `attention_decode.ring_layout` sizes it (an upper bound where its ring would exceed N − sinks).
   """
   from memx.sparse import search
 
@@ -286,14 +292,26 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   b = _budgets(budget, lengths)
   if layer_budget is not None:
     _check_budget("layer_budget", layer_budget)
+  kv = {}
+  if kv_budget is not None:
+    kb = _budgets(kv_budget, lengths)
+    if not (isinstance(kv_heads, int) and kv_heads >= 1 and profile.n_heads % kv_heads == 0):
+      raise PlanError(f"kv_budget needs kv_heads, the model's KV heads per layer, dividing its "
+                      f"{profile.n_heads} query heads; got kv_heads={kv_heads!r}.")
   cands = list(rules) if rules is not None else candidate_rules(
       lengths, n_sink=n_sink, include_full=include_full)
   cost = profile.costs(cands, lengths)
   dens = np.array([[density(r, n) for n in lengths] for r in cands])      # [R, n_lengths]
   dens = np.broadcast_to(dens[None], (cost.shape[0], *dens.shape))
   layer_of = np.repeat(np.arange(len(profile.layers)), profile.n_heads)
+  if kv_budget is not None:
+    parts = np.array([[(min(r.n_sink, n) / n, r.span(n) / n) for n in lengths] for r in cands])
+    kv_of_head = np.arange(profile.n_heads) // (profile.n_heads // kv_heads)
+    kv = {"kv_budget": kb,
+          "kv_slots": np.broadcast_to(parts[None], (cost.shape[0], *parts.shape)),
+          "kv_group": layer_of * kv_heads + np.tile(kv_of_head, len(profile.layers))}
   sol = search.solve(cost, dens, b, layer_of=layer_of, layer_budget=layer_budget,
-                     method=method, time_limit=time_limit, lengths=lengths)
+                     method=method, time_limit=time_limit, lengths=lengths, **kv)
   layers: list = [None] * profile.n_layers
   for li, layer in enumerate(profile.layers):
     layers[layer] = tuple(cands[sol.choice[li * profile.n_heads + h]]
@@ -303,6 +321,7 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
               predicted_loss=float(sol.objective), gap=float(sol.gap),
               solver=f"{sol.method}: {sol.status}",
               meta={"candidates": len(cands), "layer_budget": layer_budget,
+                    "kv_budget": kv.get("kv_budget"), "kv_heads": kv_heads,
                     "profile": profile.meta})
 
 

@@ -14,6 +14,19 @@ profiled sequence length ``n``. The plan is the binary choice ``x[i, r]``::
 ``B`` bounds the average density over all heads, ``B_L`` (optional) over the ``H_l`` heads of
 each layer.
 
+KV-memory budget (optional, MILP only). Heads that share a KV head (GQA) share its cache, which
+must hold the keys of the widest of them: the KV memory of group ``g`` is a *max* over its heads,
+not a sum. With ``kv[i, r, n, p]`` the slots head ``i`` needs under rule ``r`` at length ``n``, as a
+fraction of ``n``, in ``P`` parts that the cache sizes separately (the sinks and the ring of
+`attention_decode.ring_layout`: a group keeps max sinks + max span), the budget is::
+
+    sum_{g,p} max_{i in g} sum_r kv[i,r,n,p] x[i,r] <= K[n] * G       every length n
+
+with ``G`` groups. The MILP writes each max with a continuous ``y[g, n, p] >= sum_r kv[i,r,n,p]
+x[i,r]`` for every head ``i`` of ``g``, and bounds ``sum_{g,p} y[g,n,p]``: since the cost does not
+depend on ``y``, a plan meets the budget exactly when some ``y`` does, so the program is still
+exact. Greedy handles sums only and refuses a KV budget.
+
 Why the MILP is exact: the objective and every budget are sums of per-head terms, so the
 integer program above *is* the planning problem, with no approximation. `solve_milp` hands it to
 HiGHS (`scipy.optimize.milp`), whose branch and bound proves optimality up to `mip_rel_gap`
@@ -97,6 +110,25 @@ class _Problem:
   head_groups: np.ndarray  # [H, K] int: the constraint groups each head belongs to
   caps: np.ndarray  # [G, N]: the summed density each group may use
   group_sizes: np.ndarray  # [G]
+  kv_group: np.ndarray | None = None  # [H] int in [0, Gkv): each head's KV head
+  kv: np.ndarray | None = None  # [H, R, N, P]: KV slots per part, as fractions of the length
+  kv_caps: np.ndarray | None = None  # [N]: kv_budget * Gkv
+
+  @property
+  def n_kv_groups(self) -> int:
+    return 0 if self.kv_group is None else int(self.kv_group.max()) + 1
+
+  def kv_usage(self, choice: np.ndarray) -> np.ndarray:
+    """[N]: the summed KV memory of all groups (fractions of the length) under a plan."""
+    parts = self.kv[np.arange(self.n_heads), choice]  # [H, N, P]
+    most = np.zeros((self.n_kv_groups, *parts.shape[1:]))
+    np.maximum.at(most, self.kv_group, parts)
+    return most.sum(axis=(0, 2))
+
+  def kv_violated(self, choice: np.ndarray) -> np.ndarray:
+    if self.kv is None:
+      return np.zeros(self.n_lengths, bool)
+    return self.kv_usage(choice) > self.kv_caps * (1 + _RTOL)
 
   @property
   def n_heads(self) -> int:
@@ -146,7 +178,38 @@ def _budget_array(value, n_lengths: int, name: str) -> np.ndarray:
   return arr
 
 
-def _prepare(cost, density, budget, layer_of, layer_budget, allowed, lengths) -> _Problem:
+def _prepare_kv(kv_group, kv_slots, kv_budget, n_heads, n_rules, n_lengths):
+  """Validates the KV-budget inputs: all three or none."""
+  given = [x is not None for x in (kv_group, kv_slots, kv_budget)]
+  if not any(given):
+    return None, None, None
+  if not all(given):
+    raise SearchInputError(
+        "a KV-memory budget needs kv_group, kv_slots and kv_budget together (got "
+        + ", ".join(n for n, g in zip(("kv_group", "kv_slots", "kv_budget"), given, strict=True)
+                    if g) + " only).")
+  kv_group = np.asarray(kv_group)
+  if kv_group.shape != (n_heads,) or not np.issubdtype(kv_group.dtype, np.integer) \
+      or kv_group.min() < 0:
+    raise SearchInputError(
+        f"kv_group has shape {kv_group.shape} and dtype {kv_group.dtype}; expected one KV-head "
+        f"index >= 0 per head ({n_heads}).")
+  _, kv_group = np.unique(kv_group, return_inverse=True)
+  kv = np.asarray(kv_slots, dtype=np.float64)
+  if kv.ndim == 3:
+    kv = kv[..., None]
+  if kv.ndim != 4 or kv.shape[:3] != (n_heads, n_rules, n_lengths):
+    raise SearchInputError(
+        f"kv_slots has shape {kv.shape}; expected [n_heads_total, n_rules, n_lengths] or "
+        f"[..., n_parts] = [{n_heads}, {n_rules}, {n_lengths}(, P)].")
+  if not (np.isfinite(kv) & (kv >= 0)).all():
+    raise SearchInputError("kv_slots must be finite and >= 0 (fractions of the length).")
+  kv_caps = _budget_array(kv_budget, n_lengths, "kv_budget") * (int(kv_group.max()) + 1)
+  return kv_group.astype(np.int64), kv, kv_caps
+
+
+def _prepare(cost, density, budget, layer_of, layer_budget, allowed, lengths,
+             kv_group=None, kv_slots=None, kv_budget=None) -> _Problem:
   cost = np.asarray(cost, dtype=np.float64)
   density = np.asarray(density, dtype=np.float64)
   if cost.ndim != 2 or cost.shape[0] < 1 or cost.shape[1] < 1:
@@ -212,12 +275,28 @@ def _prepare(cost, density, budget, layer_of, layer_budget, allowed, lengths) ->
     sizes = np.bincount(layer, minlength=len(layer_ids))
     group_sizes = np.concatenate([group_sizes, sizes])
     caps = np.concatenate([caps, sizes[:, None] * layer_budget_arr[None, :]], axis=0)
+  kv_group, kv, kv_caps = _prepare_kv(kv_group, kv_slots, kv_budget, n_heads, n_rules,
+                                      n_lengths)
   return _Problem(cost, density, allowed, budget, lengths, layer_ids, layer_budget_arr,
-                  head_groups, caps, group_sizes)
+                  head_groups, caps, group_sizes, kv_group, kv, kv_caps)
 
 
 def _check_feasible(p: _Problem) -> None:
   """Raise InfeasibleBudgetError when even the sparsest allowed rules break a budget."""
+  if p.kv is not None:
+    # Each part of each head at its smallest allowed: a lower bound on every plan's KV memory.
+    least = np.where(p.allowed[:, :, None, None], p.kv, np.inf).min(axis=1)  # [H, N, P]
+    most = np.zeros((p.n_kv_groups, *least.shape[1:]))
+    np.maximum.at(most, p.kv_group, least)
+    need = most.sum(axis=(0, 2))
+    bad = need > p.kv_caps * (1 + _RTOL)
+    if bad.any():
+      n = int(np.argmax(need / p.kv_caps))
+      floor = need[n] / p.n_kv_groups
+      raise InfeasibleBudgetError(
+          f"KV budget {p.kv_caps[n] / p.n_kv_groups:.4g} at {p.length_name(n)} is infeasible: "
+          f"the smallest allowed rules keep {floor:.4g} of the dense KV cache there; raise the "
+          f"KV budget to at least {floor:.4g} or allow rules with shorter spans.")
   sparsest = np.where(p.allowed[:, :, None], p.density, np.inf).min(axis=1)  # [H, N]
   usage = p.usage(sparsest)
   bad = p.violated(usage)
@@ -245,20 +324,65 @@ def _joint_infeasible(p: _Problem, proven_by: str) -> InfeasibleBudgetError:
       "every profiled length.")
 
 
-def _lp_matrices(p: _Problem):
-  """Variables are the allowed (head, rule) pairs; returns them with the sparse constraints."""
+@dataclasses.dataclass(frozen=True)
+class _LP:
+  """The program's matrices. Columns: the allowed (head, rule) pairs (binary), then with a KV
+  budget the continuous y[g, n, p] (see module docstring). Rows of a_ub: the density budgets
+  (caps, group-major), then the KV budget per length, then the y definitions (rhs 0)."""
+
+  vh: np.ndarray
+  vr: np.ndarray
+  a_eq: scipy.sparse.csr_array
+  a_ub: scipy.sparse.csr_array
+  b_ub: np.ndarray
+  n_aux: int
+
+  @property
+  def integrality(self) -> np.ndarray:
+    return np.concatenate([np.ones(self.vh.size), np.zeros(self.n_aux)])
+
+  @property
+  def upper(self) -> np.ndarray:
+    return np.concatenate([np.ones(self.vh.size), np.full(self.n_aux, np.inf)])
+
+  def cost(self, p: _Problem, scale: float) -> np.ndarray:
+    return np.concatenate([p.cost[self.vh, self.vr] / scale, np.zeros(self.n_aux)])
+
+
+def _lp_matrices(p: _Problem) -> _LP:
   vh, vr = np.nonzero(p.allowed)
   n_vars = vh.size
   cols = np.arange(n_vars)
-  a_eq = scipy.sparse.csr_array(
-      (np.ones(n_vars), (vh, cols)), shape=(p.n_heads, n_vars))
   n_len = p.n_lengths
+  n_parts = 0 if p.kv is None else p.kv.shape[3]
+  n_aux = p.n_kv_groups * n_len * n_parts
+  width = n_vars + n_aux
+  a_eq = scipy.sparse.csr_array((np.ones(n_vars), (vh, cols)), shape=(p.n_heads, width))
   rows = (p.head_groups[vh][:, :, None] * n_len + np.arange(n_len)[None, None, :])  # [V, K, N]
   vals = np.broadcast_to(p.density[vh, vr][:, None, :], rows.shape)
-  a_ub = scipy.sparse.csr_array(
-      (vals.ravel(), (rows.ravel(), np.broadcast_to(cols[:, None, None], rows.shape).ravel())),
-      shape=(p.caps.size, n_vars))
-  return vh, vr, a_eq, a_ub
+  entries = [(vals.ravel(), rows.ravel(),
+              np.broadcast_to(cols[:, None, None], rows.shape).ravel())]
+  b_ub = [p.caps.ravel()]
+  if n_aux:
+    aux = n_vars + np.arange(n_aux).reshape(p.n_kv_groups, n_len, n_parts)  # y[g, n, p]
+    base = p.caps.size
+    # KV budget rows: sum_{g,p} y[g, n, p] <= kv_caps[n]
+    entries.append((np.ones(n_aux), base + np.broadcast_to(
+        np.arange(n_len)[None, :, None], aux.shape).ravel(), aux.ravel()))
+    b_ub.append(p.kv_caps)
+    # Definition rows, one per (head, n, p): sum_r kv[i,r,n,p] x[i,r] - y[g_i,n,p] <= 0
+    base += n_len
+    head_rows = base + np.arange(p.n_heads * n_len * n_parts).reshape(p.n_heads, n_len, n_parts)
+    entries.append((p.kv[vh, vr].ravel(), np.broadcast_to(
+        head_rows[vh], (n_vars, n_len, n_parts)).ravel(),
+        np.broadcast_to(cols[:, None, None], (n_vars, n_len, n_parts)).ravel()))
+    entries.append((-np.ones(head_rows.size), head_rows.ravel(),
+                    aux[p.kv_group].ravel()))
+    b_ub.append(np.zeros(head_rows.size))
+  b_ub = np.concatenate(b_ub)
+  data, r, c = (np.concatenate(x) for x in zip(*entries, strict=True))
+  a_ub = scipy.sparse.csr_array((data, (r, c)), shape=(b_ub.size, width))
+  return _LP(vh, vr, a_eq, a_ub, b_ub, n_aux)
 
 
 def _cost_scale(p: _Problem) -> float:
@@ -268,11 +392,11 @@ def _cost_scale(p: _Problem) -> float:
 
 
 def _lp_bound(p: _Problem) -> float:
-  vh, vr, a_eq, a_ub = _lp_matrices(p)
+  lp = _lp_matrices(p)
   scale = _cost_scale(p)
   res = scipy.optimize.linprog(
-      p.cost[vh, vr] / scale, A_ub=a_ub, b_ub=p.caps.ravel(), A_eq=a_eq,
-      b_eq=np.ones(p.n_heads), bounds=(0, 1), method="highs")
+      lp.cost(p, scale), A_ub=lp.a_ub, b_ub=lp.b_ub, A_eq=lp.a_eq, b_eq=np.ones(p.n_heads),
+      bounds=np.stack([np.zeros_like(lp.upper), lp.upper], axis=1), method="highs")
   if res.status == 2:
     raise _joint_infeasible(p, "even the LP relaxation is infeasible")
   if res.status != 0:
@@ -296,19 +420,21 @@ def _solution(p: _Problem, choice, bound, method, status) -> Solution:
 
 def _milp(p: _Problem, time_limit: float, mip_rel_gap: float):
   """Returns (choice or None, proven lower bound or -inf, "optimal" | "time limit")."""
-  vh, vr, a_eq, a_ub = _lp_matrices(p)
+  lp = _lp_matrices(p)
+  vh, vr = lp.vh, lp.vr
   scale = _cost_scale(p)
-  c = p.cost[vh, vr] / scale
-  rhs = p.caps.ravel().copy()
+  c = lp.cost(p, scale)
+  rhs = lp.b_ub.copy()
+  n_budget = p.caps.size + (0 if p.kv is None else p.n_lengths)  # rows that are budgets
   deadline = time.monotonic() + time_limit
   # HiGHS meets constraints to ~1e-7; if the rounded plan then overshoots a budget, re-solve with
   # that budget tightened by the overshoot (rare, and at most a few times).
   for attempt in range(4):
     remaining = max(deadline - time.monotonic(), 1e-3)
     res = scipy.optimize.milp(
-        c, integrality=np.ones_like(c), bounds=scipy.optimize.Bounds(0, 1),
-        constraints=[scipy.optimize.LinearConstraint(a_eq, 1, 1),
-                     scipy.optimize.LinearConstraint(a_ub, -np.inf, rhs)],
+        c, integrality=lp.integrality, bounds=scipy.optimize.Bounds(0, lp.upper),
+        constraints=[scipy.optimize.LinearConstraint(lp.a_eq, 1, 1),
+                     scipy.optimize.LinearConstraint(lp.a_ub, -np.inf, rhs)],
         options={"time_limit": remaining, "disp": False, "mip_rel_gap": mip_rel_gap})
     dual = getattr(res, "mip_dual_bound", None)
     dual = float(dual) * scale if dual is not None and np.isfinite(dual) else -np.inf
@@ -323,13 +449,15 @@ def _milp(p: _Problem, time_limit: float, mip_rel_gap: float):
         return None, dual, "time limit"
       raise RuntimeError(f"MILP solver failed: {res.message}")
     x = np.zeros(p.cost.shape)
-    x[vh, vr] = res.x
+    x[vh, vr] = res.x[:vh.size]
     choice = np.argmax(x, axis=1)
     usage = p.usage(p.chosen_density(choice))
     over = (usage - p.caps * (1 + _RTOL)).ravel()
+    if p.kv is not None:
+      over = np.concatenate([over, p.kv_usage(choice) - p.kv_caps * (1 + _RTOL)])
     if not (over > 0).any():
       return choice, dual, "optimal" if res.status == 0 else "time limit"
-    rhs = np.where(over > 0, rhs - 2 * over, rhs)
+    rhs[:n_budget] = np.where(over > 0, rhs[:n_budget] - 2 * over, rhs[:n_budget])
   return None, dual, "rounding overshoot"
 
 
@@ -458,25 +586,37 @@ def _greedy_solution(p: _Problem, note: str | None = None, dual: float = -np.inf
 
 def solve_milp(cost, density, budget, *, layer_of=None, layer_budget=None, allowed=None,
                time_limit: float = 60.0, mip_rel_gap: float = 1e-4,
-               lengths: Sequence | None = None) -> Solution:
+               lengths: Sequence | None = None, kv_group=None, kv_slots=None,
+               kv_budget=None) -> Solution:
   """Exact plan by mixed-integer programming (HiGHS via `scipy.optimize.milp`).
 
   HiGHS stops once the plan is proven within `mip_rel_gap` of the optimum (its default 1e-4; the
   predicted costs are far noisier than that) or at `time_limit` seconds; `bound` is its dual bound
   and `gap` the proven distance. `mip_rel_gap=0` asks for a proof of exact optimality, which can
   take the whole time limit on a thousand heads. If the time limit passes before HiGHS finds any
-  feasible plan, the greedy plan is returned (`method="greedy"`) and the status says so.
+  feasible plan, the greedy plan is returned (`method="greedy"`) and the status says so (with a
+  KV budget, which greedy cannot honour, NoPlanFoundError is raised instead).
   `lengths` (optional) labels the profiled lengths in messages.
+
+  KV-memory budget (optional, all three together; see the module docstring): kv_group [H] the
+  KV head of each head (ids unique across layers), kv_slots [H, R, N] or [H, R, N, P] the slots
+  each head needs per rule and length as fractions of the length (P parts, each sized by its
+  group's widest head), kv_budget the bound on the summed groups' slots as a fraction of a
+  dense cache (a float or one per length).
   """
   time_limit = _check_time_limit(time_limit)
   if not (isinstance(mip_rel_gap, numbers.Real) and 0 <= mip_rel_gap < 1):
     raise SearchInputError(f"mip_rel_gap = {mip_rel_gap!r} is not allowed: a number in [0, 1).")
-  p = _prepare(cost, density, budget, layer_of, layer_budget, allowed, lengths)
+  p = _prepare(cost, density, budget, layer_of, layer_budget, allowed, lengths, kv_group,
+               kv_slots, kv_budget)
   _check_feasible(p)
   choice, dual, how = _milp(p, time_limit, float(mip_rel_gap))
   if choice is None:
     why = {"time limit": f"within the time limit ({time_limit:g} s)"}.get(
         how, "within HiGHS's tolerances (its rounded plans overshot a budget)")
+    if p.kv is not None:
+      raise NoPlanFoundError(f"the MILP found no plan within the density and KV budgets {why}; "
+                             "raise time_limit or the budgets.")
     return _greedy_solution(p, f"MILP found no feasible plan {why}", dual)
   if how == "optimal" and (mip_rel_gap == 0 or not np.isfinite(dual)):
     # Proven optimal with a zero relative gap: the objective is its own bound.
@@ -500,19 +640,23 @@ def solve_greedy(cost, density, budget, *, layer_of=None, layer_budget=None, all
 
 
 def lp_bound(cost, density, budget, *, layer_of=None, layer_budget=None, allowed=None,
-             lengths: Sequence | None = None) -> float:
+             lengths: Sequence | None = None, kv_group=None, kv_slots=None,
+             kv_budget=None) -> float:
   """Optimum of the LP relaxation (0 <= x <= 1): a lower bound on every plan's objective."""
-  p = _prepare(cost, density, budget, layer_of, layer_budget, allowed, lengths)
+  p = _prepare(cost, density, budget, layer_of, layer_budget, allowed, lengths, kv_group,
+               kv_slots, kv_budget)
   _check_feasible(p)
   return _lp_bound(p)
 
 
 def solve(cost, density, budget, *, layer_of=None, layer_budget=None, allowed=None,
           method: str = "auto", time_limit: float = 60.0, max_milp_variables: int = 200_000,
-          mip_rel_gap: float = 1e-4, lengths: Sequence | None = None) -> Solution:
+          mip_rel_gap: float = 1e-4, lengths: Sequence | None = None, kv_group=None,
+          kv_slots=None, kv_budget=None) -> Solution:
   """Best plan under the budgets; `method="auto"` uses the MILP when n_heads * n_rules is at most
-  `max_milp_variables`, greedy otherwise. Inputs are checked, and budgets that even the sparsest
-  allowed rules break are reported (InfeasibleBudgetError), before any solve."""
+  `max_milp_variables` or a KV budget is given (see `solve_milp`), greedy otherwise. Inputs are
+  checked, and budgets that even the sparsest allowed rules break are reported
+  (InfeasibleBudgetError), before any solve."""
   if method not in _METHODS:
     raise SearchInputError(f"method = {method!r} is not allowed: expected one of {_METHODS}.")
   if not (isinstance(max_milp_variables, numbers.Integral) and max_milp_variables >= 0):
@@ -520,10 +664,17 @@ def solve(cost, density, budget, *, layer_of=None, layer_budget=None, allowed=No
         f"max_milp_variables = {max_milp_variables!r} is not allowed: a non-negative int.")
   time_limit = _check_time_limit(time_limit)
   kw = dict(layer_of=layer_of, layer_budget=layer_budget, allowed=allowed, lengths=lengths)
+  kv = dict(kv_group=kv_group, kv_slots=kv_slots, kv_budget=kv_budget)
+  has_kv = any(x is not None for x in kv.values())
   if method == "auto":
     shape = np.shape(cost)
-    method = "milp" if len(shape) == 2 and shape[0] * shape[1] <= max_milp_variables else "greedy"
+    small = len(shape) == 2 and shape[0] * shape[1] <= max_milp_variables
+    method = "milp" if small or has_kv else "greedy"
   if method == "milp":
     return solve_milp(cost, density, budget, time_limit=time_limit, mip_rel_gap=mip_rel_gap,
-                      **kw)
+                      **kw, **kv)
+  if has_kv:
+    raise SearchInputError("a KV-memory budget needs method 'milp' (or 'auto'): greedy handles "
+                           "summed density budgets only, not the max over heads sharing a KV "
+                           "head.")
   return solve_greedy(cost, density, budget, **kw)

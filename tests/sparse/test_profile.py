@@ -106,3 +106,25 @@ def test_profile_rejects_bad_input(trained):
   planned = with_plan(trained.model, plans.dense_plan(trained.cfg.model, [32]))
   with pytest.raises(ProfileError, match="dense model"):
     profile_model(planned, trained.cfg.data, [32])
+
+
+def test_search_under_a_kv_budget_bounds_the_ring_caches(trained, profile):
+  """A KV budget below what the density-only plan keeps: the plan found keeps at most that
+  fraction of a dense cache, counted by the decode cache itself (kv_cache_bytes)."""
+  from memx.nn.attention_decode import kv_cache_bytes
+
+  cfg = trained.cfg.model
+  n = max(LENGTHS)
+  dense = kv_cache_bytes(cfg, n, full=True)
+
+  def kv_fraction(plan):
+    return kv_cache_bytes(with_plan(trained.model, plan).cfg, n) / dense
+
+  free = plans.search_plan(profile, 0.5, n_sink=2)
+  target = 0.8 * kv_fraction(free)
+  bound = plans.search_plan(profile, 0.5, n_sink=2, kv_budget=target, kv_heads=cfg.kv_heads)
+  assert kv_fraction(bound) <= target + 1e-12 < kv_fraction(free)
+  assert bound.predicted_loss >= free.predicted_loss - 1e-12   # a tighter problem costs more
+  assert bound.meta["kv_heads"] == cfg.kv_heads
+  with pytest.raises(plans.PlanError, match="kv_heads"):
+    plans.search_plan(profile, 0.5, kv_budget=0.5)

@@ -341,3 +341,67 @@ def test_solution_is_frozen():
   with pytest.raises(AttributeError):
     sol.objective = 0.0
   assert isinstance(sol, search.Solution)
+
+
+def _kv_brute_force(cost, density, budget, kv_group, kv, kv_budget):
+  """Least objective under the density budget and the group-max KV budget, by enumeration."""
+  n_heads, n_rules, _ = density.shape
+  heads = np.arange(n_heads)
+  groups = np.unique(kv_group)
+  best = None
+  for choice in itertools.product(range(n_rules), repeat=n_heads):
+    choice = np.array(choice)
+    if (density[heads, choice].mean(axis=0) > budget * (1 + 1e-9)).any():
+      continue
+    parts = kv[heads, choice]                                      # [H, N, P]
+    used = sum(parts[kv_group == g].max(axis=0) for g in groups).sum(axis=-1)  # [N]
+    if (used > kv_budget * len(groups) * (1 + 1e-9)).any():
+      continue
+    obj = cost[heads, choice].sum()
+    best = obj if best is None else min(best, obj)
+  return best
+
+
+def test_milp_with_kv_budget_matches_brute_force():
+  """GQA: heads sharing a KV head pay for their widest; the MILP's auxiliary maxima are exact."""
+  rng = np.random.default_rng(7)
+  kv_group = np.array([0, 0, 1, 1, 2])
+  n_feasible = n_binding = 0
+  for _ in range(25):
+    cost, density, budget = _instance(rng, 5, 3, 2, nested=True, slack=(0.5, 1.0))
+    # Two parts per head (sinks, ring), as `search_plan` gives them; the ring grows with density.
+    kv = np.stack([np.full(density.shape, 0.02), density], axis=-1)
+    kv_budget = rng.uniform(0.3, 0.9, size=2)
+    best = _kv_brute_force(cost, density, budget, kv_group, kv, kv_budget)
+    kw = dict(kv_group=kv_group, kv_slots=kv, kv_budget=kv_budget)
+    if best is None:
+      with pytest.raises(InfeasibleBudgetError):
+        solve_milp(cost, density, budget, mip_rel_gap=0.0, **kw)
+      continue
+    n_feasible += 1
+    sol = solve(cost, density, budget, mip_rel_gap=0.0, **kw)       # auto → milp
+    assert sol.method == "milp" and sol.status == "optimal"
+    np.testing.assert_allclose(sol.objective, best, rtol=1e-9, atol=1e-9)
+    n_binding += not np.isclose(best, _brute_force(cost, density, budget))
+    assert lp_bound(cost, density, budget, **kw) <= best + 1e-9
+  assert n_feasible >= 10 and n_binding >= 3  # the KV budget changed the optimum in some
+
+
+def test_kv_budget_bad_inputs_and_greedy():
+  rng = np.random.default_rng(0)
+  cost, density, budget = _instance(rng, 4, 3, 2)
+  kv = np.stack([np.zeros_like(density), density], -1)
+  group = np.array([0, 0, 1, 1])
+  with pytest.raises(SearchInputError, match="together"):
+    solve(cost, density, budget, kv_budget=0.5)
+  with pytest.raises(SearchInputError, match="kv_group"):
+    solve(cost, density, budget, kv_group=np.array([0, 1]), kv_slots=kv, kv_budget=0.5)
+  with pytest.raises(SearchInputError, match="kv_slots"):
+    solve(cost, density, budget, kv_group=group, kv_slots=kv[:, :2], kv_budget=0.5)
+  with pytest.raises(SearchInputError, match="kv_budget"):
+    solve(cost, density, budget, kv_group=group, kv_slots=kv, kv_budget=1.5)
+  with pytest.raises(SearchInputError, match="greedy"):
+    solve(cost, density, budget, method="greedy", kv_group=group, kv_slots=kv, kv_budget=0.5)
+  with pytest.raises(InfeasibleBudgetError, match="KV budget"):
+    solve(cost, np.full_like(density, 0.05), 0.5, kv_group=group,
+          kv_slots=np.full(kv.shape, 0.4), kv_budget=0.5)

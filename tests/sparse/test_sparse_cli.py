@@ -16,6 +16,10 @@ def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
   assert "moa plan for 2 layers × 4 heads" in out and "milp" in out
   d = json.loads(plan.read_text())
   assert all(v <= 0.5 for v in d["predicted_density"].values())
+  capped = tmp_path / "moa_kv.json"   # the same search under a KV-memory cap (2 KV heads)
+  assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
+               "--kv-budget", "0.45", "--kv-heads", "2", "--out", str(capped)]) == 0
+  assert json.loads(capped.read_text())["meta"]["kv_budget"] == [0.45, 0.45]
   uni = tmp_path / "uniform.json"
   assert main(["sparse", "baseline", str(tiny_run), "--kind", "uniform", "--budget", "0.5",
                "--lengths", "32,64", "--out", str(uni)]) == 0
