@@ -49,7 +49,15 @@ import jax
 
 from memx.distill.config import StudentConfig
 from memx.distill.seed import student_model_config
-from memx.distill.speed import device_limit, fmt_bytes, fmt_ms, markdown, measure, summarize
+from memx.distill.speed import (
+    best_of_modes,
+    device_limit,
+    fmt_bytes,
+    fmt_ms,
+    markdown,
+    measure,
+    summarize,
+)
 from memx.models.config import ModelConfig
 
 
@@ -119,7 +127,7 @@ def main(argv=None) -> int:
   env = _env()
   print(f"bench_distill: {env}; d_model {args.d_model}, {args.n_layers} layers, "
         f"{args.n_heads} heads ({args.n_kv_heads} kv), {args.dtype}, batch {args.batch}")
-  rows, sections, summary = [], [], []
+  rows, sections, summary, by_mode = [], [], [], {}
   for mode in modes:
     mode_rows = []
     # Model-major: if a time limit cuts the run short, the hybrid's rows (its attention layers
@@ -142,6 +150,11 @@ def main(argv=None) -> int:
                     + "\n".join(lines))
     rows += mode_rows
     summary += lines
+    by_mode[_mode(mode)] = mode_rows
+  best = best_of_modes(by_mode, names)
+  if best:
+    sections.append("\n".join(best))
+    summary += best
   table = "\n\n".join(sections)
   text = (f"{env}\n\nd_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads "
           f"({args.n_kv_heads} kv), {args.dtype}, batch {args.batch}; params "

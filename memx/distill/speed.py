@@ -152,6 +152,38 @@ def summarize(rows: list[dict], names: list[str]) -> list[str]:
   return lines
 
 
+def best_of_modes(rows_by_mode: dict[str, list[dict]], names: list[str]) -> list[str]:
+  """Each model at its best prefill mode (whole or chunked), at the longest length the teacher
+  ran in every mode: the fastest against the fastest and the leanest against the leanest, so
+  that a slow chunked teacher never flatters a student."""
+  if len(rows_by_mode) < 2:
+    return []
+  by = {(mode, r["model"], r["length"]): r for mode, rows in rows_by_mode.items() for r in rows}
+
+  def best(model, n, key):
+    got = [(by[(m, model, n)][key], m) for m in rows_by_mode
+           if by.get((m, model, n), {}).get(key)]
+    return min(got) if len(got) == len(rows_by_mode) else None
+
+  lines = []
+  for student in names[1:]:
+    both = sorted({n for (_, model, n) in by if model == student
+                   and best("teacher", n, "prefill_bytes") and best(student, n, "prefill_bytes")})
+    if not both:
+      continue
+    n = both[-1]
+    parts = []
+    t, s = best("teacher", n, "prefill_s"), best(student, n, "prefill_s")
+    if t and s:
+      parts.append(f"fastest prefill {t[0] / s[0]:.2f}x faster (teacher {t[1]} "
+                   f"{fmt_ms(t[0])} ms, {student} {s[1]} {fmt_ms(s[0])} ms)")
+    t, s = best("teacher", n, "prefill_bytes"), best(student, n, "prefill_bytes")
+    parts.append(f"leanest prefill {_less(1 - s[0] / t[0], 1)} memory (teacher {t[1]} "
+                 f"{fmt_bytes(t[0])}, {student} {s[1]} {fmt_bytes(s[0])})")
+    lines.append(f"best of each mode: {student} at L = {n}: " + "; ".join(parts))
+  return lines
+
+
 def markdown(rows: list[dict], names: list[str]) -> str:
   out = ["| L | model | prefill ms | prefill memory | decode ms/token | decode state | "
          "prefill time vs teacher | prefill memory vs teacher |",

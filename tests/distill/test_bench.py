@@ -10,7 +10,7 @@ import pytest
 
 from memx.distill.config import StudentConfig
 from memx.distill.seed import student_model_config
-from memx.distill.speed import markdown, summarize
+from memx.distill.speed import best_of_modes, markdown, summarize
 from memx.models.config import ModelConfig
 from memx.models.decode import cache_bytes
 from memx.models.transformer import TransformerLM
@@ -47,6 +47,23 @@ def test_summary_finds_crossover_and_ratio():
   (line,) = summarize(untimed, ["teacher", "linear"])
   assert line == ("linear: at L = 4 (compiled, not run): 75.0% less prefill memory, "
                   "97.5% smaller decode state")
+
+
+def test_best_of_modes_pairs_fastest_with_fastest_and_leanest_with_leanest():
+  """A slow chunked teacher must not flatter the student: times compare each model's fastest
+  mode, memory each model's leanest, at the longest length the teacher ran in every mode."""
+  def rows(spec):
+    return [{"model": m, "length": n, "prefill_s": t, "prefill_bytes": b}
+            for m, n, t, b in spec]
+  by_mode = {"whole": rows((("teacher", 8, 1.0, 800), ("linear", 8, 0.25, 700),
+                            ("linear", 16, 0.5, 1400))),
+             "in chunks of 2": rows((("teacher", 8, 20.0, 400), ("linear", 8, 0.5, 80),
+                                     ("linear", 16, 1.0, 80)))}
+  (line,) = best_of_modes(by_mode, ["teacher", "linear"])
+  assert line.startswith("best of each mode: linear at L = 8: ")
+  assert "fastest prefill 4.00x faster (teacher whole 1000.0 ms, linear whole 250.0 ms)" in line
+  assert "leanest prefill 80.0% less memory (teacher in chunks of 2" in line
+  assert best_of_modes({"whole": by_mode["whole"]}, ["teacher", "linear"]) == []
 
 
 @pytest.mark.slow  # ten small compiles: ~15 s on 2 cores
