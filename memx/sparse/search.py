@@ -284,11 +284,16 @@ def _prepare(cost, density, budget, layer_of, layer_budget, allowed, lengths,
 def _check_feasible(p: _Problem) -> None:
   """Raise InfeasibleBudgetError when even the sparsest allowed rules break a budget."""
   if p.kv is not None:
-    # Each part of each head at its smallest allowed: a lower bound on every plan's KV memory.
-    least = np.where(p.allowed[:, :, None, None], p.kv, np.inf).min(axis=1)  # [H, N, P]
-    most = np.zeros((p.n_kv_groups, *least.shape[1:]))
-    np.maximum.at(most, p.kv_group, least)
-    need = most.sum(axis=(0, 2))
+    # Two lower bounds on a group's KV memory sum_p max_i kv[i, r_i, p], whatever the plan:
+    # sum_p max_i min_r kv[i, r, p] (each part at its smallest), and max_i min_r sum_p kv[i, r, p]
+    # (the group holds at least its largest head's total). Their max bounds every plan.
+    kv = np.where(p.allowed[:, :, None, None], p.kv, np.inf)
+    part_least, total_least = kv.min(axis=1), kv.sum(axis=3).min(axis=1)  # [H, N, P], [H, N]
+    by_part = np.zeros((p.n_kv_groups, *part_least.shape[1:]))
+    np.maximum.at(by_part, p.kv_group, part_least)
+    by_total = np.zeros((p.n_kv_groups, total_least.shape[1]))
+    np.maximum.at(by_total, p.kv_group, total_least)
+    need = np.maximum(by_part.sum(axis=2), by_total).sum(axis=0)
     bad = need > p.kv_caps * (1 + _RTOL)
     if bad.any():
       n = int(np.argmax(need / p.kv_caps))
@@ -317,6 +322,11 @@ def _check_feasible(p: _Problem) -> None:
 
 
 def _joint_infeasible(p: _Problem, proven_by: str) -> InfeasibleBudgetError:
+  if p.kv is not None:
+    return InfeasibleBudgetError(
+        f"no choice of one allowed rule per head meets the density and KV budgets at once "
+        f"({proven_by}): rules sparse enough for the density budget keep too many keys per KV "
+        "head (or the reverse). Raise the KV or density budget, or allow other rules.")
   return InfeasibleBudgetError(
       "no choice of one allowed rule per head meets every density budget at once "
       f"({proven_by}): each budget alone is reachable, but the rules that are sparsest at one "

@@ -405,3 +405,15 @@ def test_kv_budget_bad_inputs_and_greedy():
   with pytest.raises(InfeasibleBudgetError, match="KV budget"):
     solve(cost, np.full_like(density, 0.05), 0.5, kv_group=group,
           kv_slots=np.full(kv.shape, 0.4), kv_budget=0.5)
+
+
+def test_kv_floor_counts_a_heads_whole_total():
+  """Sinks smallest in one rule and the span in another: no rule has both, so the floor is
+  the least total per head (0.5 here), not the sum of the parts' minima (0.1)."""
+  cost = np.zeros((2, 2))
+  density = np.full((2, 2, 1), 0.1)
+  kv = np.array([[[[0.0, 0.5]], [[0.4, 0.1]]]] * 2)   # rule 0: (0, 0.5), rule 1: (0.4, 0.1)
+  with pytest.raises(InfeasibleBudgetError, match="at least 0.5"):
+    solve(cost, density, 0.5, kv_group=[0, 0], kv_slots=kv, kv_budget=0.3)
+  sol = solve(cost, density, 0.5, kv_group=[0, 0], kv_slots=kv, kv_budget=0.5)
+  assert sol.status == "optimal"

@@ -15,8 +15,9 @@ is an int32 read at run time:
 - `pallas_gpu`: the FlashAttention forward kernel of `pallas_gpu.py` with the offset read in
   the kernel and the tile schedule built in XLA from it; the GPU default.
 
-Masks: causal (so keys past the chunk's last query, which the cache may hold as zeros, are
-never seen), with windows and sinks, uniform or per head; no block-sparse layout and
+Masks: causal (so keys past the chunk's last query are never seen: the cache may hold anything
+finite there, zeros in a fresh cache; NaN or inf would still reach the output through
+0 · value), with windows and sinks, uniform or per head; no block-sparse layout and
 q_offset 0 (the offset is `start`). Not differentiable: it serves inference.
 """
 
@@ -168,8 +169,8 @@ def chunk_attention(
   """Attention of queries at positions start..start+C-1 over a cache of S keys at 0..S-1.
 
   Args:
-    q: [B, C, H, D]; k, v: [B, S, G, D], the cache (positions past start + C - 1 are never
-      read as visible, whatever they hold).
+    q: [B, C, H, D]; k, v: [B, S, G, D], the cache (positions past start + C - 1 are masked
+      out; they must hold finite values, as a zero-initialised cache does).
     start: int scalar, may be traced (one compiled program for every chunk of a prefill).
     mask: the causal mask of the whole sequence (windows, sinks, per head); row p of it is the
       query at position p.
