@@ -284,6 +284,9 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   the widest span of the query heads sharing it, so KV memory is a max per group, which the MILP
   models exactly (`search` module docstring); each group is costed as max sinks + max span, as
   `attention_decode.ring_layout` sizes it (an upper bound where its ring would exceed N − sinks).
+  The fraction covers the profiled (planned) layers; other attention layers keep dense caches.
+  kv_heads is not checked against the model (the profile does not record it): pass the
+  model's `cfg.kv_heads`.
   """
   from memx.sparse import search
 
@@ -293,6 +296,8 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   if layer_budget is not None:
     _check_budget("layer_budget", layer_budget)
   kv = {}
+  if kv_heads is not None and kv_budget is None:
+    raise PlanError("kv_heads is only used with kv_budget: give both, or neither.")
   if kv_budget is not None:
     kb = _budgets(kv_budget, lengths)
     if not (isinstance(kv_heads, int) and kv_heads >= 1 and profile.n_heads % kv_heads == 0):

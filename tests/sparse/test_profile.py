@@ -128,3 +128,5 @@ def test_search_under_a_kv_budget_bounds_the_ring_caches(trained, profile):
   assert bound.meta["kv_heads"] == cfg.kv_heads
   with pytest.raises(plans.PlanError, match="kv_heads"):
     plans.search_plan(profile, 0.5, kv_budget=0.5)
+  with pytest.raises(plans.PlanError, match="only used with kv_budget"):
+    plans.search_plan(profile, 0.5, kv_heads=cfg.kv_heads)

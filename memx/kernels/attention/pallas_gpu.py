@@ -463,13 +463,16 @@ def chunk_attention_pallas_gpu(q, k, v, start, *, mask: Mask, scale: float | Non
   plan = make_plan(q.shape, k.shape, mask=mask, segments=False, scale=scale,
                    block_sizes=block_sizes, interpret=interpret,
                    itemsize=jnp.dtype(q.dtype).itemsize)
-  plan = dataclasses.replace(plan, rule=dataclasses.replace(plan.rule, dynamic_offset=True))
+  # Forward only: pad to the forward tiles alone (make_plan pads for the backward's too).
+  t_pad = sched.round_up(t, plan.blocks.block_q)
+  s_pad = sched.round_up(s, plan.blocks.block_k)
+  rule = dataclasses.replace(sched.rule_for(plan.masks, s, s_pad), dynamic_offset=True)
+  plan = dataclasses.replace(plan, t_pad=t_pad, s_pad=s_pad, rule=rule)
   qp = sched.pad_axis(sched.pad_axis(q, 1, plan.t_pad), 3, plan.d_pad)
   kp = sched.pad_axis(sched.pad_axis(k, 1, plan.s_pad), 3, plan.d_pad)
   vp = sched.pad_axis(sched.pad_axis(v, 1, plan.s_pad), 3, plan.d_pad)
   offset = jnp.reshape(jnp.asarray(start, jnp.int32), (1,))
   o, _ = _forward(plan, qp, kp, vp, None, None, offset)
-  del s
   return o[:, :t, :, :q.shape[3]]
 
 
