@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memx.kernels._dispatch import choose
+from memx.kernels.attention import api as attention_api
 from memx.kernels.attention import cudnn as cudnn_impl
 from memx.kernels.attention.config import BlockSizes
 from memx.kernels.attention.mask import Mask
@@ -185,12 +186,8 @@ def chunk_attention(
     if name not in IMPLEMENTATIONS:
       raise NotImplementedError(f"chunk_attention: unknown implementation {name!r}; available: "
                                 f"{IMPLEMENTATIONS}")
-    if name == "pallas_gpu":
-      if not interpret and not cudnn_impl.gpu_backend():
-        return ("needs an NVIDIA GPU backend to compile; pass interpret=True to run the kernel "
-                "in the Pallas interpreter")
-      if q.shape[-1] > 256:
-        return f"head dim {q.shape[-1]} > 256 does not fit the kernel's register tiles"
+    if name == "pallas_gpu":  # the same kernel constraints as attention()'s pallas_gpu
+      return attention_api.unsupported_reason(name, q, k, mask, None, interpret)
     return None
 
   name = choose("chunk_attention", implementation, default_order(), reason)
