@@ -303,15 +303,17 @@ def main(argv=None):
                         reason="no NVIDIA GPU (the Pallas kernels run only in the interpreter)"))
   sweep = {}
   if args.sweep and on_gpu:
-    sweep = {f"pallas_gpu q{q} bp{bp} bn{bn}": ssd_ops.BlockSizes(chunk=q, block_p=bp,
-                                                                  block_n=bn)
-             # (at B = 1 the state passes have only B·H·(P/bp)·(N/bn) programs: small tiles
-             # and long chunks trade sequential steps against parallel programs)
-             for q, bp, bn in ((64, 32, 32), (128, 64, 64), (128, 32, 64), (128, 32, 32),
-                               (64, 16, 32), (128, 16, 16))}
-    # The distillation student's SSD layer at 64k (d 1024: H16 P64 N64, chunk 128): its state
-    # pass took 4.0 of the student's 20 ms prefill on an H100 with 32 programs (session 7).
-    # Only the Pallas tiles are timed there.
+    # The parallel state pass (the default since session 8) against the sequential walk it
+    # replaced, and its scan tiles: elements per program x chunks per load.
+    sweep = {"pallas_gpu sequential": ssd_ops.BlockSizes(state_pass="sequential"),
+             "pallas_gpu q128": ssd_ops.BlockSizes(chunk=128),
+             "pallas_gpu bp32": ssd_ops.BlockSizes(block_p=32),
+             "pallas_gpu scan512": ssd_ops.BlockSizes(block_scan=512),
+             "pallas_gpu scan1024 r8": ssd_ops.BlockSizes(block_scan=1024, scan_rows=8),
+             "pallas_gpu scan256 r32": ssd_ops.BlockSizes(scan_rows=32)}
+    # The distillation student's SSD layer at 64k (d 1024: H16 P64 N64, chunk 128): its
+    # sequential state pass took 4.0 of the student's 20 ms prefill on an H100 with 32
+    # programs (session 7). Only the Pallas tiles are timed there.
     ssd_shapes = [*ssd_shapes, SsdShape(1, 65536, h=16, p=64, n=64)]
   for s in ssd_shapes:
     inputs, cot = ssd_inputs(s)

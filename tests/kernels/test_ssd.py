@@ -26,8 +26,13 @@ CASES = {
     "packed": ((2, 40, 2, 16, 1, 16), [[11, 20, 9], [40]], True, BS16),
     "odd_dims_one_chunk": ((1, 9, 2, 24, 1, 20), None, False, BS16),
     "default_blocks": ((1, 70, 2, 16, 2, 16), [[30, 40]], False, None),
+    # 16 chunks walked 4 per load (forward and reverse); a segment starts on a chunk boundary.
+    "scan_rows": ((1, 250, 2, 16, 1, 16), [[96, 61, 93]], True,
+                  BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4, block_scan=64)),
+    "sequential_pass": ((2, 37, 4, 16, 2, 16), [[20, 17], [37]], True,
+                        BlockSizes(chunk=16, block_p=16, block_n=16, state_pass="sequential")),
 }
-BF16_CASES = ("ragged_groups", "packed")
+BF16_CASES = ("ragged_groups", "packed", "scan_rows")
 
 
 def _segments(lengths):
@@ -251,6 +256,12 @@ def test_bad_block_sizes_and_gates_raise():
     BlockSizes(chunk=48)
   with pytest.raises(ValueError, match="power of two"):
     BlockSizes(block_p=8)
+  with pytest.raises(ValueError, match="power of two"):
+    BlockSizes(block_scan=48)
+  with pytest.raises(ValueError, match="scan_rows"):
+    BlockSizes(scan_rows=3)
+  with pytest.raises(ValueError, match="'parallel' or 'sequential'"):
+    BlockSizes(state_pass="fused")
   q = jnp.ones((1, 4, 2, 16))
   with pytest.raises(ValueError, match="log_gate must be <= 0"):
     linear_attention(q, q, q, log_gate=jnp.ones((1, 4, 2)))
@@ -258,9 +269,14 @@ def test_bad_block_sizes_and_gates_raise():
     linear_attention(jnp.ones((1, 4, 4, 16)), jnp.ones((1, 4, 1, 16)), jnp.ones((1, 4, 3, 16)))
 
 
+KERNELS = {"parallel": ("chunk_states", "state_scan", "out_fwd", "chunk_states_bwd",
+                        "state_scan_bwd", "chunk_bwd"),
+           "sequential": ("state_fwd", "out_fwd", "state_bwd", "chunk_bwd")}
 
-@pytest.mark.parametrize("segments", [False, True])
-def test_pallas_kernels_lower_to_triton_for_h100(segments):
+
+@pytest.mark.parametrize("segments, state_pass",
+                         [(False, "parallel"), (True, "parallel"), (True, "sequential")])
+def test_pallas_kernels_lower_to_triton_for_h100(segments, state_pass):
   """Lowers forward + backward for CUDA (Triton IR) at the benchmark head shape, on CPU."""
   from memx.kernels.ssd import pallas_gpu
   from memx.kernels.ssd.api import _chunked
@@ -274,14 +290,14 @@ def test_pallas_kernels_lower_to_triton_for_h100(segments):
   assert pallas_gpu.unsupported_reason(p, n) is None
 
   def loss(x, dt, log_a, bm, cm, d, h0, seg):
-    y, last = _chunked("pallas_gpu", x, dt, log_a, bm, cm, d, h0, seg, block_sizes=None,
-                       interpret=False)
+    y, last = _chunked("pallas_gpu", x, dt, log_a, bm, cm, d, h0, seg,
+                       block_sizes=BlockSizes(state_pass=state_pass), interpret=False)
     return y.astype(jnp.float32).sum() + last.sum()
 
   with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
     lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5, 6))).trace(
         x, row, row, bc, bc, hd, h0, seg).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 4
-  for name in ("state_fwd", "out_fwd", "state_bwd", "chunk_bwd"):
+  assert text.count("__gpu$xla.gpu.triton") == len(KERNELS[state_pass])
+  for name in KERNELS[state_pass]:
     assert f"memx_ssd_{name}" in text

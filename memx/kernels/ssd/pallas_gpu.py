@@ -1,15 +1,19 @@
-"""Pallas (Triton) GPU kernels for chunked SSD: two forward and two backward passes.
+"""Pallas (Triton) GPU kernels for chunked SSD: the forward and backward passes.
 
 The algorithm and notation are those of `xla.py` (Dao & Gu 2024, §6): chunks of Q tokens, cum
-the chunk-local cumulative log-decay, x̃ = Δ x, boundary states H_c. Four kernels:
-  * state forward, grid (B, H, P/bp, N/bn): one program owns a [bp, bn] tile of one head's
-    state in fp32 registers and walks the chunks in order; per chunk it loads x̃ [Q, bp] and
-    B [Q, bn], stores the entering state H_c, and updates H <- exp(cum_last) H + (x̃ ∘ w)ᵀ B
-    (one tensor-core dot). Only the T/Q boundary states reach memory.
+the chunk-local cumulative log-decay, x̃ = Δ x, boundary states H_c. The recurrence over chunk
+boundaries runs one of two ways (`BlockSizes.state_pass`):
+  * parallel (default), two kernels. Chunk states, grid (T/Q, B·H, P/bp): every chunk's own
+    state S_c = (x̃ ∘ wst)ᵀ B [bp, N] (one tensor-core dot), fp32, all chunks at once. Scan,
+    grid (B·H, P·N/block_scan): H_{c+1} = g_c H_c + S_c elementwise over a slice of the
+    flattened state, `scan_rows` chunks per load, storing each entering H_c.
+  * sequential, one kernel, grid (B, H, P/bp, N/bn): a program owns a [bp, bn] state tile in
+    fp32 registers and walks the chunks in order, a load and a dot per chunk. No S_c buffer,
+    but few programs with T/Q dependent steps each.
   * output forward, grid (T/Q, B·H, P/bp): fully parallel over chunks. C Bᵀ [Q, Q] (a dot over
     N), the decay mask L = exp(cum_t - cum_s) (s <= t, same segment) built from iotas, then
     y = (L ∘ C Bᵀ) x̃ + exp(cum_t) C H_cᵀ + D x: two more dots.
-  * state backward, grid (B, H, P/bp, N/bn): the same walk in reverse for the state cotangents
+  * state backward: the same two ways in reverse for the state cotangents
     dH_{c-1} = exp(cum_last) dH_c + (dy ∘ exp(cum))ᵀ C, storing each chunk's outgoing dH_c.
   * chunk backward, grid (T/Q, B·H): per chunk and head, loops over P tiles accumulating
     dy x̃ᵀ [Q, Q], dy H_c [Q, N] and x̃ dH_c [Q, N] in fp32, writing dx and Δ's gradient per
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +64,8 @@ class _PPlan:
   n_pad: int
   block_p: int
   block_n: int
+  block_scan: int
+  scan_rows: int
   blocks: BlockSizes
   interpret: bool
 
@@ -84,9 +91,14 @@ def make_plan(plan: Plan, p: int, n: int, blocks: BlockSizes, interpret: bool) -
   """Pads P and N to Triton-friendly sizes and fixes the tiles (no tracing)."""
   n_pad = _next_pow2(n)
   block_p = min(blocks.block_p, _next_pow2(p))
+  p_pad = -(-p // block_p) * block_p
+  # Powers of two dividing what they tile: the flattened state and the chunk count.
   return _PPlan(chunk=plan.chunk, n_chunks=plan.n_chunks, segments=plan.segments,
-                p_pad=-(-p // block_p) * block_p, n_pad=n_pad, block_p=block_p,
-                block_n=min(blocks.block_n, n_pad), blocks=blocks, interpret=interpret)
+                p_pad=p_pad, n_pad=n_pad, block_p=block_p,
+                block_n=min(blocks.block_n, n_pad),
+                block_scan=math.gcd(blocks.block_scan, p_pad * n_pad),
+                scan_rows=math.gcd(blocks.scan_rows, plan.n_chunks),
+                blocks=blocks, interpret=interpret)
 
 
 def _dot(a, b, *, trans_a=False, trans_b=False):
@@ -146,6 +158,62 @@ def _state_fwd_kernel(*refs, plan: _PPlan):
     return g * state + _dot(xw, b_ref[rows, :], trans_a=True)
 
   h_last_ref[...] = lax.fori_loop(0, plan.n_chunks, body, h0_ref[...].astype(F32))
+
+
+def _chunk_state_fwd_kernel(*refs, plan: _PPlan):
+  """One chunk's own state S_c = (x̃ ∘ wst)ᵀ B for one P tile: [bp, N] in fp32."""
+  if plan.segments:
+    x_ref, dt_ref, cum_ref, b_ref, seg_ref, sp_ref, s_ref = refs
+  else:
+    x_ref, dt_ref, cum_ref, b_ref, s_ref = refs
+  ci = pl.program_id(0)
+  seg, seg_prev = (seg_ref[...], sp_ref[ci]) if plan.segments else (None, None)
+  _, wst, _ = _chunk_factors(plan, cum_ref[...], seg, seg_prev)
+  x = x_ref[...]
+  xw = (x.astype(F32) * (dt_ref[...].astype(F32) * wst)[:, None]).astype(x.dtype)
+  s_ref[...] = _dot(xw, b_ref[...], trans_a=True)
+
+
+def _chunk_state_bwd_kernel(*refs, plan: _PPlan):
+  """What one chunk's outputs send to its entering state, (dy ∘ eoff)ᵀ C: [bp, N] in fp32."""
+  if plan.segments:
+    dy_ref, cum_ref, c_ref, seg_ref, sp_ref, s_ref = refs
+  else:
+    dy_ref, cum_ref, c_ref, s_ref = refs
+  ci = pl.program_id(0)
+  seg, seg_prev = (seg_ref[...], sp_ref[ci]) if plan.segments else (None, None)
+  eoff, _, _ = _chunk_factors(plan, cum_ref[...], seg, seg_prev)
+  dy = dy_ref[...]
+  dye = (dy.astype(F32) * eoff[:, None]).astype(dy.dtype)
+  s_ref[...] = _dot(dye, c_ref[...], trans_a=True)
+
+
+def _scan_kernel(s_ref, g_ref, h0_ref, h_ref, h_last_ref, *, plan: _PPlan, reverse: bool):
+  """The boundary recurrence on a [block_scan] slice of the flattened state: in walk order,
+  h_ref[c] = the state entering chunk c, then state <- g_c state + S_c.
+
+  One load brings `scan_rows` chunks ([u, block_scan] of S and u decays); their u dependent
+  steps then run in registers, so the walk waits on memory T/(Q·u) times, not T/Q.
+  """
+  u = plan.scan_rows
+  groups = plan.n_chunks // u
+  rows = lax.broadcasted_iota(jnp.int32, (u, plan.block_scan), 0)
+  idx = jnp.arange(u)
+
+  def body(j, state):
+    grp = groups - 1 - j if reverse else j
+    sl = pl.ds(pl.multiple_of(grp * u, u), u)
+    s, g = s_ref[sl, :], g_ref[sl]
+    out = jnp.zeros(s.shape, F32)
+    for i in (range(u - 1, -1, -1) if reverse else range(u)):
+      pick = rows == i
+      out = jnp.where(pick, state[None, :], out)
+      state = (jnp.sum(jnp.where(idx == i, g, 0.0)) * state
+               + jnp.sum(jnp.where(pick, s, 0.0), axis=0))
+    h_ref[sl, :] = out.astype(h_ref.dtype)
+    return state
+
+  h_last_ref[...] = lax.fori_loop(0, groups, body, h0_ref[...].astype(F32))
 
 
 def _out_fwd_kernel(*refs, plan: _PPlan, heads: int):
@@ -270,7 +338,7 @@ def _seg_args(plan: _PPlan, seg, specs):
   return [seg, seg_prev], specs
 
 
-def _state_fwd(plan: _PPlan, x, dt_t, cum_t, bm, h0, seg):
+def _state_fwd_sequential(plan: _PPlan, x, dt_t, cum_t, bm, h0, seg):
   bsz, tp, h, _ = x.shape
   gb = bm.shape[2]
   bp, bn, nc = plan.block_p, plan.block_n, plan.n_chunks
@@ -326,6 +394,84 @@ def _chunk_specs(plan: _PPlan, h: int, gb: int, gc: int, p_block: int, grid_p: b
   }
 
 
+def _chunk_decay(plan: _PPlan, cum_t, seg):
+  """g [B, H, T/Q]: each chunk's decay from its start to its end (exp of its last cum), zero
+  where a segment starts inside the chunk or at its first token (as `_chunk_factors`)."""
+  q = plan.chunk
+  g = jnp.exp(cum_t[..., q - 1::q].astype(F32))
+  if plan.segments:
+    seg_last = seg[:, q - 1::q]
+    seg_prev = jnp.concatenate([seg[:, :1], seg_last[:, :-1]], axis=1)
+    g = jnp.where((seg_last == seg_prev)[:, None, :], g, 0.0)
+  return g
+
+
+def _chunk_states(plan: _PPlan, v, cum_t, bc, seg, dt_t=None):
+  """Every chunk's own state, in parallel over chunks: [B, T/Q, H, P, N] fp32. Forward (with
+  dt_t): v = x, bc = B; backward: v = dy, bc = C."""
+  bsz, tp, h, _ = v.shape
+  s = _chunk_specs(plan, h, bc.shape[2], bc.shape[2], plan.block_p, grid_p=True)
+  seg_arrays, seg_specs = _seg_args(plan, seg, [s["seg"], s["seg_prev"]])
+  forward = dt_t is not None
+  args = [v, dt_t, cum_t, bc] if forward else [v, cum_t, bc]
+  specs = [s["x"], s["row"], s["row"], s["b"]] if forward else [s["x"], s["row"], s["c"]]
+  kernel = _chunk_state_fwd_kernel if forward else _chunk_state_bwd_kernel
+  size = bsz * plan.n_chunks * h * plan.p_pad * plan.n_pad
+  return pl.pallas_call(
+      functools.partial(kernel, plan=plan),
+      grid=(plan.n_chunks, bsz * h, plan.p_pad // plan.block_p),
+      in_specs=specs + seg_specs, out_specs=s["state"],
+      out_shape=jax.ShapeDtypeStruct((bsz, plan.n_chunks, h, plan.p_pad, plan.n_pad), F32),
+      compiler_params=plan.params(backward=not forward), interpret=plan.interpret,
+      cost_estimate=pl.CostEstimate(
+          flops=2 * bsz * tp * h * plan.p_pad * plan.n_pad, transcendentals=bsz * tp * h,
+          bytes_accessed=v.size * v.dtype.itemsize + 4 * size),
+      name="memx_ssd_chunk_states" + ("" if forward else "_bwd"),
+  )(*args, *seg_arrays)
+
+
+def _scan(plan: _PPlan, s, g, h0, dtype, *, reverse: bool):
+  """The recurrence over chunk boundaries from the chunk states s [B, nc, H, P, N], decays g
+  [B, H, nc] and initial state h0 [B, H, P, N]: (the state entering each chunk in `dtype`,
+  the final state in fp32). Reverse walks from the last chunk (the backward pass)."""
+  bsz, nc, h = s.shape[:3]
+  e, blk = plan.p_pad * plan.n_pad, plan.block_scan
+  head = lambda bh, j: (bh // h, bh % h, j)  # noqa: E731
+  h_in, h_last = pl.pallas_call(
+      functools.partial(_scan_kernel, plan=plan, reverse=reverse),
+      grid=(bsz * h, e // blk),
+      in_specs=[pl.BlockSpec((None, nc, None, blk), lambda bh, j: (bh // h, 0, bh % h, j)),
+                pl.BlockSpec((None, None, nc), lambda bh, j: (bh // h, bh % h, 0)),
+                pl.BlockSpec((None, None, blk), head)],
+      out_specs=[pl.BlockSpec((None, nc, None, blk), lambda bh, j: (bh // h, 0, bh % h, j)),
+                 pl.BlockSpec((None, None, blk), head)],
+      out_shape=[jax.ShapeDtypeStruct((bsz, nc, h, e), dtype),
+                 jax.ShapeDtypeStruct((bsz, h, e), F32)],
+      compiler_params=plan.params(backward=reverse), interpret=plan.interpret,
+      cost_estimate=pl.CostEstimate(
+          flops=2 * s.size, transcendentals=0,
+          bytes_accessed=s.size * (4 + jnp.dtype(dtype).itemsize) + 8 * h0.size),
+      name="memx_ssd_state_scan" + ("_bwd" if reverse else ""),
+  )(s.reshape(bsz, nc, h, e), g, h0.reshape(bsz, h, e))
+  return h_in.reshape(s.shape), h_last.reshape(h0.shape)
+
+
+def _state_fwd(plan: _PPlan, x, dt_t, cum_t, bm, h0, seg):
+  """(boundary states entering each chunk [B, nc, H, P, N] in x.dtype, final state fp32)."""
+  if plan.blocks.state_pass == "sequential":
+    return _state_fwd_sequential(plan, x, dt_t, cum_t, bm, h0, seg)
+  s = _chunk_states(plan, x, cum_t, bm, seg, dt_t=dt_t)
+  return _scan(plan, s, _chunk_decay(plan, cum_t, seg), h0, x.dtype, reverse=False)
+
+
+def _state_bwd(plan: _PPlan, dy, cum_t, cm, dh_last, seg):
+  """(state cotangents leaving each chunk [B, nc, H, P, N] in dy.dtype, dh0 fp32)."""
+  if plan.blocks.state_pass == "sequential":
+    return _state_bwd_sequential(plan, dy, cum_t, cm, dh_last, seg)
+  s = _chunk_states(plan, dy, cum_t, cm, seg)
+  return _scan(plan, s, _chunk_decay(plan, cum_t, seg), dh_last, dy.dtype, reverse=True)
+
+
 def _out_fwd(plan: _PPlan, x, dt_t, cum_t, bm, cm, h_in, d, seg):
   bsz, tp, h, _ = x.shape
   s = _chunk_specs(plan, h, bm.shape[2], cm.shape[2], plan.block_p, grid_p=True)
@@ -345,7 +491,7 @@ def _out_fwd(plan: _PPlan, x, dt_t, cum_t, bm, cm, h_in, d, seg):
   )(x, dt_t, cum_t, bm, cm, h_in, d, *seg_arrays)
 
 
-def _state_bwd(plan: _PPlan, dy, cum_t, cm, dh_last, seg):
+def _state_bwd_sequential(plan: _PPlan, dy, cum_t, cm, dh_last, seg):
   bsz, tp, h, _ = dy.shape
   gc = cm.shape[2]
   bp, bn, nc = plan.block_p, plan.block_n, plan.n_chunks
