@@ -11,7 +11,9 @@ of dense vs per-head ring caches (memx.models.decode.kv_cache_bytes).
 The MoA-style plan here is synthetic (no trained model to profile in a benchmark): per head a
 span β_h·N with β_h on a geometric ladder over a factor `--spread`, plus 4 sinks, scaled so the
 mean density hits the budget, and one head in eight full; what the kernels see (heterogeneous
-per-head windows) is what a searched plan gives them.
+per-head windows) is what a searched plan gives them. `moa_kv` runs the same ladder over KV
+groups (heads sharing a KV head share a rule), the shape a KV-budgeted search favours: its KV
+cache is then its density, not its groups' widest members.
 
   python scripts/bench_moa.py --out /tmp/bench_moa                  # CPU defaults (S = 2048)
   python scripts/bench_moa.py --out $OUT/bench_moa --size gpu       # S = 16384, H = 16, bf16
@@ -45,12 +47,20 @@ SIZES = {
 
 
 def moa_rules(n_heads: int, length: int, budget: float, *, spread: float = 16.0,
-              n_sink: int = 4) -> list[Rule]:
-  """Heterogeneous rules (every 8th head full) whose mean density is just under budget."""
-  shape = np.geomspace(1.0, spread, n_heads)
+              n_sink: int = 4, share: int = 1) -> list[Rule]:
+  """Heterogeneous rules (every 8th head full) whose mean density is just under budget.
 
-  def make(scale):
-    return [Rule.full() if h % 8 == 7 else Rule(0.0, float(min(1.0, scale * x)), n_sink)
+  share > 1 gives each run of `share` consecutive heads (a GQA group) one rule: the ladder
+  runs over groups. A per-head ring cache keeps each KV head's widest query head, so a plan
+  whose group members differ pays the widest span for the whole group; a KV-budgeted search
+  (`search_plan(kv_budget=...)`) steers toward such shared spans, this is its synthetic form.
+  """
+  groups = n_heads // share
+  shape = np.repeat(np.geomspace(1.0, spread, groups), share)
+
+  def make(scale):  # every 8th group full (fewer than 8 groups: none)
+    return [Rule.full() if (h // share) % 8 == 7 else Rule(0.0, float(min(1.0, scale * x)),
+                                                              n_sink)
             for h, x in enumerate(shape)]
 
   def mean(scale):
@@ -114,10 +124,11 @@ def main() -> None:
     cfg["s"] = args.length
   s, h = cfg["s"], cfg["h"]
   moa = moa_rules(h, s, args.density)
+  moa_kv = moa_rules(h, s, args.density, share=h // cfg["g"])
   mc = ModelConfig(vocab_size=256, d_model=h * cfg["d"], n_layers=1, n_heads=h,
                    n_kv_heads=cfg["g"])
   uni = list(uniform_plan(mc, args.density, [s]).layers[0])
-  methods = {"dense": None, "moa": moa, "uniform": uni}
+  methods = {"dense": None, "moa": moa, "moa_kv": moa_kv, "uniform": uni}
   rows = {}
   for name, rules in methods.items():
     mask = CAUSAL if rules is None else elastic_mask([r.as_tuple() for r in rules], s)
