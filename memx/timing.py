@@ -1,10 +1,17 @@
-"""Wall-clock timing of compiled JAX calls: one rule for every benchmark and evaluation."""
+"""Timing of compiled JAX calls: one rule for every benchmark and evaluation.
+
+median_time: host wall-clock of whole calls (launch + sync included); right for steps that run
+for milliseconds. per_call_device_time: the device time of one call of a short kernel, where
+launch and sync would dominate a wall-clock number.
+"""
 
 import math
 import statistics
 import time
+import warnings
 
 import jax
+import jax.numpy as jnp
 
 
 def median_time(fn, args, reps: int, budget_s: float = math.inf) -> float:
@@ -20,3 +27,70 @@ def median_time(fn, args, reps: int, budget_s: float = math.inf) -> float:
     if time.perf_counter() - start > budget_s and len(times) >= 2:
       break
   return statistics.median(times)
+
+
+def chained(fn, calls: int | None = None):
+  """jit of arg_sets ↦ fn(*s) for s in arg_sets[:calls], in order, in one compiled program.
+
+  Each call's arguments pass through an optimization_barrier together with the previous call's
+  output, so XLA can neither merge two calls (CSE, even of equal inputs) nor hoist or reorder
+  one. Every output leaf passes a barrier too, and its first element goes into the one returned
+  vector: no call is dead code, nothing sees through the barrier to shrink a call to that
+  element, and the program has one output, not one per call (each output is a buffer the host
+  allocates before the launch). The sets past `calls` are passed in unused (keep_unused), so
+  programs over k and 2k of the same sets take the same arguments: the host cost of both before
+  the launch is the same, and cancels in per_call_device_time."""
+
+  def run(arg_sets):
+    firsts, prev = [], None
+    for args in arg_sets[:calls]:
+      if prev is not None:
+        args, _ = jax.lax.optimization_barrier((tuple(args), prev))
+      prev = jax.lax.optimization_barrier(fn(*args))
+      firsts += [leaf.ravel()[0].astype(jnp.float32) for leaf in jax.tree.leaves(prev)]
+    return jnp.stack(firsts)
+
+  return jax.jit(run, keep_unused=True)
+
+
+def per_call_device_time(fn, arg_sets, reps: int, budget_s: float = math.inf) -> float:
+  """Seconds of device time per call fn(*args), free of host dispatch and sync.
+
+  `arg_sets` is a list of 2k argument tuples. Their buffers must not fit the device's cache
+  (a GPU's L2) together, so every call reads its operands from memory as a real model's layers
+  do, not from the cache a repeated call leaves warm: give each set its own copies, and use
+  enough copies (a set may recur in the list to make more calls than copies). The calls run in
+  one compiled program (`chained`); median_time times a program of calls on the first k sets
+  and one on all 2k (both passed all 2k), and the result is (t_2k - t_k) / k, which cancels
+  the dispatch, launch and sync cost both programs share. Host timing jitter (tens of µs) is
+  divided by k: make k calls last a millisecond or more.
+
+  If noise makes t_2k <= t_k, returns t_2k / 2k instead (an upper bound: it includes the fixed
+  cost) with a warning; use more sets or reps.
+
+  Raises:
+    ValueError: arg_sets is not a list or tuple of an even number >= 2 of argument tuples, or
+      reps < 1 (checked before anything is compiled).
+  """
+  if not isinstance(arg_sets, (list, tuple)):
+    raise ValueError(f"per_call_device_time: arg_sets must be a list of argument tuples, got "
+                     f"{type(arg_sets).__name__}")
+  n = len(arg_sets)
+  if n < 2 or n % 2:
+    raise ValueError(f"per_call_device_time: needs an even number >= 2 of argument sets (times "
+                     f"the first half and the whole to cancel the fixed cost), got {n}")
+  for i, args in enumerate(arg_sets):
+    if not isinstance(args, (list, tuple)):
+      raise ValueError(f"per_call_device_time: arg_sets[{i}] must be a tuple of arguments, got "
+                       f"{type(args).__name__}")
+  if not isinstance(reps, int) or reps < 1:
+    raise ValueError(f"per_call_device_time: reps must be an int >= 1, got {reps!r}")
+  k = n // 2
+  sets = (list(arg_sets),)
+  t_k = median_time(chained(fn, k), sets, reps, budget_s)
+  t_2k = median_time(chained(fn, n), sets, reps, budget_s)
+  if t_2k > t_k:
+    return (t_2k - t_k) / k
+  warnings.warn(f"per_call_device_time: {n} calls took no longer than {k} ({t_2k:.3g} s vs "
+                f"{t_k:.3g} s; noise); returning the upper bound t_{n} / {n}", stacklevel=2)
+  return t_2k / n

@@ -2,9 +2,15 @@
 
 Reports (JSON + Markdown in --out):
   matmul:  y = x @ W at LLM shapes, W ternary packed 2 bits/weight (memx `xla`, `pallas_gpu` on
-           GPU, int8 activations) vs a bf16 dot: median wall time of compiled calls (warm-up
-           first, each ended by block_until_ready) and the bytes each form must move (x, W,
-           y once; the packed weight is K/4·N bytes against 2·K·N for bf16).
+           GPU, int8 activations) vs a bf16 dot. `ms` is device time per call
+           (memx.timing.per_call_device_time): 2k calls in one compiled program, cycling
+           through `copies` distinct copies of x and W that together fill twice the GPU's L2,
+           timed over k and over 2k calls and differenced, so neither host dispatch and sync
+           nor a weight the previous call left in L2 is counted (a decode reads every layer's
+           own weights from HBM). `GB/s` is the bytes each form must move (x, W, y
+           once; the packed weight is K/4·N bytes against 2·K·N for bf16) over `ms`: near the
+           HBM bandwidth means memory-bound. `wall ms` is the old number, the median host
+           wall-clock of one call ended by block_until_ready, launch and sync included.
   decode:  tokens/s of greedy `generate` for the MatMul-free LM (packed inference form) and
            a Transformer of the same width and depth.
   memory:  weight bytes (packed vs bf16 vs fp32), the compiled training step's temporary
@@ -12,6 +18,7 @@ Reports (JSON + Markdown in --out):
            Transformer's KV cache at several lengths.
 
   python scripts/bench_matmulfree.py --out $OUT/bench_mf            # GPU: full shapes
+  python scripts/bench_matmulfree.py --out $OUT/bench_mf --matmul   # GPU: the matmul table only
   python scripts/bench_matmulfree.py --out /tmp/bmf --quick          # CPU: small shapes (~1 min)
 """
 
@@ -21,10 +28,8 @@ import datetime
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +45,7 @@ from memx.models.decode import cache_bytes, generate
 from memx.models.packed import pack_model
 from memx.models.transformer import TransformerLM
 from memx.nn.bitlinear import BitLinear
+from memx.timing import median_time, per_call_device_time
 from memx.train.loss import lm_token_losses
 from memx.train.memory import saved_activation_bytes
 
@@ -47,14 +53,34 @@ from memx.train.memory import saved_activation_bytes
 WEIGHT_SIZES = [(128, 2, 512), (1024, 24, 32000), (2048, 24, 32000), (2560, 32, 32000)]
 
 
-def _time(fn, *args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+# H100 and H200 L2 (50 MB). The distinct copies of a form's operands fill twice that, so every
+# call reads them from HBM; calls cycle through the copies until each half of the timed calls
+# is >= MIN_CALLS long (~0.5 ms at the fastest, 1 x 4096 x 4096 ~15 µs a call), so the host's
+# timing jitter, divided by the calls, stays ~1 µs (on an H100 the result was within 3 µs of
+# the profiler's kernel time per call at M = 1, for the bf16 dot and the packed kernel). A CPU
+# run is a smoke test (the cache argument is a GPU one): 2 copies, 2 calls a half.
+GPU_L2_BYTES = 50 * 2**20
+MIN_CALLS = 32
+
+
+def _plan(set_bytes: int) -> tuple[int, int]:
+  """(distinct copies c, calls k in each half) for per_call_device_time; c divides k."""
+  if not gpu_backend():
+    return 2, 2
+  c = max(4, -(-2 * GPU_L2_BYTES // set_bytes))
+  return c, c * -(-MIN_CALLS // c)
+
+
+def _timed(fn, args: tuple, row_bytes: int, reps: int) -> dict:
+  """Device ms per call of fn over distinct copies of args (values equal: the timing does not
+  see them), the GB/s that implies for row_bytes, and the old host wall-clock ms of one call."""
+  c, k = _plan(sum(a.nbytes for a in args))
+  copies = [tuple(jnp.array(a, copy=True) for a in args) for _ in range(c)]
+  t = per_call_device_time(fn, copies * (2 * k // c), reps)
+  del copies  # free them before the next form allocates its own
+  wall = median_time(jax.jit(fn), args, reps)
+  return {"copies": c, "calls": 2 * k, "ms": t * 1e3, "GB/s": row_bytes / t / 1e9,
+          "wall ms": wall * 1e3, "bytes": row_bytes}
 
 
 def bench_matmul(shapes, reps: int) -> list[dict]:
@@ -68,16 +94,16 @@ def bench_matmul(shapes, reps: int) -> list[dict]:
     xq = jax.random.randint(key, (m, k), -127, 128).astype(jnp.int8)
     xb = jax.random.normal(key, (m, k), jnp.bfloat16)
     wb = w.astype(jnp.bfloat16)
-    bf16_t = _time(jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)),
-                   xb, wb, reps=reps)
-    bf16_bytes = 2 * m * k + 2 * k * n + 4 * m * n
-    rows.append({"shape": f"{m}x{k}x{n}", "form": "bf16 dot", "ms": bf16_t * 1e3,
-                 "bytes": bf16_bytes, "vs_bf16": 1.0})
+    del w
+    bf16 = _timed(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), (xb, wb),
+                  2 * m * k + 2 * k * n + 4 * m * n, reps)
+    rows.append({"shape": f"{m}x{k}x{n}", "form": "bf16 dot", **bf16, "vs_bf16": 1.0})
     for form in forms:
-      f = jax.jit(lambda x, p, form=form: packed_matmul(x, p, implementation=form))
-      t = _time(f, xq, packed, reps=reps)
-      rows.append({"shape": f"{m}x{k}x{n}", "form": f"packed {form} (int8 x)", "ms": t * 1e3,
-                   "bytes": m * k + packed.nbytes + 4 + 4 * m * n, "vs_bf16": t / bf16_t})
+      r = _timed(lambda x, p, form=form: packed_matmul(x, p, implementation=form), (xq, packed),
+                 m * k + packed.nbytes + 4 + 4 * m * n, reps)
+      rows.append({"shape": f"{m}x{k}x{n}", "form": f"packed {form} (int8 x)", **r,
+                   "vs_bf16": r["ms"] / bf16["ms"]})
+    print(*rows[-1 - len(forms):], sep="\n", flush=True)
   return rows
 
 
@@ -96,7 +122,8 @@ SWEEP = {
 
 
 def bench_sweep(shapes, reps: int) -> list[dict]:
-  """Times pallas_gpu tile candidates at each shape (int8 activations), next to the default."""
+  """Times pallas_gpu tile candidates at each shape (int8 activations), next to the default:
+  device ms per call as in bench_matmul."""
   rows = []
   for m, k, n in shapes:
     key = jax.random.key(0)
@@ -104,14 +131,15 @@ def bench_sweep(shapes, reps: int) -> list[dict]:
     xq = jax.random.randint(key, (m, k), -127, 128).astype(jnp.int8)
     want = packed_matmul(xq, packed, implementation="xla")
     for name, bs in {"default": None, **SWEEP}.items():
-      f = jax.jit(lambda x, p, bs=bs: packed_matmul(x, p, implementation="pallas_gpu",
-                                                    block_sizes=bs))
+      f = lambda x, p, bs=bs: packed_matmul(x, p, implementation="pallas_gpu",  # noqa: E731
+                                            block_sizes=bs)
       try:
-        exact = bool(jnp.array_equal(f(xq, packed), want))
-        t = _time(f, xq, packed, reps=reps)
-        rows.append({"shape": f"{m}x{k}x{n}", "tiles": name, "ms": t * 1e3, "exact": exact})
+        exact = bool(jnp.array_equal(jax.jit(f)(xq, packed), want))
+        r = _timed(f, (xq, packed), m * k + packed.nbytes + 4 + 4 * m * n, reps)
+        rows.append({"shape": f"{m}x{k}x{n}", "tiles": name, **r, "exact": exact})
       except Exception as e:  # noqa: BLE001 - a candidate that does not compile is a result too
-        rows.append({"shape": f"{m}x{k}x{n}", "tiles": name, "ms": float("nan"),
+        rows.append({"shape": f"{m}x{k}x{n}", "tiles": name, "copies": 0, "calls": 0,
+                     "ms": float("nan"), "GB/s": float("nan"), "wall ms": float("nan"), "bytes": 0,
                      "exact": f"{type(e).__name__}: {str(e)[:120]}"})
       print(rows[-1], flush=True)
   return rows
@@ -132,7 +160,7 @@ def bench_decode(d, layers, vocab, prompt, new, reps) -> list[dict]:
     model = TransformerLM(cfg, rngs=nnx.Rngs(0))
     if pack:
       pack_model(model)
-    t = _time(lambda m=model: generate(m, tokens, new), reps=reps)
+    t = median_time(lambda m=model: generate(m, tokens, new), (), reps)
     rows.append({"model": name, "new_tokens": new, "s": t, "tokens_per_s": new / t})
   return rows
 
@@ -250,6 +278,7 @@ def main(argv=None) -> None:
   ap.add_argument("--quick", action="store_true", help="small shapes for a CPU run")
   ap.add_argument("--sweep", action="store_true",
                   help="only time pallas_gpu tile candidates of the packed matmul (GPU)")
+  ap.add_argument("--matmul", action="store_true", help="only the packed matmul table")
   ap.add_argument("--train-memory-json", help=argparse.SUPPRESS)  # child of the no-YNN rerun
   args = ap.parse_args(argv)
   if args.train_memory_json:
@@ -291,6 +320,11 @@ def main(argv=None) -> None:
                   ("decode", lambda: bench_decode(**dec))):
     result[key] = fn()
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    if args.matmul:
+      md = f"# Packed matmul ({result['device']}, {result['date']})\n\n" + _md(result["matmul"])
+      (out / "results.md").write_text(md)
+      print(md)
+      return
   memory = bench_memory(**mem, lengths=lengths, train_sizes=train_sizes)
   all_sizes = [[mem["d"], mem["layers"], mem["vocab"], mem["batch"], mem["seq"]],
                *map(list, train_sizes)]

@@ -60,7 +60,11 @@ bench_args() {
     # (The tile sweep ran on an H100 in session 7: no candidate beat the defaults. Rerun it
     # with ARGS_bench_attention="--budget-s 110 --sweep" after a kernel change.)
     bench_attention) echo "--budget-s 90" ;;
-    bench_ssm) echo "--forms pallas_gpu,xla,assoc_scan --total-budget-s 110 --sweep" ;;
+    # (session 8: the parallel SSD state pass against the sequential one, at the fla shape and
+    # the 64k student's; xla's SSD was timed in session 7 and is left out to save the call.)
+    bench_ssm) echo "--forms pallas_gpu,assoc_scan --total-budget-s 120 --sweep" ;;
+    # The packed-matmul goal table first (per-call device time); decode and memory: 2nd call.
+    bench_matmulfree) echo "--matmul" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
     bench_checkpoint) echo "--size gpu --repeats 1" ;;
     bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --prefill-chunks whole,2048 --repeats 3 --budget-s 2" ;;
@@ -75,12 +79,13 @@ bench_args() {
 # A global deadline keeps the whole check inside the call however many benches exist: each gets
 # at most 170 s and never more than what is left; the rest are listed as skipped.
 DEADLINE=${GPU_CHECK_DEADLINE_S:-420}
-# Order: what the last GPU session (7, H100) left unmeasured first (the teacher's scanned
-# chunked prefill on the run-time-offset Pallas kernel, checkpoint stalls at a cadence the disk
-# keeps up with, the MatMul-free training memory, 350m training), then the other goal benches.
-# One call does not reach them all; the second call of a session runs the rest:
-#   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="ssm moa remat loss parallel" bash ...
-FIRST=${GPU_CHECK_BENCHES:-"distill checkpoint scripts/profile_model.py matmulfree train attention ssm moa"}
+# Order (session 8): the SSD parallel state pass (#4, and the distillation student's prefill,
+# #6), the 64k distillation prefill (5x goal; the teacher's scanned chunks on chunk_attention),
+# the packed matmul timed per call on the device (#7), the MoA KV plan (#5), checkpoint stalls
+# at a cadence the disk keeps up with (#9), then the rest. The second call runs what is left:
+#   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="scripts/profile_model.py attention train" \
+#     ARGS_bench_matmulfree="" bash ...
+FIRST=${GPU_CHECK_BENCHES:-"ssm distill matmulfree moa checkpoint scripts/profile_model.py attention train"}
 ordered=""
 for n in $FIRST; do
   case "$n" in

@@ -225,3 +225,25 @@ def test_pallas_kernel_lowers_to_triton_for_h100(m, x_dtype):
   text = lowered.as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
   assert "ternary_packed_matmul" in text
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 4096, 11008)])
+def test_pallas_gpu_passes_the_packed_weight_uncopied(monkeypatch, m, k, n):
+  """At tile-aligned K and N the padding of the packed weight is a no-op that XLA drops: the
+  kernel reads the caller's buffer, not a fresh copy each call (a decode matmul is memory-bound,
+  a copy would double its traffic). On CPU, with an opaque pure_callback in the kernel's place
+  (an H100 compile showed the same: the weight parameter feeds the Triton custom call)."""
+  import memx.kernels.ternary.pallas_gpu as pallas_gpu  # noqa: PLC0415
+
+  def stand_in(kernel, *, out_shape, **_):
+    return lambda *ops: jax.pure_callback(lambda *a: np.zeros(out_shape.shape, out_shape.dtype),
+                                          out_shape, *ops)
+
+  monkeypatch.setattr(pallas_gpu.pl, "pallas_call", stand_in)
+  x = jax.ShapeDtypeStruct((m, k), jnp.int8)
+  w = jax.ShapeDtypeStruct((packed_rows(k), n), jnp.uint8)
+  text = jax.jit(pallas_gpu.packed_matmul_pallas_gpu).lower(x, w).compile().as_text()
+  call = next(line for line in text.splitlines() if "custom-call(" in line)
+  weight = next(line.split("=")[0].strip() for line in text.splitlines()
+                if "parameter(1)" in line and "ENTRY" not in line)
+  assert f", {weight})" in call, call

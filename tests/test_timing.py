@@ -1,0 +1,63 @@
+"""memx.timing.per_call_device_time: one program, no merged calls, checked input, sane result."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from memx import timing
+from memx.timing import chained, per_call_device_time
+
+
+def _dot(x, w):
+  return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+
+def _sets(n):
+  x, w = jnp.ones((8, 64)), jnp.ones((64, 32))
+  return [(x, w)] * n
+
+
+def test_chained_keeps_one_dot_per_set():
+  """Equal arguments, even the same traced values (the chain inlined into an outer jit), must
+  not be merged into one dot by CSE, nor dropped as dead code."""
+  x, w = _sets(1)[0]
+  text = chained(_dot).lower(_sets(4)).compile().as_text()
+  assert text.count(" dot(") == 4
+  same = jax.jit(lambda x, w: chained(_dot)([(x, w)] * 6)).lower(x, w).compile().as_text()
+  assert same.count(" dot(") == 6
+  firsts = chained(_dot)(_sets(3))  # the first element of each call's output
+  assert firsts.tolist() == [64.0] * 3
+  short = chained(_dot, 2).lower(_sets(4)).compile().as_text()  # 4 sets passed, 2 calls made
+  assert short.count(" dot(") == 2 and short.count("parameter(") >= 8
+
+
+def test_per_call_device_time_is_positive_and_finite():
+  # Calls of a few ms each, so the 2 extra calls stand well above the timing noise.
+  x, w = jnp.ones((512, 512)), jnp.ones((512, 512))
+  t = per_call_device_time(_dot, [(x, w)] * 4, reps=3)
+  assert math.isfinite(t) and t > 0
+
+
+def test_per_call_device_time_falls_back_on_noise(monkeypatch):
+  """t_2k <= t_k (noise) gives the upper bound t_2k / 2k and a warning, not a negative time."""
+  times = iter([3.0, 2.0])  # t_k, then t_2k
+  monkeypatch.setattr(timing, "median_time", lambda *a, **k: next(times))
+  with pytest.warns(UserWarning, match="upper bound"):
+    assert per_call_device_time(_dot, _sets(4), reps=1) == 2.0 / 4
+
+
+@pytest.mark.parametrize("arg_sets,reps,match", [
+    ([], 3, "even number"),
+    (_sets(1), 3, "even number"),
+    (_sets(3), 3, "even number"),
+    ((jnp.ones(3), jnp.ones(3)), 3, r"arg_sets\[0\] must be a tuple"),  # arrays, not tuples
+    ("ab", 3, "list of argument tuples"),
+    (_sets(2), 0, "reps"),
+])
+def test_per_call_device_time_rejects_bad_input(arg_sets, reps, match):
+  def fn(*_):  # never reached: the input is checked before anything is compiled
+    raise AssertionError("fn called")
+  with pytest.raises(ValueError, match=match):
+    per_call_device_time(fn, arg_sets, reps=reps)
