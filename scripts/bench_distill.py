@@ -107,6 +107,8 @@ def main(argv=None) -> int:
   p.add_argument("--memory-only", action="store_true",
                  help="compile only: prefill memory and state bytes, no times (exact on CPU "
                       "for any model size)")
+  p.add_argument("--models", default=None,
+                  help="comma-separated subset of teacher,linear,hybrid2 (default: all)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--budget-s", type=float, default=20.0, help="timing budget per measurement")
   args = p.parse_args(argv)
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
   lengths = [int(x) for x in args.lengths.split(",")]
   modes = [None if m.strip() == "whole" else int(m) for m in args.prefill_chunks.split(",")]
   cfgs = model_configs(args)
+  if args.models:
+    cfgs = {k: v for k, v in cfgs.items() if k in args.models.split(",")}
   names = list(cfgs)
   mem_limit = device_limit()
   env = _env()

@@ -118,10 +118,18 @@ SWEEP = {
     "m128n128k128_w8s4": TernaryBlockSizes(block_m=128, block_n=128, block_k=128, num_warps=8,
                                            num_stages=4),
     "m128n256k128_w8s3": TernaryBlockSizes(block_m=128, block_n=256, block_k=128, num_warps=8),
+    # Split K (session 8): at M = 1 the default's N / 64 = 64 programs streamed the weight at
+    # ~344 GB/s on an H100; K slices multiply the programs, a small sum adds the partials.
+    "m16n64k512_s4": TernaryBlockSizes(block_m=16, block_n=64, block_k=512, split_k=4,
+                                       num_stages=4),
+    "m16n64k256_s8": TernaryBlockSizes(block_m=16, block_n=64, block_k=256, split_k=8),
+    "m16n64k256_s16": TernaryBlockSizes(block_m=16, block_n=64, block_k=256, split_k=16),
+    "m16n128k256_s8": TernaryBlockSizes(block_m=16, block_n=128, block_k=256, split_k=8),
+    "m16n32k256_s8": TernaryBlockSizes(block_m=16, block_n=32, block_k=256, split_k=8),
 }
 
 
-def bench_sweep(shapes, reps: int) -> list[dict]:
+def bench_sweep(shapes, reps: int, tiles=None) -> list[dict]:
   """Times pallas_gpu tile candidates at each shape (int8 activations), next to the default:
   device ms per call as in bench_matmul."""
   rows = []
@@ -130,7 +138,8 @@ def bench_sweep(shapes, reps: int) -> list[dict]:
     packed = pack_ternary(absmean_quantize(jax.random.normal(key, (k, n), jnp.float32))[0])
     xq = jax.random.randint(key, (m, k), -127, 128).astype(jnp.int8)
     want = packed_matmul(xq, packed, implementation="xla")
-    for name, bs in {"default": None, **SWEEP}.items():
+    candidates = {"default": None, **{k: v for k, v in SWEEP.items() if not tiles or k in tiles}}
+    for name, bs in candidates.items():
       f = lambda x, p, bs=bs: packed_matmul(x, p, implementation="pallas_gpu",  # noqa: E731
                                             block_sizes=bs)
       try:
@@ -279,6 +288,10 @@ def main(argv=None) -> None:
   ap.add_argument("--sweep", action="store_true",
                   help="only time pallas_gpu tile candidates of the packed matmul (GPU)")
   ap.add_argument("--matmul", action="store_true", help="only the packed matmul table")
+  ap.add_argument("--shapes", default=None,
+                  help="matmul shapes MxKxN,... (default: the size's LLM shapes)")
+  ap.add_argument("--tiles", default=None,
+                  help="--sweep: only these candidates (names from SWEEP, comma-separated)")
   ap.add_argument("--train-memory-json", help=argparse.SUPPRESS)  # child of the no-YNN rerun
   args = ap.parse_args(argv)
   if args.train_memory_json:
@@ -301,8 +314,10 @@ def main(argv=None) -> None:
     dec = {"d": 1024, "layers": 8, "vocab": 32000, "prompt": 128, "new": 256, "reps": 3}
     mem = {"d": 1024, "layers": 8, "vocab": 32000, "batch": 8, "seq": 2048}
     train_sizes = []
+  if args.shapes:
+    shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
   if args.sweep:
-    rows = bench_sweep(shapes, reps)
+    rows = bench_sweep(shapes, reps, args.tiles.split(",") if args.tiles else None)
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))
     (out / "sweep.md").write_text(_md(rows))
     print(_md(rows))

@@ -294,6 +294,11 @@ def main(argv=None):
   ap.add_argument("--forms", default="pallas_gpu,xla,lax_scan,assoc_scan",
                   help="comma-separated forms to time")
   ap.add_argument("--sweep", action="store_true", help="also time pallas_gpu chunk/tile options")
+  ap.add_argument("--sweep-names", default=None,
+                  help="--sweep: only these options (names after 'pallas_gpu ', comma-separated)")
+  ap.add_argument("--kinds", default="ssd,scan", help="which problems: ssd, scan or both")
+  ap.add_argument("--ssd-shapes", default=None,
+                  help="only these SSD problems, as BxT (e.g. 1x16384,1x65536)")
   ap.add_argument("--repeats", type=int, default=10)
   ap.add_argument("--budget-s", type=float, default=1.5, help="timing budget per measurement")
   ap.add_argument("--total-budget-s", type=float, default=140.0,
@@ -336,6 +341,17 @@ def main(argv=None):
     # sequential state pass took 4.0 of the student's 20 ms prefill on an H100 with 32
     # programs (session 7). Only the Pallas tiles are timed there.
     ssd_shapes = [*ssd_shapes, SsdShape(1, 65536, h=16, p=64, n=64)]
+    if args.sweep_names:
+      keep = {f"pallas_gpu {n}" for n in args.sweep_names.split(",")}
+      sweep = {k: v for k, v in sweep.items() if k in keep}
+  kinds = args.kinds.split(",")
+  if "ssd" not in kinds:
+    ssd_shapes = []
+  if "scan" not in kinds:
+    scan_shapes = []
+  if args.ssd_shapes:
+    ssd_shapes = [sh for sh in ssd_shapes
+                  if f"{sh.b}x{sh.t}" in args.ssd_shapes.split(",")]
   for s in ssd_shapes:
     inputs, cot = ssd_inputs(s)
     student = s.t == 65536

@@ -9,6 +9,7 @@
 #   GPU_CHECK_DEADLINE_S  stop starting benches after this many seconds (default 420; the
 #                         first H200 call took ~45 s of tests and ~40-100 s per goal bench)
 #   GPU_CHECK_TESTS=0     skip the tests
+#   GPU_CHECK_TEST_PATHS  what the gpu tests collect (default tests/kernels)
 #   GPU_CHECK_BENCHES     bench names to run, in order (default: the issues' goal benches first,
 #                         then every other scripts/bench_*.py); NAME runs scripts/bench_NAME.py,
 #                         a path ending in .py runs that script
@@ -47,7 +48,8 @@ if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
   $PY -c "import xdist" 2>/dev/null && extra+=(-n 8)
   $PY -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 150)
   timeout 200 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs "${extra[@]}" \
-    --continue-on-collection-errors tests/kernels > "$WORK/gpu_tests.txt" 2>&1 || status=1
+    --continue-on-collection-errors ${GPU_CHECK_TEST_PATHS:-tests/kernels} \
+    > "$WORK/gpu_tests.txt" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)|passed|failed" "$WORK/gpu_tests.txt" | tail -40 | tee -a "$WORK/summary.txt"
   pack
 fi

@@ -1,5 +1,7 @@
 """Ternary quantizers, 2-bit packing and the packed matmul (reference, xla, Pallas interpret)."""
 
+import functools
+
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -9,15 +11,15 @@ from hypothesis import given, settings
 
 from memx.kernels import _testing
 from memx.kernels.ternary import (
-    BlockSizes,
-    absmax_quantize,
-    absmean_quantize,
-    int8_fake_quant,
-    pack_ternary,
-    packed_matmul,
-    packed_rows,
-    ternary_fake_quant,
-    unpack_ternary,
+  BlockSizes,
+  absmax_quantize,
+  absmean_quantize,
+  int8_fake_quant,
+  pack_ternary,
+  packed_matmul,
+  packed_rows,
+  ternary_fake_quant,
+  unpack_ternary,
 )
 
 SMALL = BlockSizes(block_m=16, block_n=16, block_k=64)
@@ -118,7 +120,13 @@ def test_pack_inside_jit_skips_value_check():
 
 # --- packed matmul --------------------------------------------------------------------------
 
-IMPLS = [("xla", {}), ("pallas_gpu", {"interpret": True, "block_sizes": SMALL})]
+SPLIT = BlockSizes(block_m=16, block_n=16, block_k=64, split_k=4)
+IMPLS = [("xla", {}), ("pallas_gpu", {"interpret": True, "block_sizes": SMALL}),
+         ("pallas_gpu_split_k", {"interpret": True, "block_sizes": SPLIT})]
+
+
+def _impl(name):
+  return "pallas_gpu" if name.startswith("pallas_gpu") else name
 
 
 @pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
@@ -129,7 +137,7 @@ def test_packed_matmul_integer_exact(impl, kw, m, k, n):
   x = jax.random.randint(jax.random.key(1), (m, k), -128, 128).astype(jnp.int8)
   want = packed_matmul(x, packed, implementation="reference")
   np.testing.assert_array_equal(want, jnp.dot(x.astype(jnp.int32), codes.astype(jnp.int32)))
-  got = packed_matmul(x, packed, implementation=impl, **kw)
+  got = packed_matmul(x, packed, implementation=_impl(impl), **kw)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, want)  # atol = 0
 
@@ -153,12 +161,12 @@ def test_packed_matmul_rescaled_matches_fake_quant(impl, kw, dtype):
   w, x = _w((72, 20)), _w((2, 3, 72), seed=4)
   codes, s_w = absmean_quantize(w)
   xq, s_x = absmax_quantize(x)
-  y = packed_matmul(xq, pack_ternary(codes), implementation=impl, **kw) * (s_w / s_x)
+  y = packed_matmul(xq, pack_ternary(codes), implementation=_impl(impl), **kw) * (s_w / s_x)
   want = jnp.dot(int8_fake_quant(x), ternary_fake_quant(w))
   _testing.assert_allclose(y, want, dtype=jnp.float32, reduction_size=72, name="rescaled")
   # float activations straight on the packed weights
   xf = x.astype(dtype)
-  yf = packed_matmul(xf, pack_ternary(codes), implementation=impl, **kw)
+  yf = packed_matmul(xf, pack_ternary(codes), implementation=_impl(impl), **kw)
   ref = packed_matmul(xf, pack_ternary(codes), implementation="reference")
   assert yf.dtype == jnp.float32 and yf.shape == (2, 3, 20)
   _testing.assert_allclose(yf, ref, dtype=dtype, reduction_size=72, name=f"float {impl}")
@@ -185,6 +193,8 @@ def test_dispatch():
     packed_matmul(x.astype(jnp.int32), packed)
   with pytest.raises(ValueError, match="block_k"):
     BlockSizes(block_k=32)
+  with pytest.raises(ValueError, match="split_k"):
+    BlockSizes(split_k=3)
 
 
 @settings(max_examples=15, deadline=None)
@@ -210,6 +220,31 @@ def test_packed_matmul_pallas_gpu_compiled(m, k, n):
                            packed_matmul(xb, packed, implementation="reference"),
                            dtype=jnp.bfloat16, reduction_size=k, name="bf16")
 
+
+
+@pytest.mark.parametrize("split_k", [2, 8])
+def test_split_k_lowers_to_triton_for_h100(split_k):
+  """The split-K grid (K slices of one output tile) lowers for CUDA at the decode shape."""
+  from memx.kernels.ternary import packed_matmul_pallas_gpu
+  x = jax.ShapeDtypeStruct((1, 4096), jnp.int8)
+  w = jax.ShapeDtypeStruct((packed_rows(4096), 4096), jnp.uint8)
+  bs = BlockSizes(block_m=16, block_n=64, block_k=256, split_k=split_k)
+  with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
+    lowered = jax.jit(functools.partial(packed_matmul_pallas_gpu, block_sizes=bs)).trace(
+        x, w).lower(lowering_platforms=("cuda",))
+  assert "ternary_packed_matmul" in lowered.as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [4, 16])
+def test_split_k_compiled_exact(split_k):
+  codes, _ = absmean_quantize(_w((4096, 512)))
+  packed = pack_ternary(codes)
+  x = jax.random.randint(jax.random.key(1), (1, 4096), -128, 128).astype(jnp.int8)
+  bs = BlockSizes(block_m=16, block_n=64, block_k=256, split_k=split_k)
+  np.testing.assert_array_equal(
+      packed_matmul(x, packed, implementation="pallas_gpu", block_sizes=bs),
+      packed_matmul(x, packed, implementation="reference"))
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.int8, jnp.bfloat16])

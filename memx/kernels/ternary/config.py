@@ -15,12 +15,17 @@ class BlockSizes:
     block_m, block_n: output tile of one Pallas program (powers of two >= 16: Triton dots).
     block_k: unpacked K rows per inner step; the program loads block_k / 4 packed rows, so
       block_k is a power of two >= 64 (16 packed rows, Triton's smallest dot operand).
+    split_k: programs sharing one output tile, each over K / split_k (a power of two):
+      partial sums (int32 or fp32) are added after the kernel. At decode sizes (M <= 16) the
+      [M, N] output has only N / block_n tiles, too few programs to stream the weight from
+      every SM; splitting K multiplies them.
     num_warps, num_stages: Triton launch settings.
   """
 
   block_m: int = 64
   block_n: int = 128
   block_k: int = 256
+  split_k: int = 1
   num_warps: int = 4
   num_stages: int = 3
 
@@ -32,6 +37,9 @@ class BlockSizes:
     if not _pow2(self.block_k, 64):
       raise ValueError(f"BlockSizes.block_k = {self.block_k!r} is not allowed: must be a power "
                        f"of two >= 64 (block_k / 4 packed rows feed a Triton dot).")
+    if not _pow2(self.split_k, 1):
+      raise ValueError(f"BlockSizes.split_k = {self.split_k!r} is not allowed: must be a power "
+                       f"of two >= 1.")
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"BlockSizes.num_warps = {self.num_warps!r} is not allowed: expected one "
                        f"of 1, 2, 4, 8, 16.")

@@ -29,21 +29,23 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def _kernel(x_ref, w_ref, o_ref, *, kp: int, bk4: int, integer: bool):
+def _kernel(x_ref, w_ref, o_ref, *, kp: int, bk4: int, integer: bool, split: int):
   acc_t = jnp.int32 if integer else jnp.float32
   bm, bn = o_ref.shape
+  kps = kp // split                       # packed rows of this program's K slice
+  base = pl.program_id(2) * kps if split > 1 else 0
 
   def body(kk, acc):
     start = kk * bk4
     packed = w_ref[pl.ds(start, bk4), :]  # [bk4, bn] uint8: the only weight load
     for i in range(4):
       plane = ((packed >> jnp.uint8(2 * i)) & jnp.uint8(3)).astype(jnp.int8) - jnp.int8(1)
-      xi = x_ref[:, pl.ds(i * kp + start, bk4)]
+      xi = x_ref[:, pl.ds(i * kp + base + start, bk4)]
       w = plane if integer else plane.astype(xi.dtype)
       acc = acc + jnp.dot(xi, w, preferred_element_type=acc_t)
     return acc
 
-  acc = jax.lax.fori_loop(0, kp // bk4, body, jnp.zeros((bm, bn), acc_t))
+  acc = jax.lax.fori_loop(0, kps // bk4, body, jnp.zeros((bm, bn), acc_t))
   o_ref[...] = acc
 
 
@@ -59,27 +61,32 @@ def packed_matmul_pallas_gpu(x: Array, packed: Array, *, block_sizes: BlockSizes
   kp0, n = packed.shape
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   bk4 = bs.block_k // 4
-  kp = _round_up(kp0, bk4)
+  split = bs.split_k
+  kp = _round_up(kp0, bk4 * split)
   mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
   xp = x_planes(x, kp0)  # [M, 4, kp0]
   xp = jnp.pad(xp, ((0, mp - m), (0, 0), (0, kp - kp0))).reshape(mp, 4 * kp)
   wp = jnp.pad(packed, ((0, kp - kp0), (0, np_ - n)), constant_values=ZERO_BYTE)
   out_t = jnp.int32 if integer else jnp.float32
-  kernel = functools.partial(_kernel, kp=kp, bk4=bk4, integer=integer)
+  kernel = functools.partial(_kernel, kp=kp, bk4=bk4, integer=integer, split=split)
   extra = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 - GPU-only module
     extra["compiler_params"] = plgpu.CompilerParams(num_warps=bs.num_warps,
                                                     num_stages=bs.num_stages)
+  # Grid (M tiles, N tiles, K slices): with split_k > 1 each slice writes its own partial
+  # [M, N] (exact for int32; fp32 partials add in another order than one loop would).
+  kps = kp // split
   out = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_t),
-      grid=(mp // bs.block_m, np_ // bs.block_n),
-      in_specs=[pl.BlockSpec((bs.block_m, 4 * kp), lambda i, j: (i, 0)),
-                pl.BlockSpec((kp, bs.block_n), lambda i, j: (0, j))],
-      out_specs=pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((split, mp, np_), out_t),
+      grid=(mp // bs.block_m, np_ // bs.block_n, split),
+      in_specs=[pl.BlockSpec((bs.block_m, 4 * kp), lambda i, j, s: (i, 0)),
+                pl.BlockSpec((kps, bs.block_n), lambda i, j, s: (s, j))],
+      out_specs=pl.BlockSpec((None, bs.block_m, bs.block_n), lambda i, j, s: (s, i, j)),
       interpret=interpret,
       name="ternary_packed_matmul",
       **extra,
   )(xp, wp)
+  out = out[0] if split == 1 else out.sum(axis=0, dtype=out_t)
   return out[:m, :n]
