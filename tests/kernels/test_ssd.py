@@ -260,8 +260,26 @@ def test_bad_block_sizes_and_gates_raise():
     BlockSizes(block_scan=48)
   with pytest.raises(ValueError, match="scan_rows"):
     BlockSizes(scan_rows=3)
-  with pytest.raises(ValueError, match="'parallel' or 'sequential'"):
+  with pytest.raises(ValueError, match="'auto', 'parallel' or 'sequential'"):
     BlockSizes(state_pass="fused")
+
+
+@pytest.mark.parametrize("shape, want", [((1, 16, 128, 128), "sequential"),
+                                         ((1, 16, 64, 64), "parallel"),
+                                         ((8, 16, 64, 64), "sequential")])
+def test_auto_state_pass_by_sequential_program_count(shape, want):
+  """auto: the sequential walk when it has >= 128 programs (B·H·P/64·N/32), else parallel:
+  the H100 measurements (bench shape P128 N128 vs the 64k student's P64 N64)."""
+  from memx.kernels.ssd import pallas_gpu
+  from memx.kernels.ssd.xla import Plan
+  b, h, p, n = shape
+  plan = pallas_gpu.make_plan(Plan(chunk=64, n_chunks=4, segments=False), p, n, BlockSizes(),
+                              interpret=True, batch_heads=b * h)
+  assert plan.state_pass == want
+  explicit = pallas_gpu.make_plan(Plan(chunk=64, n_chunks=4, segments=False), p, n,
+                                  BlockSizes(state_pass="parallel"), interpret=True,
+                                  batch_heads=b * h)
+  assert explicit.state_pass == "parallel"
   q = jnp.ones((1, 4, 2, 16))
   with pytest.raises(ValueError, match="log_gate must be <= 0"):
     linear_attention(q, q, q, log_gate=jnp.ones((1, 4, 2)))

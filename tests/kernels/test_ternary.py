@@ -142,11 +142,12 @@ def test_packed_matmul_integer_exact(impl, kw, m, k, n):
   np.testing.assert_array_equal(got, want)  # atol = 0
 
 
-@pytest.mark.parametrize("m", [1, 12, 40])
-def test_packed_matmul_default_tiles_by_rows_exact(m):
-  """The row-dependent default tiles (16x64 with 512-deep K steps at M = 1, 16x64 at 12 rows,
-  64x64 at 40) compute the exact integer product (interpreter; the compiled run is gpu-marked)."""
-  k, n = 600, 72
+@pytest.mark.parametrize("m, k", [(1, 600), (1, 1024), (12, 600), (40, 600)])
+def test_packed_matmul_default_tiles_by_rows_exact(m, k):
+  """The row-dependent default tiles (16x64 with K split in up to 8 at M = 1: 3 K steps at
+  K = 600 do not split, 4 at K = 1024 split in 4; 16x64 at 12 rows, 64x64 at 40) compute the
+  exact integer product (interpreter; the compiled run is gpu-marked)."""
+  n = 72
   codes, _ = absmean_quantize(_w((k, n)))
   packed = pack_ternary(codes)
   x = jax.random.randint(jax.random.key(2), (m, k), -128, 128).astype(jnp.int8)
@@ -280,5 +281,5 @@ def test_pallas_gpu_passes_the_packed_weight_uncopied(monkeypatch, m, k, n):
   text = jax.jit(pallas_gpu.packed_matmul_pallas_gpu).lower(x, w).compile().as_text()
   call = next(line for line in text.splitlines() if "custom-call(" in line)
   weight = next(line.split("=")[0].strip() for line in text.splitlines()
-                if "parameter(1)" in line and "ENTRY" not in line)
+                if "parameter(1)" in line and "= u8[" in line and "ENTRY" not in line)
   assert f", {weight})" in call, call

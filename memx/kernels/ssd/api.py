@@ -121,8 +121,9 @@ def _chunked(name, x, dt, log_a, bm, cm, d, h0, seg, *, block_sizes, interpret):
   if name == "xla":
     y, h_last = xla_impl.ssd_chunked(plan, *args)
   else:
-    y, h_last = pallas_impl.ssd_pallas(pallas_impl.make_plan(plan, p, n, blocks, interpret),
-                                       *args)
+    pplan = pallas_impl.make_plan(plan, p, n, blocks, interpret,
+                                  batch_heads=x.shape[0] * x.shape[2])
+    y, h_last = pallas_impl.ssd_pallas(pplan, *args)
   return y[:, :t], h_last
 
 

@@ -22,7 +22,9 @@ class BlockSizes:
     block_p: head-dim (P) tile of the Pallas state and output kernels (shrunk to P).
     block_n: state-dim (N) tile of the Pallas sequential state passes (shrunk to N).
     state_pass: how the Pallas kernels run the recurrence over chunk boundaries.
-      "parallel" (default): one kernel computes every chunk's own state S_c (and, backward,
+      "auto" (default): "sequential" when its walk has at least 128 programs (about one per
+      H100 SM), else "parallel" (measured: `pallas_gpu.SEQUENTIAL_MIN_PROGRAMS`).
+      "parallel": one kernel computes every chunk's own state S_c (and, backward,
       its state cotangent) in parallel over chunks, then a scan kernel walks the boundaries
       elementwise, `scan_rows` chunks per load; extra memory: the fp32 S_c, [B, T/Q, H, P, N].
       "sequential": one kernel per [block_p, block_n] state tile walks the chunks in order,
@@ -37,7 +39,7 @@ class BlockSizes:
   chunk: int = 64
   block_p: int = 64
   block_n: int = 32
-  state_pass: str = "parallel"
+  state_pass: str = "auto"
   block_scan: int = 256
   scan_rows: int = 16
   num_warps: int = 4
@@ -49,9 +51,9 @@ class BlockSizes:
     if not _pow2(self.chunk, 16):
       raise ValueError(f"BlockSizes.chunk = {self.chunk!r} is not allowed: must be a power of "
                        f"two >= 16 (the padded length is a multiple of it).")
-    if self.state_pass not in ("parallel", "sequential"):
+    if self.state_pass not in ("auto", "parallel", "sequential"):
       raise ValueError(f"BlockSizes.state_pass = {self.state_pass!r} is not allowed: expected "
-                       f"'parallel' or 'sequential'.")
+                       f"'auto', 'parallel' or 'sequential'.")
     if not _pow2(self.scan_rows, 1):
       raise ValueError(f"BlockSizes.scan_rows = {self.scan_rows!r} is not allowed: must be a "
                        f"power of two >= 1.")

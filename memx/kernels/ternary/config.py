@@ -15,7 +15,8 @@ class BlockSizes:
     block_m, block_n: output tile of one Pallas program (powers of two >= 16: Triton dots).
     block_k: unpacked K rows per inner step; the program loads block_k / 4 packed rows, so
       block_k is a power of two >= 64 (16 packed rows, Triton's smallest dot operand).
-    split_k: programs sharing one output tile, each over K / split_k (a power of two):
+    split_k: programs sharing one output tile, each over K / split_k (a power of two; shrunk
+      to the largest power of two dividing the K steps, so K is never padded for it):
       partial sums (int32 or fp32) are added after the kernel. At decode sizes (M <= 16) the
       [M, N] output has only N / block_n tiles, too few programs to stream the weight from
       every SM; splitting K multiplies them.
@@ -50,22 +51,23 @@ class BlockSizes:
   @classmethod
   def get_default(cls, implementation: str = "pallas_gpu", rows: int | None = None
                   ) -> "BlockSizes":
-    """Tiles for an [rows, K] activation, picked by `bench_matmulfree.py --sweep` (H200, jax
-    0.11.2, K = 4096, N = 4096 or 11008, ms against the class defaults 64x128x256 in the same
-    run): decode-sized inputs stream the weights through many narrow programs (N / 64 of them,
-    so every SM gets some), large ones take big tiles for operand reuse.
+    """Tiles for an [rows, K] activation, picked by `bench_matmulfree.py --sweep`, K = 4096,
+    N = 4096 or 11008 (ms against the class defaults 64x128x256 in the same run unless noted):
+    decode-sized inputs stream the weights through many narrow programs, large ones take big
+    tiles for operand reuse.
 
-    rows <= 8     16x64,  K step 512, 4 stages  (M = 1:    0.072 vs 0.212 ms)
-    rows <= 16    16x64,  K step 256            (M = 16:   0.102 vs 0.222 ms)
-    rows <= 1024  64x64,  K step 256            (M = 256:  0.158 vs 0.409 ms)
-    more          128x128, K step 256, 8 warps  (M = 4096: 1.12 vs 1.61 ms)
+    rows <= 8     16x64, K step 256, K split 8  (M = 1: 0.0105 vs 0.0181 ms for the previous
+                  16x64x512 default, per-call device time, H100, session 8: 8 x the programs)
+    rows <= 16    16x64,  K step 256            (M = 16:   0.102 vs 0.222 ms, H200)
+    rows <= 1024  64x64,  K step 256            (M = 256:  0.158 vs 0.409 ms, H200)
+    more          128x128, K step 256, 8 warps  (M = 4096: 1.12 vs 1.61 ms, H200)
     rows None: the class defaults.
     """
     del implementation
     if rows is None:
       return cls()
     if rows <= 8:
-      return cls(block_m=16, block_n=64, block_k=512, num_stages=4)
+      return cls(block_m=16, block_n=64, block_k=256, split_k=8)
     if rows <= 16:
       return cls(block_m=16, block_n=64, block_k=256)
     if rows <= 1024:

@@ -14,6 +14,7 @@ the latent weights through the fake-quantized forward (memx.nn.bitlinear).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +62,10 @@ def packed_matmul_pallas_gpu(x: Array, packed: Array, *, block_sizes: BlockSizes
   kp0, n = packed.shape
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   bk4 = bs.block_k // 4
-  split = bs.split_k
-  kp = _round_up(kp0, bk4 * split)
+  kp = _round_up(kp0, bk4)
+  # The K slices split the K steps evenly: the largest power of two <= split_k that divides
+  # them, so K is never padded further (a padded weight is a copy of it every call).
+  split = math.gcd(bs.split_k, kp // bk4)
   mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
   xp = x_planes(x, kp0)  # [M, 4, kp0]
   xp = jnp.pad(xp, ((0, mp - m), (0, 0), (0, kp - kp0))).reshape(mp, 4 * kp)
