@@ -29,17 +29,37 @@ def median_time(fn, args, reps: int, budget_s: float = math.inf) -> float:
   return statistics.median(times)
 
 
+def interleaved_medians(fns, args, reps: int, budget_s: float = math.inf) -> list[float]:
+  """Median seconds of fn(*args) for each fn, timed in alternation (one call of each per round,
+  each ended by block_until_ready) after one warm-up call each; stops after `budget_s` once two
+  rounds are done."""
+  for fn in fns:
+    jax.block_until_ready(fn(*args))
+  times, start = [[] for _ in fns], time.perf_counter()
+  for _ in range(reps):
+    for fn, ts in zip(fns, times, strict=True):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      ts.append(time.perf_counter() - t0)
+    if time.perf_counter() - start > budget_s and len(times[0]) >= 2:
+      break
+  return [statistics.median(ts) for ts in times]
+
+
 def chained(fn, calls: int | None = None):
   """jit of arg_sets ↦ fn(*s) for s in arg_sets[:calls], in order, in one compiled program.
 
   Each call's arguments pass through an optimization_barrier together with the previous call's
-  output, so XLA can neither merge two calls (CSE, even of equal inputs) nor hoist or reorder
-  one. Every output leaf passes a barrier too, and its first element goes into the one returned
-  vector: no call is dead code, nothing sees through the barrier to shrink a call to that
-  element, and the program has one output, not one per call (each output is a buffer the host
-  allocates before the launch). The sets past `calls` are passed in unused (keep_unused), so
-  programs over k and 2k of the same sets take the same arguments: the host cost of both before
-  the launch is the same, and cancels in per_call_device_time."""
+  output, so XLA can neither merge two calls (CSE, even of equal inputs) nor hoist one out. The
+  barriers are gone from the final program, so what keeps the calls one after another on a GPU
+  is its single compute stream (kernels run in issue order); were independent kernels ever run
+  concurrently, small ones could overlap and read too fast: check a new kernel family against
+  the profiler once. Every output leaf passes a barrier too, and its first element goes into the
+  one returned vector: no call is dead code, nothing sees through the barrier to shrink a call
+  to that element, and the program has one output, not one per call (each output is a buffer
+  the host allocates before the launch). The sets past `calls` are passed in unused
+  (keep_unused), so programs over k and 2k of the same sets take the same arguments: the host
+  cost of both before the launch is the same, and cancels in per_call_device_time."""
 
   def run(arg_sets):
     firsts, prev = [], None
@@ -65,6 +85,11 @@ def per_call_device_time(fn, arg_sets, reps: int, budget_s: float = math.inf) ->
   the dispatch, launch and sync cost both programs share. Host timing jitter (tens of µs) is
   divided by k: make k calls last a millisecond or more.
 
+  The two programs are timed in alternation (`interleaved_medians`), so drift in clocks or
+  load biases both alike; `budget_s` bounds that whole timing loop. Per-kernel host launch cost
+  is not cancelled: a call of several tiny kernels (microseconds each) can be bounded by the
+  host's launch rate, not the device.
+
   If noise makes t_2k <= t_k, returns t_2k / 2k instead (an upper bound: it includes the fixed
   cost) with a warning; use more sets or reps.
 
@@ -87,8 +112,7 @@ def per_call_device_time(fn, arg_sets, reps: int, budget_s: float = math.inf) ->
     raise ValueError(f"per_call_device_time: reps must be an int >= 1, got {reps!r}")
   k = n // 2
   sets = (list(arg_sets),)
-  t_k = median_time(chained(fn, k), sets, reps, budget_s)
-  t_2k = median_time(chained(fn, n), sets, reps, budget_s)
+  t_k, t_2k = interleaved_medians([chained(fn, k), chained(fn, n)], sets, reps, budget_s)
   if t_2k > t_k:
     return (t_2k - t_k) / k
   warnings.warn(f"per_call_device_time: {n} calls took no longer than {k} ({t_2k:.3g} s vs "

@@ -1,6 +1,7 @@
 """memx.timing.per_call_device_time: one program, no merged calls, checked input, sane result."""
 
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +43,7 @@ def test_per_call_device_time_is_positive_and_finite():
 
 def test_per_call_device_time_falls_back_on_noise(monkeypatch):
   """t_2k <= t_k (noise) gives the upper bound t_2k / 2k and a warning, not a negative time."""
-  times = iter([3.0, 2.0])  # t_k, then t_2k
-  monkeypatch.setattr(timing, "median_time", lambda *a, **k: next(times))
+  monkeypatch.setattr(timing, "interleaved_medians", lambda *a, **k: [3.0, 2.0])  # t_k, t_2k
   with pytest.warns(UserWarning, match="upper bound"):
     assert per_call_device_time(_dot, _sets(4), reps=1) == 2.0 / 4
 
@@ -61,3 +61,22 @@ def test_per_call_device_time_rejects_bad_input(arg_sets, reps, match):
     raise AssertionError("fn called")
   with pytest.raises(ValueError, match=match):
     per_call_device_time(fn, arg_sets, reps=reps)
+
+
+def test_interleaved_medians_alternate_and_stop_on_budget():
+  """One call of each fn per round, in order; the budget ends the loop after two rounds."""
+  calls = []
+
+  def make(name, seconds):
+    def fn():
+      calls.append(name)
+      time.sleep(seconds)
+      return jnp.zeros(())
+    return fn
+
+  fast, slow = timing.interleaved_medians([make("a", 0.001), make("b", 0.004)], (), reps=5)
+  assert calls == ["a", "b"] + ["a", "b"] * 5  # warm-ups, then alternating rounds
+  assert 0.0005 < fast < slow
+  calls.clear()
+  timing.interleaved_medians([make("a", 0.002), make("b", 0.002)], (), reps=50, budget_s=0.0)
+  assert calls == ["a", "b"] * 3  # warm-ups and the two rounds the budget still allows

@@ -31,8 +31,12 @@ CASES = {
                   BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4, block_scan=64)),
     "sequential_pass": ((2, 37, 4, 16, 2, 16), [[20, 17], [37]], True,
                         BlockSizes(chunk=16, block_p=16, block_n=16, state_pass="sequential")),
+    # 17 chunks: 4 whole groups of 4 and one chunk walked on its own (first, in reverse).
+    "parallel_odd_chunks": ((2, 270, 2, 16, 1, 16), [[100, 170], [270]], True,
+                            BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4,
+                                       block_scan=64, state_pass="parallel")),
 }
-BF16_CASES = ("ragged_groups", "packed", "scan_rows")
+BF16_CASES = ("ragged_groups", "packed", "scan_rows", "sequential_pass")
 
 
 def _segments(lengths):
@@ -292,13 +296,15 @@ KERNELS = {"parallel": ("chunk_states", "state_scan", "out_fwd", "chunk_states_b
            "sequential": ("state_fwd", "out_fwd", "state_bwd", "chunk_bwd")}
 
 
-@pytest.mark.parametrize("segments, state_pass",
-                         [(False, "parallel"), (True, "parallel"), (True, "sequential")])
-def test_pallas_kernels_lower_to_triton_for_h100(segments, state_pass):
-  """Lowers forward + backward for CUDA (Triton IR) at the benchmark head shape, on CPU."""
+@pytest.mark.parametrize("segments, state_pass, t",
+                         [(False, "parallel", 1000), (True, "parallel", 1000),
+                          (True, "sequential", 1000), (False, "parallel", 1088)])
+def test_pallas_kernels_lower_to_triton_for_h100(segments, state_pass, t):
+  """Lowers forward + backward for CUDA (Triton IR) at the benchmark head shape, on CPU (T =
+  1088: 17 chunks, a whole-group walk and a single-chunk tail)."""
   from memx.kernels.ssd import pallas_gpu
   from memx.kernels.ssd.api import _chunked
-  b, t, h, p, g, n = 1, 1000, 16, 128, 1, 128
+  b, h, p, g, n = 1, 16, 128, 1, 128
   x = jax.ShapeDtypeStruct((b, t, h, p), jnp.bfloat16)
   row = jax.ShapeDtypeStruct((b, t, h), jnp.float32)
   bc = jax.ShapeDtypeStruct((b, t, g, n), jnp.bfloat16)

@@ -31,7 +31,8 @@ class BlockSizes:
       a load and a dot per chunk; no extra buffer, but only B·H·(P/block_p)·(N/block_n)
       programs, each with T/Q dependent steps (latency-bound at long T, few heads).
     block_scan: elements of the flattened [P·N] state per program of the parallel scan.
-    scan_rows: chunks per load in the parallel scan (shrunk to a power of two dividing T/Q).
+    scan_rows: chunks per load in the parallel scan (shrunk to at most T/Q; the T/Q mod
+      scan_rows chunks left over are walked one per load).
     num_warps, num_stages: Triton launch settings of the forward kernels.
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
   """

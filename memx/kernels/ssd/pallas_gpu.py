@@ -3,7 +3,7 @@
 The algorithm and notation are those of `xla.py` (Dao & Gu 2024, §6): chunks of Q tokens, cum
 the chunk-local cumulative log-decay, x̃ = Δ x, boundary states H_c. The recurrence over chunk
 boundaries runs one of two ways (`BlockSizes.state_pass`; "auto" picks by program count):
-  * parallel (default), two kernels. Chunk states, grid (T/Q, B·H, P/bp): every chunk's own
+  * parallel, two kernels. Chunk states, grid (T/Q, B·H, P/bp): every chunk's own
     state S_c = (x̃ ∘ wst)ᵀ B [bp, N] (one tensor-core dot), fp32, all chunks at once. Scan,
     grid (B·H, P·N/block_scan): H_{c+1} = g_c H_c + S_c elementwise over a slice of the
     flattened state, `scan_rows` chunks per load, storing each entering H_c.
@@ -108,11 +108,11 @@ def make_plan(plan: Plan, p: int, n: int, blocks: BlockSizes, interpret: bool,
   if state_pass == "auto":
     walkers = batch_heads * (p_pad // block_p) * (n_pad // block_n)
     state_pass = "sequential" if walkers >= SEQUENTIAL_MIN_PROGRAMS else "parallel"
-  # Powers of two dividing what they tile: the flattened state and the chunk count.
+  # block_scan divides the flattened state; scan_rows is at most the chunk count.
   return _PPlan(chunk=plan.chunk, n_chunks=plan.n_chunks, segments=plan.segments,
                 p_pad=p_pad, n_pad=n_pad, block_p=block_p, block_n=block_n,
                 block_scan=math.gcd(blocks.block_scan, p_pad * n_pad),
-                scan_rows=math.gcd(blocks.scan_rows, plan.n_chunks),
+                scan_rows=min(blocks.scan_rows, 1 << (plan.n_chunks.bit_length() - 1)),
                 state_pass=state_pass, blocks=blocks, interpret=interpret)
 
 
@@ -208,19 +208,20 @@ def _scan_kernel(s_ref, g_ref, h0_ref, h_ref, h_last_ref, *, plan: _PPlan, rever
   h_ref[c] = the state entering chunk c, then state <- g_c state + S_c.
 
   One load brings `scan_rows` chunks ([u, block_scan] of S and u decays); their u dependent
-  steps then run in registers, so the walk waits on memory T/(Q·u) times, not T/Q.
+  steps then run in registers, so the walk waits on memory T/(Q·u) times, not T/Q. The
+  T/Q mod u chunks past the last whole group (the first ones walked, in reverse) go one by one.
   """
-  u = plan.scan_rows
-  groups = plan.n_chunks // u
-  rows = lax.broadcasted_iota(jnp.int32, (u, plan.block_scan), 0)
-  idx = jnp.arange(u)
+  u, nc = plan.scan_rows, plan.n_chunks
+  groups, tail = nc // u, nc % u
 
-  def body(j, state):
-    grp = groups - 1 - j if reverse else j
-    sl = pl.ds(pl.multiple_of(grp * u, u), u)
+  def walk(c0, size: int, state):
+    """The `size` chunks from c0 (static size), in walk order; returns the state after them."""
+    sl = pl.ds(pl.multiple_of(c0, size), size)
     s, g = s_ref[sl, :], g_ref[sl]
+    rows = lax.broadcasted_iota(jnp.int32, (size, plan.block_scan), 0)
+    idx = jnp.arange(size)
     out = jnp.zeros(s.shape, F32)
-    for i in (range(u - 1, -1, -1) if reverse else range(u)):
+    for i in (range(size - 1, -1, -1) if reverse else range(size)):
       pick = rows == i
       out = jnp.where(pick, state[None, :], out)
       state = (jnp.sum(jnp.where(idx == i, g, 0.0)) * state
@@ -228,7 +229,19 @@ def _scan_kernel(s_ref, g_ref, h0_ref, h_ref, h_last_ref, *, plan: _PPlan, rever
     h_ref[sl, :] = out.astype(h_ref.dtype)
     return state
 
-  h_last_ref[...] = lax.fori_loop(0, groups, body, h0_ref[...].astype(F32))
+  def whole(j, state):
+    return walk((groups - 1 - j if reverse else j) * u, u, state)
+
+  def single(j, state):
+    return walk(nc - 1 - j if reverse else groups * u + j, 1, state)
+
+  state = h0_ref[...].astype(F32)
+  if reverse:
+    state = lax.fori_loop(0, tail, single, state)
+  state = lax.fori_loop(0, groups, whole, state)
+  if not reverse:
+    state = lax.fori_loop(0, tail, single, state)
+  h_last_ref[...] = state
 
 
 def _out_fwd_kernel(*refs, plan: _PPlan, heads: int):

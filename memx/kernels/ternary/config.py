@@ -17,7 +17,7 @@ class BlockSizes:
       block_k is a power of two >= 64 (16 packed rows, Triton's smallest dot operand).
     split_k: programs sharing one output tile, each over K / split_k (a power of two; shrunk
       to the largest power of two dividing the K steps, so K is never padded for it):
-      partial sums (int32 or fp32) are added after the kernel. At decode sizes (M <= 16) the
+      partial sums (int32 or fp32) are added after the kernel. At decode sizes the
       [M, N] output has only N / block_n tiles, too few programs to stream the weight from
       every SM; splitting K multiplies them.
     num_warps, num_stages: Triton launch settings.

@@ -1,7 +1,8 @@
 """Pallas (Triton) packed ternary matmul: weights stay 2-bit in memory and are decoded in
 registers.
 
-Algorithm: a program owns a [block_m, block_n] output tile. It walks K in steps of block_k: it
+Algorithm: a program owns a [block_m, block_n] output tile (with `split_k` > 1, one K slice of
+it: the slices' partial sums are added after the kernel). It walks K in steps of block_k: it
 loads block_k / 4 packed rows of its columns (uint8, one byte = 4 weights), and for each of the
 four bit planes i decodes ((byte >> 2i) & 3) - 1 into int8 registers and accumulates
 x[:, rows 4j + i] @ plane_i on the tensor cores (int8 x int8 → int32 for quantized activations;
@@ -91,5 +92,5 @@ def packed_matmul_pallas_gpu(x: Array, packed: Array, *, block_sizes: BlockSizes
       name="ternary_packed_matmul",
       **extra,
   )(xp, wp)
-  out = out[0] if split == 1 else out.sum(axis=0, dtype=out_t)
-  return out[:m, :n]
+  out = out[:, :m, :n]
+  return out[0] if split == 1 else out.sum(axis=0, dtype=out_t)
