@@ -2,11 +2,17 @@
 
 median_time: host wall-clock of whole calls (launch + sync included); right for steps that run
 for milliseconds. per_call_device_time: the device time of one call of a short kernel, where
-launch and sync would dominate a wall-clock number.
+launch and sync would dominate a wall-clock number. profile_kernel_times: where a call's device
+time goes, kernel by kernel, from a profiler trace (GPU; empty elsewhere).
 """
 
+import collections
+import gzip
+import json
 import math
+import pathlib
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -118,3 +124,32 @@ def per_call_device_time(fn, arg_sets, reps: int, budget_s: float = math.inf) ->
   warnings.warn(f"per_call_device_time: {n} calls took no longer than {k} ({t_2k:.3g} s vs "
                 f"{t_k:.3g} s; noise); returning the upper bound t_{n} / {n}", stacklevel=2)
   return t_2k / n
+
+
+def device_kernel_times(trace_dir: pathlib.Path) -> dict[str, float]:
+  """Kernel name → total microseconds on GPU streams, from the perfetto trace JSON."""
+  files = sorted(trace_dir.rglob("*.trace.json.gz")) + sorted(trace_dir.rglob("perfetto*.json.gz"))
+  if not files:
+    return {}
+  with gzip.open(files[-1], "rt") as f:
+    data = json.load(f)
+  events = data["traceEvents"] if isinstance(data, dict) else data
+  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+              and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+      totals[e.get("name", "?")] += float(e.get("dur", 0.0))
+  return dict(totals)
+
+
+def profile_kernel_times(fn, args, runs: int = 3) -> dict[str, float]:
+  """Kernel name → mean device microseconds per call of fn(*args), from `runs` calls under
+  `jax.profiler.trace` after one warm-up call. Empty where the trace has no GPU streams (CPU)."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(runs):
+        jax.block_until_ready(fn(*args))
+    totals = device_kernel_times(pathlib.Path(tmp))
+  return {k: v / runs for k, v in totals.items()}

@@ -39,7 +39,7 @@ import numpy as np
 from memx.kernels import linear_scan as ls
 from memx.kernels import ssd as ssd_ops
 from memx.kernels.ssd import api as ssd_api
-from memx.timing import per_call_device_time
+from memx.timing import per_call_device_time, profile_kernel_times
 
 FLA_CHUNK_SIMPLE_GLA_MS = 0.315     # fla chunk_simple_gla fwd, B=1, T=16k, H=16, D=128, H100
 ASSOC_SCAN_LINEAR_MS = 3.74         # jax.lax.associative_scan, linear scan goal shape, H100
@@ -171,9 +171,10 @@ def device_time_ms(fn, inputs, reps: int, budget_s: float, copies: int = 4) -> f
 
 
 def measure(form_name, fn, inputs, cot, *, reps, budget_s, mem_limit, deadline,
-            device_time: bool = False):
+            device_time: bool = False, profile: bool = False):
   """Rows for the fwd and fwd+bwd passes of one form on one problem (device_time: the fwd row
-  also gets `device_ms`, the per-call device time, the number to hold against a peer's)."""
+  also gets `device_ms`, the per-call device time, the number to hold against a peer's;
+  profile: both rows get `kernels_us`, device µs per call by kernel, from a profiler trace)."""
   rows = []
   if time.perf_counter() > deadline:
     return [dict(form=form_name, pass_=p, status="skipped", reason="total time budget")
@@ -198,6 +199,9 @@ def measure(form_name, fn, inputs, cot, *, reps, budget_s, mem_limit, deadline,
         row.update(status="ok", time_ms=_time(compiled, inputs, reps, budget_s) * 1e3)
         if device_time and pass_name == "fwd":
           row["device_ms"] = device_time_ms(f, inputs, reps, budget_s)
+        if profile:
+          kernels = profile_kernel_times(compiled, inputs)
+          row["kernels_us"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
     except Exception as e:  # noqa: BLE001 - record the failure and go on to the next form
       row.update(status="error", reason=f"{type(e).__name__}: {str(e)[:300]}")
       traceback.print_exc(file=sys.stderr)
@@ -276,6 +280,11 @@ def write_report(out_dir: pathlib.Path, env, records):
         f"{fmt(r.get('tflops'), '.3g')} | {fmt(r.get('gbs'), '.4g')} | "
         f"{fmt(r.get('vs_floor'), '.3g')} | {fmt(None if temp is None else temp / 2**20, '.1f')}"
         f" | {r['status']}{' — ' + r['reason'] if r.get('reason') else ''} |")
+  profiled = [r for r in records if r.get("kernels_us")]
+  if profiled:
+    lines += ["", "Device µs per call by kernel (profiler trace, top 8):", ""]
+    lines += [f"- {r['shape']} {r['form']} {r['pass_']}: " + ", ".join(
+        f"{k[:48]} {v:.1f}" for k, v in r["kernels_us"].items()) for r in profiled]
   if result["goals"]:
     lines += ["", "| goal | value | target | met |", "|---|---:|---:|---|"]
     lines += [f"| {g['goal']} | {g['value']:.3g} | {g['target']} | {g['met']} |"
@@ -297,6 +306,8 @@ def main(argv=None):
   ap.add_argument("--sweep-names", default=None,
                   help="--sweep: only these options (names after 'pallas_gpu ', comma-separated)")
   ap.add_argument("--kinds", default="ssd,scan", help="which problems: ssd, scan or both")
+  ap.add_argument("--profile", action="store_true",
+                  help="goal rows: also device time by kernel (profiler trace)")
   ap.add_argument("--ssd-shapes", default=None,
                   help="only these SSD problems, as BxT (e.g. 1x16384,1x65536)")
   ap.add_argument("--repeats", type=int, default=10)
@@ -359,9 +370,11 @@ def main(argv=None):
     candidates += [(name, ssd_form("pallas_gpu", blocks)) for name, blocks in sweep.items()
                    if not student or blocks.block_p <= s.p]
     for name, fn in candidates:
-      goal = s == SsdShape(1, 16384) and name in ("pallas_gpu", "pallas_gpu sequential")
+      main_forms = name in ("pallas_gpu", "pallas_gpu sequential")
+      goal = s == SsdShape(1, 16384) and main_forms
       for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
-                         mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu):
+                         mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu,
+                         profile=main_forms and args.profile):
         row.update(kind="ssd", shape=s.name)
         if row.get("time_ms"):
           factor = 1.0 if row["pass_"] == "fwd" else 3.0
@@ -382,7 +395,8 @@ def main(argv=None):
     for name, fn in candidates:
       goal = s == ScanShape(4, 4096, 1536) and name in ("pallas_gpu", "assoc_scan")
       for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
-                         mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu):
+                         mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu,
+                         profile=goal and args.profile):
         row.update(kind="scan", shape=s.name)
         if row.get("time_ms"):
           # fwd: read a, b, write h (3 tensors); the backward adds read a, h, dh and write

@@ -16,8 +16,6 @@ run, so the two are comparable), into DIR/flags/.
 """
 
 import argparse
-import collections
-import gzip
 import json
 import os
 import pathlib
@@ -35,24 +33,7 @@ import bench_distill  # noqa: E402
 from memx.models.config import matmulfree_config  # noqa: E402
 from memx.models.packed import pack_model  # noqa: E402
 from memx.models.transformer import TransformerLM  # noqa: E402
-from memx.timing import median_time  # noqa: E402
-
-
-def device_kernel_times(trace_dir: pathlib.Path) -> dict[str, float]:
-  """Kernel name → total microseconds on GPU streams, from the perfetto trace JSON."""
-  files = sorted(trace_dir.rglob("*.trace.json.gz")) + sorted(trace_dir.rglob("perfetto*.json.gz"))
-  if not files:
-    return {}
-  with gzip.open(files[-1], "rt") as f:
-    data = json.load(f)
-  events = data["traceEvents"] if isinstance(data, dict) else data
-  gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-              and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
-  totals = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-      totals[e.get("name", "?")] += float(e.get("dur", 0.0))
-  return dict(totals)
+from memx.timing import device_kernel_times, median_time  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -80,3 +80,17 @@ def test_interleaved_medians_alternate_and_stop_on_budget():
   calls.clear()
   timing.interleaved_medians([make("a", 0.002), make("b", 0.002)], (), reps=50, budget_s=0.0)
   assert calls == ["a", "b"] * 3  # warm-ups and the two rounds the budget still allows
+
+
+def test_profile_kernel_times_averages_over_runs(monkeypatch):
+  """One warm-up call, then `runs` traced calls; the trace's kernel totals come back per call."""
+  calls = []
+  monkeypatch.setattr(timing, "device_kernel_times", lambda _dir: {"gemm": 6.0, "fusion": 1.5})
+
+  def fn(x):
+    calls.append(1)
+    return x + 1
+
+  got = timing.profile_kernel_times(fn, (jnp.ones(3),), runs=3)
+  assert got == {"gemm": 2.0, "fusion": 0.5}
+  assert len(calls) == 4
