@@ -40,6 +40,7 @@ import numpy as np
 
 from memx.kernels.attention import CAUSAL, BlockSizes, Mask, attention, moa_windows
 from memx.kernels.attention import api as attention_api
+from memx.timing import profile_kernel_times
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +227,9 @@ def _time(fn, args, reps: int, budget_s: float) -> float:
   return statistics.median(times)
 
 
-def measure(impl_name, make, p: Problem, reps: int, budget_s: float):
+def measure(impl_name, make, p: Problem, reps: int, budget_s: float, profile: bool = False):
+  """fwd and fwd+bwd rows of one implementation on one problem (profile: each row also gets
+  `kernels_us`, device µs per call by kernel from a profiler trace, top 6)."""
   sh = p.shape
   dtype = jnp.dtype(sh.dtype)
   f = make(p)
@@ -254,6 +257,9 @@ def measure(impl_name, make, p: Problem, reps: int, budget_s: float):
     rows.append(dict(pass_=pass_name, status="ok", time_ms=seconds * 1e3,
                      tflops=flops / seconds / 1e12, temp_bytes=int(mem.temp_size_in_bytes),
                      compile_s=compile_s))
+    if profile:
+      kernels = profile_kernel_times(compiled, args)
+      rows[-1]["kernels_us"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:6])
   return rows
 
 
@@ -336,6 +342,11 @@ def write_report(out_dir: pathlib.Path, env, records):
     else:
       lines.append(f"| {r['shape']} | {r['mask']} | {r['density']:.3f} | {impl} | | | | | | "
                    f"{r['status']}: {r.get('error', '')[:80]} |")
+  profiled = [r for r in records if r.get("kernels_us")]
+  if profiled:
+    lines += ["", "Device µs per call by kernel (profiler trace, top 6):", ""]
+    lines += [f"- {r['shape']} {r['mask']} {r['impl']} {r['pass']}: " + ", ".join(
+        f"{k[:48]} {v:.0f}" for k, v in r["kernels_us"].items()) for r in profiled]
   g = goals(records)
   if g:
     lines += ["", "## Goals (fwd+bwd)", "", "| goal | value | target | met |", "|---|---|---|---|"]
@@ -364,6 +375,8 @@ def main(argv=None):
   ap.add_argument("--budget-s", type=float, default=170.0,
                   help="stop starting new configs after this many seconds")
   ap.add_argument("--sweep", action="store_true", help="also time pallas_gpu tile candidates")
+  ap.add_argument("--profile", action="store_true",
+                  help="pallas_gpu and jax_cudnn rows: also device time by kernel (trace)")
   ap.add_argument("--sweep-masks", default="causal",
                   help="masks the tile candidates run on (first shape only), comma-separated")
   args = ap.parse_args(argv)
@@ -416,7 +429,8 @@ def main(argv=None):
       try:
         with warnings.catch_warnings():
           warnings.simplefilter("ignore")
-          rows = measure(impl_name, make, p, args.reps, budget_s=2.0)
+          rows = measure(impl_name, make, p, args.reps, budget_s=2.0,
+                         profile=args.profile and impl_name in ("pallas_gpu", "jax_cudnn"))
       except ImportError as e:
         rows = [dict(status="unavailable", error=str(e))]
       except Exception as e:  # noqa: BLE001 - a failing peer must not stop the run

@@ -61,7 +61,7 @@ bench_args() {
   case "$1" in
     # (The tile sweep ran on an H100 in session 7: no candidate beat the defaults. Rerun it
     # with ARGS_bench_attention="--budget-s 110 --sweep" after a kernel change.)
-    bench_attention) echo "--budget-s 90" ;;
+    bench_attention) echo "--budget-s 90 --profile" ;;
     # (session 8: the parallel SSD state pass against the sequential one, at the fla shape and
     # the 64k student's; xla's SSD was timed in session 7 and is left out to save the call.)
     bench_ssm) echo "--forms pallas_gpu,assoc_scan --total-budget-s 120 --sweep --profile" ;;
