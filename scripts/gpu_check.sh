@@ -39,6 +39,17 @@ say() { echo "$@" | tee -a "$WORK/summary.txt"; }
 } > "$WORK/env.txt" 2>&1
 cat "$WORK/env.txt" | tee -a "$WORK/summary.txt"
 
+# Wheels carried from the CPU machine (scripts/fetch_gpu_wheels.sh): installed for this run only.
+if ls .gpu_wheels/*.whl >/dev/null 2>&1; then
+  if $PY -m pip install -q --no-index --no-deps --target "$WORK/site" .gpu_wheels/*.whl \
+      > "$WORK/wheels.txt" 2>&1; then
+    export PYTHONPATH="$PYTHONPATH:$WORK/site"
+    say "wheels installed: $(ls .gpu_wheels | tr '\n' ' ')"
+  else
+    say "wheels: install failed (see wheels.txt)"
+  fi
+fi
+
 if [ "${GPU_CHECK_TESTS:-1}" != "0" ]; then
   say "== gpu tests"
   extra=()
@@ -64,7 +75,7 @@ bench_args() {
     bench_attention) echo "--budget-s 90 --profile" ;;
     # (session 8: the parallel SSD state pass against the sequential one, at the fla shape and
     # the 64k student's; xla's SSD was timed in session 7 and is left out to save the call.)
-    bench_ssm) echo "--forms pallas_gpu,assoc_scan --total-budget-s 120 --sweep --profile" ;;
+    bench_ssm) echo "--forms pallas_gpu,assoc_scan,fla --total-budget-s 120 --sweep --profile" ;;
     # The packed-matmul goal table first (per-call device time); decode and memory: 2nd call.
     bench_matmulfree) echo "--matmul" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
