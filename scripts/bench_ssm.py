@@ -390,12 +390,16 @@ def main(argv=None):
   if args.sweep and on_gpu:
     # The parallel state pass (the default since session 8) against the sequential walk it
     # replaced, and its scan tiles: elements per program x chunks per load.
+    # (the default is "auto": sequential at >= 128 walking programs, else parallel)
     sweep = {"pallas_gpu sequential": ssd_ops.BlockSizes(state_pass="sequential"),
              "pallas_gpu q128": ssd_ops.BlockSizes(chunk=128),
              "pallas_gpu bp32": ssd_ops.BlockSizes(block_p=32),
              "pallas_gpu scan512": ssd_ops.BlockSizes(block_scan=512),
              "pallas_gpu scan1024 r8": ssd_ops.BlockSizes(block_scan=1024, scan_rows=8),
-             "pallas_gpu scan256 r32": ssd_ops.BlockSizes(scan_rows=32)}
+             "pallas_gpu scan256 r32": ssd_ops.BlockSizes(scan_rows=32),
+             "pallas_gpu parallel": ssd_ops.BlockSizes(state_pass="parallel"),
+             "pallas_gpu parallel bf16S": ssd_ops.BlockSizes(state_pass="parallel",
+                                                             chunk_states_fp32=False)}
     # The distillation student's SSD layer at 64k (d 1024: H16 P64 N64, chunk 128): its
     # sequential state pass took 4.0 of the student's 20 ms prefill on an H100 with 32
     # programs (session 7). Only the Pallas tiles are timed there.

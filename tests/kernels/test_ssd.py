@@ -35,8 +35,12 @@ CASES = {
     "parallel_odd_chunks": ((2, 270, 2, 16, 1, 16), [[100, 170], [270]], True,
                             BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4,
                                        block_scan=64, state_pass="parallel")),
+    # Chunk states stored in the input dtype (bf16 runs round each S_c once).
+    "input_dtype_states": ((1, 130, 2, 16, 1, 16), [[50, 80]], True,
+                           BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4,
+                                      state_pass="parallel", chunk_states_fp32=False)),
 }
-BF16_CASES = ("ragged_groups", "packed", "scan_rows", "sequential_pass")
+BF16_CASES = ("ragged_groups", "packed", "scan_rows", "sequential_pass", "input_dtype_states")
 
 
 def _segments(lengths):
@@ -264,6 +268,8 @@ def test_bad_block_sizes_and_gates_raise():
     BlockSizes(block_scan=48)
   with pytest.raises(ValueError, match="scan_rows"):
     BlockSizes(scan_rows=3)
+  with pytest.raises(ValueError, match="chunk_states_fp32"):
+    BlockSizes(chunk_states_fp32=1)
   with pytest.raises(ValueError, match="'auto', 'parallel' or 'sequential'"):
     BlockSizes(state_pass="fused")
 
@@ -296,10 +302,11 @@ KERNELS = {"parallel": ("chunk_states", "state_scan", "out_fwd", "chunk_states_b
            "sequential": ("state_fwd", "out_fwd", "state_bwd", "chunk_bwd")}
 
 
-@pytest.mark.parametrize("segments, state_pass, t",
-                         [(False, "parallel", 1000), (True, "parallel", 1000),
-                          (True, "sequential", 1000), (False, "parallel", 1088)])
-def test_pallas_kernels_lower_to_triton_for_h100(segments, state_pass, t):
+@pytest.mark.parametrize("segments, state_pass, t, fp32_states",
+                         [(False, "parallel", 1000, True), (True, "parallel", 1000, True),
+                          (True, "sequential", 1000, True), (False, "parallel", 1088, True),
+                          (False, "parallel", 1000, False)])
+def test_pallas_kernels_lower_to_triton_for_h100(segments, state_pass, t, fp32_states):
   """Lowers forward + backward for CUDA (Triton IR) at the benchmark head shape, on CPU (T =
   1088: 17 chunks, a whole-group walk and a single-chunk tail)."""
   from memx.kernels.ssd import pallas_gpu
@@ -315,7 +322,9 @@ def test_pallas_kernels_lower_to_triton_for_h100(segments, state_pass, t):
 
   def loss(x, dt, log_a, bm, cm, d, h0, seg):
     y, last = _chunked("pallas_gpu", x, dt, log_a, bm, cm, d, h0, seg,
-                       block_sizes=BlockSizes(state_pass=state_pass), interpret=False)
+                       block_sizes=BlockSizes(state_pass=state_pass,
+                                              chunk_states_fp32=fp32_states),
+                       interpret=False)
     return y.astype(jnp.float32).sum() + last.sum()
 
   with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):

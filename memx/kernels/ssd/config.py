@@ -30,6 +30,9 @@ class BlockSizes:
       "sequential": one kernel per [block_p, block_n] state tile walks the chunks in order,
       a load and a dot per chunk; no extra buffer, but only B·H·(P/block_p)·(N/block_n)
       programs, each with T/Q dependent steps (latency-bound at long T, few heads).
+    chunk_states_fp32: the parallel pass stores the chunk states S_c in fp32 (default), or in
+      the input dtype (bf16 inputs: half the pass's extra traffic and memory; each S_c is then
+      rounded once, as the stored boundary states already are; the scan adds in fp32).
     block_scan: elements of the flattened [P·N] state per program of the parallel scan.
     scan_rows: chunks per load in the parallel scan (shrunk to at most T/Q; the T/Q mod
       scan_rows chunks left over are walked one per load).
@@ -41,6 +44,7 @@ class BlockSizes:
   block_p: int = 64
   block_n: int = 32
   state_pass: str = "auto"
+  chunk_states_fp32: bool = True
   block_scan: int = 256
   scan_rows: int = 16
   num_warps: int = 4
@@ -55,6 +59,9 @@ class BlockSizes:
     if self.state_pass not in ("auto", "parallel", "sequential"):
       raise ValueError(f"BlockSizes.state_pass = {self.state_pass!r} is not allowed: expected "
                        f"'auto', 'parallel' or 'sequential'.")
+    if not isinstance(self.chunk_states_fp32, bool):
+      raise ValueError(f"BlockSizes.chunk_states_fp32 = {self.chunk_states_fp32!r} is not "
+                       f"allowed: must be a bool.")
     if not _pow2(self.scan_rows, 1):
       raise ValueError(f"BlockSizes.scan_rows = {self.scan_rows!r} is not allowed: must be a "
                        f"power of two >= 1.")

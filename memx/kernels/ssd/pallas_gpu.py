@@ -186,7 +186,7 @@ def _chunk_state_fwd_kernel(*refs, plan: _PPlan):
   _, wst, _ = _chunk_factors(plan, cum_ref[...], seg, seg_prev)
   x = x_ref[...]
   xw = (x.astype(F32) * (dt_ref[...].astype(F32) * wst)[:, None]).astype(x.dtype)
-  s_ref[...] = _dot(xw, b_ref[...], trans_a=True)
+  s_ref[...] = _dot(xw, b_ref[...], trans_a=True).astype(s_ref.dtype)
 
 
 def _chunk_state_bwd_kernel(*refs, plan: _PPlan):
@@ -200,7 +200,7 @@ def _chunk_state_bwd_kernel(*refs, plan: _PPlan):
   eoff, _, _ = _chunk_factors(plan, cum_ref[...], seg, seg_prev)
   dy = dy_ref[...]
   dye = (dy.astype(F32) * eoff[:, None]).astype(dy.dtype)
-  s_ref[...] = _dot(dye, c_ref[...], trans_a=True)
+  s_ref[...] = _dot(dye, c_ref[...], trans_a=True).astype(s_ref.dtype)
 
 
 def _scan_kernel(s_ref, g_ref, h0_ref, h_ref, h_last_ref, *, plan: _PPlan, reverse: bool):
@@ -217,7 +217,7 @@ def _scan_kernel(s_ref, g_ref, h0_ref, h_ref, h_last_ref, *, plan: _PPlan, rever
   def walk(c0, size: int, state):
     """The `size` chunks from c0 (static size), in walk order; returns the state after them."""
     sl = pl.ds(pl.multiple_of(c0, size), size)
-    s, g = s_ref[sl, :], g_ref[sl]
+    s, g = s_ref[sl, :].astype(F32), g_ref[sl]
     rows = lax.broadcasted_iota(jnp.int32, (size, plan.block_scan), 0)
     idx = jnp.arange(size)
     out = jnp.zeros(s.shape, F32)
@@ -435,8 +435,8 @@ def _chunk_decay(plan: _PPlan, cum_t, seg):
 
 
 def _chunk_states(plan: _PPlan, v, cum_t, bc, seg, dt_t=None):
-  """Every chunk's own state, in parallel over chunks: [B, T/Q, H, P, N] fp32. Forward (with
-  dt_t): v = x, bc = B; backward: v = dy, bc = C."""
+  """Every chunk's own state, in parallel over chunks: [B, T/Q, H, P, N], fp32 (or v.dtype
+  without `chunk_states_fp32`). Forward (with dt_t): v = x, bc = B; backward: v = dy, bc = C."""
   bsz, tp, h, _ = v.shape
   s = _chunk_specs(plan, h, bc.shape[2], bc.shape[2], plan.block_p, grid_p=True)
   seg_arrays, seg_specs = _seg_args(plan, seg, [s["seg"], s["seg_prev"]])
@@ -445,15 +445,17 @@ def _chunk_states(plan: _PPlan, v, cum_t, bc, seg, dt_t=None):
   specs = [s["x"], s["row"], s["row"], s["b"]] if forward else [s["x"], s["row"], s["c"]]
   kernel = _chunk_state_fwd_kernel if forward else _chunk_state_bwd_kernel
   size = bsz * plan.n_chunks * h * plan.p_pad * plan.n_pad
+  s_bytes = 4 if plan.blocks.chunk_states_fp32 else v.dtype.itemsize
   return pl.pallas_call(
       functools.partial(kernel, plan=plan),
       grid=(plan.n_chunks, bsz * h, plan.p_pad // plan.block_p),
       in_specs=specs + seg_specs, out_specs=s["state"],
-      out_shape=jax.ShapeDtypeStruct((bsz, plan.n_chunks, h, plan.p_pad, plan.n_pad), F32),
+      out_shape=jax.ShapeDtypeStruct((bsz, plan.n_chunks, h, plan.p_pad, plan.n_pad),
+                                     F32 if plan.blocks.chunk_states_fp32 else v.dtype),
       compiler_params=plan.params(backward=not forward), interpret=plan.interpret,
       cost_estimate=pl.CostEstimate(
           flops=2 * bsz * tp * h * plan.p_pad * plan.n_pad, transcendentals=bsz * tp * h,
-          bytes_accessed=v.size * v.dtype.itemsize + 4 * size),
+          bytes_accessed=v.size * v.dtype.itemsize + s_bytes * size),
       name="memx_ssd_chunk_states" + ("" if forward else "_bwd"),
   )(*args, *seg_arrays)
 
@@ -478,7 +480,8 @@ def _scan(plan: _PPlan, s, g, h0, dtype, *, reverse: bool):
       compiler_params=plan.params(backward=reverse), interpret=plan.interpret,
       cost_estimate=pl.CostEstimate(
           flops=2 * s.size, transcendentals=0,
-          bytes_accessed=s.size * (4 + jnp.dtype(dtype).itemsize) + 8 * h0.size),
+          bytes_accessed=s.size * (s.dtype.itemsize + jnp.dtype(dtype).itemsize)
+          + 8 * h0.size),
       name="memx_ssd_state_scan" + ("_bwd" if reverse else ""),
   )(s.reshape(bsz, nc, h, e), g, h0.reshape(bsz, h, e))
   return h_in.reshape(s.shape), h_last.reshape(h0.shape)
