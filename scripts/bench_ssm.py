@@ -397,6 +397,14 @@ def main(argv=None):
              "pallas_gpu scan512": ssd_ops.BlockSizes(block_scan=512),
              "pallas_gpu scan1024 r8": ssd_ops.BlockSizes(block_scan=1024, scan_rows=8),
              "pallas_gpu scan256 r32": ssd_ops.BlockSizes(scan_rows=32),
+             # The sequential walk's prefetch depth, narrower walk tiles (256 programs), and
+             # one output program per chunk and head (C Bᵀ computed once): what fla's autotune
+             # space covers and memx's defaults do not (read from fla-core 0.6.0).
+             "pallas_gpu seq s3": ssd_ops.BlockSizes(state_pass="sequential", num_stages=3),
+             "pallas_gpu seq s4": ssd_ops.BlockSizes(state_pass="sequential", num_stages=4),
+             "pallas_gpu seq bn16": ssd_ops.BlockSizes(state_pass="sequential", block_n=16),
+             "pallas_gpu seq bp128 bn16 w8": ssd_ops.BlockSizes(
+                 state_pass="sequential", block_p=128, block_n=16, num_warps=8),
              "pallas_gpu parallel": ssd_ops.BlockSizes(state_pass="parallel"),
              "pallas_gpu parallel bf16S": ssd_ops.BlockSizes(state_pass="parallel",
                                                              chunk_states_fp32=False)}

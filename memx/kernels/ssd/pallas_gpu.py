@@ -122,17 +122,21 @@ def _dot(a, b, *, trans_a=False, trans_b=False):
   return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
-def _chunk_factors(plan: _PPlan, cum, seg, seg_prev):
+def _chunk_factors(plan: _PPlan, cum, seg, seg_prev, last=None, seg_last=None):
   """eoff [Q] (chunk start -> t), wst [Q] (s -> chunk end), g (whole chunk), and the segment
-  mask pieces, from the chunk's cum [Q] and (optionally) its segment ids [Q]."""
+  mask pieces, from the chunk's cum [Q] and (optionally) its segment ids [Q]. `last` and
+  `seg_last` (the chunk's final cum and id) may come loaded as scalars; else a masked sum over
+  the chunk extracts them (a reduction across the program's warps)."""
   q = plan.chunk
   idx = jnp.arange(q)
-  last = jnp.sum(jnp.where(idx == q - 1, cum, 0.0))   # cum[Q-1] as a scalar
+  if last is None:
+    last = jnp.sum(jnp.where(idx == q - 1, cum, 0.0))   # cum[Q-1] as a scalar
   eoff = jnp.exp(cum)
   wst = jnp.exp(last - cum)
   g = jnp.exp(last)
   if plan.segments:
-    seg_last = jnp.sum(jnp.where(idx == q - 1, seg, 0))
+    if seg_last is None:
+      seg_last = jnp.sum(jnp.where(idx == q - 1, seg, 0))
     eoff = jnp.where(seg == seg_prev, eoff, 0.0)
     wst = jnp.where(seg == seg_last, wst, 0.0)
     g = jnp.where(seg_last == seg_prev, g, 0.0)
@@ -154,6 +158,12 @@ def _decay_matrix(plan: _PPlan, cum, seg):
 # --- forward -----------------------------------------------------------------------------------
 
 
+def _last_of_chunk(ref, c, q: int):
+  """ref[c·q + q - 1] as a scalar, by a one-element load: the sequential walks need it on their
+  serial path, where a masked sum over the chunk would add a cross-warp reduction per step."""
+  return jnp.sum(ref[pl.ds(c * q + q - 1, 1)])
+
+
 def _state_fwd_kernel(*refs, plan: _PPlan):
   if plan.segments:
     x_ref, dt_ref, cum_ref, b_ref, h0_ref, seg_ref, sp_ref, h_in_ref, h_last_ref = refs
@@ -165,7 +175,8 @@ def _state_fwd_kernel(*refs, plan: _PPlan):
     rows = pl.ds(pl.multiple_of(c * q, q), q)
     cum = cum_ref[rows]
     seg, seg_prev = (seg_ref[rows], sp_ref[c]) if plan.segments else (None, None)
-    _, wst, g = _chunk_factors(plan, cum, seg, seg_prev)
+    seg_last = _last_of_chunk(seg_ref, c, q) if plan.segments else None
+    _, wst, g = _chunk_factors(plan, cum, seg, seg_prev, _last_of_chunk(cum_ref, c, q), seg_last)
     x = x_ref[rows, :]
     xw = (x.astype(F32) * (dt_ref[rows].astype(F32) * wst)[:, None]).astype(x.dtype)
     h_in_ref[c] = state.astype(h_in_ref.dtype)
@@ -281,7 +292,9 @@ def _state_bwd_kernel(*refs, plan: _PPlan):
     rows = pl.ds(pl.multiple_of(c * q, q), q)
     cum = cum_ref[rows]
     seg, seg_prev = (seg_ref[rows], sp_ref[c]) if plan.segments else (None, None)
-    eoff, _, g = _chunk_factors(plan, cum, seg, seg_prev)
+    seg_last = _last_of_chunk(seg_ref, c, q) if plan.segments else None
+    eoff, _, g = _chunk_factors(plan, cum, seg, seg_prev, _last_of_chunk(cum_ref, c, q),
+                                seg_last)
     dh_out_ref[c] = dstate.astype(dh_out_ref.dtype)
     dy = dy_ref[rows, :]
     dye = (dy.astype(F32) * eoff[:, None]).astype(dy.dtype)
