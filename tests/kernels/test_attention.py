@@ -216,6 +216,19 @@ def test_empty_tiles_are_skipped_not_masked(impl, kwargs):
                                 names=("dq", "dk", "dv"))
 
 
+@pytest.mark.parametrize("scale", [0.3, -0.3])
+def test_pallas_explicit_scale_of_either_sign(scale):
+  """The forward folds a positive scale into one multiply-add after the row max and a negative
+  one (max(s)·c ≠ max(s·c)) into the tile before it: both match the reference."""
+  q, k, v, do = _inputs((1, 48, 48, 2, 1, 16), jnp.float32)
+  f = lambda q, k, v: attention(q, k, v, mask=CAUSAL, scale=scale,  # noqa: E731
+                                implementation="pallas_gpu", interpret=True, block_sizes=BS16)
+  got = _value_and_grads(f, q, k, v, do)
+  want = _value_and_grads(
+      lambda q, k, v: attention_reference(q, k, v, mask=CAUSAL, scale=scale), q, k, v, do)
+  _testing.assert_tree_allclose(got, want, grad=True, names=("out", "dq", "dk", "dv"))
+
+
 def test_reference_fully_masked_rows_are_zero():
   q, k, v, _ = _inputs((1, 8, 8, 1, 1, 16), jnp.float32)
   seg = (jnp.asarray([[3] * 4 + [0] * 4]), jnp.zeros((1, 8), jnp.int32))

@@ -158,15 +158,25 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
     m_prev, l_prev, acc = carry
     k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
-    s = _dot(q, k, trans_b=True) * c                      # fp32 [bq, bk], base-2 logits
+    # fp32 [bq, bk]. A positive scale is applied after the row max: max(s)·c = max(s·c), and
+    # s·c - m is then one fused multiply-add per score, not a multiply and a subtraction (as
+    # Triton's tutorial). A negative one scales the tile first (max would flip, and the mask's
+    # -inf must come after it).
+    s = _dot(q, k, trans_b=True)
+    if c <= 0:
+      s = s * c
     if elementwise:
       kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
       vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg)
       # -inf, not MASK_VALUE: exp2 then yields exact zeros even while m is still MASK_VALUE.
       s = jnp.where(vis, s, -jnp.inf)
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    if c > 0:
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1) * c)
+      p = jnp.exp2(s * c - m_new[:, None])
+    else:
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      p = jnp.exp2(s - m_new[:, None])
     corr = jnp.exp2(m_prev - m_new)
-    p = jnp.exp2(s - m_new[:, None])
     l_new = l_prev * corr + jnp.sum(p, axis=1)
     v = r["v"][pl.ds(k0, bk), :]
     acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
