@@ -197,6 +197,11 @@ SWEEP = {
     "f128x64_kv64x64_q128x64_w8_s3/2": BlockSizes(block_k_dkv=64),
     "f128x64_kv64x64_q128x64_w8_s3/3": BlockSizes(block_k_dkv=64, num_stages_bwd=3),
     "f128x64_kv32x128_q128x64_w8_s3/3": BlockSizes(block_q_dkv=32, num_stages_bwd=3),
+    # Every exp as one inline ex2.approx.ftz.f32 (jnp.exp2's libdevice call may keep denormal
+    # handling, depending on how XLA sets flush-to-zero), with the default and the spill-free
+    # dK/dV tiles.
+    "f128x64_kv64x128_q128x64_w8_s3/2_ftz": BlockSizes(exp2_ftz=True),
+    "f128x64_kv64x64_q128x64_w8_s3/2_ftz": BlockSizes(block_k_dkv=64, exp2_ftz=True),
     # dQ by atomic adds in the dK/dV pass (BlockSizes.dq_atomic, 5 tile matmuls instead of 7)
     # is no candidate: on an H100 it took 25.7 ms fwd+bwd against 11.6 (1x16384 causal,
     # session 7), the fp32 atomics costing far more than the two matmuls they save.

@@ -190,6 +190,16 @@ class TestPallasGpuAtomicDq(_AttentionBase):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not cudnn.gpu_backend(), reason="needs an NVIDIA GPU backend")
+class TestPallasGpuExp2Ftz(_AttentionBase):
+  """Every exponential as inline ex2.approx.ftz.f32 (compiled only: the interpreter runs
+  jnp.exp2), fully masked rows included."""
+  IMPL = "pallas_gpu"
+  BLOCK_OPTIONS = {"exp2_ftz": True}
+  CASE_NAMES = BF16_CASES
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cudnn.gpu_backend(), reason="needs an NVIDIA GPU backend")
 class TestCudnn(_AttentionBase):
   IMPL = "cudnn"
   CASE_NAMES = CUDNN_CASES
@@ -390,6 +400,8 @@ def test_mask_construction_errors():
     BlockSparse(np.ones((2, 2), bool), block_q=8, block_k=16)
   with pytest.raises(ValueError, match="power of two"):
     BlockSizes(block_q=48)
+  with pytest.raises(ValueError, match="exp2_ftz"):
+    BlockSizes(exp2_ftz=1)
 
 
 # --- the compiled GPU path, checked on CPU -------------------------------------------------------
@@ -419,3 +431,21 @@ def test_pallas_kernels_lower_to_triton_for_h100(mask, segments):
   assert text.count("__gpu$xla.gpu.triton") == 3  # forward, dK/dV, dQ
   for name in ("memx_attention_fwd", "memx_attention_dkv", "memx_attention_dq"):
     assert name in text
+  assert "ex2.approx.ftz" not in text
+
+
+def test_exp2_ftz_lowers_to_inline_ptx():
+  """BlockSizes(exp2_ftz=True): the kernels' exponentials become inline ex2.approx.ftz.f32."""
+  from memx.kernels.attention.pallas_gpu import attention_pallas_gpu
+  q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+
+  def loss(q, k, v):
+    o = attention_pallas_gpu(q, k, v, mask=CAUSAL, block_sizes=BlockSizes(exp2_ftz=True))
+    return o.astype(jnp.float32).sum()
+
+  with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 3
+  assert "ex2.approx.ftz.f32" in text

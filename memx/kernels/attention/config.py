@@ -36,6 +36,11 @@ class BlockSizes:
       and the dQ pass is skipped: 5 tile matmuls in the backward instead of 7 (the dQ pass
       recomputes QKᵀ and dO Vᵀ), for an fp32 dQ buffer and a summation order that varies from
       run to run. Off by default until a GPU sweep shows it faster.
+    exp2_ftz: pallas_gpu only (compiled). Every exponential in the kernels is one
+      `ex2.approx.ftz.f32` (inline PTX, what Triton's own exp2 emits), not jnp.exp2's libdevice
+      call, which may keep denormal handling around each exp depending on how XLA sets the
+      flush-to-zero flag. Results below 2^-126 flush to 0 (the probabilities they stand for
+      add nothing at fp32 precision). Off by default until a GPU sweep shows it faster.
   """
 
   block_q: int = 128
@@ -49,6 +54,7 @@ class BlockSizes:
   num_stages_fwd: int = 3
   num_stages_bwd: int = 2
   dq_atomic: bool = False
+  exp2_ftz: bool = False
 
   def __post_init__(self):
     for f, _ in _TILE_FIELDS:
@@ -63,6 +69,8 @@ class BlockSizes:
     if not isinstance(self.dq_atomic, bool):
       raise ValueError(f"BlockSizes.dq_atomic = {self.dq_atomic!r} is not allowed: must be a "
                        f"bool.")
+    if not isinstance(self.exp2_ftz, bool):
+      raise ValueError(f"BlockSizes.exp2_ftz = {self.exp2_ftz!r} is not allowed: must be a bool.")
     for f in ("num_stages_fwd", "num_stages_bwd"):
       v = getattr(self, f)
       if not isinstance(v, int) or not 1 <= v <= 8:

@@ -101,6 +101,16 @@ def _head_scalars(plan: _Plan, hp_ref, h):
   return sched.uniform_params(plan.masks[0])
 
 
+def _exp2(plan: _Plan, x):
+  """2**x in fp32: one `ex2.approx.ftz.f32` per element with BlockSizes.exp2_ftz (compiled
+  only; the interpreter cannot run PTX), else jnp.exp2."""
+  if not plan.blocks.exp2_ftz or plan.interpret:
+    return jnp.exp2(x)
+  return plgpu.elementwise_inline_asm(
+      "ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
+
+
 def _dot(a, b, *, trans_a=False, trans_b=False):
   """fp32-accumulated dot. fp32 operands run in full precision: Triton's default for them is
   TF32 (relative error ~5e-4, measured on an H200), which fp32 callers did not ask for."""
@@ -172,11 +182,11 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
       s = jnp.where(vis, s, -jnp.inf)
     if c > 0:
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1) * c)
-      p = jnp.exp2(s * c - m_new[:, None])
+      p = _exp2(plan, s * c - m_new[:, None])
     else:
       m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
-      p = jnp.exp2(s - m_new[:, None])
-    corr = jnp.exp2(m_prev - m_new)
+      p = _exp2(plan, s - m_new[:, None])
+    corr = _exp2(plan, m_prev - m_new)
     l_new = l_prev * corr + jnp.sum(p, axis=1)
     v = r["v"][pl.ds(k0, bk), :]
     acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v)
@@ -283,7 +293,7 @@ def _dkv_kernel(*refs, plan: _Plan):
         q_pos = plan.rule.q_offset + q0 + jnp.arange(bq)
         vis = _tile_visibility(plan, q_pos, k_pos, params, qseg, kseg, transpose=True)
         s_t = jnp.where(vis, s_t, -jnp.inf)
-      p_t = jnp.exp2(s_t - lse[None, :])                  # probabilities, recomputed
+      p_t = _exp2(plan, s_t - lse[None, :])               # probabilities, recomputed
       dv = dv + _dot(p_t.astype(do.dtype), do)
       dp_t = _dot(v, do, trans_b=True)
       ds_t = p_t * (dp_t - delta[None, :])                # FA2 Alg. 2 line 14 (no scale yet)
@@ -371,7 +381,7 @@ def _dq_kernel(*refs, plan: _Plan, n_q: int):
       kseg = r["kseg"][pl.ds(k0, bk)] if plan.segments else None
       vis = _tile_visibility(plan, q_pos, k0 + jnp.arange(bk), params, qseg, kseg)
       s = jnp.where(vis, s, -jnp.inf)
-    p = jnp.exp2(s - lse[:, None])
+    p = _exp2(plan, s - lse[:, None])
     dp = _dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
