@@ -439,8 +439,10 @@ def _flash_fwd(plan, q, k, v, q_seg, kv_seg):
 
 def _flash_bwd(plan, res, do):
   q, k, v, q_seg, kv_seg, o, lse = res
-  # delta_i = rowsum(dO_i * O_i) (FA2 Alg. 2 line 4): one fused elementwise+reduce in XLA.
-  delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+  # delta_i = rowsum(dO_i * O_i) (FA2 Alg. 2 line 4), written as a multiply and a sum: one
+  # fused elementwise+reduce in XLA (an einsum is a dot_general with 1x1 outputs, which a
+  # backend may hand to a batched GEMM).
+  delta = jnp.swapaxes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
   do = do.astype(q.dtype)
   if plan.blocks.dq_atomic:
     dk, dv, dq = _dkv(plan, q, k, v, q_seg, kv_seg, do, lse, delta)
