@@ -31,6 +31,10 @@ CASES = {
                   BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4, block_scan=64)),
     "sequential_pass": ((2, 37, 4, 16, 2, 16), [[20, 17], [37]], True,
                         BlockSizes(chunk=16, block_p=16, block_n=16, state_pass="sequential")),
+    # block_n < block_p: the sequential walk scales B's tile, not x's.
+    "sequential_narrow_n": ((1, 70, 2, 32, 1, 32), [[30, 40]], True,
+                            BlockSizes(chunk=16, block_p=32, block_n=16,
+                                       state_pass="sequential")),
     # 17 chunks: 4 whole groups of 4 and one chunk walked on its own (first, in reverse).
     "parallel_odd_chunks": ((2, 270, 2, 16, 1, 16), [[100, 170], [270]], True,
                             BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4,
@@ -40,7 +44,8 @@ CASES = {
                            BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4,
                                       state_pass="parallel", chunk_states_fp32=False)),
 }
-BF16_CASES = ("ragged_groups", "packed", "scan_rows", "sequential_pass", "input_dtype_states")
+BF16_CASES = ("ragged_groups", "packed", "scan_rows", "sequential_pass", "input_dtype_states",
+              "sequential_narrow_n")
 
 
 def _segments(lengths):

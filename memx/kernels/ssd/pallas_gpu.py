@@ -178,10 +178,16 @@ def _state_fwd_kernel(*refs, plan: _PPlan):
     seg_last = _last_of_chunk(seg_ref, c, q) if plan.segments else None
     _, wst, g = _chunk_factors(plan, cum, seg, seg_prev, _last_of_chunk(cum_ref, c, q), seg_last)
     x = x_ref[rows, :]
-    xw = (x.astype(F32) * (dt_ref[rows].astype(F32) * wst)[:, None]).astype(x.dtype)
+    bm = b_ref[rows, :]
+    # S_c = xᵀ diag(Δ ∘ w) B: the per-token factor scales whichever operand tile is narrower
+    # (fewer fp32 round trips on the serial path); the other goes to the dot as loaded.
+    w = (dt_ref[rows].astype(F32) * wst)[:, None]
+    if plan.block_n < plan.block_p:
+      bm = (bm.astype(F32) * w).astype(bm.dtype)
+    else:
+      x = (x.astype(F32) * w).astype(x.dtype)
     h_in_ref[c] = state.astype(h_in_ref.dtype)
-    # S_c = (x̃ ∘ w)ᵀ B: [bp, Q] x [Q, bn] on tensor cores.
-    return g * state + _dot(xw, b_ref[rows, :], trans_a=True)
+    return g * state + _dot(x, bm, trans_a=True)                 # [bp, Q] x [Q, bn]
 
   h_last_ref[...] = lax.fori_loop(0, plan.n_chunks, body, h0_ref[...].astype(F32))
 
