@@ -160,3 +160,26 @@ def test_block_counts_match_dense_tiles(mask):
     want = padded.reshape(3, bq, 4, bk).sum((1, 3))
     np.testing.assert_array_equal(counts[h], want)
   np.testing.assert_array_equal(counts.sum((1, 2)), mask.visited_pairs(t, s))
+
+
+@pytest.mark.parametrize("mask, want", [
+    (CAUSAL, (True, True)),
+    (Mask(window_left=256), (True, True)),
+    (Mask(window_left=(64, 512)), (True, True)),          # per-head bands, each consecutive
+    (Mask(window_left=128, n_sink=4), (True, True)),      # a partial sink tile: not FULL
+    # A FULL sink tile, a gap, then the band (query rows); per key block still one run.
+    (Mask(window_left=256, n_sink=64), (False, True)),
+])
+def test_full_tiles_contiguous(mask, want):
+  """The kernels' hoisted-index walk of FULL tiles needs each row's FULL tiles consecutive:
+  checked against a direct reading of the table, forward (query rows) and transposed (key
+  rows, the dK/dV pass)."""
+  masks = (mask,) if mask.num_heads is None else tuple(
+      Mask(window_left=w) for w in mask.window_left)
+  for transpose, expected in zip((False, True), want, strict=True):
+    table, counts = sched.schedule(masks, 1024, 1024, 64, 64, transpose, 1024, 1024)
+    rows = [table[h, i, :counts[h, i, 0]] for h in range(table.shape[0])
+            for i in range(table.shape[1])]
+    direct = all(np.array_equal(r, np.arange(r[0], r[0] + len(r))) for r in rows if len(r))
+    assert direct == expected
+    assert sched.full_tiles_contiguous(table, counts) == expected

@@ -137,6 +137,15 @@ def schedule(masks: tuple[Mask, ...], t: int, s: int, block_q: int, block_k: int
   return table, counts
 
 
+def full_tiles_contiguous(table: np.ndarray, counts: np.ndarray) -> bool:
+  """Whether every row's FULL tiles are consecutive blocks (causal and window masks without
+  sinks): a kernel then walks them as first + j and reads one table entry per row, not one per
+  step (a scalar load the next tile's address would wait on)."""
+  idx = np.arange(table.shape[-1])
+  in_full = idx < counts[..., :1]
+  return bool(np.all(np.where(in_full, table == table[..., :1] + idx, True)))
+
+
 def dynamic_schedule(masks: tuple[Mask, ...], rule: Rule, offset, block_q: int, block_k: int,
                      t_pad: int, s_pad: int):
   """`schedule` (forward direction) for queries at a run-time offset, computed in XLA.

@@ -83,15 +83,26 @@ def _whole(x) -> pl.BlockSpec:
 
 
 def _schedules(plan: _Plan, q_seg, kv_seg, bq: int, bk: int, transpose: bool):
-  """(table, counts) for one pass: static numpy, or refined by segment ids (batch axis B)."""
+  """(table, counts, visited tiles, contiguous) for one pass: static numpy, or refined by
+  segment ids (batch axis B). contiguous: every row's FULL tiles are consecutive blocks
+  (static tables only; segment refinement can drop tiles from the middle of a row)."""
   table, counts = sched.schedule(plan.masks, plan.t, plan.s, bq, bk, transpose, plan.t_pad,
                                  plan.s_pad)
   if not plan.segments:
-    return jnp.asarray(table)[None], jnp.asarray(counts)[None], sched.visited_tiles(counts)
+    return (jnp.asarray(table)[None], jnp.asarray(counts)[None], sched.visited_tiles(counts),
+            sched.full_tiles_contiguous(table, counts))
   q_rng, k_rng = sched.segment_ranges(q_seg, bq), sched.segment_ranges(kv_seg, bk)
   outer, inner = (k_rng, q_rng) if transpose else (q_rng, k_rng)
   table_b, counts_b = sched.segment_schedule(table, counts, outer, inner)
-  return table_b, counts_b, sched.visited_tiles(counts)
+  return table_b, counts_b, sched.visited_tiles(counts), False
+
+
+def _tile_index(tbl_ref, row: tuple, j, first, contiguous: bool, elementwise: bool):
+  """The j-th visited inner block of a schedule row: first + j in the FULL loop of a
+  contiguous schedule (one table read per row, hoisted), else the table entry."""
+  if contiguous and not elementwise:
+    return first + j
+  return tbl_ref[(*row, j)]
 
 
 def _head_scalars(plan: _Plan, hp_ref, h):
@@ -146,7 +157,7 @@ def _unpack(refs, plan: _Plan, names: tuple[str, ...]):
 # --- forward ---------------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, plan: _Plan, n_q: int):
+def _fwd_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
   r = _unpack(refs, plan, ("q", "k", "v", "o", "lse"))
   bq, bk = plan.blocks.block_q, plan.blocks.block_k
   # Grid axis 0 runs query blocks last-to-first: under causal masks the late blocks carry the
@@ -164,9 +175,12 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int):
   q_pos = offset + qb * bq + jnp.arange(bq)
   qseg = r["qseg"][...] if plan.segments else None
 
+  first = r["tbl"][tb, th, qb, 0]
+
   def body(j, carry, elementwise):
     m_prev, l_prev, acc = carry
-    k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
+    kb = _tile_index(r["tbl"], (tb, th, qb), j, first, contiguous, elementwise)
+    k0 = pl.multiple_of(kb * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
     # fp32 [bq, bk]. A positive scale is applied after the row max: max(s)·c = max(s·c), and
     # s·c - m is then one fused multiply-add per score, not a multiply and a subtraction (as
@@ -216,8 +230,9 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg, offset=None):
     tbl, cnt = tbl[None], cnt[None]
     # The cost estimate's tile count must be static: take the causal average.
     tiles = max(1, (n_q * (plan.s_pad // bk)) // 2) * len(plan.masks)
+    contiguous = False
   else:
-    tbl, cnt, tiles = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
+    tbl, cnt, tiles, contiguous = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
   rep, d = plan.rep, plan.d_pad
   args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
   if plan.rule.dynamic_offset:
@@ -244,7 +259,7 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg, offset=None):
       flops=4 * tiles * bq * bk * d * per_bh, transcendentals=tiles * bq * bk * per_bh,
       bytes_accessed=sum(x.size * x.dtype.itemsize for x in (q, k, v)) * 2)
   o, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, plan=plan, n_q=n_q),
+      functools.partial(_fwd_kernel, plan=plan, n_q=n_q, contiguous=contiguous),
       grid=(n_q, b, plan.num_heads),
       in_specs=specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=plan.warps("num_warps_fwd"),
@@ -257,7 +272,7 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg, offset=None):
 # --- backward: dK/dV ---------------------------------------------------------------------------
 
 
-def _dkv_kernel(*refs, plan: _Plan):
+def _dkv_kernel(*refs, plan: _Plan, contiguous: bool = False):
   atomic = plan.blocks.dq_atomic
   r = _unpack(refs, plan, ("q", "k", "v", "do", "lse", "delta")
               + (("dq_zeros", "dk", "dv", "dq") if atomic else ("dk", "dv")))
@@ -277,9 +292,12 @@ def _dkv_kernel(*refs, plan: _Plan):
     params = _head_scalars(plan, r["hp"], h)
     n_full, n_tot = r["cnt"][tb, th, kb, 0], r["cnt"][tb, th, kb, 1]
 
+    first = r["tbl"][tb, th, kb, 0]
+
     def body(j, carry, elementwise):
       dk, dv = carry
-      q0 = pl.multiple_of(r["tbl"][tb, th, kb, j] * bq, bq)
+      qblk = _tile_index(r["tbl"], (tb, th, kb), j, first, contiguous, elementwise)
+      q0 = pl.multiple_of(qblk * bq, bq)
       q = r["q"][pl.ds(q0, bq), rr, :]
       do = r["do"][pl.ds(q0, bq), rr, :]
       lse = r["lse"][rr, pl.ds(q0, bq)]
@@ -319,7 +337,7 @@ def _dkv_kernel(*refs, plan: _Plan):
 def _dkv(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
   b = q.shape[0]
   bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
-  tbl, cnt, _ = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=True)
+  tbl, cnt, _, contiguous = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=True)
   rep, d = plan.rep, plan.d_pad
   args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
   if plan.per_head:
@@ -345,7 +363,7 @@ def _dkv(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
     out_specs.append(q_spec)
     out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, plan=plan),
+      functools.partial(_dkv_kernel, plan=plan, contiguous=contiguous),
       grid=(plan.s_pad // bk, b, plan.num_kv_heads),
       in_specs=specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=plan.warps("num_warps_bwd"),
@@ -357,7 +375,7 @@ def _dkv(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
 # --- backward: dQ ------------------------------------------------------------------------------
 
 
-def _dq_kernel(*refs, plan: _Plan, n_q: int):
+def _dq_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
   r = _unpack(refs, plan, ("q", "k", "v", "do", "lse", "delta", "dq"))
   bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
   qb = n_q - 1 - pl.program_id(0)
@@ -372,8 +390,11 @@ def _dq_kernel(*refs, plan: _Plan, n_q: int):
   q_pos = plan.rule.q_offset + qb * bq + jnp.arange(bq)
   qseg = r["qseg"][...] if plan.segments else None
 
+  first = r["tbl"][tb, th, qb, 0]
+
   def body(j, dq, elementwise):
-    k0 = pl.multiple_of(r["tbl"][tb, th, qb, j] * bk, bk)
+    kblk = _tile_index(r["tbl"], (tb, th, qb), j, first, contiguous, elementwise)
+    k0 = pl.multiple_of(kblk * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
     v = r["v"][pl.ds(k0, bk), :]
     s = _dot(q, k, trans_b=True) * c
@@ -396,7 +417,7 @@ def _dq(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
   b = q.shape[0]
   bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
   n_q = plan.t_pad // bq
-  tbl, cnt, _ = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
+  tbl, cnt, _, contiguous = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
   rep, d = plan.rep, plan.d_pad
   args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
   if plan.per_head:
@@ -413,7 +434,7 @@ def _dq(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
   args += [q, k, v, do, lse, delta]
   specs += [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
   return pl.pallas_call(
-      functools.partial(_dq_kernel, plan=plan, n_q=n_q),
+      functools.partial(_dq_kernel, plan=plan, n_q=n_q, contiguous=contiguous),
       grid=(n_q, b, plan.num_heads),
       in_specs=specs, out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
