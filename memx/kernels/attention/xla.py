@@ -136,9 +136,7 @@ def _backward(plan: _Plan, q, k, v, q_seg, kv_seg, o, lse, do):
   rule = sched.rule_for((plan.mask,), plan.s, plan.s_pad)
   c = plan.scale * LOG2E
   # delta_i = rowsum(dO_i * O_i) (FA2 Alg. 2 line 4), fp32, [B, G, R, Tp].
-  # (A multiply and a sum, not an einsum: that is a dot_general with 1x1 outputs.)
-  delta = jnp.transpose(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1),
-                        (0, 2, 3, 1))
+  delta = jnp.einsum("bqgrd,bqgrd->bgrq", do.astype(jnp.float32), o.astype(jnp.float32))
 
   def k_block(dq_acc, kb):
     k0 = kb * bk
