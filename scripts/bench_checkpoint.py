@@ -5,9 +5,9 @@ loop trains with a checkpoint every step (CPU size) or every 80th step (GPU size
 its 1.16 GiB state takes ~1.9 s on the H100 machine's disk, so closer saves measure the disk),
 and once with checkpointing off. Reported per mode: the mean step time over the run (the
 saving steps included: a median would hide them) and its overhead over "never"; per save, the
-median
-main-thread blocking time, split into the wait for the previous save's write (the disk not
-keeping up with the cadence) and the rest (the snapshot: device-to-host copy, serialization).
+median main-thread blocking time, split into the wait for the previous save's write (the disk
+not keeping up with the cadence) and the rest (the snapshot: device-to-host copy,
+serialization).
 Goals: lazy adds ≤ 5% to the step time where sync adds > 50%; lazy blocks ≥ 10× less than async.
 
   python scripts/bench_checkpoint.py --out benchmarks/out            # CPU size
