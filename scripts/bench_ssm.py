@@ -405,6 +405,8 @@ def main(argv=None):
              "pallas_gpu seq bn16": ssd_ops.BlockSizes(state_pass="sequential", block_n=16),
              "pallas_gpu seq bp128 bn16 w8": ssd_ops.BlockSizes(
                  state_pass="sequential", block_p=128, block_n=16, num_warps=8),
+             # The chunk backward without register spills (ptxas: 372 B at block_p 64).
+             "pallas_gpu bwd bp16": ssd_ops.BlockSizes(block_p_bwd=16),
              "pallas_gpu parallel": ssd_ops.BlockSizes(state_pass="parallel"),
              "pallas_gpu parallel bf16S": ssd_ops.BlockSizes(state_pass="parallel",
                                                              chunk_states_fp32=False)}

@@ -35,6 +35,9 @@ CASES = {
     "sequential_narrow_n": ((1, 70, 2, 32, 1, 32), [[30, 40]], True,
                             BlockSizes(chunk=16, block_p=32, block_n=16,
                                        state_pass="sequential")),
+    # The chunk backward loops over P in 16-wide tiles under 32-wide forward tiles.
+    "narrow_bwd_p": ((1, 70, 2, 32, 1, 16), None, True,
+                     BlockSizes(chunk=16, block_p=32, block_n=16, block_p_bwd=16)),
     # 17 chunks: 4 whole groups of 4 and one chunk walked on its own (first, in reverse).
     "parallel_odd_chunks": ((2, 270, 2, 16, 1, 16), [[100, 170], [270]], True,
                             BlockSizes(chunk=16, block_p=16, block_n=16, scan_rows=4,
@@ -273,6 +276,8 @@ def test_bad_block_sizes_and_gates_raise():
     BlockSizes(block_scan=48)
   with pytest.raises(ValueError, match="scan_rows"):
     BlockSizes(scan_rows=3)
+  with pytest.raises(ValueError, match="block_p_bwd"):
+    BlockSizes(block_p_bwd=8)
   with pytest.raises(ValueError, match="chunk_states_fp32"):
     BlockSizes(chunk_states_fp32=1)
   with pytest.raises(ValueError, match="'auto', 'parallel' or 'sequential'"):

@@ -21,6 +21,10 @@ class BlockSizes:
       every dimension >= 16).
     block_p: head-dim (P) tile of the Pallas state and output kernels (shrunk to P).
     block_n: state-dim (N) tile of the Pallas sequential state passes (shrunk to N).
+    block_p_bwd: P tile of the chunk backward's loop (None: block_p; at most block_p). Its
+      [Q, Q] and two [Q, N] fp32 accumulators fill the registers, and a narrower P tile keeps
+      the per-tile temporaries from spilling (ptxas, sm_90a, Q = 64, N = 128: 372 B spilled
+      at block_p 64, none at 16; `scripts/ptxas_report.py`).
     state_pass: how the Pallas kernels run the recurrence over chunk boundaries.
       "auto" (default): "sequential" when its walk has at least 128 programs (about one per
       H100 SM), else "parallel" (measured: `pallas_gpu.SEQUENTIAL_MIN_PROGRAMS`).
@@ -43,6 +47,7 @@ class BlockSizes:
   chunk: int = 64
   block_p: int = 64
   block_n: int = 32
+  block_p_bwd: int | None = None
   state_pass: str = "auto"
   chunk_states_fp32: bool = True
   block_scan: int = 256
@@ -65,6 +70,9 @@ class BlockSizes:
     if not _pow2(self.scan_rows, 1):
       raise ValueError(f"BlockSizes.scan_rows = {self.scan_rows!r} is not allowed: must be a "
                        f"power of two >= 1.")
+    if self.block_p_bwd is not None and not _pow2(self.block_p_bwd, 16):
+      raise ValueError(f"BlockSizes.block_p_bwd = {self.block_p_bwd!r} is not allowed: must be "
+                       f"None or a power of two >= 16.")
     for f in ("block_p", "block_n", "block_scan"):
       v = getattr(self, f)
       if not _pow2(v, 16):

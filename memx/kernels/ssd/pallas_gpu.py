@@ -64,6 +64,7 @@ class _PPlan:
   n_pad: int
   block_p: int
   block_n: int
+  block_p_bwd: int
   block_scan: int
   scan_rows: int
   state_pass: str
@@ -111,6 +112,7 @@ def make_plan(plan: Plan, p: int, n: int, blocks: BlockSizes, interpret: bool,
   # block_scan divides the flattened state; scan_rows is at most the chunk count.
   return _PPlan(chunk=plan.chunk, n_chunks=plan.n_chunks, segments=plan.segments,
                 p_pad=p_pad, n_pad=n_pad, block_p=block_p, block_n=block_n,
+                block_p_bwd=min(blocks.block_p_bwd or block_p, block_p),
                 block_scan=math.gcd(blocks.block_scan, p_pad * n_pad),
                 scan_rows=min(blocks.scan_rows, 1 << (plan.n_chunks.bit_length() - 1)),
                 state_pass=state_pass, blocks=blocks, interpret=interpret)
@@ -317,7 +319,7 @@ def _chunk_bwd_kernel(*refs, plan: _PPlan, heads: int):
   else:
     (x_ref, dy_ref, dt_ref, cum_ref, b_ref, c_ref, h_in_ref, dh_out_ref, d_ref,
      dx_ref, ddt_ref, dcum_ref, db_ref, dc_ref, dd_ref) = refs
-  q, bp, nn = plan.chunk, plan.block_p, plan.n_pad
+  q, bp, nn = plan.chunk, plan.block_p_bwd, plan.n_pad
   ci, bh = pl.program_id(0), pl.program_id(1)
   h = bh % heads
   cum = cum_ref[...]
