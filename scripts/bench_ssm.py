@@ -388,15 +388,12 @@ def main(argv=None):
                         reason="no NVIDIA GPU (the Pallas kernels run only in the interpreter)"))
   sweep = {}
   if args.sweep and on_gpu:
-    # The parallel state pass (the default since session 8) against the sequential walk it
-    # replaced, and its scan tiles: elements per program x chunks per load.
-    # (the default is "auto": sequential at >= 128 walking programs, else parallel)
+    # Both state passes next to the default ("auto": sequential at >= 128 walking programs,
+    # else parallel), then tiles, most informative first (a time budget cuts the tail).
     sweep = {"pallas_gpu sequential": ssd_ops.BlockSizes(state_pass="sequential"),
-             "pallas_gpu q128": ssd_ops.BlockSizes(chunk=128),
-             "pallas_gpu bp32": ssd_ops.BlockSizes(block_p=32),
-             "pallas_gpu scan512": ssd_ops.BlockSizes(block_scan=512),
-             "pallas_gpu scan1024 r8": ssd_ops.BlockSizes(block_scan=1024, scan_rows=8),
-             "pallas_gpu scan256 r32": ssd_ops.BlockSizes(scan_rows=32),
+             "pallas_gpu parallel": ssd_ops.BlockSizes(state_pass="parallel"),
+             "pallas_gpu parallel bf16S": ssd_ops.BlockSizes(state_pass="parallel",
+                                                             chunk_states_fp32=False),
              # The sequential walk's prefetch depth, narrower walk tiles (256 programs), and
              # one output program per chunk and head (C Bᵀ computed once): what fla's autotune
              # space covers and memx's defaults do not (read from fla-core 0.6.0).
@@ -407,9 +404,11 @@ def main(argv=None):
                  state_pass="sequential", block_p=128, block_n=16, num_warps=8),
              # The chunk backward without register spills (ptxas: 372 B at block_p 64).
              "pallas_gpu bwd bp16": ssd_ops.BlockSizes(block_p_bwd=16),
-             "pallas_gpu parallel": ssd_ops.BlockSizes(state_pass="parallel"),
-             "pallas_gpu parallel bf16S": ssd_ops.BlockSizes(state_pass="parallel",
-                                                             chunk_states_fp32=False)}
+             "pallas_gpu q128": ssd_ops.BlockSizes(chunk=128),
+             "pallas_gpu bp32": ssd_ops.BlockSizes(block_p=32),
+             "pallas_gpu scan512": ssd_ops.BlockSizes(block_scan=512),
+             "pallas_gpu scan1024 r8": ssd_ops.BlockSizes(block_scan=1024, scan_rows=8),
+             "pallas_gpu scan256 r32": ssd_ops.BlockSizes(scan_rows=32)}
     # The distillation student's SSD layer at 64k (d 1024: H16 P64 N64, chunk 128): its
     # sequential state pass took 4.0 of the student's 20 ms prefill on an H100 with 32
     # programs (session 7). Only the Pallas tiles are timed there.

@@ -75,7 +75,7 @@ bench_args() {
     bench_attention) echo "--budget-s 110 --profile --sweep" ;;
     # (session 8: the parallel SSD state pass against the sequential one, at the fla shape and
     # the 64k student's; xla's SSD was timed in session 7 and is left out to save the call.)
-    bench_ssm) echo "--forms pallas_gpu,assoc_scan,fla --total-budget-s 120 --sweep --profile" ;;
+    bench_ssm) echo "--forms pallas_gpu,assoc_scan,fla --ssd-shapes 1x16384,1x65536 --total-budget-s 120 --sweep --profile" ;;
     # The packed-matmul goal table first (per-call device time); decode and memory: 2nd call.
     bench_matmulfree) echo "--matmul" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
