@@ -267,21 +267,26 @@ def test_bad_input_raises_value_error_before_tracing(changes, match):
     _bad(**changes)()
 
 
-def test_bad_block_sizes_and_gates_raise():
-  with pytest.raises(ValueError, match="power of two"):
-    BlockSizes(chunk=48)
-  with pytest.raises(ValueError, match="power of two"):
-    BlockSizes(block_p=8)
-  with pytest.raises(ValueError, match="power of two"):
-    BlockSizes(block_scan=48)
-  with pytest.raises(ValueError, match="scan_rows"):
-    BlockSizes(scan_rows=3)
-  with pytest.raises(ValueError, match="block_p_bwd"):
-    BlockSizes(block_p_bwd=8)
-  with pytest.raises(ValueError, match="chunk_states_fp32"):
-    BlockSizes(chunk_states_fp32=1)
-  with pytest.raises(ValueError, match="'auto', 'parallel' or 'sequential'"):
-    BlockSizes(state_pass="fused")
+@pytest.mark.parametrize("kwargs, match", [
+    ({"chunk": 48}, "chunk.*power of two"),
+    ({"block_p": 8}, "block_p.*power of two"),
+    ({"block_scan": 48}, "block_scan.*power of two"),
+    ({"scan_rows": 3}, "scan_rows"),
+    ({"block_p_bwd": 8}, "block_p_bwd"),
+    ({"chunk_states_fp32": 1}, "chunk_states_fp32"),
+    ({"state_pass": "fused"}, "'auto', 'parallel' or 'sequential'"),
+])
+def test_bad_block_sizes_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    BlockSizes(**kwargs)
+
+
+def test_bad_gates_raise():
+  q = jnp.ones((1, 4, 2, 16))
+  with pytest.raises(ValueError, match="log_gate must be <= 0"):
+    linear_attention(q, q, q, log_gate=jnp.ones((1, 4, 2)))
+  with pytest.raises(ValueError, match="query heads"):
+    linear_attention(jnp.ones((1, 4, 4, 16)), jnp.ones((1, 4, 1, 16)), jnp.ones((1, 4, 3, 16)))
 
 
 @pytest.mark.parametrize("shape, want", [((1, 16, 128, 128), "sequential"),
@@ -293,18 +298,13 @@ def test_auto_state_pass_by_sequential_program_count(shape, want):
   from memx.kernels.ssd import pallas_gpu
   from memx.kernels.ssd.xla import Plan
   b, h, p, n = shape
-  plan = pallas_gpu.make_plan(Plan(chunk=64, n_chunks=4, segments=False), p, n, BlockSizes(),
-                              interpret=True, batch_heads=b * h)
-  assert plan.state_pass == want
-  explicit = pallas_gpu.make_plan(Plan(chunk=64, n_chunks=4, segments=False), p, n,
-                                  BlockSizes(state_pass="parallel"), interpret=True,
-                                  batch_heads=b * h)
-  assert explicit.state_pass == "parallel"
-  q = jnp.ones((1, 4, 2, 16))
-  with pytest.raises(ValueError, match="log_gate must be <= 0"):
-    linear_attention(q, q, q, log_gate=jnp.ones((1, 4, 2)))
-  with pytest.raises(ValueError, match="query heads"):
-    linear_attention(jnp.ones((1, 4, 4, 16)), jnp.ones((1, 4, 1, 16)), jnp.ones((1, 4, 3, 16)))
+
+  def chosen(blocks):
+    return pallas_gpu.make_plan(Plan(chunk=64, n_chunks=4, segments=False), p, n, blocks,
+                                interpret=True, batch_heads=b * h).state_pass
+
+  assert chosen(BlockSizes()) == want
+  assert chosen(BlockSizes(state_pass="parallel")) == "parallel"   # an explicit pass is kept
 
 
 KERNELS = {"parallel": ("chunk_states", "state_scan", "out_fwd", "chunk_states_bwd",
