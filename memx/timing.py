@@ -24,20 +24,13 @@ def median_time(fn, args, reps: int, budget_s: float = math.inf) -> float:
   """Median seconds of `reps` calls fn(*args) after one warm-up call, each ended by
   block_until_ready (asynchronous dispatch would otherwise time only the launch). Stops early
   once `budget_s` has passed and at least two calls were timed."""
-  jax.block_until_ready(fn(*args))  # warm-up (and compile, for a jit'd fn)
-  times, start = [], time.perf_counter()
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-    if time.perf_counter() - start > budget_s and len(times) >= 2:
-      break
-  return statistics.median(times)
+  return interleaved_medians([fn], args, reps, budget_s)[0]
 
 
 def interleaved_medians(fns, args, reps: int, budget_s: float = math.inf) -> list[float]:
   """Median seconds of fn(*args) for each fn, timed in alternation (one call of each per round,
-  each ended by block_until_ready) after one warm-up call each; stops after `budget_s` once two
+  each ended by block_until_ready: asynchronous dispatch would otherwise time only the launch)
+  after one warm-up call each (and compile, for a jit'd fn); stops after `budget_s` once two
   rounds are done."""
   for fn in fns:
     jax.block_until_ready(fn(*args))
