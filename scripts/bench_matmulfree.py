@@ -128,6 +128,17 @@ SWEEP = {
     "m16n64k256_s16": TernaryBlockSizes(block_m=16, block_n=64, block_k=256, split_k=16),
     "m16n128k256_s8": TernaryBlockSizes(block_m=16, block_n=128, block_k=256, split_k=8),
     "m16n32k256_s8": TernaryBlockSizes(block_m=16, block_n=32, block_k=256, split_k=8),
+    # The CUDA-core decode (session 9, `BlockSizes.vector`): one row per program, no x
+    # permutation; which column tile, K step, split and launch settings stream best.
+    **{f"vec_n{n}k{k}_s{sp}{tag}": TernaryBlockSizes(block_n=n, block_k=k, split_k=sp, vector=True,
+                                                     **kw)
+       for n, k, sp, tag, kw in ((64, 256, 1, "", {}), (64, 256, 2, "", {}), (64, 256, 4, "", {}),
+                                 (64, 256, 8, "", {}), (32, 256, 4, "", {}),
+                                 (128, 128, 4, "", {}), (128, 128, 8, "", {}),
+                                 (256, 64, 4, "", {}), (32, 512, 1, "", {}),
+                                 (64, 256, 4, "_w2", {"num_warps": 2}),
+                                 (64, 256, 4, "_w8", {"num_warps": 8}),
+                                 (64, 256, 4, "_st4", {"num_stages": 4}))},
 }
 
 
@@ -311,8 +322,9 @@ def main(argv=None) -> None:
     # compiled only, never run: cheap on a CPU. A byte vocabulary, then an LLM-sized one.
     train_sizes = [(512, 4, 4096, 8, 2048), (512, 4, 32000, 8, 2048)]
   else:
-    shapes, reps = [(1, 4096, 4096), (16, 4096, 11008), (256, 4096, 4096),
-                    (4096, 4096, 4096)], 20
+    # Batch-1 decode at the three projection shapes of a 4096-wide LLM (the goal), then more rows.
+    shapes, reps = [(1, 4096, 4096), (1, 4096, 11008), (1, 11008, 4096), (16, 4096, 11008),
+                    (256, 4096, 4096), (4096, 4096, 4096)], 20
     dec = {"d": 1024, "layers": 8, "vocab": 32000, "prompt": 128, "new": 256, "reps": 3}
     mem = {"d": 1024, "layers": 8, "vocab": 32000, "batch": 8, "seq": 2048}
     train_sizes = []

@@ -12,6 +12,7 @@ this script adjusted.
 
   .venv/bin/python scripts/ptxas_report.py --family attention --seq 4096
   .venv/bin/python scripts/ptxas_report.py --family ssd --seq 16384
+  .venv/bin/python scripts/ptxas_report.py --family ternary --sass /tmp/sass
 """
 
 import argparse
@@ -45,7 +46,7 @@ def _capture_triton_modules():
   return modules
 
 
-def _ptxas(ir_text: str, num_warps: int, num_stages: int) -> str:
+def _ptxas(ir_text: str, num_warps: int, num_stages: int, sass: pathlib.Path | None = None) -> str:
   import triton  # noqa: PLC0415 - optional: only this script needs it
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
   ptxas = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -58,6 +59,10 @@ def _ptxas(ir_text: str, num_warps: int, num_stages: int) -> str:
     err = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(path.with_suffix(".ptx")),
                           "-o", str(path.with_suffix(".cubin"))],
                          capture_output=True, text=True).stderr
+    if sass is not None:  # the instructions themselves, to count what an inner loop issues
+      sass.write_text(subprocess.run([str(ptxas.parent / "cuobjdump"), "-sass",
+                                      str(path.with_suffix(".cubin"))],
+                                     capture_output=True, text=True).stdout)
   regs = next((line.split("Used ")[1].split(" registers")[0] for line in err.splitlines()
                if "registers" in line), "?")
   spill = next((line.split(",")[1].strip().split(" ")[0] for line in err.splitlines()
@@ -121,14 +126,37 @@ def lower_ssd(blocks, seq: int):
           "memx_ssd_chunk_states_bwd": bwd, "memx_ssd_state_scan_bwd": bwd}
 
 
+def ternary_candidates():
+  from memx.kernels.ternary import BlockSizes  # noqa: PLC0415
+  vec = {f"vector n{n}k{k} s4": BlockSizes(block_n=n, block_k=k, split_k=4, vector=True)
+         for n, k in ((64, 256), (128, 128), (256, 64), (32, 512))}
+  return {"default": None,
+          "dot s8": BlockSizes(block_m=16, block_n=64, block_k=256, split_k=8), **vec}
+
+
+def lower_ternary(blocks, seq: int):
+  """The decode matmul (M = 1, K = N = 4096) with int8 and bf16 activations; seq unused."""
+  from memx.kernels.ternary import BlockSizes, packed_matmul_pallas_gpu  # noqa: PLC0415
+  del seq
+  w = jax.ShapeDtypeStruct((1024, 4096), jnp.uint8)
+  for dtype in (jnp.int8, jnp.bfloat16):
+    x = jax.ShapeDtypeStruct((1, 4096), dtype)
+    jax.jit(lambda x, w: packed_matmul_pallas_gpu(x, w, block_sizes=blocks)).trace(x, w).lower(
+        lowering_platforms=("cuda",))
+  b = blocks or BlockSizes.get_default("pallas_gpu", rows=1)
+  return {"ternary_packed_matmul": (b.num_warps, b.num_stages)}
+
+
 FAMILIES = {"attention": (attention_candidates, lower_attention),
-            "ssd": (ssd_candidates, lower_ssd)}
+            "ssd": (ssd_candidates, lower_ssd),
+            "ternary": (ternary_candidates, lower_ternary)}
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--family", choices=sorted(FAMILIES), required=True)
   ap.add_argument("--seq", type=int, default=4096)
+  ap.add_argument("--sass", help="also write each kernel's SASS (cuobjdump -sass) into this folder")
   args = ap.parse_args(argv)
   try:
     import triton  # noqa: F401, PLC0415
@@ -142,10 +170,14 @@ def main(argv=None) -> int:
     modules.clear()
     with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
       launch = lower(blocks, args.seq)
-    for kernel, ir_text in modules:
+    for i, (kernel, ir_text) in enumerate(modules):
       warps, stages = launch.get(kernel, (4, 2))
-      print(f"{name:20s} {kernel:28s} w{warps} s{stages}  {_ptxas(ir_text, warps, stages)}",
-            flush=True)
+      sass = None
+      if args.sass:
+        pathlib.Path(args.sass).mkdir(parents=True, exist_ok=True)
+        sass = pathlib.Path(args.sass) / f"{name.replace(' ', '_')}.{kernel}.{i}.sass"
+      print(f"{name:20s} {kernel:28s} w{warps} s{stages}  "
+            f"{_ptxas(ir_text, warps, stages, sass)}", flush=True)
   return 0
 
 

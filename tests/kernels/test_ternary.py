@@ -121,8 +121,10 @@ def test_pack_inside_jit_skips_value_check():
 # --- packed matmul --------------------------------------------------------------------------
 
 SPLIT = BlockSizes(block_m=16, block_n=16, block_k=64, split_k=4)
+VECTOR = BlockSizes(block_n=16, block_k=64, split_k=2, vector=True)
 IMPLS = [("xla", {}), ("pallas_gpu", {"interpret": True, "block_sizes": SMALL}),
-         ("pallas_gpu_split_k", {"interpret": True, "block_sizes": SPLIT})]
+         ("pallas_gpu_split_k", {"interpret": True, "block_sizes": SPLIT}),
+         ("pallas_gpu_vector", {"interpret": True, "block_sizes": VECTOR})]
 
 
 def _impl(name):
@@ -142,11 +144,12 @@ def test_packed_matmul_integer_exact(impl, kw, m, k, n):
   np.testing.assert_array_equal(got, want)  # atol = 0
 
 
-@pytest.mark.parametrize("m, k", [(1, 600), (1, 1024), (12, 600), (40, 600)])
+@pytest.mark.parametrize("m, k", [(1, 600), (1, 1024), (3, 1024), (6, 1024), (12, 600),
+                                  (40, 600)])
 def test_packed_matmul_default_tiles_by_rows_exact(m, k):
-  """The row-dependent default tiles (16x64 with K split in up to 8 at M = 1: 3 K steps at
-  K = 600 do not split, 4 at K = 1024 split in 4; 16x64 at 12 rows, 64x64 at 40) compute the
-  exact integer product (interpreter; the compiled run is gpu-marked)."""
+  """The row-dependent default tiles (vector up to 4 rows, K split in up to 4: 3 K steps at
+  K = 600 do not split, 4 at K = 1024 split in 4; 16x64 split 8 at 6 rows, 16x64 at 12, 64x64
+  at 40) compute the exact integer product (interpreter; the compiled run is gpu-marked)."""
   n = 72
   codes, _ = absmean_quantize(_w((k, n)))
   packed = pack_ternary(codes)
@@ -196,6 +199,57 @@ def test_dispatch():
     BlockSizes(block_k=32)
   with pytest.raises(ValueError, match="split_k"):
     BlockSizes(split_k=3)
+  with pytest.raises(ValueError, match="vector"):
+    BlockSizes(vector=1)
+
+
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_vector_int_lanes_exact_at_the_extremes(split_k):
+  """The int8 vector path adds two columns per 32-bit multiply in 16-bit lanes: x = -128 with
+  every code (and +127 with every code) exercises the lane borrow and the largest lane sums."""
+  k, n = 512, 48
+  codes = jnp.tile(jnp.array([[-1, 0, 1], [1, 1, -1], [-1, -1, -1], [1, 1, 1]], jnp.int8),
+                   (k // 4, n // 3))
+  packed = pack_ternary(codes)
+  bs = BlockSizes(block_n=16, block_k=64, split_k=split_k, vector=True)
+  for fill in (-128, 127):
+    x = jnp.full((2, k), fill, jnp.int8).at[1, ::3].set(-fill - 1)
+    got = packed_matmul(x, packed, implementation="pallas_gpu", interpret=True, block_sizes=bs)
+    np.testing.assert_array_equal(got, jnp.dot(x.astype(jnp.int32), codes.astype(jnp.int32)))
+
+
+@pytest.mark.parametrize("split_k", [2, 4, 8, 16])
+def test_vector_uneven_k_slices_exact(split_k):
+  """11 K steps (K = 704 at block_k 64) do not divide into 2, 4, 8 or 16 slices: the vector form
+  walks ranges of 6/5, 3/3/3/2, 2x5/1 and 1 step(s) instead of padding the weight."""
+  codes, _ = absmean_quantize(_w((704, 40)))
+  packed = pack_ternary(codes)
+  x = jax.random.randint(jax.random.key(3), (2, 704), -128, 128).astype(jnp.int8)
+  bs = BlockSizes(block_n=16, block_k=64, split_k=split_k, vector=True)
+  got = packed_matmul(x, packed, implementation="pallas_gpu", interpret=True, block_sizes=bs)
+  np.testing.assert_array_equal(got, jnp.dot(x.astype(jnp.int32), codes.astype(jnp.int32)))
+  xf = jax.random.normal(jax.random.key(4), (1, 704), jnp.float32)
+  _testing.assert_allclose(
+      packed_matmul(xf, packed, implementation="pallas_gpu", interpret=True, block_sizes=bs),
+      packed_matmul(xf, packed, implementation="reference"), dtype=jnp.float32,
+      reduction_size=704, name="float uneven")
+
+
+def test_vector_form_reads_x_in_place():
+  """At tile-aligned shapes the vector form passes x and the packed weight to the kernel as
+  free bitcasts: no pad, no permutation (the dot form permutes x into planes every call)."""
+  from memx.kernels.ternary import packed_matmul_pallas_gpu
+  x = jax.ShapeDtypeStruct((1, 1024), jnp.int8)
+  w = jax.ShapeDtypeStruct((256, 512), jnp.uint8)
+  bs = BlockSizes(block_n=64, block_k=256, split_k=1, vector=True)
+  jaxpr = jax.make_jaxpr(functools.partial(packed_matmul_pallas_gpu, block_sizes=bs,
+                                           interpret=True))(x, w)
+  prims = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert "transpose" not in prims and "reduce_sum" not in prims, prims
+  dot_form = jax.make_jaxpr(functools.partial(
+      packed_matmul_pallas_gpu, block_sizes=BlockSizes(block_m=16, block_n=64, block_k=256),
+      interpret=True))(x, w)
+  assert "transpose" in {e.primitive.name for e in dot_form.jaxpr.eqns}
 
 
 @settings(max_examples=15, deadline=None)
@@ -223,17 +277,36 @@ def test_packed_matmul_pallas_gpu_compiled(m, k, n):
 
 
 
-@pytest.mark.parametrize("split_k", [2, 8])
-def test_split_k_lowers_to_triton_for_h100(split_k):
-  """The split-K grid (K slices of one output tile) lowers for CUDA at the decode shape."""
+@pytest.mark.parametrize("split_k,vector,x_dtype", [(2, False, jnp.int8), (8, False, jnp.int8),
+                                                    (4, True, jnp.int8), (4, True, jnp.bfloat16)])
+def test_split_k_lowers_to_triton_for_h100(split_k, vector, x_dtype):
+  """The split-K grid (K slices of one output tile) and the vector form (strided loads and
+  stores, int32 word lanes) lower for CUDA at the decode shape."""
   from memx.kernels.ternary import packed_matmul_pallas_gpu
-  x = jax.ShapeDtypeStruct((1, 4096), jnp.int8)
+  x = jax.ShapeDtypeStruct((1, 4096), x_dtype)
   w = jax.ShapeDtypeStruct((packed_rows(4096), 4096), jnp.uint8)
-  bs = BlockSizes(block_m=16, block_n=64, block_k=256, split_k=split_k)
+  bs = BlockSizes(block_m=16, block_n=64, block_k=256, split_k=split_k, vector=vector)
   with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
     lowered = jax.jit(functools.partial(packed_matmul_pallas_gpu, block_sizes=bs)).trace(
         x, w).lower(lowering_platforms=("cuda",))
   assert "ternary_packed_matmul" in lowered.as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,split_k", [(1, 4096, 4096, 1), (1, 4096, 11008, 4),
+                                           (3, 1000, 300, 8), (1, 11008, 4096, 2)])
+def test_vector_compiled(m, k, n, split_k):
+  codes, _ = absmean_quantize(_w((k, n)))
+  packed = pack_ternary(codes)
+  bs = BlockSizes(block_n=64, block_k=256, split_k=split_k, vector=True)
+  x = jax.random.randint(jax.random.key(1), (m, k), -128, 128).astype(jnp.int8)
+  np.testing.assert_array_equal(
+      packed_matmul(x, packed, implementation="pallas_gpu", block_sizes=bs),
+      packed_matmul(x, packed, implementation="reference"))
+  xb = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+  _testing.assert_allclose(packed_matmul(xb, packed, implementation="pallas_gpu", block_sizes=bs),
+                           packed_matmul(xb, packed, implementation="reference"),
+                           dtype=jnp.bfloat16, reduction_size=k, name="bf16 vector")
 
 
 @pytest.mark.gpu

@@ -20,6 +20,10 @@ class BlockSizes:
       partial sums (int32 or fp32) are added after the kernel. At decode sizes the
       [M, N] output has only N / block_n tiles, too few programs to stream the weight from
       every SM; splitting K multiplies them.
+    vector: decode-sized rows on the CUDA cores instead of tensor-core dots (see `pallas_gpu`):
+      one activation row per program (block_m is not used; a few rows re-read the weight tile
+      from L2), x read in place (no 16-row padding, no permutation). With int8 x the weights
+      are read as int32 words of 4 columns and decoded two columns per instruction.
     num_warps, num_stages: Triton launch settings.
   """
 
@@ -29,8 +33,11 @@ class BlockSizes:
   split_k: int = 1
   num_warps: int = 4
   num_stages: int = 3
+  vector: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.vector, bool):
+      raise ValueError(f"BlockSizes.vector = {self.vector!r} is not allowed: must be a bool.")
     for f in ("block_m", "block_n"):
       v = getattr(self, f)
       if not _pow2(v, 16):
@@ -56,6 +63,8 @@ class BlockSizes:
     decode-sized inputs stream the weights through many narrow programs, large ones take big
     tiles for operand reuse.
 
+    rows <= 4     vector, 64 columns, K step 256, K split 4 (session 9: the CUDA-core decode,
+                  ~2.4 SASS instructions per weight against ~6 for the dot path's decode)
     rows <= 8     16x64, K step 256, K split 8  (M = 1: 0.0105 vs 0.0181 ms for the previous
                   16x64x512 default, per-call device time, H100, session 8: 8 x the programs)
     rows <= 16    16x64,  K step 256            (M = 16:   0.102 vs 0.222 ms, H200)
@@ -66,6 +75,8 @@ class BlockSizes:
     del implementation
     if rows is None:
       return cls()
+    if rows <= 4:
+      return cls(block_n=64, block_k=256, split_k=4, vector=True)
     if rows <= 8:
       return cls(block_m=16, block_n=64, block_k=256, split_k=8)
     if rows <= 16:

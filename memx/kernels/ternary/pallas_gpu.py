@@ -10,6 +10,22 @@ x.dtype with fp32 accumulation otherwise). The activation is passed pre-permuted
 (`xla.x_planes`), so each plane's columns are one contiguous slice. Only the packed bytes cross
 HBM: 4x fewer weight bytes than int8, 8x fewer than bf16.
 
+Vector form (`BlockSizes.vector`, the decode default): at a few rows a tensor-core dot wastes
+its 16-row minimum, and the [M, 4·Kp] permuted activation costs an XLA kernel per call. Instead
+a program takes one activation row and a column tile, reads x in place and multiply-adds on the
+CUDA cores, where the decode itself is the cost: instructions per weight decide the speed.
+- int8 x: the weight tile is loaded as 4 strided column sets and paired into int32 words,
+  columns 4c and 4c+2 in one (16-bit lanes), 4c+1 and 4c+3 in another. Per plane i,
+  (word >> 2i) & 0x00030003 holds both columns' codes, and one int32 multiply by x's plane value
+  adds x·code into both lanes at once (the low lane's sign borrows from the high
+  lane; it is undone exactly when the lanes are split, every K step: 4 terms of |x·code| <= 256
+  per lane stay far inside 16 bits). About 2 instructions per weight instead of ~6.
+- float x: codes are taken without an int→float conversion (a quarter-rate instruction):
+  OR-ing the masked bits code·4^i into the mantissa of 2^23 and subtracting 2^23 gives code·4^i
+  exactly, and x is pre-scaled by 4^-i (a power of two: exact).
+Both use the codes as stored, {0, 1, 2} = w + 1, and subtract Σ x once at the end
+(Σ x·w = Σ x·code − Σ x).
+
 Inference only: the packed weights are integers and have no gradient; training differentiates
 the latent weights through the fake-quantized forward (memx.nn.bitlinear).
 """
@@ -51,6 +67,83 @@ def _kernel(x_ref, w_ref, o_ref, *, kp: int, bk4: int, integer: bool, split: int
   o_ref[...] = acc
 
 
+_MAGIC = 0x4B000000  # float32 bits of 2^23: OR-ing an integer c < 2^23 in gives 2^23 + c
+_LANES = 0x00030003  # one plane's 2-bit codes of byte columns 0 and 2 (16-bit lanes)
+
+
+def _split_lanes(acc):
+  """int32 lanes (high·2^16 + low, both signed) → (low, high), exactly."""
+  low = (acc << 16) >> 16  # arithmetic: sign-extends the low lane
+  return low, (acc - low) >> 16
+
+
+def _slice_steps(steps: int, per_slice: int):
+  """This program's K steps [lo, hi): slice s of the K loop, the last one possibly shorter."""
+  lo = pl.program_id(2) * per_slice
+  return lo, jnp.minimum(lo + per_slice, steps)
+
+
+def _vector_int_kernel(x_ref, w_ref, o_ref, *, bk4: int, steps: int, per_slice: int):
+  """x_ref [1, 4·kp] int8; w_ref [kp, bn] uint8; o_ref [1, bn] int32."""
+  bn4 = w_ref.shape[1] // 4
+
+  def body(kk, carry):
+    c0, c1, c2, c3, xsum = carry
+    start = kk * bk4
+    # The weight tile as 4 strided column sets (byte columns 4c + l: one 128-byte line per
+    # warp load), paired into 16-bit lanes: columns 4c and 4c+2 in `even`, 4c+1 and 4c+3 in
+    # `odd`. (Reinterpreting the bytes as int32 outside the kernel is an XLA copy, not a view.)
+    cols = [w_ref[pl.ds(start, bk4), pl.ds(lane, bn4, stride=4)].astype(jnp.int32)
+            for lane in range(4)]
+    even_w = cols[0] + (cols[2] << 16)
+    odd_w = cols[1] + (cols[3] << 16)
+    even = odd = jnp.zeros_like(even_w)
+    for i in range(4):
+      xi = x_ref[:, pl.ds(4 * start + i, bk4, stride=4)][0].astype(jnp.int32)
+      xsum = xsum + xi
+      xi = xi[:, None]
+      even = even + xi * ((even_w >> (2 * i)) & _LANES)
+      odd = odd + xi * ((odd_w >> (2 * i)) & _LANES)
+    lo, hi = _split_lanes(even)
+    c0, c2 = c0 + lo, c2 + hi
+    lo, hi = _split_lanes(odd)
+    c1, c3 = c1 + lo, c3 + hi
+    return c0, c1, c2, c3, xsum
+
+  zeros = jnp.zeros((bk4, bn4), jnp.int32)
+  *cols, xsum = jax.lax.fori_loop(*_slice_steps(steps, per_slice), body,
+                                  (zeros, zeros, zeros, zeros, jnp.zeros((bk4,), jnp.int32)))
+  total = jnp.sum(xsum, axis=0)
+  for lane, c in enumerate(cols):  # column 4c + lane of the tile
+    o_ref[:, pl.ds(lane, bn4, stride=4)] = (jnp.sum(c, axis=0) - total)[None]
+
+
+def _vector_float_kernel(x_ref, w_ref, o_ref, *, bk4: int, steps: int, per_slice: int):
+  """x_ref [1, 4·kp] float; w_ref [kp, bn] uint8; o_ref [1, bn] float32."""
+
+  def body(kk, carry):
+    acc, xsum = carry
+    start = kk * bk4
+    wide = w_ref[pl.ds(start, bk4), :].astype(jnp.int32)  # [bk4, bn]: the only weight load
+    for i in range(4):
+      xi = x_ref[:, pl.ds(4 * start + i, bk4, stride=4)][0].astype(jnp.float32)
+      xsum = xsum + xi
+      bits = (wide & (3 << (2 * i))) | _MAGIC             # 2^23 + code·4^i, as float bits
+      code = jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(2.0**23)
+      acc = acc + (xi * jnp.float32(4.0**-i))[:, None] * code
+    return acc, xsum
+
+  bn = o_ref.shape[1]
+  acc, xsum = jax.lax.fori_loop(*_slice_steps(steps, per_slice), body,
+                                (jnp.zeros((bk4, bn), jnp.float32),
+                                 jnp.zeros((bk4,), jnp.float32)))
+  o_ref[...] = (jnp.sum(acc, axis=0) - jnp.sum(xsum, axis=0))[None]
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, x - 1).bit_length()
+
+
 def packed_matmul_pallas_gpu(x: Array, packed: Array, *, block_sizes: BlockSizes | None = None,
                              interpret: bool = False) -> Array:
   """x [M, K] (int8 or float) @ unpack(packed [⌈K/4⌉, N]) → int32 or float32 [M, N].
@@ -58,21 +151,36 @@ def packed_matmul_pallas_gpu(x: Array, packed: Array, *, block_sizes: BlockSizes
   M, N and the packed rows are padded to the tiles (zero activations, zero-weight bytes), so
   any shape is served; padding is sliced off the result.
   """
-  m, _ = x.shape
+  m, k = x.shape
   bs = block_sizes or BlockSizes.get_default("pallas_gpu", rows=m)
   kp0, n = packed.shape
   integer = jnp.issubdtype(x.dtype, jnp.integer)
   bk4 = bs.block_k // 4
   kp = _round_up(kp0, bk4)
-  # The K slices split the K steps evenly: the largest power of two <= split_k that divides
-  # them, so K is never padded further (a padded weight is a copy of it every call).
-  split = math.gcd(bs.split_k, kp // bk4)
-  mp, np_ = _round_up(m, bs.block_m), _round_up(n, bs.block_n)
-  xp = x_planes(x, kp0)  # [M, 4, kp0]
-  xp = jnp.pad(xp, ((0, mp - m), (0, 0), (0, kp - kp0))).reshape(mp, 4 * kp)
+  steps = kp // bk4
+  np_ = _round_up(n, bs.block_n)
   wp = jnp.pad(packed, ((0, kp - kp0), (0, np_ - n)), constant_values=ZERO_BYTE)
+  if bs.vector:  # one row per program, x read in place
+    tm, mp = 1, m
+    xp = jnp.pad(x, ((0, 0), (0, 4 * kp - k)))
+    # K slices need not divide the steps (K = 11008: 43 steps of 64 packed rows): each program
+    # walks its own range of the whole weight, the last range shorter.
+    per_slice = -(-steps // min(bs.split_k, steps))
+    split = -(-steps // per_slice)
+    w_rows = kp  # the weight rows one program's BlockSpec covers
+    vector_kernel = _vector_int_kernel if integer else _vector_float_kernel
+    kernel = functools.partial(vector_kernel, bk4=bk4, steps=steps, per_slice=per_slice)
+  else:
+    # The K slices split the K steps evenly: the largest power of two <= split_k that divides
+    # them, so K is never padded further (a padded weight is a copy of it every call).
+    split = math.gcd(bs.split_k, steps)
+    w_rows = kp // split
+    tm = bs.block_m
+    mp = _round_up(m, tm)
+    xp = x_planes(x, kp0)  # [M, 4, kp0]
+    xp = jnp.pad(xp, ((0, mp - m), (0, 0), (0, kp - kp0))).reshape(mp, 4 * kp)
+    kernel = functools.partial(_kernel, kp=kp, bk4=bk4, integer=integer, split=split)
   out_t = jnp.int32 if integer else jnp.float32
-  kernel = functools.partial(_kernel, kp=kp, bk4=bk4, integer=integer, split=split)
   extra = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415 - GPU-only module
@@ -80,14 +188,14 @@ def packed_matmul_pallas_gpu(x: Array, packed: Array, *, block_sizes: BlockSizes
                                                     num_stages=bs.num_stages)
   # Grid (M tiles, N tiles, K slices): with split_k > 1 each slice writes its own partial
   # [M, N] (exact for int32; fp32 partials add in another order than one loop would).
-  kps = kp // split
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((split, mp, np_), out_t),
-      grid=(mp // bs.block_m, np_ // bs.block_n, split),
-      in_specs=[pl.BlockSpec((bs.block_m, 4 * kp), lambda i, j, s: (i, 0)),
-                pl.BlockSpec((kps, bs.block_n), lambda i, j, s: (s, j))],
-      out_specs=pl.BlockSpec((None, bs.block_m, bs.block_n), lambda i, j, s: (s, i, j)),
+      grid=(mp // tm, np_ // bs.block_n, split),
+      in_specs=[pl.BlockSpec((tm, 4 * kp), lambda i, j, s: (i, 0)),
+                pl.BlockSpec((w_rows, bs.block_n),
+                             lambda i, j, s: (0 if bs.vector else s, j))],
+      out_specs=pl.BlockSpec((None, tm, bs.block_n), lambda i, j, s: (s, i, j)),
       interpret=interpret,
       name="ternary_packed_matmul",
       **extra,
