@@ -119,21 +119,37 @@ def per_call_device_time(fn, arg_sets, reps: int, budget_s: float = math.inf) ->
   return t_2k / n
 
 
-def device_kernel_times(trace_dir: pathlib.Path) -> dict[str, float]:
-  """Kernel name → total microseconds on GPU streams, from the perfetto trace JSON."""
+def _gpu_kernel_events(trace_dir: pathlib.Path) -> list[dict]:
+  """The complete ('X') events on GPU streams of the newest perfetto trace JSON under a dir."""
   files = sorted(trace_dir.rglob("*.trace.json.gz")) + sorted(trace_dir.rglob("perfetto*.json.gz"))
   if not files:
-    return {}
+    return []
   with gzip.open(files[-1], "rt") as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
   gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
               and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+  return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
+
+
+def device_kernel_times(trace_dir: pathlib.Path) -> dict[str, float]:
+  """Kernel name → total microseconds on GPU streams, from the perfetto trace JSON."""
   totals = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-      totals[e.get("name", "?")] += float(e.get("dur", 0.0))
+  for e in _gpu_kernel_events(trace_dir):
+    totals[e.get("name", "?")] += float(e.get("dur", 0.0))
   return dict(totals)
+
+
+def device_kernel_hlo_ops(trace_dir: pathlib.Path) -> dict[str, list[str]]:
+  """Kernel name → the HLO instructions it ran for (the events' `hlo_op` argument, where the
+  trace has one), to find a kernel in the compiled HLO text: XLA names a kernel after the first
+  of the identical fusions it serves, so one kernel name can stand for several instructions."""
+  ops = collections.defaultdict(set)
+  for e in _gpu_kernel_events(trace_dir):
+    op = e.get("args", {}).get("hlo_op")
+    if op:
+      ops[e.get("name", "?")].add(str(op))
+  return {k: sorted(v) for k, v in ops.items()}
 
 
 def profile_kernel_times(fn, args, runs: int = 3) -> dict[str, float]:

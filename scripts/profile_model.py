@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,13 @@ import bench_distill  # noqa: E402
 from memx.models.config import matmulfree_config  # noqa: E402
 from memx.models.packed import pack_model  # noqa: E402
 from memx.models.transformer import TransformerLM  # noqa: E402
-from memx.timing import device_kernel_times, median_time  # noqa: E402
+from memx.timing import device_kernel_hlo_ops, device_kernel_times, median_time  # noqa: E402
+
+
+def op_name_of(hlo_text: str, instruction: str) -> str:
+  """The op_name metadata of `%instruction = ...` in compiled HLO text ('?' if absent)."""
+  m = re.search(r"%" + re.escape(instruction) + r" = [^\n]*?op_name=\"([^\"]*)\"", hlo_text)
+  return m.group(1) if m else "?"
 
 
 def main(argv=None) -> int:
@@ -66,15 +73,20 @@ def main(argv=None) -> int:
         for _ in range(runs):
           jax.block_until_ready(compiled(*args_))
       kernels = device_kernel_times(pathlib.Path(tmp))
+      hlo_ops = device_kernel_hlo_ops(pathlib.Path(tmp))
     per_run_us = {k: v / runs for k, v in kernels.items()}
     top = sorted(per_run_us.items(), key=lambda kv: -kv[1])[:15]
+    hlo = compiled.as_text()
+    # What each top kernel computes: its HLO instructions' op_name metadata (the jax source op).
+    sources = {k: [f"{op}: {op_name_of(hlo, op)}" for op in hlo_ops.get(k, [])[:4]]
+               for k, _ in top}
     report[f"{name} {phase}"] = {"ms": step_s * 1e3, "device_us": sum(per_run_us.values()),
-                                 "kernels": len(per_run_us), "top_us": top}
+                                 "kernels": len(per_run_us), "top_us": top, "sources": sources}
     print(f"{name} {phase}: {step_s * 1e3:.3f} ms, device {sum(per_run_us.values()):.1f} us "
           f"over {len(per_run_us)} kernels", flush=True)
     for k, v in top:
-      print(f"   {v:9.1f} us  {k[:100]}", flush=True)
-    (out / f"{name}_{phase}_hlo.txt").write_text(compiled.as_text())
+      print(f"   {v:9.1f} us  {k[:100]}  {'; '.join(sources[k])[:160]}", flush=True)
+    (out / f"{name}_{phase}_hlo.txt").write_text(hlo)
 
   for name in args.models.split(","):
     model = TransformerLM(cfgs[name], rngs=nnx.Rngs(0))

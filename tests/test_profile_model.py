@@ -32,3 +32,29 @@ def test_cpu_run_writes_every_phase(tmp_path, load_script):
   assert set(report) == {"linear decode", "linear prefill"}
   assert all(r["ms"] > 0 for r in report.values())
   assert (tmp_path / "linear_prefill_hlo.txt").exists()
+
+
+def test_kernel_hlo_ops_and_their_source(tmp_path, load_script):
+  """A kernel's `hlo_op` trace arguments name its HLO instructions, whose op_name metadata in
+  the compiled text says what jax op they came from."""
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "X", "pid": 1, "name": "loop_multiply_fusion_6", "dur": 3.0,
+       "args": {"hlo_op": "loop_multiply_fusion.6", "hlo_module": "jit_prefill"}},
+      {"ph": "X", "pid": 1, "name": "loop_multiply_fusion_6", "dur": 3.0,
+       "args": {"hlo_op": "loop_multiply_fusion.9"}},
+      {"ph": "X", "pid": 1, "name": "gemm", "dur": 2.0},
+  ]
+  trace = tmp_path / "plugins" / "profile" / "run" / "perfetto_trace.json.gz"
+  trace.parent.mkdir(parents=True)
+  with gzip.open(trace, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  profile_model = load_script("scripts/profile_model.py")
+  from memx.timing import device_kernel_hlo_ops
+  ops = device_kernel_hlo_ops(tmp_path)
+  assert ops == {"loop_multiply_fusion_6": ["loop_multiply_fusion.6", "loop_multiply_fusion.9"]}
+  hlo = ('  %loop_multiply_fusion.6 = bf16[2]{0} fusion(%p), kind=kLoop, calls=%f, '
+         'metadata={op_name="jit(prefill)/jit(silu)/mul" stack_frame_id=3}\n'
+         '  %loop_multiply_fusion.60 = bf16[2]{0} fusion(%p), metadata={op_name="other"}\n')
+  assert profile_model.op_name_of(hlo, "loop_multiply_fusion.6") == "jit(prefill)/jit(silu)/mul"
+  assert profile_model.op_name_of(hlo, "loop_multiply_fusion.9") == "?"
