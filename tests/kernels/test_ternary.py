@@ -147,9 +147,9 @@ def test_packed_matmul_integer_exact(impl, kw, m, k, n):
 @pytest.mark.parametrize("m, k", [(1, 600), (1, 1024), (3, 1024), (6, 1024), (12, 600),
                                   (40, 600)])
 def test_packed_matmul_default_tiles_by_rows_exact(m, k):
-  """The row-dependent default tiles (vector up to 4 rows, K split in up to 4: 3 K steps at
-  K = 600 do not split, 4 at K = 1024 split in 4; 16x64 split 8 at 6 rows, 16x64 at 12, 64x64
-  at 40) compute the exact integer product (interpreter; the compiled run is gpu-marked)."""
+  """The row-dependent default tiles (vector up to 4 rows, K split in up to 8: the 3 K steps of
+  K = 600 in 3 slices, the 4 of K = 1024 in 4; 16x64 split 8 at 6 rows, 16x64 at 12, 64x64 at
+  40) compute the exact integer product (interpreter; the compiled run is gpu-marked)."""
   n = 72
   codes, _ = absmean_quantize(_w((k, n)))
   packed = pack_ternary(codes)

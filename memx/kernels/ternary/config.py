@@ -63,8 +63,9 @@ class BlockSizes:
     decode-sized inputs stream the weights through many narrow programs, large ones take big
     tiles for operand reuse.
 
-    rows <= 4     vector, 64 columns, K step 256, K split 4 (session 9: the CUDA-core decode,
-                  ~2.4 SASS instructions per weight against ~6 for the dot path's decode)
+    rows <= 4     vector, 64 columns, K step 256, K split 8 (M = 1: 0.0068 vs 0.0109 ms for
+                  the previous 16x64x256 split-8 dot default, per-call device time, H100,
+                  session 9; split 4: 0.0080, split 2: 0.0120, split 1: 0.0212)
     rows <= 8     16x64, K step 256, K split 8  (M = 1: 0.0105 vs 0.0181 ms for the previous
                   16x64x512 default, per-call device time, H100, session 8: 8 x the programs)
     rows <= 16    16x64,  K step 256            (M = 16:   0.102 vs 0.222 ms, H200)
@@ -76,7 +77,7 @@ class BlockSizes:
     if rows is None:
       return cls()
     if rows <= 4:
-      return cls(block_n=64, block_k=256, split_k=4, vector=True)
+      return cls(block_n=64, block_k=256, split_k=8, vector=True)
     if rows <= 8:
       return cls(block_m=16, block_n=64, block_k=256, split_k=8)
     if rows <= 16:
