@@ -85,20 +85,21 @@ bench_args() {
     bench_remat) echo "--mixers attention,mamba2" ;;
     # (jax 0.11.2's XLA does not know --xla_gpu_enable_dot_strength_reduction: the profile of
     # the M = 1 projections without that rewrite needs a newer jaxlib on the GPU machine.)
-    profile_model) echo "--models teacher,linear,matmulfree --prefill-length 65536" ;;
+    # The rerun without command buffers names each kernel's HLO op (session 9: inside a command
+    # buffer the trace's hlo_op is only `command_buffer_1`).
+    profile_model) echo "--models teacher,linear,matmulfree --prefill-length 65536 --xla-flags=--xla_gpu_enable_command_buffer=" ;;
     *) echo "" ;;
   esac
 }
 # A global deadline keeps the whole check inside the call however many benches exist: each gets
 # at most 170 s and never more than what is left; the rest are listed as skipped.
 DEADLINE=${GPU_CHECK_DEADLINE_S:-420}
-# Order (session 8): the SSD parallel state pass (#4, and the distillation student's prefill,
-# #6), the 64k distillation prefill (5x goal; the teacher's scanned chunks on chunk_attention),
-# the packed matmul timed per call on the device (#7), the MoA KV plan (#5), checkpoint stalls
-# at a cadence the disk keeps up with (#9), then the rest. The second call runs what is left:
-#   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="scripts/profile_model.py attention train" \
-#     ARGS_bench_matmulfree="" bash ...
-FIRST=${GPU_CHECK_BENCHES:-"ssm distill matmulfree moa checkpoint scripts/profile_model.py attention train"}
+# Order (session 9): the packed matmul's vector default at batch 1 (#7), the profile with
+# kernel -> HLO op names (the 64k student's conv, #6), the SSD sweep with fla in the same run
+# (#4), the 64k distillation prefill (#6), training 350m; then what session 9 measured
+# (attention, MoA, checkpointing). The second call runs what is left, e.g.
+#   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="attention moa checkpoint" bash ...
+FIRST=${GPU_CHECK_BENCHES:-"matmulfree scripts/profile_model.py ssm distill train attention moa checkpoint"}
 ordered=""
 for n in $FIRST; do
   case "$n" in

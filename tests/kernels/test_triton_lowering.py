@@ -165,12 +165,14 @@ def test_linear_scan_lowers(triton_modules, case, dtype):
 
 
 @pytest.mark.parametrize("x_dtype", [jnp.int8, jnp.bfloat16], ids=["int8", "bfloat16"])
-# Rows pick the default tiles: <= 8, <= 16, <= 1024, more (config.BlockSizes.get_default).
-@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 1000, 300), (300, 512, 1024),
-                                   (2048, 256, 256)])
+# Rows pick the default tiles: <= 4 (vector), <= 8, <= 16, <= 1024, more
+# (config.BlockSizes.get_default).
+@pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (6, 1000, 300), (16, 1000, 300),
+                                   (300, 512, 1024), (2048, 256, 256)])
 def test_packed_matmul_lowers(triton_modules, m, k, n, x_dtype):
   packed = pack_ternary(absmean_quantize(jax.random.normal(jax.random.key(0), (k, n)))[0])
   x = jnp.ones((m, k), x_dtype)
   _lower_for_cuda(lambda x, p: packed_matmul(x, p, implementation="pallas_gpu"), x, packed)
   assert len(triton_modules) == 1
-  assert _dots(triton_modules)
+  # The decode-sized default is the CUDA-core vector form: no tensor-core dot at all.
+  assert bool(_dots(triton_modules)) == (m > 4)
