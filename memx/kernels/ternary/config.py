@@ -22,8 +22,8 @@ class BlockSizes:
       every SM; splitting K multiplies them.
     vector: decode-sized rows on the CUDA cores instead of tensor-core dots (see `pallas_gpu`):
       one activation row per program (block_m is not used; a few rows re-read the weight tile
-      from L2), x read in place (no 16-row padding, no permutation). With int8 x the weights
-      are read as int32 words of 4 columns and decoded two columns per instruction.
+      from L2), x read in place (no 16-row padding, no permutation). With int8 x two columns
+      share each int32 multiply (16-bit lanes). K slices need not divide the K steps here.
     num_warps, num_stages: Triton launch settings.
   """
 
