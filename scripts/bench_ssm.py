@@ -11,6 +11,11 @@ the goal "≤ 1.0x fla chunk_simple_gla, 0.315 ms") and B=4, T=4096. Forms timed
 Linear-scan shapes (fp32): B=4, T=4096 with D = 1536 (Mamba-1 d_inner; the "~0.1 ms memory
 floor" of the goal) and D = 1536·16 (the same with the N = 16 state flattened into channels).
 Forms: memx `pallas_gpu`, `xla`, `lax_scan` (reference) and `assoc_scan`.
+Short-conv shapes (Mamba-2's causal depthwise conv, W = 4, SiLU fused, bf16): B=1, T=65536,
+C=1024 (each of the 64k distillation student's three convs: x, B and C) and B=4, T=4096,
+C=2048. Forms: memx `pallas_gpu` (tiled kernels, fused backward) and `xla` (shifted slices that
+XLA fuses, autodiff backward), against the floor of reading x and writing y once (the forward)
+plus reading x and dy and writing dx once (the backward).
 
 Per (form, shape, pass) the script reports the median wall time of compiled calls (after
 warm-up, each ended by block_until_ready), the compiled temporary bytes, and a roofline: SSD
@@ -39,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memx.kernels import linear_scan as ls
+from memx.kernels import short_conv as sc
 from memx.kernels import ssd as ssd_ops
 from memx.kernels.ssd import api as ssd_api
 from memx.timing import per_call_device_time, profile_kernel_times
@@ -72,6 +78,19 @@ class ScanShape:
   @property
   def name(self) -> str:
     return f"scan {self.b}x{self.t}x{self.d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvShape:
+  b: int
+  t: int
+  c: int
+  w: int = 4
+  dtype: str = "bfloat16"
+
+  @property
+  def name(self) -> str:
+    return f"conv {self.b}x{self.t}x{self.c} W{self.w}"
 
 
 # --- problems -----------------------------------------------------------------------------------
@@ -132,6 +151,26 @@ def scan_form(name: str, blocks=None):
 
 def scan_bytes(s: ScanShape) -> float:
   return float(3 * s.b * s.t * s.d * jnp.dtype(s.dtype).itemsize)
+
+
+def conv_inputs(s: ConvShape, seed: int = 0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  dt_ = jnp.dtype(s.dtype)
+  x = jax.random.normal(ks[0], (s.b, s.t, s.c), dt_)
+  w = (0.5 * jax.random.normal(ks[1], (s.w, s.c))).astype(dt_)
+  bias = (0.1 * jax.random.normal(ks[2], (s.c,))).astype(dt_)
+  dy = jax.random.normal(ks[3], (s.b, s.t, s.c), dt_)
+  return (x, w, bias), dy
+
+
+def conv_form(name: str, blocks=None):
+  return lambda x, w, bias: sc.causal_conv(x, w, bias, activation="silu", implementation=name,
+                                           block_sizes=blocks)
+
+
+def conv_bytes(s: ConvShape) -> float:
+  """The forward's floor: x read and y written once."""
+  return float(2 * s.b * s.t * s.c * jnp.dtype(s.dtype).itemsize)
 
 
 # --- measurement --------------------------------------------------------------------------------
@@ -353,7 +392,8 @@ def main(argv=None):
   ap.add_argument("--sweep", action="store_true", help="also time pallas_gpu chunk/tile options")
   ap.add_argument("--sweep-names", default=None,
                   help="--sweep: only these options (names after 'pallas_gpu ', comma-separated)")
-  ap.add_argument("--kinds", default="ssd,scan", help="which problems: ssd, scan or both")
+  ap.add_argument("--kinds", default="ssd,scan,conv",
+                  help="which problems: any of ssd, scan, conv (comma-separated)")
   ap.add_argument("--profile", action="store_true",
                   help="goal rows: also device time by kernel (profiler trace)")
   ap.add_argument("--ssd-shapes", default=None,
@@ -363,17 +403,23 @@ def main(argv=None):
   ap.add_argument("--total-budget-s", type=float, default=140.0,
                   help="stop starting new measurements after this long (gpu_check allows 170)")
   args = ap.parse_args(argv)
+  unknown = set(args.kinds.split(",")) - {"ssd", "scan", "conv"}
+  if unknown:
+    ap.error(f"--kinds: unknown {sorted(unknown)}; expected any of ssd, scan, conv")
   on_gpu = ssd_api.gpu_backend()
   if args.tiny:
     ssd_shapes = [SsdShape(1, 64, h=2, p=16, n=16, dtype="float32")]
     scan_shapes = [ScanShape(2, 64, 32)]
+    conv_shapes = [ConvShape(1, 64, 32, dtype="float32")]
   elif args.quick:
     ssd_shapes = [SsdShape(1, 1024, h=4, p=32, n=32, dtype="float32"),
                   SsdShape(2, 512, h=4, p=32, n=32, dtype="float32")]
     scan_shapes = [ScanShape(4, 4096, 256)]
+    conv_shapes = [ConvShape(2, 4096, 256, dtype="float32")]
   else:
     ssd_shapes = [SsdShape(1, 16384), SsdShape(4, 4096)]
     scan_shapes = [ScanShape(4, 4096, 1536), ScanShape(4, 4096, 1536 * 16)]
+    conv_shapes = [ConvShape(1, 65536, 1024), ConvShape(4, 4096, 2048)]
   wanted = args.forms.split(",")
   forms = [f for f in ("pallas_gpu", "xla", "lax_scan", "assoc_scan")
            if f in wanted and (f != "pallas_gpu" or on_gpu)]
@@ -417,61 +463,97 @@ def main(argv=None):
       keep = {f"pallas_gpu {n}" for n in args.sweep_names.split(",")}
       sweep = {k: v for k, v in sweep.items() if k in keep}
   kinds = args.kinds.split(",")
-  if "ssd" not in kinds:
-    ssd_shapes = []
-  if "scan" not in kinds:
-    scan_shapes = []
   if args.ssd_shapes:
     ssd_shapes = [sh for sh in ssd_shapes
                   if f"{sh.b}x{sh.t}" in args.ssd_shapes.split(",")]
-  for s in ssd_shapes:
-    if "fla" in wanted and on_gpu and s.t <= 16384:
-      for row in fla_rows(s):
-        records.append(row)
-        print(row, flush=True)
-    inputs, cot = ssd_inputs(s)
-    student = s.t == 65536
-    candidates = [(f, ssd_form(f)) for f in forms if not student or f == "pallas_gpu"]
-    candidates += [(name, ssd_form("pallas_gpu", blocks)) for name, blocks in sweep.items()
-                   if not student or blocks.block_p <= s.p]
-    for name, fn in candidates:
-      main_forms = name in ("pallas_gpu", "pallas_gpu sequential")
-      goal = s == SsdShape(1, 16384) and main_forms
-      for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
-                         mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu,
-                         profile=main_forms and args.profile):
-        row.update(kind="ssd", shape=s.name)
-        if row.get("time_ms"):
-          factor = 1.0 if row["pass_"] == "fwd" else 3.0
-          row["tflops"] = factor * ssd_flops(s) / (row["time_ms"] * 1e-3) / 1e12
-          row["gbs"] = factor * ssd_bytes(s) / (row["time_ms"] * 1e-3) / 1e9
-          row["vs_floor"] = row["time_ms"] * 1e-3 / (factor * ssd_bytes(s) / bandwidth)
-        records.append(row)
-        print(row, flush=True)
-      write_report(out_dir, env, records)
-  scan_sweep = {}
-  if args.sweep and on_gpu:
-    scan_sweep = {f"pallas_gpu c{c} bd{bd} w{w}": ls.BlockSizes(chunk=c, block_d=bd, num_warps=w)
-                  for c, bd, w in ((64, 128, 1), (128, 512, 4), (32, 256, 2))}
-  for s in scan_shapes:
-    inputs, cot = scan_inputs(s)
-    candidates = [(f, scan_form(f)) for f in forms]
-    candidates += [(name, scan_form("pallas_gpu", b)) for name, b in scan_sweep.items()]
-    for name, fn in candidates:
-      goal = s == ScanShape(4, 4096, 1536) and name in ("pallas_gpu", "assoc_scan")
-      for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
-                         mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu,
-                         profile=goal and args.profile):
-        row.update(kind="scan", shape=s.name)
-        if row.get("time_ms"):
-          # fwd: read a, b, write h (3 tensors); the backward adds read a, h, dh and write
-          # da, db (5 more), so fwd+bwd moves at least 8/3 of the forward's bytes.
-          moved = scan_bytes(s) * (1.0 if row["pass_"] == "fwd" else 8.0 / 3.0)
-          row["gbs"] = moved / (row["time_ms"] * 1e-3) / 1e9
-          row["vs_floor"] = row["time_ms"] * 1e-3 / (moved / bandwidth)
-        records.append(row)
-        print(row, flush=True)
-      write_report(out_dir, env, records)
+
+  def run_ssd():
+    for s in ssd_shapes:
+      if "fla" in wanted and on_gpu and s.t <= 16384:
+        for row in fla_rows(s):
+          records.append(row)
+          print(row, flush=True)
+      inputs, cot = ssd_inputs(s)
+      student = s.t == 65536
+      candidates = [(f, ssd_form(f)) for f in forms if not student or f == "pallas_gpu"]
+      candidates += [(name, ssd_form("pallas_gpu", blocks)) for name, blocks in sweep.items()
+                     if not student or blocks.block_p <= s.p]
+      for name, fn in candidates:
+        main_forms = name in ("pallas_gpu", "pallas_gpu sequential")
+        goal = s == SsdShape(1, 16384) and main_forms
+        for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
+                           mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu,
+                           profile=main_forms and args.profile):
+          row.update(kind="ssd", shape=s.name)
+          if row.get("time_ms"):
+            factor = 1.0 if row["pass_"] == "fwd" else 3.0
+            row["tflops"] = factor * ssd_flops(s) / (row["time_ms"] * 1e-3) / 1e12
+            row["gbs"] = factor * ssd_bytes(s) / (row["time_ms"] * 1e-3) / 1e9
+            row["vs_floor"] = row["time_ms"] * 1e-3 / (factor * ssd_bytes(s) / bandwidth)
+          records.append(row)
+          print(row, flush=True)
+        write_report(out_dir, env, records)
+
+  def run_scan():
+    scan_sweep = {}
+    if args.sweep and on_gpu:
+      scan_sweep = {f"pallas_gpu c{c} bd{bd} w{w}": ls.BlockSizes(chunk=c, block_d=bd, num_warps=w)
+                    for c, bd, w in ((64, 128, 1), (128, 512, 4), (32, 256, 2))}
+    for s in scan_shapes:
+      inputs, cot = scan_inputs(s)
+      candidates = [(f, scan_form(f)) for f in forms]
+      candidates += [(name, scan_form("pallas_gpu", b)) for name, b in scan_sweep.items()]
+      for name, fn in candidates:
+        goal = s == ScanShape(4, 4096, 1536) and name in ("pallas_gpu", "assoc_scan")
+        for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
+                           mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu,
+                           profile=goal and args.profile):
+          row.update(kind="scan", shape=s.name)
+          if row.get("time_ms"):
+            # fwd: read a, b, write h (3 tensors); the backward adds read a, h, dh and write
+            # da, db (5 more), so fwd+bwd moves at least 8/3 of the forward's bytes.
+            moved = scan_bytes(s) * (1.0 if row["pass_"] == "fwd" else 8.0 / 3.0)
+            row["gbs"] = moved / (row["time_ms"] * 1e-3) / 1e9
+            row["vs_floor"] = row["time_ms"] * 1e-3 / (moved / bandwidth)
+          records.append(row)
+          print(row, flush=True)
+        write_report(out_dir, env, records)
+
+  def run_conv():
+    conv_sweep = {}
+    if args.sweep and on_gpu:
+      # Register-bound tiles (ptxas, sm_90a): the forward at 32 (default) and 16 or 64 elements
+      # per thread; the backward's 16-row sub-tiles at 8 warps (default) or 8 rows on 4.
+      conv_sweep = {"pallas_gpu t16w4": sc.BlockSizes(block_t=16),
+                    "pallas_gpu t64w8 bwd t8w4": sc.BlockSizes(block_t=64, num_warps=8,
+                                                                block_t_bwd=8, num_warps_bwd=4),
+                    "pallas_gpu c256w8": sc.BlockSizes(block_c=256, num_warps=8),
+                    "pallas_gpu bwd rows1024": sc.BlockSizes(rows_bwd=1024)}
+    for s in conv_shapes:
+      inputs, cot = conv_inputs(s)
+      # xla is the baseline whatever --forms says: the conv has no other peer in this run.
+      candidates = [(f, conv_form(f)) for f in ("pallas_gpu", "xla")
+                    if f == "xla" or f in forms]
+      candidates += [(name, conv_form("pallas_gpu", b)) for name, b in conv_sweep.items()]
+      for name, fn in candidates:
+        main_form = name in ("pallas_gpu", "xla")
+        for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
+                           mem_limit=mem_limit, deadline=deadline,
+                           device_time=main_form and on_gpu, profile=main_form and args.profile):
+          row.update(kind="conv", shape=s.name)
+          if row.get("time_ms"):
+            # fwd+bwd: the forward's 2 passes plus the backward's 3 (x, dy read; dx written).
+            moved = conv_bytes(s) * (1.0 if row["pass_"] == "fwd" else 2.5)
+            ms = row.get("device_ms") or row["time_ms"]
+            row["gbs"] = moved / (ms * 1e-3) / 1e9
+            row["vs_floor"] = ms * 1e-3 / (moved / bandwidth)
+          records.append(row)
+          print(row, flush=True)
+        write_report(out_dir, env, records)
+
+  # In the order --kinds names them, so a time budget cuts the last kind.
+  for kind in kinds:
+    {"ssd": run_ssd, "scan": run_scan, "conv": run_conv}[kind]()
   lines = write_report(out_dir, env, records)
   print("\n".join(lines))
   return 0

@@ -75,7 +75,9 @@ bench_args() {
     bench_attention) echo "--budget-s 110 --profile --sweep" ;;
     # (session 8: the parallel SSD state pass against the sequential one, at the fla shape and
     # the 64k student's; xla's SSD was timed in session 7 and is left out to save the call.)
-    bench_ssm) echo "--forms pallas_gpu,assoc_scan,fla --ssd-shapes 1x16384,1x65536 --total-budget-s 120 --sweep --profile" ;;
+    # (session 10: the Pallas short conv against XLA's fused slices first, at the 64k student's
+    # shape; the conv always times its xla baseline.)
+    bench_ssm) echo "--kinds conv,ssd,scan --forms pallas_gpu,assoc_scan,fla --ssd-shapes 1x16384,1x65536 --total-budget-s 150 --sweep --profile" ;;
     # The packed-matmul goal table first (per-call device time); decode and memory: 2nd call.
     bench_matmulfree) echo "--matmul" ;;
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
@@ -94,10 +96,10 @@ bench_args() {
 # A global deadline keeps the whole check inside the call however many benches exist: each gets
 # at most 170 s and never more than what is left; the rest are listed as skipped.
 DEADLINE=${GPU_CHECK_DEADLINE_S:-420}
-# Order (session 9): the packed matmul's vector default at batch 1 (#7), the profile with
-# kernel -> HLO op names (the 64k student's conv, #6), the SSD sweep with fla in the same run
-# (#4), the 64k distillation prefill (#6), training 350m; then what session 9 measured
-# (attention, MoA, checkpointing). The second call runs what is left, e.g.
+# Order (session 10): the packed matmul's vector default at batch 1 (#7), the profile with
+# kernel -> HLO op names (the 64k student, now with the Pallas short conv, #6), the conv and
+# SSD sweeps with fla in the same run (#4), the 64k distillation prefill (#6's 5x goal),
+# training 350m; then what session 9 measured (attention, MoA, checkpointing). The second call runs what is left, e.g.
 #   GPU_CHECK_TESTS=0 GPU_CHECK_BENCHES="attention moa checkpoint" bash ...
 FIRST=${GPU_CHECK_BENCHES:-"matmulfree scripts/profile_model.py ssm distill train attention moa checkpoint"}
 ordered=""

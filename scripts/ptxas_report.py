@@ -13,6 +13,7 @@ this script adjusted.
   .venv/bin/python scripts/ptxas_report.py --family attention --seq 4096
   .venv/bin/python scripts/ptxas_report.py --family ssd --seq 16384
   .venv/bin/python scripts/ptxas_report.py --family ternary --sass /tmp/sass
+  .venv/bin/python scripts/ptxas_report.py --family conv --seq 65536
 """
 
 import argparse
@@ -147,7 +148,33 @@ def lower_ternary(blocks, seq: int):
   return {"ternary_packed_matmul": (b.num_warps, b.num_stages)}
 
 
+def conv_candidates():
+  from memx.kernels.short_conv import BlockSizes  # noqa: PLC0415
+  return {"default": BlockSizes(),
+          "t64w8 bwd t8w4": BlockSizes(block_t=64, num_warps=8, block_t_bwd=8,
+                                           num_warps_bwd=4),
+          "t16w4 bwd t32w8": BlockSizes(block_t=16, block_t_bwd=32),
+          "c256 w8": BlockSizes(block_c=256, num_warps=8)}
+
+
+def lower_conv(blocks, seq: int):
+  """Mamba-2's x conv at d_inner 2048, bf16, SiLU fused: forward and fused backward."""
+  from memx.kernels.short_conv import causal_conv_pallas_gpu  # noqa: PLC0415
+  x = jax.ShapeDtypeStruct((1, seq, 2048), jnp.bfloat16)
+  w = jax.ShapeDtypeStruct((4, 2048), jnp.bfloat16)
+  b = jax.ShapeDtypeStruct((2048,), jnp.bfloat16)
+
+  def loss(x, w, b):
+    return causal_conv_pallas_gpu(x, w, b, activation="silu", block_sizes=blocks).astype(
+        jnp.float32).sum()
+  jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(x, w, b).lower(
+      lowering_platforms=("cuda",))
+  return {"memx_causal_conv_fwd": (blocks.num_warps, 1),
+          "memx_causal_conv_bwd": (blocks.num_warps_bwd, 1)}
+
+
 FAMILIES = {"attention": (attention_candidates, lower_attention),
+            "conv": (conv_candidates, lower_conv),
             "ssd": (ssd_candidates, lower_ssd),
             "ternary": (ternary_candidates, lower_ternary)}
 

@@ -35,7 +35,8 @@ class SSMConfig:
     dt_min, dt_max, dt_init_floor: Δ is initialised log-uniform in [dt_min, dt_max], at least
       dt_init_floor, through the inverse softplus of the Δ bias.
     a_init_min, a_init_max: A = -U(a_init_min, a_init_max) per head (stored as log).
-    impl: implementation passed to memx.kernels.ssd (None = dispatch by backend).
+    impl: implementation passed to memx.kernels.ssd and Mamba-2's short conv
+      (memx.kernels.short_conv; quadratic runs its xla form). None = dispatch by backend.
     feature_map: linear attention's q/k feature map: "identity" or "elu1" (elu(x) + 1,
       Katharopoulos et al. 2020).
     gated: linear attention with a per-head scalar forget gate per token (GLA-style).

@@ -1,6 +1,7 @@
 """Mamba-2 mixer (Dao & Gu 2024, §7.1, Fig. 6 right): parallel (chunked SSD) and recurrent forms.
 
-u → in-projections z, x, B, C, Δ → short causal depthwise conv + SiLU on x, B, C → SSD
+u → in-projections z, x, B, C, Δ → short causal depthwise conv + SiLU on x, B, C
+(memx.kernels.short_conv, the SiLU fused) → SSD
 (memx.kernels.ssd.ssd) → gated RMSNorm(y ⊙ silu(z)) → out-projection.
 
 Under sequence parallelism (active rules split SEQ) the conv and the SSD run per device through
@@ -16,11 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memx.kernels import save_kernel_results
+from memx.kernels.short_conv import causal_conv
 from memx.kernels.ssd import BlockSizes, ssd_step
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, param
 from memx.nn._state import check_state
-from memx.nn.short_conv import causal_conv, conv_step, last_inputs
+from memx.nn.short_conv import conv_step, last_inputs
 from memx.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, SEQ, STATE
 from memx.parallel.sequence_scan import sequence_map
 from memx.typing import Array, Float, Int
@@ -29,6 +31,9 @@ NORM_EPS = 1e-5  # RMSNormGated's default in state-spaces/mamba
 
 
 _STATE_KEYS = ("conv_x", "conv_b", "conv_c", "ssm")
+# The short conv's implementation follows the SSD's (cfg.ssm.impl); it has no quadratic form.
+_CONV_IMPL = {None: None, "reference": "reference", "quadratic": "xla", "xla": "xla",
+              "pallas_gpu": "pallas_gpu"}
 
 
 def _uniform(rngs: nnx.Rngs, shape, bound: float) -> jax.Array:
@@ -142,15 +147,17 @@ class Mamba2(nnx.Module):
     z, x, b, c, dt_raw = self._project(u)
     convs = [p[...] for pair in self._convs() for p in pair]
     blocks = BlockSizes(chunk=s.chunk_size)
+    conv_impl = _CONV_IMPL[s.impl]
     if state is not None:
       check_state("Mamba2", state, lambda: self.init_cache(u.shape[0]))
     state_in = (None,) * 4 if state is None else tuple(state[k] for k in _STATE_KEYS)
 
     def mix(shard, x, b, c, delta, a, d, seg, hx, hb, hc, h0, *convs):
       raw, history = (x, b, c), (hx, hb, hc)
-      x, b, c = (jax.nn.silu(shard.with_history(
-                     lambda v, sg, h, hs, w=w, bias=bias: causal_conv(v, w, bias, sg, h, hs), v,
-                     s.conv_width - 1, seg, history=hist))
+      x, b, c = (shard.with_history(
+                     lambda v, sg, h, hs, w=w, bias=bias: causal_conv(
+                         v, w, bias, sg, h, hs, activation="silu", implementation=conv_impl),
+                     v, s.conv_width - 1, seg, history=hist)
                  for v, hist, w, bias in zip(raw, history, convs[::2], convs[1::2], strict=True))
       y, final = shard.ssd(x, delta, a, b, c, d=d, segment_ids=seg, implementation=s.impl,
                            block_sizes=blocks, final_state=return_state,
@@ -203,8 +210,8 @@ class Mamba2(nnx.Module):
     outs = []
     for key, v, (w, bias) in zip(("conv_x", "conv_b", "conv_c"), (x, b, c), self._convs(),
                                  strict=True):
-      y_conv, new[key] = conv_step(cache[key], v, w[...], bias[...])
-      outs.append(jax.nn.silu(y_conv))
+      y_conv, new[key] = conv_step(cache[key], v, w[...], bias[...], activation="silu")
+      outs.append(y_conv)
     x, b, c = outs
     delta, a = self._dt_and_a(dt_raw, self.dt_bias[...], self.a_log[...])
     y, new["ssm"] = ssd_step(cache["ssm"], x, delta, delta * a[None], b, c, self.d[...])

@@ -1,49 +1,23 @@
-"""Short causal depthwise convolution over time (Mamba's conv1d), parallel and one-step forms."""
+"""Short causal depthwise convolution over time (Mamba's conv1d): the decode-time helpers.
+
+The parallel form is the kernel `memx.kernels.short_conv.causal_conv`; this module holds the
+one-step form and the decode state it carries.
+"""
 
 import jax
 import jax.numpy as jnp
 
-from memx.typing import Array, Float, Int
-
-
-def causal_conv(x: Float[Array, "B T ..."], w: Float[Array, "W ..."], bias: Float[Array, "..."],
-                segment_ids: Int[Array, "B T"] | None = None,
-                history: Float[Array, "B Wm1 ..."] | None = None,
-                history_segment_ids: Int[Array, "B Wm1"] | None = None) -> Float[Array, "B T ..."]:
-  """y_t = bias + Σ_{k<W} w[k] ⊙ x_{t-W+1+k}, reading `history` (the W-1 inputs before the
-  sequence) before it, or zeros.
-
-  Per channel (depthwise), computed in float32, output in x.dtype. With packed segment ids a
-  token never sees inputs from an earlier segment, so packed runs equal separate ones; history
-  rows belong to `history_segment_ids` (default: the first token's segment).
-
-  One extended copy [history, x] is made and the taps are slices of it, fused into one pass.
-  (Shifting each tap on its own instead made XLA:CPU materialise W-1 shifted copies, measured.)
-  """
-  width, t = w.shape[0], x.shape[1]
-  keep = width - 1
-  if history is None:
-    history = jnp.zeros((x.shape[0], keep) + x.shape[2:], jnp.float32)
-    history_segment_ids = None if segment_ids is None else jnp.full((x.shape[0], keep), -1,
-                                                                     segment_ids.dtype)
-  xp = jnp.concatenate([history.astype(jnp.float32), x.astype(jnp.float32)], axis=1)
-  if segment_ids is not None:
-    if history_segment_ids is None:
-      history_segment_ids = jnp.broadcast_to(segment_ids[:, :1], (x.shape[0], keep))
-    seg = jnp.concatenate([history_segment_ids.astype(segment_ids.dtype), segment_ids], axis=1)
-  y = bias.astype(jnp.float32)[None, None]
-  for k in range(width):
-    xs = xp[:, k:k + t]                                    # x_{t - (W-1-k)}
-    if segment_ids is not None and k < keep:
-      same = seg[:, k:k + t] == segment_ids
-      xs = jnp.where(same.reshape(same.shape + (1,) * (x.ndim - 2)), xs, 0.0)
-    y = y + w[k].astype(jnp.float32)[None, None] * xs
-  return jnp.broadcast_to(y, x.shape).astype(x.dtype)
+from memx.kernels.short_conv.reference import activate
+from memx.typing import Array, Float
 
 
 def conv_step(state: Float[Array, "B Wm1 ..."], x_t: Float[Array, "B ..."],
-              w: Float[Array, "W ..."], bias: Float[Array, "..."]):
-  """One decoding step: state holds the last W-1 inputs. Returns (y_t in x_t.dtype, new state)."""
+              w: Float[Array, "W ..."], bias: Float[Array, "..."],
+              activation: str | None = None):
+  """One decoding step: state holds the last W-1 inputs. Returns (y_t in x_t.dtype, new state).
+
+  The activation runs in float32 before the output is rounded, as in the parallel kernel.
+  """
   # x_t is usually a fresh M=1 projection, which XLA:GPU strength-reduces to multiply+reduce.
   # Left free, it fused that reduction into the concatenate below as a loop that summed each
   # output serially: 3.6 of a 4.8 ms Mamba-2 decode step (H200, jax 0.11.2, profile_model.py).
@@ -51,7 +25,7 @@ def conv_step(state: Float[Array, "B Wm1 ..."], x_t: Float[Array, "B ..."],
   x_t = jax.lax.optimization_barrier(x_t)
   window = jnp.concatenate([state.astype(jnp.float32), x_t.astype(jnp.float32)[:, None]], axis=1)
   y = jnp.sum(window * w.astype(jnp.float32)[None], axis=1) + bias.astype(jnp.float32)[None]
-  return y.astype(x_t.dtype), window[:, 1:].astype(state.dtype)
+  return activate(y, activation).astype(x_t.dtype), window[:, 1:].astype(state.dtype)
 
 
 def conv_state(x: Float[Array, "B T ..."], width: int) -> Float[Array, "B Wm1 ..."]:

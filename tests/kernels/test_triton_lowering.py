@@ -17,6 +17,7 @@ import pytest
 from . import test_attention as ta
 from . import test_chunk_attention as tc
 from . import test_linear_scan as tl
+from . import test_short_conv as tsc
 from . import test_ssd as ts
 
 triton_registration = pytest.importorskip("jax._src.pallas.triton.pallas_call_registration")
@@ -25,6 +26,7 @@ gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
 from memx.kernels.attention import attention  # noqa: E402
 from memx.kernels.attention.chunk import chunk_attention  # noqa: E402
 from memx.kernels.linear_scan import linear_scan  # noqa: E402
+from memx.kernels.short_conv import causal_conv  # noqa: E402
 from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul  # noqa: E402
 
 
@@ -48,10 +50,11 @@ def triton_modules(monkeypatch):
   # The APIs refuse pallas_gpu without a GPU backend (compiling needs one; lowering does not).
   from memx.kernels.attention import cudnn
   from memx.kernels.linear_scan import api as scan_api
+  from memx.kernels.short_conv import api as conv_api
   from memx.kernels.ssd import api as ssd_api
   from memx.kernels.ternary import api as ternary_api
   monkeypatch.setattr(cudnn, "gpu_backend", lambda: True)
-  for api in (scan_api, ssd_api, ternary_api):
+  for api in (scan_api, conv_api, ssd_api, ternary_api):
     if hasattr(api, "gpu_backend"):
       monkeypatch.setattr(api, "gpu_backend", lambda: True)
   return modules
@@ -176,3 +179,20 @@ def test_packed_matmul_lowers(triton_modules, m, k, n, x_dtype):
   assert len(triton_modules) == 1
   # The decode-sized default is the CUDA-core vector form: no tensor-core dot at all.
   assert bool(_dots(triton_modules)) == (m > 4)
+
+
+@DTYPES
+@pytest.mark.parametrize("case", tuple(tsc.CASES))
+def test_short_conv_lowers(triton_modules, case, dtype):
+  """Forward and the fused backward, with SiLU, at every test case's options."""
+  x, w, bias, hist, dy, seg, hseg = tsc._inputs(case, dtype)
+
+  def fn(x, w, bias, hist, dy):
+    run = lambda x, w, bias, hist: causal_conv(  # noqa: E731
+        x, w, bias, seg, hist, hseg, activation="silu", implementation="pallas_gpu",
+        block_sizes=tsc.CASES[case][-1])
+    y, vjp = jax.vjp(run, x, w, bias, hist)
+    return y, vjp(dy)
+
+  _lower_for_cuda(fn, x, w, bias, hist, dy)
+  assert len(triton_modules) == 2  # forward, backward

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from memx.kernels import _testing
+from memx.kernels.short_conv import causal_conv
 from memx.models._testing import jit_for_test
 from memx.models.config import ModelConfig, SSMConfig
 from memx.nn.mamba2 import Mamba2
-from memx.nn.short_conv import causal_conv, conv_state, conv_step
+from memx.nn.short_conv import conv_state, conv_step
 
 SSM = SSMConfig(d_state=16, head_dim=16, n_groups=2, chunk_size=16)
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, mixers=("mamba2",) * 2,
@@ -110,36 +111,3 @@ def test_short_conv_step_and_state():
   assert float(jnp.abs(conv_state(x[:, :2], 4)[:, 0]).max()) == 0.0
 
 
-def _conv_loop(x, w, bias, seg, hist, hist_seg):
-  """The definition, one output at a time over the history + sequence (numpy, float64)."""
-  x, w, bias, hist = (np.asarray(a, np.float64) for a in (x, w, bias, hist))
-  width, (b, t) = w.shape[0], x.shape[:2]
-  ext = np.concatenate([hist, x], 1)
-  ext_seg = np.concatenate([hist_seg, seg], 1)
-  y = np.broadcast_to(bias, x.shape).copy()
-  for i in range(b):
-    for j in range(t):
-      for k in range(width):
-        src = j + k                                  # index into ext (x_j sits at j + W - 1)
-        if ext_seg[i, src] == seg[i, j]:
-          y[i, j] += w[k] * ext[i, src]
-  return y
-
-
-@pytest.mark.parametrize("t", [2, 9])  # shorter than the W-1 history rows, and longer
-def test_causal_conv_with_history_and_segments(t):
-  rng = np.random.default_rng(t)
-  x, w, bias = rng.standard_normal((2, t, 3)), rng.standard_normal((4, 3)), rng.standard_normal(3)
-  hist = rng.standard_normal((2, 3, 3))
-  seg = np.sort(rng.integers(0, 3, (2, t)), axis=1)
-  hist_seg = np.stack([np.full(3, seg[0, 0]), np.array([seg[1, 0] - 1, seg[1, 0], seg[1, 0]])])
-  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-  got = causal_conv(f32(x), f32(w), f32(bias), jnp.asarray(seg), f32(hist), jnp.asarray(hist_seg))
-  np.testing.assert_allclose(got, _conv_loop(x, w, bias, seg, hist, hist_seg), atol=1e-5)
-  # Default history segment: the first token's; no history: zeros before the sequence.
-  first = np.broadcast_to(seg[:, :1], (2, 3))
-  got = causal_conv(f32(x), f32(w), f32(bias), jnp.asarray(seg), f32(hist))
-  np.testing.assert_allclose(got, _conv_loop(x, w, bias, seg, hist, first), atol=1e-5)
-  got = causal_conv(f32(x), f32(w), f32(bias))
-  np.testing.assert_allclose(got, _conv_loop(x, w, bias, np.zeros((2, t), int), 0 * hist,
-                                             np.zeros((2, 3), int)), atol=1e-5)

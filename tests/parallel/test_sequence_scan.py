@@ -16,23 +16,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from memx.errors import ConfigError
 from memx.kernels import _testing
 from memx.kernels.linear_scan import linear_scan
+from memx.kernels.short_conv import causal_conv
 from memx.kernels.ssd import linear_attention, ssd
 from memx.models.config import ModelConfig, SSMConfig
 from memx.models.transformer import TransformerLM
 from memx.nn.linear_attention import LinearAttention
 from memx.nn.mamba2 import Mamba2
 from memx.nn.mlgru import MLGRU
-from memx.nn.short_conv import causal_conv
 from memx.parallel.config import ParallelConfig
 from memx.parallel.constrain import sharding_context, use_rules
 from memx.parallel.sequence import batch_to_layout, permute_sequence, unpermute_sequence
 from memx.parallel.sequence_scan import (
-    UNSHARDED,
-    SeqShard,
-    sequence_map,
-    sequence_parallel_linear_attention,
-    sequence_parallel_linear_scan,
-    sequence_parallel_ssd,
+  UNSHARDED,
+  SeqShard,
+  sequence_map,
+  sequence_parallel_linear_attention,
+  sequence_parallel_linear_scan,
+  sequence_parallel_ssd,
 )
 from memx.parallel.validate import validate_for_model
 

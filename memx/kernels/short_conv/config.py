@@ -1,0 +1,65 @@
+"""BlockSizes: the time and channel tile of the Pallas short-convolution kernels."""
+
+import dataclasses
+
+
+def _pow2(x, lo: int) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= lo and x & (x - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSizes:
+  """Tiles of the forward and backward kernels.
+
+  The convolution is element-wise along channels and W taps long along time, so the kernels
+  are pure memory traffic: each program reads its tile of x once from DRAM (the W shifted
+  re-reads of it hit L1/L2) and writes its tile once. The backward recomputes the
+  pre-activation at the W shifts it needs (W² cached loads per element), which keeps its traffic
+  at x + dy read and dx written; each backward program walks `rows_bwd` rows in sub-tiles of
+  `block_t_bwd`, summing its share of dw and dbias in registers, so the per-program partial
+  sums XLA adds up stay small (T / rows_bwd · W · C floats).
+
+  Registers decide the tiles (`scripts/ptxas_report.py --family conv`): every tap of a tile is
+  live at once, so elements per thread (block_t · block_c / (32 · num_warps)) times W must fit.
+
+  Attributes:
+    block_t: forward time steps per program (power of two >= 8).
+    block_c: channels per program (power of two >= 16; shrunk to the padded channel count).
+      Channels are the contiguous axis: 128 bf16 channels are a 256-byte row.
+    num_warps: Triton warps per forward program.
+    block_t_bwd: backward sub-tile (power of two >= 8).
+    rows_bwd: rows per backward program (power of two, a multiple of block_t_bwd).
+    num_warps_bwd: Triton warps per backward program.
+  """
+
+  block_t: int = 32
+  block_c: int = 128
+  num_warps: int = 4
+  block_t_bwd: int = 16
+  rows_bwd: int = 256
+  num_warps_bwd: int = 8
+
+  def __post_init__(self):
+    if not _pow2(self.block_t, 8):
+      raise ValueError(f"BlockSizes.block_t = {self.block_t!r} is not allowed: must be a power "
+                       f"of two >= 8.")
+    if not _pow2(self.block_c, 16):
+      raise ValueError(f"BlockSizes.block_c = {self.block_c!r} is not allowed: must be a power "
+                       f"of two >= 16 (Triton tensors have power-of-two sizes).")
+    if not _pow2(self.block_t_bwd, 8):
+      raise ValueError(f"BlockSizes.block_t_bwd = {self.block_t_bwd!r} is not allowed: must be "
+                       f"a power of two >= 8.")
+    if not _pow2(self.rows_bwd, self.block_t_bwd):
+      raise ValueError(f"BlockSizes.rows_bwd = {self.rows_bwd!r} is not allowed: must be a power "
+                       f"of two >= block_t_bwd = {self.block_t_bwd}.")
+    for name in ("num_warps", "num_warps_bwd"):
+      if getattr(self, name) not in (1, 2, 4, 8, 16):
+        raise ValueError(f"BlockSizes.{name} = {getattr(self, name)!r} is not allowed: expected "
+                         f"one of 1, 2, 4, 8, 16.")
+
+  @classmethod
+  def get_default(cls) -> "BlockSizes":
+    """Forward 32 × 128 on 4 warps (32 elements per thread, 128 registers, no spill);
+    backward 16 × 128 sub-tiles on 8 warps, 256 rows per program. Chosen by ptxas on sm_90a,
+    not yet timed on a GPU (`scripts/bench_ssm.py --conv-sweep` times candidates)."""
+    return cls()
