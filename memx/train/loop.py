@@ -188,8 +188,15 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       step_fn = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
                         out_shardings=(shardings, None)).lower(state, example).compile()
       eval_fn = jax.jit(make_eval_step(ts.graphdef)).lower(state, example).compile()
+      # A mid-run checkpoint runs the step split in two (gradients, then the update that
+      # donates the state) so the snapshot can overlap the gradients: compile that pair now
+      # too, not at the first save, where its compile time would stall the run (and count as
+      # step time: session 9's GPU checkpoint bench paid it inside every mode's mean step).
+      every = cfg.checkpoint.every
+      saves_mid_run = ckpt is not None and (start // every + 1) * every < end
+      split_fns = (_compile_split(cfg, ts.graphdef, shardings, state, example)
+                   if saves_mid_run else None)
     memory = compiled_memory(step_fn)
-    split_fns = None  # (grad, apply) executables, compiled at the first mid-run checkpoint
 
     bar = tqdm(total=end, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0, leave=True)
@@ -242,9 +249,6 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       for step in range(start, end):
         batch = example if step == start else loader.global_batch(step, bsh)
         if save_after is not None:
-          if split_fns is None:
-            with context():
-              split_fns = _compile_split(cfg, ts.graphdef, shardings, state, example)
           grad_fn, apply_fn = split_fns
           snap = ckpt.begin(state)                       # lazy: copies start now
           grads, metrics = grad_fn(state, batch)         # reads state `save_after` only
