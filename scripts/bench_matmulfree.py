@@ -38,7 +38,13 @@ import optax
 from flax import nnx
 
 from memx.kernels.linear_scan.api import gpu_backend
-from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul, packed_rows
+from memx.kernels.ternary import (
+    absmean_quantize,
+    pack_ternary,
+    packed_matmul,
+    packed_rows,
+    to_words,
+)
 from memx.kernels.ternary.config import BlockSizes as TernaryBlockSizes
 from memx.models.config import ModelConfig, matmulfree_config
 from memx.models.decode import cache_bytes, generate
@@ -98,14 +104,19 @@ def bench_matmul(shapes, reps: int) -> list[dict]:
     bf16 = _timed(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), (xb, wb),
                   2 * m * k + 2 * k * n + 4 * m * n, reps)
     rows.append({"shape": f"{m}x{k}x{n}", "form": "bf16 dot", **bf16, "vs_bf16": 1.0})
-    for form in forms:
+    # Words (`to_words`, the layout PackedBitLinear serves from): the same bytes, loaded 16
+    # weights per 32-bit load by the decode kernel.
+    layouts = [("", packed)] + ([(" words", to_words(packed))] if n % 4 == 0 else [])
+    timed = [(form, name, p) for form in forms for name, p in layouts
+             if form == "pallas_gpu" or not name]
+    for form, name, p in timed:
       f = lambda x, p, form=form: packed_matmul(x, p, implementation=form)  # noqa: E731
-      r = _timed(f, (xq, packed), m * k + packed.nbytes + 4 + 4 * m * n, reps)
+      r = _timed(f, (xq, p), m * k + p.nbytes + 4 + 4 * m * n, reps)
       if form == "pallas_gpu":  # where the call's time goes: the kernel and the XLA around it
-        r["kernels_us"] = profile_kernel_times(jax.jit(f), (xq, packed))
-      rows.append({"shape": f"{m}x{k}x{n}", "form": f"packed {form} (int8 x)", **r,
+        r["kernels_us"] = profile_kernel_times(jax.jit(f), (xq, p))
+      rows.append({"shape": f"{m}x{k}x{n}", "form": f"packed {form}{name} (int8 x)", **r,
                    "vs_bf16": r["ms"] / bf16["ms"]})
-    print(*rows[-1 - len(forms):], sep="\n", flush=True)
+    print(*rows[-1 - len(timed):], sep="\n", flush=True)
   return rows
 
 
@@ -152,12 +163,15 @@ def bench_sweep(shapes, reps: int, tiles=None) -> list[dict]:
     xq = jax.random.randint(key, (m, k), -127, 128).astype(jnp.int8)
     want = packed_matmul(xq, packed, implementation="xla")
     candidates = {"default": None, **{k: v for k, v in SWEEP.items() if not tiles or k in tiles}}
+    words = to_words(packed) if n % 4 == 0 else packed
     for name, bs in candidates.items():
       f = lambda x, p, bs=bs: packed_matmul(x, p, implementation="pallas_gpu",  # noqa: E731
                                             block_sizes=bs)
+      # Vector candidates run on words (what the model serves from), dot candidates on bytes.
+      w = words if (bs or TernaryBlockSizes.get_default("pallas_gpu", rows=m)).vector else packed
       try:
-        exact = bool(jnp.array_equal(jax.jit(f)(xq, packed), want))
-        r = _timed(f, (xq, packed), m * k + packed.nbytes + 4 + 4 * m * n, reps)
+        exact = bool(jnp.array_equal(jax.jit(f)(xq, w), want))
+        r = _timed(f, (xq, w), m * k + w.nbytes + 4 + 4 * m * n, reps)
         rows.append({"shape": f"{m}x{k}x{n}", "tiles": name, **r, "exact": exact})
       except Exception as e:  # noqa: BLE001 - a candidate that does not compile is a result too
         rows.append({"shape": f"{m}x{k}x{n}", "tiles": name, "copies": 0, "calls": 0,

@@ -136,16 +136,20 @@ def ternary_candidates():
 
 
 def lower_ternary(blocks, seq: int):
-  """The decode matmul (M = 1, K = N = 4096) with int8 and bf16 activations; seq unused."""
+  """The decode matmul (M = 1, K = N = 4096) with int8 and bf16 activations, on packed bytes
+  and on int32 words; seq unused."""
   from memx.kernels.ternary import BlockSizes, packed_matmul_pallas_gpu  # noqa: PLC0415
   del seq
-  w = jax.ShapeDtypeStruct((1024, 4096), jnp.uint8)
+  weights = (jax.ShapeDtypeStruct((1024, 4096), jnp.uint8),
+             jax.ShapeDtypeStruct((1024, 1024), jnp.int32))
   for dtype in (jnp.int8, jnp.bfloat16):
     x = jax.ShapeDtypeStruct((1, 4096), dtype)
-    jax.jit(lambda x, w: packed_matmul_pallas_gpu(x, w, block_sizes=blocks)).trace(x, w).lower(
-        lowering_platforms=("cuda",))
+    for w in weights:
+      jax.jit(lambda x, w: packed_matmul_pallas_gpu(x, w, block_sizes=blocks)).trace(
+          x, w).lower(lowering_platforms=("cuda",))
   b = blocks or BlockSizes.get_default("pallas_gpu", rows=1)
-  return {"ternary_packed_matmul": (b.num_warps, b.num_stages)}
+  return {"ternary_packed_matmul": (b.num_warps, b.num_stages),
+          "ternary_packed_matmul_words": (b.num_warps, b.num_stages)}
 
 
 def conv_candidates():

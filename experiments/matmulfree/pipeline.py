@@ -58,8 +58,10 @@ def measure(run_dir: pathlib.Path, *, decode_tokens: int, reps: int) -> dict:
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   ternary = cfg.model.uses_bitlinear and cfg.model.ternary
   serve = pack_model(nnx.clone(model)) if ternary else model
-  # Served in bf16, except the packed form's 2-bit codes (uint8) and fp32 per-layer scales.
-  weight_bytes = sum(x.nbytes if x.dtype == jax.numpy.uint8 or x.size == 1 else 2 * x.size
+  # Served in bf16, except the packed form's 2-bit codes (uint8 bytes or int32 words of them)
+  # and fp32 per-layer scales.
+  codes = (jax.numpy.uint8, jax.numpy.int32)
+  weight_bytes = sum(x.nbytes if x.dtype in codes or x.size == 1 else 2 * x.size
                      for x in jax.tree.leaves(nnx.state(serve)))
   state = [cache_bytes(jax.eval_shape(lambda n=n: model.init_cache(1, n))) for n in LENGTHS]
   prompt = jax.numpy.zeros((1, 16), jax.numpy.int32)

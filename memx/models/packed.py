@@ -7,6 +7,10 @@ norms, lower bounds, packed codes, scales) under its module path — with the Mo
 atomically (temp file + rename). `load_packed` rebuilds the packed model for a config and fills
 it; a file written for another config, or whose arrays do not fit, raises
 CheckpointMismatchError naming what differs.
+
+The file always holds the codes as bytes, uint8 [⌈in/4⌉, out]. A loaded layer serves them as
+int32 words where out is a multiple of 4 (`memx.nn.bitlinear.serving_layout`); both directions
+are numpy views of the same little-endian bytes, not conversions.
 """
 
 import dataclasses
@@ -26,6 +30,22 @@ from memx.nn.bitlinear import BitLinear, pack_bitlinears
 
 FORMAT = "memx-packed-ternary-v1"
 _META = ("__format__", "__config__")
+_CODES = "['packed']"  # the key suffix of a PackedBitLinear's codes
+
+
+def _file_layout(key: str, a: np.ndarray) -> np.ndarray:
+  """Codes held as int32 words → their bytes, uint8 [kp, 4·cols] (a view)."""
+  if key.endswith(_CODES) and a.dtype == np.int32:
+    return np.ascontiguousarray(a, "<i4").view(np.uint8)
+  return a
+
+
+def _model_layout(key: str, a: np.ndarray, want) -> np.ndarray:
+  """File bytes → the int32 words the model holds, where it holds words (a view)."""
+  if key.endswith(_CODES) and a.dtype == np.uint8 and want.dtype == jnp.int32 and a.ndim == 2 \
+      and a.shape[1] % 4 == 0:
+    return np.ascontiguousarray(a).view("<i4").astype(np.int32, copy=False)
+  return a
 
 
 def _check_packable(cfg: ModelConfig) -> None:
@@ -72,7 +92,8 @@ def export_packed(model: TransformerLM, path: str | os.PathLike) -> int:
   _check_packable(model.cfg)
   if _has_bitlinear(model):
     model = pack_model(nnx.clone(model))
-  arrays = {k: np.asarray(v) for k, v in _flat(nnx.to_pure_dict(nnx.state(model))).items()}
+  arrays = {k: _file_layout(k, np.asarray(v))
+            for k, v in _flat(nnx.to_pure_dict(nnx.state(model))).items()}
   path = os.fspath(path)
   d = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
@@ -129,6 +150,8 @@ def load_packed(path: str | os.PathLike, cfg: ModelConfig | None = None, *,
   for p, want in paths:
     key = jax.tree_util.keystr(p)
     got = arrays.pop(key, None)
+    if got is not None:
+      got = _model_layout(key, got, want)
     if got is None:
       problems.append(f"missing {key}")
     elif got.shape != want.shape or got.dtype != want.dtype:

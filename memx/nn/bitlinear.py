@@ -10,7 +10,9 @@ pass and recomputes the norm and quantizers there (the fused kernel's memory sav
 Inference form (`PackedBitLinear`, from `BitLinear.pack()` or `pack_bitlinears(model)`): the
 weights stored as 2-bit codes (4 per byte) plus one fp32 scale; the matmul runs on int8
 activation codes and the packed weights (memx.kernels.ternary.packed_matmul, int32 accumulation)
-and is rescaled by s_w / s_x afterwards.
+and is rescaled by s_w / s_x afterwards. The codes are held as int32 words (`to_words`: the same
+bytes, 4 columns per word) when the output width is a multiple of 4, so the GPU decode kernel
+loads them 16 weights at a time; else as bytes. Files keep bytes (memx.models.packed).
 """
 
 import jax
@@ -18,8 +20,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memx.kernels.norms import rms_norm_reference
-from memx.kernels.ternary import absmax_quantize, absmean_quantize, pack_ternary, packed_matmul
+from memx.kernels.ternary import (
+    absmax_quantize,
+    absmean_quantize,
+    pack_ternary,
+    packed_matmul,
+    to_words,
+)
 from memx.kernels.ternary.bitlinear import bitlinear
+from memx.kernels.ternary.reference import packed_cols
 from memx.nn._params import DTYPES, ones, param
 
 
@@ -63,20 +72,34 @@ class BitLinear(nnx.Module):
                            implementation=implementation)
 
 
+def serving_layout(packed: jax.Array) -> jax.Array:
+  """Packed bytes uint8 [⌈in/4⌉, out] in the layout PackedBitLinear holds: int32 words when
+  out is a multiple of 4 (converted once, here), else the bytes themselves."""
+  packed = jnp.asarray(packed)
+  if packed.dtype == jnp.uint8 and packed.ndim == 2 and packed.shape[1] % 4 == 0:
+    return to_words(packed)
+  return packed
+
+
 class PackedBitLinear(nnx.Module):
-  """Inference-only BitLinear over 2-bit packed weights ([⌈in/4⌉, out] uint8 + fp32 scale)."""
+  """Inference-only BitLinear over 2-bit packed weights ([⌈in/4⌉, out] bytes or [⌈in/4⌉, out/4]
+  int32 words, `serving_layout`) and an fp32 scale."""
 
   def __init__(self, packed: jax.Array, scale: jax.Array, norm: jax.Array, *, in_dim: int,
                eps: float = 1e-6, compute_dtype: str = "float32", implementation=None):
     self.in_dim, self.eps, self.compute_dtype = in_dim, eps, compute_dtype
     self.implementation = implementation
-    self.packed = PackedWeight(jnp.asarray(packed, jnp.uint8))
+    packed = jnp.asarray(packed)
+    if packed.dtype not in (jnp.uint8, jnp.int32):
+      raise ValueError(f"PackedBitLinear: packed codes must be uint8 bytes or int32 words, got "
+                       f"{packed.dtype}")
+    self.packed = PackedWeight(serving_layout(packed))
     self.scale = PackedWeight(jnp.asarray(scale, jnp.float32))
     self.norm = PackedWeight(jnp.asarray(norm))
 
   @property
   def out_dim(self) -> int:
-    return self.packed.shape[1]
+    return packed_cols(self.packed[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.apply(x, *self.params())

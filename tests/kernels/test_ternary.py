@@ -14,11 +14,13 @@ from memx.kernels.ternary import (
   BlockSizes,
   absmax_quantize,
   absmean_quantize,
+  from_words,
   int8_fake_quant,
   pack_ternary,
   packed_matmul,
   packed_rows,
   ternary_fake_quant,
+  to_words,
   unpack_ternary,
 )
 
@@ -131,15 +133,41 @@ def _impl(name):
   return "pallas_gpu" if name.startswith("pallas_gpu") else name
 
 
+LAYOUTS = pytest.mark.parametrize("layout", ["bytes", "words"])
+
+
+def _layout(packed, layout):
+  return to_words(packed) if layout == "words" else packed
+
+
+def test_words_hold_the_bytes_little_endian():
+  codes, _ = absmean_quantize(_w((37, 24)))
+  packed = pack_ternary(codes)
+  words = to_words(packed)
+  assert words.dtype == jnp.int32 and words.shape == (10, 6) and words.nbytes == packed.nbytes
+  b = np.asarray(packed).astype(np.uint64)
+  want = sum(b[:, lane::4] << (8 * lane) for lane in range(4)).astype(np.uint32).view(np.int32)
+  np.testing.assert_array_equal(words, want)
+  np.testing.assert_array_equal(words, np.ascontiguousarray(packed).view("<i4"))
+  np.testing.assert_array_equal(from_words(words), packed)
+  with pytest.raises(ValueError, match="not a multiple of 4"):
+    to_words(pack_ternary(codes[:, :6]))
+  with pytest.raises(ValueError, match="uint8"):
+    to_words(words)
+  with pytest.raises(ValueError, match="need ceil"):  # words keep the K check
+    packed_matmul(jnp.ones((1, 60), jnp.int8), words)
+
+
+@LAYOUTS
 @pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
 @pytest.mark.parametrize("m,k,n", [(5, 37, 24), (16, 64, 16), (33, 130, 40)])
-def test_packed_matmul_integer_exact(impl, kw, m, k, n):
+def test_packed_matmul_integer_exact(impl, kw, m, k, n, layout):
   codes, _ = absmean_quantize(_w((k, n)))
   packed = pack_ternary(codes)
   x = jax.random.randint(jax.random.key(1), (m, k), -128, 128).astype(jnp.int8)
   want = packed_matmul(x, packed, implementation="reference")
   np.testing.assert_array_equal(want, jnp.dot(x.astype(jnp.int32), codes.astype(jnp.int32)))
-  got = packed_matmul(x, packed, implementation=_impl(impl), **kw)
+  got = packed_matmul(x, _layout(packed, layout), implementation=_impl(impl), **kw)
   assert got.dtype == jnp.int32
   np.testing.assert_array_equal(got, want)  # atol = 0
 
@@ -158,19 +186,21 @@ def test_packed_matmul_default_tiles_by_rows_exact(m, k):
   np.testing.assert_array_equal(got, jnp.dot(x.astype(jnp.int32), codes.astype(jnp.int32)))
 
 
+@LAYOUTS
 @pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_packed_matmul_rescaled_matches_fake_quant(impl, kw, dtype):
+def test_packed_matmul_rescaled_matches_fake_quant(impl, kw, dtype, layout):
   """(x̃ @ W̃) · s_w / s_x equals the fake-quantized float matmul within the dtype tolerance."""
   w, x = _w((72, 20)), _w((2, 3, 72), seed=4)
   codes, s_w = absmean_quantize(w)
   xq, s_x = absmax_quantize(x)
-  y = packed_matmul(xq, pack_ternary(codes), implementation=_impl(impl), **kw) * (s_w / s_x)
+  packed = _layout(pack_ternary(codes), layout)
+  y = packed_matmul(xq, packed, implementation=_impl(impl), **kw) * (s_w / s_x)
   want = jnp.dot(int8_fake_quant(x), ternary_fake_quant(w))
   _testing.assert_allclose(y, want, dtype=jnp.float32, reduction_size=72, name="rescaled")
   # float activations straight on the packed weights
   xf = x.astype(dtype)
-  yf = packed_matmul(xf, pack_ternary(codes), implementation=_impl(impl), **kw)
+  yf = packed_matmul(xf, packed, implementation=_impl(impl), **kw)
   ref = packed_matmul(xf, pack_ternary(codes), implementation="reference")
   assert yf.dtype == jnp.float32 and yf.shape == (2, 3, 20)
   _testing.assert_allclose(yf, ref, dtype=dtype, reduction_size=72, name=f"float {impl}")
@@ -203,14 +233,15 @@ def test_dispatch():
     BlockSizes(vector=1)
 
 
+@LAYOUTS
 @pytest.mark.parametrize("split_k", [1, 4])
-def test_vector_int_lanes_exact_at_the_extremes(split_k):
+def test_vector_int_lanes_exact_at_the_extremes(split_k, layout):
   """The int8 vector path adds two columns per 32-bit multiply in 16-bit lanes: x = -128 with
   every code (and +127 with every code) exercises the lane borrow and the largest lane sums."""
   k, n = 512, 48
   codes = jnp.tile(jnp.array([[-1, 0, 1], [1, 1, -1], [-1, -1, -1], [1, 1, 1]], jnp.int8),
                    (k // 4, n // 3))
-  packed = pack_ternary(codes)
+  packed = _layout(pack_ternary(codes), layout)
   bs = BlockSizes(block_n=16, block_k=64, split_k=split_k, vector=True)
   for fill in (-128, 127):
     x = jnp.full((2, k), fill, jnp.int8).at[1, ::3].set(-fill - 1)
@@ -218,12 +249,13 @@ def test_vector_int_lanes_exact_at_the_extremes(split_k):
     np.testing.assert_array_equal(got, jnp.dot(x.astype(jnp.int32), codes.astype(jnp.int32)))
 
 
+@LAYOUTS
 @pytest.mark.parametrize("split_k", [2, 4, 8, 16])
-def test_vector_uneven_k_slices_exact(split_k):
+def test_vector_uneven_k_slices_exact(split_k, layout):
   """11 K steps (K = 704 at block_k 64) do not divide into 2, 4, 8 or 16 slices: the vector form
   walks ranges of 6/5, 3/3/3/2, 2x5/1 and 1 step(s) instead of padding the weight."""
   codes, _ = absmean_quantize(_w((704, 40)))
-  packed = pack_ternary(codes)
+  packed = _layout(pack_ternary(codes), layout)
   x = jax.random.randint(jax.random.key(3), (2, 704), -128, 128).astype(jnp.int8)
   bs = BlockSizes(block_n=16, block_k=64, split_k=split_k, vector=True)
   got = packed_matmul(x, packed, implementation="pallas_gpu", interpret=True, block_sizes=bs)
@@ -246,6 +278,12 @@ def test_vector_form_reads_x_in_place():
                                            interpret=True))(x, w)
   prims = {e.primitive.name for e in jaxpr.jaxpr.eqns}
   assert "transpose" not in prims and "reduce_sum" not in prims, prims
+  # Words go to the kernel as they are: no split back into bytes around it.
+  words = jax.ShapeDtypeStruct((256, 128), jnp.int32)
+  jaxpr = jax.make_jaxpr(functools.partial(packed_matmul_pallas_gpu, block_sizes=bs,
+                                           interpret=True))(x, words)
+  prims = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert not prims & {"transpose", "reduce_sum", "shift_right_logical", "concatenate"}, prims
   dot_form = jax.make_jaxpr(functools.partial(
       packed_matmul_pallas_gpu, block_sizes=BlockSizes(block_m=16, block_n=64, block_k=256),
       interpret=True))(x, w)
@@ -300,13 +338,15 @@ def test_vector_compiled(m, k, n, split_k):
   packed = pack_ternary(codes)
   bs = BlockSizes(block_n=64, block_k=256, split_k=split_k, vector=True)
   x = jax.random.randint(jax.random.key(1), (m, k), -128, 128).astype(jnp.int8)
-  np.testing.assert_array_equal(
-      packed_matmul(x, packed, implementation="pallas_gpu", block_sizes=bs),
-      packed_matmul(x, packed, implementation="reference"))
   xb = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
-  _testing.assert_allclose(packed_matmul(xb, packed, implementation="pallas_gpu", block_sizes=bs),
-                           packed_matmul(xb, packed, implementation="reference"),
-                           dtype=jnp.bfloat16, reduction_size=k, name="bf16 vector")
+  for layout in ("bytes", "words"):
+    w = _layout(packed, layout)
+    np.testing.assert_array_equal(
+        packed_matmul(x, w, implementation="pallas_gpu", block_sizes=bs),
+        packed_matmul(x, packed, implementation="reference"))
+    _testing.assert_allclose(packed_matmul(xb, w, implementation="pallas_gpu", block_sizes=bs),
+                             packed_matmul(xb, packed, implementation="reference"),
+                             dtype=jnp.bfloat16, reduction_size=k, name=f"bf16 vector {layout}")
 
 
 @pytest.mark.gpu
@@ -328,12 +368,14 @@ def test_pallas_kernel_lowers_to_triton_for_h100(m, x_dtype):
   with the default tiles, on CPU: catches lowering errors before a GPU session."""
   from memx.kernels.ternary import packed_matmul_pallas_gpu
   x = jax.ShapeDtypeStruct((m, 4096), x_dtype)
-  w = jax.ShapeDtypeStruct((packed_rows(4096), 11008), jnp.uint8)
-  with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
-    lowered = jax.jit(packed_matmul_pallas_gpu).trace(x, w).lower(lowering_platforms=("cuda",))
-  text = lowered.as_text()
-  assert text.count("__gpu$xla.gpu.triton") == 1
-  assert "ternary_packed_matmul" in text
+  for w in (jax.ShapeDtypeStruct((packed_rows(4096), 11008), jnp.uint8),
+            jax.ShapeDtypeStruct((packed_rows(4096), 11008 // 4), jnp.int32)):
+    with jax.sharding.use_abstract_mesh(_testing.abstract_h100_mesh()):
+      lowered = jax.jit(packed_matmul_pallas_gpu).trace(x, w).lower(
+          lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    assert "ternary_packed_matmul" in text
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 4096, 11008)])

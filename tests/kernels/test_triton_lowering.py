@@ -27,7 +27,7 @@ from memx.kernels.attention import attention  # noqa: E402
 from memx.kernels.attention.chunk import chunk_attention  # noqa: E402
 from memx.kernels.linear_scan import linear_scan  # noqa: E402
 from memx.kernels.short_conv import causal_conv  # noqa: E402
-from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul  # noqa: E402
+from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul, to_words  # noqa: E402
 
 
 @pytest.fixture
@@ -172,13 +172,18 @@ def test_linear_scan_lowers(triton_modules, case, dtype):
 # (config.BlockSizes.get_default).
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (6, 1000, 300), (16, 1000, 300),
                                    (300, 512, 1024), (2048, 256, 256)])
-def test_packed_matmul_lowers(triton_modules, m, k, n, x_dtype):
+@pytest.mark.parametrize("layout", ["bytes", "words"])
+def test_packed_matmul_lowers(triton_modules, m, k, n, x_dtype, layout):
   packed = pack_ternary(absmean_quantize(jax.random.normal(jax.random.key(0), (k, n)))[0])
+  if layout == "words":
+    packed = to_words(packed)
   x = jnp.ones((m, k), x_dtype)
   _lower_for_cuda(lambda x, p: packed_matmul(x, p, implementation="pallas_gpu"), x, packed)
   assert len(triton_modules) == 1
   # The decode-sized default is the CUDA-core vector form: no tensor-core dot at all.
   assert bool(_dots(triton_modules)) == (m > 4)
+  if layout == "words" and m <= 4:  # the vector form loads the words themselves
+    assert "tensor<64x16xi32>" in triton_modules[0]  # [block_k / 4, block_n / 4] words
 
 
 @DTYPES

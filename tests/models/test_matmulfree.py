@@ -112,6 +112,12 @@ def test_export_import_gives_identical_logits(tmp_path):
   packed_bytes = sum(x.packed.nbytes for _, x in packed.iter_modules()
                      if isinstance(x, PackedBitLinear))
   assert packed_bytes == ternary // 4
+  # The file keeps the byte layout (4 weights per byte along K); the model serves int32 words.
+  with np.load(path) as z:
+    codes = {k: z[k] for k in z.files if k.endswith("['packed']")}
+  assert codes and all(a.dtype == np.uint8 for a in codes.values())
+  assert sum(a.nbytes for a in codes.values()) == ternary // 4
+  assert loaded.blocks[1].mlp.w_down.packed.dtype == jnp.int32
 
 
 def test_load_into_mismatched_config_is_a_clear_error(tmp_path):

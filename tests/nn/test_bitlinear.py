@@ -9,7 +9,13 @@ import pytest
 from flax import nnx
 
 from memx.kernels import _testing
-from memx.kernels.ternary import absmean_quantize, int8_fake_quant, ternary_fake_quant
+from memx.kernels.ternary import (
+    absmean_quantize,
+    from_words,
+    int8_fake_quant,
+    pack_ternary,
+    ternary_fake_quant,
+)
 from memx.models.config import matmulfree_config
 from memx.nn.bitlinear import BitLinear, PackedBitLinear, pack_bitlinears
 from memx.nn.glu import BitGLU
@@ -59,12 +65,19 @@ def test_packed_form_matches_training_form():
   layer, x = _layer(), _x()
   packed = layer.pack()
   assert isinstance(packed, PackedBitLinear)
-  assert packed.packed.shape == (6, 40) and packed.packed.dtype == jnp.uint8
+  # 40 outputs: served as int32 words [6, 10] holding exactly pack_ternary's bytes [6, 40].
+  assert packed.packed.shape == (6, 10) and packed.packed.dtype == jnp.int32
+  assert packed.out_dim == 40
+  np.testing.assert_array_equal(from_words(packed.packed[...]),
+                                pack_ternary(absmean_quantize(layer.weight[...])[0]))
   _testing.assert_allclose(packed(x), layer(x), dtype=jnp.float32, reduction_size=24,
                            name="packed vs train")
   ref = PackedBitLinear(packed.packed[...], packed.scale[...], packed.norm[...], in_dim=24,
                         implementation="reference")
   np.testing.assert_array_equal(packed(x), ref(x))
+  # An output width that is not a multiple of 4 keeps the byte layout; results agree.
+  odd = BitLinear(24, 10, axes=(EMBED, MLP), std=0.5, rngs=nnx.Rngs(0)).pack()
+  assert odd.packed.shape == (6, 10) and odd.packed.dtype == jnp.uint8 and odd.out_dim == 10
   with pytest.raises(ValueError, match="not quantized"):
     _layer(quantize=False).pack()
 

@@ -1,5 +1,6 @@
 """Ternary (1.58-bit) weights: absmean/absmax quantizers with straight-through gradients,
-2-bit packing (4 weights per byte) and a matmul on packed weights.
+2-bit packing (4 weights per byte; `to_words` reads them as int32 words) and a matmul on packed
+weights.
 
 Implementations of the packed matmul: reference (unpack, then one dot), xla (one bit plane at
 a time), pallas_gpu (decodes in registers); `packed_matmul` dispatches. `bitlinear` is the
@@ -14,11 +15,13 @@ from memx.kernels.ternary.pallas_gpu import packed_matmul_pallas_gpu
 from memx.kernels.ternary.reference import (
     absmax_quantize,
     absmean_quantize,
+    from_words,
     int8_fake_quant,
     pack_ternary,
     packed_matmul_reference,
     packed_rows,
     ternary_fake_quant,
+    to_words,
     unpack_ternary,
 )
 from memx.kernels.ternary.xla import packed_matmul_xla
@@ -32,6 +35,7 @@ __all__ = [
     "bitlinear",
     "bitlinear_reference",
     "bitlinear_xla",
+    "from_words",
     "default_order",
     "int8_fake_quant",
     "pack_ternary",
@@ -41,5 +45,6 @@ __all__ = [
     "packed_matmul_xla",
     "packed_rows",
     "ternary_fake_quant",
+    "to_words",
     "unpack_ternary",
 ]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from memx.kernels._dispatch import choose, gpu_backend
 from memx.kernels.ternary.config import BlockSizes
 from memx.kernels.ternary.pallas_gpu import packed_matmul_pallas_gpu
-from memx.kernels.ternary.reference import packed_matmul_reference, packed_rows
+from memx.kernels.ternary.reference import packed_cols, packed_matmul_reference, packed_rows
 from memx.kernels.ternary.xla import packed_matmul_xla
 from memx.typing import Array
 
@@ -28,11 +28,11 @@ def _check_inputs(x, packed) -> None:
   if getattr(x, "ndim", 0) < 1:
     raise ValueError(f"packed_matmul: x must be [..., K]; got shape {getattr(x, 'shape', None)}")
   if getattr(packed, "ndim", None) != 2:
-    raise ValueError(f"packed_matmul: packed weights must be [ceil(K/4), N]; got shape "
-                     f"{getattr(packed, 'shape', None)}")
-  if packed.dtype != jnp.uint8:
-    raise ValueError(f"packed_matmul: packed weights must be uint8 (pack_ternary's output), got "
-                     f"{packed.dtype}")
+    raise ValueError(f"packed_matmul: packed weights must be [ceil(K/4), N] bytes or "
+                     f"[ceil(K/4), N/4] words; got shape {getattr(packed, 'shape', None)}")
+  if packed.dtype not in (jnp.uint8, jnp.int32):
+    raise ValueError(f"packed_matmul: packed weights must be uint8 bytes (pack_ternary's output) "
+                     f"or int32 words (to_words), got {packed.dtype}")
   k = x.shape[-1]
   if packed.shape[0] != packed_rows(k):
     raise ValueError(f"packed_matmul: x has K = {k} features, so the packed weights need "
@@ -67,7 +67,9 @@ def packed_matmul(
 
   Args:
     x: activations [..., K]: int8 codes (exact int32 result) or floats (float32 result).
-    packed: 2-bit weights, 4 per byte along K.
+    packed: 2-bit weights, 4 per byte along K: uint8 bytes [⌈K/4⌉, N], or the same bytes as
+      int32 words [⌈K/4⌉, N/4] (`to_words`), which the Pallas decode form loads 16 weights at a
+      time. Results are identical.
     implementation: None dispatches by backend (pallas_gpu on an NVIDIA GPU, else xla); a single
       name forces it and raises if it cannot serve; a sequence is tried in order, warning on
       every skip.
@@ -95,4 +97,4 @@ def packed_matmul(
     y = packed_matmul_xla(x2, packed)
   else:
     y = packed_matmul_pallas_gpu(x2, packed, block_sizes=block_sizes, interpret=interpret)
-  return y.reshape(lead + (packed.shape[1],))
+  return y.reshape(lead + (packed_cols(packed),))

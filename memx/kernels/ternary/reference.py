@@ -12,6 +12,11 @@ so the matmul itself needs only additions and subtractions of int8 values.
 Packing: 4 ternary weights per byte along the first (K) axis: byte[j, n] holds
 W̃[4j + i, n] + 1 ∈ {0, 1, 2} in bits 2i..2i+1 (i = 0..3). K is padded to a multiple of 4 with
 zeros (code 1, so padding bytes decode to weight 0), giving exactly ⌈K/4⌉ bytes per column.
+
+Word layout (`to_words`): the same bytes read four columns at a time, int32 [⌈K/4⌉, N/4] with
+word[j, c] = Σ_l byte[j, 4c + l] << 8l (their little-endian memory layout). Every packed matmul
+accepts either layout; the Pallas decode kernel loads words directly (one 32-bit load per 16
+weights), which the byte layout cannot give it without an XLA copy per call.
 """
 
 import jax
@@ -113,6 +118,38 @@ def pack_ternary(codes: Int[Array, "K ..."]) -> Int[Array, "Kp ..."]:
   return out
 
 
+def to_words(packed: Int[Array, "Kp N"]) -> Int[Array, "Kp C"]:
+  """Packed bytes uint8 [Kp, N] → int32 words [Kp, N/4] (N must be a multiple of 4)."""
+  packed = jnp.asarray(packed)
+  if packed.dtype != jnp.uint8 or packed.ndim != 2:
+    raise ValueError(f"to_words: packed must be uint8 [Kp, N] (pack_ternary's output); got "
+                     f"{packed.dtype}{list(packed.shape)}")
+  kp, n = packed.shape
+  if n % 4:
+    raise ValueError(f"to_words: N = {n} columns is not a multiple of 4; keep the byte layout "
+                     f"for this weight")
+  b = packed.astype(jnp.uint32).reshape(kp, n // 4, 4)
+  w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+  return jax.lax.bitcast_convert_type(w, jnp.int32)
+
+
+def from_words(words: Int[Array, "Kp C"]) -> Int[Array, "Kp N"]:
+  """Inverse of to_words: int32 [Kp, C] → uint8 [Kp, 4C]."""
+  u = jax.lax.bitcast_convert_type(jnp.asarray(words), jnp.uint32)
+  b = jnp.stack([(u >> (8 * lane)) & 0xFF for lane in range(4)], axis=-1)
+  return b.astype(jnp.uint8).reshape(u.shape[0], 4 * u.shape[1])
+
+
+def as_bytes(packed: Array) -> Array:
+  """The byte layout of packed weights given in either layout."""
+  return from_words(packed) if packed.dtype == jnp.int32 else packed
+
+
+def packed_cols(packed: Array) -> int:
+  """N, the output features of packed weights in either layout."""
+  return packed.shape[-1] * (4 if packed.dtype == jnp.int32 else 1)
+
+
 def unpack_planes(packed: Int[Array, "Kp ..."]) -> list[Int[Array, "Kp ..."]]:
   """The four int8 weight planes of a packed array: plane i holds rows 4j + i."""
   return [((packed >> jnp.uint8(2 * i)) & jnp.uint8(3)).astype(jnp.int8) - jnp.int8(1)
@@ -140,10 +177,10 @@ def packed_matmul_reference(x: Float[Array, "M K"] | Int[Array, "M K"],
   """x @ unpack(packed): the oracle. Unpacks the full weight, then one dot.
 
   Integer x (int8) accumulates in int32 exactly; floating x unpacks W to x.dtype (exact: ±1, 0)
-  and accumulates in float32. Returns int32 or float32 [M, N].
+  and accumulates in float32. Returns int32 or float32 [M, N]. packed: bytes or words.
   """
   k = x.shape[1]
-  w = unpack_ternary(packed, k)
+  w = unpack_ternary(as_bytes(packed), k)
   if jnp.issubdtype(x.dtype, jnp.integer):
     return jnp.dot(x, w, preferred_element_type=jnp.int32)
   return jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)

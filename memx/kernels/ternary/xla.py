@@ -7,7 +7,7 @@ so the full [K, N] weight is never formed; each plane is decoded with a shift an
 
 import jax.numpy as jnp
 
-from memx.kernels.ternary.reference import unpack_planes
+from memx.kernels.ternary.reference import as_bytes, unpack_planes
 from memx.typing import Array
 
 
@@ -19,7 +19,11 @@ def x_planes(x: Array, kp: int) -> Array:
 
 
 def packed_matmul_xla(x: Array, packed: Array) -> Array:
-  """x [M, K] (int8 or float) @ unpack(packed [⌈K/4⌉, N]) → int32 or float32 [M, N]."""
+  """x [M, K] (int8 or float) @ unpack(packed [⌈K/4⌉, N]) → int32 or float32 [M, N].
+
+  packed: bytes or words (`to_words`); words are split back into bytes (one XLA op).
+  """
+  packed = as_bytes(packed)
   kp = packed.shape[0]
   xp = x_planes(x, kp)
   integer = jnp.issubdtype(x.dtype, jnp.integer)
