@@ -528,6 +528,8 @@ def main(argv=None):
                     "pallas_gpu t64w8 bwd t8w4": sc.BlockSizes(block_t=64, num_warps=8,
                                                                 block_t_bwd=8, num_warps_bwd=4),
                     "pallas_gpu c256w8": sc.BlockSizes(block_c=256, num_warps=8),
+                    # One backward kernel: 2 fewer passes, ~2.5x the instructions (ptxas).
+                    "pallas_gpu bwd fused": sc.BlockSizes(backward="fused"),
                     "pallas_gpu bwd rows1024": sc.BlockSizes(rows_bwd=1024)}
     for s in conv_shapes:
       inputs, cot = conv_inputs(s)

@@ -158,7 +158,8 @@ def conv_candidates():
           "t64w8 bwd t8w4": BlockSizes(block_t=64, num_warps=8, block_t_bwd=8,
                                            num_warps_bwd=4),
           "t16w4 bwd t32w8": BlockSizes(block_t=16, block_t_bwd=32),
-          "c256 w8": BlockSizes(block_c=256, num_warps=8)}
+          "c256 w8": BlockSizes(block_c=256, num_warps=8),
+          "fused bwd": BlockSizes(backward="fused")}
 
 
 def lower_conv(blocks, seq: int):
@@ -174,7 +175,9 @@ def lower_conv(blocks, seq: int):
   jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).trace(x, w, b).lower(
       lowering_platforms=("cuda",))
   return {"memx_causal_conv_fwd": (blocks.num_warps, 1),
-          "memx_causal_conv_bwd": (blocks.num_warps_bwd, 1)}
+          "memx_causal_conv_bwd": (blocks.num_warps_bwd, 1),
+          "memx_causal_conv_grad": (blocks.num_warps_bwd, 1),
+          "memx_causal_conv_dx": (blocks.num_warps, 1)}
 
 
 FAMILIES = {"attention": (attention_candidates, lower_attention),

@@ -17,6 +17,7 @@ from memx.kernels.short_conv import (
 )
 
 BS16 = BlockSizes(block_t=16, block_c=16)
+FUSED = BlockSizes(block_t=16, block_c=16, backward="fused")
 
 # name: (B, T, channel shape, W), segment lengths per row (or None), history, history segments,
 # block sizes
@@ -28,6 +29,8 @@ CASES = {
     "shorter_than_history": ((2, 2, (16,), 4), [[1, 1], [2]], True, True, BS16),
     "width_one": ((1, 9, (5,), 1), None, False, False, BS16),
     "default_blocks": ((1, 70, (33,), 4), [[30, 40]], False, False, None),
+    "fused_backward": ((2, 40, (24,), 4), [[11, 2, 27], [40]], True, True, FUSED),
+    "fused_plain": ((1, 37, (20,), 3), None, False, False, FUSED),
 }
 
 
@@ -197,3 +200,5 @@ def test_bad_input_raises_value_error(change, match):
     causal_conv(jnp.ones((1, 2, 3), jnp.int32), jnp.ones((4, 3)), jnp.ones(3))
   with pytest.raises(ValueError, match="power of two"):
     BlockSizes(block_t=24)
+  with pytest.raises(ValueError, match="'fused' or 'two_pass'"):
+    BlockSizes(backward="split")

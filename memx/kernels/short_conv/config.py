@@ -30,6 +30,8 @@ class BlockSizes:
     block_t_bwd: backward sub-tile (power of two >= 8).
     rows_bwd: rows per backward program (power of two, a multiple of block_t_bwd).
     num_warps_bwd: Triton warps per backward program.
+    backward: "fused" (one kernel, recomputes the pre-activation at each of the W shifts) or
+      "two_pass" (writes g = dy ⊙ act'(pre) once, then a second kernel sums its W shifts).
   """
 
   block_t: int = 32
@@ -38,6 +40,7 @@ class BlockSizes:
   block_t_bwd: int = 16
   rows_bwd: int = 256
   num_warps_bwd: int = 8
+  backward: str = "two_pass"
 
   def __post_init__(self):
     if not _pow2(self.block_t, 8):
@@ -52,6 +55,9 @@ class BlockSizes:
     if not _pow2(self.rows_bwd, self.block_t_bwd):
       raise ValueError(f"BlockSizes.rows_bwd = {self.rows_bwd!r} is not allowed: must be a power "
                        f"of two >= block_t_bwd = {self.block_t_bwd}.")
+    if self.backward not in ("fused", "two_pass"):
+      raise ValueError(f"BlockSizes.backward = {self.backward!r} is not allowed: expected "
+                       f"'fused' or 'two_pass'.")
     for name in ("num_warps", "num_warps_bwd"):
       if getattr(self, name) not in (1, 2, 4, 8, 16):
         raise ValueError(f"BlockSizes.{name} = {getattr(self, name)!r} is not allowed: expected "
@@ -60,6 +66,9 @@ class BlockSizes:
   @classmethod
   def get_default(cls) -> "BlockSizes":
     """Forward 32 × 128 on 4 warps (32 elements per thread, 128 registers, no spill);
-    backward 16 × 128 sub-tiles on 8 warps, 256 rows per program. Chosen by ptxas on sm_90a,
-    not yet timed on a GPU (`scripts/bench_ssm.py --conv-sweep` times candidates)."""
+    backward 16 × 128 sub-tiles on 8 warps, 256 rows per program, two passes. Chosen offline
+    from sm_90a SASS (ptxas_report): the fused backward issues ~157 instructions per element,
+    the two passes ~62 for 10 bytes of traffic instead of 6, which on an H100 (~0.9 T warp
+    instructions/s, 3.35 TB/s) estimates ~0.2 ms against ~0.37 at 64k × 1024. Not yet timed
+    on a GPU (`scripts/bench_ssm.py --kinds conv --sweep` times both)."""
     return cls()

@@ -8,12 +8,18 @@ output tile:
     below 0 read `history` instead, or zero). The W loads overlap by all but one row, so after
     the first they hit L1/L2. Segment ids mask taps from another segment. bias + Σ w_k x_k
     goes through the activation in fp32 and is stored once.
-  backward (one kernel): dx_t = Σ_s w[W-1-s] g_{t+s} with g = dy ⊙ act'(pre). Rather than
-    writing g to memory and reading it back (two more passes of the tensor), the program
-    recomputes pre at the W shifts t+s it needs from x (W² cached loads per element). Shift 0
+  backward, fused (`BlockSizes.backward="fused"`, one kernel): dx_t = Σ_s w[W-1-s] g_{t+s} with
+    g = dy ⊙ act'(pre). Rather than writing g to memory and reading it back (two more passes
+    of the tensor), the program recomputes pre at the W shifts t+s it needs from x (W² cached
+    loads per element). Shift 0
     also yields this tile's share of dw and dbias (Σ over its rows of g ⊙ x_k and g), written
     as per-tile partial sums that XLA adds up; the gradient of `history` comes from the first
     W-1 outputs alone and is taken by autodiff of the xla implementation on those rows.
+  backward, two-pass (the default): the first kernel writes g (in x's dtype) with the dw /
+    dbias sums, the second reads g back at the W shifts for dx. Two more
+    passes of the tensor through memory, against about a third of the fused kernel's
+    instructions (one pre-activation and one sigmoid per element instead of W): which wins is
+    a GPU measurement (`bench_ssm.py --kinds conv --sweep`).
 Channels are the contiguous axis: column offsets stay a plain iota (never clamped), so Triton
 sees contiguous, vectorisable loads along them.
 """
@@ -46,6 +52,7 @@ class _Plan:
   block_t_bwd: int
   rows_bwd: int
   num_warps_bwd: int
+  two_pass: bool
   segments: bool
   history: bool
   history_segments: bool
@@ -154,19 +161,22 @@ def _forward_kernel(*refs, plan: _Plan):
 
 
 def _backward_kernel(*refs, plan: _Plan):
+  """Fused: dx, and dw / dbias partial sums. Two-pass (plan.two_pass): g = dy ⊙ act'(pre) in
+  place of dx (then `_dx_kernel`), and the same partial sums."""
   x_ref, w_ref, b_ref, seg_ref, hist_ref, hseg_ref, rest = _split_refs(plan, refs)
-  dy_ref, dx_ref, dw_ref, db_ref = rest
+  dy_ref, out_ref, dw_ref, db_ref = rest
   bt, bc = plan.block_t_bwd, plan.block_c
   first_row, col0 = pl.program_id(0) * plan.rows_bwd, pl.program_id(2) * bc
+  shifts = 1 if plan.two_pass else plan.width
 
   def sub_tile(i, acc):
-    """dx for rows [t0 + i·bt, +bt); adds this sub-tile's dw and dbias shares to acc."""
+    """Rows [t0 + i·bt, +bt): dx (or g); adds this sub-tile's dw and dbias shares to acc."""
     dw, db = acc
     tile = _Inputs(plan, x_ref, seg_ref, hist_ref, hseg_ref, block_t=bt,
                    first_row=first_row + i * bt, col0=col0)
     own_seg = tile.segments(tile.rows)
     dx = jnp.zeros((bt, bc), jnp.float32)
-    for s in range(plan.width):
+    for s in range(shifts):
       rows = tile.rows + s                        # output t+s, which reads x_t through tap W-1-s
       seg = tile.segments(rows)
       g = _gather(dy_ref, rows, tile.cols, tile.mask(rows < plan.t), plan.t)
@@ -178,12 +188,15 @@ def _backward_kernel(*refs, plan: _Plan):
       if s == 0:  # element-wise sums here; one reduction over rows after the loop
         dw = tuple(dw_k + g * v for dw_k, v in zip(dw, taps, strict=True))
         db = db + g
+        if plan.two_pass:
+          dx = g
+          break
       contribution = w_ref[plan.width - 1 - s, :][None, :] * g
       if plan.segments and s > 0:
         contribution = jnp.where((seg == own_seg)[:, None], contribution, 0.0)
       dx = dx + contribution
     row0 = pl.multiple_of(i * bt, bt)
-    dx_ref[pl.ds(row0, bt), :] = dx.astype(dx_ref.dtype)
+    out_ref[pl.ds(row0, bt), :] = dx.astype(out_ref.dtype)
     return dw, db
 
   zeros = jnp.zeros((bt, bc), jnp.float32)
@@ -192,6 +205,24 @@ def _backward_kernel(*refs, plan: _Plan):
   for k in range(plan.width):
     dw_ref[k, :] = jnp.sum(dw[k], axis=0)
   db_ref[...] = jnp.sum(db, axis=0)
+
+
+def _dx_kernel(*refs, plan: _Plan):
+  """Two-pass backward, second pass: dx_t = Σ_s w[W-1-s] g_{t+s} (same segment), from g."""
+  g_ref, w_ref = refs[:2]
+  seg_ref = refs[2] if plan.segments else None
+  dx_ref = refs[-1]
+  tile = _Inputs(plan, g_ref, seg_ref, None, None, block_t=plan.block_t,
+                 first_row=pl.program_id(0) * plan.block_t, col0=pl.program_id(2) * plan.block_c)
+  own_seg = tile.segments(tile.rows)
+  dx = jnp.zeros((plan.block_t, plan.block_c), jnp.float32)
+  for s in range(plan.width):
+    rows = tile.rows + s
+    g = _gather(g_ref, rows, tile.cols, tile.mask(rows < plan.t), plan.t)
+    if plan.segments and s > 0:
+      g = jnp.where((tile.segments(rows) == own_seg)[:, None], g, 0.0)
+    dx = dx + w_ref[plan.width - 1 - s, :][None, :] * g
+  dx_ref[...] = dx.astype(dx_ref.dtype)
 
 
 def _common_specs(plan: _Plan, seg, hist, hseg):
@@ -213,10 +244,12 @@ def _common_specs(plan: _Plan, seg, hist, hseg):
   return args, specs
 
 
+def _padded_taps(plan: _Plan, w):
+  return jnp.pad(w.astype(jnp.float32), ((0, 0), (0, plan.c_pad - plan.c)))
+
+
 def _padded(plan: _Plan, w, bias):
-  pad = plan.c_pad - plan.c
-  wf = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, pad)))
-  return wf, jnp.pad(bias.astype(jnp.float32), (0, pad))
+  return _padded_taps(plan, w), jnp.pad(bias.astype(jnp.float32), (0, plan.c_pad - plan.c))
 
 
 def _forward(plan: _Plan, x, w, bias, seg, hist, hseg):
@@ -251,9 +284,34 @@ def _backward(plan: _Plan, x, w, bias, seg, hist, hseg, dy):
       cost_estimate=pl.CostEstimate(flops=2 * plan.width ** 2 * x.size,
                                     transcendentals=plan.width * x.size,
                                     bytes_accessed=3 * x.size * x.dtype.itemsize),
-      name="memx_causal_conv_bwd",
+      name="memx_causal_conv_grad" if plan.two_pass else "memx_causal_conv_bwd",
   )(x, *_padded(plan, w, bias), *extra, dy)
+  if plan.two_pass:  # dx_part holds g: the second pass turns it into dx
+    dx = _dx_pass(plan, dx, w, seg)
   return dx, dw_part.sum((0, 1))[:, :plan.c], db_part.sum((0, 1))[:plan.c]
+
+
+def _dx_pass(plan: _Plan, g, w, seg):
+  bsz = g.shape[0]
+  specs = [pl.BlockSpec((None, plan.t, plan.c), lambda i, b, j: (b, 0, 0)),
+           pl.BlockSpec((plan.width, plan.block_c), lambda i, b, j: (0, j))]
+  args = [g, _padded_taps(plan, w)]
+  if plan.segments:
+    args.append(seg)
+    specs.append(pl.BlockSpec((None, plan.t), lambda i, b, j: (b, 0)))
+  return pl.pallas_call(
+      functools.partial(_dx_kernel, plan=plan),
+      grid=(plan.n_t, bsz, plan.c_pad // plan.block_c), in_specs=specs,
+      out_specs=pl.BlockSpec((None, plan.block_t, plan.block_c), lambda i, b, j: (b, i, j)),
+      out_shape=jax.ShapeDtypeStruct(g.shape, g.dtype), compiler_params=plan.params(),
+      interpret=plan.interpret,
+      cost_estimate=pl.CostEstimate(flops=2 * plan.width * g.size, transcendentals=0,
+                                    bytes_accessed=2 * g.size * g.dtype.itemsize),
+      name="memx_causal_conv_dx",
+  )(*args)
+
+
+
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -294,7 +352,8 @@ def make_plan(t: int, c: int, width: int, *, segments: bool, history: bool,
                block_c=min(blocks.block_c, max(16, 1 << (c - 1).bit_length())),
                num_warps=blocks.num_warps, block_t_bwd=block_t_bwd,
                rows_bwd=min(blocks.rows_bwd, -(-t // block_t_bwd) * block_t_bwd),
-               num_warps_bwd=blocks.num_warps_bwd, segments=segments, history=history,
+               num_warps_bwd=blocks.num_warps_bwd, two_pass=blocks.backward == "two_pass",
+               segments=segments, history=history,
                history_segments=history_segments, activation=activation, interpret=interpret)
 
 
