@@ -452,6 +452,10 @@ def main(argv=None):
              "pallas_gpu bwd bp16": ssd_ops.BlockSizes(block_p_bwd=16),
              "pallas_gpu q128": ssd_ops.BlockSizes(chunk=128),
              "pallas_gpu bp32": ssd_ops.BlockSizes(block_p=32),
+             # The boundary scan walks rows now (session 10: ~6 SASS instructions per element
+             # and chunk, not ~54): narrower slices give more programs (256 at the student).
+             "pallas_gpu scan128 r32": ssd_ops.BlockSizes(block_scan=128, scan_rows=32),
+             "pallas_gpu scan64": ssd_ops.BlockSizes(block_scan=64),
              "pallas_gpu scan512": ssd_ops.BlockSizes(block_scan=512),
              "pallas_gpu scan1024 r8": ssd_ops.BlockSizes(block_scan=1024, scan_rows=8),
              "pallas_gpu scan256 r32": ssd_ops.BlockSizes(scan_rows=32)}

@@ -30,7 +30,8 @@ class BlockSizes:
       H100 SM), else "parallel" (measured: `pallas_gpu.SEQUENTIAL_MIN_PROGRAMS`).
       "parallel": one kernel computes every chunk's own state S_c (and, backward,
       its state cotangent) in parallel over chunks, then a scan kernel walks the boundaries
-      elementwise, `scan_rows` chunks per load; extra memory: the fp32 S_c, [B, T/Q, H, P, N].
+      elementwise, `scan_rows` chunks per loop step; extra memory: the fp32 S_c,
+      [B, T/Q, H, P, N].
       "sequential": one kernel per [block_p, block_n] state tile walks the chunks in order,
       a load and a dot per chunk; no extra buffer, but only B·H·(P/block_p)·(N/block_n)
       programs, each with T/Q dependent steps (latency-bound at long T, few heads).
@@ -38,8 +39,9 @@ class BlockSizes:
       the input dtype (bf16 inputs: half the pass's extra traffic and memory; each S_c is then
       rounded once, as the stored boundary states already are; the scan adds in fp32).
     block_scan: elements of the flattened [P·N] state per program of the parallel scan.
-    scan_rows: chunks per load in the parallel scan (shrunk to at most T/Q; the T/Q mod
-      scan_rows chunks left over are walked one per load).
+    scan_rows: chunks per loop step in the parallel scan, unrolled, their row loads issued
+      together (shrunk to at most T/Q; the T/Q mod scan_rows chunks left over are walked one
+      per step).
     num_warps, num_stages: Triton launch settings of the forward kernels.
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
   """
@@ -98,7 +100,7 @@ class BlockSizes:
     B·H·(P/block_p)·(N/block_n) programs (64 x 32 tiles: 128 at B=1, H=16, P=N=128, but 32
     for a P = N = 64 student), each walking T/Q chunks: on an H100 it took 4.0 of the 64k
     student prefill's 20 ms. The parallel pass spreads the chunk-state dots over all T/Q
-    chunks and leaves only an elementwise scan to walk them (`scan_rows` per load).
+    chunks and leaves only an elementwise scan to walk them (`scan_rows` per step).
     """
     del implementation
     return cls()
