@@ -451,6 +451,9 @@ def main(argv=None):
              # The chunk backward without register spills (ptxas: 372 B at block_p 64).
              "pallas_gpu bwd bp16": ssd_ops.BlockSizes(block_p_bwd=16),
              "pallas_gpu q128": ssd_ops.BlockSizes(chunk=128),
+             # Q = 128 at 4 warps: 255 registers and a spill in the output kernel (ptxas); the
+             # default takes 8 warps there.
+             "pallas_gpu q128 w4": ssd_ops.BlockSizes(chunk=128, num_warps=4),
              "pallas_gpu bp32": ssd_ops.BlockSizes(block_p=32),
              # The boundary scan walks rows now (session 10: ~6 SASS instructions per element
              # and chunk, not ~54): narrower slices give more programs (256 at the student).
@@ -479,7 +482,9 @@ def main(argv=None):
           print(row, flush=True)
       inputs, cot = ssd_inputs(s)
       student = s.t == 65536
-      candidates = [(f, ssd_form(f)) for f in forms if not student or f == "pallas_gpu"]
+      # The student runs its SSD at chunk 128 (bench_distill --chunk): time it so.
+      main = ssd_ops.BlockSizes(chunk=128) if student else None
+      candidates = [(f, ssd_form(f, main)) for f in forms if not student or f == "pallas_gpu"]
       candidates += [(name, ssd_form("pallas_gpu", blocks)) for name, blocks in sweep.items()
                      if not student or blocks.block_p <= s.p]
       for name, fn in candidates:

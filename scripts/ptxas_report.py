@@ -121,7 +121,8 @@ def lower_ssd(blocks, seq: int):
   # value_and_grad: the loss needs y, so the output kernel is not dead code in the forward.
   jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
       lowering_platforms=("cuda",))
-  fwd, bwd = (blocks.num_warps, blocks.num_stages), (blocks.num_warps_bwd, blocks.num_stages_bwd)
+  fwd = (blocks.forward_warps(min(blocks.chunk, seq)), blocks.num_stages)
+  bwd = (blocks.num_warps_bwd, blocks.num_stages_bwd)
   return {"memx_ssd_state_fwd": fwd, "memx_ssd_out_fwd": fwd, "memx_ssd_chunk_states": fwd,
           "memx_ssd_state_scan": fwd, "memx_ssd_state_bwd": bwd, "memx_ssd_chunk_bwd": bwd,
           "memx_ssd_chunk_states_bwd": bwd, "memx_ssd_state_scan_bwd": bwd}

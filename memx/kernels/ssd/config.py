@@ -42,7 +42,8 @@ class BlockSizes:
     scan_rows: chunks per loop step in the parallel scan, unrolled, their row loads issued
       together (shrunk to at most T/Q; the T/Q mod scan_rows chunks left over are walked one
       per step).
-    num_warps, num_stages: Triton launch settings of the forward kernels.
+    num_warps, num_stages: Triton launch settings of the forward kernels. num_warps None: 4,
+      or 8 at chunks of 128 and more (`forward_warps`).
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
   """
 
@@ -54,7 +55,7 @@ class BlockSizes:
   chunk_states_fp32: bool = True
   block_scan: int = 256
   scan_rows: int = 16
-  num_warps: int = 4
+  num_warps: int | None = None
   num_stages: int = 2
   num_warps_bwd: int = 8
   num_stages_bwd: int = 1
@@ -82,13 +83,22 @@ class BlockSizes:
                          f"(Triton tensors have power-of-two sizes, dots need 16).")
     for f in ("num_warps", "num_warps_bwd"):
       v = getattr(self, f)
-      if v not in (1, 2, 4, 8, 16):
+      if v not in (1, 2, 4, 8, 16) and not (f == "num_warps" and v is None):
         raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: expected one of 1, 2, 4, 8, "
                          f"16.")
     for f in ("num_stages", "num_stages_bwd"):
       v = getattr(self, f)
       if not isinstance(v, int) or not 1 <= v <= 8:
         raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be an int in [1, 8].")
+
+  def forward_warps(self, chunk: int) -> int:
+    """Warps of the forward kernels at this (effective) chunk length. The output kernel holds a
+    Q x Q fp32 score tile: at Q = 128 and 4 warps that is 128 registers per thread on its own,
+    and ptxas (sm_90a, the 64k student's P = N = 64) reports 255 registers and an 84-byte
+    spill; 8 warps take 181 registers and no spill, at the same 8 warps per SM."""
+    if self.num_warps is not None:
+      return self.num_warps
+    return 8 if chunk >= 128 else 4
 
   @classmethod
   def get_default(cls, implementation: str = "pallas_gpu") -> "BlockSizes":

@@ -80,7 +80,7 @@ class _PPlan:
     b = self.blocks
     if backward:
       return plgpu.CompilerParams(num_warps=b.num_warps_bwd, num_stages=b.num_stages_bwd)
-    return plgpu.CompilerParams(num_warps=b.num_warps, num_stages=b.num_stages)
+    return plgpu.CompilerParams(num_warps=b.forward_warps(self.chunk), num_stages=b.num_stages)
 
 
 def unsupported_reason(p: int, n: int) -> str | None:
