@@ -13,9 +13,10 @@ floor" of the goal) and D = 1536·16 (the same with the N = 16 state flattened i
 Forms: memx `pallas_gpu`, `xla`, `lax_scan` (reference) and `assoc_scan`.
 Short-conv shapes (Mamba-2's causal depthwise conv, W = 4, SiLU fused, bf16): B=1, T=65536,
 C=1024 (each of the 64k distillation student's three convs: x, B and C) and B=4, T=4096,
-C=2048. Forms: memx `pallas_gpu` (tiled kernels, fused backward) and `xla` (shifted slices that
-XLA fuses, autodiff backward), against the floor of reading x and writing y once (the forward)
-plus reading x and dy and writing dx once (the backward).
+C=2048. Forms: memx `pallas_gpu` (tiled kernels; two-pass backward by default, the fused one
+in the sweep) and `xla` (shifted slices that XLA fuses, autodiff backward), against the floor
+of reading x and writing y once (the forward) plus reading x and dy and writing dx once (the
+backward).
 
 Per (form, shape, pass) the script reports the median wall time of compiled calls (after
 warm-up, each ended by block_until_ready), the compiled temporary bytes, and a roofline: SSD

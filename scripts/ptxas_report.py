@@ -121,9 +121,10 @@ def lower_ssd(blocks, seq: int):
   # value_and_grad: the loss needs y, so the output kernel is not dead code in the forward.
   jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
       lowering_platforms=("cuda",))
-  fwd = (blocks.forward_warps(min(blocks.chunk, seq)), blocks.num_stages)
+  fwd = (blocks.num_warps or 4, blocks.num_stages)
+  out = (blocks.forward_warps(min(blocks.chunk, seq)), blocks.num_stages)
   bwd = (blocks.num_warps_bwd, blocks.num_stages_bwd)
-  return {"memx_ssd_state_fwd": fwd, "memx_ssd_out_fwd": fwd, "memx_ssd_chunk_states": fwd,
+  return {"memx_ssd_state_fwd": fwd, "memx_ssd_out_fwd": out, "memx_ssd_chunk_states": fwd,
           "memx_ssd_state_scan": fwd, "memx_ssd_state_bwd": bwd, "memx_ssd_chunk_bwd": bwd,
           "memx_ssd_chunk_states_bwd": bwd, "memx_ssd_state_scan_bwd": bwd}
 
@@ -164,7 +165,8 @@ def conv_candidates():
 
 
 def lower_conv(blocks, seq: int):
-  """Mamba-2's x conv at d_inner 2048, bf16, SiLU fused: forward and fused backward."""
+  """Mamba-2's x conv at d_inner 2048, bf16, SiLU fused: forward and backward (two-pass by
+  default: the g kernel and the dx kernel; `fused bwd`: one kernel)."""
   from memx.kernels.short_conv import causal_conv_pallas_gpu  # noqa: PLC0415
   x = jax.ShapeDtypeStruct((1, seq, 2048), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((4, 2048), jnp.bfloat16)

@@ -83,7 +83,11 @@ def serving_layout(packed: jax.Array) -> jax.Array:
 
 class PackedBitLinear(nnx.Module):
   """Inference-only BitLinear over 2-bit packed weights ([⌈in/4⌉, out] bytes or [⌈in/4⌉, out/4]
-  int32 words, `serving_layout`) and an fp32 scale."""
+  int32 words, `serving_layout`) and an fp32 scale.
+
+  packed: uint8 is read as bytes (`pack_ternary`'s output) and int32 always as words
+  (`to_words`), never as byte values widened to int32; other dtypes raise.
+  """
 
   def __init__(self, packed: jax.Array, scale: jax.Array, norm: jax.Array, *, in_dim: int,
                eps: float = 1e-6, compute_dtype: str = "float32", implementation=None):

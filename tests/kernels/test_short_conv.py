@@ -31,6 +31,9 @@ CASES = {
     "default_blocks": ((1, 70, (33,), 4), [[30, 40]], False, False, None),
     "fused_backward": ((2, 40, (24,), 4), [[11, 2, 27], [40]], True, True, FUSED),
     "fused_plain": ((1, 37, (20,), 3), None, False, False, FUSED),
+    # Several backward programs along T (partial dw / dbias sums added across them).
+    "many_backward_programs": ((2, 45, (16,), 4), [[20, 25], [45]], True, False,
+                               BlockSizes(block_t=8, block_c=16, block_t_bwd=8, rows_bwd=16)),
 }
 
 
@@ -154,6 +157,26 @@ def test_packed_equals_separate_and_history_continues(impl, kw):
   head = run(x[:, :12], w, bias)
   tail = run(x[:, 12:], w, bias, None, x[:, 9:12])
   _testing.assert_allclose(jnp.concatenate([head, tail], 1), run(x, w, bias), name="continued")
+
+
+@pytest.mark.parametrize("impl, kw", [("reference", {}), ("xla", {}),
+                                      ("pallas_gpu", {"interpret": True, "block_sizes": BS16})])
+def test_a_reused_segment_id_starts_a_new_segment(impl, kw):
+  """Ids [0]*12 + [1]*3 + [0]*22: the third run reuses id 0 within W-1 tokens of the first, and
+  must not see it (a segment is a run of equal ids, as in the SSD beside the conv)."""
+  x, w, bias, *_ = _inputs("ragged_t_and_c", jnp.float32, seed=5)
+  hist = jax.random.normal(jax.random.key(6), (2, 3, 20))
+  run = functools.partial(causal_conv, implementation=impl, activation="silu", **kw)
+  seg = jnp.asarray([[0] * 12 + [1] * 3 + [0] * 22] * 2, jnp.int32)
+  parts = [run(x[:, :12], w, bias, None, hist), run(x[:, 12:15], w, bias),
+           run(x[:, 15:], w, bias)]
+  _testing.assert_allclose(run(x, w, bias, seg, hist), jnp.concatenate(parts, 1),
+                           name="reused id")
+  # History rows keep their own runs too: an id that matches token 0's only after another run.
+  hseg = jnp.asarray([[0, 1, 0]] * 2, jnp.int32)
+  want = jnp.concatenate([run(x[:, :12], w, bias, None, hist.at[:, :2].set(0)), parts[1],
+                          parts[2]], 1)
+  _testing.assert_allclose(run(x, w, bias, seg, hist, hseg), want, name="history runs")
 
 
 def test_default_dispatch_on_cpu_is_xla_without_warnings():

@@ -189,7 +189,7 @@ def test_packed_matmul_lowers(triton_modules, m, k, n, x_dtype, layout):
 @DTYPES
 @pytest.mark.parametrize("case", tuple(tsc.CASES))
 def test_short_conv_lowers(triton_modules, case, dtype):
-  """Forward and the fused backward, with SiLU, at every test case's options."""
+  """Forward and backward (two-pass or fused), with SiLU, at every test case's options."""
   x, w, bias, hist, dy, seg, hseg = tsc._inputs(case, dtype)
 
   def fn(x, w, bias, hist, dy):

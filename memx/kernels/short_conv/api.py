@@ -10,7 +10,11 @@ import jax.numpy as jnp
 from memx.kernels._dispatch import choose, gpu_backend
 from memx.kernels.short_conv.config import BlockSizes
 from memx.kernels.short_conv.pallas_gpu import causal_conv_pallas_gpu
-from memx.kernels.short_conv.reference import ACTIVATIONS, causal_conv_reference
+from memx.kernels.short_conv.reference import (
+    ACTIVATIONS,
+    causal_conv_reference,
+    segment_runs,
+)
 from memx.kernels.short_conv.xla import causal_conv_xla
 from memx.typing import Array, Float, Int
 
@@ -107,7 +111,8 @@ def causal_conv(
     w: taps [W, *channels]; w[W-1] multiplies the current token.
     bias: [*channels].
     segment_ids: packed sequences [B, T]: a token never sees inputs of another segment, so a
-      packed run equals separate runs.
+      packed run equals separate runs. A segment is a run of equal ids (an id may recur
+      later and still start a new segment, as in `memx.kernels.ssd`).
     history: the W-1 inputs before the sequence [B, W-1, *channels] (a decode state or the
       previous device's tail); default zeros.
     history_segment_ids: segments of the history rows [B, W-1]; default token 0's segment.
@@ -120,7 +125,8 @@ def causal_conv(
 
   Returns:
     y with x's shape and dtype (float32 arithmetic in every implementation). Differentiable in
-    x, w, bias and history.
+    x, w, bias and history; pallas_gpu's default two-pass backward rounds the intermediate
+    g = dy ⊙ act'(pre) to x's dtype between its passes (`BlockSizes.backward`).
 
   Raises:
     ValueError: malformed inputs (ranks, shapes, dtypes, an unknown activation).
@@ -131,6 +137,8 @@ def causal_conv(
     raise ValueError(f"causal_conv: block_sizes must be a BlockSizes, got {block_sizes!r}")
   name = choose("causal_conv", implementation, default_order(),
                 lambda n: unsupported_reason(n, interpret))
+  segment_ids, history_segment_ids = segment_runs(segment_ids, history_segment_ids,
+                                                 history is not None)
   args = (x, w, bias, segment_ids, history, history_segment_ids)
   if name == "reference":
     return causal_conv_reference(*args, activation=activation)

@@ -13,11 +13,13 @@ class BlockSizes:
 
   The convolution is element-wise along channels and W taps long along time, so the kernels
   are pure memory traffic: each program reads its tile of x once from DRAM (the W shifted
-  re-reads of it hit L1/L2) and writes its tile once. The backward recomputes the
-  pre-activation at the W shifts it needs (W² cached loads per element), which keeps its traffic
-  at x + dy read and dx written; each backward program walks `rows_bwd` rows in sub-tiles of
-  `block_t_bwd`, summing its share of dw and dbias in registers, so the per-program partial
-  sums XLA adds up stay small (T / rows_bwd · W · C floats).
+  re-reads of it hit L1/L2) and writes its tile once. The backward's first (or only) kernel
+  walks `rows_bwd` rows per program in sub-tiles of `block_t_bwd`, summing its share of dw and
+  dbias in registers, so the per-program partial sums XLA adds up stay small
+  (T / rows_bwd · W · C floats). Two-pass (default) it writes g = dy ⊙ act'(pre), rounded to
+  x's dtype, and a second kernel on the forward's tiles sums g's W shifts into dx; fused, it
+  recomputes the pre-activation at the W shifts it needs (W² cached loads per element) and
+  writes dx itself.
 
   Registers decide the tiles (`scripts/ptxas_report.py --family conv`): every tap of a tile is
   live at once, so elements per thread (block_t · block_c / (32 · num_warps)) times W must fit.

@@ -64,6 +64,11 @@ class _Plan:
     return -(-self.t // self.block_t)
 
   @property
+  def grad_is_dy(self) -> bool:
+    """Two-pass without an activation: g = dy, so the first pass only sums dw and dbias."""
+    return self.two_pass and self.activation is None
+
+  @property
   def n_t_bwd(self) -> int:
     return -(-self.t // self.rows_bwd)
 
@@ -164,7 +169,10 @@ def _backward_kernel(*refs, plan: _Plan):
   """Fused: dx, and dw / dbias partial sums. Two-pass (plan.two_pass): g = dy ⊙ act'(pre) in
   place of dx (then `_dx_kernel`), and the same partial sums."""
   x_ref, w_ref, b_ref, seg_ref, hist_ref, hseg_ref, rest = _split_refs(plan, refs)
-  dy_ref, out_ref, dw_ref, db_ref = rest
+  if plan.grad_is_dy:
+    (dy_ref, dw_ref, db_ref), out_ref = rest, None
+  else:
+    dy_ref, out_ref, dw_ref, db_ref = rest
   bt, bc = plan.block_t_bwd, plan.block_c
   first_row, col0 = pl.program_id(0) * plan.rows_bwd, pl.program_id(2) * bc
   shifts = 1 if plan.two_pass else plan.width
@@ -195,8 +203,9 @@ def _backward_kernel(*refs, plan: _Plan):
       if plan.segments and s > 0:
         contribution = jnp.where((seg == own_seg)[:, None], contribution, 0.0)
       dx = dx + contribution
-    row0 = pl.multiple_of(i * bt, bt)
-    out_ref[pl.ds(row0, bt), :] = dx.astype(out_ref.dtype)
+    if out_ref is not None:
+      row0 = pl.multiple_of(i * bt, bt)
+      out_ref[pl.ds(row0, bt), :] = dx.astype(out_ref.dtype)
     return dw, db
 
   zeros = jnp.zeros((bt, bc), jnp.float32)
@@ -274,19 +283,23 @@ def _backward(plan: _Plan, x, w, bias, seg, hist, hseg, dy):
   tile = pl.BlockSpec((None, plan.rows_bwd, plan.block_c), lambda i, b, j: (b, i, j))
   dw_spec = pl.BlockSpec((None, None, plan.width, plan.block_c), lambda i, b, j: (i, b, 0, j))
   db_spec = pl.BlockSpec((None, None, plan.block_c), lambda i, b, j: (i, b, j))
-  dx, dw_part, db_part = pl.pallas_call(
+  out_specs = [dw_spec, db_spec]
+  out_shape = [jax.ShapeDtypeStruct((plan.n_t_bwd, bsz, plan.width, plan.c_pad), jnp.float32),
+               jax.ShapeDtypeStruct((plan.n_t_bwd, bsz, plan.c_pad), jnp.float32)]
+  if not plan.grad_is_dy:  # with no activation the two-pass g is dy itself: nothing to write
+    out_specs.insert(0, tile)
+    out_shape.insert(0, jax.ShapeDtypeStruct(x.shape, x.dtype))
+  outs = pl.pallas_call(
       functools.partial(_backward_kernel, plan=plan),
-      grid=(plan.n_t_bwd, bsz, n_c), in_specs=specs, out_specs=[tile, dw_spec, db_spec],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                 jax.ShapeDtypeStruct((plan.n_t_bwd, bsz, plan.width, plan.c_pad), jnp.float32),
-                 jax.ShapeDtypeStruct((plan.n_t_bwd, bsz, plan.c_pad), jnp.float32)],
+      grid=(plan.n_t_bwd, bsz, n_c), in_specs=specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plan.params(backward=True), interpret=plan.interpret,
       cost_estimate=pl.CostEstimate(flops=2 * plan.width ** 2 * x.size,
                                     transcendentals=plan.width * x.size,
                                     bytes_accessed=3 * x.size * x.dtype.itemsize),
       name="memx_causal_conv_grad" if plan.two_pass else "memx_causal_conv_bwd",
   )(x, *_padded(plan, w, bias), *extra, dy)
-  if plan.two_pass:  # dx_part holds g: the second pass turns it into dx
+  dx, dw_part, db_part = (dy, *outs) if plan.grad_is_dy else outs
+  if plan.two_pass:  # dx holds g: the second pass turns it into dx
     dx = _dx_pass(plan, dx, w, seg)
   return dx, dw_part.sum((0, 1))[:, :plan.c], db_part.sum((0, 1))[:plan.c]
 

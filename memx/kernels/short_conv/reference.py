@@ -21,6 +21,24 @@ def activate(pre: Float[Array, "..."], activation: str | None) -> Float[Array, "
   return jax.nn.silu(pre) if activation == "silu" else pre
 
 
+def segment_runs(segment_ids, history_segment_ids, has_history: bool):
+  """Renumbers packed segments as runs 0, 1, 2, ... over [history, sequence] per row, so an id
+  that recurs later (ids [0, 0, 1, 0]) still starts a new segment, as in the SSD beside the
+  conv; the implementations then compare ids for equality. Returns (segment ids, history
+  segment ids or None)."""
+  if segment_ids is None:
+    return None, None
+  seg = segment_ids.astype(jnp.int32)
+  keep = 0
+  if has_history and history_segment_ids is not None:
+    keep = history_segment_ids.shape[1]
+    seg = jnp.concatenate([history_segment_ids.astype(jnp.int32), seg], axis=1)
+  starts = jnp.concatenate([jnp.zeros((seg.shape[0], 1), jnp.int32),
+                            (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)], axis=1)
+  runs = jnp.cumsum(starts, axis=1)
+  return runs[:, keep:], (runs[:, :keep] if keep else None)
+
+
 def history_segments(segment_ids, history_segment_ids, batch: int, keep: int):
   """Segment ids of the W-1 history rows: as given, or the first token's segment."""
   if history_segment_ids is not None:

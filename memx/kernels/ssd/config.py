@@ -43,7 +43,7 @@ class BlockSizes:
       together (shrunk to at most T/Q; the T/Q mod scan_rows chunks left over are walked one
       per step).
     num_warps, num_stages: Triton launch settings of the forward kernels. num_warps None: 4,
-      or 8 at chunks of 128 and more (`forward_warps`).
+      except the output kernel at chunks of 128 and more: 8 (`forward_warps`).
     num_warps_bwd, num_stages_bwd: the same for the backward kernels.
   """
 
@@ -92,7 +92,7 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be an int in [1, 8].")
 
   def forward_warps(self, chunk: int) -> int:
-    """Warps of the forward kernels at this (effective) chunk length. The output kernel holds a
+    """Warps of the forward output kernel at this (effective) chunk length. It holds a
     Q x Q fp32 score tile: at Q = 128 and 4 warps that is 128 registers per thread on its own,
     and ptxas (sm_90a, the 64k student's P = N = 64) reports 255 registers and an 84-byte
     spill; 8 warps take 181 registers and no spill, at the same 8 warps per SM."""

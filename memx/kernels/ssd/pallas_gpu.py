@@ -76,11 +76,13 @@ class _PPlan:
   def t_pad(self) -> int:
     return self.chunk * self.n_chunks
 
-  def params(self, backward: bool = False):
+  def params(self, backward: bool = False, score_tile: bool = False):
+    """Launch settings; score_tile: the forward output kernel, which holds a Q x Q tile."""
     b = self.blocks
     if backward:
       return plgpu.CompilerParams(num_warps=b.num_warps_bwd, num_stages=b.num_stages_bwd)
-    return plgpu.CompilerParams(num_warps=b.forward_warps(self.chunk), num_stages=b.num_stages)
+    warps = b.forward_warps(self.chunk) if score_tile else (b.num_warps or 4)
+    return plgpu.CompilerParams(num_warps=warps, num_stages=b.num_stages)
 
 
 def unsupported_reason(p: int, n: int) -> str | None:
@@ -532,7 +534,7 @@ def _out_fwd(plan: _PPlan, x, dt_t, cum_t, bm, cm, h_in, d, seg):
       in_specs=[s["x"], s["row"], s["row"], s["b"], s["c"], s["state"], s["whole_h"],
                 *seg_specs],
       out_specs=s["x"], out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      compiler_params=plan.params(), interpret=plan.interpret,
+      compiler_params=plan.params(score_tile=True), interpret=plan.interpret,
       cost_estimate=pl.CostEstimate(flops=n_flops, transcendentals=bsz * tp * h * plan.chunk,
                                     bytes_accessed=2 * x.size * x.dtype.itemsize
                                     + h_in.size * 4),
