@@ -163,6 +163,14 @@ def _decay_matrix(plan: _PPlan, cum, seg):
 # --- forward -----------------------------------------------------------------------------------
 
 
+def _chunk_lasts(plan: _PPlan, cum_ref, seg_ref):
+  """(cum, segment id) of the last token of a one-chunk block, by one-element loads: no
+  reduction across the program's warps (ptxas: one shuffle tree and barriers fewer)."""
+  q = plan.chunk
+  return (_last_of_chunk(cum_ref, 0, q),
+          _last_of_chunk(seg_ref, 0, q) if plan.segments else None)
+
+
 def _last_of_chunk(ref, c, q: int):
   """ref[c·q + q - 1] as a scalar, by a one-element load: the sequential walks need it on their
   serial path, where a masked sum over the chunk would add a cross-warp reduction per step."""
@@ -205,7 +213,8 @@ def _chunk_state_fwd_kernel(*refs, plan: _PPlan):
     x_ref, dt_ref, cum_ref, b_ref, s_ref = refs
   ci = pl.program_id(0)
   seg, seg_prev = (seg_ref[...], sp_ref[ci]) if plan.segments else (None, None)
-  _, wst, _ = _chunk_factors(plan, cum_ref[...], seg, seg_prev)
+  _, wst, _ = _chunk_factors(plan, cum_ref[...], seg, seg_prev,
+                             *_chunk_lasts(plan, cum_ref, seg_ref if plan.segments else None))
   x = x_ref[...]
   xw = (x.astype(F32) * (dt_ref[...].astype(F32) * wst)[:, None]).astype(x.dtype)
   s_ref[...] = _dot(xw, b_ref[...], trans_a=True).astype(s_ref.dtype)
@@ -324,7 +333,8 @@ def _chunk_bwd_kernel(*refs, plan: _PPlan, heads: int):
   cum = cum_ref[...]
   dt = dt_ref[...].astype(F32)
   seg, seg_prev = (seg_ref[...], sp_ref[ci]) if plan.segments else (None, None)
-  eoff, wst, g = _chunk_factors(plan, cum, seg, seg_prev)
+  eoff, wst, g = _chunk_factors(plan, cum, seg, seg_prev,
+                                *_chunk_lasts(plan, cum_ref, seg_ref if plan.segments else None))
   bm, cm = b_ref[...], c_ref[...]
   mm = bm.dtype
   lmat = _decay_matrix(plan, cum, seg)
