@@ -20,6 +20,23 @@ def gpu_backend() -> bool:
     return False
 
 
+NEEDS_GPU = ("needs an NVIDIA GPU backend to compile; pass interpret=True to run the kernels in "
+             "the Pallas interpreter")
+
+
+def portable_or_pallas_reason(op: str, name: str, implementations: Sequence[str], *,
+                              interpret: bool, on_gpu: bool) -> str | None:
+  """The reason rule of an op whose implementations are reference, xla and pallas_gpu with no
+  input limits: pallas_gpu needs a GPU (or interpret=True); an unknown name raises.
+  on_gpu: the api module's `gpu_backend()`, evaluated there (tests patch it per module)."""
+  if name not in implementations:
+    raise NotImplementedError(f"{op}: unknown implementation {name!r}; available: "
+                              f"{tuple(implementations)}")
+  if name == "pallas_gpu" and not interpret and not on_gpu:
+    return NEEDS_GPU
+  return None
+
+
 def choose(op: str, implementation: str | Sequence[str] | None, default_order: Sequence[str],
            reason: Callable[[str], str | None], *,
            silent_default_skip: Callable[[int, str], bool] = lambda i, name: name != "pallas_gpu",

@@ -8,7 +8,7 @@ from typing import Literal
 import jax.numpy as jnp
 import numpy as np
 
-from memx.kernels._dispatch import choose
+from memx.kernels._dispatch import NEEDS_GPU, choose
 from memx.kernels.attention import cudnn as cudnn_impl
 from memx.kernels.attention.config import BlockSizes
 from memx.kernels.attention.mask import CAUSAL, Mask
@@ -80,8 +80,7 @@ def unsupported_reason(name: str, q, k, mask: Mask, segment_ids, interpret: bool
     return None
   if name == "pallas_gpu":
     if not interpret and not cudnn_impl.gpu_backend():
-      return ("needs an NVIDIA GPU backend to compile; pass interpret=True to run the kernels "
-              "in the Pallas interpreter")
+      return NEEDS_GPU
     if q.shape[-1] > 256:
       return f"head dim {q.shape[-1]} > 256 does not fit the kernel's register tiles"
     return None

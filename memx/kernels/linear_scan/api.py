@@ -7,7 +7,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from memx.kernels._dispatch import choose, gpu_backend
+from memx.kernels._dispatch import choose, gpu_backend, portable_or_pallas_reason
 from memx.kernels.linear_scan.config import BlockSizes
 from memx.kernels.linear_scan.pallas_gpu import linear_scan_pallas_gpu
 from memx.kernels.linear_scan.reference import linear_scan_reference
@@ -55,15 +55,8 @@ def _check_inputs(a, b, h0, segment_ids) -> None:
 
 def unsupported_reason(name: str, interpret: bool) -> str | None:
   """Why implementation `name` cannot serve these (valid) inputs, or None if it can."""
-  if name in ("reference", "xla"):
-    return None
-  if name == "pallas_gpu":
-    if not interpret and not gpu_backend():
-      return ("needs an NVIDIA GPU backend to compile; pass interpret=True to run the kernels "
-              "in the Pallas interpreter")
-    return None
-  raise NotImplementedError(f"linear_scan: unknown implementation {name!r}; available: "
-                            f"{IMPLEMENTATIONS}")
+  return portable_or_pallas_reason("linear_scan", name, IMPLEMENTATIONS, interpret=interpret,
+                                   on_gpu=gpu_backend())
 
 
 def linear_scan(

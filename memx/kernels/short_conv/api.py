@@ -7,7 +7,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from memx.kernels._dispatch import choose, gpu_backend
+from memx.kernels._dispatch import choose, gpu_backend, portable_or_pallas_reason
 from memx.kernels.short_conv.config import BlockSizes
 from memx.kernels.short_conv.pallas_gpu import causal_conv_pallas_gpu
 from memx.kernels.short_conv.reference import (
@@ -78,15 +78,8 @@ def _check_inputs(x, w, bias, segment_ids, history, history_segment_ids, activat
 
 def unsupported_reason(name: str, interpret: bool) -> str | None:
   """Why implementation `name` cannot serve these (valid) inputs, or None if it can."""
-  if name in ("reference", "xla"):
-    return None
-  if name == "pallas_gpu":
-    if not interpret and not gpu_backend():
-      return ("needs an NVIDIA GPU backend to compile; pass interpret=True to run the kernels "
-              "in the Pallas interpreter")
-    return None
-  raise NotImplementedError(f"causal_conv: unknown implementation {name!r}; available: "
-                            f"{IMPLEMENTATIONS}")
+  return portable_or_pallas_reason("causal_conv", name, IMPLEMENTATIONS, interpret=interpret,
+                                   on_gpu=gpu_backend())
 
 
 def causal_conv(

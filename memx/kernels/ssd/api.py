@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memx.kernels._dispatch import choose, gpu_backend
+from memx.kernels._dispatch import NEEDS_GPU, choose, gpu_backend
 from memx.kernels.ssd import pallas_gpu as pallas_impl
 from memx.kernels.ssd import xla as xla_impl
 from memx.kernels.ssd.config import BlockSizes
@@ -93,8 +93,7 @@ def unsupported_reason(name: str, x, bm, block_sizes: BlockSizes | None, interpr
     return None
   if name == "pallas_gpu":
     if not interpret and not gpu_backend():
-      return ("needs an NVIDIA GPU backend to compile; pass interpret=True to run the kernels "
-              "in the Pallas interpreter")
+      return NEEDS_GPU
     return pallas_impl.unsupported_reason(x.shape[-1], bm.shape[-1])
   raise NotImplementedError(f"ssd: unknown implementation {name!r}; available: "
                             f"{IMPLEMENTATIONS}")

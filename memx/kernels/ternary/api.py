@@ -7,7 +7,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from memx.kernels._dispatch import choose, gpu_backend
+from memx.kernels._dispatch import choose, gpu_backend, portable_or_pallas_reason
 from memx.kernels.ternary.config import BlockSizes
 from memx.kernels.ternary.pallas_gpu import packed_matmul_pallas_gpu
 from memx.kernels.ternary.reference import packed_cols, packed_matmul_reference, packed_rows
@@ -44,15 +44,8 @@ def _check_inputs(x, packed) -> None:
 
 def unsupported_reason(name: str, interpret: bool) -> str | None:
   """Why implementation `name` cannot serve these (valid) inputs, or None if it can."""
-  if name in ("reference", "xla"):
-    return None
-  if name == "pallas_gpu":
-    if not interpret and not gpu_backend():
-      return ("needs an NVIDIA GPU backend to compile; pass interpret=True to run the kernel in "
-              "the Pallas interpreter")
-    return None
-  raise NotImplementedError(f"packed_matmul: unknown implementation {name!r}; available: "
-                            f"{IMPLEMENTATIONS}")
+  return portable_or_pallas_reason("packed_matmul", name, IMPLEMENTATIONS, interpret=interpret,
+                                   on_gpu=gpu_backend())
 
 
 def packed_matmul(
