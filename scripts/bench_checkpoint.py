@@ -9,14 +9,19 @@ median main-thread blocking time, split into the wait for the previous save's wr
 not keeping up with the cadence) and the rest (the snapshot: device-to-host copy,
 serialization).
 Goals: lazy adds ≤ 5% to the step time where sync adds > 50%; lazy blocks ≥ 10× less than async.
+A last row, "lazy (zstd)", is lazy with Orbax's default zstd compression (what every mode did
+before `CheckpointConfig.compress` existed): it shows what storing arrays uncompressed buys.
+Each run is a fresh process, so one run's threads or caches cannot leak into the next.
 
   python scripts/bench_checkpoint.py --out benchmarks/out            # CPU size
   python scripts/bench_checkpoint.py --out $OUT --size gpu           # GPU size, bf16
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
+import multiprocessing
 import pathlib
 import statistics
 import subprocess
@@ -34,7 +39,13 @@ from memx.train.loop import train
 SIZES = {"cpu": (256, 4, 4, 256, 8, 24, 1), "gpu": (1024, 8, 16, 1024, 16, 250, 80)}
 
 
-def make_config(size, mode: str | None, bf16: bool) -> Config:
+# row label → (mode, CheckpointConfig overrides); mode None = checkpointing off.
+VARIANTS = {"never": (None, {}), "sync": ("sync", {}), "async": ("async", {}),
+            "lazy": ("lazy", {}),
+            "lazy (zstd)": ("lazy", {"compress": True})}
+
+
+def make_config(size, mode: str | None, bf16: bool, **overrides) -> Config:
   d, layers, heads, seq, batch, steps, every = size
   return Config(
       model=ModelConfig(vocab_size=512, d_model=d, n_layers=layers, n_heads=heads,
@@ -43,7 +54,12 @@ def make_config(size, mode: str | None, bf16: bool) -> Config:
       optim=OptimConfig(warmup_steps=2),
       train=TrainConfig(steps=steps, batch_size=batch, log_every=1, eval_batches=1),
       checkpoint=CheckpointConfig(enabled=mode is not None, mode=mode or "lazy", every=every,
-                                  keep=2))
+                                  keep=2, **overrides))
+
+
+def measure_variant(size, label: str, bf16: bool) -> dict:
+  mode, overrides = VARIANTS[label]
+  return measure(make_config(size, mode, bf16, **overrides))
 
 
 def measure(cfg: Config) -> dict:
@@ -64,18 +80,20 @@ def main() -> None:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   size, bf16 = SIZES[args.size], args.size == "gpu"
-  modes = [None, "sync", "async", "lazy"]
+  modes = list(VARIANTS)
   runs = {m: [] for m in modes}
-  for _ in range(args.repeats):  # interleaved, so machine noise hits every mode alike
-    for m in modes:
-      runs[m].append(measure(make_config(size, m, bf16)))
-      print(m, runs[m][-1], flush=True)
-  base = statistics.median(r["step_s"] for r in runs[None])
+  spawn = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every mode alike
+      for m in modes:
+        runs[m].append(pool.submit(measure_variant, size, m, bf16).result())
+        print(m, runs[m][-1], flush=True)
+  base = statistics.median(r["step_s"] for r in runs["never"])
   rows = []
-  med = lambda m, key: None if m is None else 1e3 * statistics.median(r[key] for r in runs[m])  # noqa: E731
+  med = lambda m, key: None if m == "never" else 1e3 * statistics.median(r[key] for r in runs[m])  # noqa: E731
   for m in modes:
     step = statistics.median(r["step_s"] for r in runs[m])
-    rows.append({"mode": m or "never", "step_ms": 1e3 * step, "overhead": step / base - 1.0,
+    rows.append({"mode": m, "step_ms": 1e3 * step, "overhead": step / base - 1.0,
                  "median_step_ms": 1e3 * statistics.median(r["median_step_s"] for r in runs[m]),
                  "blocking_ms": med(m, "blocking_s"), "write_wait_ms": med(m, "write_wait_s"),
                  "checkpoint_bytes": runs[m][0]["checkpoint_bytes"],

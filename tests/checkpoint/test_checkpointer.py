@@ -150,3 +150,23 @@ def test_restore_onto_another_mesh(tmp_path, mode):
     np.testing.assert_array_equal(restored["w"], np.arange(64.0).reshape(16, 4))
     np.testing.assert_array_equal(restored["b"], np.ones(3))
   ckpt.close()
+
+
+def test_compress_setting_takes_effect_and_both_restore(tmp_path):
+  zeros = {"w": jnp.zeros((256, 256), jnp.float32)}
+  sizes = {}
+  for compress in (True, False):
+    ckpt = Checkpointer(tmp_path / str(compress), CheckpointConfig(mode="sync", compress=compress))
+    ckpt.save(1, ckpt.begin(zeros), {"step": 1}, {})
+    ckpt.wait()
+    sizes[compress] = ckpt.size_bytes()
+    ckpt.close()
+  assert sizes[True] < sizes[False] - 200_000  # zstd squeezes 256 KiB of zeros to almost nothing
+  for compress in (True, False):  # either checkpoint restores under either setting
+    reader = Checkpointer(tmp_path / str(compress), CheckpointConfig(mode="sync",
+                                                                     compress=not compress))
+    restored, _, step = reader.restore({"w": jnp.ones((256, 256), jnp.float32)})
+    assert step == 1
+    _assert_equal(restored, zeros)
+    reader.close()
+
