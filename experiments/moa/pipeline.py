@@ -39,8 +39,11 @@ def config(variant: str = "base") -> Config:
   cfg = Config(
       model=ModelConfig(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
       # 3/4 of the rows are passkey retrieval (needle at a random depth), 1/4 corpus text.
+      # Passkey prompts end at a random length in [100, 256] (the rest of the row is filler):
+      # the question is asked at every position, so the dense model retrieves at every length
+      # up to 256 and each plan's effective context can be read off against it.
       data=DataConfig(source="corpus", seq_len=256, task="passkey", task_fraction=0.75,
-                      passkey_digits=3),
+                      passkey_digits=3, passkey_min_len=100),
       optim=OptimConfig(lr=3e-3, warmup_steps=50),
       train=TrainConfig(steps=1200, batch_size=16, log_every=50, eval_every=400,
                         eval_batches=4),
@@ -68,7 +71,7 @@ class Settings:
 
 
 SETTINGS = {
-    "base": Settings(profile_lengths=(128, 256), eval_lengths=(128, 256, 512, 1024),
+    "base": Settings(profile_lengths=(128, 256), eval_lengths=(128, 192, 256, 512),
                      budgets=(0.25, 0.5), depths=(0.1, 0.5, 0.9), profile_batches=4,
                      eval_batches=2),
     "tiny": Settings(profile_lengths=(128,), eval_lengths=(128,), budgets=(0.5,),

@@ -30,6 +30,10 @@ class DataConfig:
     passkey_depth: where the needle sits, as a fraction of the context (None = random).
     passkey_digits: digits of the passkey.
     copy_tokens: tokens to copy in selective copying.
+    passkey_min_len: None, or the shortest passkey prompt: each row's prompt (BOS, filler with
+      the needle, question, key) then ends at a random length in [passkey_min_len, seq_len]
+      and filler fills the rest of the row (no loss on it), so training asks the question at
+      every position, and the model retrieves at every length up to seq_len.
     passkey_filler: haystack of passkey rows: "repeat" (the classic repeated "The grass is
       green. ..." sentences) or "corpus" (random windows of the embedded corpus).
     vocab_size: the data's token id space, reported as Loader.vocab_size; None means the byte
@@ -48,6 +52,7 @@ class DataConfig:
   passkey_digits: int = 5
   copy_tokens: int = 16
   passkey_filler: str = "repeat"
+  passkey_min_len: int | None = None
   vocab_size: int | None = None
 
   def __post_init__(self):

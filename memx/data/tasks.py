@@ -166,7 +166,8 @@ def passkey_min_seq_len(digits: int) -> int:
 
 
 def passkey(rng: np.random.Generator, seq_len: int, *, digits: int,
-            depth: float | None = None, filler: bytes | None = None) -> TaskRow:
+            depth: float | None = None, filler: bytes | None = None,
+            min_len: int | None = None) -> TaskRow:
   """Passkey retrieval: a random number hidden in filler text, asked for at the end.
 
   Layout (length seq_len + 1): `BOS filler[:k] NEEDLE filler[k:] QUESTION key`, with
@@ -174,42 +175,55 @@ def passkey(rng: np.random.Generator, seq_len: int, *, digits: int,
   QUESTION = " What is the pass key? The pass key is ". The answer is the key's digits, the
   last `digits` tokens of the row. k = round(depth * filler length).
 
+  With `min_len`, that prompt ends at a random length L in [min_len, seq_len] (uniform) and
+  the rest of the row continues the filler: `BOS prompt(L) filler...`. The answer then sits at
+  L + 1 - digits .. L, so training rows ask the question at every position up to seq_len and
+  a model learns to retrieve at every length, not only at seq_len (a model trained on
+  full-length rows alone may retrieve at no other length).
+
   Args:
     rng: the row's randomness.
     seq_len: model sequence length (bytes of context); the row holds seq_len + 1 tokens.
     digits: digits of the key (leading zeros allowed).
-    depth: where the needle sits, as a fraction of the filler (0 = start, 1 = just before the
-      question); None draws it uniformly per row.
+    depth: where the needle sits, as a fraction of the prompt's filler (0 = start, 1 = just
+      before the question); None draws it uniformly per row.
     filler: text to cut the filler from (a random window of it, e.g. the embedded corpus);
       None repeats PASSKEY_FILLER ("The grass is green. ...").
+    min_len: shortest prompt (see above); None: the prompt spans the row.
 
   Returns:
-    The row; answer_mask marks the key's digits at the end.
+    The row; answer_mask marks the key's digits.
 
   Raises:
-    DataError: seq_len is below passkey_min_seq_len(digits).
+    DataError: seq_len (or min_len) is below passkey_min_seq_len(digits), or min_len is above
+      seq_len.
   """
   minimum = passkey_min_seq_len(digits)
   if seq_len < minimum:
     raise _too_short("passkey", seq_len, minimum, f"the needle, question and {digits}-digit "
                      "answer, with no filler at all", "passkey_digits")
+  if min_len is not None and not minimum <= min_len <= seq_len:
+    raise DataError(f"passkey_min_len = {min_len} is not allowed: it must lie in [{minimum}, "
+                    f"{seq_len}] (the shortest {digits}-digit passkey prompt, data.seq_len).")
+  length = seq_len if min_len is None else int(rng.integers(min_len, seq_len + 1))
   key = (ord("0") + rng.integers(0, 10, size=digits)).astype(np.uint8).tobytes()
   needle = _NEEDLE.replace(b"{key}", key)
-  n_filler = seq_len + 1 - 1 - len(needle) - len(_QUESTION) - digits
+  n_filler = length + 1 - 1 - len(needle) - len(_QUESTION) - digits
+  n_hay = n_filler + seq_len - length  # the prompt's filler, then the tail's
   if filler:
     # Tile only a filler shorter than the window; slicing the corpus itself copies nothing big.
-    source = filler * (n_filler // len(filler) + 1) if n_filler > len(filler) else filler
-    start = int(rng.integers(0, len(source) - n_filler + 1))
+    source = filler * (n_hay // len(filler) + 1) if n_hay > len(filler) else filler
+    start = int(rng.integers(0, len(source) - n_hay + 1))
   else:
-    source = PASSKEY_FILLER * (n_filler // len(PASSKEY_FILLER) + 1)
+    source = PASSKEY_FILLER * (n_hay // len(PASSKEY_FILLER) + 1)
     start = 0
-  hay = source[start:start + n_filler]
+  hay = source[start:start + n_hay]
   d = rng.uniform() if depth is None else depth
   k = int(round(d * n_filler))
-  text = hay[:k] + needle + hay[k:] + _QUESTION + key
+  text = hay[:k] + needle + hay[k:n_filler] + _QUESTION + key + hay[n_filler:]
   tokens = np.concatenate([[BOS], np.frombuffer(text, dtype=np.uint8)]).astype(np.int32)
   assert len(tokens) == seq_len + 1
-  return _row(tokens, np.arange(seq_len + 1 - digits, seq_len + 1))
+  return _row(tokens, np.arange(length + 1 - digits, length + 1))
 
 
 def passkey_answers(tokens) -> tuple[np.ndarray, np.ndarray]:
@@ -219,11 +233,11 @@ def passkey_answers(tokens) -> tuple[np.ndarray, np.ndarray]:
     tokens: a row as laid out by `passkey`.
 
   Returns:
-    (positions, digits): the key stated by the needle, expected as the row's last tokens,
-    right after the question.
+    (positions, digits): the key stated by the needle, expected right after the first
+    question that follows the needle (the row's last tokens unless the row has a tail).
 
   Raises:
-    ValueError: the row has no needle, or the question does not precede the answer.
+    ValueError: the row has no needle, or no question after it with room for the answer.
   """
   tokens = np.asarray(tokens)
   text = bytes(int(t) if t < 256 else 0 for t in tokens)
@@ -231,10 +245,11 @@ def passkey_answers(tokens) -> tuple[np.ndarray, np.ndarray]:
   if m is None:
     raise ValueError("passkey row has no needle")
   key = m.group(1)
-  n = len(tokens)
-  if not text[:n - len(key)].endswith(_QUESTION):
-    raise ValueError("passkey row does not end with the question then the answer")
-  return np.arange(n - len(key), n), np.frombuffer(key, dtype=np.uint8).astype(np.int32)
+  q = text.find(_QUESTION, m.end())
+  if q < 0 or q + len(_QUESTION) + len(key) > len(tokens):
+    raise ValueError("passkey row has no question after its needle, with room for the answer")
+  start = q + len(_QUESTION)
+  return np.arange(start, start + len(key)), np.frombuffer(key, dtype=np.uint8).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,8 +357,9 @@ def task_settings(cfg: DataConfig, task: str) -> str:
   if task == "mqar":
     return f"mqar(pairs={cfg.mqar_pairs},keys={MQAR_KEY_RANGE},values={MQAR_VALUE_RANGE})"
   if task == "passkey":
+    min_len = "" if cfg.passkey_min_len is None else f",min_len={cfg.passkey_min_len}"
     return (f"passkey(digits={cfg.passkey_digits},depth={cfg.passkey_depth},"
-            f"filler={cfg.passkey_filler})")
+            f"filler={cfg.passkey_filler}{min_len})")
   if task == "selective_copy":
     return f"selective_copy(copy_tokens={cfg.copy_tokens},data={COPY_DATA_RANGE})"
   raise DataError(f"unknown task {task!r}; expected one of {sorted(ANSWERS)}")
@@ -367,7 +383,7 @@ def make_task(cfg: DataConfig, task: str, *,
     fn = functools.partial(mqar, seq_len=cfg.seq_len, num_pairs=cfg.mqar_pairs)
   elif task == "passkey":
     fn = functools.partial(passkey, seq_len=cfg.seq_len, digits=cfg.passkey_digits,
-                           depth=cfg.passkey_depth, filler=filler)
+                           depth=cfg.passkey_depth, filler=filler, min_len=cfg.passkey_min_len)
   else:
     fn = functools.partial(selective_copy, seq_len=cfg.seq_len, copy_tokens=cfg.copy_tokens)
   fn(np.random.default_rng(0))  # fail now, with the task's message, not mid-training

@@ -118,7 +118,8 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
              decode_new_tokens: int = 16, threshold: float = 0.9) -> dict:
   """Evaluates `model` (under `plan` if given); returns the JSON-ready result (module doc)."""
   lengths = sorted(int(n) for n in lengths)
-  base = dataclasses.replace(data_cfg, task=None, task_fraction=0.0)
+  # Retrieval at N is asked at the end of N tokens: full-length passkey prompts.
+  base = dataclasses.replace(data_cfg, task=None, task_fraction=0.0, passkey_min_len=None)
   configs = {n: (dataclasses.replace(base, source="corpus", seq_len=n),
                  {d: dataclasses.replace(base, source="passkey", seq_len=n,
                                          passkey_depth=float(d)) for d in depths},

@@ -198,8 +198,9 @@ def profile_model(model, data_cfg, lengths, *, batches: int = 4, batch_size: int
   fn = _influence_fn(graphdef, layers, block)
   influence, losses = {}, {}
   for n in lengths:
-    loader = make_loader(dataclasses.replace(data_cfg, seq_len=n), batch_size=batch_size,
-                         seed=seed, split="train")
+    # Calibrate retrieval at N itself: full-length passkey prompts (passkey_min_len off).
+    loader = make_loader(dataclasses.replace(data_cfg, seq_len=n, passkey_min_len=None),
+                         batch_size=batch_size, seed=seed, split="train")
     acc, loss_sum = None, 0.0
     for k in range(batches):
       batch = {key: jnp.asarray(v) for key, v in loader.local_batch(k).items()}

@@ -105,6 +105,41 @@ def test_passkey(seed, digits, extra, depth, corpus):
   assert verify_row("passkey", *row)
 
 
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), digits=st.integers(1, 8), extra=st.integers(0, 300),
+       depth=st.one_of(st.none(), st.floats(0, 1)), corpus=st.booleans(), data=st.data())
+def test_passkey_min_len_asks_at_a_random_length(seed, digits, extra, depth, corpus, data):
+  from memx.data import load_corpus
+  from memx.data.tasks import passkey_min_seq_len
+
+  seq_len = passkey_min_seq_len(digits) + extra
+  min_len = data.draw(st.integers(passkey_min_seq_len(digits), seq_len))
+  filler = load_corpus()[0] if corpus else None
+  row = passkey(np.random.default_rng(seed), seq_len, digits=digits, depth=depth,
+                filler=filler, min_len=min_len)
+  _basic(row, seq_len)
+  end = int(np.flatnonzero(row.answer_mask)[-1])  # the prompt is row[:end + 1]
+  assert min_len <= end <= seq_len and row.answer_mask.sum() == digits
+  check_passkey(row.tokens[:end + 1], row.answer_mask[:end + 1], digits, depth)
+  tail = bytes(row.tokens[end + 1:].astype(np.uint8))
+  assert b"pass key" not in tail  # the tail is filler: no second needle or question
+  assert verify_row("passkey", *row)
+
+
+def test_passkey_min_len_spreads_lengths_and_keeps_full_rows_unchanged():
+  ends = {int(np.flatnonzero(passkey(np.random.default_rng(s), 200, digits=3,
+                                     min_len=100).answer_mask)[-1]) for s in range(300)}
+  assert min(ends) < 110 and max(ends) > 190 and len(ends) > 60
+  # min_len = seq_len, or None, is the classic full-length row (same randomness, same row).
+  a = passkey(np.random.default_rng(5), 200, digits=3)
+  b = passkey(np.random.default_rng(5), 200, digits=3, min_len=None)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  with pytest.raises(DataError, match=r"passkey_min_len = 201 .* \[\d+, 200\]"):
+    passkey(np.random.default_rng(0), 200, digits=3, min_len=201)
+  with pytest.raises(DataError, match="passkey_min_len = 5"):
+    make_task(DataConfig(source="passkey", seq_len=200, passkey_min_len=5), "passkey")
+
+
 def test_passkey_depth_ends():
   rng = np.random.default_rng(0)
   at_start = passkey(rng, 300, digits=5, depth=0.0).tokens
