@@ -2,15 +2,12 @@
 
 import dataclasses
 
+from memx.kernels._blocks import check_bool, check_launch, check_pow2
 from memx.kernels.attention.mask import Mask
 
 # (field, tiles the query axis?) for every tile field.
 _TILE_FIELDS = (("block_q", True), ("block_k", False), ("block_q_dkv", True),
                 ("block_k_dkv", False), ("block_q_dq", True), ("block_k_dq", False))
-
-
-def _pow2_at_least_16(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) and x >= 16 and x & (x - 1) == 0
 
 
 def _next_pow2(x: int) -> int:
@@ -57,24 +54,10 @@ class BlockSizes:
   exp2_ftz: bool = False
 
   def __post_init__(self):
-    for f, _ in _TILE_FIELDS:
-      v = getattr(self, f)
-      if not _pow2_at_least_16(v):
-        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be a power of two >= 16.")
-    for f in ("num_warps_fwd", "num_warps_bwd"):
-      v = getattr(self, f)
-      if v is not None and v not in (1, 2, 4, 8, 16):
-        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: expected None or one of "
-                         f"1, 2, 4, 8, 16.")
-    if not isinstance(self.dq_atomic, bool):
-      raise ValueError(f"BlockSizes.dq_atomic = {self.dq_atomic!r} is not allowed: must be a "
-                       f"bool.")
-    if not isinstance(self.exp2_ftz, bool):
-      raise ValueError(f"BlockSizes.exp2_ftz = {self.exp2_ftz!r} is not allowed: must be a bool.")
-    for f in ("num_stages_fwd", "num_stages_bwd"):
-      v = getattr(self, f)
-      if not isinstance(v, int) or not 1 <= v <= 8:
-        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be an int in [1, 8].")
+    check_pow2(self, *(f for f, _ in _TILE_FIELDS), lo=16)
+    check_launch(self, optional_warps=("num_warps_fwd", "num_warps_bwd"),
+                 stages=("num_stages_fwd", "num_stages_bwd"))
+    check_bool(self, "dq_atomic", "exp2_ftz")
 
   @classmethod
   def get_default(cls, implementation: str = "pallas_gpu", *, itemsize: int | None = None,

@@ -2,9 +2,7 @@
 
 import dataclasses
 
-
-def _pow2(x, lo: int) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) and x >= lo and x & (x - 1) == 0
+from memx.kernels._blocks import check_launch, check_pow2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,18 +27,9 @@ class BlockSizes:
   num_stages: int = 3
 
   def __post_init__(self):
-    if not _pow2(self.chunk, 8):
-      raise ValueError(f"BlockSizes.chunk = {self.chunk!r} is not allowed: must be a power of "
-                       f"two >= 8.")
-    if not _pow2(self.block_d, 16):
-      raise ValueError(f"BlockSizes.block_d = {self.block_d!r} is not allowed: must be a power "
-                       f"of two >= 16 (Triton tensors have power-of-two sizes).")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"BlockSizes.num_warps = {self.num_warps!r} is not allowed: expected one "
-                       f"of 1, 2, 4, 8, 16.")
-    if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
-      raise ValueError(f"BlockSizes.num_stages = {self.num_stages!r} is not allowed: must be an "
-                       f"int in [1, 8].")
+    check_pow2(self, "chunk", lo=8)
+    check_pow2(self, "block_d", lo=16, why=" (Triton tensors have power-of-two sizes)")
+    check_launch(self, warps=("num_warps",), stages=("num_stages",))
 
   @classmethod
   def get_default(cls, implementation: str = "pallas_gpu") -> "BlockSizes":

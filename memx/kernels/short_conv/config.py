@@ -2,9 +2,7 @@
 
 import dataclasses
 
-
-def _pow2(x, lo: int) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) and x >= lo and x & (x - 1) == 0
+from memx.kernels._blocks import check_choice, check_launch, check_pow2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,25 +43,11 @@ class BlockSizes:
   backward: str = "two_pass"
 
   def __post_init__(self):
-    if not _pow2(self.block_t, 8):
-      raise ValueError(f"BlockSizes.block_t = {self.block_t!r} is not allowed: must be a power "
-                       f"of two >= 8.")
-    if not _pow2(self.block_c, 16):
-      raise ValueError(f"BlockSizes.block_c = {self.block_c!r} is not allowed: must be a power "
-                       f"of two >= 16 (Triton tensors have power-of-two sizes).")
-    if not _pow2(self.block_t_bwd, 8):
-      raise ValueError(f"BlockSizes.block_t_bwd = {self.block_t_bwd!r} is not allowed: must be "
-                       f"a power of two >= 8.")
-    if not _pow2(self.rows_bwd, self.block_t_bwd):
-      raise ValueError(f"BlockSizes.rows_bwd = {self.rows_bwd!r} is not allowed: must be a power "
-                       f"of two >= block_t_bwd = {self.block_t_bwd}.")
-    if self.backward not in ("fused", "two_pass"):
-      raise ValueError(f"BlockSizes.backward = {self.backward!r} is not allowed: expected "
-                       f"'fused' or 'two_pass'.")
-    for name in ("num_warps", "num_warps_bwd"):
-      if getattr(self, name) not in (1, 2, 4, 8, 16):
-        raise ValueError(f"BlockSizes.{name} = {getattr(self, name)!r} is not allowed: expected "
-                         f"one of 1, 2, 4, 8, 16.")
+    check_pow2(self, "block_t", "block_t_bwd", lo=8)
+    check_pow2(self, "block_c", lo=16, why=" (Triton tensors have power-of-two sizes)")
+    check_pow2(self, "rows_bwd", lo=self.block_t_bwd, why=" (block_t_bwd)")
+    check_choice(self, "backward", ("fused", "two_pass"))
+    check_launch(self, warps=("num_warps", "num_warps_bwd"))
 
   @classmethod
   def get_default(cls) -> "BlockSizes":

@@ -2,9 +2,7 @@
 
 import dataclasses
 
-
-def _pow2(x, lo: int) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) and x >= lo and x & (x - 1) == 0
+from memx.kernels._blocks import check_bool, check_choice, check_launch, check_pow2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,35 +59,15 @@ class BlockSizes:
   num_stages_bwd: int = 1
 
   def __post_init__(self):
-    if not _pow2(self.chunk, 16):
-      raise ValueError(f"BlockSizes.chunk = {self.chunk!r} is not allowed: must be a power of "
-                       f"two >= 16 (the padded length is a multiple of it).")
-    if self.state_pass not in ("auto", "parallel", "sequential"):
-      raise ValueError(f"BlockSizes.state_pass = {self.state_pass!r} is not allowed: expected "
-                       f"'auto', 'parallel' or 'sequential'.")
-    if not isinstance(self.chunk_states_fp32, bool):
-      raise ValueError(f"BlockSizes.chunk_states_fp32 = {self.chunk_states_fp32!r} is not "
-                       f"allowed: must be a bool.")
-    if not _pow2(self.scan_rows, 1):
-      raise ValueError(f"BlockSizes.scan_rows = {self.scan_rows!r} is not allowed: must be a "
-                       f"power of two >= 1.")
-    if self.block_p_bwd is not None and not _pow2(self.block_p_bwd, 16):
-      raise ValueError(f"BlockSizes.block_p_bwd = {self.block_p_bwd!r} is not allowed: must be "
-                       f"None or a power of two >= 16.")
-    for f in ("block_p", "block_n", "block_scan"):
-      v = getattr(self, f)
-      if not _pow2(v, 16):
-        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be a power of two >= 16 "
-                         f"(Triton tensors have power-of-two sizes, dots need 16).")
-    for f in ("num_warps", "num_warps_bwd"):
-      v = getattr(self, f)
-      if v not in (1, 2, 4, 8, 16) and not (f == "num_warps" and v is None):
-        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: expected one of 1, 2, 4, 8, "
-                         f"16.")
-    for f in ("num_stages", "num_stages_bwd"):
-      v = getattr(self, f)
-      if not isinstance(v, int) or not 1 <= v <= 8:
-        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be an int in [1, 8].")
+    check_pow2(self, "chunk", lo=16, why=" (the padded length is a multiple of it)")
+    check_choice(self, "state_pass", ("auto", "parallel", "sequential"))
+    check_bool(self, "chunk_states_fp32")
+    check_pow2(self, "scan_rows", lo=1)
+    check_pow2(self, "block_p_bwd", lo=16, optional=True)
+    check_pow2(self, "block_p", "block_n", "block_scan", lo=16,
+               why=" (Triton tensors have power-of-two sizes, dots need 16)")
+    check_launch(self, warps=("num_warps_bwd",), optional_warps=("num_warps",),
+                 stages=("num_stages", "num_stages_bwd"))
 
   def forward_warps(self, chunk: int) -> int:
     """Warps of the forward output kernel at this (effective) chunk length. It holds a

@@ -2,9 +2,7 @@
 
 import dataclasses
 
-
-def _pow2(x, lo: int) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool) and x >= lo and x & (x - 1) == 0
+from memx.kernels._blocks import check_bool, check_launch, check_pow2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,24 +34,11 @@ class BlockSizes:
   vector: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.vector, bool):
-      raise ValueError(f"BlockSizes.vector = {self.vector!r} is not allowed: must be a bool.")
-    for f in ("block_m", "block_n"):
-      v = getattr(self, f)
-      if not _pow2(v, 16):
-        raise ValueError(f"BlockSizes.{f} = {v!r} is not allowed: must be a power of two >= 16.")
-    if not _pow2(self.block_k, 64):
-      raise ValueError(f"BlockSizes.block_k = {self.block_k!r} is not allowed: must be a power "
-                       f"of two >= 64 (block_k / 4 packed rows feed a Triton dot).")
-    if not _pow2(self.split_k, 1):
-      raise ValueError(f"BlockSizes.split_k = {self.split_k!r} is not allowed: must be a power "
-                       f"of two >= 1.")
-    if self.num_warps not in (1, 2, 4, 8, 16):
-      raise ValueError(f"BlockSizes.num_warps = {self.num_warps!r} is not allowed: expected one "
-                       f"of 1, 2, 4, 8, 16.")
-    if not isinstance(self.num_stages, int) or not 1 <= self.num_stages <= 8:
-      raise ValueError(f"BlockSizes.num_stages = {self.num_stages!r} is not allowed: must be an "
-                       f"int in [1, 8].")
+    check_bool(self, "vector")
+    check_pow2(self, "block_m", "block_n", lo=16)
+    check_pow2(self, "block_k", lo=64, why=" (block_k / 4 packed rows feed a Triton dot)")
+    check_pow2(self, "split_k", lo=1)
+    check_launch(self, warps=("num_warps",), stages=("num_stages",))
 
   @classmethod
   def get_default(cls, implementation: str = "pallas_gpu", rows: int | None = None
