@@ -49,4 +49,5 @@ def check_bool(blocks, *fields: str) -> None:
 def check_choice(blocks, field: str, choices: tuple[str, ...]) -> None:
   v = getattr(blocks, field)
   if v not in choices:
-    raise _bad(field, v, f"expected {' or '.join(map(repr, choices))}")
+    names = list(map(repr, choices))
+    raise _bad(field, v, f"expected {', '.join(names[:-1])} or {names[-1]}")

@@ -22,7 +22,7 @@ BAD = [
     (ConvBlocks, "num_warps_bwd", 32, "one of 1, 2, 4, 8, 16"),
     (SSDBlocks, "chunk", 100, "power of two >= 16"),
     (SSDBlocks, "block_p_bwd", 24, "None or a power of two >= 16"),
-    (SSDBlocks, "state_pass", "fast", "'auto' or 'parallel' or 'sequential'"),
+    (SSDBlocks, "state_pass", "fast", "'auto', 'parallel' or 'sequential'"),
     (SSDBlocks, "num_stages_bwd", 9, r"int in \[1, 8\]"),
     (SSDBlocks, "chunk_states_fp32", "yes", "must be a bool"),
     (TernaryBlocks, "block_k", 32, "power of two >= 64"),
