@@ -45,7 +45,7 @@ def config(variant: str = "base") -> Config:
       data=DataConfig(source="corpus", seq_len=256, task="passkey", task_fraction=0.75,
                       passkey_digits=3, passkey_min_len=100),
       optim=OptimConfig(lr=3e-3, warmup_steps=50),
-      train=TrainConfig(steps=1200, batch_size=16, log_every=50, eval_every=400,
+      train=TrainConfig(steps=2400, batch_size=16, log_every=50, eval_every=400,
                         eval_batches=4),
       checkpoint=CheckpointConfig(every=400, keep=1),
   )
@@ -77,6 +77,14 @@ SETTINGS = {
     "tiny": Settings(profile_lengths=(128,), eval_lengths=(128,), budgets=(0.5,),
                      depths=(0.5,), profile_batches=1, eval_batches=1),
 }
+
+
+def uniform_limit(uniform: dict, lengths, threshold: float = 0.9) -> dict:
+  """The uniform window's effective-context limit: the shortest evaluated length past its
+  effective context (where its retrieval first falls below `threshold`), with its accuracy."""
+  eff = uniform["effective ctx"] or 0
+  past = [n for n in sorted(lengths) if n > eff] or [max(lengths)]
+  return {"length": past[0], "accuracy": uniform["passkey"][str(past[0])]}
 
 
 def main(argv=None) -> int:
@@ -134,6 +142,14 @@ def main(argv=None) -> int:
     print(f"{name:10s} " + ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
         for k, v in result["columns"].items()))
+  for b in s.budgets:  # the goal: MoA's retrieval against the uniform window's at its limit
+    pct = round(100 * b)
+    moa, uni = summary.get(f"moa{pct}"), summary.get(f"uniform{pct}")
+    if moa and uni:
+      summary[f"limit{pct}"] = limit = uniform_limit(uni, s.eval_lengths)
+      print(f"budget {pct}%: effective context moa {moa['effective ctx']} vs uniform "
+            f"{uni['effective ctx']}; passkey at N = {limit['length']} (uniform's limit): "
+            f"moa {moa['passkey'][str(limit['length'])]:.3f} vs uniform {limit['accuracy']:.3f}")
   (sweep_dir / "moa_summary.json").write_text(json.dumps(summary, indent=1))
   path = report.write_report(sweep_dir)
   print(f"report: {path}")

@@ -21,6 +21,16 @@ def test_tiny_pipeline(tmp_path):
   assert module.main(["--variant", "tiny", "--workdir", str(tmp_path)]) == 0
   sweep = tmp_path / "moa-tiny"
   summary = json.loads((sweep / "moa_summary.json").read_text())
-  assert {"dense", "moa50", "uniform50"} <= set(summary)
+  assert {"dense", "moa50", "uniform50", "limit50"} <= set(summary)
   assert summary["moa50"]["density@max"] <= 0.5 + 1e-9
   assert "## Evaluations" in (sweep / "report.md").read_text()
+
+
+def test_uniform_limit_is_the_first_length_past_its_effective_context():
+  module = loading.load_module(PIPELINE)
+  uni = {"effective ctx": 128, "passkey": {"128": 1.0, "192": 0.4, "256": 0.0}}
+  assert module.uniform_limit(uni, (128, 192, 256)) == {"length": 192, "accuracy": 0.4}
+  never = {"effective ctx": None, "passkey": {"128": 0.2, "256": 0.0}}
+  assert module.uniform_limit(never, (256, 128)) == {"length": 128, "accuracy": 0.2}
+  always = {"effective ctx": 256, "passkey": {"128": 1.0, "256": 1.0}}  # no limit in range
+  assert module.uniform_limit(always, (128, 256)) == {"length": 256, "accuracy": 1.0}
