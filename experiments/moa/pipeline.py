@@ -22,7 +22,11 @@ uniform window's limit (N = 128) MoA retrieves 0.88 against 0: the goal "≥ 1.5
 window's retrieval at its effective-context limit" holds. What it costs: MoA's plan keeps 0.49×
 dense KV bytes at N = 256 (the uniform window 0.28×, LongGen 0.38×), and its corpus loss at 256
 is 1.088 nats against 1.034 (uniform) and 1.027 (dense): the search minimises the profiled
-calibration loss, which the passkey answers dominate. At 25% no sparse method retrieves.
+calibration loss: the profile runs on passkey rows alone (long-range data, as MoA's authors
+calibrate; with corpus rows mixed in, the corpus tokens dominate the profile and the 50% plan
+came out shaped like the uniform window, losing retrieval). At 25% no sparse method retrieves,
+with 8 or 32 calibration rows. (Numbers above: 8 calibration rows; the code now takes 32,
+which gives 0.85 / 0.88 / 0.92 at 50%, RESULTS.md.)
 Past the training length the windows extrapolate the corpus loss better than dense attention
 (1.17–1.35 vs 1.37 nats at 512), but nothing retrieves there.
 Claims: supported at this scale — heterogeneous per-head spans keep retrieval where a uniform
@@ -76,11 +80,12 @@ class Settings:
   profile_batches: int
   eval_batches: int
   n_sink: int = 4
+  profile_batch_size: int = 4
 
 
 SETTINGS = {
     "base": Settings(profile_lengths=(128, 256), eval_lengths=(128, 192, 256, 512),
-                     budgets=(0.25, 0.5), depths=(0.1, 0.5, 0.9), profile_batches=4,
+                     budgets=(0.25, 0.5), depths=(0.1, 0.5, 0.9), profile_batches=8,
                      eval_batches=2),
     "tiny": Settings(profile_lengths=(128,), eval_lengths=(128,), budgets=(0.5,),
                      depths=(0.5,), profile_batches=1, eval_batches=1),
@@ -121,8 +126,12 @@ def main(argv=None) -> int:
 
   # 2. Profile, 3. plans: MoA per budget and the baselines at the same budget.
   out = run_dir / "sparse"
-  prof = profile_model(trained.model, cfg.data, s.profile_lengths, batches=s.profile_batches,
-                       batch_size=2, block=16, meta={"run": str(run_dir)})
+  # Calibrate on long-range data alone, as MoA's authors prescribe: passkey rows, whose loss is
+  # the answer. Mixing in corpus rows (256 scored tokens each, against 3 per passkey row) made
+  # the corpus dominate the profile, and the plans lost retrieval at 50% too (RESULTS.md).
+  calibration = dataclasses.replace(cfg.data, source="passkey", task=None, task_fraction=0.0)
+  prof = profile_model(trained.model, calibration, s.profile_lengths, batches=s.profile_batches,
+                       batch_size=s.profile_batch_size, block=16, meta={"run": str(run_dir)})
   prof.save(out / "profile.npz")
   candidates = {"dense": plans.dense_plan(cfg.model, s.profile_lengths)}
   for b in s.budgets:
