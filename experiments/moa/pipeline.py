@@ -92,9 +92,9 @@ SETTINGS = {
 }
 
 
-def uniform_limit(uniform: dict, lengths, threshold: float = 0.9) -> dict:
+def uniform_limit(uniform: dict, lengths) -> dict:
   """The uniform window's effective-context limit: the shortest evaluated length past its
-  effective context (where its retrieval first falls below `threshold`), with its accuracy."""
+  effective context (the longest length it retrieves at >= 90%), with its accuracy there."""
   eff = uniform["effective ctx"] or 0
   past = [n for n in sorted(lengths) if n > eff] or [max(lengths)]
   return {"length": past[0], "accuracy": uniform["passkey"][str(past[0])]}

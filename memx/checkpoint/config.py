@@ -38,5 +38,7 @@ class CheckpointConfig:
     one_of("checkpoint", "mode", self.mode, MODES)
     require(self.every > 0, "checkpoint", "every", self.every, "must be a positive step count")
     require(self.keep > 0, "checkpoint", "keep", self.keep, "must be >= 1")
+    require(isinstance(self.compress, bool), "checkpoint", "compress", self.compress,
+            "must be true or false")
     require(self.keep_every >= 0, "checkpoint", "keep_every", self.keep_every,
             "must be >= 0 (0 = keep no extra checkpoints)")

@@ -228,13 +228,20 @@ class Checkpointer:
     """Restores the newest complete, uncorrupted step (or `step`) into `target_state`.
 
     target_state: arrays or ShapeDtypeStructs; their shardings place the restored arrays,
-      so a checkpoint restores onto any mesh.
+      so a checkpoint restores onto any mesh (leaves without one: the first local device).
     expect_meta: {key: value} that must equal the checkpoint's meta (e.g. the run identity).
     Returns (state, data_state, step). Raises CheckpointMismatchError before reading any array
     when the checkpoint belongs to another run or its state layout differs from the target's,
     and CheckpointCorruptError when no complete step passes its checksums.
     """
     self.wait()
+    # A target without a sharding (numpy, or an abstract state) lands on the first local device,
+    # as a jax.Array.
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=getattr(x, "sharding", None) or local),
+        target_state)
     candidates = [step] if step is not None else self.complete_steps()[::-1]
     problems = []
     for s in candidates:
@@ -247,9 +254,6 @@ class Checkpointer:
       meta = self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
       meta = meta["meta"]
       self._check_meta(s, meta, target_state, expect_meta or {})
-      abstract = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-          target_state)
       out = self._manager.restore(s, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
@@ -262,9 +266,11 @@ class Checkpointer:
   def _check_meta(self, step, meta, target_state, expect):
     for key, want in expect.items():
       have = meta.get(key)
-      if have != want:
-        diffs = _dict_diffs(have, want) if isinstance(have, dict) and isinstance(want, dict) \
-            else f"{have!r} vs {want!r}"
+      if isinstance(have, dict) and isinstance(want, dict):
+        diffs = _dict_diffs(have, want)
+      else:
+        diffs = "" if have == want else f"{have!r} vs {want!r}"
+      if diffs:
         raise CheckpointMismatchError(
             f"checkpoint {self.directory}/{step} was written by another run ({key} differs: "
             f"{diffs}). Resume only the run that wrote it, or use another --name/--workdir.")
@@ -311,11 +317,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+_ABSENT = object()
+
+
 def _dict_diffs(have: dict, want: dict, limit: int = 4) -> str:
+  """The keys whose values differ ("" if none). A key the checkpoint lacks and that is None now
+  is a config field added since, left unset: it matches (old runs keep resuming)."""
   a, b = _flatten(have), _flatten(want)
-  keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  keys = [k for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+          and not (k not in a and b[k] is None)]
+  show = lambda v: "absent" if v is _ABSENT else repr(v)  # noqa: E731
   more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
-  return ", ".join(f"{k} = {a.get(k)!r} there, {b.get(k)!r} now" for k in keys[:limit]) + more
+  return ", ".join(f"{k} = {show(a.get(k, _ABSENT))} there, {show(b.get(k, _ABSENT))} now"
+                   for k in keys[:limit]) + more
 
 
 def _describe_diffs(saved, wanted, limit: int = 3) -> str:

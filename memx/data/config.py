@@ -79,6 +79,13 @@ class DataConfig:
             "must lie in [1, 32]")
     require(self.copy_tokens >= 1, "data", "copy_tokens", self.copy_tokens, "must be >= 1")
     one_of("data", "passkey_filler", self.passkey_filler, PASSKEY_FILLERS)
+    if self.passkey_min_len is not None:
+      require(self.task_name == "passkey", "data", "passkey_min_len", self.passkey_min_len,
+              "shapes passkey rows: set data.source or data.task to 'passkey', or leave it None")
+      require(isinstance(self.passkey_min_len, int) and 0 < self.passkey_min_len <= self.seq_len,
+              "data", "passkey_min_len", self.passkey_min_len,
+              f"must be None or an int in [1, data.seq_len = {self.seq_len}] (and at least the "
+              "shortest passkey prompt, passkey_min_seq_len(passkey_digits))")
     if self.vocab_size is not None:
       # Only pre-tokenized ids can live in a smaller space; bytes and task rows use all 261.
       byte_ids = self.source != "npy" or self.task is not None

@@ -62,6 +62,31 @@ def test_mismatch_is_reported_before_reading(tmp_path):
   ckpt.close()
 
 
+def test_a_config_field_added_since_the_save_still_resumes(tmp_path):
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="sync"))
+  ckpt.save(1, _state(), {"step": 1}, {"run": {"data": {"seq_len": 8}}})
+  # A field the checkpoint predates, left unset (None), matches ...
+  _, _, step = ckpt.restore(_state(), expect_meta={"run": {"data": {"seq_len": 8,
+                                                                    "new_field": None}}})
+  assert step == 1
+  # ... set to anything else, it is a different run, and the message says what differs.
+  with pytest.raises(CheckpointMismatchError, match="data.new_field = absent there, 3 now"):
+    ckpt.restore(_state(), expect_meta={"run": {"data": {"seq_len": 8, "new_field": 3}}})
+  ckpt.close()
+
+
+def test_target_without_sharding_restores_as_device_arrays(tmp_path):
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="sync"))
+  ckpt.save(1, _state(), {"step": 1}, {})
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0.0))
+  for target in (abstract, jax.tree.map(np.asarray, _state(0.0))):
+    restored, _, _ = ckpt.restore(target)
+    assert all(isinstance(x, jax.Array) and x.devices() == {jax.local_devices()[0]}
+               for x in jax.tree.leaves(restored))
+    _assert_equal(restored, _state())
+  ckpt.close()
+
+
 def test_fingerprint_lists_paths_shapes_dtypes():
   fp = state_fingerprint(_state())
   assert ["['w']", "(4, 3)", "float32"] in fp
@@ -170,3 +195,8 @@ def test_compress_setting_takes_effect_and_both_restore(tmp_path):
     _assert_equal(restored, zeros)
     reader.close()
 
+
+
+def test_compress_must_be_a_bool():
+  with pytest.raises(ValueError, match="checkpoint.compress"):
+    CheckpointConfig(compress="yes")

@@ -138,6 +138,11 @@ def test_passkey_min_len_spreads_lengths_and_keeps_full_rows_unchanged():
     passkey(np.random.default_rng(0), 200, digits=3, min_len=201)
   with pytest.raises(DataError, match="passkey_min_len = 5"):
     make_task(DataConfig(source="passkey", seq_len=200, passkey_min_len=5), "passkey")
+  with pytest.raises(ValueError, match="passkey_min_len.*set data.source or data.task"):
+    DataConfig(source="corpus", seq_len=200, passkey_min_len=100)
+  with pytest.raises(ValueError, match=r"passkey_min_len.*\[1, data.seq_len = 200\]"):
+    DataConfig(source="corpus", task="passkey", task_fraction=0.5, seq_len=200,
+               passkey_min_len=300)
 
 
 def test_passkey_depth_ends():

@@ -17,7 +17,7 @@ BAD = [
     (ScanBlocks, "chunk", 4, "power of two >= 8"),
     (ScanBlocks, "block_d", True, "power of two >= 16"),
     (ScanBlocks, "num_warps", None, "one of 1, 2, 4, 8, 16"),
-    (ConvBlocks, "rows_bwd", 8, r"power of two >= 16 \(block_t_bwd\)"),
+    (ConvBlocks, "rows_bwd", 8, r"power of two >= 16 \(= block_t_bwd\)"),
     (ConvBlocks, "backward", "one", "'fused' or 'two_pass'"),
     (ConvBlocks, "num_warps_bwd", 32, "one of 1, 2, 4, 8, 16"),
     (SSDBlocks, "chunk", 100, "power of two >= 16"),

@@ -45,7 +45,7 @@ class BlockSizes:
   def __post_init__(self):
     check_pow2(self, "block_t", "block_t_bwd", lo=8)
     check_pow2(self, "block_c", lo=16, why=" (Triton tensors have power-of-two sizes)")
-    check_pow2(self, "rows_bwd", lo=self.block_t_bwd, why=" (block_t_bwd)")
+    check_pow2(self, "rows_bwd", lo=self.block_t_bwd, why=" (= block_t_bwd)")
     check_choice(self, "backward", ("fused", "two_pass"))
     check_launch(self, warps=("num_warps", "num_warps_bwd"))
 
