@@ -36,7 +36,10 @@ from memx.train.loop import train
 # every 80th step: its state is 1.16 GiB, a step 30 ms and one write ~1.9 s (H100, session 7),
 # so each write ends before the next save. Saving every 5th step asked the disk for ~7 GB/s:
 # every mode then waited ~2 s per save for the previous write, which measured the disk.
-SIZES = {"cpu": (256, 4, 4, 256, 8, 24, 1), "gpu": (1024, 8, 16, 1024, 16, 250, 80)}
+# "tiny" checks the script's plumbing (tests/checkpoint/test_bench_checkpoint.py, slow); its
+# numbers mean nothing.
+SIZES = {"cpu": (256, 4, 4, 256, 8, 24, 1), "gpu": (1024, 8, 16, 1024, 16, 250, 80),
+         "tiny": (32, 1, 2, 32, 8, 4, 1)}
 
 
 # row label → (mode, CheckpointConfig overrides); mode None = checkpointing off.
@@ -83,11 +86,13 @@ def main() -> None:
   modes = list(VARIANTS)
   runs = {m: [] for m in modes}
   spawn = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
-    for _ in range(args.repeats):  # interleaved, so machine noise hits every mode alike
-      for m in modes:
+  for _ in range(args.repeats):  # interleaved, so machine noise hits every mode alike
+    for m in modes:
+      # One executor per run: leaving the `with` joins its process, so a GPU run's memory is
+      # free before the next process starts (each preallocates most of the GPU).
+      with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
         runs[m].append(pool.submit(measure_variant, size, m, bf16).result())
-        print(m, runs[m][-1], flush=True)
+      print(m, runs[m][-1], flush=True)
   base = statistics.median(r["step_s"] for r in runs["never"])
   rows = []
   med = lambda m, key: None if m == "never" else 1e3 * statistics.median(r[key] for r in runs[m])  # noqa: E731
