@@ -14,6 +14,7 @@ every file is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 from memx.errors import UserError
@@ -50,6 +51,11 @@ def add_parser(sub) -> None:
   p.add_argument("--batches", type=int, default=4)
   p.add_argument("--batch-size", type=int, default=2)
   p.add_argument("--block", type=int, default=32, help="tile size of the influence pooling")
+  p.add_argument("--calibration", default="auto", choices=["auto", "task", "train"],
+                 help="calibration rows: 'task' = the run's synthetic task alone (long-range "
+                      "data, as MoA calibrates: its loss is the answers), 'train' = the training "
+                      "mix (corpus rows then dominate the loss), 'auto' = task if the run has "
+                      "one, else train")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
   p.set_defaults(handler=_profile)
 
@@ -108,9 +114,16 @@ def _profile(args) -> int:
   if args.batches < 1 or args.batch_size < 1 or args.block < 1:
     raise ProfileError("--batches, --batch-size and --block must be positive.")
   trained = load_trained(args.run, step=args.step)
-  prof = profile_model(trained.model, trained.cfg.data, lengths, batches=args.batches,
+  data, task = trained.cfg.data, trained.cfg.data.task_name
+  if args.calibration == "task" and task is None:
+    raise ProfileError(f"--calibration task: {trained.run_dir} was trained without a synthetic "
+                       "task (data.task / data.source); use --calibration train.")
+  if task is not None and args.calibration in ("task", "auto"):
+    data = dataclasses.replace(data, source=task, task=None, task_fraction=0.0)
+  prof = profile_model(trained.model, data, lengths, batches=args.batches,
                        batch_size=args.batch_size, block=args.block,
-                       meta={"run": str(trained.run_dir), "step": trained.step})
+                       meta={"run": str(trained.run_dir), "step": trained.step,
+                             "calibration": data.source})
   out = prof.save(args.out)
   print(f"profile of {trained.run_dir} (step {trained.step}) at lengths {prof.lengths}: {out}")
   return 0

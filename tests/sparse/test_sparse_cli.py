@@ -3,12 +3,20 @@
 import json
 
 from memx.cli import main
+from memx.sparse.profile import Profile
 
 
 def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
   prof = tmp_path / "profile.npz"
   assert main(["sparse", "profile", str(tiny_run), "--lengths", "32,64", "--out", str(prof),
                "--batches", "1", "--batch-size", "2", "--block", "16"]) == 0
+  # The run trains on corpus + MQAR: by default the profile calibrates on the task's rows alone.
+  assert Profile.load(prof).meta["calibration"] == "mqar"
+  mix = tmp_path / "mix.npz"
+  assert main(["sparse", "profile", str(tiny_run), "--lengths", "32", "--out", str(mix),
+               "--batches", "1", "--batch-size", "2", "--block", "16",
+               "--calibration", "train"]) == 0
+  assert Profile.load(mix).meta["calibration"] == "corpus"
   plan = tmp_path / "moa.json"
   assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
                "--out", str(plan)]) == 0
