@@ -21,7 +21,7 @@ class CheckpointConfig:
     save_on_sigterm: on SIGTERM (preemption), save the current step, then stop.
     compress: zstd-compress the arrays (Orbax's default). Off by default: float weights and
       Adam moments shrink by only ~7% under zstd, while compressing is about a third of the
-      write's CPU time (CPU, 30 MiB state: 155 -> 105 ms), CPU a background write takes from
+      write's CPU time (CPU, 30 MiB state: 165 -> 104 ms), CPU a background write takes from
       training (benchmarks/RESULTS.md, "Uncompressed checkpoint writes"). Restore reads
       either kind.
   """
