@@ -34,6 +34,7 @@ write then outlasts a step, the next save waits for it, and the step did not get
 """
 
 import concurrent.futures
+import inspect
 import json
 import logging
 import pathlib
@@ -130,7 +131,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.keep, keep_period=cfg.keep_every or None, create=True,
         enable_async_checkpointing=cfg.mode == "async")
-    handlers = {"state": ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
+    state_handler = ocp.PyTreeCheckpointHandler(
+        use_compression=cfg.compress, type_handler_registry=_type_handlers(cfg.mode))
+    handlers = {"state": state_handler,
                 "data": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=handlers)
@@ -294,6 +297,23 @@ class Checkpointer:
     finally:
       self._pool.shutdown(wait=True)
       self._manager.close()
+
+
+def _type_handlers(mode: str):
+  """Orbax's standard handlers; in lazy mode numpy arrays are written without a copy.
+
+  Orbax deep-copies every numpy array it is given to save (a guard against the caller mutating
+  it during the background write): a second full host copy of the state per save (27 ms of CPU
+  for 30 MiB). A lazy snapshot's host arrays are the checkpointer's own and never mutated (on
+  the CPU backend they are read-only views, and XLA does not donate a buffer with a live view),
+  so the guard buys nothing there. Older Orbax (0.12.4) has no such option and keeps copying.
+  """
+  handlers = {ty: ocp.type_handlers.get_type_handler(ty)
+              for ty in ocp.type_handlers.supported_types()}
+  if mode == "lazy" and "deepcopy_host_arrays" in inspect.signature(
+      ocp.type_handlers.NumpyHandler).parameters:
+    handlers[np.ndarray] = ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)
+  return ocp.type_handlers.create_type_handler_registry(*handlers.items())
 
 
 def remove_incomplete(directory: pathlib.Path, after: int | None = None) -> None:

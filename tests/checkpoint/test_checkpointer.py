@@ -1,10 +1,14 @@
 """Checkpointer: every mode round-trips exactly; retention; checksums and fallback; resharding."""
 
+import copy
+import inspect
 import logging
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -200,3 +204,29 @@ def test_compress_setting_takes_effect_and_both_restore(tmp_path):
 def test_compress_must_be_a_bool():
   with pytest.raises(ValueError, match="checkpoint.compress"):
     CheckpointConfig(compress="yes")
+
+
+def test_lazy_save_survives_the_next_donating_update(tmp_path, monkeypatch):
+  """The loop's order: begin, save, then an update that donates the state's buffers while the
+  write runs. The checkpoint must hold the saved values, and (Orbax >= 0.12.8) the write must
+  not make Orbax's defensive second host copy of every array."""
+  copies = []
+  deepcopy = copy.deepcopy
+  monkeypatch.setattr(copy, "deepcopy", lambda x, *a: (
+      copies.append(x) if isinstance(x, np.ndarray) and x.size > 1 else None,
+      deepcopy(x, *a))[1])
+  release = threading.Event()
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="lazy", every=1, keep=2))
+  write = ckpt._write
+  monkeypatch.setattr(ckpt, "_write", lambda *a, **k: (release.wait(), write(*a, **k)))
+  state = {"w": jnp.arange(1 << 16, dtype=jnp.float32)}
+  ckpt.save(1, ckpt.begin(state), {}, {})
+  update = jax.jit(lambda s: {"w": s["w"] * 0 - 1}, donate_argnums=0)
+  state = jax.block_until_ready(update(state))  # mutates in place where XLA can donate
+  release.set()
+  ckpt.wait()
+  restored, _, _ = ckpt.restore({"w": jnp.zeros(1 << 16, jnp.float32)})
+  np.testing.assert_array_equal(restored["w"], np.arange(1 << 16, dtype=np.float32))
+  if "deepcopy_host_arrays" in inspect.signature(ocp.type_handlers.NumpyHandler).parameters:
+    assert not copies
+  ckpt.close()
