@@ -2,19 +2,19 @@
 
   memx sparse profile RUN --lengths 256,512,1024 --out RUN/sparse/profile.npz
   memx sparse search PROFILE --budget 0.25 --out plan.json [--layer-budget 0.5] [--method milp]
+                   [--validate RUN --validate-length 2048]   (MoA: Pareto plans, least measured loss)
   memx sparse baseline RUN --kind uniform|longgen|dense --budget 0.25 --lengths ... --out F
   memx sparse show PLAN                    (rules per layer, densities, KV slots)
   memx eval RUN [--plan PLAN] --name NAME --lengths 256,512,1024 [--depths 0.1,0.5,0.9]
   memx run EXPERIMENT --plan PLAN          (train or fine-tune with the plan's masks)
 
 Every step is also a Python call (memx.sparse.profile.profile_model, plan.search_plan,
-plan.uniform_plan / longgen_plan, evaluate.evaluate). Inputs are checked before any compute;
+validate.validate, plan.uniform_plan / longgen_plan, evaluate.evaluate). Inputs are checked before any compute;
 every file is written atomically.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 from memx.errors import UserError
@@ -73,6 +73,17 @@ def add_parser(sub) -> None:
   s.add_argument("--no-full", action="store_true", help="exclude full attention as a rule")
   s.add_argument("--method", default="auto", choices=["auto", "milp", "greedy"])
   s.add_argument("--time-limit", type=float, default=60.0)
+  s.add_argument("--validate", default=None, metavar="RUN",
+                 help="MoA's validation: search the Pareto front over the per-length objectives "
+                      "and keep the plan with the least loss of RUN's model measured at "
+                      "--validate-length on calibration rows the profile did not see")
+  s.add_argument("--validate-length", type=int, default=None,
+                 help="length to validate at (MoA: one the profile never saw; default the "
+                      "longest profiled length)")
+  s.add_argument("--pareto-points", type=int, default=5,
+                 help="weightings per pair of lengths on the Pareto front")
+  s.add_argument("--validate-batches", type=int, default=4)
+  s.add_argument("--validate-batch-size", type=int, default=4)
   s.add_argument("--out", required=True)
   s.set_defaults(handler=_search)
 
@@ -107,19 +118,14 @@ def _budget_arg(text: str) -> float | list[float]:
 
 
 def _profile(args) -> int:
-  from memx.sparse.profile import ProfileError, profile_model
+  from memx.sparse.profile import ProfileError, calibration_data, profile_model
   from memx.train.restore import load_trained
 
   lengths = _ints(args.lengths, "--lengths")
   if args.batches < 1 or args.batch_size < 1 or args.block < 1:
     raise ProfileError("--batches, --batch-size and --block must be positive.")
   trained = load_trained(args.run, step=args.step)
-  data, task = trained.cfg.data, trained.cfg.data.task_name
-  if args.calibration == "task" and task is None:
-    raise ProfileError(f"--calibration task: {trained.run_dir} was trained without a synthetic "
-                       "task (data.task / data.source); use --calibration train.")
-  if task is not None and args.calibration in ("task", "auto"):
-    data = dataclasses.replace(data, source=task, task=None, task_fraction=0.0)
+  data = calibration_data(trained.cfg.data, args.calibration)
   prof = profile_model(trained.model, data, lengths, batches=args.batches,
                        batch_size=args.batch_size, block=args.block,
                        meta={"run": str(trained.run_dir), "step": trained.step,
@@ -135,16 +141,52 @@ def _search(args) -> int:
 
   prof = Profile.load(args.profile)
   lengths = _ints(args.lengths, "--lengths") if args.lengths else None
-  plan = search_plan(prof, _budget_arg(args.budget), lengths=lengths,
-                     layer_budget=args.layer_budget, n_sink=args.n_sink,
-                     include_full=not args.no_full, method=args.method,
-                     time_limit=args.time_limit,
-                     kv_budget=None if args.kv_budget is None else _budget_arg(args.kv_budget),
-                     kv_heads=args.kv_heads)
+  search_kw = dict(lengths=lengths, layer_budget=args.layer_budget, n_sink=args.n_sink,
+                   include_full=not args.no_full, method=args.method,
+                   time_limit=args.time_limit,
+                   kv_budget=None if args.kv_budget is None else _budget_arg(args.kv_budget),
+                   kv_heads=args.kv_heads)
+  if args.validate is None:
+    plan = search_plan(prof, _budget_arg(args.budget), **search_kw)
+  else:
+    plan = _validated(args, prof, search_kw)
   out = plan.save(args.out)
   print(_describe(plan))
   print(f"plan: {out}")
   return 0
+
+
+def _validated(args, prof, search_kw):
+  from memx.sparse.plan import PlanError, model_fingerprint
+  from memx.sparse.profile import calibration_data
+  from memx.sparse.validate import validate
+  from memx.train.restore import load_config, load_trained
+
+  length = args.validate_length or max(search_kw["lengths"] or prof.lengths)
+  if length < 2 or args.pareto_points < 1 or args.validate_batches < 1 or (
+      args.validate_batch_size < 1):
+    raise PlanError("--validate-length must be >= 2, and --pareto-points, --validate-batches "
+                    "and --validate-batch-size >= 1.")
+  cfg = load_config(args.validate)
+  if prof.fingerprint != model_fingerprint(cfg.model):
+    raise PlanError(f"--validate {args.validate} is not the model profiled in {args.profile} "
+                    "(model fingerprints differ): validate on the profiled run.")
+  # The profile's calibration rows: the run's task alone, unless it profiled the training mix.
+  task = cfg.data.task_name
+  mode = "task" if task is not None and prof.meta.get("calibration", task) == task else "train"
+  data = calibration_data(cfg.data, mode)
+  trained = load_trained(args.validate)
+  plan, records = validate(trained.model, prof, _budget_arg(args.budget), data, length,
+                           points=args.pareto_points, batches=args.validate_batches,
+                           batch_size=args.validate_batch_size, **search_kw)
+  print(f"validated {len(records)} Pareto plans at N = {length} on {data.source} rows:")
+  chosen = plan.meta["validation"]["chosen"]
+  for i, r in enumerate(records):
+    em = "" if r["exact_match"] is None else f", exact match {r['exact_match']:.3f}"
+    print(f"  {'*' if i == chosen else ' '} weights "
+          f"{[round(w, 3) for w in r['length_weights']]}: predicted ΔL "
+          f"{r['predicted_loss']:.4g}, measured loss {r['loss']:.4f}{em}")
+  return plan
 
 
 def _baseline(args) -> int:

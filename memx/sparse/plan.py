@@ -274,7 +274,8 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
                 rules: Sequence[Rule] | None = None, layer_budget: float | None = None,
                 n_sink: int = 4, include_full: bool = True, method: str = "auto",
                 time_limit: float = 60.0, kv_budget: float | Sequence[float] | None = None,
-                kv_heads: int | None = None) -> Plan:
+                kv_heads: int | None = None,
+                length_weights: Sequence[float] | None = None) -> Plan:
   """MoA: the rule per head minimising the profiled loss increase under the budget.
 
   lengths: the profiled lengths to optimise over (default all the profile has); budget: one
@@ -287,6 +288,9 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   The fraction covers the profiled (planned) layers; other attention layers keep dense caches.
   kv_heads is not checked against the model (the profile does not record it): pass the
   model's `cfg.kv_heads`.
+  length_weights: one weight >= 0 per length on its predicted loss increase in the objective
+  (default 1 each); MoA's Pareto front over lengths is the set of plans over such weightings
+  (`memx.sparse.validate`). A length with weight 0 still has its budget.
   """
   from memx.sparse import search
 
@@ -305,7 +309,8 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
                       f"{profile.n_heads} query heads; got kv_heads={kv_heads!r}.")
   cands = list(rules) if rules is not None else candidate_rules(
       lengths, n_sink=n_sink, include_full=include_full)
-  cost = profile.costs(cands, lengths)
+  weights = _length_weights(length_weights, lengths)
+  cost = profile.costs(cands, lengths, weights)
   dens = np.array([[density(r, n) for n in lengths] for r in cands])      # [R, n_lengths]
   dens = np.broadcast_to(dens[None], (cost.shape[0], *dens.shape))
   layer_of = np.repeat(np.arange(len(profile.layers)), profile.n_heads)
@@ -321,13 +326,29 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   for li, layer in enumerate(profile.layers):
     layers[layer] = tuple(cands[sol.choice[li * profile.n_heads + h]]
                           for h in range(profile.n_heads))
-  return Plan(kind="moa", fingerprint=profile.fingerprint, n_layers=profile.n_layers,
+  # predicted_loss is the unweighted sum over lengths whatever the weights (the objective
+  # itself when they are all 1), so plans of one profile compare on it; the gap is the solver's.
+  plan = Plan(kind="moa", fingerprint=profile.fingerprint, n_layers=profile.n_layers,
               n_heads=profile.n_heads, lengths=lengths, layers=tuple(layers), budget=b,
               predicted_loss=float(sol.objective), gap=float(sol.gap),
               solver=f"{sol.method}: {sol.status}",
               meta={"candidates": len(cands), "layer_budget": layer_budget,
+                    "length_weights": list(weights),
                     "kv_budget": kv.get("kv_budget"), "kv_heads": kv_heads,
                     "profile": profile.meta})
+  if any(w != 1.0 for w in weights):
+    plan = dataclasses.replace(plan, predicted_loss=predicted_loss(profile, plan, lengths))
+  return plan
+
+
+def _length_weights(weights, lengths) -> tuple[float, ...]:
+  if weights is None:
+    return (1.0,) * len(lengths)
+  w = tuple(float(x) for x in weights)
+  if len(w) != len(lengths) or not all(math.isfinite(x) and x >= 0 for x in w) or not any(w):
+    raise PlanError(f"length_weights {list(weights)} must be one finite weight >= 0 per length "
+                    f"{list(lengths)}, not all 0.")
+  return w
 
 
 def predicted_loss(profile, plan: Plan, lengths: Sequence[int] | None = None) -> float:

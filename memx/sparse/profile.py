@@ -88,16 +88,18 @@ class Profile:
     kept = rules_mask(rules, length).block_counts(length, length, b, b).astype(np.float64)
     return np.where(causal > 0, 1.0 - kept / np.maximum(causal, 1.0), 0.0)
 
-  def costs(self, rules: list[Rule], lengths) -> np.ndarray:
-    """Predicted loss increase [len(layers) · n_heads, R], summed over `lengths`.
+  def costs(self, rules: list[Rule], lengths, weights=None) -> np.ndarray:
+    """Predicted loss increase [len(layers) · n_heads, R], summed over `lengths` (each length's
+    term times its entry of `weights`, default 1).
 
     Row l·n_heads + h is head h of the l-th profiled attention layer.
     """
     self.require_lengths(lengths)
+    weights = [1.0] * len(lengths) if weights is None else weights
     total = 0.0
-    for n in lengths:
+    for n, w in zip(lengths, weights, strict=True):
       removed = self.removed_fraction(rules, n)
-      total = total + np.einsum("lhij,rij->lhr", self.influence[n], removed)
+      total = total + w * np.einsum("lhij,rij->lhr", self.influence[n], removed)
     return np.asarray(total).reshape(len(self.layers) * self.n_heads, len(rules))
 
   # --- files ----------------------------------------------------------------------------------
@@ -136,6 +138,24 @@ class Profile:
                n_heads=header["n_heads"], layers=tuple(header["layers"]),
                block=header["block"], influence=influence,
                batches={int(k): v for k, v in header["batches"].items()}, meta=header["meta"])
+
+
+CALIBRATIONS = ("auto", "task", "train")
+
+
+def calibration_data(data_cfg, mode: str = "auto"):
+  """The data config to calibrate on: "task" = the run's synthetic task alone (long-range rows
+  whose loss is the answers, as MoA calibrates), "train" = the training mix (corpus rows then
+  dominate the loss), "auto" = task if the run has one, else train."""
+  task = data_cfg.task_name
+  if mode not in CALIBRATIONS:
+    raise ProfileError(f"calibration {mode!r} is not one of {', '.join(CALIBRATIONS)}.")
+  if mode == "task" and task is None:
+    raise ProfileError("calibration 'task': the run was trained without a synthetic task "
+                       "(data.task / data.source); calibrate on 'train'.")
+  if task is not None and mode in ("task", "auto"):
+    return dataclasses.replace(data_cfg, source=task, task=None, task_fraction=0.0)
+  return data_cfg
 
 
 def attention_layers(model_cfg) -> tuple[int, ...]:

@@ -24,6 +24,15 @@ def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
   assert "moa plan for 2 layers × 4 heads" in out and "milp" in out
   d = json.loads(plan.read_text())
   assert all(v <= 0.5 for v in d["predicted_density"].values())
+  checked = tmp_path / "moa_validated.json"  # MoA's validation on the run's model at N = 128
+  assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
+               "--validate", str(tiny_run), "--validate-length", "128", "--pareto-points", "3",
+               "--validate-batches", "1", "--validate-batch-size", "2",
+               "--out", str(checked)]) == 0
+  assert "Pareto plans at N = 128 on mqar rows" in capsys.readouterr().out
+  v = json.loads(checked.read_text())["meta"]["validation"]
+  assert v["length"] == 128 and min(c["loss"] for c in v["candidates"]) == (
+      v["candidates"][v["chosen"]]["loss"])
   capped = tmp_path / "moa_kv.json"   # the same search under a KV-memory cap (2 KV heads)
   assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
                "--kv-budget", "0.45", "--kv-heads", "2", "--out", str(capped)]) == 0
@@ -55,6 +64,13 @@ def test_errors_are_one_paragraph(tiny_run, tmp_path, capsys):
                "--lengths", "32", "--out", str(tmp_path / "u.json")]) == 2
   assert "(0, 1]" in capsys.readouterr().err
   assert not (tmp_path / "u.json").exists()
+  prof = tmp_path / "profile.npz"
+  assert main(["sparse", "profile", str(tiny_run), "--lengths", "32", "--out", str(prof),
+               "--batches", "1", "--batch-size", "2", "--block", "16"]) == 0
+  assert main(["sparse", "search", str(prof), "--budget", "0.5", "--validate", str(tiny_run),
+               "--pareto-points", "0", "--out", str(tmp_path / "v.json")]) == 2
+  assert "--pareto-points" in capsys.readouterr().err
+  assert not (tmp_path / "v.json").exists()
   assert main(["sparse", "profile", str(tmp_path), "--lengths", "32", "--out",
                str(tmp_path / "x.npz")]) == 2
   assert "not a memx run" in capsys.readouterr().err

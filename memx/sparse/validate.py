@@ -1,0 +1,104 @@
+"""MoA's last step: search several plans, measure each one's loss, keep the best.
+
+The profile predicts a plan's loss increase to first order, without rerunning the model. That is
+accurate for small cuts and can be far off for large ones (a head whose attention is saturated
+on one key has a tiny gradient there, so removing that key looks cheap). MoA therefore does not
+trust a single solution: it solves the program with one objective per profiled length for its
+Pareto front, then runs the model under each plan of the front at a length it never profiled
+and keeps the plan with the least measured loss (Fu et al. 2024, §4.3). memx does the same:
+
+- `pareto_plans`: `search_plan` under each weighting of the per-length objectives on a simplex
+  lattice (`points` weightings per pair of lengths; the equal weighting, plain `search_plan`,
+  is always one of them); every plan meets the same budgets. Duplicates are dropped.
+- `validation_losses`: the model's training loss under each plan on calibration rows at the
+  validation length: rows the profile did not see (another seed), of the calibration source the
+  profile recorded. Each plan compiles one forward.
+- `validate`: both, and the plan with the least measured loss, which records the validation
+  (length, every candidate's weights, predicted and measured loss) in `meta["validation"]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
+from memx.errors import UserError
+from memx.sparse.plan import Plan, check_plan, search_plan
+
+VALIDATION_SEED = 4321  # profile_model's default is 1234: validation rows are others
+
+
+def simplex_weights(n_lengths: int, points: int) -> list[tuple[float, ...]]:
+  """Weightings of n_lengths objectives on the simplex lattice with `points` - 1 steps per edge
+  (each weight a multiple of 1/(points - 1), summing to 1), the equal weighting first."""
+  if n_lengths < 1 or points < 1:
+    raise UserError(f"simplex_weights: n_lengths = {n_lengths}, points = {points} must be >= 1.")
+  equal = (1.0 / n_lengths,) * n_lengths
+  if n_lengths == 1 or points == 1:
+    return [equal]
+  steps = points - 1
+  out = [equal]
+  for cut in itertools.combinations(range(steps + n_lengths - 1), n_lengths - 1):
+    parts = np.diff([-1, *cut, steps + n_lengths - 1]) - 1  # stars and bars
+    w = tuple(float(p) / steps for p in parts)
+    if not np.allclose(w, equal):
+      out.append(w)
+  return out
+
+
+def pareto_plans(profile, budget, *, points: int = 5, **search_kw) -> list[Plan]:
+  """Distinct `search_plan` solutions over the weightings of `simplex_weights` (module doc)."""
+  lengths = tuple(sorted(search_kw.pop("lengths", None) or profile.lengths))
+  plans, seen = [], set()
+  for i, w in enumerate(simplex_weights(len(lengths), points)):
+    # The equal weighting is the plain search (weights 1 each).
+    plan = search_plan(profile, budget, lengths=lengths, length_weights=None if i == 0 else w,
+                       **search_kw)
+    key = plan.attn_plan()
+    if key not in seen:
+      seen.add(key)
+      plans.append(plan)
+  return plans
+
+
+def validation_losses(model, plans: Sequence[Plan | None], data_cfg, length: int, *,
+                      batches: int = 4, batch_size: int = 4,
+                      seed: int = VALIDATION_SEED) -> list[dict]:
+  """Per plan (None = the dense model): {"loss", "exact_match"} over the same calibration rows
+  of `data_cfg` at `length` (training split, `seed`). exact_match is None without a task."""
+  from memx.data import make_loader
+  from memx.sparse.evaluate import _forward, _run, with_plan
+
+  if batches < 1 or batch_size < 1:
+    raise UserError(f"validation batches = {batches}, batch_size = {batch_size} must be >= 1.")
+  cfg = dataclasses.replace(data_cfg, seq_len=int(length), passkey_min_len=None)
+  make_loader(cfg, batch_size=batch_size, seed=seed, split="train")  # bad length: before compute
+  for p in plans:
+    if p is not None:
+      check_plan(p, model.cfg)
+  out = []
+  for p in plans:
+    loss, exact, _ = _run(_forward(with_plan(model, p)), cfg, batches, batch_size, seed, "train")
+    out.append({"loss": float(loss), "exact_match": None if exact is None else float(exact)})
+  return out
+
+
+def validate(model, profile, budget, data_cfg, length: int, *, points: int = 5,
+             batches: int = 4, batch_size: int = 4, seed: int = VALIDATION_SEED,
+             **search_kw) -> tuple[Plan, list[dict]]:
+  """The Pareto plans of `profile` at `budget`, measured at `length` on `data_cfg`'s rows; returns
+  (the least-loss plan, one record per candidate: weights, predicted and measured loss)."""
+  candidates = pareto_plans(profile, budget, points=points, **search_kw)
+  measured = validation_losses(model, candidates, data_cfg, length, batches=batches,
+                               batch_size=batch_size, seed=seed)
+  records = [{"length_weights": p.meta["length_weights"], "predicted_loss": p.predicted_loss,
+              **m} for p, m in zip(candidates, measured, strict=True)]
+  best = int(np.argmin([r["loss"] for r in records]))
+  chosen = candidates[best]
+  meta = {**chosen.meta, "validation": {
+      "length": int(length), "batches": batches, "batch_size": batch_size, "seed": seed,
+      "calibration": data_cfg.source, "chosen": best, "candidates": records}}
+  return dataclasses.replace(chosen, meta=meta), records

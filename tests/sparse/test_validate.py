@@ -1,0 +1,130 @@
+"""MoA's validation: Pareto plans over the per-length objectives, measured loss, the least kept."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memx.data import make_loader
+from memx.errors import UserError
+from memx.sparse import plan as plans
+from memx.sparse import search
+from memx.sparse.evaluate import with_plan
+from memx.sparse.profile import calibration_data, profile_model
+from memx.sparse.rules import candidate_rules, density
+from memx.sparse.validate import (VALIDATION_SEED, pareto_plans, simplex_weights, validate,
+                                  validation_losses)
+from memx.train.loss import token_losses
+from memx.train.restore import load_trained
+
+LENGTHS = (32, 64)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+  return load_trained(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def profile(trained):
+  return profile_model(trained.model, calibration_data(trained.cfg.data), LENGTHS, batches=1,
+                       batch_size=4, block=16)
+
+
+def test_simplex_weights_cover_the_lattice_once():
+  assert simplex_weights(2, 3) == [(0.5, 0.5), (0.0, 1.0), (1.0, 0.0)]
+  w = simplex_weights(3, 3)
+  assert len(w) == 7 and w[0] == pytest.approx((1 / 3,) * 3)  # 6 lattice points + the centre
+  assert all(abs(sum(x) - 1) < 1e-12 and min(x) >= 0 for x in w)
+  assert len(set(w)) == len(w)
+  assert simplex_weights(1, 5) == [(1.0,)]
+  with pytest.raises(UserError, match=">= 1"):
+    simplex_weights(2, 0)
+
+
+def test_length_weights_solve_the_weighted_program(profile):
+  """A weighting (1, 0) is the program with the first length's cost alone, both budgets kept:
+  the same optimum as `search.solve_milp` on that cost (independent assembly)."""
+  rules = candidate_rules(LENGTHS, n_sink=2)
+  plan = plans.search_plan(profile, 0.4, n_sink=2, length_weights=(1.0, 0.0),
+                           method="milp")
+  cost = profile.costs(rules, (32,))
+  dens = np.array([[density(r, n) for n in LENGTHS] for r in rules])
+  dens = np.broadcast_to(dens[None], (cost.shape[0], *dens.shape))
+  layer_of = np.repeat(np.arange(len(profile.layers)), profile.n_heads)
+  sol = search.solve_milp(cost, dens, [0.4, 0.4], layer_of=layer_of, mip_rel_gap=0.0)
+  chosen = np.array([rules.index(r) for r in plan.rules()])
+  assert cost[np.arange(len(chosen)), chosen].sum() == pytest.approx(sol.objective, abs=1e-9)
+  # predicted_loss stays the unweighted sum over lengths, comparable across plans.
+  assert plan.predicted_loss == pytest.approx(plans.predicted_loss(profile, plan), rel=1e-9)
+  assert plan.meta["length_weights"] == [1.0, 0.0]
+  with pytest.raises(plans.PlanError, match="length_weights"):
+    plans.search_plan(profile, 0.4, length_weights=(0.0, 0.0))
+  with pytest.raises(plans.PlanError, match="length_weights"):
+    plans.search_plan(profile, 0.4, length_weights=(1.0,))
+
+
+def test_pareto_plans_are_distinct_and_within_budget(profile):
+  front = pareto_plans(profile, 0.4, points=5, n_sink=2)
+  assert front[0].attn_plan() == plans.search_plan(profile, 0.4, n_sink=2).attn_plan()
+  assert len({p.attn_plan() for p in front}) == len(front) >= 1
+  for p in front:
+    assert all(p.density(n) <= 0.4 + 1e-9 for n in LENGTHS)
+  # Each extreme weighting's plan is optimal for its own length's predicted loss.
+  by_w = {tuple(p.meta["length_weights"]): p for p in front}
+  for w, p in by_w.items():
+    if w in ((1.0, 0.0), (0.0, 1.0)):
+      n = LENGTHS[w.index(1.0)]
+      for q in front:
+        assert plans.predicted_loss(profile, p, [n]) <= plans.predicted_loss(
+            profile, q, [n]) + 1e-9
+
+
+def _measured(model, plan, data_cfg, n, batches, batch_size):
+  """The oracle: weighted mean token loss over the same rows, straight from the model."""
+  loader = make_loader(dataclasses.replace(data_cfg, seq_len=n), batch_size=batch_size,
+                       seed=VALIDATION_SEED, split="train")
+  total = weight = 0.0
+  m = with_plan(model, plan)
+  for k in range(batches):
+    b = loader.local_batch(k)
+    losses = np.asarray(token_losses(m(jnp.asarray(b["inputs"])), b["targets"]))
+    total += float((losses * b["weights"]).sum())
+    weight += float(b["weights"].sum())
+  return total / weight
+
+
+def test_validation_picks_the_least_measured_loss(trained, profile):
+  data = calibration_data(trained.cfg.data)
+  plan, records = validate(trained.model, profile, 0.3, data, 128, points=5, batches=2,
+                           batch_size=4, n_sink=2)
+  losses = [r["loss"] for r in records]
+  assert len(records) >= 2  # the front has more than the plain search's plan
+  v = plan.meta["validation"]
+  assert v["length"] == 128 and v["calibration"] == "mqar" and len(v["candidates"]) == len(records)
+  assert losses[v["chosen"]] == min(losses)
+  assert plan.attn_plan() == pareto_plans(profile, 0.3, points=5, n_sink=2)[v["chosen"]].attn_plan()
+  # Measured losses are the model's: checked against a direct forward (dense and one plan).
+  dense, first = validation_losses(trained.model, [None, plan], data, 128, batches=2,
+                                   batch_size=4)
+  np.testing.assert_allclose(dense["loss"], _measured(trained.model, None, data, 128, 2, 4),
+                             rtol=1e-5)
+  np.testing.assert_allclose(first["loss"], _measured(trained.model, plan, data, 128, 2, 4),
+                             rtol=1e-5)
+  assert first["loss"] == pytest.approx(losses[v["chosen"]], rel=1e-6)
+  assert 0.0 <= first["exact_match"] <= 1.0
+  # A plan whose spans cover every length reproduces the dense model.
+  full = plans.dense_plan(trained.cfg.model, LENGTHS)
+  (same,) = validation_losses(trained.model, [full], data, 128, batches=2, batch_size=4)
+  assert same["loss"] == pytest.approx(dense["loss"], rel=1e-5)
+
+
+def test_validation_rejects_bad_input_before_compute(trained, profile):
+  data = calibration_data(trained.cfg.data)
+  other = dataclasses.replace(trained.cfg.model, n_heads=2, n_kv_heads=1)
+  foreign = plans.dense_plan(other, LENGTHS)
+  with pytest.raises(plans.PlanError):
+    validation_losses(trained.model, [foreign], data, 64)
+  with pytest.raises(UserError, match="batches"):
+    validation_losses(trained.model, [None], data, 64, batches=0)
