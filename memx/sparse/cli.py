@@ -2,15 +2,15 @@
 
   memx sparse profile RUN --lengths 256,512,1024 --out RUN/sparse/profile.npz
   memx sparse search PROFILE --budget 0.25 --out plan.json [--layer-budget 0.5] [--method milp]
-                   [--validate RUN --validate-length 2048]   (MoA: Pareto plans, least measured loss)
+      [--validate RUN --validate-length 2048]   (MoA: Pareto plans, the least measured loss)
   memx sparse baseline RUN --kind uniform|longgen|dense --budget 0.25 --lengths ... --out F
   memx sparse show PLAN                    (rules per layer, densities, KV slots)
   memx eval RUN [--plan PLAN] --name NAME --lengths 256,512,1024 [--depths 0.1,0.5,0.9]
   memx run EXPERIMENT --plan PLAN          (train or fine-tune with the plan's masks)
 
 Every step is also a Python call (memx.sparse.profile.profile_model, plan.search_plan,
-validate.validate, plan.uniform_plan / longgen_plan, evaluate.evaluate). Inputs are checked before any compute;
-every file is written atomically.
+validate.validate, plan.uniform_plan / longgen_plan, evaluate.evaluate). Inputs are checked
+before any compute; every file is written atomically.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """experiments/moa/pipeline.py end to end at its tiny size (slow: trains, profiles, evaluates)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -24,6 +25,18 @@ def test_tiny_pipeline(tmp_path):
   assert {"dense", "moa50", "uniform50", "limit50"} <= set(summary)
   assert summary["moa50"]["density@max"] <= 0.5 + 1e-9
   assert "## Evaluations" in (sweep / "report.md").read_text()
+  # moa50 is the validated plan; moa50-search the single search it was chosen against.
+  assert "moa50-search" in summary
+  plan = json.loads((sweep / "dense" / "sparse" / "moa50.json").read_text())
+  assert plan["meta"]["validation"]["length"] == 96
+  spec = importlib.util.spec_from_file_location("head_ablation", "experiments/moa/head_ablation.py")
+  ablation = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ablation)
+  assert ablation.main(["--workdir", str(tmp_path), "--sweep", "moa-tiny", "--length", "128",
+                        "--max-dense", "1", "--budget", "0.5"]) == 0
+  heads = json.loads((sweep / "head_ablation.json").read_text())
+  assert len(heads["single_head_window16"]) == 2 * 4 and 0 <= heads["dense"]["exact_match"] <= 1
+  assert set(heads["k_dense"]) <= {"0", "1"} and heads["k_dense"]
 
 
 def test_uniform_limit_is_the_first_length_past_its_effective_context():

@@ -13,8 +13,13 @@ from memx.sparse import search
 from memx.sparse.evaluate import with_plan
 from memx.sparse.profile import calibration_data, profile_model
 from memx.sparse.rules import candidate_rules, density
-from memx.sparse.validate import (VALIDATION_SEED, pareto_plans, simplex_weights, validate,
-                                  validation_losses)
+from memx.sparse.validate import (
+  VALIDATION_SEED,
+  pareto_plans,
+  simplex_weights,
+  validate,
+  validation_losses,
+)
 from memx.train.loss import token_losses
 from memx.train.restore import load_trained
 
