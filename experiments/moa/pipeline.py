@@ -5,10 +5,11 @@ sinks (StreamingLLM) and a LongGen-style hybrid at the same budget, without retr
 Command:   python experiments/moa/pipeline.py [--variant tiny] [--workdir runs]
            (then `memx report runs/moa` redraws the report)
 Steps:     memx run (this file) → memx sparse profile → memx sparse search --validate /
-           baseline → memx eval, as Python calls; each step's file lands in runs/moa/dense/{sparse,evaluations}/.
+           baseline → memx eval, as Python calls; each step's file lands in
+           runs/moa/dense/{sparse,evaluations}/.
 Hardware:  CPU, 2 cores: "base" ≈ 25 minutes (training is most of it), "tiny" ≈ 1 minute.
 
-Result (base, 2-core CPU, 2026-11-27, commit d1c5a9e; table in benchmarks/RESULTS.md, "MoA
+Result (base, 2-core CPU, 2026-11-27, commit a9d05fc; table in benchmarks/RESULTS.md, "MoA
 experiment"). The dense model (4 layers × 4 heads, d 128, 2400 steps; 3/4 of the rows are
 passkey prompts that end at a random length in [100, 256]) retrieves the 3-digit key at every
 depth at N = 128, 192 and 256 (100%) and at none at 512 (beyond its training length): its
