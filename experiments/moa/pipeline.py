@@ -49,7 +49,7 @@ import sys
 
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 
-VARIANTS = ("base", "tiny")
+VARIANTS = ("base", "heads8", "tiny")
 
 def config(variant: str = "base") -> Config:
   cfg = Config(
@@ -65,6 +65,9 @@ def config(variant: str = "base") -> Config:
                         eval_batches=4),
       checkpoint=CheckpointConfig(every=400, keep=1),
   )
+  if variant == "heads8":  # twice the heads at the same width (head dim 16): 32 to plan
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, n_heads=8, n_kv_heads=4))
   if variant == "tiny":  # smoke test: the pipeline's plumbing, not its numbers
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, d_model=32, n_layers=2),
@@ -93,6 +96,9 @@ SETTINGS = {
     "base": Settings(profile_lengths=(128, 256), eval_lengths=(128, 192, 256, 512),
                      budgets=(0.25, 0.5), depths=(0.1, 0.5, 0.9), profile_batches=8,
                      eval_batches=2, validate_length=192),
+    "heads8": Settings(profile_lengths=(128, 256), eval_lengths=(128, 192, 256, 512),
+                       budgets=(0.25, 0.5), depths=(0.1, 0.5, 0.9), profile_batches=8,
+                       eval_batches=2, validate_length=192),
     "tiny": Settings(profile_lengths=(128,), eval_lengths=(128,), budgets=(0.5,),
                      depths=(0.5,), profile_batches=1, eval_batches=1, validate_length=96,
                      pareto_points=1),
