@@ -16,7 +16,10 @@ match to 0.25, head 1.0 to 0.56, head 3.3 to 0.44 (the rest stay >= 0.88). At 25
 form "k heads dense, the others one window" retrieves: the best is 0.25 (k = 1, head 3.3 dense,
 the others 23 tokens); with the three heads above dense the others get 6 tokens, and 0.06. The
 16-head model's retrieval circuit does not fit a 25% budget in these rules, so the search at 25%
-has no retrieving plan to find.
+has no retrieving plan to find. The 32-head `heads8` model (--sweep moa-heads8 --max-dense 2)
+retrieves through heads 2.2 and 2.3 alone (cut to 16 tokens: 0.31 and 0.19), and keeping those
+two dense with the other 30 at 23 tokens + 4 sinks retrieves 0.94 within 25%: a plan the
+search misses.
 """
 
 import argparse

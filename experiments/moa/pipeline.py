@@ -30,6 +30,11 @@ At 25% nothing retrieves, validated or not. `head_ablation.py` shows why: retrie
 through several heads in different layers (cut alone to 16 tokens, heads 0.3, 1.0 and 3.3 drop
 exact match to 0.25–0.56), and no plan of the form "k heads dense, the others one window" at
 25% retrieves (best 0.25): this 16-head model has no retrieving plan at that budget.
+With 8 heads per layer (`--variant heads8`, 32 heads) retrieval sits in two heads of layer 2:
+MoA at 50% retrieves 1.00 at every length up to 256, but so does LongGen (its dense layer is
+layer 2), with less KV; at 25% nothing the search finds retrieves although a plan that does
+exists (heads 2.2 and 2.3 dense, the rest 23 tokens: 0.94, `head_ablation.py`): the first-order
+profile underprices those two saturated heads (RESULTS.md).
 Past the training length the windows extrapolate the corpus loss better than dense attention
 (1.17–1.36 vs 1.37 nats at 512), but nothing retrieves there.
 Claims: supported at this scale — heterogeneous per-head spans keep retrieval where a uniform
