@@ -125,7 +125,7 @@ def main(argv=None) -> int:
   from memx.sparse import plan as plans
   from memx.sparse.evaluate import evaluate, write_evaluation
   from memx.sparse.profile import profile_model
-  from memx.sparse.validate import validate
+  from memx.sparse.validate import measured_head_scale, validate
   from memx.train.restore import load_trained
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -152,6 +152,14 @@ def main(argv=None) -> int:
   prof = profile_model(trained.model, calibration, s.profile_lengths, batches=s.profile_batches,
                        batch_size=s.profile_batch_size, block=16, meta={"run": str(run_dir)})
   prof.save(out / "profile.npz")
+  # memx's measured correction: one forward per head with that head alone cut short, against
+  # the profile's prediction for the same cut (memx.sparse.validate); its plans join the
+  # candidates, and the measured loss still decides.
+  scale = measured_head_scale(trained.model, prof, calibration, max(s.profile_lengths),
+                              batches=s.profile_batches, batch_size=s.profile_batch_size)
+  print("head cost scale (measured / predicted, >= 1): " + ", ".join(
+      f"{i // cfg.model.n_heads}.{i % cfg.model.n_heads} {x:.3g}" for i, x in enumerate(scale)
+      if x > 1.0))
   candidates = {"dense": plans.dense_plan(cfg.model, s.profile_lengths)}
   for b in s.budgets:
     pct = round(100 * b)
@@ -160,9 +168,11 @@ def main(argv=None) -> int:
     # "-search" is the single equal-weight search, the pipeline before validation.
     candidates[f"moa{pct}"], records = validate(
         trained.model, prof, b, calibration, s.validate_length, points=s.pareto_points,
-        batches=s.profile_batches, batch_size=s.profile_batch_size, n_sink=s.n_sink)
+        batches=s.profile_batches, batch_size=s.profile_batch_size, n_sink=s.n_sink,
+        head_scale=scale)
     for r in records:
-      print(f"moa{pct} candidate weights {r['length_weights']}: predicted ΔL "
+      print(f"moa{pct} candidate weights {r['length_weights']}"
+            f"{' (corrected)' if r['corrected'] else ''}: predicted ΔL "
             f"{r['predicted_loss']:.4f}, loss at N = {s.validate_length} {r['loss']:.4f}")
     candidates[f"moa{pct}-search"] = plans.search_plan(prof, b, n_sink=s.n_sink)
     candidates[f"uniform{pct}"] = plans.uniform_plan(cfg.model, b, s.profile_lengths,

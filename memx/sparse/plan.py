@@ -275,7 +275,8 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
                 n_sink: int = 4, include_full: bool = True, method: str = "auto",
                 time_limit: float = 60.0, kv_budget: float | Sequence[float] | None = None,
                 kv_heads: int | None = None,
-                length_weights: Sequence[float] | None = None) -> Plan:
+                length_weights: Sequence[float] | None = None,
+                head_scale: Sequence[float] | None = None) -> Plan:
   """MoA: the rule per head minimising the profiled loss increase under the budget.
 
   lengths: the profiled lengths to optimise over (default all the profile has); budget: one
@@ -291,6 +292,9 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   length_weights: one weight >= 0 per length on its predicted loss increase in the objective
   (default 1 each); MoA's Pareto front over lengths is the set of plans over such weightings
   (`memx.sparse.validate`). A length with weight 0 still has its budget.
+  head_scale: one factor >= 1 per profiled head (row order of `Profile.costs`) multiplying its
+  predicted costs: a measured correction of the first-order profile
+  (`memx.sparse.validate.measured_head_scale`).
   """
   from memx.sparse import search
 
@@ -311,6 +315,12 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
       lengths, n_sink=n_sink, include_full=include_full)
   weights = _length_weights(length_weights, lengths)
   cost = profile.costs(cands, lengths, weights)
+  if head_scale is not None:
+    scale = np.asarray(head_scale, np.float64)
+    if scale.shape != (cost.shape[0],) or not np.all(np.isfinite(scale)) or np.any(scale < 1):
+      raise PlanError(f"head_scale must hold one finite factor >= 1 per profiled head "
+                      f"({cost.shape[0]}); got shape {scale.shape}.")
+    cost = cost * scale[:, None]
   dens = np.array([[density(r, n) for n in lengths] for r in cands])      # [R, n_lengths]
   dens = np.broadcast_to(dens[None], (cost.shape[0], *dens.shape))
   layer_of = np.repeat(np.arange(len(profile.layers)), profile.n_heads)
@@ -326,17 +336,18 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   for li, layer in enumerate(profile.layers):
     layers[layer] = tuple(cands[sol.choice[li * profile.n_heads + h]]
                           for h in range(profile.n_heads))
-  # predicted_loss is the unweighted sum over lengths whatever the weights (the objective
-  # itself when they are all 1), so plans of one profile compare on it; the gap is the solver's.
+  # predicted_loss is the profile's unweighted, unscaled sum over lengths whatever the weights
+  # and scales (the objective itself without them), so plans of one profile compare on it.
   plan = Plan(kind="moa", fingerprint=profile.fingerprint, n_layers=profile.n_layers,
               n_heads=profile.n_heads, lengths=lengths, layers=tuple(layers), budget=b,
               predicted_loss=float(sol.objective), gap=float(sol.gap),
               solver=f"{sol.method}: {sol.status}",
               meta={"candidates": len(cands), "layer_budget": layer_budget,
                     "length_weights": list(weights),
+                    "head_scale": None if head_scale is None else [float(x) for x in head_scale],
                     "kv_budget": kv.get("kv_budget"), "kv_heads": kv_heads,
                     "profile": profile.meta})
-  if any(w != 1.0 for w in weights):
+  if any(w != 1.0 for w in weights) or head_scale is not None:
     plan = dataclasses.replace(plan, predicted_loss=predicted_loss(profile, plan, lengths))
   return plan
 
