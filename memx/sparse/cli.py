@@ -82,6 +82,10 @@ def add_parser(sub) -> None:
                       "longest profiled length)")
   s.add_argument("--pareto-points", type=int, default=5,
                  help="weightings per pair of lengths on the Pareto front")
+  s.add_argument("--measure-heads", action="store_true",
+                 help="with --validate: also search with each head's costs scaled by its "
+                      "measured / predicted loss increase when cut alone (one forward per head; "
+                      "memx.sparse.validate.measured_head_scale)")
   s.add_argument("--validate-batches", type=int, default=4)
   s.add_argument("--validate-batch-size", type=int, default=4)
   s.add_argument("--out", required=True)
@@ -147,6 +151,8 @@ def _search(args) -> int:
                    kv_budget=None if args.kv_budget is None else _budget_arg(args.kv_budget),
                    kv_heads=args.kv_heads)
   if args.validate is None:
+    if args.measure_heads:
+      raise UserError("--measure-heads needs --validate RUN (the model to measure).")
     plan = search_plan(prof, _budget_arg(args.budget), **search_kw)
   else:
     plan = _validated(args, prof, search_kw)
@@ -159,7 +165,7 @@ def _search(args) -> int:
 def _validated(args, prof, search_kw):
   from memx.sparse.plan import PlanError, model_fingerprint
   from memx.sparse.profile import calibration_data
-  from memx.sparse.validate import validate
+  from memx.sparse.validate import measured_head_scale, validate
   from memx.train.restore import load_config, load_trained
 
   length = args.validate_length or max(search_kw["lengths"] or prof.lengths)
@@ -176,15 +182,22 @@ def _validated(args, prof, search_kw):
   mode = "task" if task is not None and prof.meta.get("calibration", task) == task else "train"
   data = calibration_data(cfg.data, mode)
   trained = load_trained(args.validate)
+  scale = None
+  if args.measure_heads:
+    scale = measured_head_scale(trained.model, prof, data, max(search_kw["lengths"] or
+                                                               prof.lengths),
+                                batches=args.validate_batches,
+                                batch_size=args.validate_batch_size)
   plan, records = validate(trained.model, prof, _budget_arg(args.budget), data, length,
                            points=args.pareto_points, batches=args.validate_batches,
-                           batch_size=args.validate_batch_size, **search_kw)
+                           batch_size=args.validate_batch_size, head_scale=scale, **search_kw)
   print(f"validated {len(records)} Pareto plans at N = {length} on {data.source} rows:")
   chosen = plan.meta["validation"]["chosen"]
   for i, r in enumerate(records):
     em = "" if r["exact_match"] is None else f", exact match {r['exact_match']:.3f}"
     print(f"  {'*' if i == chosen else ' '} weights "
-          f"{[round(w, 3) for w in r['length_weights']]}: predicted ΔL "
+          f"{[round(w, 3) for w in r['length_weights']]}"
+          f"{' (measured head scale)' if r['corrected'] else ''}: predicted ΔL "
           f"{r['predicted_loss']:.4g}, measured loss {r['loss']:.4f}{em}")
   return plan
 

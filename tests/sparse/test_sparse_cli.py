@@ -27,7 +27,7 @@ def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
   checked = tmp_path / "moa_validated.json"  # MoA's validation on the run's model at N = 128
   assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
                "--validate", str(tiny_run), "--validate-length", "128", "--pareto-points", "3",
-               "--validate-batches", "1", "--validate-batch-size", "2",
+               "--validate-batches", "1", "--validate-batch-size", "2", "--measure-heads",
                "--out", str(checked)]) == 0
   assert "Pareto plans at N = 128 on mqar rows" in capsys.readouterr().out
   v = json.loads(checked.read_text())["meta"]["validation"]
@@ -70,6 +70,9 @@ def test_errors_are_one_paragraph(tiny_run, tmp_path, capsys):
   assert main(["sparse", "search", str(prof), "--budget", "0.5", "--validate", str(tiny_run),
                "--pareto-points", "0", "--out", str(tmp_path / "v.json")]) == 2
   assert "--pareto-points" in capsys.readouterr().err
+  assert main(["sparse", "search", str(prof), "--budget", "0.5", "--measure-heads",
+               "--out", str(tmp_path / "v.json")]) == 2
+  assert "--measure-heads needs --validate" in capsys.readouterr().err
   assert not (tmp_path / "v.json").exists()
   assert main(["sparse", "profile", str(tmp_path), "--lengths", "32", "--out",
                str(tmp_path / "x.npz")]) == 2

@@ -11,10 +11,12 @@ from memx.errors import UserError
 from memx.sparse import plan as plans
 from memx.sparse import search
 from memx.sparse.evaluate import with_plan
-from memx.sparse.profile import calibration_data, profile_model
-from memx.sparse.rules import candidate_rules, density
+from memx.sparse.profile import ProfileError, calibration_data, profile_model
+from memx.sparse.rules import Rule, candidate_rules, density
 from memx.sparse.validate import (
+  CUT,
   VALIDATION_SEED,
+  measured_head_scale,
   pareto_plans,
   simplex_weights,
   validate,
@@ -133,3 +135,56 @@ def test_validation_rejects_bad_input_before_compute(trained, profile):
     validation_losses(trained.model, [foreign], data, 64)
   with pytest.raises(UserError, match="batches"):
     validation_losses(trained.model, [None], data, 64, batches=0)
+
+
+def test_head_scale_multiplies_each_heads_costs(profile):
+  rules = candidate_rules(LENGTHS, n_sink=2)
+  scale = np.ones(len(profile.layers) * profile.n_heads)
+  scale[1] = 1e3  # head 0.1: cutting it now costs a thousandfold
+  plan = plans.search_plan(profile, 0.4, n_sink=2, head_scale=scale, method="milp")
+  cost = profile.costs(rules, LENGTHS) * scale[:, None]
+  dens = np.array([[density(r, n) for n in LENGTHS] for r in rules])
+  dens = np.broadcast_to(dens[None], (cost.shape[0], *dens.shape))
+  layer_of = np.repeat(np.arange(len(profile.layers)), profile.n_heads)
+  sol = search.solve_milp(cost, dens, [0.4, 0.4], layer_of=layer_of, mip_rel_gap=0.0)
+  chosen = np.array([rules.index(r) for r in plan.rules()])
+  assert cost[np.arange(len(chosen)), chosen].sum() == pytest.approx(sol.objective, abs=1e-9)
+  assert plan.predicted_loss == pytest.approx(plans.predicted_loss(profile, plan), rel=1e-9)
+  assert plan.meta["head_scale"][1] == 1e3
+  for bad in (np.ones(3), np.full(len(scale), 0.5), np.full(len(scale), np.nan)):
+    with pytest.raises(plans.PlanError, match="head_scale"):
+      plans.search_plan(profile, 0.4, head_scale=bad)
+
+
+def test_measured_head_scale_matches_the_plan_path(trained, profile):
+  """The bias-based measurement against an independent one: the model run under a plan whose
+  only cut is that head (the elastic-mask attention path), loss differences from dense."""
+  data = calibration_data(trained.cfg.data)
+  scale = measured_head_scale(trained.model, profile, data, 64, batches=2, batch_size=4)
+  assert scale.shape == (len(profile.layers) * profile.n_heads,) and (scale >= 1).all()
+  removed = profile.removed_fraction([CUT], 64)[0]
+  dense = _measured(trained.model, None, data, 64, 2, 4)
+  for li, layer in enumerate(profile.layers):
+    for h in range(profile.n_heads):
+      rules = [[Rule.full()] * profile.n_heads for _ in range(trained.cfg.model.n_layers)]
+      rules[layer][h] = CUT
+      cut = dataclasses.replace(plans.dense_plan(trained.cfg.model, LENGTHS),
+                                layers=tuple(tuple(r) for r in rules))
+      measured = _measured(trained.model, cut, data, 64, 2, 4) - dense
+      predicted = float((profile.influence[64][li, h] * removed).sum())
+      want = max(1.0, measured / predicted)
+      assert scale[li * profile.n_heads + h] == pytest.approx(want, rel=2e-3, abs=2e-3)
+  with pytest.raises(ProfileError, match="no data"):
+    measured_head_scale(trained.model, profile, data, 128)
+
+
+def test_validate_adds_the_corrected_plans(trained, profile):
+  data = calibration_data(trained.cfg.data)
+  raw = plans.search_plan(profile, 0.3, n_sink=2).rules()
+  scale = np.ones(len(raw))
+  scale[int(np.argmin([r.span(64) for r in raw]))] = 1e3  # the head the plain search cuts most
+  plan, records = validate(trained.model, profile, 0.3, data, 64, points=3, batches=1,
+                           batch_size=4, n_sink=2, head_scale=scale)
+  assert any(r["corrected"] for r in records) and not records[0]["corrected"]
+  losses = [r["loss"] for r in records]
+  assert losses[plan.meta["validation"]["chosen"]] == min(losses)
