@@ -30,11 +30,14 @@ At 25% nothing retrieves, validated or not. `head_ablation.py` shows why: retrie
 through several heads in different layers (cut alone to 16 tokens, heads 0.3, 1.0 and 3.3 drop
 exact match to 0.25–0.56), and no plan of the form "k heads dense, the others one window" at
 25% retrieves (best 0.25): this 16-head model has no retrieving plan at that budget.
-With 8 heads per layer (`--variant heads8`, 32 heads) retrieval sits in two heads of layer 2:
-MoA at 50% retrieves 1.00 at every length up to 256, but so does LongGen (its dense layer is
-layer 2), with less KV; at 25% nothing the search finds retrieves although a plan that does
-exists (heads 2.2 and 2.3 dense, the rest 23 tokens: 0.94, `head_ablation.py`): the first-order
-profile underprices those two saturated heads (RESULTS.md).
+With 8 heads per layer (`--variant heads8`, 32 heads) retrieval sits in two heads of layer 2,
+which the first-order profile underprices (saturated attention: tiny gradients). Uncorrected,
+no 25% plan retrieves although one exists (those two dense, the rest 23 tokens: 0.94,
+`head_ablation.py`). With the measured head correction (`measured_head_scale`, one forward per
+head; its plans join the validation candidates since commit 1d8f461) the 25% plan retrieves
+0.92 / 0.85 / 0.79 at N = 128 / 192 / 256 against the uniform window's 0. At 50% validation
+at 192 then picked a plan that weights N = 128 alone and retrieves 0.67 at 256: validate at or
+beyond the longest length a plan must serve (RESULTS.md, "MoA experiment").
 Past the training length the windows extrapolate the corpus loss better than dense attention
 (1.17–1.36 vs 1.37 nats at 512), but nothing retrieves there.
 Claims: supported at this scale — heterogeneous per-head spans keep retrieval where a uniform
