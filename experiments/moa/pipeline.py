@@ -30,6 +30,8 @@ At 25% nothing retrieves, validated or not. `head_ablation.py` shows why: retrie
 through several heads in different layers (cut alone to 16 tokens, heads 0.3, 1.0 and 3.3 drop
 exact match to 0.25–0.56), and no plan of the form "k heads dense, the others one window" at
 25% retrieves (best 0.25): this 16-head model has no retrieving plan at that budget.
+With the measured head correction (below; commit 0d74d39) the 50% plan retrieves 1.00 / 1.00 /
+1.00 at 0.53× dense KV, +0.09 nats of corpus loss; 25% still retrieves nothing.
 With 8 heads per layer (`--variant heads8`, 32 heads) retrieval sits in two heads of layer 2,
 which the first-order profile underprices (saturated attention: tiny gradients). Uncorrected,
 no 25% plan retrieves although one exists (those two dense, the rest 23 tokens: 0.94,
