@@ -50,19 +50,25 @@ def test_simplex_weights_cover_the_lattice_once():
     simplex_weights(2, 0)
 
 
+def _assert_optimal(profile, plan, rules, cost, budget):
+  """The plan's cost equals the optimum `search.solve_milp` proves for `cost` (the oracle: the
+  program assembled here, independently of `search_plan`)."""
+  dens = np.array([[density(r, n) for n in LENGTHS] for r in rules])
+  dens = np.broadcast_to(dens[None], (cost.shape[0], *dens.shape))
+  layer_of = np.repeat(np.arange(len(profile.layers)), profile.n_heads)
+  sol = search.solve_milp(cost, dens, [budget] * len(LENGTHS), layer_of=layer_of,
+                          mip_rel_gap=0.0)
+  chosen = np.array([rules.index(r) for r in plan.rules()])
+  assert cost[np.arange(len(chosen)), chosen].sum() == pytest.approx(sol.objective, abs=1e-9)
+
+
 def test_length_weights_solve_the_weighted_program(profile):
   """A weighting (1, 0) is the program with the first length's cost alone, both budgets kept:
   the same optimum as `search.solve_milp` on that cost (independent assembly)."""
   rules = candidate_rules(LENGTHS, n_sink=2)
   plan = plans.search_plan(profile, 0.4, n_sink=2, length_weights=(1.0, 0.0),
                            method="milp")
-  cost = profile.costs(rules, (32,))
-  dens = np.array([[density(r, n) for n in LENGTHS] for r in rules])
-  dens = np.broadcast_to(dens[None], (cost.shape[0], *dens.shape))
-  layer_of = np.repeat(np.arange(len(profile.layers)), profile.n_heads)
-  sol = search.solve_milp(cost, dens, [0.4, 0.4], layer_of=layer_of, mip_rel_gap=0.0)
-  chosen = np.array([rules.index(r) for r in plan.rules()])
-  assert cost[np.arange(len(chosen)), chosen].sum() == pytest.approx(sol.objective, abs=1e-9)
+  _assert_optimal(profile, plan, rules, profile.costs(rules, (32,)), 0.4)
   # predicted_loss stays the unweighted sum over lengths, comparable across plans.
   assert plan.predicted_loss == pytest.approx(plans.predicted_loss(profile, plan), rel=1e-9)
   assert plan.meta["length_weights"] == [1.0, 0.0]
@@ -142,13 +148,7 @@ def test_head_scale_multiplies_each_heads_costs(profile):
   scale = np.ones(len(profile.layers) * profile.n_heads)
   scale[1] = 1e3  # head 0.1: cutting it now costs a thousandfold
   plan = plans.search_plan(profile, 0.4, n_sink=2, head_scale=scale, method="milp")
-  cost = profile.costs(rules, LENGTHS) * scale[:, None]
-  dens = np.array([[density(r, n) for n in LENGTHS] for r in rules])
-  dens = np.broadcast_to(dens[None], (cost.shape[0], *dens.shape))
-  layer_of = np.repeat(np.arange(len(profile.layers)), profile.n_heads)
-  sol = search.solve_milp(cost, dens, [0.4, 0.4], layer_of=layer_of, mip_rel_gap=0.0)
-  chosen = np.array([rules.index(r) for r in plan.rules()])
-  assert cost[np.arange(len(chosen)), chosen].sum() == pytest.approx(sol.objective, abs=1e-9)
+  _assert_optimal(profile, plan, rules, profile.costs(rules, LENGTHS) * scale[:, None], 0.4)
   assert plan.predicted_loss == pytest.approx(plans.predicted_loss(profile, plan), rel=1e-9)
   assert plan.meta["head_scale"][1] == 1e3
   for bad in (np.ones(3), np.full(len(scale), 0.5), np.full(len(scale), np.nan)):
