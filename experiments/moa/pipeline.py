@@ -136,8 +136,13 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--variant", default="base", choices=VARIANTS)
   ap.add_argument("--workdir", default="runs")
+  ap.add_argument("--validate-length", type=int, default=None,
+                  help="length MoA's validation measures the candidates at (default: the "
+                       "variant's, 192 for base and heads8)")
   args = ap.parse_args(argv)
   s = SETTINGS[args.variant]
+  if args.validate_length is not None:
+    s = dataclasses.replace(s, validate_length=args.validate_length)
   sweep_dir = pathlib.Path(args.workdir) / ("moa" if args.variant == "base" else
                                             f"moa-{args.variant}")
   run_dir = sweep_dir / "dense"
