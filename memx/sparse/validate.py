@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Sequence
 
 import jax
@@ -44,6 +45,7 @@ from memx.errors import UserError
 from memx.sparse.plan import Plan, check_plan, search_plan
 from memx.sparse.rules import Rule, rules_mask
 
+log = logging.getLogger(__name__)
 VALIDATION_SEED = 4321  # profile_model's default is 1234: validation rows are others
 CUT = Rule(16, 0.0, 4)  # measured_head_scale's cut: a 16-token window + 4 sinks
 
@@ -161,6 +163,11 @@ def validate(model, profile, budget, data_cfg, length: int, *, points: int = 5,
   """The Pareto plans of `profile` at `budget` (and, given `head_scale`, those of the corrected
   costs), measured at `length` on `data_cfg`'s rows; returns (the least-loss plan, one record
   per candidate: weights, whether corrected, predicted and measured loss)."""
+  longest = max(search_kw.get("lengths") or profile.lengths)
+  if length < longest:
+    log.warning("validating at N = %d, below the longest profiled length %d: a plan that fails "
+                "only at longer lengths looks as good as one that does not (MoA validates "
+                "longer than it profiles).", length, longest)
   candidates = pareto_plans(profile, budget, points=points, **search_kw)
   if head_scale is not None:
     seen = {p.attn_plan() for p in candidates}

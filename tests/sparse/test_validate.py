@@ -178,6 +178,19 @@ def test_measured_head_scale_matches_the_plan_path(trained, profile):
     measured_head_scale(trained.model, profile, data, 128)
 
 
+def test_validating_below_the_longest_profiled_length_warns(trained, profile, caplog):
+  data = calibration_data(trained.cfg.data)
+  with caplog.at_level("WARNING", logger="memx.sparse.validate"):
+    validate(trained.model, profile, 0.4, data, 48, points=1, batches=1, batch_size=2,
+             n_sink=2)
+  assert "below the longest profiled length 64" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="memx.sparse.validate"):
+    validate(trained.model, profile, 0.4, data, 64, points=1, batches=1, batch_size=2,
+             n_sink=2)
+  assert "below the longest" not in caplog.text
+
+
 def test_validate_adds_the_corrected_plans(trained, profile):
   data = calibration_data(trained.cfg.data)
   raw = plans.search_plan(profile, 0.3, n_sink=2).rules()
