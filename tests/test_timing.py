@@ -35,9 +35,12 @@ def test_chained_keeps_one_dot_per_set():
 
 
 def test_per_call_device_time_is_positive_and_finite():
-  # Calls of a few ms each, so the 2 extra calls stand well above the timing noise.
-  x, w = jnp.ones((512, 512)), jnp.ones((512, 512))
-  t = per_call_device_time(_dot, [(x, w)] * 4, reps=3)
+  # Calls of tens of ms each on CPU (2 GFLOP), four of them between the two programs, so the
+  # difference stands well above the jitter of a shared, loaded machine (512 × 512 dots, 2
+  # calls apart, once fell inside it under xdist: a noise warning, an error here).
+  w = jnp.ones((1024, 1024))
+  t = per_call_device_time(_dot, [(jnp.full((1024, 1024), i + 1.0), w) for i in range(8)],
+                           reps=3)
   assert math.isfinite(t) and t > 0
 
 
