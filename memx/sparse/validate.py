@@ -23,9 +23,9 @@ with that head alone cut to a short window (`cut`, default 16 tokens + 4 sinks) 
 measured loss increase with the profile's prediction for the same cut; the ratio (at least 1)
 multiplies that head's costs in the search. Given `head_scale`, `validate` adds the Pareto plans
 of the corrected costs to the candidates, and the measured loss still decides. On the MoA
-experiment's 32-head model two saturated retrieval heads measured 155× and 199× their
-prediction (every other head at most its prediction), and the corrected search at 25% density
-kept them dense and retrieved, where every uncorrected candidate retrieved nothing
+experiment's 32-head model two saturated retrieval heads measured 130× and 253× their
+prediction (every other head at most 4.3×), and the corrected search at 25% density kept them
+wide and retrieved, where every uncorrected candidate retrieved nothing
 (benchmarks/RESULTS.md, "MoA experiment").
 """
 
@@ -83,18 +83,25 @@ def pareto_plans(profile, budget, *, points: int = 5, **search_kw) -> list[Plan]
   return plans
 
 
+def _rows(data_cfg, length: int, batches: int, batch_size: int, seed: int):
+  """(data config at `length`, its loader): bad sizes or a length the data cannot fill raise
+  here, before any compute."""
+  from memx.data import make_loader
+
+  if batches < 1 or batch_size < 1:
+    raise UserError(f"validation batches = {batches}, batch_size = {batch_size} must be >= 1.")
+  cfg = dataclasses.replace(data_cfg, seq_len=int(length), passkey_min_len=None)
+  return cfg, make_loader(cfg, batch_size=batch_size, seed=seed, split="train")
+
+
 def validation_losses(model, plans: Sequence[Plan | None], data_cfg, length: int, *,
                       batches: int = 4, batch_size: int = 4,
                       seed: int = VALIDATION_SEED) -> list[dict]:
   """Per plan (None = the dense model): {"loss", "exact_match"} over the same calibration rows
   of `data_cfg` at `length` (training split, `seed`). exact_match is None without a task."""
-  from memx.data import make_loader
   from memx.sparse.evaluate import _forward, _run, with_plan
 
-  if batches < 1 or batch_size < 1:
-    raise UserError(f"validation batches = {batches}, batch_size = {batch_size} must be >= 1.")
-  cfg = dataclasses.replace(data_cfg, seq_len=int(length), passkey_min_len=None)
-  make_loader(cfg, batch_size=batch_size, seed=seed, split="train")  # bad length: before compute
+  cfg, _ = _rows(data_cfg, length, batches, batch_size, seed)
   for p in plans:
     if p is not None:
       check_plan(p, model.cfg)
@@ -111,20 +118,20 @@ def measured_head_scale(model, profile, data_cfg, length: int, *, cut: Rule = CU
   """float [len(profile.layers) · n_heads] (the rows of `Profile.costs`): per head,
   max(1, measured / predicted loss increase) of cutting that head alone to `cut` at `length`
   (a profiled length), measured on `data_cfg`'s rows (training split, `seed`)."""
-  from memx.data import make_loader
   from memx.sparse.plan import model_fingerprint
   from memx.train.loss import token_losses
 
   profile.require_lengths([length])
   if model_fingerprint(model.cfg) != profile.fingerprint:
     raise UserError("measured_head_scale: the model is not the one profiled (fingerprints differ).")
-  if batches < 1 or batch_size < 1:
-    raise UserError(f"batches = {batches}, batch_size = {batch_size} must be >= 1.")
-  loader = make_loader(dataclasses.replace(data_cfg, seq_len=int(length), passkey_min_len=None),
-                       batch_size=batch_size, seed=seed, split="train")
+  _, loader = _rows(data_cfg, length, batches, batch_size, seed)
   rows = [{k: jnp.asarray(v) for k, v in loader.local_batch(k).items()} for k in range(batches)]
   graphdef, params = nnx.split(model)
   n_heads = profile.n_heads
+  shape = (batch_size, n_heads, length, length)
+  zeros = jnp.zeros(shape, jnp.float32)  # every profiled layer takes the bias path, cut or not
+  keep = np.asarray(rules_mask([cut], length).dense(length, length, head=0))
+  cut_bias = np.where(keep.reshape(length, length), 0.0, -1e9).astype(np.float32)
 
   @jax.jit
   def loss(batch, biases):  # mean over the batch's weighted tokens, as the profile's loss
@@ -133,18 +140,12 @@ def measured_head_scale(model, profile, data_cfg, length: int, *, cut: Rule = CU
         batch["weights"])
 
   def mean_loss(cut_layer: int | None, head: int) -> float:
-    out = 0.0
-    for b in rows:
-      shape = (b["inputs"].shape[0], n_heads, length, length)
-      biases = {i: jnp.zeros(shape, jnp.float32) for i in profile.layers}
-      if cut_layer is not None:
-        keep = np.asarray(rules_mask([cut], length).dense(length, length, head=0))
-        keep = keep.reshape(length, length)
-        head_bias = np.zeros((n_heads, length, length), np.float32)
-        head_bias[head] = np.where(keep, 0.0, -1e9)
-        biases[cut_layer] = jnp.broadcast_to(jnp.asarray(head_bias), shape)
-      out += float(loss(b, biases)) / len(rows)
-    return out
+    biases = dict.fromkeys(profile.layers, zeros)
+    if cut_layer is not None:
+      head_bias = np.zeros((n_heads, length, length), np.float32)
+      head_bias[head] = cut_bias
+      biases[cut_layer] = jnp.broadcast_to(jnp.asarray(head_bias), shape)
+    return sum(float(loss(b, biases)) for b in rows) / len(rows)
 
   base = mean_loss(None, 0)
   removed = profile.removed_fraction([cut], length)[0]
@@ -163,6 +164,7 @@ def validate(model, profile, budget, data_cfg, length: int, *, points: int = 5,
   """The Pareto plans of `profile` at `budget` (and, given `head_scale`, those of the corrected
   costs), measured at `length` on `data_cfg`'s rows; returns (the least-loss plan, one record
   per candidate: weights, whether corrected, predicted and measured loss)."""
+  _rows(data_cfg, length, batches, batch_size, seed)  # bad input: before any search
   longest = max(search_kw.get("lengths") or profile.lengths)
   if length < longest:
     log.warning("validating at N = %d, below the longest profiled length %d: a plan that fails "

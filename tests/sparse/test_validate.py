@@ -141,6 +141,8 @@ def test_validation_rejects_bad_input_before_compute(trained, profile):
     validation_losses(trained.model, [foreign], data, 64)
   with pytest.raises(UserError, match="batches"):
     validation_losses(trained.model, [None], data, 64, batches=0)
+  with pytest.raises(UserError, match="batches"):  # before any search is run
+    validate(trained.model, profile, 0.4, data, 64, batches=0)
 
 
 def test_head_scale_multiplies_each_heads_costs(profile):
