@@ -131,7 +131,7 @@ def main(argv=None) -> int:
   from memx.sparse import plan as plans
   from memx.sparse.evaluate import evaluate, write_evaluation
   from memx.sparse.profile import profile_model
-  from memx.sparse.validate import measured_head_scale, validate
+  from memx.sparse.validate import guard_source, measured_head_scale, validate
   from memx.train.restore import load_trained
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -140,6 +140,9 @@ def main(argv=None) -> int:
   ap.add_argument("--validate-length", type=int, default=None,
                   help="length MoA's validation measures the candidates at (default: the "
                        "variant's, 192 for base and heads8)")
+  ap.add_argument("--guard-tolerance", type=float, default=None, metavar="NATS",
+                  help="validate with an LM-loss guard: keep only plans whose corpus loss is "
+                       "within NATS of the dense model's, when any is (memx.sparse.validate)")
   args = ap.parse_args(argv)
   s = SETTINGS[args.variant]
   if args.validate_length is not None:
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
   print("head cost scale (measured / predicted, >= 1): " + ", ".join(
       f"{i // cfg.model.n_heads}.{i % cfg.model.n_heads} {x:.3g}" for i, x in enumerate(scale)
       if x > 1.0))
+  guard = None if args.guard_tolerance is None else guard_source(cfg.data)
   candidates = {"dense": plans.dense_plan(cfg.model, s.profile_lengths)}
   for b in s.budgets:
     pct = round(100 * b)
@@ -180,11 +184,17 @@ def main(argv=None) -> int:
     candidates[f"moa{pct}"], records = validate(
         trained.model, prof, b, calibration, s.validate_length, points=s.pareto_points,
         batches=s.profile_batches, batch_size=s.profile_batch_size, n_sink=s.n_sink,
-        head_scale=scale)
-    for r in records:
-      print(f"moa{pct} candidate weights {r['length_weights']}"
+        head_scale=scale, guard_data=guard, guard_tolerance=args.guard_tolerance)
+    chosen = candidates[f"moa{pct}"].meta["validation"]["chosen"]
+    for i, r in enumerate(records):
+      print(f"{'*' if i == chosen else ' '} moa{pct} candidate weights {r['length_weights']}"
             f"{' (corrected)' if r['corrected'] else ''}: predicted ΔL "
-            f"{r['predicted_loss']:.4f}, loss at N = {s.validate_length} {r['loss']:.4f}")
+            f"{r['predicted_loss']:.4f}, loss at N = {s.validate_length} {r['loss']:.4f}"
+            + ("" if guard is None else f", corpus loss {r['guard_loss']:.4f}"))
+    if guard is not None:
+      g = candidates[f"moa{pct}"].meta["validation"]["guard"]
+      print(f"moa{pct} guard: dense corpus loss {g['dense_loss']:.4f}, tolerance "
+            f"{g['tolerance']:g}, met {g['met']}")
     candidates[f"moa{pct}-search"] = plans.search_plan(prof, b, n_sink=s.n_sink)
     candidates[f"uniform{pct}"] = plans.uniform_plan(cfg.model, b, s.profile_lengths,
                                                      n_sink=s.n_sink)

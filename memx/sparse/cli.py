@@ -3,6 +3,7 @@
   memx sparse profile RUN --lengths 256,512,1024 --out RUN/sparse/profile.npz
   memx sparse search PROFILE --budget 0.25 --out plan.json [--layer-budget 0.5] [--method milp]
       [--validate RUN --validate-length 2048]   (MoA: Pareto plans, the least measured loss)
+      [--measure-heads] [--guard-tolerance 0.1]  (memx: measured head costs; an LM-loss guard)
   memx sparse baseline RUN --kind uniform|longgen|dense --budget 0.25 --lengths ... --out F
   memx sparse show PLAN                    (rules per layer, densities, KV slots)
   memx eval RUN [--plan PLAN] --name NAME --lengths 256,512,1024 [--depths 0.1,0.5,0.9]
@@ -86,6 +87,10 @@ def add_parser(sub) -> None:
                  help="with --validate: also search with each head's costs scaled by its "
                       "measured / predicted loss increase when cut alone (one forward per head; "
                       "memx.sparse.validate.measured_head_scale)")
+  s.add_argument("--guard-tolerance", type=float, default=None, metavar="NATS",
+                 help="with --validate: keep only plans whose loss on RUN's language-modelling "
+                      "rows (its task dropped) is within NATS of the dense model's, when any "
+                      "is (memx.sparse.validate.choose)")
   s.add_argument("--validate-batches", type=int, default=4)
   s.add_argument("--validate-batch-size", type=int, default=4)
   s.add_argument("--out", required=True)
@@ -151,8 +156,9 @@ def _search(args) -> int:
                    kv_budget=None if args.kv_budget is None else _budget_arg(args.kv_budget),
                    kv_heads=args.kv_heads)
   if args.validate is None:
-    if args.measure_heads:
-      raise UserError("--measure-heads needs --validate RUN (the model to measure).")
+    if args.measure_heads or args.guard_tolerance is not None:
+      raise UserError("--measure-heads and --guard-tolerance need --validate RUN (the model to "
+                      "measure).")
     plan = search_plan(prof, _budget_arg(args.budget), **search_kw)
   else:
     plan = _validated(args, prof, search_kw)
@@ -165,7 +171,7 @@ def _search(args) -> int:
 def _validated(args, prof, search_kw):
   from memx.sparse.plan import PlanError, model_fingerprint
   from memx.sparse.profile import calibration_data
-  from memx.sparse.validate import measured_head_scale, validate
+  from memx.sparse.validate import guard_source, measured_head_scale, validate
   from memx.train.restore import load_config, load_trained
 
   length = args.validate_length or max(search_kw["lengths"] or prof.lengths)
@@ -181,6 +187,7 @@ def _validated(args, prof, search_kw):
   task = cfg.data.task_name
   mode = "task" if task is not None and prof.meta.get("calibration", task) == task else "train"
   data = calibration_data(cfg.data, mode)
+  guard = None if args.guard_tolerance is None else guard_source(cfg.data)
   trained = load_trained(args.validate)
   scale = None
   if args.measure_heads:
@@ -190,11 +197,20 @@ def _validated(args, prof, search_kw):
                                 batch_size=args.validate_batch_size)
   plan, records = validate(trained.model, prof, _budget_arg(args.budget), data, length,
                            points=args.pareto_points, batches=args.validate_batches,
-                           batch_size=args.validate_batch_size, head_scale=scale, **search_kw)
+                           batch_size=args.validate_batch_size, head_scale=scale,
+                           guard_data=guard, guard_tolerance=args.guard_tolerance, **search_kw)
   print(f"validated {len(records)} Pareto plans at N = {length} on {data.source} rows:")
-  chosen = plan.meta["validation"]["chosen"]
+  v = plan.meta["validation"]
+  chosen = v["chosen"]
+  if guard is not None:
+    g = v["guard"]
+    verdict = "met" if g["met"] else "no candidate is; least guard loss kept"
+    print(f"  guard: {g['source']} loss within {g['tolerance']:g} nats of dense "
+          f"{g['dense_loss']:.4f}: {verdict}")
   for i, r in enumerate(records):
     em = "" if r["exact_match"] is None else f", exact match {r['exact_match']:.3f}"
+    if guard is not None:
+      em += f", {guard.source} loss {r['guard_loss']:.4f}"
     print(f"  {'*' if i == chosen else ' '} weights "
           f"{[round(w, 3) for w in r['length_weights']]}"
           f"{' (measured head scale)' if r['corrected'] else ''}: predicted ΔL "

@@ -4,6 +4,7 @@ import json
 
 from memx.cli import main
 from memx.sparse.profile import Profile
+from memx.sparse.validate import choose
 
 
 def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
@@ -28,11 +29,12 @@ def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
   assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
                "--validate", str(tiny_run), "--validate-length", "128", "--pareto-points", "3",
                "--validate-batches", "1", "--validate-batch-size", "2", "--measure-heads",
-               "--out", str(checked)]) == 0
-  assert "Pareto plans at N = 128 on mqar rows" in capsys.readouterr().out
+               "--guard-tolerance", "0.5", "--out", str(checked)]) == 0
+  out = capsys.readouterr().out
+  assert "Pareto plans at N = 128 on mqar rows" in out and "guard: corpus loss within 0.5" in out
   v = json.loads(checked.read_text())["meta"]["validation"]
-  assert v["length"] == 128 and min(c["loss"] for c in v["candidates"]) == (
-      v["candidates"][v["chosen"]]["loss"])
+  assert v["length"] == 128 and v["guard"]["tolerance"] == 0.5
+  assert (v["chosen"], v["guard"]["met"]) == choose(v["candidates"], 0.5, v["guard"]["dense_loss"])
   capped = tmp_path / "moa_kv.json"   # the same search under a KV-memory cap (2 KV heads)
   assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
                "--kv-budget", "0.45", "--kv-heads", "2", "--out", str(capped)]) == 0
@@ -72,7 +74,7 @@ def test_errors_are_one_paragraph(tiny_run, tmp_path, capsys):
   assert "--pareto-points" in capsys.readouterr().err
   assert main(["sparse", "search", str(prof), "--budget", "0.5", "--measure-heads",
                "--out", str(tmp_path / "v.json")]) == 2
-  assert "--measure-heads needs --validate" in capsys.readouterr().err
+  assert "--guard-tolerance need --validate" in capsys.readouterr().err
   assert not (tmp_path / "v.json").exists()
   assert main(["sparse", "profile", str(tmp_path), "--lengths", "32", "--out",
                str(tmp_path / "x.npz")]) == 2

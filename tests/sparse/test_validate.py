@@ -16,6 +16,8 @@ from memx.sparse.rules import Rule, candidate_rules, density
 from memx.sparse.validate import (
   CUT,
   VALIDATION_SEED,
+  choose,
+  guard_source,
   measured_head_scale,
   pareto_plans,
   simplex_weights,
@@ -133,6 +135,39 @@ def test_validation_picks_the_least_measured_loss(trained, profile):
   assert same["loss"] == pytest.approx(dense["loss"], rel=1e-5)
 
 
+def test_choose_keeps_the_least_loss_within_the_guard():
+  records = [{"loss": 0.1, "guard_loss": 2.5}, {"loss": 0.3, "guard_loss": 2.05},
+             {"loss": 0.2, "guard_loss": 2.09}, {"loss": 0.5, "guard_loss": 2.01}]
+  assert choose(records) == (0, True)                     # no guard: the least loss
+  assert choose(records, 0.1, 2.0) == (2, True)           # 0 is out; 2 beats 1 and 3
+  assert choose(records, 0.06, 2.0) == (1, True)
+  assert choose(records, 1.0, 2.0) == (0, True)
+  assert choose(records, 0.0, 2.0) == (3, False)          # none within: the least guard loss
+
+
+def test_validation_guard_measures_the_lm_loss(trained, profile):
+  data = calibration_data(trained.cfg.data)
+  guard = guard_source(trained.cfg.data)
+  assert guard.source == "corpus" and guard.task is None and guard.task_fraction == 0.0
+  plan, records = validate(trained.model, profile, 0.3, data, 128, points=5, batches=2,
+                           batch_size=4, n_sink=2, guard_data=guard, guard_tolerance=0.02)
+  g = plan.meta["validation"]["guard"]
+  assert g["source"] == "corpus" and g["tolerance"] == 0.02
+  # The guard losses are the model's, on corpus rows: checked against a direct forward.
+  assert g["dense_loss"] == pytest.approx(_measured(trained.model, None, guard, 128, 2, 4),
+                                          rel=1e-5)
+  chosen = plan.meta["validation"]["chosen"]
+  assert records[chosen]["guard_loss"] == pytest.approx(
+      _measured(trained.model, plan, guard, 128, 2, 4), rel=1e-5)
+  assert (chosen, g["met"]) == choose(records, 0.02, g["dense_loss"])
+  if g["met"]:
+    assert records[chosen]["guard_loss"] <= g["dense_loss"] + 0.02
+  # The calibration losses do not depend on the guard.
+  _, plain = validate(trained.model, profile, 0.3, data, 128, points=5, batches=2,
+                      batch_size=4, n_sink=2)
+  assert [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+
+
 def test_validation_rejects_bad_input_before_compute(trained, profile):
   data = calibration_data(trained.cfg.data)
   other = dataclasses.replace(trained.cfg.model, n_heads=2, n_kv_heads=1)
@@ -143,6 +178,14 @@ def test_validation_rejects_bad_input_before_compute(trained, profile):
     validation_losses(trained.model, [None], data, 64, batches=0)
   with pytest.raises(UserError, match="batches"):  # before any search is run
     validate(trained.model, profile, 0.4, data, 64, batches=0)
+  corpus = guard_source(trained.cfg.data)
+  with pytest.raises(UserError, match="both guard_data and guard_tolerance"):
+    validate(trained.model, profile, 0.4, data, 64, guard_data=corpus)
+  for bad in (-0.1, float("nan")):
+    with pytest.raises(UserError, match="guard_tolerance"):
+      validate(trained.model, profile, 0.4, data, 64, guard_data=corpus, guard_tolerance=bad)
+  with pytest.raises(UserError, match="language-modelling source"):
+    guard_source(data)  # the task alone has no LM rows
 
 
 def test_head_scale_multiplies_each_heads_costs(profile):
