@@ -175,7 +175,7 @@ def guard_source(data_cfg):
   if data_cfg.source not in LM_SOURCES:
     raise UserError(f"the LM-loss guard needs a language-modelling source ({', '.join(LM_SOURCES)})"
                     f"; this run's data.source is {data_cfg.source!r}.")
-  return dataclasses.replace(data_cfg, task=None, task_fraction=0.0)
+  return dataclasses.replace(data_cfg, task=None, task_fraction=0.0, passkey_min_len=None)
 
 
 def choose(records: Sequence[dict], tolerance: float | None = None,

@@ -73,6 +73,13 @@ CASES = {
                                    jnp.asarray([[1] * 40, [0] * 30 + [1] * 10])), BS16),
     "decode_offset_window": ((1, 16, 64, 4, 1, 32), Mask(q_offset=48, window_left=20), None,
                              BS16),
+    # A document split by another: its rows' FULL tiles skip the other's blocks, so the
+    # kernels walk them partly as first + j and partly from the table (`_walk`).
+    "segments_gap": ((1, 96, 96, 2, 1, 16), CAUSAL,
+                     jnp.asarray([[0] * 32 + [1] * 16 + [0] * 48], jnp.int32), BS16),
+    # A FULL sink tile, a gap, then the window's FULL tiles: the static schedule's table loop.
+    "window_full_sink_tile": ((1, 96, 96, 2, 1, 16), Mask(window_left=40, n_sink=16), None,
+                              BS16),
     # Unsorted ids: tile ranges overlap everywhere, so nothing may be skipped wrongly.
     "segments_interleaved": ((1, 48, 48, 2, 1, 16), Mask(window_left=24),
                              jnp.asarray(np.random.RandomState(2).randint(0, 3, (1, 48))), BS16),
@@ -177,7 +184,7 @@ class TestPallasGpuInterpretAtomicDq(_AttentionBase):
   IMPL, INTERPRET = "pallas_gpu", True
   BLOCK_OPTIONS = {"dq_atomic": True}
   CASE_NAMES = ("causal", "dense_gqa_t_ne_s", "per_head_causal", "block_sparse_empty_rows",
-                "segments_causal", "decode_offset_window")
+                "segments_causal", "segments_gap", "decode_offset_window")
 
 
 @pytest.mark.gpu

@@ -170,16 +170,33 @@ def test_block_counts_match_dense_tiles(mask):
     # A FULL sink tile, a gap, then the band (query rows); per key block still one run.
     (Mask(window_left=256, n_sink=64), (False, True)),
 ])
-def test_full_tiles_contiguous(mask, want):
-  """The kernels' hoisted-index walk of FULL tiles needs each row's FULL tiles consecutive:
-  checked against a direct reading of the table, forward (query rows) and transposed (key
-  rows, the dK/dV pass)."""
+def test_contiguous_prefix(mask, want):
+  """The kernels walk each row's leading run of consecutive FULL tiles as first + j: the
+  prefix is checked against a direct reading of the table, forward (query rows) and transposed
+  (key rows, the dK/dV pass), in numpy and in jnp (segment-refined schedules)."""
   masks = (mask,) if mask.num_heads is None else tuple(
       Mask(window_left=w) for w in mask.window_left)
-  for transpose, expected in zip((False, True), want, strict=True):
+  for transpose, whole_rows in zip((False, True), want, strict=True):
     table, counts = sched.schedule(masks, 1024, 1024, 64, 64, transpose, 1024, 1024)
-    rows = [table[h, i, :counts[h, i, 0]] for h in range(table.shape[0])
-            for i in range(table.shape[1])]
-    direct = all(np.array_equal(r, np.arange(r[0], r[0] + len(r))) for r in rows if len(r))
-    assert direct == expected
-    assert sched.full_tiles_contiguous(table, counts) == expected
+    prefix = sched.contiguous_prefix(table, counts)
+    np.testing.assert_array_equal(prefix, sched.contiguous_prefix(jnp.asarray(table),
+                                                                  jnp.asarray(counts)))
+    for h in range(table.shape[0]):
+      for i in range(table.shape[1]):
+        row = table[h, i, :counts[h, i, 0]]
+        run = next((n for n in range(1, len(row)) if row[n] != row[0] + n), len(row))
+        assert prefix[h, i] == run
+    assert bool((prefix == counts[..., 0]).all()) == whole_rows
+    assert sched.with_prefix(table, counts).shape == (*counts.shape[:-1], 3)
+
+
+def test_segment_schedule_prefix_stops_at_a_gap():
+  """Segment ids with a document split by another: the row's FULL tiles skip the other's
+  blocks, so its contiguous prefix is shorter than its FULL count."""
+  table, counts = sched.schedule((CAUSAL,), 96, 96, 16, 16, False, 96, 96)
+  ids = jnp.asarray([[0] * 32 + [1] * 16 + [0] * 48])
+  rng = sched.segment_ranges(ids, 16)
+  tbl, cnt = sched.segment_schedule(table, counts, rng, rng)
+  cnt3 = np.asarray(sched.with_prefix(tbl, cnt))
+  assert np.asarray(tbl[0, 0, 5, :4]).tolist() == [0, 1, 3, 4]   # FULL: blocks 0, 1, 3, 4
+  assert cnt3[0, 0, 5].tolist() == [4, 5, 2]                       # prefix 0, 1; then 3, 4

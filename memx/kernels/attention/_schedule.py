@@ -137,13 +137,22 @@ def schedule(masks: tuple[Mask, ...], t: int, s: int, block_q: int, block_k: int
   return table, counts
 
 
-def full_tiles_contiguous(table: np.ndarray, counts: np.ndarray) -> bool:
-  """Whether every row's FULL tiles are consecutive blocks (causal and window masks without
-  sinks): a kernel then walks them as first + j and reads one table entry per row, not one per
-  step (a scalar load the next tile's address would wait on)."""
-  idx = np.arange(table.shape[-1])
-  in_full = idx < counts[..., :1]
-  return bool(np.all(np.where(in_full, table == table[..., :1] + idx, True)))
+def contiguous_prefix(table, counts):
+  """int32 [..., n_outer] (numpy in, numpy out; else jnp): per row, how many of its first FULL
+  tiles are the consecutive blocks table[0], table[0] + 1, ... A kernel walks those as
+  first + j and reads one table entry per row, not one per step (a scalar load the next tile's
+  address would wait on). All of a row's FULL tiles under causal and window masks; under
+  segment ids, those of the row's own document; a FULL sink tile ends the run at 1."""
+  xp = np if isinstance(table, np.ndarray) else jnp
+  idx = xp.arange(table.shape[-1]).reshape((1,) * (table.ndim - 1) + (-1,))
+  run = xp.cumprod(table == table[..., :1] + idx, axis=-1).sum(-1)
+  return xp.minimum(run, counts[..., 0]).astype(xp.int32)
+
+
+def with_prefix(table, counts):
+  """counts [..., 2] -> [..., 3]: (FULL tiles, visited tiles, `contiguous_prefix`)."""
+  xp = np if isinstance(table, np.ndarray) else jnp
+  return xp.concatenate([counts, contiguous_prefix(table, counts)[..., None]], -1)
 
 
 def dynamic_schedule(masks: tuple[Mask, ...], rule: Rule, offset, block_q: int, block_k: int,

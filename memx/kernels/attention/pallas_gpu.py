@@ -13,6 +13,8 @@ Algorithm (Dao 2023, "FlashAttention-2", Alg. 1 forward, Alg. 2 backward):
     with atomic adds, and this pass does not run (5 tile matmuls instead of 7).
 Block skipping: schedules (`_schedule.py`, from `Mask.block_layout`) list only non-empty tiles,
 FULL ones first (no element mask) then PARTIAL ones (mask built from iotas and a few scalars).
+Each row's leading run of consecutive FULL tiles is walked as first + j, with no table read per
+tile (`_walk`); under segment ids that is the row's own document, so packed rows keep it too.
 Segment ids refine the schedules per batch row before the launch (ranges per tile), and mask
 element-wise. Inputs are zero-padded to whole tiles and to a power-of-two head dim >= 16 before
 the kernels run, so no load needs a bounds mask; padded keys are masked out as PARTIAL tiles.
@@ -83,24 +85,37 @@ def _whole(x) -> pl.BlockSpec:
 
 
 def _schedules(plan: _Plan, q_seg, kv_seg, bq: int, bk: int, transpose: bool):
-  """(table, counts, visited tiles, contiguous) for one pass: static numpy, or refined by
-  segment ids (batch axis B). contiguous: every row's FULL tiles are consecutive blocks
-  (static tables only; segment refinement can drop tiles from the middle of a row)."""
+  """(table, counts, visited tiles, table_loop) for one pass: static numpy, or refined by
+  segment ids (batch axis B). counts [..., 3]: `sched.with_prefix`. table_loop: whether some
+  row has FULL tiles past its contiguous prefix (static tables: known; refined ones: assumed),
+  i.e. whether the kernels need their FULL loop that reads the table."""
   table, counts = sched.schedule(plan.masks, plan.t, plan.s, bq, bk, transpose, plan.t_pad,
                                  plan.s_pad)
   if not plan.segments:
-    return (jnp.asarray(table)[None], jnp.asarray(counts)[None], sched.visited_tiles(counts),
-            sched.full_tiles_contiguous(table, counts))
+    counts3 = sched.with_prefix(table, counts)
+    return (jnp.asarray(table)[None], jnp.asarray(counts3)[None], sched.visited_tiles(counts),
+            bool((counts3[..., 2] < counts3[..., 0]).any()))
   q_rng, k_rng = sched.segment_ranges(q_seg, bq), sched.segment_ranges(kv_seg, bk)
   outer, inner = (k_rng, q_rng) if transpose else (q_rng, k_rng)
   table_b, counts_b = sched.segment_schedule(table, counts, outer, inner)
-  return table_b, counts_b, sched.visited_tiles(counts), False
+  return table_b, sched.with_prefix(table_b, counts_b), sched.visited_tiles(counts), True
 
 
-def _tile_index(tbl_ref, row: tuple, j, first, contiguous: bool, elementwise: bool):
-  """The j-th visited inner block of a schedule row: first + j in the FULL loop of a
-  contiguous schedule (one table read per row, hoisted), else the table entry."""
-  if contiguous and not elementwise:
+def _walk(body, cnt_ref, row: tuple, carry, table_loop: bool):
+  """Runs body(j, carry, kind) over a schedule row's visited tiles: the contiguous prefix of
+  its FULL tiles ("fast": block first + j, no table read), the rest of its FULL tiles
+  ("table"; only emitted with table_loop), then its PARTIAL tiles ("partial": masked)."""
+  n_full, n_tot, n_fast = (cnt_ref[(*row, i)] for i in range(3))
+  carry = lax.fori_loop(0, n_fast, functools.partial(body, kind="fast"), carry)
+  if table_loop:
+    carry = lax.fori_loop(n_fast, n_full, functools.partial(body, kind="table"), carry)
+  return lax.fori_loop(n_full, n_tot, functools.partial(body, kind="partial"), carry)
+
+
+def _tile_index(tbl_ref, row: tuple, j, first, kind: str):
+  """The j-th visited inner block of a schedule row: first + j in the "fast" loop (one table
+  read per row, hoisted), else the table entry."""
+  if kind == "fast":
     return first + j
   return tbl_ref[(*row, j)]
 
@@ -157,7 +172,7 @@ def _unpack(refs, plan: _Plan, names: tuple[str, ...]):
 # --- forward ---------------------------------------------------------------------------------
 
 
-def _fwd_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
+def _fwd_kernel(*refs, plan: _Plan, n_q: int, table_loop: bool = True):
   r = _unpack(refs, plan, ("q", "k", "v", "o", "lse"))
   bq, bk = plan.blocks.block_q, plan.blocks.block_k
   # Grid axis 0 runs query blocks last-to-first: under causal masks the late blocks carry the
@@ -167,7 +182,6 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
   tb = b if plan.segments else 0
   th = h if plan.per_head else 0
   params = _head_scalars(plan, r["hp"], h)
-  n_full, n_tot = r["cnt"][tb, th, qb, 0], r["cnt"][tb, th, qb, 1]
   c = plan.scale * LOG2E
 
   q = r["q"][...]                                       # [bq, D]: stays on chip for the loop
@@ -177,9 +191,10 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
 
   first = r["tbl"][tb, th, qb, 0]
 
-  def body(j, carry, elementwise):
+  def body(j, carry, kind):
+    elementwise = kind == "partial"
     m_prev, l_prev, acc = carry
-    kb = _tile_index(r["tbl"], (tb, th, qb), j, first, contiguous, elementwise)
+    kb = _tile_index(r["tbl"], (tb, th, qb), j, first, kind)
     k0 = pl.multiple_of(kb * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
     # fp32 [bq, bk]. A positive scale is applied after the row max: max(s)·c = max(s·c), and
@@ -209,8 +224,7 @@ def _fwd_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
   # Finite initial max: exp2(m_prev - m_new) never sees -inf - (-inf).
   init = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
           jnp.zeros((bq, plan.d_pad), jnp.float32))
-  carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), init)
-  m, den, acc = lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), carry)
+  m, den, acc = _walk(body, r["cnt"], (tb, th, qb), init, table_loop)
   # Rows that saw no key (l == 0) output zeros and get a huge lse (zero gradients later).
   seen = den > 0.0
   l_safe = jnp.where(seen, den, 1.0)
@@ -227,12 +241,12 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg, offset=None):
   if plan.rule.dynamic_offset:
     tbl, cnt = sched.dynamic_schedule(plan.masks, plan.rule, offset[0], bq, bk, plan.t_pad,
                                       plan.s_pad)
-    tbl, cnt = tbl[None], cnt[None]
+    tbl, cnt = tbl[None], sched.with_prefix(tbl, cnt)[None]
     # The cost estimate's tile count must be static: take the causal average.
     tiles = max(1, (n_q * (plan.s_pad // bk)) // 2) * len(plan.masks)
-    contiguous = False
+    table_loop = True
   else:
-    tbl, cnt, tiles, contiguous = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
+    tbl, cnt, tiles, table_loop = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
   rep, d = plan.rep, plan.d_pad
   args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
   if plan.rule.dynamic_offset:
@@ -259,7 +273,7 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg, offset=None):
       flops=4 * tiles * bq * bk * d * per_bh, transcendentals=tiles * bq * bk * per_bh,
       bytes_accessed=sum(x.size * x.dtype.itemsize for x in (q, k, v)) * 2)
   o, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, plan=plan, n_q=n_q, contiguous=contiguous),
+      functools.partial(_fwd_kernel, plan=plan, n_q=n_q, table_loop=table_loop),
       grid=(n_q, b, plan.num_heads),
       in_specs=specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=plan.warps("num_warps_fwd"),
@@ -272,7 +286,7 @@ def _forward(plan: _Plan, q, k, v, q_seg, kv_seg, offset=None):
 # --- backward: dK/dV ---------------------------------------------------------------------------
 
 
-def _dkv_kernel(*refs, plan: _Plan, contiguous: bool = False):
+def _dkv_kernel(*refs, plan: _Plan, table_loop: bool = True):
   atomic = plan.blocks.dq_atomic
   r = _unpack(refs, plan, ("q", "k", "v", "do", "lse", "delta")
               + (("dq_zeros", "dk", "dv", "dq") if atomic else ("dk", "dv")))
@@ -290,13 +304,12 @@ def _dkv_kernel(*refs, plan: _Plan, contiguous: bool = False):
     h = g * plan.rep + rr
     th = h if plan.per_head else 0
     params = _head_scalars(plan, r["hp"], h)
-    n_full, n_tot = r["cnt"][tb, th, kb, 0], r["cnt"][tb, th, kb, 1]
-
     first = r["tbl"][tb, th, kb, 0]
 
-    def body(j, carry, elementwise):
+    def body(j, carry, kind):
+      elementwise = kind == "partial"
       dk, dv = carry
-      qblk = _tile_index(r["tbl"], (tb, th, kb), j, first, contiguous, elementwise)
+      qblk = _tile_index(r["tbl"], (tb, th, kb), j, first, kind)
       q0 = pl.multiple_of(qblk * bq, bq)
       q = r["q"][pl.ds(q0, bq), rr, :]
       do = r["do"][pl.ds(q0, bq), rr, :]
@@ -322,8 +335,7 @@ def _dkv_kernel(*refs, plan: _Plan, contiguous: bool = False):
         plgpu.atomic_add(r["dq"], (pl.ds(q0, bq), jnp.asarray(rr, jnp.int32), slice(None)), dq)
       return dk, dv
 
-    carry = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), carry)
-    return lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), carry)
+    return _walk(body, r["cnt"], (tb, th, kb), carry, table_loop)
 
   init = (jnp.zeros((bk, plan.d_pad), jnp.float32), jnp.zeros((bk, plan.d_pad), jnp.float32))
   if plan.rep == 1:
@@ -337,7 +349,7 @@ def _dkv_kernel(*refs, plan: _Plan, contiguous: bool = False):
 def _dkv(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
   b = q.shape[0]
   bq, bk = plan.blocks.block_q_dkv, plan.blocks.block_k_dkv
-  tbl, cnt, _, contiguous = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=True)
+  tbl, cnt, _, table_loop = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=True)
   rep, d = plan.rep, plan.d_pad
   args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
   if plan.per_head:
@@ -363,7 +375,7 @@ def _dkv(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
     out_specs.append(q_spec)
     out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, plan=plan, contiguous=contiguous),
+      functools.partial(_dkv_kernel, plan=plan, table_loop=table_loop),
       grid=(plan.s_pad // bk, b, plan.num_kv_heads),
       in_specs=specs, out_specs=out_specs, out_shape=out_shape, input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=plan.warps("num_warps_bwd"),
@@ -375,7 +387,7 @@ def _dkv(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
 # --- backward: dQ ------------------------------------------------------------------------------
 
 
-def _dq_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
+def _dq_kernel(*refs, plan: _Plan, n_q: int, table_loop: bool = True):
   r = _unpack(refs, plan, ("q", "k", "v", "do", "lse", "delta", "dq"))
   bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
   qb = n_q - 1 - pl.program_id(0)
@@ -383,7 +395,6 @@ def _dq_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
   tb = b if plan.segments else 0
   th = h if plan.per_head else 0
   params = _head_scalars(plan, r["hp"], h)
-  n_full, n_tot = r["cnt"][tb, th, qb, 0], r["cnt"][tb, th, qb, 1]
   c = plan.scale * LOG2E
   q, do = r["q"][...], r["do"][...]
   lse, delta = r["lse"][...], r["delta"][...]
@@ -392,8 +403,9 @@ def _dq_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
 
   first = r["tbl"][tb, th, qb, 0]
 
-  def body(j, dq, elementwise):
-    kblk = _tile_index(r["tbl"], (tb, th, qb), j, first, contiguous, elementwise)
+  def body(j, dq, kind):
+    elementwise = kind == "partial"
+    kblk = _tile_index(r["tbl"], (tb, th, qb), j, first, kind)
     k0 = pl.multiple_of(kblk * bk, bk)
     k = r["k"][pl.ds(k0, bk), :]
     v = r["v"][pl.ds(k0, bk), :]
@@ -407,9 +419,8 @@ def _dq_kernel(*refs, plan: _Plan, n_q: int, contiguous: bool = False):
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jnp.zeros((bq, plan.d_pad), jnp.float32)
-  dq = lax.fori_loop(0, n_full, functools.partial(body, elementwise=False), dq)
-  dq = lax.fori_loop(n_full, n_tot, functools.partial(body, elementwise=True), dq)
+  dq = _walk(body, r["cnt"], (tb, th, qb), jnp.zeros((bq, plan.d_pad), jnp.float32),
+             table_loop)
   r["dq"][...] = (dq * plan.scale).astype(r["dq"].dtype)
 
 
@@ -417,7 +428,7 @@ def _dq(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
   b = q.shape[0]
   bq, bk = plan.blocks.block_q_dq, plan.blocks.block_k_dq
   n_q = plan.t_pad // bq
-  tbl, cnt, _, contiguous = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
+  tbl, cnt, _, table_loop = _schedules(plan, q_seg, kv_seg, bq, bk, transpose=False)
   rep, d = plan.rep, plan.d_pad
   args, specs = [tbl, cnt], [_whole(tbl), _whole(cnt)]
   if plan.per_head:
@@ -434,7 +445,7 @@ def _dq(plan: _Plan, q, k, v, q_seg, kv_seg, do, lse, delta):
   args += [q, k, v, do, lse, delta]
   specs += [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
   return pl.pallas_call(
-      functools.partial(_dq_kernel, plan=plan, n_q=n_q, contiguous=contiguous),
+      functools.partial(_dq_kernel, plan=plan, n_q=n_q, table_loop=table_loop),
       grid=(n_q, b, plan.num_heads),
       in_specs=specs, out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
