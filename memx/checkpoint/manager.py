@@ -128,8 +128,12 @@ class Checkpointer:
     self._error: BaseException | None = None
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt")
     self._pending: list[concurrent.futures.Future] = []
+    # Orbax deletes old steps when it finalizes a new one, before memx has written the new
+    # one's manifest: with keep = K it would leave K - 1 complete steps in that window (none for
+    # K = 1). Asking it for K + 1 keeps K complete steps through any crash; `wait` trims the
+    # extra one once the newest is complete.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, keep_period=cfg.keep_every or None, create=True,
+        max_to_keep=cfg.keep + 1, keep_period=cfg.keep_every or None, create=True,
         enable_async_checkpointing=cfg.mode == "async")
     state_handler = ocp.PyTreeCheckpointHandler(
         use_compression=cfg.compress, type_handler_registry=_type_handlers(cfg.mode))
@@ -206,12 +210,29 @@ class Checkpointer:
                                  f"{type(e).__name__}: {e}. The last good checkpoint is kept.")
 
   def wait(self) -> None:
-    """Blocks until every queued write is durable (and its manifest written). Collective."""
+    """Blocks until every queued write is durable (and its manifest written), then keeps the
+    newest `keep` complete steps (and every `keep_every`-th). Collective."""
     self._drain()
     self._manager.wait_until_finished()
+    self.poll()
+    if jax.process_index() == 0:
+      steps = self.complete_steps()
+      for s in steps[:-self.cfg.keep]:
+        if not (self.cfg.keep_every and s % self.cfg.keep_every == 0):
+          shutil.rmtree(self.directory / str(s), ignore_errors=True)
     if jax.process_count() > 1:  # process 0 writes manifests: everyone sees them after this
       multihost_utils.sync_global_devices("memx-checkpoint-wait")
-    self.poll()
+    self._manager.reload()  # Orbax caches its steps: forget the ones deleted behind its back
+
+  def discard(self, after: int | None = None) -> None:
+    """Deletes unfinished steps (a crash's leftovers) and, given `after`, every step newer than
+    the one training continues from (corrupt ones a restore fell back from), so that the steps
+    can be saved again. Collective."""
+    if jax.process_index() == 0:
+      remove_incomplete(self.directory, after=after)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("memx-checkpoint-discard")
+    self._manager.reload()
 
   # ------------------------------------------------------------------ reading
   def complete_steps(self) -> list[int]:

@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from memx.checkpoint import Checkpointer, remove_incomplete
+from memx.checkpoint import Checkpointer
 from memx.config import Config, OptimConfig, TrainConfig, to_dict
 from memx.distill.capture import teacher_pass
 from memx.distill.config import DistillConfig, StageConfig
@@ -236,7 +236,7 @@ def run_stage(run: StageRun, student: TransformerLM, teacher: TransformerLM, *, 
     if resume and ckpt.latest_step() is not None:
       state, data_state, _ = ckpt.restore(state, expect_meta=meta)
       start = int(data_state["step"])
-    remove_incomplete(ckpt.directory, after=start)
+    ckpt.discard(after=start)
     truncate_after(out / "metrics.jsonl", start)
     step_fn = compile_program(make_step(stage, graphdef, t_graphdef, run.layers, filt),
                               (state, t_state, to_device(train_loader.local_batch(start))),

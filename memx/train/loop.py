@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from memx.checkpoint import Checkpointer, remove_incomplete
+from memx.checkpoint import Checkpointer
 from memx.config import Config, to_dict
 from memx.data import make_loader
 from memx.errors import ConfigError, NonFiniteLossError, Preempted
@@ -167,9 +167,16 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     state, data_state, _ = ckpt.restore(state, expect_meta={"run": identity})
     loader.restore(data_state)
     start = int(data_state["step"])
+    if start > end:  # nothing to run, and a final save would relabel the state as step `end`
+      ckpt.close()
+      raise ConfigError(
+          f"train.steps = {tc.steps}" + (f" (stop_at_step = {stop_at_step})" if stop_at_step
+                                         is not None else "")
+          + f" is not allowed: the checkpoint this run resumes from is at step {start}. "
+          "Train to at least that step, or start a new run.")
   if ckpt is not None:
     # A crash's leftovers (unfinished or corrupt steps) would collide with new saves.
-    remove_incomplete(ckpt.directory, after=start)
+    ckpt.discard(after=start)
   if run_dir is not None:
     if start >= end and (run_dir / "summary.json").exists():
       if ckpt is not None:
@@ -279,8 +286,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         if ckpt is not None and done % cfg.checkpoint.every == 0 and done < end:
           save_after = done
       flush()
-      if ckpt is not None:
-        final_save(end)
+      if ckpt is not None and not (start == end and ckpt.latest_step() == end):
+        final_save(end)  # (a resume at `end` itself has that checkpoint complete already)
     bar.close()
 
     summary = {

@@ -47,6 +47,28 @@ def test_round_trip_every_mode(tmp_path, mode):
   ckpt.close()
 
 
+def test_keep_one_survives_a_crash_before_the_new_manifest(tmp_path, monkeypatch):
+  """Orbax prunes old steps when it finalizes a new one, before memx writes the new one's
+  manifest: a crash there must still leave `keep` complete steps (here the only one)."""
+  from memx.checkpoint import manager
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="sync", every=1, keep=1))
+  ckpt.save(1, ckpt.begin(_state(1)), {"step": 1}, {})
+  ckpt.wait()
+  real = manager.write_manifest
+  monkeypatch.setattr(manager, "write_manifest", lambda d: None)  # "crash" before it
+  ckpt.save(2, ckpt.begin(_state(2)), {"step": 2}, {})
+  assert ckpt.complete_steps() == [1]
+  _, data, _ = Checkpointer(tmp_path, ckpt.cfg).restore(_state(0.0))
+  assert data == {"step": 1}
+  monkeypatch.setattr(manager, "write_manifest", real)
+  ckpt.discard()  # the resumed run drops the unfinished step 2 and saves it again
+  for step in (2, 3):
+    ckpt.save(step, ckpt.begin(_state(step)), {"step": step}, {})
+  ckpt.wait()
+  assert ckpt.complete_steps() == [3]  # keep=1 once the newest is complete
+  ckpt.close()
+
+
 def test_keep_every_keeps_milestones_forever(tmp_path):
   ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="lazy", every=1, keep=2, keep_every=4))
   for step in range(1, 11):

@@ -71,6 +71,45 @@ def test_resume_is_exact_in_every_mode(tmp_path, mode):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("damage", ["corrupt", "no_manifest", "no_summary"])
+def test_resume_continues_past_a_damaged_newest_step(tmp_path, damage):
+  """The newest step corrupt, or left without its manifest by a crash, or the run killed after
+  its last checkpoint but before its summary: resume continues from the newest good step and
+  saves the later steps again (Orbax's cached step list must not refuse them), ending where an
+  uninterrupted run ends."""
+  train(TINY, tmp_path / "full", progress=False)
+  run = tmp_path / "run"
+  if damage == "no_summary":
+    train(TINY, run, progress=False)
+    (run / "summary.json").unlink()
+  else:
+    train(TINY, run, progress=False, stop_at_step=4)
+    step4 = run / "checkpoints" / "4"
+    if damage == "corrupt":
+      f = max((p for p in step4.rglob("*") if p.is_file() and p.name != "manifest.json"),
+              key=lambda p: p.stat().st_size)
+      data = bytearray(f.read_bytes())
+      data[-1] ^= 0xFF
+      f.write_bytes(bytes(data))
+    else:
+      (step4 / "manifest.json").unlink()
+  summary = train(TINY, run, progress=False, resume=True)
+  assert summary["steps"] == 6 and _losses(run) == _losses(tmp_path / "full")
+  a, _, _ = _restore(tmp_path / "full", 6)
+  b, _, _ = _restore(run, 6)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_resume_below_the_checkpointed_step_is_refused(tmp_path):
+  from memx.errors import ConfigError
+  train(TINY, tmp_path, progress=False, stop_at_step=4)
+  short = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, steps=3))
+  with pytest.raises(ConfigError, match="resumes from is at step 4"):
+    train(short, tmp_path, progress=False, resume=True)
+  assert Checkpointer(tmp_path / "checkpoints", TINY.checkpoint).complete_steps() == [2, 4]
+
+
 def test_resuming_a_finished_run_keeps_its_summary(tmp_path):
   first = train(TINY, tmp_path, progress=False)
   again = train(TINY, tmp_path, progress=False, resume=True)
