@@ -169,7 +169,7 @@ def _search(args) -> int:
 
 
 def _validated(args, prof, search_kw):
-  from memx.sparse.plan import PlanError, model_fingerprint
+  from memx.sparse.plan import PlanError, model_fingerprint, search_plan
   from memx.sparse.profile import calibration_data
   from memx.sparse.validate import guard_source, measured_head_scale, validate
   from memx.train.restore import load_config, load_trained
@@ -191,6 +191,8 @@ def _validated(args, prof, search_kw):
   trained = load_trained(args.validate)
   scale = None
   if args.measure_heads:
+    # A bad or infeasible budget fails in the plain search, before one forward per head.
+    search_plan(prof, _budget_arg(args.budget), **search_kw)
     scale = measured_head_scale(trained.model, prof, data, max(search_kw["lengths"] or
                                                                prof.lengths),
                                 batches=args.validate_batches,
@@ -249,8 +251,11 @@ def _describe(plan) -> str:
         "full" if r.beta >= 1.0 and r.alpha >= 0 else f"{r.alpha:g}+{r.beta:g}N/{r.n_sink}s"
         for r in rules))
   for n in plan.lengths:
+    # Per query head: the plan does not know the model's KV heads; under GQA the cache keeps
+    # each KV group's widest span (`memx eval` reports the cache's exact bytes).
     lines.append(f"  N={n}: density {plan.density(n):.3f} of causal pairs, "
-                 f"{plan.kv_slots(n) / (n * len(plan.rules())):.3f} of dense KV slots")
+                 f"{plan.kv_slots(n) / (n * len(plan.rules())):.3f} of dense KV slots per "
+                 "query head (GQA: each KV group keeps its widest)")
   return "\n".join(lines)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memx._io import atomic_file
 from memx.data import make_loader
 from memx.data.config import DataConfig
 from memx.models.decode import kv_cache_bytes
@@ -186,8 +186,6 @@ def write_evaluation(run_dir: str | pathlib.Path, name: str, result: dict) -> pa
   out_dir = pathlib.Path(run_dir) / EVALUATIONS_DIR
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / f"{name}.json"
-  with tempfile.NamedTemporaryFile("w", dir=out_dir, suffix=".json", delete=False) as f:
+  with atomic_file(path) as f:
     json.dump({"name": name, **result}, f, indent=1)
-    tmp = pathlib.Path(f.name)
-  tmp.replace(path)
   return path

@@ -27,11 +27,11 @@ import hashlib
 import json
 import math
 import pathlib
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
+from memx._io import atomic_file
 from memx.errors import UserError
 from memx.sparse.rules import Rule, candidate_rules, density
 from memx.sparse.rules import kv_slots as rule_kv_slots
@@ -127,7 +127,8 @@ class Plan:
       raise PlanError(f"{where} is a version {v} plan; this memx reads version "
                       f"{PLAN_VERSION} (search the plan again).")
     try:
-      layers = tuple(None if rules is None else tuple(Rule(a, b, int(s)) for a, b, s in rules)
+      layers = tuple(None if rules is None else tuple(Rule(a, b, _integral(s, "n_sink"))
+                                                       for a, b, s in rules)
                      for rules in d["layers"])
       return cls(kind=d["kind"], fingerprint=d["fingerprint"], n_layers=int(d["n_layers"]),
                  n_heads=int(d["n_heads"]), lengths=tuple(int(n) for n in d["lengths"]),
@@ -139,11 +140,8 @@ class Plan:
 
   def save(self, path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".json", delete=False) as f:
+    with atomic_file(path) as f:
       json.dump(self.to_json(), f, indent=1)
-      tmp = pathlib.Path(f.name)
-    tmp.replace(path)
     return path
 
   @classmethod
@@ -205,9 +203,12 @@ def _uniform_beta(budget: tuple[float, ...], lengths, n_sink: int) -> float:
     return all(density(Rule(0.0, beta, n_sink), n) <= b
                for n, b in zip(lengths, budget, strict=True))
   if not ok(0.0):
-    need = max(density(Rule(0.0, 0.0, n_sink), n) for n in lengths)
-    raise PlanError(f"density budget {list(budget)} is infeasible for a uniform window with "
-                    f"{n_sink} sinks: the narrowest window already needs {need:.4f}.")
+    over = [(density(Rule(0.0, 0.0, n_sink), n) - b, n, b)
+            for n, b in zip(lengths, budget, strict=True)]
+    excess, n, b = max(over)
+    raise PlanError(f"density budget {b:g} at length {n} is infeasible for a uniform window "
+                    f"with {n_sink} sinks: the narrowest window already needs {b + excess:.4f} "
+                    "there.")
   lo, hi = 0.0, 1.0
   if ok(hi):
     return hi
@@ -217,21 +218,34 @@ def _uniform_beta(budget: tuple[float, ...], lengths, n_sink: int) -> float:
   return lo
 
 
-def _budgets(budget, lengths) -> tuple[float, ...]:
-  b = _check_budget("budget", budget)
+def _integral(x, what: str) -> int:
+  if isinstance(x, bool) or not float(x).is_integer():
+    raise ValueError(f"{what} = {x!r} is not a whole number")
+  return int(x)
+
+
+def _budgets(budget, lengths, name: str = "budget") -> tuple[float, ...]:
+  b = _check_budget(name, budget)
   if len(b) == 1:
     b = b * len(lengths)
   if len(b) != len(lengths):
-    raise PlanError(f"give one budget or one per length: {len(b)} budgets for lengths "
+    raise PlanError(f"give one {name} or one per length: {len(b)} values for lengths "
                     f"{list(lengths)}.")
   return b
+
+
+def _ascending(lengths, *per_length):
+  """(sorted lengths, each per-length tuple reordered with them): values given for lengths in
+  any order stay attached to their own length."""
+  order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+  return (tuple(lengths[i] for i in order),
+          *(None if v is None else tuple(v[i] for i in order) for v in per_length))
 
 
 def uniform_plan(model_cfg, budget, lengths: Sequence[int], *, n_sink: int = 4) -> Plan:
   """StreamingLLM-style baseline: every head keeps the same span β·N plus n_sink sinks, the
   widest that fits the budget at every length (so it scales with N like the MoA rules)."""
-  lengths = tuple(sorted(lengths))
-  b = _budgets(budget, lengths)
+  lengths, b = _ascending(tuple(lengths), _budgets(budget, lengths))
   rule = Rule(0.0, _uniform_beta(b, lengths, n_sink), n_sink)
   layers = tuple((rule,) * model_cfg.n_heads if model_cfg.mixer(i) == "attention" else None
                  for i in range(model_cfg.n_layers))
@@ -244,8 +258,7 @@ def longgen_plan(model_cfg, budget, lengths: Sequence[int], *, n_sink: int = 4,
                  dense_fraction: float = 1 / 3) -> Plan:
   """LongGen-style baseline: round(dense_fraction · attention layers) layers, evenly spread and
   centred, keep full attention; the others share one window + sinks sized to the budget."""
-  lengths = tuple(sorted(lengths))
-  b = _budgets(budget, lengths)
+  lengths, b = _ascending(tuple(lengths), _budgets(budget, lengths))
   attn = _attention_layers(model_cfg)
   n_dense = max(1, round(dense_fraction * len(attn)))
   stride = len(attn) / n_dense
@@ -298,22 +311,23 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   """
   from memx.sparse import search
 
-  lengths = tuple(sorted(lengths or profile.lengths))
-  profile.require_lengths(lengths)
-  b = _budgets(budget, lengths)
+  given = tuple(lengths or profile.lengths)
+  profile.require_lengths(given)
+  b = _budgets(budget, given)
   if layer_budget is not None:
     _check_budget("layer_budget", layer_budget)
   kv = {}
   if kv_heads is not None and kv_budget is None:
     raise PlanError("kv_heads is only used with kv_budget: give both, or neither.")
+  kb = None
   if kv_budget is not None:
-    kb = _budgets(kv_budget, lengths)
+    kb = _budgets(kv_budget, given, "kv_budget")
     if not (isinstance(kv_heads, int) and kv_heads >= 1 and profile.n_heads % kv_heads == 0):
       raise PlanError(f"kv_budget needs kv_heads, the model's KV heads per layer, dividing its "
                       f"{profile.n_heads} query heads; got kv_heads={kv_heads!r}.")
+  lengths, b, kb, weights = _ascending(given, b, kb, _length_weights(length_weights, given))
   cands = list(rules) if rules is not None else candidate_rules(
       lengths, n_sink=n_sink, include_full=include_full)
-  weights = _length_weights(length_weights, lengths)
   cost = profile.costs(cands, lengths, weights)
   if head_scale is not None:
     scale = np.asarray(head_scale, np.float64)

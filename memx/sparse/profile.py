@@ -27,13 +27,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memx._io import atomic_file
 from memx.errors import UserError
 from memx.kernels.attention import CAUSAL
 from memx.sparse.rules import Rule, rules_mask
@@ -113,10 +113,8 @@ class Profile:
               "block": self.block, "batches": {str(k): v for k, v in self.batches.items()},
               "meta": self.meta}
     arrays = {f"influence_{n}": a for n, a in self.influence.items()}
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+    with atomic_file(path, "wb") as f:
       np.savez(f, header=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
-      tmp = pathlib.Path(f.name)
-    tmp.replace(path)
     return path
 
   @classmethod

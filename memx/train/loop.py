@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from memx._io import atomic_file
 from memx.checkpoint import Checkpointer
 from memx.config import Config, to_dict
 from memx.data import make_loader
@@ -356,6 +357,5 @@ def _evaluate(eval_fn, state, loader, task_loader, n_batches: int, bsh) -> dict:
 
 
 def _atomic_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=str))
-  tmp.replace(path)
+  with atomic_file(path) as f:
+    json.dump(obj, f, indent=2, default=str)

@@ -138,6 +138,19 @@ def test_baselines_meet_the_budget():
     plans.longgen_plan(four, 0.25, lengths)
   with pytest.raises(PlanError, match="infeasible"):
     plans.uniform_plan(MODEL, 0.01, [16], n_sink=4)
+  # The message names the length that breaks its budget (the other one fits).
+  with pytest.raises(PlanError, match="budget 0.1 at length 64 .* needs 0.149"):
+    plans.uniform_plan(MODEL, [0.5, 0.1], [32, 64], n_sink=4)
+
+
+def test_per_length_budgets_follow_their_lengths():
+  """Budgets given for lengths listed in any order stay with their own length."""
+  for make in (plans.uniform_plan, plans.longgen_plan):
+    model = dataclasses.replace(MODEL, n_layers=3)
+    down = make(model, [0.6, 0.4], (512, 128), n_sink=4)
+    up = make(model, [0.4, 0.6], (128, 512), n_sink=4)
+    assert down == up and down.lengths == (128, 512) and down.budget == (0.4, 0.6)
+    assert down.density(128) <= 0.4 and down.density(512) <= 0.6
 
 
 def test_full_span_plan_reproduces_dense_outputs():

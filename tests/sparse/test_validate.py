@@ -80,6 +80,15 @@ def test_length_weights_solve_the_weighted_program(profile):
     plans.search_plan(profile, 0.4, length_weights=(1.0,))
 
 
+def test_search_keeps_per_length_values_with_their_lengths(profile):
+  down = plans.search_plan(profile, [0.6, 0.3], lengths=(64, 32), n_sink=2,
+                           length_weights=(0.0, 1.0))
+  up = plans.search_plan(profile, [0.3, 0.6], lengths=(32, 64), n_sink=2,
+                         length_weights=(1.0, 0.0))
+  assert down.attn_plan() == up.attn_plan() and down.budget == up.budget == (0.3, 0.6)
+  assert down.density(32) <= 0.3 and down.density(64) <= 0.6
+
+
 def test_pareto_plans_are_distinct_and_within_budget(profile):
   front = pareto_plans(profile, 0.4, points=5, n_sink=2)
   assert front[0].attn_plan() == plans.search_plan(profile, 0.4, n_sink=2).attn_plan()
