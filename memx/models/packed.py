@@ -41,7 +41,12 @@ def _file_layout(key: str, a: np.ndarray) -> np.ndarray:
 
 
 def _model_layout(key: str, a: np.ndarray, want) -> np.ndarray:
-  """File bytes → the int32 words the model holds, where it holds words (a view)."""
+  """File bytes → the int32 words the model holds, where it holds words (a view); numpy's
+  untyped records of the dtypes it lacks (bfloat16 is saved as raw 2-byte '|V2') → that
+  dtype."""
+  want_dtype = np.dtype(want.dtype)
+  if a.dtype.kind == "V" and want_dtype.kind == "V" and a.dtype.itemsize == want_dtype.itemsize:
+    return a.view(want_dtype)
   if key.endswith(_CODES) and a.dtype == np.uint8 and want.dtype == jnp.int32 and a.ndim == 2 \
       and a.shape[1] % 4 == 0:
     return np.ascontiguousarray(a).view("<i4").astype(np.int32, copy=False)

@@ -46,6 +46,21 @@ def test_absmean_codes_are_ternary_and_scale_is_mean_abs():
   assert len(vals) <= 3
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_fake_quant_values_are_exactly_on_the_grid(dtype):
+  """Forward values are exactly codes · scale (and codes / scale) in the input dtype: the
+  straight-through form must not round twice."""
+  w = jax.random.normal(jax.random.PRNGKey(3), (256, 256), jnp.float32).astype(dtype) * 0.02
+  codes, scale = absmean_quantize(w)
+  want = (codes.astype(jnp.float32) * scale).astype(dtype)
+  np.testing.assert_array_equal(np.asarray(ternary_fake_quant(w), np.float32),
+                                np.asarray(want, np.float32))
+  codes, scale = absmax_quantize(w)
+  want = (codes.astype(jnp.float32) / scale).astype(dtype)
+  np.testing.assert_array_equal(np.asarray(int8_fake_quant(w), np.float32),
+                                np.asarray(want, np.float32))
+
+
 def test_quantizers_idempotent():
   w = _w((32, 16))
   codes, _ = absmean_quantize(w)

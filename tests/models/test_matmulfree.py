@@ -90,6 +90,18 @@ def test_loss_falls():
   assert losses[-1] < losses[0] - 1.0, losses
 
 
+def test_bf16_params_survive_export_and_import(tmp_path):
+  """numpy has no bfloat16: the file holds those arrays as raw 2-byte records, read back as
+  bfloat16 bit for bit."""
+  cfg = dataclasses.replace(CFG, param_dtype="bfloat16")
+  model = build_model(cfg, rngs=nnx.Rngs(0))
+  path = tmp_path / "packed_bf16.npz"
+  export_packed(model, path)
+  tokens = _tokens()
+  want = pack_model(nnx.clone(model))(tokens)
+  np.testing.assert_array_equal(load_packed(path, cfg)(tokens), want)
+
+
 def test_export_import_gives_identical_logits(tmp_path):
   model = build_model(CFG, rngs=nnx.Rngs(0))
   tokens = _tokens()

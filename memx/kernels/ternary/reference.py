@@ -55,19 +55,25 @@ def absmax_quantize(x: Float[Array, "... K"]) -> tuple[Int[Array, "... K"], Floa
 def ternary_fake_quant(w: Float[Array, "..."]) -> Float[Array, "..."]:
   """codes · s_w in w.dtype, with a straight-through gradient (dL/dW = dL/dW̃ unchanged).
 
-  The `w + stop_gradient(q - w)` form: forward value q, backward identity, as the reference's
-  `w + (weight_quant(w) - w).detach()`.
+  The reference's `w + (weight_quant(w) - w).detach()`, written `q + (w - stop_gradient(w))`:
+  the same identity backward, and a forward value of exactly q (the reference's form rounds
+  twice, leaving ~2% of bf16 outputs one ulp off the ternary grid).
   """
   codes, scale = absmean_quantize(w)
   q = (codes.astype(jnp.float32) * scale).astype(w.dtype)
-  return w + jax.lax.stop_gradient(q - w)
+  return _straight_through(w, q)
+
+
+def _straight_through(x, q):
+  """Value q, gradient identity with respect to x (none through q's own dependence on x)."""
+  return jax.lax.stop_gradient(q) + (x - jax.lax.stop_gradient(x))
 
 
 def int8_fake_quant(x: Float[Array, "... K"]) -> Float[Array, "... K"]:
   """codes / s_x in x.dtype with a straight-through gradient (per-token absmax, 8 bits)."""
   codes, scale = absmax_quantize(x)
   q = (codes.astype(jnp.float32) / scale).astype(x.dtype)
-  return x + jax.lax.stop_gradient(q - x)
+  return _straight_through(x, q)
 
 
 # --- packing --------------------------------------------------------------------------------
