@@ -16,7 +16,7 @@ n_groups = H, so B and C are per head, as mmMamba does after `repeat_kv`. The ma
 |                 |                                              | input dependence at the start  |
 | dt_bias [H]     | softplus⁻¹(Δ), Δ log-spaced over             | one fixed step per head        |
 |                 | [dt_min, dt_max]                             |                                |
-| a_log [H]       | log(a_init) (−inf when a_init = 0)           | decay exp(−Δ·a_init) per token |
+| a_log [H]       | log(a_init) (−30 when a_init = 0)            | decay exp(−Δ·a_init) per token |
 | conv_b, conv_c  | scaled identity: last tap qk_scale, others   | the conv passes its input on,  |
 |                 | 0; bias 0                                    | small: SiLU ≈ linear after it  |
 | conv_x          | scaled identity, last tap v_scale; bias 0    | likewise for the values        |
@@ -69,6 +69,12 @@ from memx.nn._params import DTYPES
 NEW_PARAMS = ("w_z", "w_dt", "dt_bias", "a_log", "conv_x", "conv_x_bias", "conv_b",
               "conv_b_bias", "conv_c", "conv_c_bias", "d", "norm")
 COPIED_PARAMS = ("w_x", "w_b", "w_c", "w_out")
+
+# a_log for "no decay" (a_init = 0): finite, so checks of finite state pass, yet A = -exp(-30)
+# ≈ -9e-14 leaves exp(Δ·A), and its products over a chunk, exactly 1 in float32 for Δ up to
+# 1e3. Its gradient is as small (∝ exp(a_log)): the decay stays off in training; seed
+# a_init > 0 to learn one.
+A_LOG_OFF = -30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +216,7 @@ def seed_mixer(attn: dict, *, teacher: ModelConfig, student: StudentConfig,
       "w_out": a["wo"].astype(pd),
       "w_dt": np.zeros((d, h), pd),
       "dt_bias": seed_dt_bias(h, student.dt_min, student.dt_max),
-      "a_log": np.full((h,), np.log(student.a_init) if student.a_init > 0 else -np.inf, f32),
+      "a_log": np.full((h,), np.log(student.a_init) if student.a_init > 0 else A_LOG_OFF, f32),
       "d": np.zeros((h,), f32),
   }
   taps = {"x": student.v_scale, "b": student.qk_scale, "c": student.qk_scale}

@@ -164,8 +164,16 @@ class Mamba2(nnx.Module):
                            initial_state=h0)
       if not return_state:
         return y
-      cache = {f"conv_{k}": last_inputs(shard, v, hist, s.conv_width - 1)
+      keep = s.conv_width - 1
+      cache = {f"conv_{k}": last_inputs(shard, v, hist, keep)
                for k, v, hist in zip("xbc", raw, history, strict=True)}
+      if seg is not None and keep:
+        # The conv window of the last segment holds its own inputs only (as the SSM state
+        # restarts at its start): rows from an earlier packed segment are zeros, as at the
+        # start of a sequence. History rows belong to the first token's segment.
+        tail = last_inputs(shard, seg, jnp.broadcast_to(seg[:, :1], (seg.shape[0], keep)), keep)
+        own = (tail == tail[:, -1:])[:, :, None, None]
+        cache = {k: jnp.where(own, v, jnp.zeros_like(v)) for k, v in cache.items()}
       cache["ssm"] = final
       return y, cache
 

@@ -113,6 +113,19 @@ def test_stages_learn_chain_and_load_as_runs(teacher_run, tmp_path, fast):
   assert 0 <= final["agreement"] <= 1 and final["kl"] >= 0 and final["status"] == "done"
 
 
+def test_a_stage_runs_with_the_decay_off(teacher_run, tmp_path, fast):
+  """a_init = 0 (pure linear attention) seeds a finite a_log: the stage's finite-state check
+  passes (it used to fail on a_log = -inf)."""
+  dcfg = fast(steps=2, stages=(1,))
+  dcfg = dataclasses.replace(dcfg, student=dataclasses.replace(dcfg.student, a_init=0.0))
+  summaries = runner.distill(teacher_run, dcfg, tmp_path / "d", progress=False,
+                             log=lambda *_: None)
+  assert summaries[1]["status"] == "done"
+  a_log = param_arrays(load_trained(tmp_path / "d" / "stage1").model)[
+      ("blocks", 1, "mixer", "a_log")]
+  assert np.isfinite(a_log).all()
+
+
 def test_stage_resumes_exactly_and_needs_its_predecessor(teacher_run, tmp_path, fast):
   dcfg = fast(steps=4, stages=(1,))
   dcfg = dataclasses.replace(dcfg, stage1=dataclasses.replace(dcfg.stage1, checkpoint_every=2),

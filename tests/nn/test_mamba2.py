@@ -111,3 +111,17 @@ def test_short_conv_step_and_state():
   assert float(jnp.abs(conv_state(x[:, :2], 4)[:, 0]).max()) == 0.0
 
 
+
+
+def test_state_of_a_packed_row_holds_only_its_last_segment(layer):
+  """A packed row's returned state continues its last segment alone: a last segment shorter
+  than the conv window must not carry the earlier segment's inputs into the continuation."""
+  x, cont = _x(1, 20, seed=3), _x(1, 3, seed=4)
+  seg = jnp.asarray([[0] * 18 + [1] * 2], jnp.int32)   # the last segment: 2 < W - 1 tokens
+  _, state = layer(x, seg, return_state=True)
+  _, alone = layer(x[:, 18:], return_state=True)
+  for k in ("conv_x", "conv_b", "conv_c"):
+    np.testing.assert_array_equal(state[k], alone[k])
+  want = layer(jnp.concatenate([x[:, 18:], cont], 1))[:, 2:]
+  _testing.assert_allclose(layer(cont, state=state), want, name="parallel continuation")
+  _testing.assert_allclose(_steps(layer, cont, state)[0], want, name="step continuation")
