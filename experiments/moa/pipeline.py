@@ -41,6 +41,11 @@ head; its plans join the validation candidates since commit 1d8f461) the 25% pla
 at 192 then picked a plan that weights N = 128 alone and retrieves 0.67 at 256; validated at
 256 (`--validate-length 256`) the 50% plan retrieves 1.00 at every length up to 256 at 0.46×
 dense KV: validate at or beyond the longest length a plan must serve (RESULTS.md).
+With an LM-loss guard (`--guard-tolerance`, session 13: only candidates within the tolerance of
+the dense corpus loss at 192) the pipeline stops paying corpus loss for nothing: at 0.15 nats
+moa25 is the uncorrected plan (1.356 nats at 512 against 1.882 unguarded) and moa50 the plan
+that retrieves 0.94 / 0.98 / 1.00 at +0.06 nats; at 0.10 nats no retrieving 50% plan is within
+the guard and moa50 retrieves 0.25: retrieval at 50% costs this model ~0.1 nats of corpus loss.
 Past the training length the windows extrapolate the corpus loss better than dense attention
 (1.17–1.36 vs 1.37 nats at 512), but nothing retrieves there.
 Claims: supported at this scale — heterogeneous per-head spans keep retrieval where a uniform

@@ -8,7 +8,11 @@ Crash consistency. Orbax writes a step into a temporary directory and renames it
 memx then writes `manifest.json` (size and CRC32 of every file) by temp file + rename; a step
 counts as complete only once its manifest exists. A crash at any point leaves the previous
 complete step restorable, and `restore` verifies the manifest, falling back (with a warning)
-to the previous complete step when a file is missing, truncated or corrupt.
+to the previous complete step when a file is missing, truncated or corrupt; `discard` then
+deletes the newer, damaged steps (and tells Orbax, whose cached step list would otherwise refuse
+to save those step numbers again). Retention: Orbax prunes when it finalizes a new step, before
+its manifest exists, so it is asked to keep K + 1 steps (K complete ones survive a crash in
+that window) and `wait` trims to K once the newest is complete.
 
 Modes and their ordering guarantees (the loop calls `begin` after the step whose state is
 saved, runs the next step's forward and backward, then calls `save` before the update):
