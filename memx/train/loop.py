@@ -24,6 +24,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from memx._io import atomic_file
@@ -253,7 +254,12 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
 
     eval_metrics = {}
     save_after: int | None = None  # a step whose state is saved during the next step
-    with _SigtermFlag(cfg.checkpoint.save_on_sigterm and ckpt is not None) as sigterm:
+    # Several processes must stop at one step, or they run mismatched collectives: there JAX's
+    # preemption service (on with jax.distributed) hears SIGTERM on any host and names a step
+    # all reach. A Python handler would replace its signal handler, so ours serves one process.
+    on_sigterm = cfg.checkpoint.save_on_sigterm and ckpt is not None
+    agreed = on_sigterm and jax.process_count() > 1
+    with _SigtermFlag(on_sigterm and not agreed) as sigterm:
       for step in range(start, end):
         batch = example if step == start else loader.global_batch(step, bsh)
         if save_after is not None:
@@ -281,7 +287,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
                                    tc.eval_batches, bsh)
           writer.write({"step": done, "split": "eval", **eval_metrics})
           clock["t"] = time.perf_counter()  # keep eval time out of the throughput
-        if ckpt is not None and sigterm.raised:
+        if sigterm.raised or (agreed and multihost_utils.reached_preemption_sync_point(done)):
           final_save(done)
           raise Preempted(done)
         if ckpt is not None and done % cfg.checkpoint.every == 0 and done < end:

@@ -4,6 +4,7 @@ peer failing the others within a bounded time, and scripts/launch_local.sh train
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -145,3 +146,54 @@ def test_launch_local_fails_when_a_process_fails(tmp_path):
                        timeout=120)
   assert res.returncode != 0, res.stdout + res.stderr
   assert "[0]" in res.stdout and "[1]" in res.stdout, res.stdout
+
+
+def _pid_of(marker: str, process_id: int, timeout: float = 120.0) -> int:
+  """The pid of the `memx run` process with `--process-id process_id` whose command line holds
+  `marker` (this test's workdir)."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    for proc in pathlib.Path("/proc").iterdir():
+      try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+      except OSError:
+        continue
+      if b"memx" in argv and marker.encode() in b" ".join(argv) and (
+          b"--process-id" in argv and argv[argv.index(b"--process-id") + 1] == str(
+              process_id).encode()):
+        return int(proc.name)
+    time.sleep(0.2)
+  pytest.fail(f"no memx process {process_id} appeared")
+
+
+@pytest.mark.slow
+@pytest.mark.entry
+def test_sigterm_on_one_host_stops_every_host_at_one_step(tmp_path, run_env):
+  """SIGTERM reaches one of two processes: JAX's preemption service agrees on a step, both save
+  it collectively and stop (exit 143), and the checkpoint is complete: no host runs a
+  collective the other has left."""
+  del run_env
+  work = tmp_path / "two"
+  launcher = subprocess.Popen(
+      [str(ROOT / "scripts" / "launch_local.sh"), "2", f"{TINY}:base", "--workdir", str(work),
+       "--set", "train.steps=100000", "--set", "train.log_every=1",
+       "--set", "checkpoint.every=100000"],
+      env=_env(PYTHON=sys.executable), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  try:
+    metrics = work / "tiny_sweep-base" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+      assert launcher.poll() is None and time.monotonic() < deadline, "training never started"
+      time.sleep(0.2)
+    os.kill(_pid_of(str(work), 1), signal.SIGTERM)
+    out = launcher.communicate(timeout=300)[0]
+  finally:
+    if launcher.poll() is None:
+      launcher.kill()
+  assert launcher.returncode == 143, out[-3000:]
+  saved = [line for line in out.splitlines() if "saved a checkpoint at step" in line]
+  steps = {int(line.split("at step ")[1].split()[0]) for line in saved}
+  assert len(saved) == 2 and len(steps) == 1, out[-3000:]   # both hosts, one step
+  ckpt_dir = work / "tiny_sweep-base" / "checkpoints"
+  assert (ckpt_dir / str(steps.pop()) / "manifest.json").is_file()
