@@ -151,6 +151,12 @@ def load_packed(path: str | os.PathLike, cfg: ModelConfig | None = None, *,
   template = nnx.to_pure_dict(nnx.state(model))
   paths, treedef = jax.tree_util.tree_flatten_with_path(template)
   arrays = {k: v for k, v in data.items() if k not in _META}
+  for key, codes in arrays.items():
+    # Each byte holds four 2-bit codes 0, 1, 2 (weights -1, 0, +1); 3 would decode as +2.
+    if key.endswith(_CODES) and codes.dtype == np.uint8 and any(
+        ((codes >> (2 * i)) & 3 == 3).any() for i in range(4)):
+      raise CheckpointCorruptError(f"load_packed: {os.fspath(path)!r}: {key} holds 2-bit code 3, "
+                                   "which no ternary weight packs to: the file is corrupt")
   problems, leaves = [], []
   for p, want in paths:
     key = jax.tree_util.keystr(p)

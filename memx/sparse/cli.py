@@ -267,7 +267,7 @@ def _show(args) -> int:
 
 
 def _eval(args) -> int:
-  from memx.sparse.evaluate import evaluate, write_evaluation
+  from memx.sparse.evaluate import check_evaluation_name, evaluate, write_evaluation
   from memx.sparse.plan import Plan, check_plan
   from memx.train.restore import load_config, load_trained
 
@@ -279,6 +279,7 @@ def _eval(args) -> int:
   if plan is not None:
     check_plan(plan, load_config(args.run).model)  # before restoring any weights
   name = args.name or (plan.kind if plan else "dense")
+  check_evaluation_name(name)  # before the evaluation, not after it
   trained = load_trained(args.run, step=args.step)
   result = evaluate(trained.model, trained.cfg.data, lengths, plan=plan, depths=depths,
                     batches=args.batches, batch_size=args.batch_size)

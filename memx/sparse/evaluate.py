@@ -27,6 +27,7 @@ from flax import nnx
 from memx._io import atomic_file
 from memx.data import make_loader
 from memx.data.config import DataConfig
+from memx.errors import UserError
 from memx.models.decode import kv_cache_bytes
 from memx.models.transformer import TransformerLM
 from memx.sparse.plan import Plan, apply_plan
@@ -179,10 +180,14 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
   }
 
 
+def check_evaluation_name(name: str) -> None:
+  if not name or "/" in name or name.startswith("."):
+    raise UserError(f"evaluation name {name!r} must be a plain file name.")
+
+
 def write_evaluation(run_dir: str | pathlib.Path, name: str, result: dict) -> pathlib.Path:
   """RUN/evaluations/NAME.json, written atomically."""
-  if not name or "/" in name or name.startswith("."):
-    raise ValueError(f"evaluation name {name!r} must be a plain file name.")
+  check_evaluation_name(name)
   out_dir = pathlib.Path(run_dir) / EVALUATIONS_DIR
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / f"{name}.json"

@@ -102,6 +102,19 @@ def test_bf16_params_survive_export_and_import(tmp_path):
   np.testing.assert_array_equal(load_packed(path, cfg)(tokens), want)
 
 
+def test_a_corrupt_code_is_refused(tmp_path):
+  path = tmp_path / "packed.npz"
+  export_packed(build_model(CFG, rngs=nnx.Rngs(0)), path)
+  with np.load(path) as z:
+    data = {k: z[k] for k in z.files}
+  key = next(k for k in data if k.endswith("['packed']"))
+  data[key] = data[key].copy()
+  data[key][0, 0] |= 0b11 << 4  # code 3 in the third row of the first byte
+  np.savez(path, **data)
+  with pytest.raises(CheckpointCorruptError, match="2-bit code 3"):
+    load_packed(path, CFG)
+
+
 def test_export_import_gives_identical_logits(tmp_path):
   model = build_model(CFG, rngs=nnx.Rngs(0))
   tokens = _tokens()
