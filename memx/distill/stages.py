@@ -105,7 +105,11 @@ def _stage_losses(stage: StageConfig, student: TransformerLM, batch, layers, tea
   kl = kl_divergence(t_logits, logits, stage.temperature)
   ce = weighted_mean(token_losses(logits, batch["targets"]), batch["weights"])
   loss = stage.kl_weight * kl + stage.ce_weight * ce
-  return loss, {"kl": kl, "ce": ce, "agreement": top1_agreement(t_logits, logits)}
+  terms = {"kl": kl, "ce": ce, "agreement": top1_agreement(t_logits, logits)}
+  if stage.temperature != 1.0:  # "kl" is always plain KL (τ = 1), as in the evaluations
+    terms["kl_tau"] = kl
+    terms["kl"] = jax.lax.stop_gradient(kl_divergence(t_logits, logits))
+  return loss, terms
 
 
 def make_step(stage: StageConfig, graphdef, teacher_graphdef, layers: tuple[int, ...],

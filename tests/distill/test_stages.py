@@ -77,6 +77,15 @@ def test_kl_is_zero_when_student_is_teacher(teacher_cfg):
   out = teacher_pass(teacher, batch["inputs"], ())
   loss, terms = _stage_losses(STAGE3, teacher, batch, (), out)
   assert float(loss) == 0.0 and float(terms["kl"]) == 0.0 and float(terms["agreement"]) == 1.0
+  # At a temperature τ != 1 the objective's τ²·KL(τ) is logged as kl_tau, and "kl" stays the
+  # plain KL that the layer-wise probes and the evaluations report.
+  other = TransformerLM(cfg, rngs=nnx.Rngs(1))
+  hot = dataclasses.replace(STAGE3, temperature=2.0, ce_weight=0.0)
+  loss, terms = _stage_losses(hot, other, batch, (), out)
+  logits = other(batch["inputs"])
+  np.testing.assert_allclose(terms["kl"], kl_divergence(out[0], logits), rtol=1e-6)
+  np.testing.assert_allclose(terms["kl_tau"], kl_divergence(out[0], logits, 2.0), rtol=1e-6)
+  np.testing.assert_allclose(loss, hot.kl_weight * terms["kl_tau"], rtol=1e-6)
   a = jax.random.normal(jax.random.key(0), (2, 5, 11))
   b = a + jax.random.normal(jax.random.key(1), a.shape)
   assert float(kl_divergence(a, a, 2.0)) == 0.0
