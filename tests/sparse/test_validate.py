@@ -159,7 +159,8 @@ def test_validation_guard_measures_the_lm_loss(trained, profile):
   guard = guard_source(trained.cfg.data)
   assert guard.source == "corpus" and guard.task is None and guard.task_fraction == 0.0
   # Task-shaping fields go with the task (the MoA experiment's runs set passkey_min_len).
-  shaped = dataclasses.replace(trained.cfg.data, task="passkey", passkey_min_len=100)
+  shaped = dataclasses.replace(trained.cfg.data, task="passkey",
+                               passkey_min_len=trained.cfg.data.seq_len)
   assert guard_source(shaped).passkey_min_len is None
   plan, records = validate(trained.model, profile, 0.3, data, 128, points=5, batches=2,
                            batch_size=4, n_sink=2, guard_data=guard, guard_tolerance=0.02)
