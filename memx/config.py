@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import typing
 from typing import Any
 
 from memx.checkpoint.config import CheckpointConfig
@@ -26,7 +27,22 @@ class Config:
 
 
 def to_dict(cfg: Any) -> dict:
-  return dataclasses.asdict(cfg)
+  """The config as plain data; an int given for a float field is written as that float, so
+  configs that compare equal (lr=1 and lr=1.0) also hash equal."""
+  out = dataclasses.asdict(cfg)
+  _floats_as_floats(type(cfg), out)
+  return out
+
+
+def _floats_as_floats(cls, d: dict) -> None:
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    v, hint = d.get(f.name), hints.get(f.name)
+    if isinstance(v, dict) and dataclasses.is_dataclass(f.default):
+      _floats_as_floats(type(f.default), v)
+    elif isinstance(v, int) and not isinstance(v, bool) and (
+        hint is float or float in typing.get_args(hint)) and int not in typing.get_args(hint):
+      d[f.name] = float(v)
 
 
 def config_hash(cfg: Any) -> str:

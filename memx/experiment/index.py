@@ -34,8 +34,10 @@ class RunIndex:
              (name, config_hash))
 
   def mark_running(self, name: str, config_hash: str) -> None:
+    # A summary of an earlier run (another config, or the same one before a restart) does not
+    # describe this one.
     self._tx("UPDATE runs SET status='running', config_hash=?, started=?, ended=NULL, "
-             "error=NULL WHERE name=?", (config_hash, time.time(), name))
+             "error=NULL, summary=NULL WHERE name=?", (config_hash, time.time(), name))
 
   def mark_done(self, name: str, summary: dict) -> None:
     self._tx("UPDATE runs SET status='done', ended=?, summary=?, error=NULL WHERE name=?",

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sqlite3
 import sys
 import tempfile
@@ -186,8 +187,12 @@ def _read_index(path: Path) -> list[dict]:
 
 
 def _error_line(error: str) -> str:
-  """The error's first line; for a Python traceback its last line, which names the error."""
+  """The line that names the error: the last "SomeError: ..." line (a traceback's last line;
+  submitit's message ends with a log path after it), else the first line."""
   lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
+  causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
+  if causes:
+    return causes[-1]
   return lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]
 
 

@@ -74,8 +74,11 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
       if finished:
         log(f"[{i}/{len(entries)}] {spec.name}: finished earlier, skipped")
         continue
-      # Same config: continue from its checkpoint. Changed config: start that run over.
-      same = row["config_hash"] == h and row["status"] != "pending"
+      # Same config: continue from its checkpoint. Changed config: start that run over. The
+      # directory's own record decides where it has one: the index row takes the new hash when
+      # the run is queued, before its worker has cleared the old run.
+      same = (row["config_hash"] == h and row["status"] != "pending"
+              and _dir_hash(sweep_dir / spec.name) in (h, None))
       todo.append((i, spec, h, same))
     # Distillation entries need their teachers' checkpoints: they run after every training run.
     phases = [[t for t in todo if not is_distill_entry(t[1].overrides)],
@@ -88,6 +91,14 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
   finally:
     index.close()
   return sweep_dir
+
+
+def _dir_hash(run_dir: pathlib.Path) -> str | None:
+  """The config hash a run directory was started with (its provenance.json), if recorded."""
+  try:
+    return json.loads((run_dir / "provenance.json").read_text()).get("config_hash")
+  except (OSError, ValueError, AttributeError):
+    return None
 
 
 def _run_local(todo, total, index, workers, progress, log):

@@ -140,6 +140,17 @@ def test_failed_run_shows_error_line(built):
   assert "Traceback" not in text
 
 
+def test_error_line_names_the_exception():
+  from memx.experiment.report import _error_line
+  submitit = ("Job (task=0) failed during processing with trace:\n----------------------\n"
+              "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+              "memx.errors.NonFiniteLossError: loss became non-finite (nan) at step 3\n\n"
+              "You can check full logs with 'job.stderr(0)' and 'job.stdout(0)'")
+  assert _error_line(submitit) == ("memx.errors.NonFiniteLossError: loss became non-finite "
+                                   "(nan) at step 3")
+  assert _error_line("disk full\nmore detail") == "disk full"
+
+
 def test_differing_config_lists_exactly_the_differing_keys(built):
   header, rows = _table(_section(built[2], "What differs"))
   assert header == ["run", "model.attention", "optim.lr"]

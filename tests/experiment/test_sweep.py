@@ -150,6 +150,23 @@ def test_sweep_isolates_failures_skips_finished_runs_and_retries_the_rest(tmp_pa
   report = write_report(sweep_dir).read_text()
   assert "3 done, 0 failed" in report and "### Failed runs" not in report
 
+  # 5. The driver died after queueing a changed entry (its row took the new hash, and lost its
+  #    old summary) but before the worker cleared the old run: the next sweep starts it over,
+  #    not "resumes" the old config's finished run.
+  run_env.setenv("MEMX_TEST_SWEEP_SEED", "9")
+  before = _rows(sweep_dir)["seed-1"]
+  index = RunIndex(sweep_dir / "index.sqlite")
+  index.mark_running("seed-1", _hash("seed-1"))
+  index.close()
+  assert _rows(sweep_dir)["seed-1"]["summary"] is None
+  sweep_dir, log = _sweep(tmp_path)
+  assert log[-2:] == ["[2/3] seed-1: running", "[2/3] seed-1: done"]
+  row = _rows(sweep_dir)["seed-1"]
+  assert row["summary"] != before["summary"]
+  assert json.loads((sweep_dir / "seed-1" / "config.json").read_text())["train"]["seed"] == 9
+  assert [r["step"] for r in read_metrics(sweep_dir / "seed-1" / "metrics.jsonl")
+          if r["split"] == "train"] == [1, 2, 3, 4]
+
 
 def test_submitit_local_executor_runs_the_sweep(tmp_path, run_env):
   sweep_dir, log = _sweep(tmp_path, experiment=FIXTURES / "tiny_pair.py",
