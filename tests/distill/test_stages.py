@@ -70,6 +70,31 @@ def test_stage_mask_trains_exactly_its_parameters(mode, teacher_cfg):
     np.testing.assert_array_equal(param_arrays(teacher)[path], old)
 
 
+def test_kl_stage_step_lowers_the_kl(teacher_cfg):
+  """Stage 3's step on a fixed batch, from a student that differs from the teacher (noise on
+  its copy of the embedding): the KL to the teacher falls well within a few dozen steps."""
+  cfg = teacher_cfg.model
+  teacher = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  student_cfg = StudentConfig(kind="hybrid", every=2)
+  layers = converted_layers(cfg, student_cfg)
+  student = build_student(teacher, student_cfg)
+  noise = jax.random.normal(jax.random.key(5), student.embed[...].shape)
+  student.embed[...] = student.embed[...] + 0.2 * noise
+  stage = dataclasses.replace(STAGE3, lr=3e-3, warmup_steps=0, steps=30, ce_weight=0.0)
+  filt = trainable_filter(stage.trainable, layers)
+  opt = nnx.Optimizer(student, make_optimizer(stage_optim(stage), stage.steps), wrt=filt)
+  graphdef, state = nnx.split((student, opt))
+  t_graphdef, t_state = nnx.split(teacher)
+  batch = _batch(cfg)
+  step = compile_program(make_step(stage, graphdef, t_graphdef, layers, filt),
+                         (state, t_state, batch))
+  kls = []
+  for _ in range(stage.steps):
+    state, metrics = step(state, t_state, batch)
+    kls.append(float(metrics["kl"]))
+  assert kls[0] > 0.1 and kls[-1] < 0.6 * kls[0], kls
+
+
 def test_kl_is_zero_when_student_is_teacher(teacher_cfg):
   cfg = teacher_cfg.model
   teacher = TransformerLM(cfg, rngs=nnx.Rngs(0))
@@ -105,7 +130,12 @@ def test_stages_learn_chain_and_load_as_runs(teacher_run, tmp_path, fast):
   for k in (1, 2, 3):
     losses = [r["loss"] for r in read_metrics(out / f"stage{k}" / "metrics.jsonl")
               if r["split"] == "train"]
-    assert losses[-1] < losses[0], (k, losses)
+    if k < 3:
+      assert losses[-1] < losses[0], (k, losses)
+    else:  # this small teacher's logits barely depend on the converted layer: after stages 1
+      # and 2 the KL sits at float noise (~1e-7); `test_kl_stage_step_lowers_the_kl` shows
+      # stage 3 learning from a student that differs
+      assert max(losses) < 1e-4, losses
     trained = load_trained(out / f"stage{k}")
     assert trained.cfg.model.mixers == ("attention", "mamba2")
     assert trained.step == 24

@@ -110,12 +110,10 @@ def test_resume_with_incompatible_config_fails_clearly(tmp_path):
   wider = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, d_model=48))
   with pytest.raises(CheckpointMismatchError, match="another run.*model.d_model = 32 there, 48"):
     train(wider, tmp_path, progress=False, resume=True)
-  # Optimizer settings may change on resume, but not the optimizer state's layout.
+  # The checkpoint is untouched and still resumes with the right config; optimizer settings
+  # may change on resume, clipping included (the optimizer state keeps one layout).
   no_clip = dataclasses.replace(TINY, optim=dataclasses.replace(TINY.optim, clip_norm=None))
-  with pytest.raises(CheckpointMismatchError, match="does not fit the current config"):
-    train(no_clip, tmp_path, progress=False, resume=True)
-  # The checkpoint is untouched and still resumes with the right config.
-  train(TINY, tmp_path, progress=False, resume=True)
+  train(no_clip, tmp_path, progress=False, resume=True)
   assert len(_losses(tmp_path)) == TINY.train.steps
 
 
