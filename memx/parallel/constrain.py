@@ -39,6 +39,24 @@ class _Local(threading.local):
 _SEQUENCE = _Local()
 
 
+def _jit_key_state():
+  """A JAX config state that is part of jit's cache key (JAX-internal API): the rules and the
+  sequence options are read while tracing, so a function jitted under one sharding context
+  must be traced again under another, not reuse the first program (the mesh alone is in the
+  key). None where this JAX lacks the API: then re-jit (a new function) to switch contexts."""
+  try:
+    from jax._src import config as jax_config  # noqa: PLC0415
+    return jax_config.string_or_object_state(
+        "memx_sharding_context", None, "memx.parallel.constrain.sharding_context's rules and "
+        "sequence options (part of the jit cache key)", include_in_jit_key=True,
+        include_in_trace_context=True)
+  except (ImportError, AttributeError, TypeError, ValueError):
+    return None
+
+
+_JIT_KEY = _jit_key_state()
+
+
 def active_rules() -> Rules:
   return tuple(spmd.get_logical_axis_rules())
 
@@ -68,9 +86,12 @@ def sharding_context(mesh, strategy: str, *, sequence_method: str = "ring",
 
   The layout must be the order the batch's tokens arrive in (ParallelConfig.layout).
   """
-  _SEQUENCE.stack.append(SequenceOptions(sequence_method, sequence_layout))
+  options = SequenceOptions(sequence_method, sequence_layout)
+  _SEQUENCE.stack.append(options)
+  key = contextlib.nullcontext() if _JIT_KEY is None else _JIT_KEY(
+      (strategy if isinstance(strategy, str) else tuple(strategy), options))
   try:
-    with jax.set_mesh(mesh), use_rules(strategy):
+    with jax.set_mesh(mesh), use_rules(strategy), key:
       yield
   finally:
     _SEQUENCE.stack.pop()

@@ -857,7 +857,7 @@ def batch_to_layout(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], 
   positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
   seq = _active_seq_axis()
   layout = sequence_options().layout
-  if seq is None or layout == "contiguous" or sequence_options().method != "ring":
+  if seq is None or layout == "contiguous":  # (every method reads tokens in the layout's order)
     return batch, positions
   n = seq[1]
   out = {k: permute_sequence(x, n, layout) if x.shape[:2] == shape else x

@@ -43,6 +43,8 @@ def _model_dims(model_cfg: Any) -> list[tuple[str, int, str]]:
   dims.append((EMBED, g("d_model"), "model.d_model"))
   if g("mlp", True):
     dims.append((MLP, g("ff_dim", g("d_ff")), "model.d_ff (resolved)"))
+  if "mlgru" in mixers:  # its projections put d_model on the MLP axis
+    dims.append((MLP, g("d_model"), "model.d_model (MLGRU width)"))
   dims.append((VOCAB, g("vocab_size"), "model.vocab_size"))
   return [d for d in dims if d[1] is not None]
 
@@ -69,7 +71,7 @@ def validate_for_model(parallel_cfg, model_cfg, mesh=None, *, batch_size: int | 
   for name, size, field in checks:
     entry = table.get(name)
     n = shards(entry, sizes)
-    if name == SEQ and parallel_cfg.layout == "zigzag":
+    if name == SEQ and parallel_cfg.layout == "zigzag" and n > 1:
       n *= 2
     if n > 1 and size % n:
       axes = mesh_axes_of(entry)
@@ -80,7 +82,35 @@ def validate_for_model(parallel_cfg, model_cfg, mesh=None, *, batch_size: int | 
           f"{field} = {size} is not allowed with parallel.strategy = {strategy!r}: it splits "
           f"the {name!r} dimension over mesh axes {what}{extra}, so it must be a multiple of "
           f"{n}. Change {field}, the mesh shape, or the strategy.")
-  _check_scan_layers(parallel_cfg, model_cfg, shards(table.get(SEQ), sizes), seq_len)
+  n_seq = shards(table.get(SEQ), sizes)
+  _check_scan_layers(parallel_cfg, model_cfg, n_seq, seq_len)
+  _check_sequence_attention(parallel_cfg, model_cfg, n_seq, shards(table.get(HEADS), sizes),
+                            shards(table.get(KV_HEADS), sizes))
+
+
+def _check_sequence_attention(parallel_cfg, model_cfg, n: int, heads_split: int,
+                              kv_split: int) -> None:
+  """Attention under sequence parallelism: what ring and all-to-all attention accept, checked
+  before compiling (all-to-all gives each device a slice of its local heads)."""
+  mixers = getattr(model_cfg, "mixers", None) or ("attention",)
+  n_heads = getattr(model_cfg, "n_heads", None)
+  if n <= 1 or "attention" not in mixers or n_heads is None:
+    return
+  if getattr(model_cfg, "attn_plan", None) is not None:
+    raise ConfigError(
+        f"model.attn_plan (per-head sparse plans) is not allowed with parallel.strategy = "
+        f"{parallel_cfg.strategy!r}: sequence-parallel attention takes one mask for every head. "
+        "Apply the plan without sequence parallelism.")
+  if parallel_cfg.sequence_method != "all_to_all":
+    return
+  h = n_heads // max(heads_split, 1)
+  g = max(getattr(model_cfg, "kv_heads", n_heads) // max(kv_split, 1), 1)
+  if h % n or (g % n and n % g):
+    raise ConfigError(
+        f"parallel.sequence_method = 'all_to_all' is not allowed here: each device's {h} query "
+        f"heads must split over the {n} devices of 'seq', and its {g} kv heads and {n} devices "
+        f"must divide one into the other (model.n_heads = {n_heads}, over the tensor axis). "
+        "Use sequence_method = 'ring', or fewer devices on 'seq'.")
 
 
 def _check_scan_layers(parallel_cfg, model_cfg, n: int, seq_len: int | None) -> None:

@@ -98,6 +98,31 @@ def test_validate_for_model_names_the_uneven_dimension(strategy, shape, model, e
     validate_for_model(pcfg, ModelConfig(**model), dict(zip(axes, shape, strict=True)), **extra)
 
 
+def test_validate_for_model_checks_sequence_attention_and_mlgru():
+  sizes = {"data": 2, "seq": 4}
+  a2a = ParallelConfig(strategy="sp", mesh_shape=(2, 4), mesh_axes=("data", "seq"),
+                       sequence_method="all_to_all")
+  six = ModelConfig(vocab_size=64, d_model=48, n_heads=6, n_kv_heads=3, d_ff=64)
+  with pytest.raises(ConfigError, match="6 query heads must split over the 4 devices"):
+    validate_for_model(a2a, six, sizes, seq_len=64)
+  validate_for_model(dataclasses.replace(a2a, sequence_method="ring"), six, sizes, seq_len=64)
+  validate_for_model(a2a, ModelConfig(vocab_size=64, d_model=32, n_heads=8, n_kv_heads=2),
+                     sizes, seq_len=64)  # kv heads 2 divide the 4 devices: repeated
+  planned = dataclasses.replace(ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_layers=1),
+                                attn_plan=(((4, 0.0, 0),) * 4,))
+  with pytest.raises(ConfigError, match="model.attn_plan"):
+    validate_for_model(dataclasses.replace(a2a, sequence_method="ring"), planned, sizes)
+  # A seq axis of size 1 splits nothing: the zigzag layout's x2 does not apply.
+  one = ParallelConfig(strategy="sp", mesh_shape=(8, 1), mesh_axes=("data", "seq"))
+  validate_for_model(one, six, {"data": 8, "seq": 1}, batch_size=8, seq_len=63)
+  # MLGRU projections put d_model on the MLP axis.
+  from memx.models.config import matmulfree_config
+  tp = ParallelConfig(strategy="tp", mesh_shape=(1, 8), mesh_axes=("data", "tensor"))
+  with pytest.raises(ConfigError, match="MLGRU width"):
+    validate_for_model(tp, matmulfree_config(vocab_size=64, d_model=36, n_layers=1, n_heads=2,
+                                             d_ff=64), {"data": 1, "tensor": 8})
+
+
 def test_validate_for_model_accepts_even_splits():
   pcfg = ParallelConfig(strategy="fsdp_sp_tp", mesh_shape=(1, 2, 2, 2),
                         mesh_axes=("data", "fsdp", "seq", "tensor"))

@@ -170,10 +170,12 @@ def test_one_step_matches_one_device(strategy, shape, axes, method, one_device, 
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("layout", ["zigzag", pytest.param("striped", marks=pytest.mark.slow)])
-def test_load_balanced_ring_in_a_model_matches_one_device(layout, monkeypatch):
-  """The proposed step.py change: batch_to_layout reorders tokens (and RoPE positions) for the
-  ring's layout; loss and gradients equal the unsharded model's."""
+@pytest.mark.parametrize("method, layout", [
+    ("ring", "zigzag"), pytest.param("ring", "striped", marks=pytest.mark.slow),
+    ("all_to_all", "zigzag")])
+def test_load_balanced_layout_in_a_model_matches_one_device(method, layout, monkeypatch):
+  """batch_to_layout reorders tokens (and RoPE positions) for the context's layout, whichever
+  the attention method; loss and gradients equal the unsharded model's."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
   from flax import nnx
@@ -194,14 +196,17 @@ def test_load_balanced_ring_in_a_model_matches_one_device(layout, monkeypatch):
     return weighted_mean(token_losses(logits, batch["targets"]), batch["weights"])
 
   ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss))(params, batch)
-  mesh = make_mesh(ParallelConfig(strategy="sp", mesh_shape=(1, 8), mesh_axes=("data", "seq")))
-  with sharding_context(mesh, "sp", sequence_method="ring", sequence_layout=layout):
+  # All-to-all splits the 4 heads over "seq": 4 devices there (and 2 on "data").
+  shape = (1, 8) if method == "ring" else (2, 4)
+  mesh = make_mesh(ParallelConfig(strategy="sp", mesh_shape=shape, mesh_axes=("data", "seq")))
+  with sharding_context(mesh, "sp", sequence_method=method, sequence_layout=layout):
     _, positions = batch_to_layout(batch)
-    assert positions[0, 1] != 1, positions[0]  # the tokens really are reordered
+    # the tokens really are reordered
+    assert not np.array_equal(positions[0], np.arange(SEQ_LEN)), positions[0]
     step = jax.jit(jax.value_and_grad(loss))
     compiled = step.lower(params, batch).compile(compiler_options=_testing.FAST_CPU_COMPILE)
   got_loss, got_grads = compiled(params, batch)
-  assert "collective-permute" in compiled.as_text()
+  assert ("collective-permute" if method == "ring" else "all-to-all") in compiled.as_text()
   _testing.assert_allclose(got_loss, ref_loss, dtype=jnp.float32, name="loss")
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_grads),
                           jax.tree.leaves(ref_grads), strict=True):

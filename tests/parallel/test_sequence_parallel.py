@@ -226,3 +226,18 @@ def test_ring_memory_per_device(long_ring):
   single = long_ring["single"].memory_analysis().temp_size_in_bytes
   ring = long_ring["ring"].memory_analysis().temp_size_in_bytes
   assert ring <= 0.2 * single, (ring, single, ring / single)
+
+
+def test_one_jitted_function_follows_the_context_it_runs_under():
+  """The layout is read while tracing: a function jitted under one sharding context is traced
+  again under another (the context is part of jit's cache key), not run with the first's."""
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices")
+  mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(1, 4), ("data", "seq"))
+  q = np.asarray(jax.random.normal(jax.random.key(0), (1, 32, 4, 8)))
+  want = np.asarray(attention_reference(q, q, q, mask=CAUSAL))
+  fn = jax.jit(lambda q: sharded_attention(q, q, q, mask=CAUSAL))
+  for layout in ("contiguous", "zigzag"):
+    with sharding_context(mesh, "sp", sequence_method="ring", sequence_layout=layout):
+      got = unpermute_sequence(fn(np.asarray(permute_sequence(q, 4, layout))), 4, layout)
+    _testing.assert_allclose(got, want, dtype=jnp.float32, name=layout)

@@ -220,8 +220,10 @@ def test_validate_names_layout_and_conv_halo():
   with pytest.raises(ConfigError, match=r"data.seq_len = 32 .*runs of 2 tokens.*seq_len >= 48"):
     validate_for_model(zigzag, model, sizes, seq_len=32)
   validate_for_model(zigzag, model, sizes, seq_len=64)
-  # all_to_all keeps the data contiguous; attention-only models never scan
-  validate_for_model(dataclasses.replace(striped, sequence_method="all_to_all"), model, sizes)
+  # all_to_all keeps the data contiguous (with heads that split over the 8 devices);
+  # attention-only models never scan
+  validate_for_model(dataclasses.replace(striped, sequence_method="all_to_all"),
+                     dataclasses.replace(model, n_heads=8), sizes)
   validate_for_model(striped, dataclasses.replace(model, mixers=None), sizes)
 
 
