@@ -200,3 +200,16 @@ def test_segment_schedule_prefix_stops_at_a_gap():
   cnt3 = np.asarray(sched.with_prefix(tbl, cnt))
   assert np.asarray(tbl[0, 0, 5, :4]).tolist() == [0, 1, 3, 4]   # FULL: blocks 0, 1, 3, 4
   assert cnt3[0, 0, 5].tolist() == [4, 5, 2]                       # prefix 0, 1; then 3, 4
+
+
+def test_mask_fields_fit_the_kernels_int32_and_accept_numpy_scalars():
+  """Windows, sinks and offsets are int32 in the kernels: values that would overflow are refused
+  when the mask is built (not as an OverflowError while tracing); numpy scalars are plain
+  values, numpy vectors per-head values."""
+  for field in ("window_left", "window_right", "n_sink", "q_offset"):
+    with pytest.raises(ValueError, match=rf"Mask.{field}.* \[0, 2\*\*30\)"):
+      Mask(**{field: 1 << 31})
+  with pytest.raises(ValueError, match=r"Mask.window_left\[1\]"):
+    Mask(window_left=(3, 1 << 31))
+  assert Mask(window_left=np.array(3), n_sink=np.array(2)) == Mask(window_left=3, n_sink=2)
+  assert Mask(window_left=np.array([1, 2])).window_left == (1, 2)

@@ -34,8 +34,18 @@ def _is_int(x: Any) -> bool:
   return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
 
 
+# Positions, windows and sinks are int32 inside the kernels (UNBOUNDED = 2**30 stands for "no
+# limit"): larger values would overflow while tracing, so they are refused up front.
+LIMIT = 1 << 30
+
+
 def _per_head(value: Any) -> bool:
-  return isinstance(value, tuple | list | np.ndarray)
+  return isinstance(value, tuple | list) or (isinstance(value, np.ndarray) and value.ndim > 0)
+
+
+def _scalar(value: Any) -> Any:
+  """A 0-d numpy array as its Python value (a window given as np.array(3))."""
+  return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
 
 
 def _norm_window(name: str, w: Any) -> Window | tuple[Window, ...]:
@@ -43,9 +53,11 @@ def _norm_window(name: str, w: Any) -> Window | tuple[Window, ...]:
   def one(x, where=""):
     if x is None:
       return None
-    if not _is_int(x) or x < 0:
-      raise ValueError(f"Mask.{name}{where} = {x!r} is not allowed: must be None or an int >= 0.")
+    if not _is_int(x) or not 0 <= x < LIMIT:
+      raise ValueError(f"Mask.{name}{where} = {x!r} is not allowed: must be None (unbounded) or "
+                       f"an int in [0, 2**30).")
     return int(x)
+  w = _scalar(w)
   if _per_head(w):
     seq = np.asarray(w, dtype=object).tolist() if isinstance(w, np.ndarray) else list(w)
     if not seq:
@@ -56,9 +68,11 @@ def _norm_window(name: str, w: Any) -> Window | tuple[Window, ...]:
 
 def _norm_sink(n: Any) -> int | tuple[int, ...]:
   def one(x, where=""):
-    if not _is_int(x) or x < 0:
-      raise ValueError(f"Mask.n_sink{where} = {x!r} is not allowed: must be an int >= 0.")
+    if not _is_int(x) or not 0 <= x < LIMIT:
+      raise ValueError(f"Mask.n_sink{where} = {x!r} is not allowed: must be an int in "
+                       "[0, 2**30).")
     return int(x)
+  n = _scalar(n)
   if _per_head(n):
     seq = np.asarray(n).tolist() if isinstance(n, np.ndarray) else list(n)
     if not seq:
@@ -177,8 +191,9 @@ class Mask:
     object.__setattr__(self, "window_left", _norm_window("window_left", self.window_left))
     object.__setattr__(self, "window_right", _norm_window("window_right", self.window_right))
     object.__setattr__(self, "n_sink", _norm_sink(self.n_sink))
-    if not _is_int(self.q_offset) or self.q_offset < 0:
-      raise ValueError(f"Mask.q_offset = {self.q_offset!r} is not allowed: must be an int >= 0.")
+    if not _is_int(self.q_offset) or not 0 <= self.q_offset < LIMIT:
+      raise ValueError(f"Mask.q_offset = {self.q_offset!r} is not allowed: must be an int in "
+                       "[0, 2**30).")
     object.__setattr__(self, "q_offset", int(self.q_offset))
     if self.block_sparse is not None and not isinstance(self.block_sparse, BlockSparse):
       raise ValueError(f"Mask.block_sparse = {self.block_sparse!r} is not allowed: must be a "
