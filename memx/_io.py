@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import pathlib
 import tempfile
 from collections.abc import Iterator
@@ -25,3 +26,9 @@ def atomic_file(path: str | pathlib.Path, mode: str = "w") -> Iterator[IO]:
       tmp.unlink(missing_ok=True)
       raise
   tmp.replace(path)
+
+
+def write_json(path: str | pathlib.Path, obj, *, indent: int = 2) -> None:
+  """`obj` as JSON at `path`, atomically (others read these files while a run writes them)."""
+  with atomic_file(path) as f:
+    json.dump(obj, f, indent=indent, default=str)

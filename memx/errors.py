@@ -44,3 +44,11 @@ class NonFiniteLossError(RuntimeError):
         "optim.clip_norm.")
     self.step = step
     self.loss = loss
+
+
+def exception_lines(text: str) -> list[str]:
+  """The lines of an error report that name an exception ("pkg.SomeError: message"), in order:
+  the last one says what failed, wherever a wrapper (a traceback, submitit) put it."""
+  import re  # noqa: PLC0415 - only here
+  lines = [ln.strip() for ln in text.splitlines()]
+  return [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]

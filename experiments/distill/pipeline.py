@@ -349,8 +349,8 @@ def evaluation_record(row: dict, speed_rows: list[dict], name: str) -> dict:
 
 
 def write_report(root: pathlib.Path, results: dict, names: list[str]) -> None:
+  from memx._io import write_json
   from memx.distill import speed
-  from memx.experiment.rundir import write_json
 
   lines = [f"# Distillation: Transformer → Mamba-2 / hybrid ({results['variant']})", "",
            f"Device: {results['device']}; distillation token budget per student "

@@ -20,12 +20,13 @@ import shutil
 import jax
 import numpy as np
 
+from memx._io import write_json
 from memx.config import to_dict
 from memx.data import make_loader
 from memx.distill.capture import calibrate
 from memx.distill.config import DistillConfig
 from memx.distill.seed import build_student, check_mapping, converted_layers, student_model_config
-from memx.distill.stages import StageRun, run_stage, stage_run_config, to_device, write_json
+from memx.distill.stages import StageRun, run_stage, stage_run_config, to_device
 from memx.errors import ConfigError, UserError
 from memx.train.restore import Trained, load_config, load_trained
 

@@ -21,7 +21,6 @@ Directory of one stage (`run_stage`):
 """
 
 import dataclasses
-import json
 import math
 import pathlib
 import shutil
@@ -34,6 +33,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from memx._io import write_json
 from memx.checkpoint import Checkpointer
 from memx.config import Config, OptimConfig, TrainConfig, to_dict
 from memx.distill.capture import teacher_pass
@@ -347,8 +347,3 @@ def evaluate(student: TransformerLM, teacher: TransformerLM, loaders: dict, laye
   return out
 
 
-def write_json(path: pathlib.Path, obj) -> None:
-  """Atomically (temp file + rename): others read these files."""
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=str))
-  tmp.replace(path)

@@ -50,8 +50,8 @@ def build(module, variant: str | None, overrides: dict[str, Any], names_before: 
 
 def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:
   """Distils SWEEP/<teacher> into SWEEP/<spec.name>; returns the final stage's summary."""
+  from memx._io import write_json
   from memx.distill import runner
-  from memx.experiment.rundir import write_json
   from memx.train.metrics import read_metrics
 
   sweep_dir = pathlib.Path(spec.workdir)

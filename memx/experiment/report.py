@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sqlite3
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from memx.errors import UserError
+from memx.errors import UserError, exception_lines
 
 __all__ = ["summary_table", "write_report"]
 
@@ -190,7 +189,7 @@ def _error_line(error: str) -> str:
   """The line that names the error: the last "SomeError: ..." line (a traceback's last line;
   submitit's message ends with a log path after it), else the first line."""
   lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
-  causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
+  causes = exception_lines(error)
   if causes:
     return causes[-1]
   return lines[-1] if lines[0].startswith("Traceback (most recent call last)") else lines[0]

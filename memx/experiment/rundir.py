@@ -2,7 +2,6 @@
 
 import datetime
 import importlib.metadata
-import json
 import os
 import pathlib
 import platform
@@ -12,6 +11,7 @@ import sys
 
 import jax
 
+from memx._io import write_json
 from memx.config import Config, config_hash, to_dict
 from memx.errors import UserError
 
@@ -35,12 +35,6 @@ def prepare(run_dir: pathlib.Path, *, resume: bool, overwrite: bool) -> pathlib.
     raise UserError(f"cannot write to run directory {str(run_dir)!r} ({e.strerror}); choose a "
                     "writable --workdir.") from None
   return run_dir
-
-
-def write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, default=str))
-  tmp.replace(path)
 
 
 def git_info(start: pathlib.Path) -> dict:

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from memx._io import write_json
 from memx.config import Config
 from memx.experiment import loading, rundir
 from memx.parallel.mesh import maybe_initialize_distributed
@@ -61,7 +62,7 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progres
   if jax.process_index() == 0:
     rundir.prepare(run_dir, resume=resume, overwrite=overwrite)
     rundir.write_config(run_dir, cfg)
-    rundir.write_json(run_dir / "provenance.json", rundir.provenance(
+    write_json(run_dir / "provenance.json", rundir.provenance(
         cfg, seeds={"seed": cfg.train.seed, "data_seed": setup.seeds.data_seed},
         data_hash=setup.loader.data_hash, mesh_shape=dict(setup.mesh.shape)))
   return train(cfg, run_dir, resume=resume, stop_at_step=stop_at_step, progress=progress,

@@ -10,7 +10,6 @@ import concurrent.futures
 import hashlib
 import json
 import pathlib
-import re
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import traceback
 from typing import Any
 
 from memx.config import config_hash, to_dict
-from memx.errors import UserError
+from memx.errors import UserError, exception_lines
 from memx.experiment import loading
 from memx.experiment.index import RunIndex
 from memx.experiment.runner import RunSpec, is_distill_entry, run
@@ -135,8 +134,7 @@ def _record(index, total, i, spec, ok, result, log):
 
 def _with_cause_last(text: str) -> str:
   """submitit ends its message with a log path: repeat the exception line last."""
-  lines = [ln.strip() for ln in text.splitlines()]
-  causes = [ln for ln in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", ln)]
+  lines, causes = [ln.strip() for ln in text.splitlines()], exception_lines(text)
   return text if not causes or lines[-1] == causes[-1] else f"{text}\n{causes[-1]}"
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from memx._io import atomic_file
+from memx._io import write_json
 from memx.checkpoint import Checkpointer
 from memx.config import Config, to_dict
 from memx.data import make_loader
@@ -323,7 +323,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         "wall_s": time.perf_counter() - t_start,
     }
     if run_dir is not None and jax.process_index() == 0:
-      _atomic_json(run_dir / "summary.json", summary)
+      write_json(run_dir / "summary.json", summary)
     return summary
   finally:
     writer.close()
@@ -362,6 +362,3 @@ def _evaluate(eval_fn, state, loader, task_loader, n_batches: int, bsh) -> dict:
   return out
 
 
-def _atomic_json(path: pathlib.Path, obj) -> None:
-  with atomic_file(path) as f:
-    json.dump(obj, f, indent=2, default=str)
