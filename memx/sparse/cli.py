@@ -68,8 +68,10 @@ def add_parser(sub) -> None:
   s.add_argument("--layer-budget", type=float, default=None)
   s.add_argument("--kv-budget", default=None,
                  help="cap on the decode KV cache as a fraction of a dense one (one value or "
-                      "one per length; needs --kv-heads)")
-  s.add_argument("--kv-heads", type=int, default=None, help="the model's KV heads per layer")
+                      "one per length)")
+  s.add_argument("--kv-heads", type=int, default=None,
+                 help="the model's KV heads per layer (default: the profile's; only profiles "
+                      "written before memx recorded it need this)")
   s.add_argument("--n-sink", type=int, default=4)
   s.add_argument("--no-full", action="store_true", help="exclude full attention as a rule")
   s.add_argument("--method", default="auto", choices=["auto", "milp", "greedy"])
@@ -251,11 +253,11 @@ def _describe(plan) -> str:
         "full" if r.beta >= 1.0 and r.alpha >= 0 else f"{r.alpha:g}+{r.beta:g}N/{r.n_sink}s"
         for r in rules))
   for n in plan.lengths:
-    # Per query head: the plan does not know the model's KV heads; under GQA the cache keeps
-    # each KV group's widest span (`memx eval` reports the cache's exact bytes).
-    lines.append(f"  N={n}: density {plan.density(n):.3f} of causal pairs, "
-                 f"{plan.kv_slots(n) / (n * len(plan.rules())):.3f} of dense KV slots per "
-                 "query head (GQA: each KV group keeps its widest)")
+    kv = (f"decode KV cache {plan.kv_fraction(n):.3f} of dense ({plan.kv_heads} KV heads per "
+          "layer, each keeping its query heads' widest span)" if plan.kv_heads is not None else
+          f"{plan.kv_fraction(n):.3f} of dense KV slots per query head (an older plan, without "
+          "the model's KV heads: under GQA the cache is larger)")
+    lines.append(f"  N={n}: density {plan.density(n):.3f} of causal pairs, {kv}")
   return "\n".join(lines)
 
 

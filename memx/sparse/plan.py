@@ -14,9 +14,10 @@ per length; memx.sparse.search solves the mixed-integer program) or from the bas
 
 File format (version 1):
   {"version": 1, "kind": "moa" | "uniform" | "longgen" | "dense", "fingerprint": "...",
-   "n_layers": L, "n_heads": H, "lengths": [...], "budget": [...] | null,
+   "n_layers": L, "n_heads": H, "kv_heads": G | null, "lengths": [...], "budget": [...] | null,
    "layers": [null | [[alpha, beta, n_sink], ... H], ... L],
    "predicted_density": {"N": fraction of causal pairs, averaged over attention heads},
+   "predicted_kv_fraction": {"N": decode KV cache of the planned layers ÷ a dense one} | absent,
    "predicted_loss": float | null, "gap": float | null, "solver": "..." | null, "meta": {...}}
 """
 
@@ -75,10 +76,18 @@ class Plan:
   gap: float | None = None
   solver: str | None = None
   meta: dict = dataclasses.field(default_factory=dict)
+  # The model's KV heads per layer (GQA), which the decode cache's size depends on; None in
+  # plans written before memx recorded it (their KV fraction is then per query head).
+  kv_heads: int | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
       raise PlanError(f"plan kind {self.kind!r} is not one of {', '.join(KINDS)}.")
+    if self.kv_heads is not None and not (
+        isinstance(self.kv_heads, int) and not isinstance(self.kv_heads, bool)
+        and self.kv_heads >= 1 and self.n_heads % self.kv_heads == 0):
+      raise PlanError(f"plan kv_heads = {self.kv_heads!r} must be a whole number >= 1 dividing "
+                      f"its {self.n_heads} query heads.")
     if len(self.layers) != self.n_layers:
       raise PlanError(f"the plan lists {len(self.layers)} layers but says n_layers = "
                       f"{self.n_layers}.")
@@ -103,6 +112,28 @@ class Plan:
     """Key slots per sequence over the planned heads at length N (dense: N per head)."""
     return sum(rule_kv_slots(r, length) for r in self.rules())
 
+  def kv_fraction(self, length: int) -> float:
+    """The decode KV cache of the planned layers at length N as a fraction of a dense one.
+
+    With `kv_heads` known, exactly what decoding allocates: each KV head keeps the most sinks
+    and the widest span of the query heads sharing it (`attention_decode.ring_layout`), so
+    memx eval's `kv_cache_bytes` equals this times the dense cache's bytes of those layers.
+    Without it (old plans), the per-query-head slots, a lower bound under GQA.
+    """
+    planned = [rules for rules in self.layers if rules is not None]
+    if not planned:
+      return 1.0
+    if self.kv_heads is None:
+      return self.kv_slots(length) / (length * self.n_heads * len(planned))
+    group = self.n_heads // self.kv_heads
+    slots = 0
+    for rules in planned:
+      for g in range(self.kv_heads):
+        members = rules[g * group:(g + 1) * group]
+        sinks = max(min(r.n_sink, length) for r in members)
+        slots += sinks + min(max(r.span(length) for r in members), length - sinks)
+    return slots / (length * self.kv_heads * len(planned))
+
   def attn_plan(self) -> tuple:
     """The `ModelConfig.attn_plan` value."""
     return tuple(None if rules is None else tuple(r.as_tuple() for r in rules)
@@ -112,11 +143,14 @@ class Plan:
 
   def to_json(self) -> dict:
     return {"version": PLAN_VERSION, "kind": self.kind, "fingerprint": self.fingerprint,
-            "n_layers": self.n_layers, "n_heads": self.n_heads, "lengths": list(self.lengths),
+            "n_layers": self.n_layers, "n_heads": self.n_heads, "kv_heads": self.kv_heads,
+            "lengths": list(self.lengths),
             "budget": None if self.budget is None else list(self.budget),
             "layers": [None if rules is None else [list(r.as_tuple()) for r in rules]
                        for rules in self.layers],
             "predicted_density": {str(n): self.density(n) for n in self.lengths},
+            **({"predicted_kv_fraction": {str(n): self.kv_fraction(n) for n in self.lengths}}
+               if self.kv_heads is not None else {}),
             "predicted_loss": self.predicted_loss, "gap": self.gap, "solver": self.solver,
             "meta": self.meta}
 
@@ -134,7 +168,9 @@ class Plan:
                  n_heads=int(d["n_heads"]), lengths=tuple(int(n) for n in d["lengths"]),
                  layers=layers, budget=None if d["budget"] is None else tuple(d["budget"]),
                  predicted_loss=d.get("predicted_loss"), gap=d.get("gap"),
-                 solver=d.get("solver"), meta=d.get("meta", {}))
+                 solver=d.get("solver"), meta=d.get("meta", {}),
+                 kv_heads=None if d.get("kv_heads") is None else _integral(d["kv_heads"],
+                                                                           "kv_heads"))
     except (KeyError, TypeError, ValueError) as e:
       raise PlanError(f"{where} is not a valid memx plan: {e}") from e
 
@@ -194,7 +230,8 @@ def dense_plan(model_cfg, lengths: Sequence[int]) -> Plan:
   layers = tuple((Rule.full(),) * model_cfg.n_heads if model_cfg.mixer(i) == "attention"
                  else None for i in range(model_cfg.n_layers))
   return Plan(kind="dense", fingerprint=model_fingerprint(model_cfg), n_layers=model_cfg.n_layers,
-              n_heads=model_cfg.n_heads, lengths=tuple(lengths), layers=layers)
+              n_heads=model_cfg.n_heads, lengths=tuple(lengths), layers=layers,
+              kv_heads=model_cfg.kv_heads)
 
 
 def _uniform_beta(budget: tuple[float, ...], lengths, n_sink: int) -> float:
@@ -251,7 +288,7 @@ def uniform_plan(model_cfg, budget, lengths: Sequence[int], *, n_sink: int = 4) 
                  for i in range(model_cfg.n_layers))
   return Plan(kind="uniform", fingerprint=model_fingerprint(model_cfg),
               n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads, lengths=lengths,
-              layers=layers, budget=b)
+              layers=layers, budget=b, kv_heads=model_cfg.kv_heads)
 
 
 def longgen_plan(model_cfg, budget, lengths: Sequence[int], *, n_sink: int = 4,
@@ -280,7 +317,8 @@ def longgen_plan(model_cfg, budget, lengths: Sequence[int], *, n_sink: int = 4,
                  else (rule,) * model_cfg.n_heads for i in range(model_cfg.n_layers))
   return Plan(kind="longgen", fingerprint=model_fingerprint(model_cfg),
               n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads, lengths=lengths,
-              layers=layers, budget=b, meta={"dense_layers": sorted(dense_layers)})
+              layers=layers, budget=b, meta={"dense_layers": sorted(dense_layers)},
+              kv_heads=model_cfg.kv_heads)
 
 
 def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
@@ -294,14 +332,14 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
 
   lengths: the profiled lengths to optimise over (default all the profile has); budget: one
   density budget or one per length; layer_budget: optional cap on each layer's average.
-  kv_budget (with kv_heads, the model's KV heads per layer): optional cap on the decode KV cache
-  as a fraction of a dense one (one value or one per length). Under GQA a KV head's ring holds
-  the widest span of the query heads sharing it, so KV memory is a max per group, which the MILP
-  models exactly (`search` module docstring); each group is costed as max sinks + max span, as
-  `attention_decode.ring_layout` sizes it (an upper bound where its ring would exceed N − sinks).
+  kv_budget: optional cap on the decode KV cache as a fraction of a dense one (one value or one
+  per length). Under GQA a KV head's ring holds the widest span of the query heads sharing it,
+  so KV memory is a max per group, which the MILP models exactly (`search` module docstring);
+  each group is costed as max sinks + max span, as `attention_decode.ring_layout` sizes it (an
+  upper bound where its ring would exceed N − sinks: `Plan.kv_fraction` is the exact value).
   The fraction covers the profiled (planned) layers; other attention layers keep dense caches.
-  kv_heads is not checked against the model (the profile does not record it): pass the
-  model's `cfg.kv_heads`.
+  kv_heads: the model's KV heads per layer; taken from the profile, which records it (profiles
+  written before it did need it given, and a given value must equal the profile's).
   length_weights: one weight >= 0 per length on its predicted loss increase in the objective
   (default 1 each); MoA's Pareto front over lengths is the set of plans over such weightings
   (`memx.sparse.validate`). A length with weight 0 still has its budget.
@@ -317,14 +355,21 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
   if layer_budget is not None:
     _check_budget("layer_budget", layer_budget)
   kv = {}
-  if kv_heads is not None and kv_budget is None:
-    raise PlanError("kv_heads is only used with kv_budget: give both, or neither.")
+  if profile.kv_heads is not None:
+    if kv_heads is not None and kv_heads != profile.kv_heads:
+      raise PlanError(f"kv_heads = {kv_heads!r}, but the profiled model has "
+                      f"{profile.kv_heads} KV heads per layer: leave kv_heads out.")
+    kv_heads = profile.kv_heads
+  if kv_heads is not None and not (isinstance(kv_heads, int) and kv_heads >= 1
+                                   and profile.n_heads % kv_heads == 0):
+    raise PlanError(f"kv_heads = {kv_heads!r} must be the model's KV heads per layer, a whole "
+                    f"number dividing its {profile.n_heads} query heads.")
   kb = None
   if kv_budget is not None:
     kb = _budgets(kv_budget, given, "kv_budget")
-    if not (isinstance(kv_heads, int) and kv_heads >= 1 and profile.n_heads % kv_heads == 0):
-      raise PlanError(f"kv_budget needs kv_heads, the model's KV heads per layer, dividing its "
-                      f"{profile.n_heads} query heads; got kv_heads={kv_heads!r}.")
+    if kv_heads is None:
+      raise PlanError("kv_budget needs the model's KV heads per layer, which this profile "
+                      "predates recording: give kv_heads (--kv-heads), or profile again.")
   lengths, b, kb, weights = _ascending(given, b, kb, _length_weights(length_weights, given))
   cands = list(rules) if rules is not None else candidate_rules(
       lengths, n_sink=n_sink, include_full=include_full)
@@ -359,8 +404,8 @@ def search_plan(profile, budget, *, lengths: Sequence[int] | None = None,
               meta={"candidates": len(cands), "layer_budget": layer_budget,
                     "length_weights": list(weights),
                     "head_scale": None if head_scale is None else [float(x) for x in head_scale],
-                    "kv_budget": kv.get("kv_budget"), "kv_heads": kv_heads,
-                    "profile": profile.meta})
+                    "kv_budget": kv.get("kv_budget"), "profile": profile.meta},
+              kv_heads=kv_heads)
   if any(w != 1.0 for w in weights) or head_scale is not None:
     plan = dataclasses.replace(plan, predicted_loss=predicted_loss(profile, plan, lengths))
   return plan

@@ -53,6 +53,7 @@ class Profile:
   Attributes:
     fingerprint: `memx.sparse.plan.model_fingerprint` of the profiled model.
     n_layers, n_heads: the model's layer count and query heads per layer.
+    kv_heads: its KV heads per layer (None in profiles written before memx recorded it).
     layers: indices of the attention layers profiled (the plan's layers), in order.
     block: tile size of the pooling.
     influence: {length N: float64 [len(layers), n_heads, ceil(N/block), ceil(N/block)]} mean
@@ -69,6 +70,7 @@ class Profile:
   influence: dict[int, np.ndarray]
   batches: dict[int, int]
   meta: dict
+  kv_heads: int | None = None
 
   @property
   def lengths(self) -> tuple[int, ...]:
@@ -109,7 +111,8 @@ class Profile:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"version": PROFILE_VERSION, "fingerprint": self.fingerprint,
-              "n_layers": self.n_layers, "n_heads": self.n_heads, "layers": list(self.layers),
+              "n_layers": self.n_layers, "n_heads": self.n_heads, "kv_heads": self.kv_heads,
+              "layers": list(self.layers),
               "block": self.block, "batches": {str(k): v for k, v in self.batches.items()},
               "meta": self.meta}
     arrays = {f"influence_{n}": a for n, a in self.influence.items()}
@@ -135,7 +138,8 @@ class Profile:
     return cls(fingerprint=header["fingerprint"], n_layers=header["n_layers"],
                n_heads=header["n_heads"], layers=tuple(header["layers"]),
                block=header["block"], influence=influence,
-               batches={int(k): v for k, v in header["batches"].items()}, meta=header["meta"])
+               batches={int(k): v for k, v in header["batches"].items()}, meta=header["meta"],
+               kv_heads=header.get("kv_heads"))
 
 
 CALIBRATIONS = ("auto", "task", "train")
@@ -230,7 +234,7 @@ def profile_model(model, data_cfg, lengths, *, batches: int = 4, batch_size: int
     influence[n] = acc / batches
     losses[n] = loss_sum / batches
   return Profile(fingerprint=model_fingerprint(cfg), n_layers=cfg.n_layers,
-                 n_heads=cfg.n_heads, layers=layers, block=block, influence=influence,
-                 batches=dict.fromkeys(lengths, batches),
+                 n_heads=cfg.n_heads, kv_heads=cfg.kv_heads, layers=layers, block=block,
+                 influence=influence, batches=dict.fromkeys(lengths, batches),
                  meta={**(meta or {}), "calibration_loss": {str(n): v for n, v in losses.items()},
                        "batch_size": batch_size, "seed": seed})

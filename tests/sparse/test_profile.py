@@ -120,13 +120,28 @@ def test_search_under_a_kv_budget_bounds_the_ring_caches(trained, profile):
   def kv_fraction(plan):
     return kv_cache_bytes(with_plan(trained.model, plan).cfg, n) / dense
 
+  assert profile.kv_heads == cfg.kv_heads < cfg.n_heads   # recorded: the budget needs no flag
   free = plans.search_plan(profile, 0.5, n_sink=2)
   target = 0.8 * kv_fraction(free)
-  bound = plans.search_plan(profile, 0.5, n_sink=2, kv_budget=target, kv_heads=cfg.kv_heads)
+  bound = plans.search_plan(profile, 0.5, n_sink=2, kv_budget=target)
   assert kv_fraction(bound) <= target + 1e-12 < kv_fraction(free)
   assert bound.predicted_loss >= free.predicted_loss - 1e-12   # a tighter problem costs more
-  assert bound.meta["kv_heads"] == cfg.kv_heads
-  with pytest.raises(plans.PlanError, match="kv_heads"):
-    plans.search_plan(profile, 0.5, kv_budget=0.5)
-  with pytest.raises(plans.PlanError, match="only used with kv_budget"):
-    plans.search_plan(profile, 0.5, kv_heads=cfg.kv_heads)
+  assert bound.kv_heads == free.kv_heads == cfg.kv_heads
+  # The plan's own exact KV fraction is the decode cache's.
+  for plan in (free, bound):
+    assert plan.kv_fraction(n) == pytest.approx(kv_fraction(plan), rel=1e-12)
+  with pytest.raises(plans.PlanError, match="has 2 KV heads per layer"):
+    plans.search_plan(profile, 0.5, kv_budget=0.5, kv_heads=1)
+  # A profile written before kv_heads was recorded: the budget needs it given.
+  old = dataclasses.replace(profile, kv_heads=None)
+  with pytest.raises(plans.PlanError, match="give kv_heads"):
+    plans.search_plan(old, 0.5, kv_budget=0.5)
+  with pytest.raises(plans.PlanError, match="dividing its 4 query heads"):
+    plans.search_plan(old, 0.5, kv_budget=0.5, kv_heads=3)
+  assert plans.search_plan(old, 0.5, n_sink=2, kv_budget=target,
+                           kv_heads=cfg.kv_heads).layers == bound.layers
+
+
+def test_profile_file_keeps_kv_heads(profile, tmp_path):
+  back = Profile.load(profile.save(tmp_path / "p.npz"))
+  assert back.kv_heads == profile.kv_heads == 2

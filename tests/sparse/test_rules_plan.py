@@ -64,21 +64,29 @@ def test_rule_validation_and_candidates():
   assert all(not all(r.is_dense(n) for n in (128, 256)) for r in cands if r != Rule.full())
 
 
-def _heterogeneous(model_cfg=MODEL):
+def _heterogeneous(model_cfg=MODEL, kv_heads=None):
   rules = (Rule(4, 0.0, 2), Rule(0, 0.25, 1), Rule(8, 0.5, 0), Rule.full())
   layers = tuple(rules if model_cfg.mixer(i) == "attention" else None
                  for i in range(model_cfg.n_layers))
   return Plan(kind="moa", fingerprint=plans.model_fingerprint(model_cfg),
               n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads, lengths=(32, 64),
-              layers=layers, budget=(0.9, 0.9))
+              layers=layers, budget=(0.9, 0.9), kv_heads=kv_heads)
 
 
 def test_plan_json_round_trip_and_version(tmp_path):
-  plan = _heterogeneous()
+  plan = _heterogeneous(kv_heads=2)
   path = plan.save(tmp_path / "plan.json")
   assert Plan.load(path) == plan
   d = json.loads(path.read_text())
   assert d["predicted_density"]["64"] == pytest.approx(plan.density(64))
+  assert d["predicted_kv_fraction"]["64"] == pytest.approx(plan.kv_fraction(64))
+  # A plan written before kv_heads was recorded still loads, without it.
+  del d["kv_heads"], d["predicted_kv_fraction"]
+  path.write_text(json.dumps(d))
+  assert Plan.load(path) == dataclasses.replace(plan, kv_heads=None)
+  for bad in (3, 0, 1.5, True):
+    with pytest.raises(PlanError, match="kv_heads"):
+      dataclasses.replace(plan, kv_heads=bad)
   d["version"] = 99
   path.write_text(json.dumps(d))
   with pytest.raises(PlanError, match="version 99"):
@@ -185,3 +193,32 @@ def test_effective_context_is_longest_length_above_threshold():
   assert effective_context([128, 256, 512], [0.0, 1.0, 0.0]) == 256
   assert effective_context([128, 256], [0.95, 0.89]) == 128
   assert effective_context([128], [None]) is None
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_plan_kv_fraction_is_the_decode_caches(kv_heads):
+  """Oracle: the bytes of the KV arrays `TransformerLM.init_cache` allocates (per-KV-head rings
+  sized by their widest query head) over a dense cache's, for a heterogeneous plan and the
+  baselines, on a hybrid model whose SSM layer has no KV cache."""
+  from memx.nn.attention_decode import kv_cache_bytes
+
+  cfg = dataclasses.replace(MODEL, n_layers=3, n_kv_heads=kv_heads,
+                            mixers=("attention", "mamba2", "attention"))
+  for plan in (_heterogeneous(cfg, kv_heads), plans.uniform_plan(cfg, 0.3, (64, 96)),
+               plans.longgen_plan(dataclasses.replace(cfg, n_layers=4, mixers=None), 0.5,
+                                  (64, 96))):
+    model_cfg = cfg if plan.n_layers == 3 else dataclasses.replace(cfg, n_layers=4, mixers=None)
+    assert plan.kv_heads == kv_heads
+    applied = plans.apply_plan(model_cfg, plan)
+    model = TransformerLM(applied, rngs=nnx.Rngs(0))
+    for n in plan.lengths:
+      cache = model.init_cache(1, n)
+      kv = sum(x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(cache)
+               if jax.tree_util.keystr(path).endswith((".k", ".v", "'k']", "'v']")))
+      assert kv == kv_cache_bytes(applied, n)
+      assert plan.kv_fraction(n) == pytest.approx(kv / kv_cache_bytes(applied, n, full=True),
+                                                  rel=1e-12)
+  # Without kv_heads (an older plan): the per-query-head fraction, lower under GQA.
+  old = dataclasses.replace(_heterogeneous(cfg, kv_heads), kv_heads=None)
+  assert old.kv_fraction(64) == pytest.approx(old.kv_slots(64) / (64 * 4 * 2))
+  assert old.kv_fraction(64) <= _heterogeneous(cfg, kv_heads).kv_fraction(64)

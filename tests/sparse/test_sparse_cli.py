@@ -37,8 +37,13 @@ def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
   assert (v["chosen"], v["guard"]["met"]) == choose(v["candidates"], 0.5, v["guard"]["dense_loss"])
   capped = tmp_path / "moa_kv.json"   # the same search under a KV-memory cap (2 KV heads)
   assert main(["sparse", "search", str(prof), "--budget", "0.5", "--n-sink", "2",
-               "--kv-budget", "0.45", "--kv-heads", "2", "--out", str(capped)]) == 0
-  assert json.loads(capped.read_text())["meta"]["kv_budget"] == [0.45, 0.45]
+               "--kv-budget", "0.45", "--out", str(capped)]) == 0
+  saved = json.loads(capped.read_text())
+  assert saved["meta"]["kv_budget"] == [0.45, 0.45] and saved["kv_heads"] == 2
+  assert all(f <= 0.45 + 1e-12 for f in saved["predicted_kv_fraction"].values())
+  capsys.readouterr()
+  assert main(["sparse", "show", str(capped)]) == 0
+  assert "of dense (2 KV heads per layer" in capsys.readouterr().out
   uni = tmp_path / "uniform.json"
   assert main(["sparse", "baseline", str(tiny_run), "--kind", "uniform", "--budget", "0.5",
                "--lengths", "32,64", "--out", str(uni)]) == 0
