@@ -13,24 +13,28 @@ Implementations:
              logsumexp, as in blockwise attention); a custom VJP keeps h, W, the targets and the
              per-token logsumexp, and the backward recomputes each block's logits to form
              softmax − onehot, accumulating dh and writing that block's dW. Peak extra memory is
-             one [..., vocab_block] block instead of several [..., V] tensors; the matmul FLOPs
-             grow from 3 to 4 (the forward logits are computed twice).
+             one [..., vocab_block] block instead of several [..., V] tensors (W itself is never
+             copied, only viewed: `_Layout`); the matmul FLOPs grow from 3 to 4 (the forward
+             logits are computed twice).
 
 Matmuls take h and W in `compute_dtype` with float32 accumulation (as the model's own logits);
 the softmax statistics are float32. Blocks run over the vocabulary, never over tokens, so token
-axes sharded over devices (batch, sequence) stay where they are; blocks are strided over the
-vocabulary, so a vocabulary sharded by tensor parallelism stays sharded too. Target ids must
+axes sharded over devices (batch, sequence) stay where they are; each block takes a run of
+columns from each of 16 slices of the vocabulary, so a vocabulary sharded by tensor
+parallelism stays sharded too. Target ids must
 be in [0, V) (an id outside picks no logit: its loss is the logsumexp alone).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memx.kernels._dispatch import choose
 from memx.typing import Array
@@ -50,22 +54,64 @@ def cross_entropy_reference(h: Array, w: Array, targets: Array, *,
   """The oracle: full logits, fp32 logsumexp; returns the per-token loss [...] float32."""
   logits = _logits(h, w, compute_dtype)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return lse - picked
+  v = logits.shape[-1]
+  valid = (targets >= 0) & (targets < v)  # as the blocked form: an id outside [0, V) picks nothing
+  picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+  return lse - jnp.where(valid, picked, 0.0)
 
 
-def _blocks(w, block: int):
-  """W [D, V] → [nb, D, block] strided blocks and each block's column ids [nb, block].
+# Runs of contiguous columns per block: a vocabulary sharded over up to this many devices (or
+# any divisor of it) stays sharded inside every block.
+_RUNS = 16
 
-  Block j holds columns j, j + nb, j + 2·nb, ... (zero columns pad V to nb·block). Strided
-  rather than contiguous so that a vocabulary sharded over devices (tensor parallelism splits
-  V into contiguous runs) stays sharded inside every block: each device computes its own
-  columns of each block and only per-token statistics cross devices."""
-  d, v = w.shape
-  nb = -(-v // block)
-  wp = jnp.pad(w, ((0, 0), (0, nb * block - v)))
-  cols = jnp.arange(block)[None, :] * nb + jnp.arange(nb)[:, None]
-  return wp.reshape(d, block, nb).transpose(2, 0, 1), cols
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How the vocabulary splits into nb blocks of `runs` × `run` columns, without copying W.
+
+  W [D, V] (zero-padded to V' = nb · runs · run columns when V is not a multiple) is viewed as
+  [D, runs, nb, run]: block j is [:, :, j, :], i.e. columns (k · nb + j) · run + i for run k,
+  offset i. Each block takes one contiguous run from each of `runs` equal slices of the
+  vocabulary, so a vocabulary sharded over devices (tensor parallelism splits V into contiguous
+  runs) stays sharded inside every block: each device computes its own columns of each block
+  and only per-token statistics cross devices. Runs of `run` contiguous columns keep reads of
+  a block dense in memory; picking a block is a slice of the view, so the loss keeps no
+  permuted copy of W (nor of dW, which the backward writes block by block into the view)."""
+  v: int
+  nb: int
+  runs: int
+  run: int
+
+  @classmethod
+  def of(cls, v: int, vocab_block: int) -> _Layout:
+    nb = -(-v // vocab_block)
+    per = -(-v // nb)  # the narrowest blocks that cover V in nb: padding stays below nb · runs
+    runs = min(_RUNS, per)
+    return cls(v=v, nb=nb, runs=runs, run=-(-per // runs))
+
+  @property
+  def block(self) -> int:
+    return self.runs * self.run
+
+  def view(self, w):
+    """W [D, V] → [D, runs, nb, run] (a reshape; a padded copy only when V is not a multiple)."""
+    pad = self.nb * self.block - self.v
+    wp = w if pad == 0 else jnp.pad(w, ((0, 0), (0, pad)))
+    return wp.reshape(w.shape[0], self.runs, self.nb, self.run)
+
+  def take(self, w4, j):
+    """Block j: its weights [D, block] and its column ids [block]."""
+    wb = jax.lax.dynamic_index_in_dim(w4, j, axis=2, keepdims=False)
+    cols = ((jnp.arange(self.runs)[:, None] * self.nb + j) * self.run
+            + jnp.arange(self.run)[None, :])
+    return wb.reshape(w4.shape[0], self.block), cols.reshape(-1)
+
+  def put(self, dw4, dwb, j):
+    return jax.lax.dynamic_update_index_in_dim(
+        dw4, dwb.reshape(dw4.shape[0], self.runs, 1, self.run), j, axis=2)
+
+  def unview(self, dw4):
+    return dw4.reshape(dw4.shape[0], -1)[:, :self.v]
 
 
 def _block_logits(h, wb, cols, v: int, dt):
@@ -75,48 +121,47 @@ def _block_logits(h, wb, cols, v: int, dt):
   return jnp.where(cols < v, logits, -jnp.inf), cols
 
 
-def _forward(h, w, targets, block, dt):
-  v = w.shape[1]
-  wbs, cols = _blocks(w, block)
+def _forward(h, w, targets, layout, dt):
+  w4 = layout.view(w)
   shape = h.shape[:-1]
 
-  def body(carry, xs):
+  def body(carry, j):
     m, s, picked = carry
-    wb, block_cols = xs
-    logits, cols = _block_logits(h, wb, block_cols, v, dt)
+    logits, cols = _block_logits(h, *layout.take(w4, j), layout.v, dt)
     m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
     s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
-    hit = (targets[..., None] == cols) & (cols < v)  # ids outside [0, V) pick nothing
+    hit = (targets[..., None] == cols) & (cols < layout.v)  # ids outside [0, V) pick nothing
     picked = picked + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     return (m_new, s, picked), None
 
   init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(shape, jnp.float32))
-  (m, s, picked), _ = jax.lax.scan(body, init, (wbs, cols))
+  (m, s, picked), _ = jax.lax.scan(body, init, jnp.arange(layout.nb))
   lse = m + jnp.log(s)
   return lse - picked, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _blockwise(h, w, targets, block, dt):
-  return _forward(h, w, targets, block, dt)[0]
+def _blockwise(h, w, targets, layout, dt):
+  return _forward(h, w, targets, layout, dt)[0]
 
 
-def _fwd(h, w, targets, block, dt):
-  loss, lse = _forward(h, w, targets, block, dt)
+def _fwd(h, w, targets, layout, dt):
+  loss, lse = _forward(h, w, targets, layout, dt)
   return loss, (h, w, targets, lse)
 
 
-def _bwd(block, dt, res, dloss):
+def _bwd(layout, dt, res, dloss):
   # The barrier keeps the recomputed logits from being CSE'd with the forward's (which would
   # keep them alive) and schedules them after dloss exists.
   h, w, targets, lse, dloss = jax.lax.optimization_barrier(res + (dloss,))
-  v = w.shape[1]
-  wbs, cols = _blocks(w, block)
+  v = layout.v
+  w4 = layout.view(w)
   lead = tuple(range(h.ndim - 1))
 
-  def body(dh, xs):
-    wb, block_cols = xs
+  def body(carry, j):
+    dh, dw4 = carry
+    wb, block_cols = layout.take(w4, j)
     logits, cols = _block_logits(h, wb, block_cols, v, dt)
     p = jnp.exp(logits - lse[..., None])  # padding columns: exp(−inf) = 0
     dlogits = (p - ((targets[..., None] == cols) & (cols < v))) * dloss[..., None]
@@ -124,11 +169,11 @@ def _bwd(block, dt, res, dloss):
                          preferred_element_type=jnp.float32)
     dwb = jax.lax.dot_general(h.astype(dt), dlogits.astype(dt), ((lead, lead), ((), ())),
                               preferred_element_type=jnp.float32)  # [D, block]
-    return dh, dwb
+    return (dh, layout.put(dw4, dwb, j)), None
 
-  dh, dwbs = jax.lax.scan(body, jnp.zeros(h.shape, jnp.float32), (wbs, cols))
-  dw = dwbs.transpose(1, 2, 0).reshape(w.shape[0], -1)[:, :v]  # back to column c = i·nb + j
-  return dh.astype(h.dtype), dw.astype(w.dtype), None
+  init = (jnp.zeros(h.shape, jnp.float32), jnp.zeros(w4.shape, jnp.float32))
+  (dh, dw4), _ = jax.lax.scan(body, init, jnp.arange(layout.nb))
+  return dh.astype(h.dtype), layout.unview(dw4).astype(w.dtype), None
 
 
 _blockwise.defvjp(_fwd, _bwd)
@@ -137,8 +182,8 @@ _blockwise.defvjp(_fwd, _bwd)
 def cross_entropy_xla(h: Array, w: Array, targets: Array, *, vocab_block: int = DEFAULT_VOCAB_BLOCK,
                       compute_dtype=jnp.float32) -> Array:
   """Vocabulary-blocked form with a recomputing backward; per-token loss [...] float32."""
-  block = min(int(vocab_block), w.shape[1])  # a block wider than V would only add padding
-  return _blockwise(h, w, targets, block, jnp.dtype(compute_dtype))
+  return _blockwise(h, w, targets, _Layout.of(w.shape[1], int(vocab_block)),
+                    jnp.dtype(compute_dtype))
 
 
 def _check(h, w, targets, vocab_block) -> None:
@@ -153,7 +198,10 @@ def _check(h, w, targets, vocab_block) -> None:
                      f"{getattr(targets, 'shape', None)}")
   if not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f"cross_entropy: targets must be integer token ids; got {targets.dtype}")
-  if vocab_block is not None and (not isinstance(vocab_block, int) or vocab_block < 1):
+  if w.shape[1] < 1:
+    raise ValueError("cross_entropy: the head has no vocabulary columns (w is [D, 0])")
+  if vocab_block is not None and (isinstance(vocab_block, bool) or not isinstance(
+      vocab_block, int | np.integer) or vocab_block < 1):
     raise ValueError(f"cross_entropy: vocab_block must be a positive int; got {vocab_block!r}")
 
 

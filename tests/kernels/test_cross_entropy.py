@@ -99,6 +99,55 @@ def test_bad_input():
     cross_entropy(h, w, t.astype(jnp.float32))
   with pytest.raises(ValueError, match="vocab_block"):
     cross_entropy(h, w, t, vocab_block=0)
+  with pytest.raises(ValueError, match="vocab_block"):
+    cross_entropy(h, w, t, vocab_block=True)
+  with pytest.raises(ValueError, match="no vocabulary"):
+    cross_entropy(h, w[:, :0], t)
+  assert cross_entropy(h, w, t, vocab_block=np.int64(32)).shape == (B, T)
+
+
+def test_out_of_range_ids_agree_across_implementations():
+  """An id outside [0, V) picks no logit in either implementation: the loss is the lse."""
+  h, w, _ = _inputs()
+  t = jnp.broadcast_to(jnp.array([-1, V, 0]), (B, 3))
+  h = h[:, :3]
+  want = jax.nn.logsumexp(h @ w, axis=-1) - jnp.where(t == 0, (h @ w)[..., 0], 0.0)
+  for impl in ("reference", "xla"):
+    _testing.assert_allclose(cross_entropy(h, w, t, vocab_block=64, implementation=impl), want,
+                             name=impl)
+
+
+@pytest.mark.parametrize("v, block", [(4097, 4096), (203, 16), (50257, 4096), (7, 3), (256, 64)])
+def test_blocks_cover_the_vocabulary_once_with_little_padding(v, block):
+  from memx.kernels.cross_entropy import _Layout
+
+  lay = _Layout.of(v, block)
+  assert lay.block <= max(block, lay.runs) and lay.nb == -(-v // block)
+  padded = lay.nb * lay.block
+  assert v <= padded < v + lay.nb * lay.runs   # not up to a whole block of padding
+  cols = np.concatenate([np.asarray(lay.take(jnp.zeros((1, lay.runs, lay.nb, lay.run)), j)[1])
+                         for j in range(lay.nb)])
+  np.testing.assert_array_equal(np.sort(cols), np.arange(padded))
+  # Each block's columns of W are the view's slice: take() picks exactly those columns.
+  w = jnp.arange(1, v + 1, dtype=jnp.float32)[None, :]   # column c holds c + 1
+  for j in (0, lay.nb - 1):
+    wb, ids = lay.take(lay.view(w), j)
+    ids = np.asarray(ids)
+    np.testing.assert_array_equal(np.asarray(wb[0]), np.where(ids < v, ids + 1, 0))
+
+
+def test_the_head_is_never_copied():
+  """Compiled temporaries of value-and-grad stay far below the head's size: W is viewed, not
+  permuted into blocks, and dW is written block by block into its output (the permuted copies
+  took 2x W before)."""
+  d, v, n = 64, 16384, 8
+  h = jax.random.normal(jax.random.key(0), (n, d))
+  w = jax.random.normal(jax.random.key(1), (d, v))
+  t = jax.random.randint(jax.random.key(2), (n,), 0, v)
+  fn = jax.jit(jax.value_and_grad(
+      lambda h, w: jnp.sum(cross_entropy(h, w, t, vocab_block=1024)), argnums=(0, 1)))
+  temp = fn.lower(h, w).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 0.5 * w.nbytes, (temp, w.nbytes)
 
 
 def test_vocabulary_sharded_head_is_not_gathered():
