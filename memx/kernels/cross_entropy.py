@@ -50,9 +50,9 @@ def _logits(h, w, dt):
 
 
 def cross_entropy_reference(h: Array, w: Array, targets: Array, *,
-                            compute_dtype=jnp.float32) -> Array:
+                            compute_dtype=jnp.float32, w_layout: str = "dv") -> Array:
   """The oracle: full logits, fp32 logsumexp; returns the per-token loss [...] float32."""
-  logits = _logits(h, w, compute_dtype)
+  logits = _logits(h, w.T if w_layout == "vd" else w, compute_dtype)
   lse = jax.nn.logsumexp(logits, axis=-1)
   v = logits.shape[-1]
   valid = (targets >= 0) & (targets < v)  # as the blocked form: an id outside [0, V) picks nothing
@@ -76,41 +76,57 @@ class _Layout:
   runs) stays sharded inside every block: each device computes its own columns of each block
   and only per-token statistics cross devices. Runs of `run` contiguous columns keep reads of
   a block dense in memory; picking a block is a slice of the view, so the loss keeps no
-  permuted copy of W (nor of dW, which the backward writes block by block into the view)."""
+  permuted copy of W (nor of dW, which the backward writes block by block into the view).
+  A [V, D] table (`vd`, a tied embedding) is viewed as [runs, nb, run, D] the same way, so that
+  the table itself, not a transposed copy, is what the backward keeps."""
   v: int
   nb: int
   runs: int
   run: int
+  vd: bool = False
 
   @classmethod
-  def of(cls, v: int, vocab_block: int) -> _Layout:
+  def of(cls, v: int, vocab_block: int, vd: bool = False) -> _Layout:
     nb = -(-v // vocab_block)
     per = -(-v // nb)  # the narrowest blocks that cover V in nb: padding stays below nb · runs
     runs = min(_RUNS, per)
-    return cls(v=v, nb=nb, runs=runs, run=-(-per // runs))
+    return cls(v=v, nb=nb, runs=runs, run=-(-per // runs), vd=vd)
 
   @property
   def block(self) -> int:
     return self.runs * self.run
 
   def view(self, w):
-    """W [D, V] → [D, runs, nb, run] (a reshape; a padded copy only when V is not a multiple)."""
+    """W → [D, runs, nb, run] ([runs, nb, run, D] if vd): a reshape, and a padded copy only
+    when V is not a multiple of the blocks."""
     pad = self.nb * self.block - self.v
+    if self.vd:
+      wp = w if pad == 0 else jnp.pad(w, ((0, pad), (0, 0)))
+      return wp.reshape(self.runs, self.nb, self.run, w.shape[1])
     wp = w if pad == 0 else jnp.pad(w, ((0, 0), (0, pad)))
     return wp.reshape(w.shape[0], self.runs, self.nb, self.run)
 
   def take(self, w4, j):
     """Block j: its weights [D, block] and its column ids [block]."""
-    wb = jax.lax.dynamic_index_in_dim(w4, j, axis=2, keepdims=False)
     cols = ((jnp.arange(self.runs)[:, None] * self.nb + j) * self.run
             + jnp.arange(self.run)[None, :])
+    if self.vd:
+      wb = jax.lax.dynamic_index_in_dim(w4, j, axis=1, keepdims=False)
+      return wb.reshape(self.block, w4.shape[-1]).T, cols.reshape(-1)
+    wb = jax.lax.dynamic_index_in_dim(w4, j, axis=2, keepdims=False)
     return wb.reshape(w4.shape[0], self.block), cols.reshape(-1)
 
   def put(self, dw4, dwb, j):
+    """Writes block j's gradient dwb [D, block] into the view-shaped dW."""
+    if self.vd:
+      return jax.lax.dynamic_update_index_in_dim(
+          dw4, dwb.T.reshape(self.runs, 1, self.run, dw4.shape[-1]), j, axis=1)
     return jax.lax.dynamic_update_index_in_dim(
         dw4, dwb.reshape(dw4.shape[0], self.runs, 1, self.run), j, axis=2)
 
   def unview(self, dw4):
+    if self.vd:
+      return dw4.reshape(-1, dw4.shape[-1])[:self.v]
     return dw4.reshape(dw4.shape[0], -1)[:, :self.v]
 
 
@@ -180,26 +196,32 @@ _blockwise.defvjp(_fwd, _bwd)
 
 
 def cross_entropy_xla(h: Array, w: Array, targets: Array, *, vocab_block: int = DEFAULT_VOCAB_BLOCK,
-                      compute_dtype=jnp.float32) -> Array:
+                      compute_dtype=jnp.float32, w_layout: str = "dv") -> Array:
   """Vocabulary-blocked form with a recomputing backward; per-token loss [...] float32."""
-  return _blockwise(h, w, targets, _Layout.of(w.shape[1], int(vocab_block)),
+  vd = w_layout == "vd"
+  return _blockwise(h, w, targets, _Layout.of(w.shape[0 if vd else 1], int(vocab_block), vd),
                     jnp.dtype(compute_dtype))
 
 
-def _check(h, w, targets, vocab_block) -> None:
+def _check(h, w, targets, vocab_block, w_layout) -> None:
+  if w_layout not in ("dv", "vd"):
+    raise ValueError(f"cross_entropy: w_layout must be 'dv' (w is [D, V]) or 'vd' (w is [V, D], "
+                     f"a tied embedding table); got {w_layout!r}")
+  want = "[V, D]" if w_layout == "vd" else "[D, V]"
   if getattr(w, "ndim", None) != 2:
-    raise ValueError(f"cross_entropy: head weight must be [D, V]; got shape "
+    raise ValueError(f"cross_entropy: head weight must be {want}; got shape "
                      f"{getattr(w, 'shape', None)}")
-  if getattr(h, "ndim", 0) < 1 or h.shape[-1] != w.shape[0]:
-    raise ValueError(f"cross_entropy: h must be [..., D] with D = {w.shape[0]} (the head's rows); "
+  d, v = w.shape[::-1] if w_layout == "vd" else w.shape
+  if getattr(h, "ndim", 0) < 1 or h.shape[-1] != d:
+    raise ValueError(f"cross_entropy: h must be [..., D] with D = {d} (the head's width); "
                      f"got shape {getattr(h, 'shape', None)}")
   if getattr(targets, "shape", None) != h.shape[:-1]:
     raise ValueError(f"cross_entropy: targets must have h's leading shape {h.shape[:-1]}; got "
                      f"{getattr(targets, 'shape', None)}")
   if not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f"cross_entropy: targets must be integer token ids; got {targets.dtype}")
-  if w.shape[1] < 1:
-    raise ValueError("cross_entropy: the head has no vocabulary columns (w is [D, 0])")
+  if v < 1:
+    raise ValueError(f"cross_entropy: the head has no vocabulary (w is {want} with V = 0)")
   if vocab_block is not None and (isinstance(vocab_block, bool) or not isinstance(
       vocab_block, int | np.integer) or vocab_block < 1):
     raise ValueError(f"cross_entropy: vocab_block must be a positive int; got {vocab_block!r}")
@@ -213,12 +235,15 @@ def cross_entropy(
     vocab_block: int | None = None,
     compute_dtype=jnp.float32,
     implementation: Implementation | Sequence[Implementation] | None = None,
+    w_layout: Literal["dv", "vd"] = "dv",
 ) -> Array:
   """Per-token −log softmax(h W)[target] without keeping [..., V] logits.
 
   Args:
-    h: final hidden states [..., D] (after the final norm). w: head weight [D, V] (for tied
-      embeddings, the embedding table transposed). targets: token ids [...].
+    h: final hidden states [..., D] (after the final norm). w: head weight [D, V], or with
+      w_layout="vd" a [V, D] table (a tied embedding: pass the table itself, not its transpose,
+      so that the backward keeps the parameter rather than a transposed copy of it).
+      targets: token ids [...].
     vocab_block: columns per block for "xla" (default 4096; any V, the last block is padded).
     compute_dtype: matmul operand dtype (accumulation and statistics are float32).
     implementation: None → "xla"; "reference" materialises the logits.
@@ -226,10 +251,11 @@ def cross_entropy(
   Returns:
     [...] float32 losses. Differentiable in h and w.
   """
-  _check(h, w, targets, vocab_block)
+  _check(h, w, targets, vocab_block, w_layout)
   name = choose("cross_entropy", implementation, ("xla", "reference"), lambda n: (
       None if n in IMPLEMENTATIONS else f"unknown implementation; available: {IMPLEMENTATIONS}"))
   if name == "reference":
-    return cross_entropy_reference(h, w, targets, compute_dtype=compute_dtype)
+    return cross_entropy_reference(h, w, targets, compute_dtype=compute_dtype,
+                                   w_layout=w_layout)
   return cross_entropy_xla(h, w, targets, vocab_block=vocab_block or DEFAULT_VOCAB_BLOCK,
-                           compute_dtype=compute_dtype)
+                           compute_dtype=compute_dtype, w_layout=w_layout)

@@ -148,11 +148,13 @@ class TransformerLM(nnx.Module):
     return jnp.einsum("...d,dv->...v", xn, self.unembed[...].astype(dt),
                       preferred_element_type=jnp.float32)
 
-  def head_weight(self) -> Float[Array, "D V"]:
-    """The output projection as [D, V] (the embedding table transposed when tied)."""
+  def head_weight(self) -> tuple[Array, str]:
+    """The output projection and its layout for `memx.kernels.cross_entropy`: the [V, D]
+    embedding table itself ("vd") when tied (a transpose would be a copy the loss's backward
+    keeps), else the [D, V] unembedding ("dv")."""
     if self.cfg.tie_embeddings:
-      return self.embed[...].T
-    return self.unembed[...]
+      return self.embed[...], "vd"
+    return self.unembed[...], "dv"
 
   def __call__(self, tokens: Int[Array, "B T"], *, positions: Int[Array, "B T"] | None = None,
                segment_ids: Int[Array, "B T"] | None = None,

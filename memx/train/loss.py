@@ -34,5 +34,7 @@ def lm_token_losses(model, inputs: Int[Array, "B T"], targets: Int[Array, "B T"]
   blocks so the [B, T, V] logits never exist whole (memx.kernels.cross_entropy)."""
   if not vocab_block:
     return token_losses(model(inputs, positions=positions), targets)
-  return cross_entropy(model.features(inputs, positions=positions), model.head_weight(), targets,
-                       vocab_block=vocab_block, compute_dtype=DTYPES[model.cfg.compute_dtype])
+  w, layout = model.head_weight()
+  return cross_entropy(model.features(inputs, positions=positions), w, targets,
+                       vocab_block=vocab_block, compute_dtype=DTYPES[model.cfg.compute_dtype],
+                       w_layout=layout)

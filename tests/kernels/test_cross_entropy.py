@@ -171,3 +171,33 @@ def test_vocabulary_sharded_head_is_not_gathered():
 
   text = jax.jit(grads).lower(*args).compile(_testing.FAST_CPU_COMPILE).as_text()
   assert "all-gather" not in text
+
+
+@pytest.mark.parametrize("block", [16, 203])
+def test_a_vocab_major_table_is_used_in_place(block):
+  """w_layout="vd" (a tied embedding table [V, D]): the same losses and gradients as its
+  transpose in the [D, V] layout, and the backward keeps the table itself (an argument), not a
+  transposed copy of it."""
+  h, w, t = _inputs()
+  table = w.T
+
+  def loss(layout, impl="xla"):
+    return lambda h, w: jnp.sum(cross_entropy(h, w, t, vocab_block=block, w_layout=layout,
+                                              implementation=impl))
+
+  for impl in ("xla", "reference"):
+    _testing.assert_allclose(loss("vd", impl)(h, table), loss("dv")(h, w), name=f"{impl} loss")
+  dh, dtable = jax.grad(loss("vd"), argnums=(0, 1))(h, table)
+  rh, rw = jax.grad(loss("dv", "reference"), argnums=(0, 1))(h, w)
+  _testing.assert_allclose(dh, rh, grad=True, reduction_size=V, name="dh")
+  _testing.assert_allclose(dtable, rw.T, grad=True, reduction_size=B * T, name="dtable")
+  # Only per-token statistics are saved; through a transpose, the [D, V] copy would be too.
+  assert saved_activation_bytes(loss("vd"), h, table) <= 2 * B * T * 4
+  transposed = lambda h, e: loss("dv")(h, e.T)  # noqa: E731
+  assert saved_activation_bytes(transposed, h, table) >= D * V * 4
+  with pytest.raises(ValueError, match="w_layout"):
+    cross_entropy(h, w, t, w_layout="vdd")
+  with pytest.raises(ValueError, match=r"\[V, D\]"):
+    cross_entropy(h, w[0], t, w_layout="vd")
+  with pytest.raises(ValueError, match="D = 203"):
+    cross_entropy(h, w, t, w_layout="vd")   # a [D, V] weight passed as a table

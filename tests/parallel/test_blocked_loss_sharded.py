@@ -31,7 +31,8 @@ def test_blocked_loss_matches_full_logits_under_sharding(strategy, shape, axes):
 
   def blocked(p):
     m = nnx.merge(graphdef, p)
-    return cross_entropy(m.features(x), m.head_weight(), y, vocab_block=64).mean()
+    w, layout = m.head_weight()
+    return cross_entropy(m.features(x), w, y, vocab_block=64, w_layout=layout).mean()
 
   def full(p):
     return token_losses(nnx.merge(graphdef, p)(x), y).mean()
