@@ -119,8 +119,10 @@ def _cmd_sweep(args) -> int:
   print(report.summary_table(sweep_dir))
   print(f"\nreport: {out}")
   from memx.experiment.index import RunIndex
+  # The runs of this sweep(): an entry since removed from it keeps its row, but is not retried.
+  current = {name for name, _ in loading.sweep_entries(loading.load_module(path))}
   index = RunIndex(sweep_dir / "index.sqlite")
-  failed = [r["name"] for r in index.rows() if r["status"] != "done"]
+  failed = [r["name"] for r in index.rows() if r["status"] != "done" and r["name"] in current]
   index.close()
   if failed:
     print(f"memx: {len(failed)} run(s) did not finish: {', '.join(failed)} "

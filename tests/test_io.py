@@ -22,6 +22,28 @@ def test_atomic_file_replaces_on_success_and_cleans_up_on_failure(tmp_path):
   assert sorted(p.name for p in path.parent.iterdir()) == ["x.json"]  # no temporary left
 
 
+def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path):
+  """0666 less the umask, as open() gives: a run's JSON files are readable by the group that
+  shares a sweep (a temporary file alone would be 0600)."""
+  import os
+  plain = tmp_path / "plain"
+  plain.write_text("x")
+  for name, mode in (("a.json", "w"), ("b.png", "wb")):
+    with atomic_file(tmp_path / name, mode) as f:
+      f.write("x" if mode == "w" else b"x")
+    assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+  old = os.umask(0o027)
+  try:
+    from memx import _io
+    _io._umask.cache_clear()
+    with atomic_file(tmp_path / "c.json") as f:
+      f.write("x")
+    assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o640
+  finally:
+    os.umask(old)
+    _io._umask.cache_clear()
+
+
 def test_plan_files_are_never_half_written(tmp_path):
   plan = Plan(kind="moa", fingerprint="f", n_layers=1, n_heads=2, lengths=(8,),
               layers=((Rule(2, 0.0, 1), Rule.full()),))

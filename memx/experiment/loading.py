@@ -41,7 +41,12 @@ def load_module(path: pathlib.Path) -> types.ModuleType:
 
 
 def variants(module: types.ModuleType) -> tuple[str, ...]:
-  return tuple(getattr(module, "VARIANTS", ("base",)))
+  known = getattr(module, "VARIANTS", ("base",))
+  if not isinstance(known, tuple | list) or not known or not all(
+      isinstance(v, str) and v for v in known):
+    raise UserError(f"{module.__file__}: VARIANTS must be a non-empty tuple of variant names "
+                    f"(strings); got {known!r}.")
+  return tuple(known)
 
 
 def build_config(module: types.ModuleType, variant: str | None,
@@ -64,12 +69,24 @@ def sweep_entries(module: types.ModuleType) -> list[tuple[str, dict[str, Any]]]:
     raise UserError(f"{module.__file__} defines no sweep() function; memx sweep needs "
                     "sweep() -> list of (run name, {dotted key: value}).")
   entries = list(fn())
+  for e in entries:
+    if not (isinstance(e, tuple | list) and len(e) == 2 and isinstance(e[1], dict)):
+      raise UserError(f"{module.__file__}: sweep() must return (run name, {{dotted key: "
+                      f"value}}) pairs; got the entry {e!r}.")
+  entries = [tuple(e) for e in entries]
   names = [n for n, _ in entries]
   dupes = sorted({n for n in names if names.count(n) > 1})
   if dupes:
     raise UserError(f"{module.__file__}: sweep() names runs more than once: {', '.join(dupes)}.")
-  bad = [n for n in names if not n or "/" in n or n.startswith(".")]
-  if bad:
-    raise UserError(f"{module.__file__}: sweep() run names must be plain directory names; "
-                    f"got {bad}.")
+  for n in names:
+    check_run_name(n, f"{module.__file__}: sweep() run name")
   return entries
+
+
+def check_run_name(name, what: str = "run name") -> None:
+  """A run's directory name: one plain path component inside the workdir. `..`, `.`, absolute
+  paths and separators would put the run (and what --overwrite deletes) elsewhere."""
+  if not isinstance(name, str) or not name or name.startswith(".") or "/" in name \
+      or "\\" in name or "\0" in name:
+    raise UserError(f"{what} {name!r} is not allowed: it must be a plain directory name (no "
+                    "'/' or '\\', not starting with '.'), the run's directory inside --workdir.")

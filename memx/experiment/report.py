@@ -13,11 +13,11 @@ import math
 import os
 import sqlite3
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from memx._io import atomic_file
 from memx.errors import UserError, exception_lines
 
 __all__ = ["summary_table", "write_report"]
@@ -517,25 +517,9 @@ def _plot_throughput(runs: Sequence[_Run]):
 # ---------------------------------------------------------------------------------------------
 # Output
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-  """Write via a temp file in the same directory and os.replace: readers see old or new, whole."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    # mkstemp makes the file 0600; a report is meant to be read by the rest of the group.
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(tmp)
-    raise
-
-
 def _save_figure(fig, path: Path) -> None:
-  _write_atomic(path, lambda f: fig.savefig(f, format="png"))
+  with atomic_file(path, "wb") as f:
+    fig.savefig(f, format="png")
 
 
 def _status_counts(runs: Sequence[_Run]) -> str:
@@ -618,7 +602,8 @@ def write_report(sweep_dir: str | os.PathLike) -> Path:
   # The Markdown goes last so that its image links never point at plots not yet written.
   path = sweep_dir / REPORT_NAME
   text = _render(sweep_dir, runs)
-  _write_atomic(path, lambda f: f.write(text.encode()))
+  with atomic_file(path, "wb") as f:
+    f.write(text.encode())
   return path
 
 

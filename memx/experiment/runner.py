@@ -9,6 +9,7 @@ import jax
 
 from memx._io import write_json
 from memx.config import Config
+from memx.errors import UserError
 from memx.experiment import loading, rundir
 from memx.parallel.mesh import maybe_initialize_distributed
 from memx.train.loop import prepare, train
@@ -54,6 +55,9 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progres
     from memx.distill import sweep_entry
     module = loading.load_module(pathlib.Path(spec.experiment))
     return sweep_entry.run(spec, module, resume=resume, overwrite=overwrite, progress=progress)
+  loading.check_run_name(spec.name, "--name")
+  if resume and overwrite:
+    raise UserError("--resume continues a run and --overwrite deletes it: give one of them.")
   cfg = resolve_config(spec)
   maybe_initialize_distributed()
   run_dir = pathlib.Path(spec.workdir) / spec.name
@@ -61,9 +65,15 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progres
   setup = prepare(cfg)
   if jax.process_index() == 0:
     rundir.prepare(run_dir, resume=resume, overwrite=overwrite)
-    rundir.write_config(run_dir, cfg)
-    write_json(run_dir / "provenance.json", rundir.provenance(
-        cfg, seeds={"seed": cfg.train.seed, "data_seed": setup.seeds.data_seed},
-        data_hash=setup.loader.data_hash, mesh_shape=dict(setup.mesh.shape)))
+
+  def write_run_files():
+    # Only once training is accepted: a resume refused (another run's checkpoint, fewer steps)
+    # or already finished leaves the run's config and provenance those of what it trained.
+    if jax.process_index() == 0:
+      rundir.write_config(run_dir, cfg)
+      write_json(run_dir / "provenance.json", rundir.provenance(
+          cfg, seeds={"seed": cfg.train.seed, "data_seed": setup.seeds.data_seed},
+          data_hash=setup.loader.data_hash, mesh_shape=dict(setup.mesh.shape)))
+
   return train(cfg, run_dir, resume=resume, stop_at_step=stop_at_step, progress=progress,
-               name=spec.name, setup=setup)
+               name=spec.name, setup=setup, on_start=write_run_files)

@@ -10,6 +10,7 @@ import concurrent.futures
 import hashlib
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,20 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
     raise UserError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}.")
   if workers < 1:
     raise UserError(f"--workers {workers} is not allowed: use 1 or more.")
+  if executor == "local" and slurm:
+    raise UserError(f"--slurm {', '.join(slurm)} is for the slurm and submitit-local executors; "
+                    "the local executor takes none (pass --executor slurm).")
   sweep_dir, entries = plan(experiment, variant, workdir)
+  # A bad executor parameter is refused before the sweep's index exists (submitit creates its
+  # folder as it starts: a new sweep directory is removed again).
+  existed = sweep_dir.exists()
+  try:
+    ex = None if executor == "local" else _executor(executor, slurm or {},
+                                                    sweep_dir / "submitit")
+  except UserError:
+    if not existed:
+      shutil.rmtree(sweep_dir, ignore_errors=True)
+    raise
   try:
     sweep_dir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -86,7 +100,7 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
       if executor == "local":
         _run_local(phase, len(entries), index, workers, progress, log)
       else:
-        _run_submitit(phase, len(entries), index, executor, slurm or {}, sweep_dir, log)
+        _run_submitit(phase, len(entries), index, ex, log)
   finally:
     index.close()
   return sweep_dir
@@ -158,16 +172,26 @@ def _subprocess_run(spec: RunSpec, *, resume: bool, overwrite: bool,
     return False, error or f"run process exited with code {proc.returncode}"
 
 
-def _run_submitit(todo, total, index, executor, slurm, sweep_dir, log):
+def _executor(executor: str, slurm: dict, folder: pathlib.Path):
+  """The submitit executor with its parameters (checked by submitit: nothing is written yet)."""
   import submitit
 
-  folder = sweep_dir / "submitit"
-  if executor == "slurm":
-    ex = submitit.AutoExecutor(folder=folder)
-    ex.update_parameters(**{"timeout_min": 60, **slurm})
-  else:
-    ex = submitit.LocalExecutor(folder=folder)
-    ex.update_parameters(timeout_min=int(slurm.get("timeout_min", 60)))
+  try:
+    if executor == "slurm":
+      ex = submitit.AutoExecutor(folder=folder)
+      ex.update_parameters(**{"timeout_min": 60, **slurm})
+    else:
+      unknown = sorted(set(slurm) - {"timeout_min"})
+      if unknown:
+        raise ValueError(f"the submitit-local executor takes only timeout_min, not {unknown}")
+      ex = submitit.LocalExecutor(folder=folder)
+      ex.update_parameters(timeout_min=int(slurm.get("timeout_min", 60)))
+  except (ValueError, TypeError, NameError) as e:
+    raise UserError(f"--slurm parameters {slurm} were refused: {e}") from None
+  return ex
+
+
+def _run_submitit(todo, total, index, ex, log):
   jobs = []
   for i, spec, h, same in todo:
     index.mark_running(spec.name, h)

@@ -21,6 +21,7 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -138,12 +139,15 @@ class _SigtermFlag:
 
 def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = False,
           stop_at_step: int | None = None, progress: bool = True, name: str = "run",
-          setup: Setup | None = None) -> dict:
+          setup: Setup | None = None, on_start: Callable[[], None] | None = None) -> dict:
   """Trains `cfg` (writing metrics/checkpoints under run_dir when given); returns the summary.
 
   resume: continue from the newest complete checkpoint in run_dir/checkpoints, if any.
   stop_at_step: stop (and checkpoint) after this many steps, keeping the schedule of
     train.steps: "train k, stop, resume, train N-k" equals "train N" bit for bit.
+  on_start: called once training is accepted (a resume's checkpoint restored and checked, work
+    left to do), before anything is compiled: where the runner writes the run's config and
+    provenance, so that a refused or finished resume leaves them as they were.
   """
   t_start = time.perf_counter()
   tc = cfg.train
@@ -187,6 +191,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     if jax.process_index() == 0:  # process 0 alone owns the run directory's files
       (run_dir / "summary.json").unlink(missing_ok=True)  # in progress: no stale summary
       truncate_after(run_dir / "metrics.jsonl", start)
+  if on_start is not None:
+    on_start()
   writer = MetricsWriter(run_dir if jax.process_index() == 0 else None)
   meta = {"run": identity, "config": to_dict(cfg)}
 

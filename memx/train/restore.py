@@ -61,8 +61,10 @@ def load_trained(path: str | pathlib.Path, *, step: int | None = None) -> Traine
   ckpt = Checkpointer(ckpt_dir, cfg.checkpoint) if ckpt_dir.is_dir() else None
   try:
     if ckpt is None or ckpt.latest_step() is None:
-      raise UserError(f"run {run_dir} has no complete checkpoint under {ckpt_dir}; train it "
-                      "with checkpointing on (checkpoint.every > 0) or let it finish.")
+      why = ("it was trained with checkpoint.enabled = false: train it again with "
+             "checkpointing on" if not cfg.checkpoint.enabled else
+             "let it finish, or resume it (memx run ... --resume) until it saves one")
+      raise UserError(f"run {run_dir} has no complete checkpoint under {ckpt_dir}; {why}.")
     if step is not None and step not in ckpt.complete_steps():
       raise UserError(f"run {run_dir} has no complete checkpoint at step {step}; complete "
                       f"steps: {ckpt.complete_steps()}.")

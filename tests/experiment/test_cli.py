@@ -329,3 +329,36 @@ def test_resuming_a_finished_run_keeps_its_summary(tmp_path, capsys):
   again = json.loads((tmp_path / RUN_NAME / "summary.json").read_text())
   for key in ("final_train_loss", "final_eval_loss", "tokens_per_s"):
     assert again[key] == first[key], key
+
+
+def test_a_refused_or_finished_resume_leaves_config_and_provenance_as_trained(tmp_path, capsys):
+  rc, _, err = _cli(capsys, "run", EXP, "--workdir", tmp_path)
+  assert rc == 0, err
+  run_dir = tmp_path / RUN_NAME
+  files = {f: (run_dir / f).read_bytes() for f in ("config.json", "provenance.json")}
+  # Refused: another model (the checkpoint's fingerprint), or fewer steps than checkpointed.
+  for override in ("model.d_model=32", "train.steps=2"):
+    rc, _, err = _cli(capsys, "run", EXP, "--workdir", tmp_path, "--resume", "--set", override)
+    _assert_user_error(rc, err)
+  # Finished already: the old summary comes back, and the lr that never trained is not recorded.
+  rc, _, err = _cli(capsys, "run", EXP, "--workdir", tmp_path, "--resume", "--set", "optim.lr=0.5")
+  assert rc == 0, err
+  assert {f: (run_dir / f).read_bytes() for f in files} == files
+
+
+@pytest.mark.parametrize("name", ["..", ".", "/tmp", "a/b", ".hidden"])
+def test_a_run_name_outside_the_workdir_is_refused_before_anything_is_deleted(name, tmp_path,
+                                                                             capsys):
+  work = tmp_path / "work"
+  (work / "other").mkdir(parents=True)
+  (tmp_path / "sentinel").write_text("keep")
+  rc, _, err = _cli(capsys, "run", EXP, "--workdir", work, "--name", name, "--overwrite")
+  _assert_user_error(rc, err)
+  assert "plain directory name" in err
+  assert (tmp_path / "sentinel").read_text() == "keep" and (work / "other").is_dir()
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, capsys):
+  rc, _, err = _cli(capsys, "run", EXP, "--workdir", tmp_path, "--resume", "--overwrite")
+  _assert_user_error(rc, err)
+  assert "give one of them" in err and not (tmp_path / RUN_NAME).exists()

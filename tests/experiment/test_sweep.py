@@ -204,7 +204,11 @@ def _experiment(tmp_path: pathlib.Path, sweep_body: str) -> pathlib.Path:
     ("[('ok', {}), ('wrong-type', {'train.steps': 'many'})]",
      ["sweep entry 'wrong-type'", "expected int"]),
     ("[('a', {}), ('a', {'train.seed': 1})]", ["names runs more than once: a"]),
-    ("[('../escape', {})]", ["plain directory names", "../escape"]),
+    ("[('../escape', {})]", ["plain directory name", "../escape"]),
+    ("[('..', {})]", ["plain directory name", "'..'"]),
+    ("['a', 'b']", ["(run name, {dotted key: value}) pairs", "'a'"]),
+    ("[('a', 'model.d_model=8')]", ["pairs", "model.d_model=8"]),
+    ("[(3, {})]", ["plain directory name", "3"]),
 ])
 def test_a_bad_sweep_entry_is_rejected_before_anything_runs(tmp_path, body, fragments):
   exp = _experiment(tmp_path, body)
@@ -226,8 +230,23 @@ def test_an_experiment_without_sweep_is_rejected(tmp_path):
 @pytest.mark.parametrize(("kwargs", "fragment"), [
     ({"executor": "kubernetes"}, "unknown executor 'kubernetes'"),
     ({"workers": 0}, "--workers 0"),
+    ({"slurm": {"slurm_partition": "gpu"}}, "local executor takes none"),
+    ({"executor": "slurm", "slurm": {"slurm_partiton": "gpu"}}, "slurm_partiton"),
+    ({"executor": "submitit-local", "slurm": {"timeout_min": "2h"}}, "were refused"),
+    ({"executor": "submitit-local", "slurm": {"gpus_per_node": 8}}, "only timeout_min"),
 ])
 def test_bad_sweep_options_are_user_errors(tmp_path, kwargs, fragment):
   with pytest.raises(UserError, match=fragment):
     run_sweep(str(TINY_SWEEP), workdir=str(tmp_path), progress=False, log=print, **kwargs)
   assert not any(tmp_path.iterdir())
+
+
+def test_an_entry_removed_from_sweep_no_longer_fails_the_sweep(tmp_path, run_env, monkeypatch,
+                                                               capsys):
+  from memx.cli import main
+
+  assert main(["sweep", str(TINY_SWEEP), "--workdir", str(tmp_path)]) == 1   # diverge fails
+  assert "did not finish: diverge" in capsys.readouterr().err
+  monkeypatch.setenv("MEMX_TEST_SWEEP_DROP_DIVERGE", "1")
+  assert main(["sweep", str(TINY_SWEEP), "--workdir", str(tmp_path)]) == 0
+  assert "did not finish" not in capsys.readouterr().err
