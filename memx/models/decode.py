@@ -11,6 +11,7 @@ context, divide by max_len.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +48,25 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-  if temperature < 0:
-    raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
+  try:
+    temperature = float(temperature)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"generate: temperature must be a number (it is compiled in), got "
+                     f"{temperature!r}") from None
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"generate: temperature must be finite and >= 0, got {temperature}")
   if temperature > 0 and rng is None:
     raise ValueError("generate: sampling with temperature > 0 needs an rng key")
+  if getattr(prompt, "ndim", None) != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer) \
+      or prompt.shape[1] < 1:
+    raise ValueError(f"generate: prompt must be integer token ids [B, T] with T >= 1; got "
+                     f"{getattr(prompt, 'dtype', type(prompt).__name__)} of shape "
+                     f"{getattr(prompt, 'shape', None)}")
+  if not isinstance(prompt, jax.core.Tracer):
+    lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
+    if lo < 0 or hi >= model.cfg.vocab_size:
+      raise ValueError(f"generate: prompt token ids must lie in [0, {model.cfg.vocab_size}) "
+                       f"(the vocabulary); got ids from {lo} to {hi}")
   t = prompt.shape[1]
   max_len = t + max_new_tokens if max_len is None else max_len
   if max_len < t + max_new_tokens:

@@ -220,7 +220,13 @@ class TransformerLM(nnx.Module):
     `attention` kernels (cuDNN where it applies), and a compile time that grows with the number
     of chunks.
     """
+    if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"prefill: tokens must be integer ids [B, T]; got "
+                       f"{getattr(tokens, 'dtype', type(tokens).__name__)} of shape "
+                       f"{getattr(tokens, 'shape', None)}")
     b, t = tokens.shape
+    if t < 1:
+      raise ValueError("prefill: the prompt is empty (T = 0); give at least one token")
     if t > max_len:
       raise ValueError(f"prefill: prompt length {t} exceeds max_len {max_len}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
@@ -269,15 +275,45 @@ class TransformerLM(nnx.Module):
     return logits, {"pos": jnp.asarray(t, jnp.int32), "layers": caches}
 
   def decode_step(self, tokens: Int[Array, " B"], cache: dict):
-    """One token per row at position cache["pos"] → (logits [B, V] float32, next cache)."""
+    """One token per row at position cache["pos"] → (logits [B, V] float32, next cache).
+
+    The cache holds positions up to its max_len (`init_cache`): a step past it raises when the
+    position is known (eagerly), and under jit returns NaN logits, never silently wrong ones.
+    """
+    batch, max_len = self._cache_extent(cache)
+    if getattr(tokens, "ndim", None) != 1 or tokens.shape[0] != batch:
+      raise ValueError(f"decode_step: tokens must be [B] with B = {batch} (the cache's batch), "
+                       f"one token per sequence; got shape {getattr(tokens, 'shape', None)}")
     pos = cache["pos"]
+    if max_len is not None and not isinstance(pos, jax.core.Tracer) and int(pos) >= max_len:
+      raise ValueError(f"decode_step: position {int(pos)} is past the cache's max_len "
+                       f"{max_len}; make the cache (init_cache / prefill / generate) longer")
     x = self._embed(tokens)
     new = []
     for block, layer_cache, lb in zip(self.blocks, cache["layers"], self._layer_bounds(),
                                       strict=True):
       x, layer_cache = block.step(x, pos, layer_cache, lb)
       new.append(layer_cache)
-    return self._logits(x), {"pos": pos + 1, "layers": new}
+    logits = self._logits(x)
+    if max_len is not None:
+      logits = jnp.where(pos < max_len, logits, jnp.nan)  # traced past the end: visibly wrong
+    return logits, {"pos": pos + 1, "layers": new}
+
+  def _cache_extent(self, cache: dict) -> tuple[int, int | None]:
+    """(batch, max_len) of a decode cache; max_len None when no layer has a bounded cache
+    (SSM and linear-attention states take any number of steps)."""
+    batch, max_len = None, None
+    for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
+      if block.kind == "attention":
+        k = layer_cache.k if isinstance(layer_cache, attention_decode.PlanCache) else \
+            layer_cache["k"]
+        n = (layer_cache.max_len if isinstance(layer_cache, attention_decode.PlanCache)
+             else k.shape[1])
+        max_len = n if max_len is None else min(max_len, n)
+      else:
+        k = jax.tree.leaves(layer_cache)[0]
+      batch = k.shape[0] if batch is None else batch
+    return batch, max_len
 
 
 def count_params(model: nnx.Module) -> int:

@@ -24,7 +24,10 @@ def layer_mask(cfg: ModelConfig, layer: int, length: int | None = None) -> Mask:
       raise ValueError(f"layer {layer} follows a sparse plan: its mask needs the sequence length")
     return elastic_mask(cfg.attn_plan[layer], length)
   if cfg.is_windowed(layer):
-    return Mask(causal=True, window_left=cfg.attn_window, n_sink=cfg.attn_sinks)
+    # Sinks past the sequence's end are no keys: clipped, so a sequence shorter than the sink
+    # count runs (as decoding's prefix masks do).
+    sinks = cfg.attn_sinks if length is None else min(cfg.attn_sinks, length)
+    return Mask(causal=True, window_left=cfg.attn_window, n_sink=sinks)
   return Mask(causal=True)
 
 

@@ -237,3 +237,55 @@ def test_greedy_generation_with_a_plan():
   np.testing.assert_array_equal(out[:, :4], prompt)
   logits = jit_for_test(lambda m, t: m(t))(model, out)
   np.testing.assert_array_equal(jnp.argmax(logits[:, 3:-1], -1), out[:, 4:])
+
+
+def test_decoding_past_max_len_or_with_wrong_shapes_is_refused():
+  """Past the cache's max_len a step raises (position known) or gives NaN logits (under jit);
+  tokens that are not one per cached sequence are refused (the MLGRU's broadcasting would
+  otherwise run them and corrupt its state)."""
+  plan_cfg = dataclasses.replace(BASE, attn_window=None, attn_sinks=0,
+                                 attn_plan=(((0, 0.0, 8),) * 4, None, None))   # all sinks
+  mlgru = matmulfree_config(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
+  for cfg in (BASE, plan_cfg, mlgru):
+    model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+    if cfg is not mlgru:
+      _, cache = model.prefill(_tokens(t=8), 8)
+      with pytest.raises(ValueError, match="past the cache's max_len 8"):
+        model.decode_step(jnp.zeros((2,), jnp.int32), cache)
+      logits, _ = jax.jit(lambda m, t, c: m.decode_step(t, c))(
+          model, jnp.zeros((2,), jnp.int32), cache)
+      assert bool(jnp.all(jnp.isnan(logits)))
+    _, cache = model.prefill(_tokens(t=4), 8)
+    for bad in (jnp.zeros((2, 1), jnp.int32), jnp.zeros((1,), jnp.int32)):
+      with pytest.raises(ValueError, match=r"tokens must be \[B\] with B = 2"):
+        model.decode_step(bad, cache)
+  # Pure SSM/recurrent models have no bound: any number of steps.
+  mamba = TransformerLM(MODELS["mamba2"], rngs=nnx.Rngs(0))
+  _, cache = mamba.prefill(_tokens(t=4), 4)
+  logits, _ = mamba.decode_step(jnp.zeros((2,), jnp.int32), cache)
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_bad_generation_input_is_refused_before_compute():
+  model = TransformerLM(MODELS["hybrid"], rngs=nnx.Rngs(0))
+  prompt = _tokens(t=4)
+  for bad, match in ((prompt.at[0, 0].set(64), r"in \[0, 64\)"), (prompt.at[1, 2].set(-1), "-1"),
+                     (prompt[0], r"\[B, T\]"), (prompt[:, :0], "T >= 1"),
+                     (prompt.astype(jnp.float32), "integer")):
+    with pytest.raises(ValueError, match=match):
+      generate(model, bad, 2)
+  for temperature in (float("nan"), -1.0, float("inf")):
+    with pytest.raises(ValueError, match="temperature must be finite"):
+      generate(model, prompt, 2, temperature=temperature, rng=jax.random.key(0))
+  out = generate(model, prompt, 2, temperature=jnp.float32(0.5), rng=jax.random.key(0))
+  assert out.shape == (2, 6)
+  with pytest.raises(ValueError, match="prompt is empty"):
+    model.prefill(prompt[:, :0], 4)
+
+
+def test_a_windowed_model_runs_sequences_shorter_than_its_sinks():
+  cfg = dataclasses.replace(BASE, attn_sinks=4)
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  tokens = _tokens(t=3)
+  logits, _ = model.prefill(tokens, 8)
+  _testing.assert_allclose(model(tokens), logits, name="forward of 3 tokens with 4 sinks")
