@@ -219,6 +219,68 @@ def test_ssd_with_zero_decay_is_causal_linear_attention(impl, kw):
                            name="gated linear_attention")
 
 
+@pytest.mark.parametrize("impl, kw", IMPLS, ids=[i for i, _ in IMPLS])
+def test_a_zero_gate_resets_the_state_as_in_the_reference(impl, kw):
+  """log_gate = -inf (a gate of exactly 0, a hard reset) and A = -inf: the chunked and
+  quadratic forms difference cumulative log decays, which gave NaN; values and gradients must
+  equal the sequential reference's."""
+  t = 21
+  ks = jax.random.split(jax.random.key(3), 4)
+  q, k, v = (jax.random.normal(kk, (1, t, 2, 16)) for kk in ks[:3])
+  h0 = jax.random.normal(ks[3], (1, 2, 16, 16))
+  log_gate = jnp.full((1, t, 2), -0.1).at[:, 5].set(-jnp.inf).at[:, 17, 1].set(-jnp.inf)
+
+  def run(name, **extra):
+    def f(q, k, v, h0):
+      o, h = linear_attention(q, k, v, log_gate=log_gate, initial_state=h0,
+                              implementation=name, **extra)
+      return jnp.sum(o * jnp.cos(o)) + jnp.sum(h ** 2), (o, h)
+    return jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, h0)
+
+  (_, (o, h)), grads = run(impl, block_sizes=BS16, **kw)
+  (_, (ro, rh)), rgrads = run("reference")
+  assert bool(jnp.all(jnp.isfinite(o))) and bool(jnp.all(jnp.isfinite(h)))
+  _testing.assert_allclose(o, ro, reduction_size=t, name="o")
+  _testing.assert_allclose(h, rh, reduction_size=t, name="final state")
+  for name, g, rg in zip(("dq", "dk", "dv", "dh0"), grads, rgrads, strict=True):
+    _testing.assert_allclose(g, rg, grad=True, reduction_size=t, name=name)
+  x, dt, _, bm, cm, _, _, _, _ = _inputs((1, t, 4, 8, 2, 16), jnp.float32)
+  a = jnp.array([-1.0, -jnp.inf, -0.5, -jnp.inf])
+  y, _ = ssd(x, dt, a, bm, cm, implementation=impl, block_sizes=BS16, **kw)
+  _testing.assert_allclose(y, ssd(x, dt, a, bm, cm, implementation="reference")[0],
+                           reduction_size=t, name="A = -inf")
+
+
+def test_bf16_backward_runs_op_by_op_on_cpu():
+  """Eager jax.grad runs the custom VJP's einsums one by one; XLA:CPU has no bf16 x bf16 ->
+  fp32 dot for some of their layouts (UNIMPLEMENTED at run time): the xla SSD widens them."""
+  bf = jnp.bfloat16
+  ks = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(ks[0], (2, 33, 2, 16)).astype(bf)
+  bm, cm = (jax.random.normal(kk, (2, 33, 1, 16)).astype(bf) for kk in ks[1:3])
+  target = jax.random.normal(ks[3], (2, 33, 2, 16))
+
+  def loss(x, bm, cm):
+    y, _ = ssd(x, jnp.full((2, 33, 2), 0.5), -jnp.ones((2,)), bm, cm, implementation="xla",
+               block_sizes=BlockSizes(chunk=16))
+    return jnp.mean((y.astype(jnp.float32) - target) ** 2)
+
+  eager = jax.grad(loss, argnums=(0, 1, 2))(x, bm, cm)
+  jitted = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, bm, cm)
+  for e, j in zip(eager, jitted, strict=True):
+    _testing.assert_allclose(e, j, dtype=bf, grad=True, name="eager vs jit")
+
+
+def test_linear_attention_takes_a_traced_scale_and_refuses_zero_groups():
+  q = jax.random.normal(jax.random.key(0), (1, 9, 2, 8))
+  k, v = q[:, :, :1] * 0.5, q * 2.0
+  want = linear_attention(q, k, v, scale=0.25)[0]
+  got = jax.jit(lambda s: linear_attention(q, k, v, scale=s)[0])(jnp.float32(0.25))
+  _testing.assert_allclose(got, want, name="traced scale")
+  with pytest.raises(ValueError, match="0 groups/heads"):
+    linear_attention(q, k[:, :, :0], v)
+
+
 def test_default_dispatch_on_cpu_is_xla_without_warnings():
   x, dt, a, bm, cm, *_ = _inputs((1, 9, 2, 8, 1, 8), jnp.float32)
   with warnings.catch_warnings():

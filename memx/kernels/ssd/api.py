@@ -60,7 +60,7 @@ def _check_core(op: str, x, dt, log_a, bm, cm, d, h0, seg) -> None:
   for name, v in (("B" if op == "ssd" else "k", bm), ("C" if op == "ssd" else "q", cm)):
     if v.shape[:2] != (bsz, t):
       raise ValueError(f"{op}: {name} {v.shape} and x {x.shape} disagree on [B, T]")
-    if h % v.shape[2]:
+    if v.shape[2] == 0 or h % v.shape[2]:
       raise ValueError(f"{op}: {name} has {v.shape[2]} groups/heads, which must divide the "
                        f"{h} heads")
   if cm.shape[-1] != n:
@@ -126,6 +126,10 @@ def _chunked(name, x, dt, log_a, bm, cm, d, h0, seg, *, block_sizes, interpret):
   return y[:, :t], h_last
 
 
+# exp(-110) = 1.7e-48 rounds to 0 in float32 (whose smallest subnormal is 1.4e-45).
+LOG_DECAY_FLOOR = -110.0
+
+
 def ssd_core(
     x: Float[Array, "B T H P"],
     dt: Float[Array, "B T H"],
@@ -154,6 +158,11 @@ def ssd_core(
                 lambda n: unsupported_reason(n, x, b, block_sizes, interpret), stacklevel=4)
   if name == "reference":
     return ssd_scan(x, dt, log_a, b, c, d=d, initial_state=initial_state, segment_ids=seg)
+  # The chunked and quadratic forms take differences of cumulative log decays: a zero gate
+  # (log a = -inf, a hard reset) would make them -inf - (-inf) = NaN. Any log decay below
+  # LOG_DECAY_FLOOR already decays to exactly 0 in float32 (and has zero gradient), so the
+  # floor changes no value and keeps those forms finite, as the sequential reference is.
+  log_a = jnp.maximum(log_a, LOG_DECAY_FLOOR)
   if name == "quadratic":
     return ssd_quadratic_form(x, dt, log_a, b, c, d=d, initial_state=initial_state,
                               segment_ids=seg)
@@ -288,7 +297,7 @@ def linear_attention(
     if _concrete(log_gate) and not bool(np.all(np.asarray(log_gate, np.float32) <= 0)):
       raise ValueError("linear_attention: log_gate must be <= 0 (a gate in (0, 1])")
     log_a = log_gate.astype(jnp.float32)
-  if scale != 1.0:
+  if not (isinstance(scale, int | float) and scale == 1.0):  # a traced scale is applied too
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
   dt = jnp.ones((bsz, t, h), jnp.float32)
   return ssd_core(v, dt, log_a, k, q, initial_state=initial_state, segment_ids=segment_ids,

@@ -90,10 +90,17 @@ def decays(plan: Plan, cum, seg):
 
 def _mm(spec, a, b, dtype):
   """einsum with operands cast to the matmul dtype and an fp32 result; fp32 operands in full
-  precision (XLA's default on GPUs may be TF32, ~1e-3 relative error)."""
+  precision (XLA's default on GPUs may be TF32, ~1e-3 relative error).
+
+  On the CPU backend, low-precision operands are rounded to the matmul dtype and then widened
+  to fp32: XLA:CPU has no bf16 x bf16 -> fp32 dot for some of these layouts (it fails at run
+  time when the backward runs op by op), and the product of two bf16 numbers is exact in fp32,
+  so the result is the same."""
+  a, b = a.astype(dtype), b.astype(dtype)
+  if jnp.dtype(dtype) != F32 and jax.default_backend() == "cpu":
+    a, b, dtype = a.astype(F32), b.astype(F32), F32
   precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == F32 else None
-  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=F32,
-                    precision=precision)
+  return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision)
 
 
 def _views(plan: Plan, x, dt, cum, bm, cm, seg):
