@@ -31,7 +31,8 @@ def check_launch(blocks, warps: tuple[str, ...] = (), stages: tuple[str, ...] = 
   """Triton launch settings: warps in WARPS (or None for `optional_warps`), stages in [1, 8]."""
   for f in (*warps, *optional_warps):
     v = getattr(blocks, f)
-    if v not in WARPS and not (f in optional_warps and v is None):
+    if not (f in optional_warps and v is None) and (
+        not isinstance(v, int) or isinstance(v, bool) or v not in WARPS):
       none = "None or " if f in optional_warps else ""
       raise _bad(f, v, f"expected {none}one of {', '.join(map(str, WARPS))}")
   for f in stages:

@@ -17,6 +17,8 @@ BAD = [
     (ScanBlocks, "chunk", 4, "power of two >= 8"),
     (ScanBlocks, "block_d", True, "power of two >= 16"),
     (ScanBlocks, "num_warps", None, "one of 1, 2, 4, 8, 16"),
+    (ScanBlocks, "num_warps", True, "one of 1, 2, 4, 8, 16"),
+    (AttentionBlocks, "num_warps_fwd", 4.0, "None or one of 1, 2, 4, 8, 16"),
     (ConvBlocks, "rows_bwd", 8, r"power of two >= 16 \(= block_t_bwd\)"),
     (ConvBlocks, "backward", "one", "'fused' or 'two_pass'"),
     (ConvBlocks, "num_warps_bwd", 32, "one of 1, 2, 4, 8, 16"),

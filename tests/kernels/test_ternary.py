@@ -187,6 +187,15 @@ def test_packed_matmul_integer_exact(impl, kw, m, k, n, layout):
   np.testing.assert_array_equal(got, want)  # atol = 0
 
 
+@LAYOUTS
+@pytest.mark.parametrize("impl,kw", IMPLS, ids=[i for i, _ in IMPLS])
+def test_packed_matmul_of_no_rows_is_empty(impl, kw, layout):
+  packed = pack_ternary(absmean_quantize(_w((37, 24)))[0])
+  for x in (jnp.zeros((0, 37), jnp.int8), jnp.zeros((2, 0, 37), jnp.float32)):
+    got = packed_matmul(x, _layout(packed, layout), implementation=_impl(impl), **kw)
+    assert got.shape == (*x.shape[:-1], 24) and got.size == 0
+
+
 @pytest.mark.parametrize("m, k", [(1, 600), (1, 1024), (3, 1024), (6, 1024), (12, 600),
                                   (40, 600)])
 def test_packed_matmul_default_tiles_by_rows_exact(m, k):

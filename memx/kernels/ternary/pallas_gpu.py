@@ -193,6 +193,8 @@ def packed_matmul_pallas_gpu(x: Array, packed: Array, *, block_sizes: BlockSizes
     packed = from_words(packed)
   kp0, n = packed.shape[0], packed.shape[1] * (4 if words else 1)
   integer = jnp.issubdtype(x.dtype, jnp.integer)
+  if m == 0:  # no rows: nothing to launch (a zero-sized grid is not a valid Triton launch)
+    return jnp.zeros((0, n), jnp.int32 if integer else jnp.float32)
   bk4 = bs.block_k // 4
   kp = _round_up(kp0, bk4)
   steps = kp // bk4
