@@ -188,3 +188,19 @@ def test_pallas_kernels_lower_to_triton_for_h100():
   assert text.count("__gpu$xla.gpu.triton") == 6  # summary, carry, apply; each fwd and bwd
   for name in ("summary", "carry", "apply", "apply_bwd"):
     assert f"memx_linear_scan_{name}" in text
+
+
+@pytest.mark.parametrize("impl, kw", [("xla", {}), ("pallas_gpu", {"interpret": True})])
+def test_saved_residuals(impl, kw):
+  """What the VJP keeps (as the xla module docstring says): with T a multiple of the chunk and
+  no segments, only h (the output) and h0; ragged T adds the padded copies of a and h."""
+  from memx.train.memory import saved_activation_bytes
+
+  def saved(t):
+    a = jax.random.uniform(jax.random.key(0), (2, t, 16))
+    return saved_activation_bytes(lambda a, b: jnp.sum(linear_scan(
+        a, b, implementation=impl, block_sizes=BS8, **kw)[0]), a, jnp.ones_like(a))
+
+  h, h0 = 2 * 64 * 16 * 4, 2 * 16 * 4
+  assert saved(64) == h + h0
+  assert saved(60) <= 2 * h + h0 + 16   # padded to 64: a and h (and a scalar or two)

@@ -228,8 +228,11 @@ def linear_scan_pallas_gpu(
   h0 = jnp.zeros((bsz, d), jnp.float32) if h0 is None else h0.astype(jnp.float32)
   pad_t, pad_d = plan.t_pad - t, plan.d_pad - d
   # Padded steps are the identity map (a = 1, b = 0); padded channels stay zero.
-  a = jnp.pad(a, ((0, 0), (0, pad_t), (0, pad_d)), constant_values=1)
-  b = jnp.pad(b, ((0, 0), (0, pad_t), (0, pad_d)))
-  h0 = jnp.pad(h0, ((0, 0), (0, pad_d)))
+  if pad_t or pad_d:  # (a zero-width pad would still be a copy, which the VJP would keep)
+    a = jnp.pad(a, ((0, 0), (0, pad_t), (0, pad_d)), constant_values=1)
+    b = jnp.pad(b, ((0, 0), (0, pad_t), (0, pad_d)))
+    h0 = jnp.pad(h0, ((0, 0), (0, pad_d)))
   h, h_last = _scan(plan, a, b, h0)
-  return h[:, :t, :d], h_last[:, :d]
+  if pad_t or pad_d:
+    h, h_last = h[:, :t, :d], h_last[:, :d]
+  return h, h_last

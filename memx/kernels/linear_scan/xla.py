@@ -8,7 +8,10 @@ chunk from its entering state and writes h in place. Sequential depth is 2C + T/
 
 Backward: the cotangent g_t = dh_t + a_{t+1} g_{t+1} is the same recurrence run backwards in
 time with shifted gates, so it reuses the chunked scan; then db = g and da_t = g_t h_{t-1}. The
-VJP saves only a, h (the output, which callers keep anyway) and h0.
+VJP saves only a, h and h0. Where T is a multiple of the chunk and there are no segments, a and
+h are the caller's own arrays (h is the output, which callers keep anyway); otherwise they are
+the padded [B, Tp, D] copies (and segment ids add a masked copy of a and a [B, T, D] mask),
+measured by `tests/kernels/test_linear_scan.py::test_saved_residuals`.
 
 Chosen by measurement (`scripts/bench_ssm.py --quick`, CPU with 2 shared cores, jax 0.12,
 B=4, T=4096, D=256 fp32, median ms / compiled temporaries): forward 8.1 ms / 1.3 MiB vs 41 ms /
@@ -118,7 +121,8 @@ def linear_scan_xla(
   h0 = jnp.zeros((bsz, d), jnp.float32) if h0 is None else h0.astype(jnp.float32)
   tp = -(-t // chunk) * chunk
   # Padding steps are the identity map (a = 1, b = 0): the last state is unchanged.
-  a = jnp.pad(a, ((0, 0), (0, tp - t), (0, 0)), constant_values=1)
-  b = jnp.pad(b, ((0, 0), (0, tp - t), (0, 0)))
+  if tp > t:  # (a zero-width pad would still be a copy, which the VJP would keep)
+    a = jnp.pad(a, ((0, 0), (0, tp - t), (0, 0)), constant_values=1)
+    b = jnp.pad(b, ((0, 0), (0, tp - t), (0, 0)))
   h, h_last = _scan(chunk, a, b, h0)
-  return h[:, :t], h_last
+  return (h[:, :t] if tp > t else h), h_last
