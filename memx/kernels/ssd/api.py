@@ -208,7 +208,9 @@ def ssd(
     (y [B, T, H, P] in x.dtype, final state [B, H, P, N] in float32). Decays, states and
     accumulators are float32; xla and pallas_gpu feed matmuls in the input dtype (bf16 inputs
     use bf16 tensor-core matmuls with fp32 accumulation). Differentiable in every argument but
-    segment_ids; xla and pallas_gpu save only inputs and chunk-boundary states for the backward.
+    segment_ids; xla and pallas_gpu save only inputs, the cumulative log decay [B, T, H] and
+    chunk-boundary states for the backward (for T not a multiple of the chunk, the inputs as
+    padded copies).
 
   Raises:
     ValueError: malformed inputs (ranks, shapes, groups that do not divide the heads, dtypes, a
