@@ -18,13 +18,21 @@ from memx.errors import UserError
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "chex", "einops")
 
 
+def check(run_dir: pathlib.Path, *, resume: bool, overwrite: bool) -> None:
+  """Refuses to clobber a run directory that holds a run (without --resume or --overwrite).
+  Reads only: every process of a multi-process run checks (their filesystem is shared), so
+  all of them stop together rather than leaving the others waiting in collectives."""
+  run_dir = pathlib.Path(run_dir)
+  if run_dir.exists() and any(run_dir.iterdir()) and not resume and not overwrite:
+    raise UserError(f"run directory {str(run_dir)!r} already holds a run. Pass --resume to "
+                    "continue it, --overwrite to start over, or choose another --name/--workdir.")
+
+
 def prepare(run_dir: pathlib.Path, *, resume: bool, overwrite: bool) -> pathlib.Path:
   """Creates (or reuses, when resuming) a run directory; refuses to clobber a finished one."""
   run_dir = pathlib.Path(run_dir)
+  check(run_dir, resume=resume, overwrite=overwrite)
   if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-    if not overwrite:
-      raise UserError(f"run directory {str(run_dir)!r} already holds a run. Pass --resume to "
-                      "continue it, --overwrite to start over, or choose another --name/--workdir.")
     shutil.rmtree(run_dir)
   try:
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import pathlib
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from memx._io import write_json
 from memx.config import Config
@@ -63,8 +64,14 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progres
   run_dir = pathlib.Path(spec.workdir) / spec.name
   # Every check that can fail on user input runs before the run directory is touched.
   setup = prepare(cfg)
+  rundir.check(run_dir, resume=resume, overwrite=overwrite)  # every process: all stop together
+  multi = jax.process_count() > 1
+  if multi:  # no process may see the directory after process 0 starts replacing it
+    multihost_utils.sync_global_devices("memx-rundir-checked")
   if jax.process_index() == 0:
     rundir.prepare(run_dir, resume=resume, overwrite=overwrite)
+  if multi:  # nor write into it (checkpoints/) before process 0 has cleared it
+    multihost_utils.sync_global_devices("memx-rundir-ready")
 
   def write_run_files():
     # Only once training is accepted: a resume refused (another run's checkpoint, fewer steps)

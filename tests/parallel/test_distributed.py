@@ -139,6 +139,26 @@ def test_launch_local_two_processes_train_like_one(tmp_path, run_env):
     assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * abs(ra["loss"]), (ra, rb)
 
 
+@pytest.mark.slow
+@pytest.mark.entry
+def test_an_existing_run_stops_every_process(tmp_path, run_env):
+  """Every process checks the run directory (before, only process 0 did: the others went on
+  into training and waited in collectives for it until the heartbeat timeout)."""
+  del run_env
+  cmd = [str(ROOT / "scripts" / "launch_local.sh"), "2", f"{TINY}:base", "--workdir",
+         str(tmp_path), "--set", "train.steps=2"]
+  first = subprocess.run(cmd, env=_env(PYTHON=sys.executable), capture_output=True, text=True,
+                         timeout=400)
+  assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+  t0 = time.monotonic()
+  again = subprocess.run(cmd, env=_env(PYTHON=sys.executable), capture_output=True, text=True,
+                         timeout=200)
+  out = again.stdout + again.stderr
+  assert again.returncode != 0, out[-3000:]
+  assert out.count("already holds a run") >= 2, out[-3000:]   # both processes said so
+  assert time.monotonic() - t0 < 120
+
+
 def test_launch_local_fails_when_a_process_fails(tmp_path):
   """A bad flag in every process: nonzero exit, promptly (no compile, no hang)."""
   res = subprocess.run([str(ROOT / "scripts" / "launch_local.sh"), "2", str(tmp_path / "nope.py")],
