@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import logging
 import typing
 from typing import Any
 
@@ -52,15 +53,22 @@ def config_hash(cfg: Any) -> str:
 
 
 def from_dict(d: dict) -> Config:
-  """Inverse of to_dict (JSON lists become tuples)."""
-  def build(cls, values):
+  """Inverse of to_dict (JSON lists become tuples). Fields missing from `d` take their defaults
+  (a config written before they existed); keys that are no field are ignored with a warning
+  (a field since removed, or a hand edit's typo)."""
+  def build(cls, values, where=""):
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      logging.getLogger(__name__).warning(
+          "config keys %s are not fields of this memx's config; ignored",
+          ", ".join(where + k for k in unknown))
     kwargs = {}
     for f in dataclasses.fields(cls):
       if f.name not in values:
         continue
       v = values[f.name]
       if dataclasses.is_dataclass(f.default):
-        v = build(type(f.default), v)
+        v = build(type(f.default), v, f"{where}{f.name}.")
       elif isinstance(v, list):
         v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
       kwargs[f.name] = v

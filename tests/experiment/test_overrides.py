@@ -368,3 +368,15 @@ def test_coupled_fields_can_change_together(order):
 def test_override_order_does_not_matter():
   cfg = apply_overrides(Config(), {"data.source": "text", "data.paths": "x.txt"})
   assert cfg.data.source == "text"
+
+
+def test_a_config_file_with_unknown_keys_loads_with_a_warning(caplog):
+  from memx.config import Config, from_dict, to_dict
+
+  d = to_dict(Config())
+  d["optim"]["learnig_rate"] = 1.0
+  d["removed_section"] = {}
+  with caplog.at_level("WARNING", logger="memx.config"):
+    assert from_dict(d) == Config()
+  text = caplog.text
+  assert "optim.learnig_rate" in text and "removed_section" in text
