@@ -9,6 +9,7 @@ in sweep order and their status and errors. Everything here only reads those fil
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -181,7 +182,12 @@ def _read_index(path: Path) -> list[dict]:
       con.row_factory = sqlite3.Row
       rows = con.execute("SELECT * FROM runs ORDER BY rowid").fetchall()
       return [dict(r) for r in rows]
-  except sqlite3.Error:
+  except sqlite3.Error as e:
+    # Busy past the timeout (a sweep driver holding a write lock) or damaged: the report goes
+    # on from the run directories, without the index's statuses and error texts, and says so.
+    logging.getLogger(__name__).warning(
+        "could not read the run index %s (%s): run statuses and errors are missing from the "
+        "report; run `memx report` again once the sweep has finished writing", path, e)
     return []
 
 

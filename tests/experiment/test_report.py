@@ -216,6 +216,17 @@ def test_without_index_runs_come_from_directories(tmp_path):
   assert "notes" not in text
 
 
+def test_an_unreadable_index_is_reported_not_hidden(tmp_path, caplog):
+  sweep = tmp_path / "sweep"
+  sweep.mkdir()
+  _write_run(sweep, "a_run", _config(), _metrics(4.0, 0.02))
+  (sweep / "index.sqlite").write_bytes(b"not a database" * 100)
+  with caplog.at_level("WARNING", logger="memx.experiment.report"):
+    text = write_report(sweep).read_text()
+  assert "a_run" in text
+  assert "could not read the run index" in caplog.text and "index.sqlite" in caplog.text
+
+
 def test_identical_configs_and_single_run(tmp_path):
   sweep = tmp_path / "one"
   sweep.mkdir()
