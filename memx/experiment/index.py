@@ -9,6 +9,8 @@ import pathlib
 import sqlite3
 import time
 
+from memx.errors import UserError
+
 SCHEMA = """CREATE TABLE IF NOT EXISTS runs (
   name TEXT PRIMARY KEY, config_hash TEXT, status TEXT NOT NULL, started REAL, ended REAL,
   summary TEXT, error TEXT)"""
@@ -20,7 +22,13 @@ class RunIndex:
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-    self._conn.execute(SCHEMA)
+    try:
+      self._conn.execute(SCHEMA)
+    except sqlite3.DatabaseError as e:
+      self._conn.close()
+      raise UserError(f"the sweep's run index {self.path} cannot be used ({e}). Restore it "
+                      "from a copy, or move it aside: the next sweep then starts every run "
+                      "over (the run directories are replaced).") from None
 
   def _tx(self, sql: str, args: tuple) -> None:
     with self._conn:

@@ -250,3 +250,11 @@ def test_an_entry_removed_from_sweep_no_longer_fails_the_sweep(tmp_path, run_env
   monkeypatch.setenv("MEMX_TEST_SWEEP_DROP_DIVERGE", "1")
   assert main(["sweep", str(TINY_SWEEP), "--workdir", str(tmp_path)]) == 0
   assert "did not finish" not in capsys.readouterr().err
+
+
+def test_a_damaged_index_is_a_user_error(tmp_path):
+  sweep_dir = tmp_path / "tiny_sweep"
+  sweep_dir.mkdir()
+  (sweep_dir / "index.sqlite").write_bytes(b"not a database" * 100)
+  with pytest.raises(UserError, match="index.sqlite cannot be used"):
+    run_sweep(str(TINY_SWEEP), workdir=str(tmp_path), progress=False, log=print)
