@@ -27,6 +27,21 @@ def median_time(fn, args, reps: int, budget_s: float = math.inf) -> float:
   return interleaved_medians([fn], args, reps, budget_s)[0]
 
 
+def feeding_back(fn, args, index: int, out_index: int):
+  """A callable of no arguments for the timers: fn(*args), then args[index] = output[out_index]
+  for the next call. How a step whose state is donated (a decode loop's cache) is timed: fed
+  its own output, as the real loop does. Passing the same non-donated state to every call
+  instead makes each call copy it whole (XLA cannot update an argument in place), a cost that
+  grows with the state and that the real loop never pays."""
+  args = list(args)
+
+  def call():
+    out = fn(*args)
+    args[index] = out[out_index]
+    return out
+  return call
+
+
 def interleaved_medians(fns, args, reps: int, budget_s: float = math.inf) -> list[float]:
   """Median seconds of fn(*args) for each fn, timed in alternation (one call of each per round,
   each ended by block_until_ready: asynchronous dispatch would otherwise time only the launch)

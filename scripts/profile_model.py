@@ -16,6 +16,7 @@ run, so the two are comparable), into DIR/flags/.
 """
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -34,7 +35,12 @@ import bench_distill  # noqa: E402
 from memx.models.config import matmulfree_config  # noqa: E402
 from memx.models.packed import pack_model  # noqa: E402
 from memx.models.transformer import TransformerLM  # noqa: E402
-from memx.timing import device_kernel_hlo_ops, device_kernel_times, median_time  # noqa: E402
+from memx.timing import (  # noqa: E402
+  device_kernel_hlo_ops,
+  device_kernel_times,
+  feeding_back,
+  median_time,
+)
 
 
 def op_name_of(hlo_text: str, instruction: str) -> str:
@@ -65,13 +71,18 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   report = {}
 
-  def profile(name, phase, fn, args_, runs):
-    compiled = jax.jit(fn).lower(*args_).compile()
-    step_s = median_time(compiled, args_, max(3, runs))
+  def profile(name, phase, fn, args_, runs, carry=None):
+    """carry: (argument index, output index) of a state that is donated and fed back, as a
+    decode loop's cache is (else every call would copy it whole)."""
+    donate = () if carry is None else (carry[0],)
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args_).compile()
+    call = (functools.partial(compiled, *args_) if carry is None
+            else feeding_back(compiled, args_, *carry))
+    step_s = median_time(call, (), max(3, runs))
     with tempfile.TemporaryDirectory() as tmp:
       with jax.profiler.trace(tmp, create_perfetto_trace=True):
         for _ in range(runs):
-          jax.block_until_ready(compiled(*args_))
+          jax.block_until_ready(call())
       kernels = device_kernel_times(pathlib.Path(tmp))
       hlo_ops = device_kernel_hlo_ops(pathlib.Path(tmp))
     per_run_us = {k: v / runs for k, v in kernels.items()}
@@ -94,11 +105,12 @@ def main(argv=None) -> int:
       pack_model(model)
     graphdef, state = nnx.split(model)
     cache = model.init_cache(1, args.length)
-    cache["pos"] = jnp.asarray(args.length - 1, jnp.int32)
     token = jnp.zeros((1,), jnp.int32)
-    profile(name, "decode",
-            lambda s, t, c, graphdef=graphdef: nnx.merge(graphdef, s).decode_step(t, c),
-            (state, token, cache), args.steps)
+    last = jnp.asarray(args.length - 1, jnp.int32)  # every call: the step at the last position
+
+    def decode(s, t, c, graphdef=graphdef, last=last):
+      return nnx.merge(graphdef, s).decode_step(t, {**c, "pos": last})
+    profile(name, "decode", decode, (state, token, cache), args.steps, carry=(2, 1))
     if args.prefill_length:
       n = args.prefill_length
       tokens = jnp.zeros((1, n), jnp.int32)

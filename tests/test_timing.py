@@ -97,3 +97,20 @@ def test_profile_kernel_times_averages_over_runs(monkeypatch):
   got = timing.profile_kernel_times(fn, (jnp.ones(3),), runs=3)
   assert got == {"gemm": 2.0, "fusion": 0.5}
   assert len(calls) == 4
+
+
+def test_feeding_back_threads_a_donated_state_through_the_calls():
+  import jax
+  import jax.numpy as jnp
+
+  from memx.timing import feeding_back, median_time
+
+  step = jax.jit(lambda k, s: (k, s + k), donate_argnums=1)
+  state = jnp.zeros((1024,))
+  call = feeding_back(step, (jnp.float32(1.0), state), 1, 1)
+  median_time(call, (), 3)   # one warm-up call + 3 timed: each reads the previous one's output
+  out = call()
+  assert float(out[1][0]) == 5.0
+  # Donated: the compiled step updates the state in place (no copy of it per call).
+  compiled = step.lower(jnp.float32(1.0), jnp.zeros((1024,))).compile()
+  assert compiled.memory_analysis().alias_size_in_bytes == 1024 * 4
