@@ -51,7 +51,6 @@ from memx.kernels.ssd import api as ssd_api
 from memx.timing import per_call_device_time, profile_kernel_times
 
 FLA_CHUNK_SIMPLE_GLA_MS = 0.315     # fla chunk_simple_gla fwd, B=1, T=16k, H=16, D=128, H100
-ASSOC_SCAN_LINEAR_MS = 3.74         # jax.lax.associative_scan, linear scan goal shape, H100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,26 +320,37 @@ def goals(records):
     return None
 
   big = SsdShape(1, 16384).name
-  pg = t("ssd", big, "pallas_gpu")
+  # fla's chunk_simple_gla takes per-head q and k: the same problem is memx's SSD with one B/C
+  # group per head ("pallas_gpu g=H"); the g = 1 row does 1/16 of that B/C work and is used
+  # only when the g = H row is missing, and says so.
+  same = t("ssd", big, "pallas_gpu g=H")
+  pg = same or t("ssd", big, "pallas_gpu")
   if pg:
-    # fla's time is a device time (CUDA events): ours is held against it the same way when
-    # measured, else the wall time (an upper bound). fla timed in this run, else the anchor.
+    # fla's time is a device time (CUDA events, a mean: triton.testing.do_bench): ours is held
+    # against it the same way when measured, else the wall time (an upper bound). fla timed in
+    # this run, else the anchor.
     ms = pg.get("device_ms") or pg["time_ms"]
     fla = t("ssd", big, "fla chunk_simple_gla")
     base, where = ((fla["device_ms"], "this run") if fla
                    else (FLA_CHUNK_SIMPLE_GLA_MS, "anchors"))
-    out.append(dict(goal=f"SSD fwd <= 1.0x fla chunk_simple_gla ({base:.3f} ms, {where})",
-                    value=ms / base, target=1.0, met=ms <= base))
+    groups = "memx at g = H, as fla" if same else "memx at g = 1: less B/C work than fla"
+    out.append(dict(goal=f"SSD fwd <= 1.0x fla chunk_simple_gla ({base:.3f} ms, {where}; "
+                         f"{groups})", value=ms / base, target=1.0, met=ms <= base))
   scan = ScanShape(4, 4096, 1536).name
   ps, assoc = t("scan", scan, "pallas_gpu"), t("scan", scan, "assoc_scan")
   if ps:
-    both = assoc and ps.get("device_ms") and assoc.get("device_ms")
-    mine = ps["device_ms"] if both else ps["time_ms"]
-    base = (assoc["device_ms"] if both else assoc["time_ms"]) if assoc else ASSOC_SCAN_LINEAR_MS
-    out.append(dict(goal="linear_scan >= 5x faster than associative_scan", value=base / mine,
-                    target=5.0, met=base / mine >= 5.0))
-    out.append(dict(goal="linear_scan within 3x of the memory floor", value=ps["vs_floor"],
-                    target=3.0, met=ps["vs_floor"] <= 3.0))
+    if assoc:
+      both = ps.get("device_ms") and assoc.get("device_ms")
+      mine = ps["device_ms"] if both else ps["time_ms"]
+      base = assoc["device_ms"] if both else assoc["time_ms"]
+      out.append(dict(goal="linear_scan >= 5x faster than associative_scan", value=base / mine,
+                      target=5.0, met=base / mine >= 5.0))
+    else:  # never against a number from elsewhere: a baseline is measured in the same run
+      out.append(dict(goal="linear_scan >= 5x faster than associative_scan (associative_scan "
+                           "not measured in this run)", value=None, target=5.0, met=None))
+    basis = "device time" if ps.get("device_ms") else "wall time"
+    out.append(dict(goal=f"linear_scan within 3x of the memory floor ({basis})",
+                    value=ps["vs_floor"], target=3.0, met=ps["vs_floor"] <= 3.0))
   return out
 
 
@@ -374,7 +384,8 @@ def write_report(out_dir: pathlib.Path, env, records):
         f"{k[:48]} {v:.1f}" for k, v in r["kernels_us"].items()) for r in profiled]
   if result["goals"]:
     lines += ["", "| goal | value | target | met |", "|---|---:|---:|---|"]
-    lines += [f"| {g['goal']} | {g['value']:.3g} | {g['target']} | {g['met']} |"
+    lines += [f"| {g['goal']} | {'–' if g['value'] is None else format(g['value'], '.3g')} "
+              f"| {g['target']} | {'–' if g['met'] is None else g['met']} |"
               for g in result["goals"]]
   tmp = out_dir / "results.md.tmp"
   tmp.write_text("\n".join(lines) + "\n")
@@ -486,8 +497,21 @@ def main(argv=None):
       # The student runs its SSD at chunk 128 (bench_distill --chunk): time it so.
       main = ssd_ops.BlockSizes(chunk=128) if student else None
       candidates = [(f, ssd_form(f, main)) for f in forms if not student or f == "pallas_gpu"]
-      candidates += [(name, ssd_form("pallas_gpu", blocks)) for name, blocks in sweep.items()
-                     if not student or blocks.block_p <= s.p]
+      # At the student shape every candidate runs the student's chunk of 128, so the sweep
+      # compares tiles and state passes, not chunk sizes.
+      candidates += [(name, ssd_form("pallas_gpu", dataclasses.replace(blocks, chunk=128)
+                                     if student else blocks))
+                     for name, blocks in sweep.items() if not student or blocks.block_p <= s.p]
+      if "fla" in wanted and on_gpu and s == SsdShape(1, 16384):
+        # The problem fla solves: one B/C group per head (its q and k are per head).
+        per_head = dataclasses.replace(s, g=s.h)
+        for row in measure("pallas_gpu g=H", ssd_form("pallas_gpu", None),
+                           *ssd_inputs(per_head), reps=args.repeats, budget_s=args.budget_s,
+                           mem_limit=mem_limit, deadline=deadline, device_time=True,
+                           profile=False):
+          row.update(kind="ssd", shape=s.name)
+          records.append(row)
+          print(row, flush=True)
       for name, fn in candidates:
         main_forms = name in ("pallas_gpu", "pallas_gpu sequential")
         goal = s == SsdShape(1, 16384) and main_forms
@@ -499,7 +523,9 @@ def main(argv=None):
             factor = 1.0 if row["pass_"] == "fwd" else 3.0
             row["tflops"] = factor * ssd_flops(s) / (row["time_ms"] * 1e-3) / 1e12
             row["gbs"] = factor * ssd_bytes(s) / (row["time_ms"] * 1e-3) / 1e9
-            row["vs_floor"] = row["time_ms"] * 1e-3 / (factor * ssd_bytes(s) / bandwidth)
+            # Against the floor: the device time where measured (no dispatch), else the wall.
+            row["vs_floor"] = ((row.get("device_ms") or row["time_ms"]) * 1e-3
+                               / (factor * ssd_bytes(s) / bandwidth))
           records.append(row)
           print(row, flush=True)
         write_report(out_dir, env, records)
@@ -524,7 +550,7 @@ def main(argv=None):
             # da, db (5 more), so fwd+bwd moves at least 8/3 of the forward's bytes.
             moved = scan_bytes(s) * (1.0 if row["pass_"] == "fwd" else 8.0 / 3.0)
             row["gbs"] = moved / (row["time_ms"] * 1e-3) / 1e9
-            row["vs_floor"] = row["time_ms"] * 1e-3 / (moved / bandwidth)
+            row["vs_floor"] = (row.get("device_ms") or row["time_ms"]) * 1e-3 / (moved / bandwidth)
           records.append(row)
           print(row, flush=True)
         write_report(out_dir, env, records)

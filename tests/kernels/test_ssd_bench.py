@@ -17,3 +17,29 @@ def test_bench_tiny_smoke(tmp_path, load_script):
   table = (tmp_path / "results.md").read_text()
   assert "| ssd 1x64 H2 P16 N16 | xla | fwd |" in table and "scan 2x64x32" in table
   assert "| conv 1x64x32 W4 | xla | fwd+bwd |" in table
+
+
+def test_goals_never_use_a_baseline_from_elsewhere(load_script):
+  """Without this run's associative_scan the scan goal says so (no anchor constant), the floor
+  ratio names its time basis, and the fla goal says which grouping memx ran."""
+  bench = load_script("scripts/bench_ssm.py")
+  scan = bench.ScanShape(4, 4096, 1536).name
+  big = bench.SsdShape(1, 16384).name
+
+  def row(kind, shape, form, **kw):
+    return dict(kind=kind, shape=shape, form=form, pass_="fwd", status="ok", **kw)
+
+  goals = bench.goals([row("scan", scan, "pallas_gpu", time_ms=0.5, device_ms=0.3, vs_floor=1.2),
+                       dict(row("scan", scan, "assoc_scan"), status="skipped"),
+                       row("ssd", big, "pallas_gpu", time_ms=0.4, device_ms=0.35)])
+  by_goal = {g["goal"].split(" (")[0]: g for g in goals}
+  assert by_goal["linear_scan >= 5x faster than associative_scan"]["value"] is None
+  assert "not measured in this run" in by_goal["linear_scan >= 5x faster than associative_scan"][
+      "goal"]
+  assert "device time" in by_goal["linear_scan within 3x of the memory floor"]["goal"]
+  assert "g = 1" in by_goal["SSD fwd <= 1.0x fla chunk_simple_gla"]["goal"]
+  goals = bench.goals([row("ssd", big, "pallas_gpu", time_ms=0.4, device_ms=0.35),
+                       row("ssd", big, "pallas_gpu g=H", time_ms=0.5, device_ms=0.45),
+                       row("ssd", big, "fla chunk_simple_gla", time_ms=0.3, device_ms=0.3)])
+  (fla,) = goals
+  assert "g = H, as fla" in fla["goal"] and fla["value"] == 0.45 / 0.3
