@@ -186,17 +186,23 @@ def mixed_loader(cfg: Config, batch_size: int, seed: int):
 
 def train_on_mix(cfg: Config, run_dir: pathlib.Path, name: str) -> dict:
   """memx's training loop on the alternating corpus+MQAR / corpus+passkey stream."""
+  from memx.config import to_dict
   from memx.experiment import rundir
   from memx.train.loop import Setup, prepare, train
-  if (run_dir / "summary.json").is_file():
+  # A finished run is reused only for the config that trained it; another config (a changed
+  # teacher or token budget) trains it again from scratch.
+  same = (run_dir / "config.json").is_file() and json.loads(
+      (run_dir / "config.json").read_text()) == json.loads(json.dumps(to_dict(cfg), default=str))
+  if same and (run_dir / "summary.json").is_file():
     return json.loads((run_dir / "summary.json").read_text())
   setup = prepare(cfg)
   setup = Setup(mesh=setup.mesh, seeds=setup.seeds,
                 loader=mixed_loader(cfg, cfg.train.batch_size, setup.seeds.data_seed),
                 eval_loader=setup.eval_loader, task_loader=setup.task_loader)
-  rundir.prepare(run_dir, resume=True, overwrite=False)
-  rundir.write_config(run_dir, cfg)
-  return train(cfg, run_dir, resume=True, progress=False, name=name, setup=setup)
+  resume = same or not run_dir.exists()
+  rundir.prepare(run_dir, resume=resume, overwrite=not resume)
+  return train(cfg, run_dir, resume=resume, progress=False, name=name, setup=setup,
+               on_start=lambda: rundir.write_config(run_dir, cfg))
 
 
 def evaluate_all(models: dict, teacher, cfg: Config, batches: int) -> dict[str, dict]:
@@ -275,6 +281,11 @@ def main(argv=None) -> int:
   for name, (student, stages, from_init) in STUDENTS.items():
     dcfg = dataclasses.replace(distill_config(args.variant, **student), stages=stages,
                                from_init=from_init)
+    if 1 not in stages:  # the same token budget: stage 2 also takes stage 1's steps
+      s2 = dcfg.stage2
+      steps = dcfg.stage1.steps + s2.steps
+      dcfg = dataclasses.replace(dcfg, stage2=dataclasses.replace(
+          s2, steps=steps, checkpoint_every=steps))
     sums = runner.distill(teacher_dir, dcfg, root / name, resume=True, progress=False,
                           log=lambda m, n=name: log(f"{n}: {m}"), loaders=loaders)
     stage_rows[name] = {k: {f: sums[k].get(f) for f in (

@@ -25,7 +25,6 @@ search misses.
 import argparse
 import dataclasses
 import itertools
-import json
 import pathlib
 import sys
 
@@ -33,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from memx._io import write_json
 
 ROWS = 16
 
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     out["k_dense"][str(k)] = {"window": max(fits), "best": rows[:5]}
     print(f"{k} dense, the rest {max(fits)} + 4 sinks: best {rows[:3]}", flush=True)
   path = sweep / "head_ablation.json"
-  path.write_text(json.dumps(out, indent=1))
+  write_json(path, out, indent=1)
   print(f"wrote {path}")
   return 0
 

@@ -59,7 +59,7 @@ scripts/bench_moa.py for kernel-level ratios).
 
 import argparse
 import dataclasses
-import json
+import math
 import pathlib
 import sys
 
@@ -130,6 +130,7 @@ def uniform_limit(uniform: dict, lengths) -> dict:
 
 
 def main(argv=None) -> int:
+  from memx._io import write_json
   from memx.errors import UserError
   from memx.experiment import report
   from memx.experiment.runner import RunSpec, run
@@ -149,6 +150,12 @@ def main(argv=None) -> int:
                   help="validate with an LM-loss guard: keep only plans whose corpus loss is "
                        "within NATS of the dense model's, when any is (memx.sparse.validate)")
   args = ap.parse_args(argv)
+  # Checked here, not in validate() after the dense run and the profile (minutes to hours).
+  if args.guard_tolerance is not None and not (
+      math.isfinite(args.guard_tolerance) and args.guard_tolerance >= 0):
+    ap.error(f"--guard-tolerance {args.guard_tolerance} must be a finite number of nats >= 0")
+  if args.validate_length is not None and args.validate_length < 2:
+    ap.error(f"--validate-length {args.validate_length} must be at least 2 tokens")
   s = SETTINGS[args.variant]
   if args.validate_length is not None:
     s = dataclasses.replace(s, validate_length=args.validate_length)
@@ -231,7 +238,7 @@ def main(argv=None) -> int:
       print(f"budget {pct}%: effective context moa {moa['effective ctx']} vs uniform "
             f"{uni['effective ctx']}; passkey at N = {limit['length']} (uniform's limit): "
             f"moa {moa['passkey'][str(limit['length'])]:.3f} vs uniform {limit['accuracy']:.3f}")
-  (sweep_dir / "moa_summary.json").write_text(json.dumps(summary, indent=1))
+  write_json(sweep_dir / "moa_summary.json", summary, indent=1)
   path = report.write_report(sweep_dir)
   print(f"report: {path}")
   return 0

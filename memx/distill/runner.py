@@ -81,6 +81,8 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
   stage whose predecessor's checkpoint is missing, stage directories that already hold runs
   (without --resume / --overwrite) or that were made with other settings.
   """
+  if pathlib.Path(out).exists() and not pathlib.Path(out).is_dir():
+    raise UserError(f"--out {out} is a file; give a directory for the student's stages.")
   path, step = teacher_spec(teacher)
   step = teacher_step if teacher_step is not None else step
   dcfg = resolve_config(path, dcfg)
@@ -216,7 +218,11 @@ def execute(p: Plan, *, progress: bool = True, log=print, loaders=None) -> dict[
   data a single DataConfig cannot describe (experiments/distill mixes two tasks); a train
   loader needs only `local_batch(step)`.
   """
-  p.out.mkdir(parents=True, exist_ok=True)
+  try:
+    p.out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"cannot create the distillation output directory {p.out} ({e.strerror}); "
+                    "give --out a directory path.") from None
   record = {"teacher": {"run": str(p.teacher.run_dir.resolve()), "step": p.teacher.step},
             "config": _json(to_dict(p.dcfg)), "student_model": _json(to_dict(p.student_model)),
             "converted_layers": list(p.layers)}
@@ -224,7 +230,12 @@ def execute(p: Plan, *, progress: bool = True, log=print, loaders=None) -> dict[
   for run in p.runs:
     k = run.index
     if p.resume and (run.directory / "summary.json").is_file():
-      summaries[k] = json.loads((run.directory / "summary.json").read_text())
+      done = json.loads((run.directory / "summary.json").read_text())
+      if done.get("steps") != run.stage.steps:
+        raise UserError(f"stage {k} in {run.directory} finished after {done.get('steps')} "
+                        f"steps, but stage{k}.steps is now {run.stage.steps}: pass --overwrite "
+                        "to distil it (and the stages after it) again.")
+      summaries[k] = done
       log(f"stage {k}: finished earlier, kept ({run.directory})")
       continue
     if p.overwrite and not p.resume and run.directory.exists():

@@ -50,7 +50,7 @@ def build(module, variant: str | None, overrides: dict[str, Any], names_before: 
 
 def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:
   """Distils SWEEP/<teacher> into SWEEP/<spec.name>; returns the final stage's summary."""
-  from memx._io import write_json
+  from memx._io import atomic_file, write_json
   from memx.distill import runner
   from memx.train.metrics import read_metrics
 
@@ -61,6 +61,10 @@ def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:
   dcfg = runner.resolve_config(teacher_dir, dcfg)
   out = sweep_dir / spec.name
   stages_dir = out / "distill"
+  # In progress: the entry's previous summary (and the files beside it) would read as this
+  # run's result while it runs or if it fails, as `train` unlinks a run's own summary.
+  for stale in ("summary.json", "config.json", "metrics.jsonl"):
+    (out / stale).unlink(missing_ok=True)
   summaries = runner.distill(teacher_dir, dcfg, stages_dir, resume=resume, overwrite=overwrite,
                              progress=progress)
   last = stages_dir / f"stage{max(summaries)}"
@@ -70,7 +74,8 @@ def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:
     rows += [{**r, "step": r["step"] + offset, "stage": k} for r in stage_rows]
     offset += max((r["step"] for r in stage_rows), default=0)
   write_json(out / "config.json", json.loads((last / "config.json").read_text()))
-  (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with atomic_file(out / "metrics.jsonl") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in rows))
   summary = {**summaries[max(summaries)], "name": spec.name, "teacher": teacher,
              "student": dcfg.student.label, "stages": list(dcfg.stages)}
   write_json(out / "summary.json", summary)  # last: its presence marks the entry finished

@@ -36,6 +36,11 @@ def test_cli_distills_end_to_end(teacher_run, tmp_path, capsys):
   rc = main(["distill", str(teacher_run), "--student", "hybrid:every=2", "--out", str(out),
              "--resume", *FAST])
   assert rc == 0 and capsys.readouterr().out.count("finished earlier") == 3
+  # A finished stage whose step count changed is not kept as if it had been trained so.
+  rc = main(["distill", str(teacher_run), "--student", "hybrid:every=2", "--out", str(out),
+             "--resume", *FAST, "--set", "stage1.steps=3"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "stage1.steps is now 3" in err and "--overwrite" in err
 
 
 def test_cli_errors_before_any_work(teacher_run, tmp_path, capsys):
@@ -56,6 +61,10 @@ def test_cli_errors_before_any_work(teacher_run, tmp_path, capsys):
   assert main(["distill", str(tmp_path), "--out", str(out)]) == 2
   assert "not a memx run" in capsys.readouterr().err
   assert not out.exists()
+  (tmp_path / "afile").write_text("")
+  assert main(["distill", str(teacher_run), "--out", str(tmp_path / "afile")]) == 2
+  err = capsys.readouterr().err
+  assert "is a file" in err and "Traceback" not in err
 
 
 def test_parse_student():

@@ -63,3 +63,22 @@ def test_sweep_trains_teacher_then_distils(tmp_path):
   assert (sweep_dir / "student" / "distill" / "stage3" / "checkpoints").is_dir()
   from memx.experiment import report
   assert "student" in report.summary_table(sweep_dir)
+  # Changed settings whose run fails: the entry's old summary must not read as its result.
+  from memx.distill import sweep_entry
+  from memx.experiment import loading
+  from memx.experiment.runner import RunSpec
+  module = loading.load_module(exp)
+  spec = RunSpec(exp, None, {**dict(loading.sweep_entries(module))["student"],
+                             "distill.stage1.lr": 1e9}, str(sweep_dir), "student")
+  import memx.distill.runner as runner_mod
+  real = runner_mod.distill
+
+  def crash(*a, **k):
+    raise RuntimeError("killed")
+  runner_mod.distill = crash
+  try:
+    with pytest.raises(RuntimeError):
+      sweep_entry.run(spec, module, resume=False, overwrite=True, progress=False)
+  finally:
+    runner_mod.distill = real
+  assert not (sweep_dir / "student" / "summary.json").exists()

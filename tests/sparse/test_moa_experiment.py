@@ -47,3 +47,12 @@ def test_uniform_limit_is_the_first_length_past_its_effective_context():
   assert module.uniform_limit(never, (256, 128)) == {"length": 128, "accuracy": 0.2}
   always = {"effective ctx": 256, "passkey": {"128": 1.0, "256": 1.0}}  # no limit in range
   assert module.uniform_limit(always, (128, 256)) == {"length": 256, "accuracy": 1.0}
+
+
+def test_bad_guard_tolerance_is_refused_before_training(tmp_path, capsys):
+  pipeline = loading.load_module(PIPELINE)
+  for bad in ("-1", "nan"):
+    with pytest.raises(SystemExit) as e:
+      pipeline.main(["--variant", "tiny", "--workdir", str(tmp_path), "--guard-tolerance", bad])
+    assert e.value.code == 2 and "--guard-tolerance" in capsys.readouterr().err
+  assert not any(tmp_path.iterdir())
