@@ -20,7 +20,6 @@ Each run is a fresh process, so one run's threads or caches cannot leak into the
 import argparse
 import concurrent.futures
 import datetime
-import json
 import multiprocessing
 import pathlib
 import statistics
@@ -29,6 +28,7 @@ import tempfile
 
 import jax
 
+from memx._io import atomic_file, write_json
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from memx.train.loop import train
 
@@ -93,12 +93,21 @@ def main() -> None:
       with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
         runs[m].append(pool.submit(measure_variant, size, m, bf16).result())
       print(m, runs[m][-1], flush=True)
-  base = statistics.median(r["step_s"] for r in runs["never"])
+      # Written after every run, atomically: a bench stopped by a deadline (gpu_check's
+      # per-bench limit) keeps the rows it finished.
+      report(out, runs, size, args.repeats)
+
+
+def report(out: pathlib.Path, runs: dict, size, repeats: int) -> None:
+  """bench_checkpoint.json and .md from the runs so far (modes with at least one run)."""
+  done = [m for m in runs if runs[m]]
+  base = statistics.median(r["step_s"] for r in runs["never"]) if runs["never"] else None
   rows = []
   med = lambda m, key: None if m == "never" else 1e3 * statistics.median(r[key] for r in runs[m])  # noqa: E731
-  for m in modes:
+  for m in done:
     step = statistics.median(r["step_s"] for r in runs[m])
-    rows.append({"mode": m, "step_ms": 1e3 * step, "overhead": step / base - 1.0,
+    rows.append({"mode": m, "step_ms": 1e3 * step, "runs": len(runs[m]),
+                 "overhead": None if base is None else step / base - 1.0,
                  "median_step_ms": 1e3 * statistics.median(r["median_step_s"] for r in runs[m]),
                  "blocking_ms": med(m, "blocking_s"), "write_wait_ms": med(m, "write_wait_s"),
                  "checkpoint_bytes": runs[m][0]["checkpoint_bytes"],
@@ -108,22 +117,23 @@ def main() -> None:
   dev = jax.devices()[0]
   meta = {"date": datetime.date.today().isoformat(), "commit": sha, "device": dev.device_kind,
           "size": dict(zip(("d_model", "n_layers", "n_heads", "seq_len", "batch", "steps",
-                            "every"), size, strict=True)), "repeats": args.repeats}
-  (out / "bench_checkpoint.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+                            "every"), size, strict=True)), "repeats": repeats}
+  write_json(out / "bench_checkpoint.json", {"meta": meta, "rows": rows})
   lines = [f"bench_checkpoint — {meta['device']}, {meta['date']}, commit {sha}, "
            f"state {rows[0]['state_bytes'] / 2**20:.1f} MiB, checkpoint every {size[6]} step(s)",
            "",
-           "| mode | step ms (mean) | overhead vs never | step ms (median) | blocking ms per "
-           "save | of which waiting for the previous write |",
-           "|---|---|---|---|---|---|"]
+           "| mode | runs | step ms (mean) | overhead vs never | step ms (median) | blocking ms "
+           "per save | of which waiting for the previous write |",
+           "|---|---|---|---|---|---|---|"]
+  fmt = lambda x, spec=".2f": "–" if x is None else format(x, spec)  # noqa: E731
   for r in rows:
-    fmt = lambda x: "–" if x is None else f"{x:.2f}"  # noqa: E731
-    lines.append(f"| {r['mode']} | {r['step_ms']:.1f} | {100 * r['overhead']:+.1f}% | "
+    overhead = "–" if r["overhead"] is None else f"{100 * r['overhead']:+.1f}%"
+    lines.append(f"| {r['mode']} | {r['runs']} | {r['step_ms']:.1f} | {overhead} | "
                  f"{r['median_step_ms']:.1f} | {fmt(r['blocking_ms'])} | "
                  f"{fmt(r['write_wait_ms'])} |")
-  (out / "bench_checkpoint.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
-
+  with atomic_file(out / "bench_checkpoint.md") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
   main()
