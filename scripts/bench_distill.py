@@ -40,13 +40,13 @@ Goal (H100): the linear student's decode memory stays constant in L; at 64k its 
 
 import argparse
 import datetime
-import json
 import pathlib
 import subprocess
 import sys
 
 import jax
 
+from memx._io import atomic_file, write_json
 from memx.distill.config import StudentConfig
 from memx.distill.seed import student_model_config
 from memx.distill.speed import (
@@ -144,6 +144,9 @@ def main(argv=None) -> int:
                       budget_s=args.budget_s, mem_limit=mem_limit, prefill_chunk=mode,
                       timed=not args.memory_only)
         mode_rows.append(row)
+        # Every row as it comes (atomically): a run cut by a time limit keeps them.
+        write_json(out / "results.partial.json", {"env": env, "args": vars(args),
+                                                  "rows": rows + mode_rows})
         print(f"  L={n:>6} {name:>8} prefill {_mode(mode)}: {fmt_ms(row.get('prefill_s'))} "
               f"ms {fmt_bytes(row.get('prefill_bytes'))} (compiled in "
               f"{row.get('compile_s', float('nan')):.1f} s), decode "
@@ -164,9 +167,11 @@ def main(argv=None) -> int:
           f"({args.n_kv_heads} kv), {args.dtype}, batch {args.batch}; params "
           + ", ".join(f"{m} {p:,}" for m, p in {r["model"]: r["params"] for r in rows}.items())
           + "\n\n" + table + "\n")
-  (out / "results.md").write_text(text)
-  (out / "results.json").write_text(json.dumps({"env": env, "args": vars(args), "rows": rows,
-                                                "summary": summary}, indent=2))
+  with atomic_file(out / "results.md") as f:
+    f.write(text)
+  write_json(out / "results.json", {"env": env, "args": vars(args), "rows": rows,
+                                    "summary": summary})
+  (out / "results.partial.json").unlink(missing_ok=True)
   print(table)
   return 0
 
