@@ -302,18 +302,18 @@ class TransformerLM(nnx.Module):
   def _cache_extent(self, cache: dict) -> tuple[int, int | None]:
     """(batch, max_len) of a decode cache; max_len None when no layer has a bounded cache
     (SSM and linear-attention states take any number of steps)."""
-    batch, max_len = None, None
+    batch, lengths = None, []
     for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
-      if block.kind == "attention":
-        k = layer_cache.k if isinstance(layer_cache, attention_decode.PlanCache) else \
-            layer_cache["k"]
-        n = (layer_cache.max_len if isinstance(layer_cache, attention_decode.PlanCache)
-             else k.shape[1])
-        max_len = n if max_len is None else min(max_len, n)
-      else:
-        k = jax.tree.leaves(layer_cache)[0]
-      batch = k.shape[0] if batch is None else batch
-    return batch, max_len
+      if isinstance(layer_cache, attention_decode.PlanCache):
+        lead = layer_cache.k
+        lengths.append(layer_cache.max_len)
+      elif block.kind == "attention":                     # dense {"k", "v": [B, max_len, ...]}
+        lead = layer_cache["k"]
+        lengths.append(lead.shape[1])
+      else:                                               # recurrent state, batch first
+        lead = jax.tree.leaves(layer_cache)[0]
+      batch = lead.shape[0] if batch is None else batch
+    return batch, min(lengths, default=None)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 
 from memx._io import atomic_file
 from memx.errors import UserError
-from memx.sparse.rules import Rule, candidate_rules, density
+from memx.sparse.rules import Rule, candidate_rules, density, rules_mask
 from memx.sparse.rules import kv_slots as rule_kv_slots
 
 PLAN_VERSION = 1
@@ -125,13 +125,9 @@ class Plan:
       return 1.0
     if self.kv_heads is None:
       return self.kv_slots(length) / (length * self.n_heads * len(planned))
-    group = self.n_heads // self.kv_heads
-    slots = 0
-    for rules in planned:
-      for g in range(self.kv_heads):
-        members = rules[g * group:(g + 1) * group]
-        sinks = max(min(r.n_sink, length) for r in members)
-        slots += sinks + min(max(r.span(length) for r in members), length - sinks)
+    from memx.nn.attention_decode import ring_layout  # the cache's own sizing rule
+    slots = sum(s + r for rules in planned for s, r in ring_layout(
+        rules_mask(rules, length), self.n_heads, self.kv_heads, length))
     return slots / (length * self.kv_heads * len(planned))
 
   def attn_plan(self) -> tuple:
