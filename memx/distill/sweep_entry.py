@@ -8,15 +8,18 @@ A sweep entry whose overrides use `distill.*` keys is a distillation, not a trai
 `distill.from` names an earlier entry of the same sweep (the teacher), `distill.student` is
 `memx distill --student`'s value (default "hybrid"), and every other `distill.KEY` overrides
 the DistillConfig (the experiment file's `distill_config(variant)` when it defines one, else
-the defaults; data defaults to the teacher's). The sweep driver runs distillation entries
-after all training entries. The stages go to SWEEP/NAME/distill/; the final student's config,
-metrics (every stage's, with a stage column) and summary are copied to SWEEP/NAME so the
-report shows the student as one more row. (Glue between memx.experiment's sweeps and
-memx.distill: it imports both, and only memx.experiment.runner imports it, lazily.)
+the defaults; data defaults to the teacher's, and `distill.data.KEY` overrides apply to the
+teacher's data once its run exists: they are checked when the sweep is planned). The sweep
+driver runs distillation entries after all training entries. The stages go to
+SWEEP/NAME/distill/; the final student's config, metrics (every stage's, with a stage column)
+and summary are copied to SWEEP/NAME so the report shows the student as one more row. (Glue
+between memx.experiment's sweeps and memx.distill: it imports both, and only
+memx.experiment.runner imports it, lazily.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Any
@@ -28,10 +31,15 @@ FROM, STUDENT = "distill.from", "distill.student"
 
 
 def build(module, variant: str | None, overrides: dict[str, Any], names_before: list[str]):
-  """(teacher entry name, DistillConfig without data resolution); checks everything."""
+  """(teacher entry name, DistillConfig, data overrides); checks everything.
+
+  The data overrides are `distill.data.*` keys (without the prefix) still to be applied, when
+  the DistillConfig's data is None (the teacher run's, resolved in `run`); else {} (applied).
+  """
+  from memx.data.config import DataConfig
   from memx.distill.cli import parse_student
   from memx.distill.config import DistillConfig
-  from memx.experiment.overrides import apply_overrides
+  from memx.experiment.overrides import apply_overrides, check_overrides
 
   plain = [k for k in overrides if not k.startswith(PREFIX)]
   if plain:
@@ -45,20 +53,29 @@ def build(module, variant: str | None, overrides: dict[str, Any], names_before: 
   dcfg = (fn(variant) if variant is not None else fn()) if fn else DistillConfig()
   flags = parse_student(str(overrides.get(STUDENT, "hybrid")))
   flags |= {k[len(PREFIX):]: v for k, v in overrides.items() if k not in (FROM, STUDENT)}
-  return teacher, apply_overrides(dcfg, flags)
+  data = {k[len("data."):]: flags.pop(k) for k in list(flags) if k.startswith("data.")}
+  if dcfg.data is not None:
+    flags |= {f"data.{k}": v for k, v in data.items()}
+    data = {}
+  elif data:  # keys and types now; values meet the teacher's data config in `run`
+    check_overrides(DataConfig(), data, prefix=PREFIX + "data.")
+  return teacher, apply_overrides(dcfg, flags), data
 
 
 def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:
   """Distils SWEEP/<teacher> into SWEEP/<spec.name>; returns the final stage's summary."""
   from memx._io import atomic_file, write_json
   from memx.distill import runner
+  from memx.experiment.overrides import apply_overrides
   from memx.train.metrics import read_metrics
 
   sweep_dir = pathlib.Path(spec.workdir)
   names = [n for n in _entry_names(module) if n != spec.name]
-  teacher, dcfg = build(module, spec.variant, spec.overrides, names)
+  teacher, dcfg, data = build(module, spec.variant, spec.overrides, names)
   teacher_dir = sweep_dir / teacher
   dcfg = runner.resolve_config(teacher_dir, dcfg)
+  if data:
+    dcfg = dataclasses.replace(dcfg, data=apply_overrides(dcfg.data, data))
   out = sweep_dir / spec.name
   stages_dir = out / "distill"
   # In progress: the entry's previous summary (and the files beside it) would read as this

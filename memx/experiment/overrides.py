@@ -51,6 +51,24 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
   return _set_many(cfg, {tuple(k.split(".")): v for k, v in overrides.items()}, "")
 
 
+def check_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+  """Raises ConfigError for an unknown key or a value of the wrong type, without applying them.
+
+  For overrides whose target is not known yet (a distillation's data is the teacher run's, read
+  only once that run exists): `cfg` is any instance of the target's type.
+  """
+  valid = all_keys(cfg)
+  for key, value in overrides.items():
+    if key not in valid:
+      raise ConfigError(f"unknown config key {prefix + key!r}; {_hint(key, valid)}"
+                        + (f" (keys under {prefix!r})" if prefix else ""))
+    *path, leaf = key.split(".")
+    node = cfg
+    for part in path:
+      node = getattr(node, part)
+    coerce(value, typing.get_type_hints(type(node))[leaf], prefix + key)
+
+
 def _hint(key: str, valid: list[str]) -> str:
   same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
   near = same_leaf or difflib.get_close_matches(key, valid, n=4, cutoff=0.5)

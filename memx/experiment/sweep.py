@@ -36,8 +36,9 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
     try:
       if is_distill_entry(overrides):  # a student distilled from an earlier entry's run
         from memx.distill import sweep_entry
-        teacher, dcfg = sweep_entry.build(module, variant, overrides, list(hashes))
-        blob = json.dumps({"teacher": hashes[teacher], "distill": to_dict(dcfg)},
+        teacher, dcfg, data = sweep_entry.build(module, variant, overrides, list(hashes))
+        blob = json.dumps({"teacher": hashes[teacher], "distill": to_dict(dcfg),
+                           **({"data": data} if data else {})},
                           sort_keys=True, default=str)
         h = hashlib.sha256(blob.encode()).hexdigest()[:12]
       else:

@@ -49,6 +49,42 @@ def test_distill_entry_needs_an_earlier_teacher(tmp_path):
   assert not (tmp_path / "runs").exists()
 
 
+def test_distill_data_overrides_checked_at_plan_and_applied_to_the_teachers_data(
+    tmp_path, monkeypatch):
+  # The data is the teacher run's, unknown until it trained: distill.data.* keys used to fail
+  # every plan ("unknown config key"), since they were applied to a config whose data was None.
+  for bad, match in (('"distill.data.seq_length": 8', r"distill\.data\.seq_length.*seq_len"),
+                     ('"distill.data.seq_len": "eight"', r"distill\.data\.seq_len.*wrong type")):
+    exp = _write(tmp_path, f'[("teacher", {{}}), ("student", {{**STUDENT, {bad}}})]')
+    with pytest.raises(UserError, match=match):
+      sweep.plan(exp, None, str(tmp_path / "runs"))
+  exp = _write(tmp_path, '[("teacher", {}), ("student", {**STUDENT, "distill.data.seq_len": 8})]')
+  _, specs = sweep.plan(exp, None, str(tmp_path / "runs"))
+  (tmp_path / "plain").mkdir()
+  _, plain = sweep.plan(_write(tmp_path / "plain", '[("teacher", {}), ("student", STUDENT)]'),
+                        None, str(tmp_path / "runs"))
+  assert specs[1][1] != plain[1][1]  # the override is part of the entry's identity
+
+  # Applied on top of the teacher run's data config (here: seq_len 16 → 8, source kept).
+  from memx.config import to_dict
+  from memx.distill import runner as runner_mod
+  from memx.distill import sweep_entry
+  from memx.experiment import loading
+  module = loading.load_module(exp)
+  teacher_dir = tmp_path / "runs" / "exp" / "teacher"
+  teacher_dir.mkdir(parents=True)
+  (teacher_dir / "config.json").write_text(json.dumps(to_dict(module.config())))
+  seen = {}
+
+  def capture(teacher, dcfg, out, **kw):
+    seen["data"] = dcfg.data
+    raise RuntimeError("stop before training")
+  monkeypatch.setattr(runner_mod, "distill", capture)
+  with pytest.raises(RuntimeError, match="stop before training"):
+    sweep_entry.run(specs[1][0], module, resume=False, overwrite=False, progress=False)
+  assert seen["data"].seq_len == 8 and seen["data"].source == "corpus"
+
+
 @pytest.mark.slow
 def test_sweep_trains_teacher_then_distils(tmp_path):
   exp = _write(tmp_path, '[("teacher", {}), ("student", STUDENT)]')
