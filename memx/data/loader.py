@@ -361,15 +361,27 @@ def make_loader(cfg: DataConfig, *, batch_size: int, seed: int, split: str = "tr
   vocab_size = cfg.vocab_size or tokenizer.vocab_size
   task = cfg.task_name
   num_task_rows = batch_size if cfg.source == task else round(cfg.task_fraction * batch_size)
+  if task is not None and cfg.task_fraction > 0 and num_task_rows == 0:
+    raise DataError(
+        f"data.task_fraction = {cfg.task_fraction} of batch_size {batch_size} rounds to 0 task "
+        f"rows: training would never see the {task!r} task (and still report its accuracy). "
+        f"Use a task_fraction that gives at least 1 row (Python's round: above "
+        f"{0.5 / batch_size:.3g}), or task_fraction = 0 for no task rows in training.")
 
   task_fn, settings = None, "none"
   filler_corpus = task == "passkey" and cfg.passkey_filler == "corpus"
   if task is not None:
-    filler = load_corpus()[0] if filler_corpus else None
+    filler = None
+    if filler_corpus:
+      # The split's own part of the corpus (as the LM windows below): train rows never show
+      # held-out text, even as haystack.
+      corpus = load_corpus()[0]
+      cut = math.floor(len(corpus) * (1.0 - cfg.eval_fraction))
+      filler = corpus[:cut] if split == "train" else corpus[cut:]
     task_fn = make_task(cfg, task, filler=filler)
     settings = f"{task_settings(cfg, task)};fraction={num_task_rows}/{batch_size}"
     if filler_corpus:  # the haystack's bytes are data too
-      settings += f";filler_sha256={load_corpus()[1]}"
+      settings += f";filler_sha256={load_corpus()[1]};filler_split={cfg.eval_fraction}"
 
   source = None
   if cfg.source == "corpus":

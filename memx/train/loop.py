@@ -39,7 +39,7 @@ from memx.parallel.mesh import batch_sharding, make_mesh
 from memx.parallel.rules import RULES, shards
 from memx.parallel.validate import validate_for_model
 from memx.train.memory import compiled_memory, peak_device_bytes
-from memx.train.metrics import MetricsWriter, truncate_after
+from memx.train.metrics import MetricsWriter, resumed_history, truncate_after
 from memx.train.step import (
   init_state,
   make_apply_step,
@@ -103,11 +103,14 @@ def prepare(cfg: Config) -> Setup:
   task_loader = None if task_cfg is None else make_loader(
       task_cfg, batch_size=tc.batch_size, seed=seeds.data_seed, split="eval")
   data_size = shards(dict(RULES[cfg.parallel.strategy])[BATCH], dict(mesh.shape))
-  if tc.batch_size % (data_size * jax.process_count()):
+  # The mesh spans every host, so data_size already counts their devices: the batch must split
+  # evenly over the data-parallel shards and over the hosts that load it, not their product.
+  multiple = math.lcm(data_size, jax.process_count())
+  if tc.batch_size % multiple:
     raise ConfigError(
         f"train.batch_size = {tc.batch_size} is not allowed: it must be a multiple of the "
         f"data-parallel size {data_size} (the mesh axes the batch is split over) and of the "
-        f"{jax.process_count()} host(s).")
+        f"{jax.process_count()} host(s), i.e. of {multiple}.")
   validate_for_model(cfg.parallel, cfg.model, mesh, batch_size=tc.batch_size,
                      seq_len=cfg.data.seq_len)
   if cfg.model.vocab_size < loader.vocab_size:
@@ -193,7 +196,13 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       truncate_after(run_dir / "metrics.jsonl", start)
   if on_start is not None:
     on_start()
-  writer = MetricsWriter(run_dir if jax.process_index() == 0 else None)
+  # TensorBoard drops what an abandoned attempt logged after `start`, as metrics.jsonl did.
+  writer = MetricsWriter(run_dir if jax.process_index() == 0 else None, purge_after=start)
+  # What the summary averages over the last steps, and the last eval, carried across a resume:
+  # "train k, stop, resume, train N-k" then summarises as "train N" does.
+  recent_losses, eval_metrics = (
+      resumed_history(run_dir / "metrics.jsonl", start)
+      if run_dir is not None and start and jax.process_index() == 0 else ([], {}))
   meta = {"run": identity, "config": to_dict(cfg)}
 
   try:
@@ -216,7 +225,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     bar = tqdm(total=end, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=not progress or jax.process_index() != 0, leave=True)
     pending: list[tuple[int, dict]] = []
-    rates, recent_losses = [], []
+    rates = []
     clock = {"t": time.perf_counter(), "steps": 0}
     timed = {"s": 0.0, "steps": 0}  # the intervals behind `rates`: their mean step time
     tokens_per_step = tc.batch_size * cfg.data.seq_len
@@ -258,7 +267,6 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       ckpt.save(step, snap, {"step": step}, meta)
       ckpt.wait()
 
-    eval_metrics = {}
     save_after: int | None = None  # a step whose state is saved during the next step
     # Several processes must stop at one step, or they run mismatched collectives: there JAX's
     # preemption service (on with jax.distributed) hears SIGTERM on any host and names a step
@@ -283,7 +291,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
           pending.append((step + 1, metrics))
           clock["steps"] += 1
         done = step + 1
-        eval_due = done == end or (tc.eval_every and done % tc.eval_every == 0)
+        # At train.steps, not at stop_at_step: a stopped run logs what the straight run does.
+        eval_due = done == tc.steps or (tc.eval_every and done % tc.eval_every == 0)
         if done % tc.log_every == 0 or eval_due:
           flush()
         if ckpt is not None:
@@ -293,7 +302,10 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
                                    tc.eval_batches, bsh)
           writer.write({"step": done, "split": "eval", **eval_metrics})
           clock["t"] = time.perf_counter()  # keep eval time out of the throughput
-        if sigterm.raised or (agreed and multihost_utils.reached_preemption_sync_point(done)):
+        # At the last step the final save and the summary below are the way out: a preemption
+        # there would leave a resume nothing to run and nothing to summarise.
+        if done < end and (sigterm.raised or (
+            agreed and multihost_utils.reached_preemption_sync_point(done))):
           final_save(done)
           raise Preempted(done)
         if ckpt is not None and done % cfg.checkpoint.every == 0 and done < end:

@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from memx.data import ByteTokenizer, DataConfig, load_corpus, make_loader, verify_row
+from memx.errors import DataError
 
 KEYS = ("inputs", "targets", "weights", "answer_mask")
 
@@ -122,8 +123,31 @@ def test_global_batch_rejects_indivisible_batch():
     loader.global_batch(0, NamedSharding(mesh, P("data")))
 
 
+def test_task_fraction_that_rounds_to_no_rows_is_refused():
+  # 0.1 of 4 rows rounds to 0: training would never see the task yet report its accuracy.
+  for fraction, batch in ((0.1, 4), (0.25, 2), (0.5, 1)):
+    with pytest.raises(DataError, match="rounds to 0 task rows"):
+      make_loader(DataConfig(seq_len=64, task="mqar", task_fraction=fraction, mqar_pairs=4),
+                  batch_size=batch, seed=0)
+
+
+def test_passkey_corpus_filler_comes_from_the_splits_own_text():
+  # Train rows' haystacks must not show held-out (eval) text, nor eval rows' training text.
+  corpus = load_corpus()[0]
+  for split in ("train", "eval"):
+    cfg = DataConfig(source="passkey", seq_len=256, passkey_filler="corpus", passkey_depth=1.0,
+                     eval_fraction=0.1)
+    cut = int(len(corpus) * 0.9)
+    part = corpus[:cut] if split == "train" else corpus[cut:]
+    rows = make_loader(cfg, batch_size=8, seed=0, split=split)
+    for step in range(5):
+      for row in rows.local_batch(step)["inputs"]:
+        head = bytes(row[1:49].astype(np.uint8))  # after BOS: filler (the needle is last)
+        assert head in part, (split, head)
+
+
 @pytest.mark.parametrize("fraction,batch,n_task", [(0.25, 8, 2), (0.3, 10, 3), (1.0, 4, 4),
-                                                   (0.5, 5, 2), (0.1, 4, 0)])
+                                                   (0.5, 5, 2)])
 def test_task_fraction_rows(fraction, batch, n_task):
   cfg = DataConfig(seq_len=64, task="mqar", task_fraction=fraction, mqar_pairs=4)
   loader = make_loader(cfg, batch_size=batch, seed=0)

@@ -86,13 +86,22 @@ def test_same_config_and_seed_is_bit_identical(tmp_path):
   assert _losses(tmp_path / "c") != a
 
 
+def _records(run_dir: pathlib.Path) -> list[dict]:
+  """metrics.jsonl without its timings."""
+  return [{k: v for k, v in r.items() if k != "tokens_per_s"}
+          for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
 def test_resume_is_exact(tmp_path):
   full = train(TINY, tmp_path / "full", progress=False)
   train(TINY, tmp_path / "split", progress=False, stop_at_step=3)
   assert len(_losses(tmp_path / "split")) == 3
   resumed = train(TINY, tmp_path / "split", progress=False, resume=True)
-  assert _losses(tmp_path / "split") == _losses(tmp_path / "full")
+  # Every record, evaluations included (a stop used to log an eval the straight run has not).
+  assert _records(tmp_path / "split") == _records(tmp_path / "full")
   assert resumed["final_eval_loss"] == full["final_eval_loss"]
+  # The summary's mean of the last 10 losses spans the resume (it averaged 3, not 6).
+  assert resumed["final_train_loss"] == full["final_train_loss"]
   # Final parameters are identical too.
   a = Checkpointer(tmp_path / "full" / "checkpoints", TINY.checkpoint)
   b = Checkpointer(tmp_path / "split" / "checkpoints", TINY.checkpoint)
@@ -131,10 +140,77 @@ def test_run_writes_metrics_and_summary(tmp_path):
   assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
+def test_resume_at_the_end_without_a_summary_rebuilds_it(tmp_path):
+  # A run whose final checkpoint is complete but whose summary was never written (killed in
+  # between): the resume runs no step and must summarise from metrics.jsonl, not report None.
+  full = train(TINY, tmp_path, progress=False)
+  (tmp_path / "summary.json").unlink()
+  again = train(TINY, tmp_path, progress=False, resume=True)
+  assert again["status"] == "done"
+  for key in ("final_train_loss", "final_eval_loss", "task_accuracy"):
+    assert again[key] == full[key] is not None, key
+
+
+def test_sigterm_at_the_last_step_finishes_the_run(tmp_path, monkeypatch):
+  # SIGTERM during the final evaluation: stopping there (saving step `end`, no summary) left a
+  # resume nothing to run and a summary of Nones; the run finishes instead.
+  import os
+  import signal
+
+  from memx.train import loop
+  real = loop._evaluate
+
+  def evaluate(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+  monkeypatch.setattr(loop, "_evaluate", evaluate)
+  summary = train(TINY, tmp_path, progress=False)
+  assert summary["status"] == "done" and summary["final_eval_loss"] is not None
+  assert json.loads((tmp_path / "summary.json").read_text())["steps"] == TINY.train.steps
+
+
+def test_tensorboard_drops_an_abandoned_attempts_steps_on_resume(tmp_path):
+  pytest.importorskip("tensorboardX")
+  import shutil
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  train(TINY, tmp_path, progress=False)
+  shutil.rmtree(tmp_path / "checkpoints" / "6")  # resume from step 3: steps 4-6 run again
+  (tmp_path / "summary.json").unlink()
+  train(TINY, tmp_path, progress=False, resume=True)
+
+  # TensorBoard's reading rule: a SessionLog START at step p hides earlier events at >= p.
+  points = []
+  for f in sorted((tmp_path / "tb").iterdir(), key=lambda f: f.stat().st_mtime_ns):
+    buf, i = f.read_bytes(), 0
+    while i < len(buf):
+      (n,) = struct.unpack("<Q", buf[i:i + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(buf[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        points = [(tag, step, v) for tag, step, v in points if step < event.step]
+      points += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+  steps = [step for tag, step, _ in points if tag == "train/loss"]
+  assert sorted(steps) == list(range(1, 7))
+
+
 def test_batch_not_divisible_by_data_axis():
   cfg = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, batch_size=12))
   with pytest.raises(ConfigError, match="multiple of the data-parallel size 8"):
     train(cfg, None, progress=False)
+
+
+def test_batch_multiple_counts_hosts_once(monkeypatch):
+  # Two hosts × 4 devices: the data axis (8) already spans both hosts, so a batch of 8 (one
+  # row per device, 4 per host) is valid; the check used to ask for a multiple of 8 × 2.
+  from memx.train.loop import prepare
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert prepare(TINY).loader.local_batch(0)["inputs"].shape[0] == 4
+  cfg = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, batch_size=12))
+  with pytest.raises(ConfigError, match="host\\(s\\), i.e. of 8"):
+    prepare(cfg)
 
 
 @pytest.mark.multidevice
