@@ -5,6 +5,7 @@ import math
 from typing import Literal
 
 from memx._validate import one_of, require
+from memx.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
@@ -82,6 +83,10 @@ def matmulfree_config(**overrides) -> "ModelConfig":
 
 def hybrid_mixers(n_layers: int, attention_every: int, ssm: str = "mamba2") -> tuple[str, ...]:
   """Attention at layers 0, k, 2k, ... and `ssm` elsewhere (mmMamba-hybrid keeps every 4th)."""
+  if isinstance(attention_every, bool) or not isinstance(attention_every, int) \
+      or attention_every < 1:
+    raise ConfigError(f"attention_every = {attention_every!r} is not allowed: attention goes at "
+                      "every k-th layer, so k must be an integer >= 1.")
   return tuple("attention" if i % attention_every == 0 else ssm for i in range(n_layers))
 
 
@@ -149,15 +154,25 @@ class ModelConfig:
 
   def __post_init__(self):
     name = "model"
+    for f in ("mixers", "attn_window_layers"):  # lists from Python or JSON: hashable tuples
+      value = getattr(self, f)
+      require(value is None or isinstance(value, tuple | list), name, f, value,
+              "must be None or a sequence (tuple or list)")
+      if isinstance(value, list):
+        object.__setattr__(self, f, tuple(value))
     for f in ("vocab_size", "d_model", "n_layers", "n_heads"):
       require(getattr(self, f) > 0, name, f, getattr(self, f), "must be a positive integer")
-    require(self.d_model % self.n_heads == 0, name, "n_heads", self.n_heads,
-            f"must divide model.d_model = {self.d_model}")
-    require(self.head_dim % 2 == 0, name, "n_heads", self.n_heads,
-            f"head dim d_model/n_heads = {self.head_dim} must be even for RoPE")
-    kv = self.kv_heads
-    require(kv > 0 and self.n_heads % kv == 0, name, "n_kv_heads", self.n_kv_heads,
-            f"must be a positive divisor of model.n_heads = {self.n_heads}")
+    # Heads shape attention and linear attention only (Mamba-2 takes its own from model.ssm).
+    mixers = set(self.mixers or ("attention",))
+    if mixers & {"attention", "linear_attention"}:
+      require(self.d_model % self.n_heads == 0, name, "n_heads", self.n_heads,
+              f"must divide model.d_model = {self.d_model}")
+      kv = self.kv_heads
+      require(kv > 0 and self.n_heads % kv == 0, name, "n_kv_heads", self.n_kv_heads,
+              f"must be a positive divisor of model.n_heads = {self.n_heads}")
+    if "attention" in mixers:
+      require(self.head_dim % 2 == 0, name, "n_heads", self.n_heads,
+              f"head dim d_model/n_heads = {self.head_dim} must be even for RoPE")
     require(self.d_ff >= 0, name, "d_ff", self.d_ff, "must be >= 0 (0 = automatic)")
     require(self.rope_theta > 0, name, "rope_theta", self.rope_theta, "must be > 0")
     require(self.norm_eps > 0, name, "norm_eps", self.norm_eps, "must be > 0")
@@ -170,6 +185,8 @@ class ModelConfig:
     require(self.attn_sinks == 0 or self.attn_window is not None, name, "attn_sinks",
             self.attn_sinks, "sinks only apply to windowed layers; set model.attn_window too")
     if self.attn_window_layers is not None:
+      require(self.attn_window is not None, name, "attn_window_layers", self.attn_window_layers,
+              "picks the layers that use model.attn_window, which is None; set it too")
       bad = [i for i in self.attn_window_layers if not 0 <= i < self.n_layers]
       require(not bad, name, "attn_window_layers", self.attn_window_layers,
               f"layer indices must lie in [0, {self.n_layers})")

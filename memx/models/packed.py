@@ -79,10 +79,7 @@ def config_to_json(cfg: ModelConfig) -> str:
 def config_from_json(text: str) -> ModelConfig:
   d = json.loads(text)
   d["ssm"] = SSMConfig(**d["ssm"])
-  for f in ("mixers", "attn_window_layers"):
-    if d.get(f) is not None:
-      d[f] = tuple(d[f])
-  return ModelConfig(**d)
+  return ModelConfig(**d)  # (it turns JSON lists into tuples)
 
 
 def _flat(tree) -> dict[str, np.ndarray]:

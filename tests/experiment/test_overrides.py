@@ -33,6 +33,11 @@ def _get(cfg, key: str):
 # Typed parsing of every field kind
 
 
+def _needs(key: str) -> dict:
+  """Companion overrides a key is only valid with (windowed layers need a window)."""
+  return {"model.attn_window": "8"} if key == "model.attn_window_layers" else {}
+
+
 @pytest.mark.parametrize(("key", "text", "expected"), [
     # int
     ("model.d_model", "64", 64),
@@ -87,7 +92,7 @@ def _get(cfg, key: str):
     ("parallel.mesh_axes", "data", ("data",)),
 ])
 def test_string_values_are_parsed_by_field_type(key, text, expected):
-  cfg = apply_overrides(Config(), {key: text})
+  cfg = apply_overrides(Config(), {key: text, **_needs(key)})
   value = _get(cfg, key)
   assert value == expected
   assert type(value) is type(expected)
@@ -106,7 +111,7 @@ def test_string_values_are_parsed_by_field_type(key, text, expected):
     ("model.remat", "full", "full"),
 ])
 def test_python_values_from_sweep_entries_are_checked_and_converted(key, value, expected):
-  value = _get(apply_overrides(Config(), {key: value}), key)
+  value = _get(apply_overrides(Config(), {key: value, **_needs(key)}), key)
   assert value == expected and type(value) is type(expected)
 
 
@@ -302,7 +307,9 @@ def test_parse_assignments_rejects_items_without_a_key(item):
     ({"model.n_heads": "128"}, ["model.n_heads = 128", "must be even for RoPE"]),
     ({"model.n_kv_heads": "3"}, ["model.n_kv_heads = 3", "divisor of model.n_heads = 4"]),
     ({"model.attn_sinks": "4"}, ["model.attn_sinks = 4", "model.attn_window"]),
-    ({"model.attn_window_layers": "0,5"}, ["model.attn_window_layers = (0, 5)", "[0, 2)"]),
+    ({"model.attn_window_layers": "0,5", "model.attn_window": "8"},
+     ["model.attn_window_layers = (0, 5)", "[0, 2)"]),
+    ({"model.attn_window_layers": "0"}, ["model.attn_window_layers = (0,)", "attn_window"]),
     ({"parallel.mesh_shape": "-1,-1"}, ["parallel.mesh_shape = (-1, -1)", "mesh_axes"]),
     ({"parallel.mesh_shape": "0"}, ["parallel.mesh_shape = (0,)", "positive or -1"]),
     ({"parallel.mesh_axes": "model"}, ["parallel.mesh_axes = ('model',)", "'data' axis"]),

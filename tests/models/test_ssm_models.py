@@ -98,10 +98,40 @@ def test_mixers_and_ssm_config_from_overrides_and_json():
     ({"mixers": ("mamba2", "mamba2"), "ssm": SSMConfig(head_dim=48)}, "ssm.head_dim"),
     ({"mixers": ("mamba2", "mamba2"), "ssm": SSMConfig(head_dim=32, n_groups=3)},
      "ssm.n_groups"),
+    ({"attn_window_layers": (0,)}, "attn_window_layers.*attn_window, which is None"),
+    ({"mixers": "mamba2,attention"}, "mixers.*must be None or a sequence"),
+    ({"mixers": ("linear_attention",) * 2, "n_heads": 5}, "must divide model.d_model"),
+    ({"mixers": ("mamba2", "attention"), "n_heads": 128}, "even for RoPE"),
 ])
 def test_bad_model_configs_name_the_field(kwargs, match):
   with pytest.raises(ConfigError, match=match):
     ModelConfig(d_model=128, n_layers=2, **kwargs)
+
+
+def test_lists_from_python_become_tuples_and_the_model_decodes():
+  # A list made the config unhashable: accepted, then jit's static GraphDef failed in generate.
+  from memx.models.decode import generate
+  cfg = dataclasses.replace(HYBRID, mixers=["attention", "mamba2", "attention"],
+                            attn_window=4, attn_window_layers=[0])
+  assert cfg.mixers == ("attention", "mamba2", "attention") and cfg.attn_window_layers == (0,)
+  hash(cfg)
+  model = build_model(cfg, rngs=nnx.Rngs(0))
+  out = generate(model, _tokens(1, 6), max_new_tokens=2, max_len=16)
+  assert out.shape[1] == 8
+
+
+def test_pure_ssm_models_skip_the_attention_head_checks():
+  # No attention layer: n_heads / n_kv_heads shape nothing, so they are not checked (they used
+  # to be refused "for RoPE").
+  cfg = ModelConfig(d_model=48, n_layers=2, n_heads=48, n_kv_heads=5, mixers=("mamba2",) * 2,
+                    ssm=SSMConfig(head_dim=16), mlp=False)
+  assert build_model(cfg, rngs=nnx.Rngs(0))(_tokens()).shape == (2, 12, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("every", [0, -1, 1.5, True])
+def test_hybrid_mixers_needs_a_positive_period(every):
+  with pytest.raises(ConfigError, match="attention_every"):
+    hybrid_mixers(4, every)
 
 
 @pytest.mark.parametrize("kwargs, match", [
