@@ -1,4 +1,5 @@
-"""The `memx` command: run, sweep, report, sparse (MoA plans), distill (attention → Mamba-2)."""
+"""The `memx` command: run, sweep, report, eval, sparse (MoA plans), distill (attention →
+Mamba-2)."""
 
 import argparse
 import importlib
@@ -30,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                  help="dotted config override, repeatable (e.g. model.d_model=256)")
   r.add_argument("--workdir", default="runs")
-  r.add_argument("--name", default=None, help="run directory name (default: FILE-VARIANT)")
+  r.add_argument("--name", default=None,
+                 help="run directory name (default: FILE-VARIANT, or FILE without :VARIANT)")
   r.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
   r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
   r.add_argument("--plan", default=None, help="sparse-attention plan JSON (memx sparse search)")

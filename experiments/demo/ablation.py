@@ -4,10 +4,11 @@ Command:   memx sweep experiments/demo/ablation.py          (this is `make demo`
 One run:   memx run experiments/demo/ablation.py:base --set model.d_model=192
 Hardware:  CPU, 2 cores; 4–8 minutes for the whole sweep after installation.
 Expected:  dense d128 eval loss ≈ 2.0 nats/byte after 100 steps (from ln(512) ≈ 6.2); the wider
-           model does better (≈ 1.9); remat reproduces its twin's losses bit for bit with ~40% less
-           temporary memory; the windowed run (32 tokens back + 4 sinks) ends higher; Mamba-2 and
-           the hybrid learn fastest at this budget (≈ 1.6, with more parameters), the MatMul-free
-           LM lands near the wider dense model. MQAR
+           model does better (≈ 1.9); remat matches its twin's losses to float rounding (≈ 1e-4:
+           the recomputed forward sums in another order) with ~34% less temporary memory; the
+           windowed run (32 tokens back + 4 sinks) ends higher; Mamba-2 and the hybrid learn
+           fastest at this budget (≈ 1.6, with more parameters), the MatMul-free LM lands near
+           the wider dense model. MQAR
            accuracy stays near chance at this budget: recall needs longer training, which the
            GPU variants give it.
 

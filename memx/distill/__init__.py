@@ -8,4 +8,5 @@ stages.py   trainable masks, the distillation step, one stage's run directory
 runner.py   checks, seeding and the stage sequence (the library form of `memx distill`)
 speed.py    prefill / decode time, memory and state bytes vs length (bench_distill, experiment)
 cli.py      `memx distill TEACHER --student linear|hybrid[:every=4] [--stages 1,2,3]`
+sweep_entry.py  a sweep entry with distill.* keys: distils an earlier entry's trained run
 """

@@ -13,8 +13,8 @@ teacher's data once its run exists: they are checked when the sweep is planned).
 driver runs distillation entries after all training entries. The stages go to
 SWEEP/NAME/distill/; the final student's config, metrics (every stage's, with a stage column)
 and summary are copied to SWEEP/NAME so the report shows the student as one more row. (Glue
-between memx.experiment's sweeps and memx.distill: it imports both, and only
-memx.experiment.runner imports it, lazily.)
+between memx.experiment's sweeps and memx.distill: it imports both; memx.experiment's runner
+and sweep import it lazily.)
 """
 
 from __future__ import annotations

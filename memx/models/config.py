@@ -96,7 +96,9 @@ class ModelConfig:
 
   Attributes:
     vocab_size: rows of the embedding table; must cover the tokenizer's vocabulary.
-    d_model, n_layers, n_heads: width, depth, query heads (d_model % n_heads == 0).
+    d_model, n_layers, n_heads: width, depth, query heads of attention and linear attention
+      (d_model % n_heads == 0, and an even head dim for attention's RoPE; unchecked when no
+      layer uses heads: Mamba-2 takes its heads from `ssm`).
     n_kv_heads: key/value heads for grouped-query attention; None means n_heads (MHA).
     d_ff: SwiGLU hidden width; 0 means 8/3·d_model rounded up to a multiple of 64.
     tie_embeddings: reuse the embedding table as the output projection.

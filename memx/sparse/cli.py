@@ -6,7 +6,7 @@
       [--measure-heads] [--guard-tolerance 0.1]  (memx: measured head costs; an LM-loss guard)
   memx sparse baseline RUN --kind uniform|longgen|dense --budget 0.25 --lengths ... --out F
   memx sparse show PLAN                    (rules per layer, densities, KV slots)
-  memx eval RUN [--plan PLAN] --name NAME --lengths 256,512,1024 [--depths 0.1,0.5,0.9]
+  memx eval RUN [--plan PLAN] [--name NAME] --lengths 256,512,1024 [--depths 0.1,0.5,0.9]
   memx run EXPERIMENT --plan PLAN          (train or fine-tune with the plan's masks)
 
 Every step is also a Python call (memx.sparse.profile.profile_model, plan.search_plan,

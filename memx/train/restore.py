@@ -60,6 +60,11 @@ def load_trained(path: str | pathlib.Path, *, step: int | None = None) -> Traine
   ckpt_dir = run_dir / "checkpoints"
   ckpt = Checkpointer(ckpt_dir, cfg.checkpoint) if ckpt_dir.is_dir() else None
   try:
+    stages = sorted((run_dir / "distill").glob("stage*/checkpoints"))
+    if ckpt is None and stages:  # a sweep's distillation entry: its student lives in a stage
+      raise UserError(f"{run_dir} is a distillation sweep entry: it holds the student's config "
+                      "and metrics, and its checkpoints are in the stages' run directories; "
+                      f"give {stages[-1].parent} (the last stage) instead.")
     if ckpt is None or ckpt.latest_step() is None:
       why = ("it was trained with checkpoint.enabled = false: train it again with "
              "checkpointing on" if not cfg.checkpoint.enabled else

@@ -52,3 +52,15 @@ def test_load_trained_errors(tmp_path):
   write_config(tmp_path, CFG)
   with pytest.raises(UserError, match="no complete checkpoint"):
     load_trained(tmp_path)
+
+
+def test_a_distillation_entry_points_to_its_last_stage(tmp_path):
+  # A sweep's distillation entry holds the student's config and metrics, no checkpoints: the
+  # error names the stage directory to load (it used to advise `memx run ... --resume`).
+  entry = tmp_path / "student"
+  entry.mkdir()
+  write_config(entry, CFG)
+  for k in (1, 2, 3):
+    (entry / "distill" / f"stage{k}" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(UserError, match=r"distillation sweep entry.*distill/stage3"):
+    load_trained(entry)
