@@ -34,6 +34,8 @@ def atomic_file(path: str | pathlib.Path, mode: str = "w") -> Iterator[IO]:
   the group, unlike the 0600 of a temporary file) and is fsynced before the rename, so a crash
   cannot leave an empty file under the final name."""
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise IsADirectoryError(f"{path} is a directory; give a file path to write to.")
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.",
                                    suffix=".tmp", delete=False) as f:
@@ -47,7 +49,11 @@ def atomic_file(path: str | pathlib.Path, mode: str = "w") -> Iterator[IO]:
       f.close()
       tmp.unlink(missing_ok=True)
       raise
-  tmp.replace(path)
+  try:
+    tmp.replace(path)
+  except BaseException:  # e.g. path is a directory: leave nothing behind
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def write_json(path: str | pathlib.Path, obj, *, indent: int = 2) -> None:

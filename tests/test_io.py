@@ -58,3 +58,13 @@ def test_plan_files_are_never_half_written(tmp_path):
   path.write_text(json.dumps(d))
   with pytest.raises(PlanError, match="n_sink = 1.5 is not a whole number"):
     Plan.load(path)
+
+
+def test_atomic_file_onto_a_directory_fails_first_and_leaves_nothing(tmp_path):
+  # It used to write the whole file, fail at the rename and leave the temporary file behind.
+  target = tmp_path / "out"
+  target.mkdir()
+  with pytest.raises(IsADirectoryError, match="is a directory"):
+    with atomic_file(target) as f:
+      f.write("x")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any(target.iterdir())

@@ -2,7 +2,7 @@
 
 from memx.data.config import DataConfig
 from memx.data.corpus import load_corpus
-from memx.data.loader import Loader, make_loader
+from memx.data.loader import Loader, check_training_mix, make_loader
 from memx.data.tasks import (
     TaskRow,
     make_task,
@@ -21,6 +21,7 @@ __all__ = [
     "DataConfig",
     "Loader",
     "TaskRow",
+    "check_training_mix",
     "load_corpus",
     "make_loader",
     "make_task",

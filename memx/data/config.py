@@ -61,6 +61,7 @@ class DataConfig:
     if self.source in ("text", "npy"):
       require(len(self.paths) > 0, "data", "paths", self.paths,
               f"data.source = {self.source!r} needs at least one file in data.paths")
+
     if self.task is not None:
       one_of("data", "task", self.task, TASKS)
       require(self.source in LM_SOURCES, "data", "task", self.task,

@@ -313,6 +313,21 @@ class Loader:
     self.step = step
 
 
+def check_training_mix(cfg: DataConfig, batch_size: int) -> None:
+  """DataError when a non-zero task_fraction gives no task row in a training batch: the run
+  would never see the task (and still report its accuracy). Training entry points call it;
+  loaders for calibration or evaluation may well hold no task rows."""
+  task = cfg.task_name
+  if task is None or cfg.source == task or cfg.task_fraction == 0:
+    return
+  if round(cfg.task_fraction * batch_size) == 0:
+    raise DataError(
+        f"data.task_fraction = {cfg.task_fraction} of batch_size {batch_size} rounds to 0 task "
+        f"rows: training would never see the {task!r} task (and still report its accuracy). "
+        f"Use a task_fraction that gives at least 1 row (Python's round: above "
+        f"{0.5 / batch_size:.3g}), or task_fraction = 0 for no task rows in training.")
+
+
 def make_loader(cfg: DataConfig, *, batch_size: int, seed: int, split: str = "train",
                 process_index: int | None = None, process_count: int | None = None) -> Loader:
   """Builds the loader of one split of cfg's data.
@@ -361,12 +376,6 @@ def make_loader(cfg: DataConfig, *, batch_size: int, seed: int, split: str = "tr
   vocab_size = cfg.vocab_size or tokenizer.vocab_size
   task = cfg.task_name
   num_task_rows = batch_size if cfg.source == task else round(cfg.task_fraction * batch_size)
-  if task is not None and cfg.task_fraction > 0 and num_task_rows == 0:
-    raise DataError(
-        f"data.task_fraction = {cfg.task_fraction} of batch_size {batch_size} rounds to 0 task "
-        f"rows: training would never see the {task!r} task (and still report its accuracy). "
-        f"Use a task_fraction that gives at least 1 row (Python's round: above "
-        f"{0.5 / batch_size:.3g}), or task_fraction = 0 for no task rows in training.")
 
   task_fn, settings = None, "none"
   filler_corpus = task == "passkey" and cfg.passkey_filler == "corpus"

@@ -205,7 +205,8 @@ class DistillConfig:
     for i in (1, 2, 3):
       require(self.stage(i).index == i, name, f"stage{i}.index", self.stage(i).index,
               f"must be {i}")
-    require(self.seed >= 0, name, "seed", self.seed, "must be >= 0")
+    require(0 <= self.seed < 2**32, name, "seed", self.seed,
+            "must lie in [0, 2**32): seeds are 32-bit, so larger ones wrap around")
     require(self.calib_batches >= 1, name, "calib_batches", self.calib_batches, "must be >= 1")
     require(self.eval_batches >= 1, name, "eval_batches", self.eval_batches, "must be >= 1")
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from memx._io import write_json
 from memx.config import to_dict
-from memx.data import make_loader
+from memx.data import check_training_mix, make_loader
 from memx.distill.capture import calibrate
 from memx.distill.config import DistillConfig
 from memx.distill.seed import build_student, check_mapping, converted_layers, student_model_config
@@ -93,6 +93,7 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
   check_mapping(tcfg, student_model, layers)
   for k in dcfg.stages:
     stage = dcfg.stage(k)
+    check_training_mix(dcfg.data, stage.batch_size)
     loader = make_loader(dcfg.data, batch_size=stage.batch_size, seed=0, split="train")
     if student_model.vocab_size < loader.vocab_size:
       raise ConfigError(f"distill.data gives {loader.vocab_size} token ids but the teacher's "

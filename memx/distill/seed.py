@@ -102,6 +102,11 @@ def student_model_config(teacher: ModelConfig, student: StudentConfig) -> ModelC
   attention layer, or a teacher without attention).
   """
   conv = converted_layers(teacher, student)
+  if not any(teacher.mixer(i) == "attention" for i in range(teacher.n_layers)):
+    raise ConfigError(
+        f"the teacher has no attention layer to convert (mixers "
+        f"{[teacher.mixer(i) for i in range(teacher.n_layers)]}): distillation turns a "
+        "Transformer's attention layers into Mamba-2; give a teacher with attention.")
   if not conv:
     raise ConfigError(
         f"student {student.label!r} converts no layer of this teacher (mixers "

@@ -9,7 +9,8 @@ A sweep entry whose overrides use `distill.*` keys is a distillation, not a trai
 `memx distill --student`'s value (default "hybrid"), and every other `distill.KEY` overrides
 the DistillConfig (the experiment file's `distill_config(variant)` when it defines one, else
 the defaults; data defaults to the teacher's, and `distill.data.KEY` overrides apply to the
-teacher's data once its run exists: they are checked when the sweep is planned). The sweep
+teacher's data once its run exists: they are checked, on the teacher entry's data config, when
+the sweep is planned). The sweep
 driver runs distillation entries after all training entries. The stages go to
 SWEEP/NAME/distill/; the final student's config, metrics (every stage's, with a stage column)
 and summary are copied to SWEEP/NAME so the report shows the student as one more row. (Glue
@@ -30,11 +31,14 @@ PREFIX = "distill."
 FROM, STUDENT = "distill.from", "distill.student"
 
 
-def build(module, variant: str | None, overrides: dict[str, Any], names_before: list[str]):
+def build(module, variant: str | None, overrides: dict[str, Any], names_before: list[str],
+          teacher_cfgs: dict | None = None):
   """(teacher entry name, DistillConfig, data overrides); checks everything.
 
   The data overrides are `distill.data.*` keys (without the prefix) still to be applied, when
   the DistillConfig's data is None (the teacher run's, resolved in `run`); else {} (applied).
+  teacher_cfgs: entry name → Config, when known (the sweep's plan): the stages' data is then
+  checked as the teacher's data with those overrides, before anything trains.
   """
   from memx.data.config import DataConfig
   from memx.distill.cli import parse_student
@@ -59,7 +63,23 @@ def build(module, variant: str | None, overrides: dict[str, Any], names_before: 
     data = {}
   elif data:  # keys and types now; values meet the teacher's data config in `run`
     check_overrides(DataConfig(), data, prefix=PREFIX + "data.")
-  return teacher, apply_overrides(dcfg, flags), data
+  dcfg = apply_overrides(dcfg, flags)
+  if teacher_cfgs and teacher in teacher_cfgs:
+    tcfg = teacher_cfgs[teacher]
+    _check_stage_data(dcfg.data or apply_overrides(tcfg.data, data), dcfg, tcfg.model)
+  return teacher, dcfg, data
+
+
+def _check_stage_data(data, dcfg, teacher_model) -> None:
+  """What `runner.plan` checks of the data, on the sweep's side of the teacher's training."""
+  from memx.data import check_training_mix, make_loader
+  for k in dcfg.stages:
+    b = dcfg.stage(k).batch_size
+    check_training_mix(data, b)
+    loader = make_loader(data, batch_size=b, seed=0, split="train")
+    if teacher_model.vocab_size < loader.vocab_size:
+      raise ConfigError(f"distill.data gives {loader.vocab_size} token ids but the teacher's "
+                        f"model.vocab_size is {teacher_model.vocab_size}.")
 
 
 def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:

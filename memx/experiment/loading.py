@@ -28,6 +28,9 @@ def load_module(path: pathlib.Path) -> types.ModuleType:
                     "experiments/demo/ablation.py.")
   name = "memx_experiment_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
   spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:  # not a .py file (e.g. a plan's JSON)
+    raise UserError(f"experiment file {str(path)!r} is not a Python file (.py); pass the "
+                    "experiment's .py file, e.g. experiments/demo/ablation.py.")
   module = importlib.util.module_from_spec(spec)
   sys.modules[name] = module
   try:

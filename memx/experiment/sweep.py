@@ -31,18 +31,23 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
   module = loading.load_module(pathlib.Path(experiment))
   entries = loading.sweep_entries(module)
   sweep_dir = pathlib.Path(workdir) / pathlib.Path(experiment).stem
-  out, hashes = [], {}
+  from memx.train.loop import check_data
+  out, hashes, configs = [], {}, {}
   for name, overrides in entries:
     try:
       if is_distill_entry(overrides):  # a student distilled from an earlier entry's run
         from memx.distill import sweep_entry
-        teacher, dcfg, data = sweep_entry.build(module, variant, overrides, list(hashes))
+        teacher, dcfg, data = sweep_entry.build(module, variant, overrides, list(hashes),
+                                                teacher_cfgs=configs)
         blob = json.dumps({"teacher": hashes[teacher], "distill": to_dict(dcfg),
                            **({"data": data} if data else {})},
                           sort_keys=True, default=str)
         h = hashlib.sha256(blob.encode()).hexdigest()[:12]
       else:
-        h = config_hash(loading.build_config(module, variant, overrides))
+        cfg = loading.build_config(module, variant, overrides)
+        check_data(cfg)  # files, lengths, task rows, vocabulary: before any entry trains
+        configs[name] = cfg
+        h = config_hash(cfg)
     except UserError as e:
       raise UserError(f"sweep entry {name!r}: {e}") from None
     hashes[name] = h

@@ -203,7 +203,7 @@ def cross_entropy_xla(h: Array, w: Array, targets: Array, *, vocab_block: int = 
                     jnp.dtype(compute_dtype))
 
 
-def _check(h, w, targets, vocab_block, w_layout) -> None:
+def _check(h, w, targets, vocab_block, w_layout, compute_dtype) -> None:
   if w_layout not in ("dv", "vd"):
     raise ValueError(f"cross_entropy: w_layout must be 'dv' (w is [D, V]) or 'vd' (w is [V, D], "
                      f"a tied embedding table); got {w_layout!r}")
@@ -222,6 +222,16 @@ def _check(h, w, targets, vocab_block, w_layout) -> None:
     raise ValueError(f"cross_entropy: targets must be integer token ids; got {targets.dtype}")
   if v < 1:
     raise ValueError(f"cross_entropy: the head has no vocabulary (w is {want} with V = 0)")
+  if not jnp.issubdtype(jnp.dtype(compute_dtype), jnp.floating):
+    raise ValueError(f"cross_entropy: compute_dtype must be a floating dtype (the matmul "
+                     f"operands' type); got {jnp.dtype(compute_dtype)}")
+  # Out-of-range ids would read as a zero target logit (loss = logsumexp), silently. Checked
+  # where the values are known, i.e. outside jit (inside it, the data layer's range check).
+  if not isinstance(targets, jax.core.Tracer) and targets.size:
+    lo, hi = int(np.min(np.asarray(targets))), int(np.max(np.asarray(targets)))
+    if lo < 0 or hi >= v:
+      raise ValueError(f"cross_entropy: targets must lie in [0, {v}) (the head's vocabulary); "
+                       f"got values in [{lo}, {hi}]")
   if vocab_block is not None and (isinstance(vocab_block, bool) or not isinstance(
       vocab_block, int | np.integer) or vocab_block < 1):
     raise ValueError(f"cross_entropy: vocab_block must be a positive int; got {vocab_block!r}")
@@ -251,7 +261,7 @@ def cross_entropy(
   Returns:
     [...] float32 losses. Differentiable in h and w.
   """
-  _check(h, w, targets, vocab_block, w_layout)
+  _check(h, w, targets, vocab_block, w_layout, compute_dtype)
   name = choose("cross_entropy", implementation, ("xla", "reference"), lambda n: (
       None if n in IMPLEMENTATIONS else f"unknown implementation; available: {IMPLEMENTATIONS}"))
   if name == "reference":

@@ -12,6 +12,8 @@ REMAT = ("none", "full", "dots")
 MIXERS = ("attention", "mamba2", "linear_attention", "mlgru")
 MLP_KINDS = ("swiglu", "bitglu")
 FEATURE_MAPS = ("identity", "elu1")
+# memx.kernels.attention.IMPLEMENTATIONS (a test keeps them equal; configs import no kernels).
+ATTN_IMPLS = (None, "reference", "xla", "pallas_gpu", "cudnn")
 
 
 def _pow2(x: int) -> bool:
@@ -64,6 +66,8 @@ class SSMConfig:
       require(getattr(self, f) > 0, name, f, getattr(self, f), "must be a positive integer")
     require(_pow2(self.chunk_size) and self.chunk_size >= 16, name, "chunk_size",
             self.chunk_size, "must be a power of two >= 16")
+    for f in ("dt_min", "dt_max", "dt_init_floor", "a_init_min", "a_init_max"):
+      require(math.isfinite(getattr(self, f)), name, f, getattr(self, f), "must be finite")
     require(0 < self.dt_min <= self.dt_max, name, "dt_min", self.dt_min,
             f"must satisfy 0 < dt_min <= dt_max = {self.dt_max} (dt must stay positive)")
     require(self.dt_init_floor > 0, name, "dt_init_floor", self.dt_init_floor, "must be > 0")
@@ -176,8 +180,14 @@ class ModelConfig:
       require(self.head_dim % 2 == 0, name, "n_heads", self.n_heads,
               f"head dim d_model/n_heads = {self.head_dim} must be even for RoPE")
     require(self.d_ff >= 0, name, "d_ff", self.d_ff, "must be >= 0 (0 = automatic)")
-    require(self.rope_theta > 0, name, "rope_theta", self.rope_theta, "must be > 0")
-    require(self.norm_eps > 0, name, "norm_eps", self.norm_eps, "must be > 0")
+    require(self.rope_theta > 0 and math.isfinite(self.rope_theta), name, "rope_theta",
+            self.rope_theta, "must be finite and > 0")
+    require(self.norm_eps > 0 and math.isfinite(self.norm_eps), name, "norm_eps",
+            self.norm_eps, "must be finite and > 0")
+    require(self.init_std > 0 and math.isfinite(self.init_std), name, "init_std",
+            self.init_std, "must be finite and > 0")
+    require(self.attn_impl in ATTN_IMPLS, name, "attn_impl", self.attn_impl,
+            f"expected None (dispatch) or one of {', '.join(i for i in ATTN_IMPLS if i)}")
     one_of(name, "remat", self.remat, REMAT)
     one_of(name, "param_dtype", self.param_dtype, DTYPES)
     one_of(name, "compute_dtype", self.compute_dtype, DTYPES)

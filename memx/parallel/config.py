@@ -55,15 +55,28 @@ class ParallelConfig:
             f"but {tuple(missing)} is missing; e.g. mesh_axes="
             f"{REQUIRED_AXES[self.strategy]} with mesh_shape="
             f"{(1,) * (len(REQUIRED_AXES[self.strategy]) - 1) + (-1,)} (then set the sizes)")
+    idle = [a for a, n in zip(self.mesh_axes, self.mesh_shape, strict=True)
+            if a not in REQUIRED_AXES[self.strategy] and n > 1]
+    require(not idle, "parallel", "mesh_shape", self.mesh_shape, self._idle_message(idle))
     one_of("parallel", "sequence_method", self.sequence_method, SEQUENCE_METHODS)
     one_of("parallel", "sequence_layout", self.sequence_layout, SEQUENCE_LAYOUTS)
+
+  def _idle_message(self, idle: list[str]) -> str:
+    return (f"strategy {self.strategy!r} splits nothing over mesh axes {tuple(idle)}: their "
+            "devices would repeat each other's work. Give them size 1, or a strategy that uses "
+            f"them (its axes: {REQUIRED_AXES[self.strategy]})")
 
   def resolved_shape(self, n_devices: int) -> tuple[int, ...]:
     known = math.prod(s for s in self.mesh_shape if s != -1)
     if -1 in self.mesh_shape:
       require(n_devices % known == 0, "parallel", "mesh_shape", self.mesh_shape,
               f"fixed axes ({known}) must divide the {n_devices} devices")
-      return tuple(n_devices // known if s == -1 else s for s in self.mesh_shape)
+      shape = tuple(n_devices // known if s == -1 else s for s in self.mesh_shape)
+      idle = [a for a, n in zip(self.mesh_axes, shape, strict=True)
+              if a not in REQUIRED_AXES[self.strategy] and n > 1]
+      require(not idle, "parallel", "mesh_shape", self.mesh_shape,
+              f"resolves to {shape} on {n_devices} devices; " + self._idle_message(idle))
+      return shape
     require(known == n_devices, "parallel", "mesh_shape", self.mesh_shape,
             f"axis sizes must multiply to the {n_devices} devices")
     return self.mesh_shape

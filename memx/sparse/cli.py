@@ -128,10 +128,23 @@ def _budget_arg(text: str) -> float | list[float]:
   return values[0] if len(values) == 1 else values
 
 
+def _check_out(path: str) -> None:
+  """Before any compute: an --out that cannot be written would fail only at the end."""
+  if pathlib.Path(path).is_dir():
+    raise UserError(f"--out {path} is a directory; give the file to write.")
+
+
+def _check_n_sink(args) -> None:
+  if args.n_sink < 0:
+    raise UserError(f"--n-sink {args.n_sink} is not allowed: sinks are a count of initial "
+                    "tokens, >= 0.")
+
+
 def _profile(args) -> int:
   from memx.sparse.profile import ProfileError, calibration_data, profile_model
   from memx.train.restore import load_trained
 
+  _check_out(args.out)
   lengths = _ints(args.lengths, "--lengths")
   if args.batches < 1 or args.batch_size < 1 or args.block < 1:
     raise ProfileError("--batches, --batch-size and --block must be positive.")
@@ -150,6 +163,8 @@ def _search(args) -> int:
   from memx.sparse.plan import search_plan
   from memx.sparse.profile import Profile
 
+  _check_out(args.out)
+  _check_n_sink(args)
   prof = Profile.load(args.profile)
   lengths = _ints(args.lengths, "--lengths") if args.lengths else None
   search_kw = dict(lengths=lengths, layer_budget=args.layer_budget, n_sink=args.n_sink,
@@ -226,6 +241,8 @@ def _baseline(args) -> int:
   from memx.sparse import plan as plans
   from memx.train.restore import load_config
 
+  _check_out(args.out)
+  _check_n_sink(args)
   model_cfg = load_config(args.run).model
   lengths = _ints(args.lengths, "--lengths")
   if args.kind == "dense":
@@ -275,6 +292,8 @@ def _eval(args) -> int:
 
   lengths = _ints(args.lengths, "--lengths")
   depths = _floats(args.depths, "--depths")
+  if args.batches < 1 or args.batch_size < 1:
+    raise UserError(f"--batches {args.batches} and --batch-size {args.batch_size} must be >= 1.")
   if not all(0.0 <= d <= 1.0 for d in depths):
     raise UserError(f"--depths {args.depths} must lie in [0, 1].")
   plan = Plan.load(args.plan) if args.plan else None

@@ -88,6 +88,8 @@ class Plan:
         and self.kv_heads >= 1 and self.n_heads % self.kv_heads == 0):
       raise PlanError(f"plan kv_heads = {self.kv_heads!r} must be a whole number >= 1 dividing "
                       f"its {self.n_heads} query heads.")
+    if not all(n >= 1 for n in self.lengths):
+      raise PlanError(f"plan lengths {list(self.lengths)} must be positive token counts.")
     if len(self.layers) != self.n_layers:
       raise PlanError(f"the plan lists {len(self.layers)} layers but says n_layers = "
                       f"{self.n_layers}.")
@@ -179,6 +181,9 @@ class Plan:
   @classmethod
   def load(cls, path: str | pathlib.Path) -> Plan:
     path = pathlib.Path(path)
+    if path.is_dir():
+      raise PlanError(f"plan {path} is a directory; give a plan file (JSON, written by "
+                      "`memx sparse search` or `memx sparse baseline`).")
     if not path.is_file():
       raise PlanError(f"plan {path} does not exist; write one with `memx sparse search`.")
     try:
@@ -220,6 +225,12 @@ def apply_plan(cfg, plan: Plan):
 
 def _attention_layers(model_cfg) -> list[int]:
   return [i for i in range(model_cfg.n_layers) if model_cfg.mixer(i) == "attention"]
+
+
+def _needs_attention(model_cfg, kind: str) -> None:
+  if not _attention_layers(model_cfg):
+    raise PlanError(f"a {kind} plan sparsifies attention, and this model has no attention "
+                    f"layer (mixers {list(model_cfg.mixers)}): its budget could not apply.")
 
 
 def dense_plan(model_cfg, lengths: Sequence[int]) -> Plan:
@@ -278,6 +289,7 @@ def _ascending(lengths, *per_length):
 def uniform_plan(model_cfg, budget, lengths: Sequence[int], *, n_sink: int = 4) -> Plan:
   """StreamingLLM-style baseline: every head keeps the same span β·N plus n_sink sinks, the
   widest that fits the budget at every length (so it scales with N like the MoA rules)."""
+  _needs_attention(model_cfg, "uniform")
   lengths, b = _ascending(tuple(lengths), _budgets(budget, lengths))
   rule = Rule(0.0, _uniform_beta(b, lengths, n_sink), n_sink)
   layers = tuple((rule,) * model_cfg.n_heads if model_cfg.mixer(i) == "attention" else None
@@ -291,6 +303,7 @@ def longgen_plan(model_cfg, budget, lengths: Sequence[int], *, n_sink: int = 4,
                  dense_fraction: float = 1 / 3) -> Plan:
   """LongGen-style baseline: round(dense_fraction · attention layers) layers, evenly spread and
   centred, keep full attention; the others share one window + sinks sized to the budget."""
+  _needs_attention(model_cfg, "LongGen")
   lengths, b = _ascending(tuple(lengths), _budgets(budget, lengths))
   attn = _attention_layers(model_cfg)
   n_dense = max(1, round(dense_fraction * len(attn)))

@@ -1,8 +1,12 @@
 """OptimConfig and TrainConfig: the optimizer schedule and the loop's lengths and intervals."""
 
 import dataclasses
+import math
 
 from memx._validate import require
+
+# jax.random keys take 32-bit seeds: a larger one wraps around to a smaller run's seed.
+SEED_LIMIT = 2**32
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -19,13 +23,18 @@ class OptimConfig:
   clip_norm: float | None = 1.0
 
   def __post_init__(self):
-    require(self.lr > 0, "optim", "lr", self.lr, "must be > 0")
+    require(self.lr > 0 and math.isfinite(self.lr), "optim", "lr", self.lr,
+            "must be finite and > 0")
     require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", self.min_lr_ratio,
             "must lie in [0, 1]")
     require(self.warmup_steps >= 0, "optim", "warmup_steps", self.warmup_steps, "must be >= 0")
     require(self.weight_decay >= 0, "optim", "weight_decay", self.weight_decay, "must be >= 0")
     require(0 <= self.b1 < 1, "optim", "b1", self.b1, "must lie in [0, 1)")
     require(0 <= self.b2 < 1, "optim", "b2", self.b2, "must lie in [0, 1)")
+    require(self.eps > 0 and math.isfinite(self.eps), "optim", "eps", self.eps,
+            "must be finite and > 0 (Adam divides by sqrt(v) + eps)")
+    require(math.isfinite(self.weight_decay), "optim", "weight_decay", self.weight_decay,
+            "must be finite")
     require(self.clip_norm is None or self.clip_norm > 0, "optim", "clip_norm", self.clip_norm,
             "must be None (no clipping) or > 0")
 
@@ -56,7 +65,8 @@ class TrainConfig:
   def __post_init__(self):
     require(self.steps > 0, "train", "steps", self.steps, "must be > 0")
     require(self.batch_size > 0, "train", "batch_size", self.batch_size, "must be > 0")
-    require(self.seed >= 0, "train", "seed", self.seed, "must be >= 0")
+    require(0 <= self.seed < SEED_LIMIT, "train", "seed", self.seed,
+            f"must lie in [0, 2**32): seeds are 32-bit, so {SEED_LIMIT} would rerun seed 0")
     require(self.log_every > 0, "train", "log_every", self.log_every, "must be > 0")
     require(self.eval_every >= 0, "train", "eval_every", self.eval_every, "must be >= 0")
     require(self.eval_batches > 0, "train", "eval_batches", self.eval_batches, "must be > 0")

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 from memx._io import write_json
 from memx.checkpoint import Checkpointer
 from memx.config import Config, to_dict
-from memx.data import make_loader
+from memx.data import check_training_mix, make_loader
 from memx.errors import ConfigError, NonFiniteLossError, Preempted
+from memx.kernels._dispatch import gpu_backend
 from memx.parallel.axes import BATCH
 from memx.parallel.constrain import sharding_context
 from memx.parallel.mesh import batch_sharding, make_mesh
@@ -96,12 +97,8 @@ def prepare(cfg: Config) -> Setup:
   tc = cfg.train
   mesh = make_mesh(cfg.parallel)
   seeds = split_seeds(tc.seed)
-  loader = make_loader(cfg.data, batch_size=tc.batch_size, seed=seeds.data_seed, split="train")
-  eval_loader = make_loader(cfg.data, batch_size=tc.batch_size, seed=seeds.data_seed,
-                            split="eval")
-  task_cfg = _task_eval_config(cfg)
-  task_loader = None if task_cfg is None else make_loader(
-      task_cfg, batch_size=tc.batch_size, seed=seeds.data_seed, split="eval")
+  _check_kernel_backend(cfg.model)
+  loader, eval_loader, task_loader = _loaders(cfg, seeds.data_seed)
   data_size = shards(dict(RULES[cfg.parallel.strategy])[BATCH], dict(mesh.shape))
   # The mesh spans every host, so data_size already counts their devices: the batch must split
   # evenly over the data-parallel shards and over the hosts that load it, not their product.
@@ -113,10 +110,51 @@ def prepare(cfg: Config) -> Setup:
         f"{jax.process_count()} host(s), i.e. of {multiple}.")
   validate_for_model(cfg.parallel, cfg.model, mesh, batch_size=tc.batch_size,
                      seq_len=cfg.data.seq_len)
+  return Setup(mesh, seeds, loader, eval_loader, task_loader)
+
+
+def check_data(cfg: Config) -> None:
+  """The data checks of `prepare` alone (files, lengths, task rows, vocabulary), without the
+  mesh and backend ones: what a sweep checks for every entry before any of them trains, on a
+  machine that may not be the one the entries run on."""
+  _loaders(cfg, split_seeds(cfg.train.seed).data_seed)
+
+
+def _loaders(cfg: Config, data_seed: int):
+  """(train, eval, task-eval or None) loaders; raises UserError for data the run cannot use."""
+  b = cfg.train.batch_size
+  # (Not a DataConfig rule: configs derived from a run's, such as its task-only evaluation,
+  # switch the source and keep the paths.)
+  if cfg.data.paths and cfg.data.source not in ("text", "npy"):
+    raise ConfigError(f"data.paths = {cfg.data.paths} is not allowed with data.source = "
+                      f"{cfg.data.source!r}: files are read only by the 'text' and 'npy' "
+                      "sources. Set data.source too, or leave data.paths empty.")
+  check_training_mix(cfg.data, b)
+  loader = make_loader(cfg.data, batch_size=b, seed=data_seed, split="train")
+  eval_loader = make_loader(cfg.data, batch_size=b, seed=data_seed, split="eval")
+  task_cfg = _task_eval_config(cfg)
+  task_loader = None if task_cfg is None else make_loader(
+      task_cfg, batch_size=b, seed=data_seed, split="eval")
   if cfg.model.vocab_size < loader.vocab_size:
     raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} is not allowed: the data's "
                       f"tokenizer has {loader.vocab_size} tokens; use at least that.")
-  return Setup(mesh, seeds, loader, eval_loader, task_loader)
+  return loader, eval_loader, task_loader
+
+
+def _check_kernel_backend(model_cfg) -> None:
+  """ConfigError for a GPU-only kernel chosen in the config on another backend: it would fail
+  only when the step compiles, after the run directory was written."""
+  mixers = set(model_cfg.mixers or ("attention",))
+  chosen = []
+  if "attention" in mixers and model_cfg.attn_impl in ("pallas_gpu", "cudnn"):
+    chosen.append(("model.attn_impl", model_cfg.attn_impl))
+  if mixers & {"mamba2", "linear_attention"} and model_cfg.ssm.impl == "pallas_gpu":
+    chosen.append(("model.ssm.impl", model_cfg.ssm.impl))
+  if chosen and not gpu_backend():
+    field, value = chosen[0]
+    raise ConfigError(f"{field} = {value!r} is not allowed here: it runs only on an NVIDIA GPU, "
+                      f"and this backend is {jax.default_backend()!r}. Use None (the best "
+                      "implementation for the backend) or 'xla'.")
 
 
 class _SigtermFlag:
@@ -170,6 +208,12 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
   ckpt = None
   if run_dir is not None and cfg.checkpoint.enabled:
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+  elif resume and run_dir is not None and any(
+      p.name.isdigit() for p in (run_dir / "checkpoints").glob("*")):
+    raise ConfigError("--resume with checkpoint.enabled = false: this run has checkpoints, but "
+                      "with checkpointing off none is restored and training would start over "
+                      "beside them. Set checkpoint.enabled = true to continue, or use "
+                      "--overwrite to start again.")
   identity = run_identity(cfg)
   start = 0
   if resume and ckpt is not None and ckpt.latest_step() is not None:

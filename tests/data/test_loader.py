@@ -8,7 +8,14 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from memx.data import ByteTokenizer, DataConfig, load_corpus, make_loader, verify_row
+from memx.data import (
+  ByteTokenizer,
+  DataConfig,
+  check_training_mix,
+  load_corpus,
+  make_loader,
+  verify_row,
+)
 from memx.errors import DataError
 
 KEYS = ("inputs", "targets", "weights", "answer_mask")
@@ -125,10 +132,13 @@ def test_global_batch_rejects_indivisible_batch():
 
 def test_task_fraction_that_rounds_to_no_rows_is_refused():
   # 0.1 of 4 rows rounds to 0: training would never see the task yet report its accuracy.
+  # (Training refuses it; a loader for calibration or evaluation may hold no task row.)
   for fraction, batch in ((0.1, 4), (0.25, 2), (0.5, 1)):
+    cfg = DataConfig(seq_len=64, task="mqar", task_fraction=fraction, mqar_pairs=4)
     with pytest.raises(DataError, match="rounds to 0 task rows"):
-      make_loader(DataConfig(seq_len=64, task="mqar", task_fraction=fraction, mqar_pairs=4),
-                  batch_size=batch, seed=0)
+      check_training_mix(cfg, batch)
+    assert make_loader(cfg, batch_size=batch, seed=0).num_task_rows == 0
+  check_training_mix(DataConfig(seq_len=64, task="mqar", task_fraction=0.25), 4)
 
 
 def test_passkey_corpus_filler_comes_from_the_splits_own_text():

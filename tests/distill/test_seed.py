@@ -164,6 +164,10 @@ def test_mapping_errors_name_the_field():
     # One layer, kept as attention by the hybrid: nothing to distil.
     student_model_config(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4),
                          StudentConfig(kind="hybrid", every=2))
+  with pytest.raises(ConfigError, match="no attention layer to convert"):
+    # (It used to advise --student linear, which this already is.)
+    student_model_config(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                     mixers=("mamba2",) * 2), StudentConfig())
   with pytest.raises(ConfigError, match="student.every"):
     StudentConfig(kind="hybrid", every=1)
   with pytest.raises(ConfigError, match="wk"):

@@ -58,6 +58,14 @@ def test_distill_data_overrides_checked_at_plan_and_applied_to_the_teachers_data
     exp = _write(tmp_path, f'[("teacher", {{}}), ("student", {{**STUDENT, {bad}}})]')
     with pytest.raises(UserError, match=match):
       sweep.plan(exp, None, str(tmp_path / "runs"))
+  # Values are checked on the teacher entry's data config, before the teacher trains.
+  exp = _write(tmp_path, '[("teacher", {}), ("student", {**STUDENT, "distill.data.seq_len": 4})]')
+  with pytest.raises(UserError, match="data.seq_len = 4"):
+    sweep.plan(exp, None, str(tmp_path / "runs"))
+  exp = _write(tmp_path,
+               '[("teacher", {}), ("student", {**STUDENT, "distill.data.seq_len": 10**6})]')
+  with pytest.raises(UserError, match="sequence longer than the data"):
+    sweep.plan(exp, None, str(tmp_path / "runs"))
   exp = _write(tmp_path, '[("teacher", {}), ("student", {**STUDENT, "distill.data.seq_len": 8})]')
   _, specs = sweep.plan(exp, None, str(tmp_path / "runs"))
   (tmp_path / "plain").mkdir()

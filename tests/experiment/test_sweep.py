@@ -209,6 +209,11 @@ def _experiment(tmp_path: pathlib.Path, sweep_body: str) -> pathlib.Path:
     ("['a', 'b']", ["(run name, {dotted key: value}) pairs", "'a'"]),
     ("[('a', 'model.d_model=8')]", ["pairs", "model.d_model=8"]),
     ("[(3, {})]", ["plain directory name", "3"]),
+    # Data the run could not use: found before the first entry trains, not in its worker.
+    ("[('ok', {}), ('long', {'data.seq_len': 10**6})]",
+     ["sweep entry 'long'", "sequence longer than the data"]),
+    ("[('ok', {}), ('vocab', {'model.vocab_size': 100})]",
+     ["sweep entry 'vocab'", "model.vocab_size = 100"]),
 ])
 def test_a_bad_sweep_entry_is_rejected_before_anything_runs(tmp_path, body, fragments):
   exp = _experiment(tmp_path, body)
@@ -258,3 +263,11 @@ def test_a_damaged_index_is_a_user_error(tmp_path):
   (sweep_dir / "index.sqlite").write_bytes(b"not a database" * 100)
   with pytest.raises(UserError, match="index.sqlite cannot be used"):
     run_sweep(str(TINY_SWEEP), workdir=str(tmp_path), progress=False, log=print)
+
+
+def test_a_file_that_is_not_python_is_a_user_error(tmp_path):
+  # `memx run plan.json` used to end in an AttributeError traceback.
+  plan = tmp_path / "plan.json"
+  plan.write_text("{}")
+  with pytest.raises(UserError, match="is not a Python file"):
+    loading.load_module(plan)

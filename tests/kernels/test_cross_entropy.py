@@ -107,14 +107,25 @@ def test_bad_input():
 
 
 def test_out_of_range_ids_agree_across_implementations():
-  """An id outside [0, V) picks no logit in either implementation: the loss is the lse."""
+  """An id outside [0, V) is refused where its value is known; under jit (values unknown) it
+  picks no logit in either implementation: the loss is the lse."""
   h, w, _ = _inputs()
   t = jnp.broadcast_to(jnp.array([-1, V, 0]), (B, 3))
   h = h[:, :3]
   want = jax.nn.logsumexp(h @ w, axis=-1) - jnp.where(t == 0, (h @ w)[..., 0], 0.0)
   for impl in ("reference", "xla"):
-    _testing.assert_allclose(cross_entropy(h, w, t, vocab_block=64, implementation=impl), want,
-                             name=impl)
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, {V}\).*\[-1, {V}\]"):
+      cross_entropy(h, w, t, vocab_block=64, implementation=impl)
+    jitted = jax.jit(lambda h, w, t, impl=impl: cross_entropy(h, w, t, vocab_block=64,
+                                                              implementation=impl))
+    _testing.assert_allclose(jitted(h, w, t), want, name=impl)
+
+
+def test_a_non_float_compute_dtype_is_refused():
+  # int8 operands used to run and give a wrong loss (3.51 for a true 8.69).
+  h, w, t = _inputs()
+  with pytest.raises(ValueError, match="compute_dtype must be a floating dtype"):
+    cross_entropy(h, w, t, compute_dtype=jnp.int8)
 
 
 @pytest.mark.parametrize("v, block", [(4097, 4096), (203, 16), (50257, 4096), (7, 3), (256, 64)])

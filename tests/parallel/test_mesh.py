@@ -32,12 +32,19 @@ def test_minus_one_takes_all_devices():
 def test_two_axes_and_explicit_sizes():
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
-  mesh = make_mesh(ParallelConfig(mesh_shape=(-1, 2), mesh_axes=("data", "model")))
-  assert dict(mesh.shape) == {"data": 4, "model": 2}
+  mesh = make_mesh(ParallelConfig(strategy="tp", mesh_shape=(-1, 2),
+                                  mesh_axes=("data", "tensor")))
+  assert dict(mesh.shape) == {"data": 4, "tensor": 2}
   with pytest.raises(ConfigError, match="multiply to the 8 devices"):
     make_mesh(ParallelConfig(mesh_shape=(3,)))
   with pytest.raises(ConfigError, match="must divide"):
-    make_mesh(ParallelConfig(mesh_shape=(-1, 3), mesh_axes=("data", "model")))
+    make_mesh(ParallelConfig(strategy="tp", mesh_shape=(-1, 3), mesh_axes=("data", "tensor")))
+  # An axis the strategy does not split over would make its devices repeat each other's work:
+  # refused when its size is given, and when -1 resolves it to more than 1 device.
+  with pytest.raises(ConfigError, match=r"splits nothing over mesh axes \('tensor',\)"):
+    make_mesh(ParallelConfig(mesh_shape=(2, -1), mesh_axes=("data", "tensor")))
+  assert dict(make_mesh(ParallelConfig(mesh_shape=(-1, 1), mesh_axes=("data", "tensor"))).shape
+              ) == {"data": 8, "tensor": 1}
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -47,6 +54,9 @@ def test_two_axes_and_explicit_sizes():
     ({"mesh_shape": (2,), "mesh_axes": ("data", "x")}, "one size per axis"),
     ({"mesh_axes": ("batch",)}, "'data' axis"),
     ({"mesh_shape": (0,)}, "positive or -1"),
+    ({"mesh_shape": (2, 4), "mesh_axes": ("data", "tensor")}, "splits nothing over"),
+    ({"strategy": "fsdp", "mesh_shape": (1, 2, 4), "mesh_axes": ("data", "fsdp", "seq")},
+     r"splits nothing over mesh axes \('seq',\)"),
 ])
 def test_bad_parallel_configs(kwargs, match):
   with pytest.raises(ConfigError, match=match):

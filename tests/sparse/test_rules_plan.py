@@ -222,3 +222,15 @@ def test_plan_kv_fraction_is_the_decode_caches(kv_heads):
   old = dataclasses.replace(_heterogeneous(cfg, kv_heads), kv_heads=None)
   assert old.kv_fraction(64) == pytest.approx(old.kv_slots(64) / (64 * 4 * 2))
   assert old.kv_fraction(64) <= _heterogeneous(cfg, kv_heads).kv_fraction(64)
+
+
+def test_baselines_refuse_a_model_without_attention_and_plans_check_lengths(tmp_path):
+  # A uniform/LongGen plan for a pure Mamba-2 model used to be written with its budget ignored.
+  mamba = dataclasses.replace(MODEL, mixers=("mamba2",) * MODEL.n_layers)
+  for make in (plans.uniform_plan, plans.longgen_plan):
+    with pytest.raises(PlanError, match="no attention layer"):
+      make(mamba, 0.5, (64,))
+  with pytest.raises(PlanError, match="must be positive token counts"):
+    dataclasses.replace(plans.dense_plan(MODEL, (64,)), lengths=(-64,))
+  with pytest.raises(PlanError, match="is a directory"):
+    Plan.load(tmp_path)

@@ -120,3 +120,22 @@ def test_run_with_plan(tiny_run, tmp_path, capsys):
   assert main([*args[:3], str(other), "--workdir", str(tmp_path / "runs2")]) == 2
   assert "another model" in capsys.readouterr().err
   assert not (tmp_path / "runs2").exists()
+
+
+def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
+  # Each used to run the whole computation (or crash deep in it): refused up front now, with
+  # a run path that does not even exist, so nothing was loaded.
+  out_dir = tmp_path / "existing"
+  out_dir.mkdir()
+  missing = str(tmp_path / "no-run")
+  cases = [
+      (["sparse", "profile", missing, "--lengths", "32", "--out", str(out_dir)], "is a directory"),
+      (["sparse", "search", missing, "--budget", "0.5", "--out", str(out_dir)], "is a directory"),
+      (["sparse", "baseline", missing, "--kind", "uniform", "--budget", "0.5", "--lengths", "32",
+        "--out", str(tmp_path / "p.json"), "--n-sink", "-2"], "--n-sink -2"),
+      (["eval", missing, "--lengths", "32", "--batches", "0"], "--batches 0"),
+  ]
+  for argv, fragment in cases:
+    assert main(argv) == 2, argv
+    assert fragment in capsys.readouterr().err, argv
+  assert not (tmp_path / "p.json").exists()

@@ -202,6 +202,38 @@ def test_batch_not_divisible_by_data_axis():
     train(cfg, None, progress=False)
 
 
+def test_a_gpu_only_kernel_is_refused_before_the_run_starts(tmp_path):
+  # It used to fail when the step compiled, after config.json and friends were written.
+  from memx.kernels._dispatch import gpu_backend
+  if gpu_backend():
+    pytest.skip("checks the refusal on a backend without an NVIDIA GPU")
+  for model in (dataclasses.replace(TINY.model, attn_impl="cudnn"),
+                dataclasses.replace(TINY.model, mixers=("mamba2", "attention"),
+                                    ssm=dataclasses.replace(TINY.model.ssm, impl="pallas_gpu",
+                                                            head_dim=16))):
+    with pytest.raises(ConfigError, match="runs only on an NVIDIA GPU"):
+      train(dataclasses.replace(TINY, model=model), tmp_path / "r", progress=False)
+  assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_paths_without_a_file_source_are_refused():
+  # The run used to train on the embedded corpus, the given file unread.
+  from memx.train.loop import prepare
+  cfg = dataclasses.replace(TINY, data=dataclasses.replace(TINY.data, paths=("my.txt",)))
+  with pytest.raises(ConfigError, match=r"data.paths = \('my.txt',\).*'text' and 'npy'"):
+    prepare(cfg)
+
+
+def test_resume_with_checkpointing_off_is_refused_when_checkpoints_exist(tmp_path):
+  # It silently started over from step 1 beside the old checkpoints.
+  train(TINY, tmp_path, progress=False, stop_at_step=3)
+  off = dataclasses.replace(TINY, checkpoint=dataclasses.replace(TINY.checkpoint,
+                                                                 enabled=False))
+  with pytest.raises(ConfigError, match="checkpoint.enabled = false"):
+    train(off, tmp_path, progress=False, resume=True)
+  assert len(_losses(tmp_path)) == 3
+
+
 def test_batch_multiple_counts_hosts_once(monkeypatch):
   # Two hosts × 4 devices: the data axis (8) already spans both hosts, so a batch of 8 (one
   # row per device, 4 per host) is valid; the check used to ask for a multiple of 8 × 2.
