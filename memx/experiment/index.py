@@ -24,6 +24,9 @@ class RunIndex:
     self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
     try:
       self._conn.execute(SCHEMA)
+      # A `runs` table of another schema (another tool's file) fails here, not mid-sweep.
+      self._conn.execute("SELECT name, config_hash, status, started, ended, summary, error "
+                         "FROM runs LIMIT 0")
     except sqlite3.DatabaseError as e:
       self._conn.close()
       raise UserError(f"the sweep's run index {self.path} cannot be used ({e}). Restore it "

@@ -263,6 +263,15 @@ def test_a_damaged_index_is_a_user_error(tmp_path):
   (sweep_dir / "index.sqlite").write_bytes(b"not a database" * 100)
   with pytest.raises(UserError, match="index.sqlite cannot be used"):
     run_sweep(str(TINY_SWEEP), workdir=str(tmp_path), progress=False, log=print)
+  # A database whose `runs` table has another schema (it raised sqlite3.OperationalError).
+  import sqlite3
+  (sweep_dir / "index.sqlite").unlink()
+  conn = sqlite3.connect(sweep_dir / "index.sqlite")
+  conn.execute("CREATE TABLE runs (id INTEGER)")
+  conn.commit()
+  conn.close()
+  with pytest.raises(UserError, match="index.sqlite cannot be used"):
+    RunIndex(sweep_dir / "index.sqlite")
 
 
 def test_a_file_that_is_not_python_is_a_user_error(tmp_path):

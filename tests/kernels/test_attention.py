@@ -392,6 +392,21 @@ def test_bad_mask_segments_or_blocks_raise_before_tracing(monkeypatch, mask, seg
     attention(q, k, v, mask=mask, segment_ids=segment_ids, block_sizes=blocks)
 
 
+def test_bad_scales_raise_before_tracing(monkeypatch):
+  # 'abc' gave a bare numpy ValueError, nan silently NaN outputs, a traced scale a
+  # TracerArrayConversionError.
+  def never(*args, **kwargs):
+    raise AssertionError("an implementation ran before validation")
+  monkeypatch.setattr(attention_api, "_run", never)
+  q, k, v, _ = _inputs((1, 16, 16, 4, 2, 16), jnp.float32)
+  for scale, match in (("abc", "must be a number"), (float("nan"), "must be finite"),
+                       (True, "known when tracing")):
+    with pytest.raises(ValueError, match=match):
+      attention(q, k, v, scale=scale)
+  with pytest.raises(ValueError, match="known when tracing"):
+    jax.jit(lambda s: attention(q, k, v, scale=s))(0.5)
+
+
 def test_mask_construction_errors():
   with pytest.raises(ValueError, match="window_left"):
     Mask(window_left=-1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -150,7 +152,16 @@ def attention(
     # Checks tiles against a block-sparse layout now, with a ValueError, not inside a trace.
     block_sizes.fit(q.shape[1], k.shape[1], mask, explicit=True)
   if scale is not None:
-    scale = float(np.asarray(scale))
+    if isinstance(scale, jax.core.Tracer) or isinstance(scale, bool):
+      raise ValueError("attention: scale must be a Python number known when tracing (it is "
+                       f"static: it shapes the kernels); got {type(scale).__name__}")
+    try:
+      scale = float(np.asarray(scale))
+    except (TypeError, ValueError):
+      raise ValueError(f"attention: scale must be a number; got {scale!r}") from None
+    if not math.isfinite(scale):
+      raise ValueError(f"attention: scale must be finite; got {scale}")
+
   def reason(name):
     if name not in IMPLEMENTATIONS:
       raise NotImplementedError(f"attention: unknown implementation {name!r}; available: "
