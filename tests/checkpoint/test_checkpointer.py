@@ -252,3 +252,18 @@ def test_lazy_save_survives_the_next_donating_update(tmp_path, monkeypatch):
   if "deepcopy_host_arrays" in inspect.signature(ocp.type_handlers.NumpyHandler).parameters:
     assert not copies
   ckpt.close()
+
+
+def test_discard_after_keeps_the_resume_step(tmp_path):
+  # A resume from step s discards newer leftovers, never s itself: with keep = 1 a crash
+  # before the next save would otherwise leave no checkpoint at all.
+  ck = Checkpointer(tmp_path, CheckpointConfig(mode="sync", keep=5))
+  for s in (1, 2, 3):
+    ck.save(s, ck.begin({"w": jnp.ones(3) * s}), {"step": s}, {})
+  ck.wait()
+  ck.discard(after=2)
+  assert ck.complete_steps() == [1, 2]
+  state, data, step = ck.restore({"w": jnp.zeros(3)})
+  assert step == 2 and data == {"step": 2}
+  np.testing.assert_array_equal(state["w"], np.full(3, 2.0))
+  ck.close()

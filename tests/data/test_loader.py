@@ -235,3 +235,21 @@ def test_vocab_size_carries_to_task_only_eval(tmp_path):
   lm = make_loader(cfg, batch_size=4, seed=0)
   task_only = dataclasses.replace(cfg, source="passkey", task=None, task_fraction=0.0)
   assert make_loader(task_only, batch_size=4, seed=0, split="eval").vocab_size == lm.vocab_size
+
+
+def test_windows_stay_in_their_split_and_reach_both_ends(tmp_path):
+  # Exact, not by chance: 40 tokens, eval_fraction 0.25 → train tokens 0..29 (window starts
+  # 0..20, all of them drawn) and exactly one eval window, [30, 40).
+  path = tmp_path / "t.npy"
+  np.save(path, np.arange(40, dtype=np.int64))
+  cfg = DataConfig(source="npy", paths=(str(path),), seq_len=9, vocab_size=40,
+                   eval_fraction=0.25)
+  ev = make_loader(cfg, batch_size=8, seed=0, split="eval")
+  for step in range(20):
+    b = ev.local_batch(step)
+    np.testing.assert_array_equal(b["inputs"], np.tile(np.arange(30, 39), (8, 1)))
+    np.testing.assert_array_equal(b["targets"], np.tile(np.arange(31, 40), (8, 1)))
+  tr = make_loader(cfg, batch_size=8, seed=0, split="train")
+  batches = [tr.local_batch(s) for s in range(40)]
+  assert max(int(b["targets"].max()) for b in batches) <= 29
+  assert {int(s) for b in batches for s in b["inputs"][:, 0]} == set(range(21))

@@ -212,3 +212,14 @@ def test_a_vocab_major_table_is_used_in_place(block):
     cross_entropy(h, w[0], t, w_layout="vd")
   with pytest.raises(ValueError, match="D = 203"):
     cross_entropy(h, w, t, w_layout="vd")   # a [D, V] weight passed as a table
+
+
+def test_padded_vocabulary_columns_take_no_probability():
+  # With every logit 0 the loss is exactly log V: a padding column let into the softmax shows
+  # as log(V + 1). (With the other tests' large logits it hid below the tolerance.)
+  v = 203
+  h = jax.random.normal(jax.random.key(0), (2, 9, 24))
+  t = jax.random.randint(jax.random.key(1), (2, 9), 0, v)
+  for block in (16, 64, 203, 4096):
+    got = cross_entropy(h, jnp.zeros((24, v)), t, vocab_block=block)
+    np.testing.assert_allclose(np.asarray(got), np.log(v), rtol=1e-6, err_msg=f"block {block}")

@@ -422,3 +422,22 @@ def test_pallas_gpu_passes_the_packed_weight_uncopied(monkeypatch, m, k, n):
   weight = next(line.split("=")[0].strip() for line in text.splitlines()
                 if "parameter(1)" in line and "= u8[" in line and "ENTRY" not in line)
   assert f", {weight})" in call, call
+
+
+def test_absmean_codes_against_numpy_and_by_hand():
+  # Round to nearest, not towards zero: the other ternary tests check the quantizer only
+  # against itself (in range, idempotent), which truncation also passes.
+  w = np.array([[0.2, -0.6], [1.0, -1.4], [0.0, 2.0]], np.float32)  # mean|w| = 0.8667
+  assert np.asarray(absmean_quantize(jnp.asarray(w))[0]).tolist() == [[0, -1], [1, -1], [0, 1]]
+  w = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+  want = np.clip(np.rint(w / np.float32(np.abs(w).mean())), -1, 1)
+  np.testing.assert_array_equal(np.asarray(absmean_quantize(jnp.asarray(w))[0]), want)
+
+
+def test_packed_byte_format_is_pinned():
+  # The export format, fixed by value: four codes per byte, the first in the low bits, each
+  # stored as code + 1 (so a byte of zeros is 0x55). Pack and unpack sharing a changed bit
+  # order would otherwise pass every round trip.
+  codes = jnp.array([[-1], [0], [1], [1]], jnp.int8)
+  assert np.asarray(pack_ternary(codes)).ravel().tolist() == [0b10_10_01_00]
+  assert np.asarray(pack_ternary(jnp.zeros((4, 1), jnp.int8))).ravel().tolist() == [0x55]

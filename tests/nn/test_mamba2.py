@@ -125,3 +125,17 @@ def test_state_of_a_packed_row_holds_only_its_last_segment(layer):
   want = layer(jnp.concatenate([x[:, 18:], cont], 1))[:, 2:]
   _testing.assert_allclose(layer(cont, state=state), want, name="parallel continuation")
   _testing.assert_allclose(_steps(layer, cont, state)[0], want, name="step continuation")
+
+
+def test_gated_norm_is_mamba2s_norm_of_the_gated_output():
+  # RMSNormGated(norm_before_gate=False) restated in float64: norm(y · silu(z)) per group of
+  # heads, times the scale (the layer's other tests compare the layer with itself).
+  from memx.nn.mamba2 import gated_rms_norm
+  rng = np.random.default_rng(0)
+  y, z = rng.standard_normal((2, 5, 4, 8)), rng.standard_normal((2, 5, 4, 8))
+  scale = rng.uniform(0.5, 1.5, (4, 8))
+  g = (y * z / (1 + np.exp(-z))).reshape(2, 5, 2, 16)  # 2 groups of 2 heads
+  want = (g / np.sqrt((g ** 2).mean(-1, keepdims=True) + 1e-5)).reshape(y.shape) * scale
+  got = gated_rms_norm(jnp.asarray(y, jnp.float32), jnp.asarray(z, jnp.float32),
+                       jnp.asarray(scale, jnp.float32), 2)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)

@@ -31,6 +31,8 @@ def test_scan_equals_step_loop_with_lower_bound():
 
 def test_recurrence_matches_definition():
   layer, x = MLGRU(CFG, 0, rngs=nnx.Rngs(0)), _x(1, 4)
+  # A learned (not all-ones) output-norm scale, so the definition's scale is exercised.
+  layer.h_norm[...] = jax.random.uniform(jax.random.key(7), (16,), minval=0.5, maxval=1.5)
   lb = jnp.full((16,), 0.3)
   f = 0.3 + 0.7 * jax.nn.sigmoid(layer.w_f(x))
   c = jax.nn.silu(layer.w_c(x))
@@ -41,6 +43,7 @@ def test_recurrence_matches_definition():
   h = jnp.stack(hs, 1)
   g = jax.nn.sigmoid(layer.w_g(x))
   hn = h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + CFG.norm_eps)
+  hn = hn * layer.h_norm[...][None, None, :]
   want = layer.w_o(g * hn)
   _testing.assert_allclose(layer(x, lower_bound=lb), want, dtype=jnp.float32, name="mlgru")
 

@@ -54,3 +54,15 @@ def test_clipping_keeps_the_optimizer_state_layout():
   params = {"w": np.ones((3, 3), np.float32)}
   states = [make_optimizer(OptimConfig(clip_norm=c), 10).init(params) for c in (None, 1.0)]
   assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+
+
+def test_decay_mask_spares_every_norm_of_the_matmulfree_model():
+  # There the rank rule alone spares MLGRU's h_norm (no NO_DECAY name covers it).
+  from memx.models.config import matmulfree_config
+  model = TransformerLM(matmulfree_config(vocab_size=32, d_model=16, n_layers=2, n_heads=2),
+                        rngs=nnx.Rngs(0))
+  mask = decay_mask(nnx.state(model, nnx.Param))
+  flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  norms = [k for k in flat if "norm" in k]
+  assert any("h_norm" in k for k in norms)
+  assert not any(flat[k] for k in norms), [k for k in norms if flat[k]]
