@@ -66,6 +66,8 @@ def _slurm_params(items):
 
 
 def main(argv: list[str] | None = None) -> int:
+  from memx._xla_flags import set_cpu_flags
+  set_cpu_flags()  # before any computation: collectives in one order on CPU devices
   args = _parser().parse_args(argv)
   logging.basicConfig(level=os.environ.get("MEMX_LOG", "WARNING"),
                       format="%(levelname)s %(name)s: %(message)s")

@@ -39,10 +39,8 @@ ARGS = _p.parse_args() if __name__ == "__main__" else None
 
 if ARGS is not None:  # before JAX starts: the fake device count is fixed at backend creation
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  os.environ["XLA_FLAGS"] = " ".join(flags + [
-      f"--xla_force_host_platform_device_count={ARGS.devices}"])
+  from memx._xla_flags import set_cpu_flags
+  set_cpu_flags(devices=ARGS.devices)  # (also the collective-order flag: see its docstring)
 
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402

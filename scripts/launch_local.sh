@@ -41,7 +41,8 @@ fi
 
 export JAX_PLATFORMS=cpu
 export JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+# (The scheduler flag keeps collectives in one order on every device: memx/_xla_flags.py.)
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices --xla_cpu_enable_concurrency_optimized_scheduler=false"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 pids=()
