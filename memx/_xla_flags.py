@@ -8,9 +8,15 @@ with "Termination timeout ... for `all gather ...`". Measured on the fsdp2 × sp
 step (8 CPU devices, 2 cores): 3 of 3 runs hung without the flag, 0 of 3 with it, at no
 measurable cost in step time (577–615 ms with it, 637–693 ms in the runs that did not hang
 without it). GPU backends ignore it.
+
+Set by the CLI (when several CPU devices are asked for), bench_parallel and launch_local.sh.
+The test suite keeps XLA's default: with the flag, one test's compiled-memory bound failed
+(ring attention's per-device memory) and the suite ran 19.7 minutes instead of about 7 (with
+a cold compilation cache on a loaded machine; the share of each cause was not isolated).
 """
 
 import os
+import re
 
 CPU_COLLECTIVE_ORDER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
@@ -30,3 +36,12 @@ def with_cpu_flags(flags: str, *, devices: int | None = None) -> str:
 def set_cpu_flags(*, devices: int | None = None) -> None:
   """Updates os.environ["XLA_FLAGS"]; call before the first JAX computation."""
   os.environ["XLA_FLAGS"] = with_cpu_flags(os.environ.get("XLA_FLAGS", ""), devices=devices)
+
+
+def set_cpu_flags_if_multidevice() -> None:
+  """set_cpu_flags() when the environment asks for several CPU devices (one device runs no
+  collectives, and keeps XLA's default schedule)."""
+  m = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+  n = max(int(m.group(1)) if m else 1, int(os.environ.get("JAX_NUM_CPU_DEVICES", "1") or 1))
+  if n > 1:
+    set_cpu_flags()

@@ -66,8 +66,9 @@ def _slurm_params(items):
 
 
 def main(argv: list[str] | None = None) -> int:
-  from memx._xla_flags import set_cpu_flags
-  set_cpu_flags()  # before any computation: collectives in one order on CPU devices
+  if "jax" not in sys.modules:  # a fresh process (not main() called from a running program)
+    from memx._xla_flags import set_cpu_flags_if_multidevice
+    set_cpu_flags_if_multidevice()  # collectives in one order on CPU devices
   args = _parser().parse_args(argv)
   logging.basicConfig(level=os.environ.get("MEMX_LOG", "WARNING"),
                       format="%(levelname)s %(name)s: %(message)s")

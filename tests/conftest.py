@@ -4,10 +4,9 @@ import os
 import pathlib
 import re
 
-from memx._xla_flags import set_cpu_flags  # noqa: E402 (imports no jax)
-
-set_cpu_flags(devices=None if "--xla_force_host_platform_device_count" in os.environ.get(
-    "XLA_FLAGS", "") else 8)
+os.environ.setdefault("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu" if not os.environ.get("MEMX_TEST_GPU") else "")
 
 import jax  # noqa: E402
