@@ -64,6 +64,18 @@ def teacher_spec(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
   return p, None
 
 
+def check_stage_data(data, dcfg: DistillConfig, vocab_size: int) -> None:
+  """UserError unless every stage can train on `data` (its batch, task rows, vocabulary)."""
+  for k in dcfg.stages:
+    b = dcfg.stage(k).batch_size
+    check_training_mix(data, b)
+    loader = make_loader(data, batch_size=b, seed=0, split="train")
+    if vocab_size < loader.vocab_size:
+      raise ConfigError(f"distill.data gives {loader.vocab_size} token ids but the teacher's "
+                        f"model.vocab_size is {vocab_size}; distil on data the teacher was "
+                        "trained for.")
+
+
 def resolve_config(teacher: str | pathlib.Path, dcfg: DistillConfig) -> DistillConfig:
   """dcfg with data = the teacher run's data config where it is None."""
   if dcfg.data is not None:
@@ -91,14 +103,7 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
   student_model = student_model_config(tcfg, dcfg.student)
   layers = converted_layers(tcfg, dcfg.student)
   check_mapping(tcfg, student_model, layers)
-  for k in dcfg.stages:
-    stage = dcfg.stage(k)
-    check_training_mix(dcfg.data, stage.batch_size)
-    loader = make_loader(dcfg.data, batch_size=stage.batch_size, seed=0, split="train")
-    if student_model.vocab_size < loader.vocab_size:
-      raise ConfigError(f"distill.data gives {loader.vocab_size} token ids but the teacher's "
-                        f"model.vocab_size is {student_model.vocab_size}; distil on data the "
-                        "teacher was trained for.")
+  check_stage_data(dcfg.data, dcfg, student_model.vocab_size)
   out = pathlib.Path(out)
   teacher_id = {"run": str(trained.run_dir.resolve()), "step": trained.step}
   _check_existing_distill(out, student_model, teacher_id, overwrite)

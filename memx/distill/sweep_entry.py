@@ -10,10 +10,10 @@ A sweep entry whose overrides use `distill.*` keys is a distillation, not a trai
 the DistillConfig (the experiment file's `distill_config(variant)` when it defines one, else
 the defaults; data defaults to the teacher's, and `distill.data.KEY` overrides apply to the
 teacher's data once its run exists: they are checked, on the teacher entry's data config, when
-the sweep is planned). The sweep
-driver runs distillation entries after all training entries. The stages go to
-SWEEP/NAME/distill/; the final student's config, metrics (every stage's, with a stage column)
-and summary are copied to SWEEP/NAME so the report shows the student as one more row. (Glue
+the sweep is planned). The sweep driver runs distillation entries after all training entries.
+The stages go to SWEEP/NAME/distill/; the final student's config, metrics (every stage's, with
+a stage column) and summary are copied to SWEEP/NAME so the report shows the student as one
+more row. (Glue
 between memx.experiment's sweeps and memx.distill: it imports both; memx.experiment's runner
 and sweep import it lazily.)
 """
@@ -66,20 +66,9 @@ def build(module, variant: str | None, overrides: dict[str, Any], names_before: 
   dcfg = apply_overrides(dcfg, flags)
   if teacher_cfgs and teacher in teacher_cfgs:
     tcfg = teacher_cfgs[teacher]
-    _check_stage_data(dcfg.data or apply_overrides(tcfg.data, data), dcfg, tcfg.model)
+    from memx.distill.runner import check_stage_data  # runner.plan's check, before training
+    check_stage_data(dcfg.data or apply_overrides(tcfg.data, data), dcfg, tcfg.model.vocab_size)
   return teacher, dcfg, data
-
-
-def _check_stage_data(data, dcfg, teacher_model) -> None:
-  """What `runner.plan` checks of the data, on the sweep's side of the teacher's training."""
-  from memx.data import check_training_mix, make_loader
-  for k in dcfg.stages:
-    b = dcfg.stage(k).batch_size
-    check_training_mix(data, b)
-    loader = make_loader(data, batch_size=b, seed=0, split="train")
-    if teacher_model.vocab_size < loader.vocab_size:
-      raise ConfigError(f"distill.data gives {loader.vocab_size} token ids but the teacher's "
-                        f"model.vocab_size is {teacher_model.vocab_size}.")
 
 
 def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:

@@ -145,13 +145,13 @@ def _check_kernel_backend(model_cfg) -> None:
   """ConfigError for a GPU-only kernel chosen in the config on another backend: it would fail
   only when the step compiles, after the run directory was written."""
   mixers = set(model_cfg.mixers or ("attention",))
-  chosen = []
   if "attention" in mixers and model_cfg.attn_impl in ("pallas_gpu", "cudnn"):
-    chosen.append(("model.attn_impl", model_cfg.attn_impl))
-  if mixers & {"mamba2", "linear_attention"} and model_cfg.ssm.impl == "pallas_gpu":
-    chosen.append(("model.ssm.impl", model_cfg.ssm.impl))
-  if chosen and not gpu_backend():
-    field, value = chosen[0]
+    field, value = "model.attn_impl", model_cfg.attn_impl
+  elif mixers & {"mamba2", "linear_attention"} and model_cfg.ssm.impl == "pallas_gpu":
+    field, value = "model.ssm.impl", model_cfg.ssm.impl
+  else:
+    return
+  if not gpu_backend():
     raise ConfigError(f"{field} = {value!r} is not allowed here: it runs only on an NVIDIA GPU, "
                       f"and this backend is {jax.default_backend()!r}. Use None (the best "
                       "implementation for the backend) or 'xla'.")
