@@ -46,12 +46,12 @@ import sys
 
 import jax
 
+from memx._device import memory_limit
 from memx._io import atomic_file, write_json
 from memx.distill.config import StudentConfig
 from memx.distill.seed import student_model_config
 from memx.distill.speed import (
     best_of_modes,
-    device_limit,
     fmt_bytes,
     fmt_ms,
     markdown,
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
   if args.models:
     cfgs = {k: v for k, v in cfgs.items() if k in args.models.split(",")}
   names = list(cfgs)
-  mem_limit = device_limit()
+  mem_limit = memory_limit()
   env = _env()
   print(f"bench_distill: {env}; d_model {args.d_model}, {args.n_layers} layers, "
         f"{args.n_heads} heads ({args.n_kv_heads} kv), {args.dtype}, batch {args.batch}")

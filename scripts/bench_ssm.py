@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memx._device import memory_limit
 from memx.kernels import linear_scan as ls
 from memx.kernels import short_conv as sc
 from memx.kernels import ssd as ssd_ops
@@ -239,14 +240,6 @@ def copy_bandwidth(on_gpu: bool) -> float:
   return 2 * x.size * 4 / _time(f, (x,), 10, 5.0)
 
 
-def device_memory() -> int | None:
-  try:
-    stats = jax.devices()[0].memory_stats()
-    return int(stats["bytes_limit"]) if stats else None
-  except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
-    return None
-
-
 def device_time_ms(fn, inputs, reps: int, budget_s: float, copies: int = 4) -> float:
   """Forward device time per call (ms), free of host dispatch: `copies` x 2 calls chained in one
   program, each on its own copy of the inputs (memx.timing.per_call_device_time)."""
@@ -438,7 +431,7 @@ def main(argv=None):
   deadline = time.perf_counter() + args.total_budget_s
   bandwidth = copy_bandwidth(on_gpu)
   env = _env(bandwidth)
-  mem_limit = device_memory()
+  mem_limit = memory_limit()
   out_dir = pathlib.Path(args.out)
   records = []
   if not on_gpu:

@@ -12,7 +12,7 @@ VENV=${MEMX_GPU_VERSIONS_VENV:-/tmp/memx-venv-gpu-versions}
 if [ ! -x "$VENV/bin/python" ]; then
   "$(scripts/find_python.sh)" -m venv "$VENV"
   "$VENV/bin/pip" install --quiet "jax==0.11.2" "jaxlib==0.11.2" "flax==0.12.10" \
-      "orbax-checkpoint==0.12.4" optax chex einops jaxtyping numpy scipy tqdm pytest
+      "orbax-checkpoint==0.12.4" optax chex einops jaxtyping numpy scipy tqdm pytest hypothesis
 fi
 "$VENV/bin/python" -c "import jax, flax, orbax.checkpoint as o; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'orbax', o.__version__)"

@@ -20,14 +20,6 @@ from memx.models.transformer import TransformerLM, count_params
 from memx.timing import feeding_back, median_time
 
 
-def device_limit() -> int | None:
-  try:
-    stats = jax.devices()[0].memory_stats()
-    return int(stats["bytes_limit"]) if stats else None
-  except Exception:  # noqa: BLE001 - backends without memory stats (CPU)
-    return None
-
-
 def measure(name: str, cfg: ModelConfig, length: int, *, batch: int = 1, repeats: int = 3,
             budget_s: float = 10.0, mem_limit: int | None = None,
             model: TransformerLM | None = None, decode_tokens: int = 16,

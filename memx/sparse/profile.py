@@ -195,6 +195,25 @@ def _influence_fn(graphdef, layers: tuple[int, ...], block: int):
   return jax.jit(fn)
 
 
+def _check_fits(lengths, layers, n_heads: int, batch_size: int) -> None:
+  """Refuses, before any compute, a length whose profile step cannot fit in memory: it holds
+  the zero score biases, the probabilities and their gradients, [B, H, N, N] fp32 each, for
+  every attention layer at once (a lower bound: activations and weights come on top)."""
+  from memx._device import memory_limit
+
+  limit = memory_limit(host_fallback=True)
+  if limit is None:
+    return
+  for n in lengths:
+    need = 3 * len(layers) * batch_size * n_heads * n * n * 4
+    if need > limit:
+      raise ProfileError(
+          f"profiling at length {n} needs at least {need / 2**30:.1f} GiB ([B={batch_size}, "
+          f"H={n_heads}, N, N] fp32 scores, probabilities and gradients for {len(layers)} "
+          f"attention layers), more than the {limit / 2**30:.1f} GiB this machine has. Profile "
+          "shorter lengths (a plan's spans scale to longer ones) or a smaller batch size.")
+
+
 def profile_model(model, data_cfg, lengths, *, batches: int = 4, batch_size: int = 2,
                   block: int = 32, seed: int = 1234, meta: dict | None = None) -> Profile:
   """Profiles `model` (a trained TransformerLM) on calibration batches of `data_cfg` at each
@@ -216,6 +235,7 @@ def profile_model(model, data_cfg, lengths, *, batches: int = 4, batch_size: int
   layers = attention_layers(cfg)
   if not layers:
     raise ProfileError("the model has no attention layers to profile.")
+  _check_fits(lengths, layers, cfg.n_heads, batch_size)
   graphdef, params = nnx.split(model)
   fn = _influence_fn(graphdef, layers, block)
   influence, losses = {}, {}

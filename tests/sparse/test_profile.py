@@ -108,6 +108,21 @@ def test_profile_rejects_bad_input(trained):
     profile_model(planned, trained.cfg.data, [32])
 
 
+def test_profile_refuses_lengths_that_cannot_fit_before_any_compute(trained, monkeypatch):
+  import memx._device
+  import memx.data
+
+  cfg = trained.cfg
+  with pytest.raises(ProfileError, match=r"length 1000000 needs at least .* GiB"):
+    profile_model(trained.model, cfg.data, [32, 10**6])  # this host's RAM
+  layers = sum(cfg.model.mixer(i) == "attention" for i in range(cfg.model.n_layers))
+  need_64 = 3 * layers * 2 * cfg.model.n_heads * 64 * 64 * 4
+  monkeypatch.setattr(memx._device, "memory_limit", lambda **_: need_64 - 1)
+  monkeypatch.setattr(memx.data, "make_loader", lambda *a, **k: pytest.fail("computed"))
+  with pytest.raises(ProfileError, match="length 64 needs"):
+    profile_model(trained.model, cfg.data, [32, 64], batch_size=2)
+
+
 def test_search_under_a_kv_budget_bounds_the_ring_caches(trained, profile):
   """A KV budget below what the density-only plan keeps: the plan found keeps at most that
   fraction of a dense cache, counted by the decode cache itself (kv_cache_bytes)."""
