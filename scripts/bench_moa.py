@@ -13,7 +13,9 @@ span β_h·N with β_h on a geometric ladder over a factor `--spread`, plus 4 si
 mean density hits the budget, and one head in eight full; what the kernels see (heterogeneous
 per-head windows) is what a searched plan gives them. `moa_kv` runs the same ladder over KV
 groups (heads sharing a KV head share a rule), the shape a KV-budgeted search favours: its KV
-cache is then its density, not its groups' widest members.
+cache is then its density, not its groups' widest members. With --equal-kv each sparse method
+also decodes at the largest batch whose KV cache fits in dense's, the comparison behind MoA's
+decode-throughput claim (a smaller cache serves more sequences at once).
 
   python scripts/bench_moa.py --out /tmp/bench_moa                  # CPU defaults (S = 2048)
   python scripts/bench_moa.py --out $OUT/bench_moa --size gpu       # S = 16384, H = 16, bf16
@@ -92,19 +94,35 @@ def prefill(mask, cfg, repeats: int) -> dict:
           "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0))}
 
 
-def decode(plan_rules, cfg, new_tokens: int, repeats: int) -> dict:
-  s = cfg["s"]
+def decode_config(plan_rules, cfg) -> ModelConfig:
+  """The decode benchmark's TransformerLM: the size's dims, the rules in every layer."""
   base = ModelConfig(vocab_size=256, d_model=cfg["h"] * cfg["d"], n_layers=cfg["layers"],
                      n_heads=cfg["h"], n_kv_heads=cfg["g"], compute_dtype=cfg["dtype"],
                      param_dtype=cfg["dtype"])
-  mc = base if plan_rules is None else ModelConfig(
-      **{**base.__dict__, "attn_plan": tuple(tuple(r.as_tuple() for r in plan_rules)
-                                             for _ in range(cfg["layers"]))})
+  if plan_rules is None:
+    return base
+  return ModelConfig(**{**base.__dict__, "attn_plan": tuple(
+      tuple(r.as_tuple() for r in plan_rules) for _ in range(cfg["layers"]))})
+
+
+def decode(plan_rules, cfg, new_tokens: int, repeats: int, batch: int | None = None) -> dict:
+  """Decode tokens/s over `batch` sequences (default: the size's decode batch) and the exact
+  KV-cache bytes they hold. Batches past the size's prefill their prompts in chunks of 2048,
+  so that the prefill's activations stay those of the default batch or less."""
+  batch = batch or cfg["decode_batch"]
+  mc = decode_config(plan_rules, cfg)
   model = TransformerLM(mc, rngs=nnx.Rngs(0))
-  tps = decode_tokens_per_s(model, s, new_tokens=new_tokens, batch=cfg["decode_batch"],
-                            repeats=repeats)
-  return {"decode_tokens_per_s": tps,
-          "kv_bytes": kv_cache_bytes(mc, s, cfg["decode_batch"])}
+  chunk = 2048 if batch > cfg["decode_batch"] and cfg["s"] > 2048 else None
+  tps = decode_tokens_per_s(model, cfg["s"], new_tokens=new_tokens, batch=batch,
+                            repeats=repeats, prefill_chunk=chunk)
+  return {"decode_tokens_per_s": tps, "decode_batch": batch,
+          "kv_bytes": kv_cache_bytes(mc, cfg["s"], batch)}
+
+
+def equal_kv_batch(plan_rules, cfg, kv_budget: int) -> int:
+  """The most sequences whose KV caches fit in `kv_budget` bytes (at least 1): how MoA compares
+  decode throughput, each method at the batch its memory allows."""
+  return max(1, kv_budget // kv_cache_bytes(decode_config(plan_rules, cfg), cfg["s"], 1))
 
 
 def main() -> None:
@@ -117,6 +135,9 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--decode-tokens", type=int, default=32)
   ap.add_argument("--no-decode", action="store_true")
+  ap.add_argument("--equal-kv", action="store_true",
+                  help="also decode each sparse method at the batch whose KV cache fits in "
+                       "dense's (MoA's throughput comparison)")
   args = ap.parse_args()
   size = args.size or ("gpu" if jax.default_backend() == "gpu" else "cpu")
   cfg = dict(SIZES[size])
@@ -136,6 +157,14 @@ def main() -> None:
     row |= prefill(mask, cfg, args.repeats)
     if not args.no_decode:
       row |= decode(rules, cfg, args.decode_tokens, max(3, args.repeats // 2))
+      if args.equal_kv and rules is not None:
+        batch = equal_kv_batch(rules, cfg, rows["dense"]["kv_bytes"])
+        try:
+          same = decode(rules, cfg, args.decode_tokens, max(3, args.repeats // 2), batch)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: keep the other rows
+          same = {"decode_batch": batch, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+          print(f"{name} at batch {batch}: {same['error']}", flush=True)
+        row |= {"equal_kv_" + k: v for k, v in same.items()}
     rows[name] = row
     print(name, row, flush=True)
   d = rows["dense"]
@@ -154,6 +183,21 @@ def main() -> None:
     else:
       cells += ["–"] * 4
     lines.append("| " + " | ".join(cells) + " |")
+  if any("equal_kv_decode_batch" in r for r in rows.values()):
+    lines += ["", f"Decode at dense's KV memory ({d['kv_bytes'] / 2**20:.1f} MiB for "
+              f"{d['decode_batch']} sequences): each method at the batch that fits it.", "",
+              "| method | batch | KV MiB | decode tok/s | × dense |", "|---|---:|---:|---:|---:|",
+              f"| dense | {d['decode_batch']} | {d['kv_bytes'] / 2**20:.2f} | "
+              f"{d['decode_tokens_per_s']:.0f} | 1.00 |"]
+    for name, r in rows.items():
+      if "equal_kv_error" in r:
+        lines.append(f"| {name} | {r['equal_kv_decode_batch']} | – | failed: "
+                     f"{r['equal_kv_error'][:60]} | – |")
+      elif "equal_kv_decode_tokens_per_s" in r:
+        tps = r["equal_kv_decode_tokens_per_s"]
+        lines.append(f"| {name} | {r['equal_kv_decode_batch']} | "
+                     f"{r['equal_kv_kv_bytes'] / 2**20:.2f} | {tps:.0f} | "
+                     f"{tps / d['decode_tokens_per_s']:.2f} |")
   table = "\n".join(lines)
   print(table)
   out = pathlib.Path(args.out)

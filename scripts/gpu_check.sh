@@ -83,7 +83,7 @@ bench_args() {
     bench_train) echo "--sizes gpu --repeats 2 --only 125m,350m" ;;
     bench_checkpoint) echo "--size gpu --repeats 1" ;;
     bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --prefill-chunks whole,2048 --repeats 3 --budget-s 2" ;;
-    bench_moa) echo "--size gpu --repeats 5" ;;
+    bench_moa) echo "--size gpu --repeats 5 --equal-kv" ;;
     bench_remat) echo "--mixers attention,mamba2" ;;
     # (jax 0.11.2's XLA does not know --xla_gpu_enable_dot_strength_reduction: the profile of
     # the M = 1 projections without that rewrite needs a newer jaxlib on the GPU machine.)
