@@ -145,7 +145,8 @@ def end_to_end_metrics(t_logits, s_logits, batch) -> dict:
           "teacher_ce": weighted_mean(token_losses(t_logits, batch["targets"]),
                                       batch["weights"]),
           "agreement": top1_agreement(t_logits, s_logits),
-          "correct": correct, "teacher_correct": t_correct, "answers": answers}
+          "correct": correct, "teacher_correct": t_correct, "answers": answers,
+          "weight": jnp.sum(batch["weights"])}
 
 
 # Compiler options of every distillation program; None = XLA's defaults. Tests set
@@ -327,14 +328,26 @@ def evaluate(student: TransformerLM, teacher: TransformerLM, loaders: dict, laye
   s_graphdef, s_state = nnx.split(student)
   t_graphdef, t_state = nnx.split(teacher)
   s_state, t_state = jax.device_put((s_state, t_state), device)
-  sums = ("correct", "teacher_correct", "answers")
+  sums = ("correct", "teacher_correct", "answers", "weight")
+  # Losses are token-weighted over all batches (sum of weighted losses / sum of weights), as
+  # the train loop's evaluation: on a run's eval rows they reproduce its final_eval_loss.
+  weighted = ("ce", "teacher_ce")
 
   def run(loader):
     rows = [jax.device_get(compare(s_graphdef, s_state, t_graphdef, t_state,
                                    to_device(loader.local_batch(i)), tuple(layers)))
             for i in range(loaders["batches"])]
-    return {k: float(np.sum([r[k] for r in rows]) if k in sums else np.mean([r[k] for r in rows]))
-            for k in rows[0]}
+    w = np.array([float(r["weight"]) for r in rows])
+    out = {}
+    for k in rows[0]:
+      vals = np.array([float(r[k]) for r in rows])
+      if k in sums:
+        out[k] = float(vals.sum())
+      elif k in weighted:
+        out[k] = float((vals * np.maximum(w, 1.0)).sum() / max(w.sum(), 1.0))
+      else:
+        out[k] = float(vals.mean())
+    return out
 
   lm = run(loaders["lm"])
   out = {"loss": lm["ce"], "perplexity": float(np.exp(min(lm["ce"], 80.0))),

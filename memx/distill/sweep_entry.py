@@ -99,13 +99,40 @@ def run(spec, module, *, resume: bool, overwrite: bool, progress: bool) -> dict:
     stage_rows = read_metrics(stages_dir / f"stage{k}" / "metrics.jsonl")
     rows += [{**r, "step": r["step"] + offset, "stage": k} for r in stage_rows]
     offset += max((r["step"] for r in stage_rows), default=0)
+  # The stages' train "loss" is their objective (layer MSE, KL), not a language-model loss:
+  # renamed, so the report's loss plot and "train loss" column do not set it beside the
+  # cross-entropy of the trained entries.
+  rows = [{("objective" if k == "loss" and r.get("split", "train") == "train" else k): v
+           for k, v in r.items()} for r in rows]
   write_json(out / "config.json", json.loads((last / "config.json").read_text()))
   with atomic_file(out / "metrics.jsonl") as f:
     f.write("".join(json.dumps(r) + "\n" for r in rows))
-  summary = {**summaries[max(summaries)], "name": spec.name, "teacher": teacher,
-             "student": dcfg.student.label, "stages": list(dcfg.stages)}
+  final = summaries[max(summaries)]
+  summary = {**final, "name": spec.name, "teacher": teacher, "student": dcfg.student.label,
+             "stages": list(dcfg.stages), "final_train_loss": None,
+             "final_objective": final.get("final_train_loss"),
+             **_on_teacher_eval_rows(teacher_dir, last)}
   write_json(out / "summary.json", summary)  # last: its presence marks the entry finished
   return summary
+
+
+def _on_teacher_eval_rows(teacher_dir: pathlib.Path, student_dir: pathlib.Path) -> dict:
+  """The final student's evaluation on its teacher run's held-out rows (the teacher's eval
+  loader and eval_batches), so that its eval loss and task accuracy compare with every trained
+  entry's on the same data, and its teacher_loss equals the teacher's final_eval_loss."""
+  from memx.distill.stages import evaluate
+  from memx.train.loop import eval_loaders
+  from memx.train.restore import load_trained
+
+  t, s = load_trained(teacher_dir), load_trained(student_dir)
+  lm, task = eval_loaders(t.cfg)
+  layers = tuple(i for i in range(s.cfg.model.n_layers)
+                 if s.cfg.model.mixer(i) != t.cfg.model.mixer(i))
+  e = evaluate(s.model, t.model, {"lm": lm, "task": task, "batches": t.cfg.train.eval_batches},
+               layers)
+  return {"final_eval_loss": e["loss"], "eval_perplexity": e["perplexity"],
+          "task_accuracy": e.get("accuracy"),
+          **{k: v for k, v in e.items() if k not in ("loss", "perplexity", "accuracy")}}
 
 
 def _entry_names(module) -> list[str]:

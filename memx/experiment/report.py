@@ -234,14 +234,29 @@ def _load_runs(sweep_dir: Path) -> list[_Run]:
         parsed = json.loads(row["summary"])
         summary = parsed if isinstance(parsed, dict) else None
     status = row.get("status")
-    # summary.json is written last, so it outranks an index row the driver never updated.
-    if summary is not None and status in (None, "pending", "running"):
+    config = _read_json(run_dir / "config.json")
+    # The files of a run the index knows are trusted only when its directory was started with
+    # the config the index holds (provenance.json's hash): a rerun queued after a config edit,
+    # or one that failed before clearing its directory, still shows the earlier attempt's.
+    wanted = row.get("config_hash")
+    ran = (_read_json(run_dir / "provenance.json") or {}).get("config_hash")
+    earlier = bool(wanted) and ran is not None and ran != wanted
+    if status == "failed" or earlier:
+      summary = None  # a failed attempt has no results; any summary.json is an older one's
+      if earlier:
+        config = None
+    # summary.json is written last, so it outranks an index row the driver never updated
+    # (a driver killed between the run's end and its bookkeeping).
+    elif summary is not None and (status is None or (status in ("pending", "running")
+                                                     and ran is not None)):
       status = summary.get("status") or "done"
+    elif status in ("pending", "running"):
+      summary = None  # (a distillation entry: no provenance of its own to tell attempts apart)
     if not status:
       status = "incomplete"
     error = row.get("error")
     error = _error_line(error) if isinstance(error, str) and error.strip() else None
-    runs.append(_Run(name=name, status=str(status), config=_read_json(run_dir / "config.json"),
+    runs.append(_Run(name=name, status=str(status), config=config,
                      summary=summary, metrics=_read_metrics(run_dir / "metrics.jsonl"),
                      error=error, evaluations=_read_evaluations(run_dir)))
   return runs
@@ -541,8 +556,10 @@ def _render(sweep_dir: Path, runs: Sequence[_Run]) -> str:
   out = [f"# Sweep report: {sweep_dir.name}", "",
          f"{n} run{'s' if n != 1 else ''}: {_status_counts(runs)}.", "", "## Comparison", "",
          "Best value per column in **bold**: lowest loss, perplexity, memory and checkpoint "
-         "size; highest task accuracy and tokens/s. Memory is XLA's analysis of the compiled "
-         f"training step; a run without a summary shows {MISSING}.", ""]
+         "size; highest task accuracy and tokens/s. Losses are in nats per token; memory is XLA's "
+         "analysis of the compiled training step (of the distillation step, teacher included, "
+         "for a distilled entry, whose eval numbers are on its teacher's eval rows); a run "
+         f"without a summary of its current config shows {MISSING}.", ""]
   columns = _columns(runs)
   header = ["run", "status"] + [c.header for c in columns]
   rows = [[_cell(r[0]), *r[1:]] for r in _comparison_rows(runs, columns, bold=True)]

@@ -120,6 +120,12 @@ def check_data(cfg: Config) -> None:
   _loaders(cfg, split_seeds(cfg.train.seed).data_seed)
 
 
+def eval_loaders(cfg: Config):
+  """(eval loader, task-eval loader or None) of a run's config: the held-out rows its final
+  evaluation (`final_eval_loss`, task accuracy) is measured on, train.eval_batches of them."""
+  return _loaders(cfg, split_seeds(cfg.train.seed).data_seed)[1:]
+
+
 def _loaders(cfg: Config, data_seed: int):
   """(train, eval, task-eval or None) loaders; raises UserError for data the run cannot use."""
   b = cfg.train.batch_size

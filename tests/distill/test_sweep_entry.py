@@ -102,6 +102,18 @@ def test_sweep_trains_teacher_then_distils(tmp_path):
   index.close()
   summary = json.loads((sweep_dir / "student" / "summary.json").read_text())
   assert summary["teacher"] == "teacher" and summary["stages"] == [1, 2, 3]
+  # The report row compares like with like: no train loss (the stages' objective is KL / layer
+  # MSE, kept as final_objective), and the eval numbers come from the teacher run's eval rows,
+  # where the teacher's own loss reproduces its run's final_eval_loss.
+  assert summary["final_train_loss"] is None and summary["final_objective"] > 0
+  teacher = json.loads((sweep_dir / "teacher" / "summary.json").read_text())
+  assert summary["teacher_loss"] == pytest.approx(teacher["final_eval_loss"], rel=1e-4)
+  assert summary["final_eval_loss"] != pytest.approx(summary["teacher_loss"], rel=1e-6)
+  records = [json.loads(line) for line in
+             (sweep_dir / "student" / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if r["split"] == "train"]
+  assert train and all("loss" not in r and "objective" in r for r in train)
+  assert all("loss" in r for r in records if r["split"] == "eval")
   cfg = json.loads((sweep_dir / "student" / "config.json").read_text())
   assert cfg["model"]["mixers"] == ["attention", "mamba2"]
   assert (sweep_dir / "student" / "distill" / "stage3" / "checkpoints").is_dir()

@@ -272,12 +272,25 @@ def test_index_summary_fallback_and_stale_status(tmp_path):
   # The driver died before marking "stale" done, but its summary.json was written.
   _write_run(sweep, "stale", _config(), _metrics(4.0, 0.02),
              _summary("stale", train=2.0, eval_loss=2.1, acc=0.5, tps=9000.0, temp=MiB))
+  (sweep / "stale" / "provenance.json").write_text(json.dumps({"config_hash": "h1"}))
   remote = _summary("remote", train=2.0, eval_loss=1.9, acc=0.5, tps=9000.0, temp=MiB)
+  # Queued again after a config edit (h4), its directory still the earlier config's (h0); and a
+  # rerun that failed before clearing its directory: neither shows the earlier results.
+  for name in ("requeued", "refailed"):
+    _write_run(sweep, name, _config(optim__lr=0.5), _metrics(4.0, 0.02),
+               _summary(name, train=1.0, eval_loss=1.0, acc=0.9, tps=99000.0, temp=1))
+    (sweep / name / "provenance.json").write_text(json.dumps({"config_hash": "h0"}))
   _write_index(sweep, [
       ("stale", "h1", "running", 1.0, None, None, None),
       ("remote", "h2", "done", 1.0, 2.0, json.dumps(remote), None),  # run dir not copied here
       ("../escape", "h3", "failed", 1.0, 2.0, None, "boom"),  # never a path outside DIR
+      ("requeued", "h4", "running", 1.0, None, None, None),
+      ("refailed", "h5", "failed", 1.0, 2.0, None, "ConfigError: bad mesh"),
   ])
-  _, rows = _table(_section(write_report(sweep).read_text(), "Comparison"))
-  assert [r[:2] for r in rows] == [["stale", "done"], ["remote", "done"]]
+  text = write_report(sweep).read_text()
+  _, rows = _table(_section(text, "Comparison"))
+  assert [r[:2] for r in rows] == [["stale", "done"], ["remote", "done"],
+                                   ["requeued", "running"], ["refailed", "failed"]]
   assert rows[1][4] == "**1.9000**"
+  assert all(cell == report.MISSING for r in rows[2:] for cell in r[2:])
+  assert "optim.lr" not in text  # the earlier attempt's config is not the requeued run's
