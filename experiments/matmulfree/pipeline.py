@@ -109,7 +109,7 @@ def claims(rows: dict[str, dict]) -> list[str]:
 
 def main(argv=None) -> int:
   from memx.experiment import loading, report
-  from memx.experiment.runner import RunSpec, run
+  from memx.experiment.runner import RunSpec, run_current
   from memx.sparse.evaluate import write_evaluation
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,8 +122,7 @@ def main(argv=None) -> int:
   decode_tokens, reps = (64, 3) if args.variant == "base" else (8, 2)
   rows = {}
   for name, overrides in module.entries(args.variant):
-    run(RunSpec(str(COMPARE), args.variant, overrides, str(sweep_dir), name), resume=True,
-        progress=True)
+    run_current(RunSpec(str(COMPARE), args.variant, overrides, str(sweep_dir), name))
     rows[name] = measure(sweep_dir / name, decode_tokens=decode_tokens, reps=reps)
     write_evaluation(sweep_dir / name, "inference", rows[name])
     print(f"{name:24s} " + ", ".join(

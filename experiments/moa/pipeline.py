@@ -133,7 +133,7 @@ def main(argv=None) -> int:
   from memx._io import write_json
   from memx.errors import UserError
   from memx.experiment import report
-  from memx.experiment.runner import RunSpec, run
+  from memx.experiment.runner import RunSpec, run_current
   from memx.sparse import plan as plans
   from memx.sparse.evaluate import evaluate, write_evaluation
   from memx.sparse.profile import profile_model
@@ -163,9 +163,8 @@ def main(argv=None) -> int:
                                             f"moa-{args.variant}")
   run_dir = sweep_dir / "dense"
 
-  # 1. The dense model (resumes / skips when already trained).
-  run(RunSpec(__file__, args.variant, {}, str(sweep_dir), "dense"), resume=True,
-      progress=True)
+  # 1. The dense model (resumed or reused when trained with this config, else trained again).
+  run_current(RunSpec(__file__, args.variant, {}, str(sweep_dir), "dense"))
   trained = load_trained(run_dir)
   cfg = trained.cfg
 

@@ -52,6 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from memx._validate import describe_differences
 from memx.checkpoint.config import CheckpointConfig
 from memx.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointWriteError
 
@@ -295,7 +296,7 @@ class Checkpointer:
     for key, want in expect.items():
       have = meta.get(key)
       if isinstance(have, dict) and isinstance(want, dict):
-        diffs = _dict_diffs(have, want)
+        diffs = describe_differences(have, want)
       else:
         diffs = "" if have == want else f"{have!r} vs {want!r}"
       if diffs:
@@ -350,31 +351,6 @@ def remove_incomplete(directory: pathlib.Path, after: int | None = None) -> None
       if p.is_dir() and p.name.isdigit() and (
           not (p / MANIFEST).is_file() or (after is not None and int(p.name) > after)):
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-_ABSENT = object()
-
-
-def _dict_diffs(have: dict, want: dict, limit: int = 4) -> str:
-  """The keys whose values differ ("" if none). A key the checkpoint lacks and that is None now
-  is a config field added since, left unset: it matches (old runs keep resuming)."""
-  a, b = _flatten(have), _flatten(want)
-  keys = [k for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)
-          and not (k not in a and b[k] is None)]
-  show = lambda v: "absent" if v is _ABSENT else repr(v)  # noqa: E731
-  more = f" (and {len(keys) - limit} more)" if len(keys) > limit else ""
-  return ", ".join(f"{k} = {show(a.get(k, _ABSENT))} there, {show(b.get(k, _ABSENT))} now"
-                   for k in keys[:limit]) + more
 
 
 def _describe_diffs(saved, wanted, limit: int = 3) -> str:

@@ -1,6 +1,7 @@
 """One run: experiment file + variant + overrides → run directory → train → summary."""
 
 import dataclasses
+import json
 import logging
 import pathlib
 from typing import Any
@@ -9,7 +10,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from memx._io import write_json
-from memx.config import Config
+from memx.config import Config, to_dict
 from memx.errors import UserError
 from memx.experiment import loading, rundir
 from memx.parallel.mesh import maybe_initialize_distributed
@@ -47,6 +48,20 @@ def resolve_config(spec: RunSpec) -> Config:
 def is_distill_entry(overrides: dict[str, Any]) -> bool:
   """Whether a sweep entry distils another entry's run (distill.* keys) instead of training."""
   return any(k.startswith("distill.") for k in overrides)
+
+
+def run_current(spec: RunSpec, *, progress: bool = True) -> dict:
+  """Runs spec, reusing what its directory holds (a finished run's summary, a checkpoint to
+  continue) only when that was made with this very config; another config (an edited
+  experiment file) trains the run again from scratch. Experiment pipelines use this as their
+  cache of finished steps."""
+  cfg = resolve_config(spec)
+  stored = pathlib.Path(spec.workdir) / spec.name / "config.json"
+  try:
+    same = json.loads(stored.read_text()) == json.loads(json.dumps(to_dict(cfg), default=str))
+  except (OSError, ValueError):
+    same = not stored.parent.exists() or not any(stored.parent.iterdir())
+  return run(spec, resume=same, overwrite=not same, progress=progress)
 
 
 def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progress: bool = True,

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from memx._io import write_json
+from memx._validate import describe_differences
 from memx.checkpoint import Checkpointer
 from memx.config import Config, to_dict
 from memx.data import check_training_mix, make_loader
@@ -118,6 +119,15 @@ def check_data(cfg: Config) -> None:
   mesh and backend ones: what a sweep checks for every entry before any of them trains, on a
   machine that may not be the one the entries run on."""
   _loaders(cfg, split_seeds(cfg.train.seed).data_seed)
+
+
+def _finished_with_other_config(run_dir: pathlib.Path, cfg: Config) -> str:
+  """How a finished run's config.json differs from cfg ("" when alike or not recorded)."""
+  try:
+    stored = json.loads((run_dir / "config.json").read_text())
+  except (OSError, ValueError):
+    return ""
+  return describe_differences(stored, json.loads(json.dumps(to_dict(cfg), default=str)))
 
 
 def eval_loaders(cfg: Config):
@@ -237,10 +247,16 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     # A crash's leftovers (unfinished or corrupt steps) would collide with new saves.
     ckpt.discard(after=start)
   if run_dir is not None:
-    if start >= end and (run_dir / "summary.json").exists():
+    if start >= end and (run_dir / "summary.json").exists():  # finished earlier
       if ckpt is not None:
         ckpt.close()
-      return json.loads((run_dir / "summary.json").read_text())  # finished earlier
+      diffs = _finished_with_other_config(run_dir, cfg)
+      if diffs:
+        raise ConfigError(
+            f"run {str(run_dir)!r} finished earlier with another config ({diffs}), so its "
+            "results are not this config's, and nothing is left to train. Pass --overwrite to "
+            "train it again with this config, or choose another --name.")
+      return json.loads((run_dir / "summary.json").read_text())
     if jax.process_index() == 0:  # process 0 alone owns the run directory's files
       (run_dir / "summary.json").unlink(missing_ok=True)  # in progress: no stale summary
       truncate_after(run_dir / "metrics.jsonl", start)

@@ -340,9 +340,11 @@ def test_a_refused_or_finished_resume_leaves_config_and_provenance_as_trained(tm
   for override in ("model.d_model=32", "train.steps=2"):
     rc, _, err = _cli(capsys, "run", EXP, "--workdir", tmp_path, "--resume", "--set", override)
     _assert_user_error(rc, err)
-  # Finished already: the old summary comes back, and the lr that never trained is not recorded.
+  # Finished already with another lr: refused (its summary is not that config's result), and
+  # the lr that never trained is not recorded.
   rc, _, err = _cli(capsys, "run", EXP, "--workdir", tmp_path, "--resume", "--set", "optim.lr=0.5")
-  assert rc == 0, err
+  _assert_user_error(rc, err)
+  assert "finished earlier with another config (optim.lr = " in err and "--overwrite" in err
   assert {f: (run_dir / f).read_bytes() for f in files} == files
 
 

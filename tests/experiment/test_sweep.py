@@ -280,3 +280,26 @@ def test_a_file_that_is_not_python_is_a_user_error(tmp_path):
   plan.write_text("{}")
   with pytest.raises(UserError, match="is not a Python file"):
     loading.load_module(plan)
+
+
+def test_run_current_reuses_only_a_run_of_the_same_config(tmp_path):
+  """The experiment pipelines' cache: a finished run is reused for its own config, and trained
+  again from scratch for an edited one (never its stale summary)."""
+  from memx.experiment.runner import RunSpec, run_current
+
+  def spec(**overrides):
+    return RunSpec(str(TINY_SWEEP), None, {"train.seed": 0, **overrides}, str(tmp_path), "r")
+
+  def train_steps():
+    return [r["step"] for r in read_metrics(tmp_path / "r" / "metrics.jsonl")
+            if r["split"] == "train"]
+
+  first = run_current(spec(), progress=False)
+  steps = train_steps()
+  summary = tmp_path / "r" / "summary.json"
+  stamp = _mtime(summary)
+  assert run_current(spec(), progress=False) == first and _mtime(summary) == stamp
+  edited = run_current(spec(**{"optim.lr": 1e-2}), progress=False)
+  assert edited["final_train_loss"] != first["final_train_loss"]
+  assert json.loads((tmp_path / "r" / "config.json").read_text())["optim"]["lr"] == 1e-2
+  assert train_steps() == steps  # from scratch, not appended to the old run
