@@ -14,8 +14,9 @@ Expected:  dense d128 eval loss ≈ 2.0 nats/byte after 100 steps (from ln(512) 
 
 Later techniques join as new entries of SWEEP below, so every report compares them against the
 same dense baselines. moa50-d128 trains dense-d128 under a MoA plan (moa50_plan.json: profiled
-from a trained dense-d128 and searched at 50% of the causal pairs with
-`memx sparse profile/search`; per-head spans α + β·N with 4 sinks) — compare it with the
+from a trained dense-d128 and searched under a budget of 50% of the causal pairs with
+`memx sparse profile/search`; per-head spans α + β·N with 4 sinks; its density is 0.49 at 64
+tokens and 0.44 at the training length of 128) — compare it with the
 uniform window32-sink4 run. Post-training evaluation of plans: experiments/moa/pipeline.py.
 hybrid-distilled-d128 distils the trained dense-d128 (a sweep entry with distill.* keys runs
 after the training entries): eval loss ≈ 2.00 against the teacher's 1.98, top-1 agreement

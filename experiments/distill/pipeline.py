@@ -258,6 +258,7 @@ def main(argv=None) -> int:
 
   from memx.distill import runner, speed
   from memx.distill.seed import student_model_config
+  from memx.errors import UserError
   from memx.sparse.evaluate import write_evaluation
   from memx.train.restore import load_trained
 
@@ -295,10 +296,16 @@ def main(argv=None) -> int:
       steps = dcfg.stage1.steps + s2.steps
       dcfg = dataclasses.replace(dcfg, stage2=dataclasses.replace(
           s2, steps=steps, checkpoint_every=steps))
-    sums = runner.distill(teacher_dir, dcfg, root / name, resume=True, progress=False,
-                          log=lambda m, n=name: log(f"{n}: {m}"), loaders=loaders)
+    try:
+      sums = runner.distill(teacher_dir, dcfg, root / name, resume=True, progress=False,
+                            log=lambda m, n=name: log(f"{n}: {m}"), loaders=loaders)
+    except UserError as e:  # stages of another teacher (retrained) or settings: start over
+      log(f"{name}: {e} Distilling it again.")
+      sums = runner.distill(teacher_dir, dcfg, root / name, overwrite=True, progress=False,
+                            log=lambda m, n=name: log(f"{n}: {m}"), loaders=loaders)
     stage_rows[name] = {k: {f: sums[k].get(f) for f in (
-        "final_eval_loss", "teacher_loss", "kl", "agreement", "mse_rel", "accuracy", "wall_s")}
+        "final_eval_loss", "teacher_loss", "kl", "agreement", "mse_rel", "task_accuracy",
+        "wall_s")}
         for k in sums}
     students[name] = load_trained(root / name / f"stage{max(stages)}").model
 
@@ -369,7 +376,7 @@ def evaluation_record(row: dict, speed_rows: list[dict], name: str) -> dict:
 
 
 def write_report(root: pathlib.Path, results: dict, names: list[str]) -> None:
-  from memx._io import write_json
+  from memx._io import atomic_file, write_json
   from memx.distill import speed
 
   lines = [f"# Distillation: Transformer → Mamba-2 / hybrid ({results['variant']})", "",
@@ -393,9 +400,8 @@ def write_report(root: pathlib.Path, results: dict, names: list[str]) -> None:
               "", *results["speed_summary"]]
     _plot(root / "prefill.png", results["speed"], names)
     lines += ["", "![prefill](prefill.png)"]
-  tmp = root / "report.md.tmp"
-  tmp.write_text("\n".join(lines) + "\n")
-  tmp.replace(root / "report.md")
+  with atomic_file(root / "report.md") as f:
+    f.write("\n".join(lines) + "\n")
   write_json(root / "results.json", results)
 
 
@@ -421,10 +427,10 @@ def _plot(path: pathlib.Path, rows: list[dict], names: list[str]) -> None:
     ax.set_title(title)
     ax.legend()
   fig.tight_layout()
-  tmp = path.with_suffix(".tmp.png")
-  fig.savefig(tmp, dpi=100)
+  from memx._io import atomic_file
+  with atomic_file(path, "wb") as f:
+    fig.savefig(f, dpi=100, format="png")
   plt.close(fig)
-  tmp.replace(path)
 
 
 if __name__ == "__main__":

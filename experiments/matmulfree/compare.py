@@ -12,8 +12,8 @@ Result (base, 2-core CPU, 2026-11-26; benchmarks/RESULTS.md, "MatMul-free experi
            at this budget (150 steps × 16 × 128 tokens) the MatMul-free LM reaches a lower eval
            loss than the better-tuned Transformer at every size (1.84 vs 2.03, 1.54 vs 1.62,
            1.43 vs 1.57 nats/byte at d 64/128/192); ternary weights cost 0.06 nats against the
-           full-precision MLGRU twin. Decode state is 2 · d_model · 4 bytes per layer and
-           sequence, whatever the length.
+           full-precision MLGRU twin. Decode state is one fp32 [d_model] vector per layer and
+           sequence (d_model · 4 bytes) plus a 4-byte position, whatever the length.
 """
 
 import dataclasses

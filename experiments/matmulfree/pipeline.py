@@ -108,6 +108,7 @@ def claims(rows: dict[str, dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
+  from memx._io import write_json
   from memx.experiment import loading, report
   from memx.experiment.runner import RunSpec, run_current
   from memx.sparse.evaluate import write_evaluation
@@ -130,10 +131,8 @@ def main(argv=None) -> int:
         for k, v in rows[name]["columns"].items()))
   lines = claims(rows)
   print("\n".join(lines))
-  tmp = sweep_dir / "matmulfree_summary.json.tmp"
-  tmp.write_text(json.dumps({"runs": {k: v["columns"] for k, v in rows.items()},
-                             "claims": lines}, indent=1))
-  tmp.replace(sweep_dir / "matmulfree_summary.json")
+  write_json(sweep_dir / "matmulfree_summary.json",
+             {"runs": {k: v["columns"] for k, v in rows.items()}, "claims": lines}, indent=1)
   print(f"report: {report.write_report(sweep_dir)}")
   return 0
 

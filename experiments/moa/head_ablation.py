@@ -2,7 +2,8 @@
 
 Command:   python experiments/moa/head_ablation.py [--workdir runs] [--length 256]
            (after experiments/moa/pipeline.py has trained runs/moa/dense)
-What:      on 16 passkey rows of the calibration distribution at N (one compiled forward; each
+What:      on 16 passkey rows at N, the question at the end of the row as in the evaluation
+           (the calibration rows place it earlier) (one compiled forward; each
            mask enters as a logit bias through the profile's `score_biases` path):
            1. every head alone cut to a 16-token window + 4 sinks, the others dense;
            2. k = 0..3 heads kept dense and every other head at the widest common window + 4

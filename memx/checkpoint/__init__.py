@@ -1,5 +1,10 @@
 """Orbax checkpointing: train state + data-iterator state + meta, sync/async/lazy saves."""
 
-from memx.checkpoint.manager import Checkpointer, remove_incomplete, state_fingerprint
+from memx.checkpoint.manager import (
+    Checkpointer,
+    remove_incomplete,
+    state_fingerprint,
+    step_digest,
+)
 
-__all__ = ["Checkpointer", "remove_incomplete", "state_fingerprint"]
+__all__ = ["Checkpointer", "remove_incomplete", "state_fingerprint", "step_digest"]

@@ -38,6 +38,7 @@ write then outlasts a step, the next save waits for it, and the step did not get
 """
 
 import concurrent.futures
+import hashlib
 import inspect
 import json
 import logging
@@ -82,6 +83,16 @@ def write_manifest(step_dir: pathlib.Path) -> None:
   tmp = step_dir / (MANIFEST + ".tmp")
   tmp.write_text(json.dumps({"files": files}))
   tmp.replace(step_dir / MANIFEST)
+
+
+def step_digest(step_dir: pathlib.Path) -> str | None:
+  """A short digest of a complete step's contents (its manifest: every file's size and CRC32),
+  None when it has no manifest: tells apart two states saved under the same path and step
+  (a run trained again in place)."""
+  try:
+    return hashlib.sha256((pathlib.Path(step_dir) / MANIFEST).read_bytes()).hexdigest()[:16]
+  except OSError:
+    return None
 
 
 def verify_manifest(step_dir: pathlib.Path) -> str | None:

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from memx._io import write_json
+from memx.checkpoint import step_digest
 from memx.config import to_dict
 from memx.data import check_training_mix, make_loader
 from memx.distill.capture import calibrate
@@ -105,7 +106,9 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
   check_mapping(tcfg, student_model, layers)
   check_stage_data(dcfg.data, dcfg, student_model.vocab_size)
   out = pathlib.Path(out)
-  teacher_id = {"run": str(trained.run_dir.resolve()), "step": trained.step}
+  # The checkpoint's digest too: a teacher trained again in place keeps its path and step.
+  teacher_id = {"run": str(trained.run_dir.resolve()), "step": trained.step,
+                "checkpoint": step_digest(trained.run_dir / "checkpoints" / str(trained.step))}
   _check_existing_distill(out, student_model, teacher_id, overwrite)
 
   runs, sources = [], {}

@@ -174,7 +174,8 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
       "columns": {
           "density@max": density[lengths[-1]],
           "eval loss@max": loss[lengths[-1]],
-          "passkey@max": mean_pk[-1],
+          # Retrieval at every length: where a method's accuracy falls off is the result.
+          **{f"passkey@{n}": a for n, a in zip(lengths, mean_pk, strict=True)},
           "passkey digits@max": mean_tok[-1],
           "mqar@max": mqar[lengths[-1]],
           "effective ctx": eff,
