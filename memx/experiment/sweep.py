@@ -27,7 +27,9 @@ EXECUTORS = ("local", "slurm", "submitit-local")
 
 
 def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Path, list]:
-  """Validates every entry's config before anything runs; returns (sweep dir, [(spec, hash)])."""
+  """Validates every entry's config before anything runs; returns (sweep dir, [(spec, config
+  hash, data hash)]): the data hash covers the bytes of the entry's data files (None for a
+  distillation entry), which its config hash, naming only their paths, does not."""
   module = loading.load_module(pathlib.Path(experiment))
   entries = loading.sweep_entries(module)
   sweep_dir = pathlib.Path(workdir) / pathlib.Path(experiment).stem
@@ -43,15 +45,18 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
                            **({"data": data} if data else {})},
                           sort_keys=True, default=str)
         h = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        data_hash = None
       else:
         cfg = loading.build_config(module, variant, overrides)
-        check_data(cfg)  # files, lengths, task rows, vocabulary: before any entry trains
+        # files, lengths, task rows, vocabulary: before any entry trains
+        data_hash = check_data(cfg)
         configs[name] = cfg
         h = config_hash(cfg)
     except UserError as e:
       raise UserError(f"sweep entry {name!r}: {e}") from None
     hashes[name] = h
-    out.append((RunSpec(str(experiment), variant, dict(overrides), str(sweep_dir), name), h))
+    out.append((RunSpec(str(experiment), variant, dict(overrides), str(sweep_dir), name), h,
+                data_hash))
   return sweep_dir, out
 
 
@@ -84,20 +89,23 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
   index = RunIndex(sweep_dir / "index.sqlite")
   try:
     todo = []
-    for spec, h in entries:
+    for spec, h, _ in entries:
       index.register(spec.name, h)
-    for i, (spec, h) in enumerate(entries, 1):
+    for i, (spec, h, data_hash) in enumerate(entries, 1):
       row = index.get(spec.name)
-      finished = (row["status"] == "done" and row["config_hash"] == h
-                  and (sweep_dir / spec.name / "summary.json").exists())
+      run_dir = sweep_dir / spec.name
+      # Data files rewritten under the same paths: the config hash is unchanged, the data not.
+      same_data = data_hash is None or _provenance(run_dir, "data_hash") in (data_hash, None)
+      finished = (row["status"] == "done" and row["config_hash"] == h and same_data
+                  and (run_dir / "summary.json").exists())
       if finished:
         log(f"[{i}/{len(entries)}] {spec.name}: finished earlier, skipped")
         continue
-      # Same config: continue from its checkpoint. Changed config: start that run over. The
+      # Same config and data: continue from its checkpoint. Changed: start that run over. The
       # directory's own record decides where it has one: the index row takes the new hash when
       # the run is queued, before its worker has cleared the old run.
-      same = (row["config_hash"] == h and row["status"] != "pending"
-              and _dir_hash(sweep_dir / spec.name) in (h, None))
+      same = (row["config_hash"] == h and row["status"] != "pending" and same_data
+              and _provenance(run_dir, "config_hash") in (h, None))
       todo.append((i, spec, h, same))
     # Distillation entries need their teachers' checkpoints: they run after every training run.
     phases = [[t for t in todo if not is_distill_entry(t[1].overrides)],
@@ -112,10 +120,11 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
   return sweep_dir
 
 
-def _dir_hash(run_dir: pathlib.Path) -> str | None:
-  """The config hash a run directory was started with (its provenance.json), if recorded."""
+def _provenance(run_dir: pathlib.Path, key: str) -> str | None:
+  """What a run directory's provenance.json records under `key` (the config hash or the data
+  hash it was started with), if anything."""
   try:
-    return json.loads((run_dir / "provenance.json").read_text()).get("config_hash")
+    return json.loads((run_dir / "provenance.json").read_text()).get(key)
   except (OSError, ValueError, AttributeError):
     return None
 

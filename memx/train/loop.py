@@ -114,11 +114,12 @@ def prepare(cfg: Config) -> Setup:
   return Setup(mesh, seeds, loader, eval_loader, task_loader)
 
 
-def check_data(cfg: Config) -> None:
+def check_data(cfg: Config) -> str:
   """The data checks of `prepare` alone (files, lengths, task rows, vocabulary), without the
   mesh and backend ones: what a sweep checks for every entry before any of them trains, on a
-  machine that may not be the one the entries run on."""
-  _loaders(cfg, split_seeds(cfg.train.seed).data_seed)
+  machine that may not be the one the entries run on. Returns the training data's hash (the
+  bytes of its files included), as the run's provenance.json records it."""
+  return _loaders(cfg, split_seeds(cfg.train.seed).data_seed)[0].data_hash
 
 
 def _finished_with_other_config(run_dir: pathlib.Path, cfg: Config) -> str:

@@ -303,3 +303,32 @@ def test_run_current_reuses_only_a_run_of_the_same_config(tmp_path):
   assert edited["final_train_loss"] != first["final_train_loss"]
   assert json.loads((tmp_path / "r" / "config.json").read_text())["optim"]["lr"] == 1e-2
   assert train_steps() == steps  # from scratch, not appended to the old run
+
+
+def test_rewritten_data_files_rerun_the_entry(tmp_path, run_env):
+  """The config names data files by path: rewriting their bytes must not read as finished."""
+  data = tmp_path / "data.txt"
+  data.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+  exp = tmp_path / "text_sweep.py"
+  exp.write_text(TINY_SWEEP.read_text().replace("def config(", "def _base_config(", 1) + f"""
+
+def config(variant="base"):
+  import dataclasses
+  cfg = _base_config(variant)
+  return dataclasses.replace(cfg, data=dataclasses.replace(
+      cfg.data, source="text", paths=({str(data)!r},)))
+
+def sweep():
+  return [("text", {{}})]
+""")
+  sweep_dir, _ = _sweep(tmp_path / "runs", experiment=exp)
+  assert _rows(sweep_dir)["text"]["status"] == "done"
+  _, log = _sweep(tmp_path / "runs", experiment=exp)
+  assert any("text: finished earlier, skipped" in line for line in log), log
+  first = json.loads((sweep_dir / "text" / "provenance.json").read_text())["data_hash"]
+  data.write_text("a different text, same path: another data set entirely. " * 60)
+  _, log = _sweep(tmp_path / "runs", experiment=exp)
+  assert not any("skipped" in line for line in log), log
+  assert _rows(sweep_dir)["text"]["status"] == "done"
+  again = json.loads((sweep_dir / "text" / "provenance.json").read_text())["data_hash"]
+  assert again != first
