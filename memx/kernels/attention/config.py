@@ -70,7 +70,9 @@ class BlockSizes:
     H200, jax 0.11.2, bf16, 1x16384, 16 heads of 128): 2-byte inputs with a (padded) head
     dim <= 128 take 128-key forward tiles, forward 3.84 -> 3.21 ms causal and 1.17 -> 1.03 ms
     at MoA 25% density. (Larger heads or fp32 would overflow the 227 KB of shared memory with
-    three pipeline stages.) No backward candidate beat the default tiles.
+    three pipeline stages.) No backward candidate beat the default tiles in sessions 7 and 9,
+    but those candidates also had 128x64 forward tiles (built on BlockSizes(), not on this
+    default), which confounds the comparison; the sweep now changes one thing at a time.
     xla: larger tiles, since each tile is one step of an XLA loop with fixed overhead.
     """
     if implementation == "xla":
