@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import json
 import pathlib
 import statistics
 import subprocess
@@ -38,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memx._io import atomic_file, write_json
 from memx.kernels.attention import CAUSAL, BlockSizes, Mask, attention, moa_windows
 from memx.kernels.attention import api as attention_api
 from memx.timing import profile_kernel_times
@@ -339,7 +339,7 @@ def goals(records):
 
 def write_report(out_dir: pathlib.Path, env, records):
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "results.json").write_text(json.dumps(dict(env=env, records=records), indent=1))
+  write_json(out_dir / "results.json", dict(env=env, records=records), indent=1)
   lines = [f"# bench_attention ({env['device']}, jax {env['jax']}, {env['date']}, "
            f"git {env['git'] or '?'})", "",
            "| shape | mask | density | impl (→ dispatched) | pass | ms | TFLOP/s | temp MiB "
@@ -364,7 +364,8 @@ def write_report(out_dir: pathlib.Path, env, records):
     for name, value, target in g:
       met = value <= target if "<=" in name else value >= target
       lines.append(f"| {name} | {value:.3f} | {target} | {'yes' if met else 'NO'} |")
-  (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+  with atomic_file(out_dir / "results.md") as f:
+    f.write("\n".join(lines) + "\n")
   return "\n".join(lines)
 
 

@@ -61,17 +61,19 @@ from memx.distill.speed import (
 from memx.models.config import ModelConfig
 
 
-def model_configs(args) -> dict[str, ModelConfig]:
+def model_configs(args, names=None) -> dict[str, ModelConfig]:
+  """teacher, linear and hybrid{every} configs (only `names` when given: a hybrid needs more
+  than one layer)."""
   teacher = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers,
                         n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                         param_dtype=args.dtype, compute_dtype=args.dtype)
-  student = StudentConfig(chunk_size=args.chunk)
-  return {
-      "teacher": teacher,
-      "linear": student_model_config(teacher, student),
-      f"hybrid{args.every}": student_model_config(
+  makers = {
+      "teacher": lambda: teacher,
+      "linear": lambda: student_model_config(teacher, StudentConfig(chunk_size=args.chunk)),
+      f"hybrid{args.every}": lambda: student_model_config(
           teacher, StudentConfig(kind="hybrid", every=args.every, chunk_size=args.chunk)),
   }
+  return {k: make() for k, make in makers.items() if names is None or k in names}
 
 
 def _env() -> dict:
@@ -88,7 +90,8 @@ def _env() -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True)
-  p.add_argument("--quick", action="store_true", help="CPU: small model, lengths 256..4096")
+  p.add_argument("--quick", action="store_true",
+                 help="CPU: small model, lengths 256..16384, the teacher up to 8192")
   p.add_argument("--d-model", type=int, default=1024)
   p.add_argument("--n-layers", type=int, default=8)
   p.add_argument("--n-heads", type=int, default=16)

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from memx._io import atomic_file, write_json
 from memx.kernels.linear_scan.api import gpu_backend
 from memx.kernels.ternary import (
     absmean_quantize,
@@ -89,7 +90,8 @@ def _timed(fn, args: tuple, row_bytes: int, reps: int) -> dict:
           "wall ms": wall * 1e3, "bytes": row_bytes}
 
 
-def bench_matmul(shapes, reps: int) -> list[dict]:
+def bench_matmul(shapes, reps: int, on_rows=None) -> list[dict]:
+  """bf16 dot vs packed matmul at each shape; on_rows(rows) after every shape (saving)."""
   rows = []
   forms = ["xla"] + (["pallas_gpu"] if gpu_backend() else [])
   for m, k, n in shapes:
@@ -117,6 +119,8 @@ def bench_matmul(shapes, reps: int) -> list[dict]:
       rows.append({"shape": f"{m}x{k}x{n}", "form": f"packed {form}{name} (int8 x)", **r,
                    "vs_bf16": r["ms"] / bf16["ms"]})
     print(*rows[-1 - len(timed):], sep="\n", flush=True)
+    if on_rows:
+      on_rows(rows)
   return rows
 
 
@@ -153,9 +157,9 @@ SWEEP = {
 }
 
 
-def bench_sweep(shapes, reps: int, tiles=None) -> list[dict]:
+def bench_sweep(shapes, reps: int, tiles=None, on_rows=None) -> list[dict]:
   """Times pallas_gpu tile candidates at each shape (int8 activations), next to the default:
-  device ms per call as in bench_matmul."""
+  device ms per call as in bench_matmul; on_rows(rows) after every candidate (saving)."""
   rows = []
   for m, k, n in shapes:
     key = jax.random.key(0)
@@ -178,6 +182,8 @@ def bench_sweep(shapes, reps: int, tiles=None) -> list[dict]:
                      "ms": float("nan"), "GB/s": float("nan"), "wall ms": float("nan"), "bytes": 0,
                      "exact": f"{type(e).__name__}: {str(e)[:120]}"})
       print(rows[-1], flush=True)
+      if on_rows:
+        on_rows(rows)
   return rows
 
 
@@ -345,9 +351,11 @@ def main(argv=None) -> None:
   if args.shapes:
     shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
   if args.sweep:
-    rows = bench_sweep(shapes, reps, args.tiles.split(",") if args.tiles else None)
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
-    (out / "sweep.md").write_text(_md(rows))
+    def save_sweep(rows):  # after every candidate: a time limit keeps what finished
+      write_json(out / "sweep.json", rows)
+      with atomic_file(out / "sweep.md") as f:
+        f.write(_md(rows))
+    rows = bench_sweep(shapes, reps, args.tiles.split(",") if args.tiles else None, save_sweep)
     print(_md(rows))
     return
   lengths = (1024, 4096, 16384, 65536)
@@ -359,21 +367,24 @@ def main(argv=None) -> None:
   }
   # The timed sections first (the GPU goal is the packed matmul), each saved as it finishes,
   # so a time limit that cuts the memory compiles short still leaves their numbers.
-  for key, fn in (("matmul", lambda: bench_matmul(shapes, reps)),
+  def save_matmul(rows):  # after every shape: a time limit keeps the shapes that finished
+    write_json(out / "results.json", {**result, "matmul": rows})
+    with atomic_file(out / "results.md") as f:
+      f.write(f"# Packed matmul ({result['device']}, {result['date']})\n\n" + _md(rows))
+
+  for key, fn in (("matmul", lambda: bench_matmul(shapes, reps, save_matmul)),
                   ("decode", lambda: bench_decode(**dec))):
     result[key] = fn()
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "results.json", result)
     if args.matmul:
-      md = f"# Packed matmul ({result['device']}, {result['date']})\n\n" + _md(result["matmul"])
-      (out / "results.md").write_text(md)
-      print(md)
+      print((out / "results.md").read_text())
       return
   memory = bench_memory(**mem, lengths=lengths, train_sizes=train_sizes)
   all_sizes = [[mem["d"], mem["layers"], mem["vocab"], mem["batch"], mem["seq"]],
                *map(list, train_sizes)]
   memory["train_step_cpu_without_ynn_fusion"] = _cpu_train_memory_without_ynn(all_sizes)
   result["memory"] = memory
-  (out / "results.json").write_text(json.dumps(result, indent=2))
+  write_json(out / "results.json", result)
   m = result["memory"]
   md = (f"# MatMul-free LM benchmark ({result['device']}, {result['date']})\n\n## Packed matmul\n\n"
         + _md(result["matmul"]) + "\n## Decode\n\n" + _md(result["decode"])
@@ -385,9 +396,8 @@ def main(argv=None) -> None:
            + _md(m["train_step_cpu_without_ynn_fusion"])
            if m["train_step_cpu_without_ynn_fusion"] else "")
         + "\n## Decode state per sequence\n\n" + _md(m["decode_state_per_sequence"]))
-  tmp = out / "results.md.tmp"
-  tmp.write_text(md)
-  tmp.replace(out / "results.md")
+  with atomic_file(out / "results.md") as f:
+    f.write(md)
   print(md)
 
 

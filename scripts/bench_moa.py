@@ -23,7 +23,6 @@ decode-throughput claim (a smaller cache serves more sequences at once).
 
 import argparse
 import datetime
-import json
 import pathlib
 import subprocess
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memx._io import atomic_file, write_json
 from memx.kernels.attention import CAUSAL, attention, elastic_mask
 from memx.models.config import ModelConfig
 from memx.models.decode import kv_cache_bytes
@@ -150,6 +150,11 @@ def main() -> None:
                    n_kv_heads=cfg["g"])
   uni = list(uniform_plan(mc, args.density, [s]).layers[0])
   methods = {"dense": None, "moa": moa, "moa_kv": moa_kv, "uniform": uni}
+  out = pathlib.Path(args.out)
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+  header = {"date": datetime.datetime.now(datetime.UTC).isoformat(), "commit": commit,
+            "size": size, "config": cfg, "density_target": args.density}
   rows = {}
   for name, rules in methods.items():
     mask = CAUSAL if rules is None else elastic_mask([r.as_tuple() for r in rules], s)
@@ -167,6 +172,8 @@ def main() -> None:
         row |= {"equal_kv_" + k: v for k, v in same.items()}
     rows[name] = row
     print(name, row, flush=True)
+    # After every method: a time limit keeps the rows that finished.
+    write_json(out / "bench_moa.json", {**header, "rows": rows}, indent=1)
   d = rows["dense"]
   lines = [f"S = {s}, H = {h}, KV heads {cfg['g']}, D = {cfg['d']}, {cfg['dtype']}, "
            f"{jax.devices()[0].device_kind}",
@@ -200,14 +207,8 @@ def main() -> None:
                      f"{tps / d['decode_tokens_per_s']:.2f} |")
   table = "\n".join(lines)
   print(table)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-  (out / "bench_moa.json").write_text(json.dumps(
-      {"date": datetime.datetime.now(datetime.UTC).isoformat(), "commit": commit,
-       "size": size, "config": cfg, "density_target": args.density, "rows": rows}, indent=1))
-  (out / "bench_moa.md").write_text(table + "\n")
+  with atomic_file(out / "bench_moa.md") as f:
+    f.write(table + "\n")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ if ARGS is not None:  # before JAX starts: the fake device count is fixed at bac
 
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -54,6 +53,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import memx.nn.attention as nn_attention  # noqa: E402
+from memx._io import atomic_file, write_json  # noqa: E402
 from memx.config import Config, ModelConfig, OptimConfig, ParallelConfig, TrainConfig  # noqa: E402
 from memx.kernels._testing import FAST_CPU_COMPILE  # noqa: E402
 from memx.kernels.attention import BlockSizes  # noqa: E402
@@ -106,11 +106,11 @@ def use_attention_tiles(block: int) -> None:
     return
   default = BlockSizes.get_default
 
-  def get_default(cls, implementation: str = "pallas_gpu"):
+  def get_default(cls, implementation: str = "pallas_gpu", **kw):
     if implementation == "xla":
       return cls(block_q=block, block_k=block, block_q_dkv=block, block_k_dkv=block,
                  block_q_dq=block, block_k_dq=block)
-    return default(implementation)
+    return default(implementation, **kw)
 
   BlockSizes.get_default = classmethod(get_default)
   sequence.DEFAULT_BLOCK = block
@@ -340,11 +340,16 @@ def main(args) -> int:
          "argv": sys.argv[1:], "attn_block": args.attn_block}
   print(f"strategies ({n} devices):", flush=True)
   strategies = bench_strategies(n, args.quick, steps)
+  # The strategy table first (a later failure or time limit keeps it), then the whole result.
+  write_json(out_dir / "bench_parallel.json",
+             {"env": env, "budget_bytes": budget, "strategies": strategies, "longest": []},
+             indent=1)
   print(f"longest sequence under {budget / MiB:.0f} MiB per device:", flush=True)
   longest = bench_longest(n, args.quick, budget)
   result = {"env": env, "budget_bytes": budget, "strategies": strategies, "longest": longest}
-  (out_dir / "bench_parallel.json").write_text(json.dumps(result, indent=1) + "\n")
-  (out_dir / "bench_parallel.md").write_text(markdown(result))
+  write_json(out_dir / "bench_parallel.json", result, indent=1)
+  with atomic_file(out_dir / "bench_parallel.md") as f:
+    f.write(markdown(result))
   print(markdown(result))
   return 0
 

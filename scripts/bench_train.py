@@ -4,7 +4,10 @@ For each model size, in one process:
   bare  — the AOT-compiled train step called in a plain Python loop on one fixed device batch;
   loop  — memx.train.loop.train (data loading, metric fetches every log_every steps, JSONL and
           TensorBoard writes, progress bar), throughput from its summary (median interval rate).
-Overhead = bare tokens/s ÷ loop tokens/s − 1; the goal is ≤ 5%.
+Overhead = bare tokens/s ÷ loop tokens/s − 1; the goal is ≤ 5%. Memory: XLA's analysis of the
+compiled step, and process_peak_bytes, the device allocator's peak over the whole process (GPU):
+the bare state stays alive while the loop trains its own, and earlier sizes count too, so it is
+an upper bound, not one step's need.
 
   python scripts/bench_train.py --out benchmarks/out            # CPU sizes
   python scripts/bench_train.py --out $OUT --sizes gpu          # GPU sizes, bf16
@@ -22,6 +25,7 @@ import time
 
 import jax
 
+from memx._io import atomic_file, write_json
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from memx.data import make_loader
 from memx.parallel.mesh import batch_sharding, make_mesh
@@ -114,7 +118,7 @@ def measure(cfg: Config, repeats: int) -> dict:
   bare_rate = statistics.median(bare)
   return {"bare_tokens_per_s": bare_rate, "loop_tokens_per_s": statistics.median(loop),
           "step_s": tokens / bare_rate, "flops_per_step": flops,
-          "memory": compiled_memory(compiled), "peak_bytes": peak_device_bytes()}
+          "memory": compiled_memory(compiled), "process_peak_bytes": peak_device_bytes()}
 
 
 def main() -> None:
@@ -129,6 +133,10 @@ def main() -> None:
   bf16 = args.sizes == "gpu"
   dev = jax.devices()[0]
   peak = PEAK_FLOPS.get(dev.device_kind)
+  sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                       text=True).stdout.strip()
+  meta = {"date": datetime.date.today().isoformat(), "commit": sha, "device": dev.device_kind,
+          "platform": dev.platform, "devices": jax.device_count(), "jax": jax.__version__}
   rows = []
   for name, size in SIZES[args.sizes].items():
     if args.only and name not in args.only.split(","):
@@ -143,13 +151,16 @@ def main() -> None:
         "loop_overhead": r["bare_tokens_per_s"] / r["loop_tokens_per_s"] - 1.0,
         "step_ms": 1e3 * r["step_s"], "tflops": achieved / 1e12,
         "mfu": None if peak is None else achieved / peak,
-        **r["memory"], "peak_bytes": r["peak_bytes"]})
+        **r["memory"], "process_peak_bytes": r["process_peak_bytes"]})
     print(json.dumps(rows[-1]), flush=True)
-  sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                       text=True).stdout.strip()
-  meta = {"date": datetime.date.today().isoformat(), "commit": sha, "device": dev.device_kind,
-          "platform": dev.platform, "devices": jax.device_count(), "jax": jax.__version__}
-  (out / "bench_train.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    _write(out, meta, rows)  # after every size: a time limit keeps the sizes that finished
+  print(_write(out, meta, rows))
+
+
+def _write(out: pathlib.Path, meta: dict, rows: list[dict]) -> str:
+  """bench_train.json and bench_train.md of the rows so far (atomically); returns the table."""
+  write_json(out / "bench_train.json", {"meta": meta, "rows": rows})
+  sha = meta["commit"]
   lines = [f"bench_train — {meta['device']} ×{meta['devices']}, jax {meta['jax']}, "
            f"{meta['date']}, commit {sha}", "",
            "| size | dtype | step ms | bare tok/s | loop tok/s | loop overhead | TFLOP/s | MFU "
@@ -160,8 +171,9 @@ def main() -> None:
         f"| {r['size']} | {r['dtype']} | {r['step_ms']:.2f} | {r['bare_tokens_per_s']:,.0f} | "
         f"{r['loop_tokens_per_s']:,.0f} | {100 * r['loop_overhead']:+.1f}% | {r['tflops']:.3f} | "
         f"{mfu} | {r['argument_bytes'] / 2**20:.1f} | {r['temp_bytes'] / 2**20:.1f} |")
-  (out / "bench_train.md").write_text("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  with atomic_file(out / "bench_train.md") as f:
+    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ run, so the two are comparable), into DIR/flags/.
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import re
@@ -32,6 +31,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_distill  # noqa: E402
 
+from memx._io import write_json  # noqa: E402
 from memx.models.config import matmulfree_config  # noqa: E402
 from memx.models.packed import pack_model  # noqa: E402
 from memx.models.transformer import TransformerLM  # noqa: E402
@@ -63,10 +63,13 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   cfg_args = argparse.Namespace(d_model=1024, n_layers=args.n_layers, n_heads=16, n_kv_heads=4,
                                 vocab=512, every=2, chunk=128, dtype="bfloat16", batch=1)
-  cfgs = bench_distill.model_configs(cfg_args)
+  cfgs = bench_distill.model_configs(cfg_args, names=args.models.split(","))
   cfgs["matmulfree"] = matmulfree_config(vocab_size=512, d_model=1024, n_layers=args.n_layers,
                                          n_heads=16, compute_dtype="bfloat16",
                                          param_dtype="bfloat16")
+  unknown = [n for n in args.models.split(",") if n not in cfgs]
+  if unknown:
+    ap.error(f"--models: unknown {unknown}; choose from teacher, linear, hybrid2, matmulfree")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   report = {}
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
     for k, v in top:
       print(f"   {v:9.1f} us  {k[:100]}  {'; '.join(sources[k])[:160]}", flush=True)
     (out / f"{name}_{phase}_hlo.txt").write_text(hlo)
+    # Saved after every profile: a time limit keeps what finished.
+    write_json(out / "profile.json", report)
 
   for name in args.models.split(","):
     model = TransformerLM(cfgs[name], rngs=nnx.Rngs(0))
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
         return nnx.merge(graphdef, s).prefill(t, n, last_logits=True)
 
       profile(name, "prefill", prefill, (state, tokens), 3)
-  (out / "profile.json").write_text(json.dumps(report, indent=2))
+  write_json(out / "profile.json", report)
   if args.xla_flags:
     print(f"== again with XLA_FLAGS += {args.xla_flags}", flush=True)
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags))
