@@ -11,8 +11,9 @@ Reports (JSON + Markdown in --out):
            once; the packed weight is K/4·N bytes against 2·K·N for bf16) over `ms`: near the
            HBM bandwidth means memory-bound. `wall ms` is the old number, the median host
            wall-clock of one call ended by block_until_ready, launch and sync included.
-  decode:  tokens/s of greedy `generate` for the MatMul-free LM (packed inference form) and
-           a Transformer of the same width and depth.
+  decode:  tokens/s of batch-1 greedy decode steps (one compiled scan over a donated cache,
+           the prefill untimed) for the MatMul-free LM (packed inference form) and a
+           Transformer of the same width and depth.
   memory:  weight bytes (packed vs bf16 vs fp32), the compiled training step's temporary
            bytes of both models (XLA memory analysis), and decode-state bytes vs the
            Transformer's KV cache at several lengths.
@@ -40,18 +41,19 @@ from flax import nnx
 from memx._io import atomic_file, write_json
 from memx.kernels.linear_scan.api import gpu_backend
 from memx.kernels.ternary import (
-    absmean_quantize,
-    pack_ternary,
-    packed_matmul,
-    packed_rows,
-    to_words,
+  absmean_quantize,
+  pack_ternary,
+  packed_matmul,
+  packed_rows,
+  to_words,
 )
 from memx.kernels.ternary.config import BlockSizes as TernaryBlockSizes
 from memx.models.config import ModelConfig, matmulfree_config
-from memx.models.decode import cache_bytes, generate
+from memx.models.decode import cache_bytes
 from memx.models.packed import pack_model
 from memx.models.transformer import TransformerLM
 from memx.nn.bitlinear import BitLinear
+from memx.sparse.evaluate import decode_tokens_per_s
 from memx.timing import median_time, per_call_device_time, profile_kernel_times
 from memx.train.loss import lm_token_losses
 from memx.train.memory import saved_activation_bytes
@@ -195,15 +197,17 @@ def _models(d: int, layers: int, vocab: int):
 
 
 def bench_decode(d, layers, vocab, prompt, new, reps) -> list[dict]:
+  """Decode tokens/s at batch 1: `new` steps after a `prompt`-token prefill, the steps alone
+  timed (one compiled scan over a donated cache, as generation runs them; the prefill and
+  generate()'s host-side checks are outside the timer)."""
   mf, tf = _models(d, layers, vocab)
   rows = []
-  tokens = jax.random.randint(jax.random.key(0), (1, prompt), 0, vocab)
   for name, cfg, pack in (("matmulfree (packed)", mf, True), ("transformer", tf, False)):
     model = TransformerLM(cfg, rngs=nnx.Rngs(0))
     if pack:
       pack_model(model)
-    t = median_time(lambda m=model: generate(m, tokens, new), (), reps)
-    rows.append({"model": name, "new_tokens": new, "s": t, "tokens_per_s": new / t})
+    tps = decode_tokens_per_s(model, prompt + new, new_tokens=new, batch=1, repeats=reps)
+    rows.append({"model": name, "new_tokens": new, "s": new / tps, "tokens_per_s": tps})
   return rows
 
 

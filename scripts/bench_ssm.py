@@ -123,7 +123,21 @@ def ssd_form(name: str, blocks=None):
 
 
 def ssd_flops(s: SsdShape, q: int = 64) -> float:
+  """FLOPs of the chunked SSD forward at chunk q (intra-chunk C Bᵀ and its product with x,
+  chunk states and their read-out)."""
   return float(s.b * s.t * s.h * (2 * q * (s.n + s.p) + 4 * s.p * s.n))
+
+
+def ssd_rates(row: dict, s: SsdShape, chunk: int, bandwidth: float) -> None:
+  """TFLOP/s, GB/s and x floor of a timed SSD row, all from one time: the device time where
+  measured (no dispatch), else the wall time."""
+  ms = row.get("device_ms") or row.get("time_ms")
+  if not ms:
+    return
+  factor = 1.0 if row["pass_"] == "fwd" else 3.0
+  row["tflops"] = factor * ssd_flops(s, chunk) / (ms * 1e-3) / 1e12
+  row["gbs"] = factor * ssd_bytes(s) / (ms * 1e-3) / 1e9
+  row["vs_floor"] = ms * 1e-3 / (factor * ssd_bytes(s) / bandwidth)
 
 
 def ssd_bytes(s: SsdShape) -> float:
@@ -214,7 +228,8 @@ def fla_rows(s: SsdShape) -> list[dict]:
   fwd = lambda: chunk_simple_gla(q, k, v, g=g, scale=1.0, output_final_state=True)  # noqa: E731
   try:
     ms = triton.testing.do_bench(fwd)
-    rows.append(row | dict(pass_="fwd", status="ok", time_ms=ms, device_ms=ms))
+    # do_bench's CUDA-event time (L2 flushed): a device time, never set beside a wall time.
+    rows.append(row | dict(pass_="fwd", status="ok", device_ms=ms))
   except Exception as e:  # noqa: BLE001 - a peer that fails here is a result too
     return [row | dict(pass_="fwd", status="error", reason=f"{type(e).__name__}: {e}"[:300])]
   qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -225,7 +240,7 @@ def fla_rows(s: SsdShape) -> list[dict]:
     o.backward(do)
   try:
     ms = triton.testing.do_bench(fwd_bwd)
-    rows.append(row | dict(pass_="fwd+bwd", status="ok", time_ms=ms))
+    rows.append(row | dict(pass_="fwd+bwd", status="ok", device_ms=ms))
   except Exception as e:  # noqa: BLE001 - fla's backward refuses Hopper on older Triton
     rows.append(row | dict(pass_="fwd+bwd", status="error",
                            reason=f"{type(e).__name__}: {e}"[:300]))
@@ -240,10 +255,16 @@ def copy_bandwidth(on_gpu: bool) -> float:
   return 2 * x.size * 4 / _time(f, (x,), 10, 5.0)
 
 
-def device_time_ms(fn, inputs, reps: int, budget_s: float, copies: int = 4) -> float:
-  """Forward device time per call (ms), free of host dispatch: `copies` x 2 calls chained in one
-  program, each on its own copy of the inputs (memx.timing.per_call_device_time)."""
-  sets = [tuple(jnp.array(v, copy=True) for v in inputs) for _ in range(2 * copies)]
+def device_time_ms(fn, inputs, reps: int, budget_s: float, wall_ms: float | None = None,
+                   copies: int = 4) -> float:
+  """Forward device time per call (ms), free of host dispatch (memx.timing.per_call_device_time):
+  2k calls chained in one program over 2 x `copies` distinct copies of the inputs (repeated as
+  needed), k large enough that k calls last about a millisecond by the wall time `wall_ms` of
+  one call (an upper bound of its device time), so host jitter divided by k stays small."""
+  calls = max(copies, -(-1.0 // wall_ms) if wall_ms else copies)
+  calls = copies * -(-int(calls) // copies)  # a multiple of the distinct copies
+  distinct = [tuple(jnp.array(v, copy=True) for v in inputs) for _ in range(2 * copies)]
+  sets = distinct * (calls // copies)
   return per_call_device_time(fn, sets, reps, budget_s) * 1e3
 
 
@@ -275,7 +296,7 @@ def measure(form_name, fn, inputs, cot, *, reps, budget_s, mem_limit, deadline,
       else:
         row.update(status="ok", time_ms=_time(compiled, inputs, reps, budget_s) * 1e3)
         if device_time and pass_name == "fwd":
-          row["device_ms"] = device_time_ms(f, inputs, reps, budget_s)
+          row["device_ms"] = device_time_ms(f, inputs, reps, budget_s, row["time_ms"])
         if profile:
           kernels = profile_kernel_times(compiled, inputs)
           row["kernels_us"] = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:8])
@@ -356,8 +377,11 @@ def write_report(out_dir: pathlib.Path, env, records):
   lines = [f"# bench_ssm — {env['device']} ({env['platform']}), jax {env['jax']}, "
            f"{env['date']}, commit {env['commit']}", "",
            f"Device copy bandwidth (same run): {env['copy_bandwidth_gbs']:.1f} GB/s", "",
-           "Device ms: per-call device time of the forward (memx.timing.per_call_device_time: "
-           "calls chained in one program, each on its own input copies), where measured.", "",
+           "Time ms: host wall time per call. Device ms: per-call device time of the forward "
+           "(memx.timing.per_call_device_time: calls chained in one program, each on its own "
+           "input copies), where measured; fla's rows are triton's do_bench device times. "
+           "TFLOP/s, GB/s and x floor use the device time where there is one, else the wall "
+           "time.", "",
            "| problem | form | pass | time ms | device ms | TFLOP/s | GB/s | x floor | temp MiB "
            "| status |",
            "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -489,11 +513,13 @@ def main(argv=None):
       student = s.t == 65536
       # The student runs its SSD at chunk 128 (bench_distill --chunk): time it so.
       main = ssd_ops.BlockSizes(chunk=128) if student else None
-      candidates = [(f, ssd_form(f, main)) for f in forms if not student or f == "pallas_gpu"]
+      default_chunk = (main or ssd_ops.BlockSizes()).chunk
+      candidates = [(f, ssd_form(f, main), default_chunk) for f in forms
+                    if not student or f == "pallas_gpu"]
       # At the student shape every candidate runs the student's chunk of 128, so the sweep
       # compares tiles and state passes, not chunk sizes.
       candidates += [(name, ssd_form("pallas_gpu", dataclasses.replace(blocks, chunk=128)
-                                     if student else blocks))
+                                     if student else blocks), 128 if student else blocks.chunk)
                      for name, blocks in sweep.items() if not student or blocks.block_p <= s.p]
       if "fla" in wanted and on_gpu and s == SsdShape(1, 16384):
         # The problem fla solves: one B/C group per head (its q and k are per head).
@@ -503,22 +529,17 @@ def main(argv=None):
                            mem_limit=mem_limit, deadline=deadline, device_time=True,
                            profile=False):
           row.update(kind="ssd", shape=s.name)
+          ssd_rates(row, per_head, default_chunk, bandwidth)
           records.append(row)
           print(row, flush=True)
-      for name, fn in candidates:
+      for name, fn, chunk in candidates:
         main_forms = name in ("pallas_gpu", "pallas_gpu sequential")
         goal = s == SsdShape(1, 16384) and main_forms
         for row in measure(name, fn, inputs, cot, reps=args.repeats, budget_s=args.budget_s,
                            mem_limit=mem_limit, deadline=deadline, device_time=goal and on_gpu,
                            profile=main_forms and args.profile):
           row.update(kind="ssd", shape=s.name)
-          if row.get("time_ms"):
-            factor = 1.0 if row["pass_"] == "fwd" else 3.0
-            row["tflops"] = factor * ssd_flops(s) / (row["time_ms"] * 1e-3) / 1e12
-            row["gbs"] = factor * ssd_bytes(s) / (row["time_ms"] * 1e-3) / 1e9
-            # Against the floor: the device time where measured (no dispatch), else the wall.
-            row["vs_floor"] = ((row.get("device_ms") or row["time_ms"]) * 1e-3
-                               / (factor * ssd_bytes(s) / bandwidth))
+          ssd_rates(row, s, chunk, bandwidth)
           records.append(row)
           print(row, flush=True)
         write_report(out_dir, env, records)
@@ -540,10 +561,12 @@ def main(argv=None):
           row.update(kind="scan", shape=s.name)
           if row.get("time_ms"):
             # fwd: read a, b, write h (3 tensors); the backward adds read a, h, dh and write
-            # da, db (5 more), so fwd+bwd moves at least 8/3 of the forward's bytes.
+            # da, db (5 more), so fwd+bwd moves at least 8/3 of the forward's bytes. Rate and
+            # floor from one time: the device time where measured, else the wall time.
             moved = scan_bytes(s) * (1.0 if row["pass_"] == "fwd" else 8.0 / 3.0)
-            row["gbs"] = moved / (row["time_ms"] * 1e-3) / 1e9
-            row["vs_floor"] = (row.get("device_ms") or row["time_ms"]) * 1e-3 / (moved / bandwidth)
+            ms = row.get("device_ms") or row["time_ms"]
+            row["gbs"] = moved / (ms * 1e-3) / 1e9
+            row["vs_floor"] = ms * 1e-3 / (moved / bandwidth)
           records.append(row)
           print(row, flush=True)
         write_report(out_dir, env, records)
