@@ -24,6 +24,16 @@ NEEDS_GPU = ("needs an NVIDIA GPU backend to compile; pass interpret=True to run
              "the Pallas interpreter")
 
 
+def known_only(op: str, implementations: Sequence[str]) -> Callable[[str], None]:
+  """The reason rule of an op whose implementations all serve every valid input: None for a
+  known name, and an unknown one raises (a misspelt name in a list is no reason to skip on)."""
+  def reason(name: str) -> None:
+    if name not in implementations:
+      raise NotImplementedError(f"{op}: unknown implementation {name!r}; available: "
+                                f"{tuple(implementations)}")
+  return reason
+
+
 def portable_or_pallas_reason(op: str, name: str, implementations: Sequence[str], *,
                               interpret: bool, on_gpu: bool) -> str | None:
   """The reason rule of an op whose implementations are reference, xla and pallas_gpu with no

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memx.kernels._dispatch import choose
+from memx.kernels._dispatch import choose, known_only
 from memx.typing import Array
 
 Implementation = Literal["reference", "xla"]
@@ -262,8 +262,8 @@ def cross_entropy(
     [...] float32 losses. Differentiable in h and w.
   """
   _check(h, w, targets, vocab_block, w_layout, compute_dtype)
-  name = choose("cross_entropy", implementation, ("xla", "reference"), lambda n: (
-      None if n in IMPLEMENTATIONS else f"unknown implementation; available: {IMPLEMENTATIONS}"))
+  name = choose("cross_entropy", implementation, ("xla", "reference"),
+                known_only("cross_entropy", IMPLEMENTATIONS))
   if name == "reference":
     return cross_entropy_reference(h, w, targets, compute_dtype=compute_dtype,
                                    w_layout=w_layout)

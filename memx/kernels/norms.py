@@ -50,9 +50,20 @@ def rms_norm_vjp(x: Array, g: Array, eps: float, dy: Array) -> tuple[Array, Arra
   return dx, dg
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: Array, g: Array, eps: float = 1e-6) -> Array:
-  """RMSNorm over the last axis; its backward pass keeps only x and g."""
+  """RMSNorm over the last axis, x [..., D] and scale g [D] (floats); its backward pass keeps
+  only x and g."""
+  xs, gs = getattr(x, "shape", None), getattr(g, "shape", None)
+  if xs is None or len(xs) < 1 or gs != (xs[-1],):
+    raise ValueError(f"rms_norm: x must be [..., D] and the scale g [D]; got x {xs}, g {gs}")
+  for name, a in (("x", x), ("g", g)):
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+      raise ValueError(f"rms_norm: {name} must be a float array; got {a.dtype}")
+  return _rms_norm(x, g, eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm(x: Array, g: Array, eps: float = 1e-6) -> Array:
   return rms_norm_reference(x, g, eps)
 
 
@@ -68,4 +79,4 @@ def _bwd(eps, res, dy):
   return dx.astype(x.dtype), dg.astype(g.dtype)
 
 
-rms_norm.defvjp(_fwd, _bwd)
+_rms_norm.defvjp(_fwd, _bwd)

@@ -406,3 +406,19 @@ def test_pallas_kernels_lower_to_triton_for_h100(segments, state_pass, t, fp32_s
   assert text.count("__gpu$xla.gpu.triton") == len(KERNELS[state_pass])
   for name in KERNELS[state_pass]:
     assert f"memx_ssd_{name}" in text
+
+
+def test_float16_states_beyond_its_range_stay_finite():
+  """The fp32 state of a long fp16 linear attention exceeds 65504: xla runs its matmuls in fp32
+  for float16 (the reference's values), and pallas_gpu refuses float16 with the reason."""
+  from memx.kernels.ssd import linear_attention
+
+  q = jnp.full((1, 2048, 1, 16), 1e-4, jnp.float16)
+  kv = jnp.full((1, 2048, 1, 16), 8.0, jnp.float16)
+  want, state = linear_attention(q, kv, kv, implementation="reference")
+  got, _ = linear_attention(q, kv, kv, implementation="xla")
+  assert float(jnp.max(state)) > 65504 and bool(jnp.isfinite(got).all())
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=2e-3)
+  with pytest.raises(NotImplementedError, match="float16"):
+    linear_attention(q, kv, kv, implementation="pallas_gpu", interpret=True)

@@ -143,6 +143,8 @@ def _check_inputs(q, k, v, start, mask: Mask) -> None:
                      f"heads ({k.shape[2]})")
   if not q.dtype == k.dtype == v.dtype:
     raise ValueError(f"chunk_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+  if not jnp.issubdtype(q.dtype, jnp.floating):
+    raise ValueError(f"chunk_attention: q, k, v must be float arrays; got {q.dtype}")
   if q.shape[1] > k.shape[1]:
     raise ValueError(f"chunk_attention: a chunk of {q.shape[1]} queries does not fit a cache of "
                      f"{k.shape[1]} keys")
@@ -153,6 +155,12 @@ def _check_inputs(q, k, v, start, mask: Mask) -> None:
   mask.check_heads(q.shape[2])
   if jnp.ndim(start) != 0 or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
     raise ValueError(f"chunk_attention: start must be an integer scalar, got {start!r}")
+  if not isinstance(start, jax.core.Tracer):  # a traced start is the caller's to keep in range
+    c, s = q.shape[1], k.shape[1]
+    if not 0 <= int(start) <= s - c:
+      raise ValueError(f"chunk_attention: start = {int(start)} puts the chunk's positions "
+                       f"{int(start)}..{int(start) + c - 1} outside the cache's 0..{s - 1}: "
+                       f"need 0 <= start <= S - C = {s - c}")
 
 
 def chunk_attention(

@@ -36,6 +36,9 @@ def _check_inputs(a, b, h0, segment_ids) -> None:
                      f"[B, T, D]")
   if a.shape[1] == 0:
     raise ValueError("linear_scan: the sequence is empty (T = 0)")
+  if 0 in a.shape:
+    raise ValueError(f"linear_scan: a and b have an empty dimension (shape {a.shape}); B and "
+                     "D must be >= 1")
   for name, x in (("a", a), ("b", b)):
     if x.dtype not in _FLOAT_DTYPES:
       raise ValueError(f"linear_scan: {name} dtype {x.dtype} is not supported; use float32, "

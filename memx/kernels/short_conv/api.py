@@ -40,6 +40,9 @@ def _check_inputs(x, w, bias, segment_ids, history, history_segment_ids, activat
   bsz, t, chan = x.shape[0], x.shape[1], tuple(x.shape[2:])
   if t == 0:
     raise ValueError("causal_conv: the sequence is empty (T = 0)")
+  if 0 in x.shape:
+    raise ValueError(f"causal_conv: x has an empty dimension (shape {x.shape}); the batch and "
+                     "every channel dimension must be >= 1")
   if getattr(w, "ndim", 0) != 1 + len(chan) or tuple(w.shape[1:]) != chan or w.shape[0] < 1:
     raise ValueError(f"causal_conv: w must be [W, *channels] = [W, {', '.join(map(str, chan))}]"
                      f" with W >= 1; got shape {_shape(w)}")

@@ -8,6 +8,7 @@ x = v.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -65,6 +66,10 @@ def _check_core(op: str, x, dt, log_a, bm, cm, d, h0, seg) -> None:
                        f"{h} heads")
   if cm.shape[-1] != n:
     raise ValueError(f"{op}: state sizes differ: {bm.shape[-1]} vs {cm.shape[-1]}")
+  for name, v in (("x" if op == "ssd" else "v", x), ("B" if op == "ssd" else "k", bm)):
+    if 0 in v.shape:
+      raise ValueError(f"{op}: {name} has an empty dimension (shape {v.shape}); every "
+                       "dimension must be >= 1")
   g_lo, g_hi = sorted((bm.shape[2], cm.shape[2]))
   if g_hi % g_lo:
     raise ValueError(f"{op}: group counts {bm.shape[2]} and {cm.shape[2]} must divide one "
@@ -94,6 +99,10 @@ def unsupported_reason(name: str, x, bm, block_sizes: BlockSizes | None, interpr
   if name == "pallas_gpu":
     if not interpret and not gpu_backend():
       return NEEDS_GPU
+    if x.dtype == jnp.float16:
+      return ("float16 inputs: the kernels' matmuls run in the input dtype, and the fp32 "
+              "chunk states exceed float16's range (65504) on long inputs; use bfloat16 or "
+              "float32, or implementation='xla' (fp32 matmuls for float16)")
     return pallas_impl.unsupported_reason(x.shape[-1], bm.shape[-1])
   raise NotImplementedError(f"ssd: unknown implementation {name!r}; available: "
                             f"{IMPLEMENTATIONS}")
@@ -299,6 +308,16 @@ def linear_attention(
     if _concrete(log_gate) and not bool(np.all(np.asarray(log_gate, np.float32) <= 0)):
       raise ValueError("linear_attention: log_gate must be <= 0 (a gate in (0, 1])")
     log_a = log_gate.astype(jnp.float32)
+  if not isinstance(scale, jax.core.Tracer):  # a traced scale is the caller's to keep finite
+    if (isinstance(scale, bool) or np.ndim(scale) != 0
+        or not np.issubdtype(np.asarray(scale).dtype, np.number)):
+      raise ValueError(f"linear_attention: scale must be a number; got {scale!r}")
+    try:
+      ok = math.isfinite(float(np.asarray(scale)))
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise ValueError(f"linear_attention: scale must be a finite number; got {scale!r}")
   if not (isinstance(scale, int | float) and scale == 1.0):  # a traced scale is applied too
     q = (q.astype(jnp.float32) * scale).astype(q.dtype)
   dt = jnp.ones((bsz, t, h), jnp.float32)

@@ -103,6 +103,13 @@ def _mm(spec, a, b, dtype):
   return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision)
 
 
+def matmul_dtype(dtype):
+  """The dtype the chunked algorithm's matmuls run in: the input dtype, except float16, whose
+  range (65504) the fp32 states and their products exceed long before fp32's or bf16's do
+  (a linear-attention state summing a few thousand tokens of 8 x 8): fp32 for it."""
+  return F32 if jnp.dtype(dtype) == jnp.float16 else jnp.dtype(dtype)
+
+
 def _views(plan: Plan, x, dt, cum, bm, cm, seg):
   q = plan.chunk
   xc = to_chunks(x, q)
@@ -118,7 +125,7 @@ def _forward(plan: Plan, x, dt, cum, bm, cm, d, h0, seg):
   bsz, tp, h, p = x.shape
   gb, gc, n = bm.shape[2], cm.shape[2], bm.shape[3]
   gm = max(gb, gc)
-  mm = x.dtype
+  mm = matmul_dtype(x.dtype)
   xc, _, cumc, bc, cc, segc, xdt = _views(plan, x, dt, cum, bm, cm, seg)
   eoff, wst, g, lmat = decays(plan, cumc, segc)
   nc, q = plan.n_chunks, plan.chunk
@@ -150,7 +157,7 @@ def _backward(plan: Plan, x, dt, cum, bm, cm, d, h0, seg, h_in, dy, dh_last):
   bsz, tp, h, p = x.shape
   gb, gc, n = bm.shape[2], cm.shape[2], bm.shape[3]
   gm = max(gb, gc)
-  mm = x.dtype
+  mm = matmul_dtype(x.dtype)
   nc, q = plan.n_chunks, plan.chunk
   xc, dtc, cumc, bc, cc, segc, xdt = _views(plan, x, dt, cum, bm, cm, seg)
   eoff, wst, g, lmat = decays(plan, cumc, segc)

@@ -34,6 +34,9 @@ def _check_inputs(x, packed) -> None:
     raise ValueError(f"packed_matmul: packed weights must be uint8 bytes (pack_ternary's output) "
                      f"or int32 words (to_words), got {packed.dtype}")
   k = x.shape[-1]
+  if k == 0:
+    raise ValueError("packed_matmul: x has K = 0 features: there is nothing to multiply (the "
+                     "packed weights hold at least one row of 4)")
   if packed.shape[0] != packed_rows(k):
     raise ValueError(f"packed_matmul: x has K = {k} features, so the packed weights need "
                      f"ceil(K/4) = {packed_rows(k)} rows; got {packed.shape[0]}")

@@ -27,7 +27,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from memx.kernels._dispatch import choose
+from memx.kernels._dispatch import choose, known_only
 from memx.kernels.norms import rms_norm_reference, rms_norm_vjp
 from memx.kernels.ternary.reference import int8_fake_quant, ternary_fake_quant
 from memx.typing import Array
@@ -93,7 +93,7 @@ def bitlinear_xla(x: Array, g: Array, w: Array, *, eps: float = 1e-6, quantize: 
   return _bitlinear_fused(x, g, w, eps, quantize, jnp.dtype(compute_dtype))
 
 
-def _check(x, g, w) -> None:
+def _check(x, g, w, compute_dtype) -> None:
   if getattr(w, "ndim", None) != 2:
     raise ValueError(f"bitlinear: weight must be [K, N]; got shape {getattr(w, 'shape', None)}")
   k = w.shape[0]
@@ -106,6 +106,14 @@ def _check(x, g, w) -> None:
   for name, a in (("x", x), ("norm scale", g), ("weight", w)):
     if a.dtype not in _FLOATS:
       raise ValueError(f"bitlinear: {name} dtype {a.dtype} is not float32/bfloat16/float16")
+  try:
+    ok = jnp.dtype(compute_dtype) in _FLOATS
+  except TypeError:
+    ok = False
+  if not ok:
+    raise ValueError(f"bitlinear: compute_dtype = {compute_dtype!r} is not allowed: the matmul "
+                     "operands must be float32, bfloat16 or float16 (an integer type would "
+                     "truncate the quantized values)")
 
 
 def bitlinear(
@@ -130,9 +138,8 @@ def bitlinear(
   Returns:
     [..., N] in compute_dtype.
   """
-  _check(x, g, w)
-  name = choose("bitlinear", implementation, ("xla", "reference"), lambda n: (
-      None if n in BITLINEAR_IMPLEMENTATIONS else f"unknown implementation; available: "
-      f"{BITLINEAR_IMPLEMENTATIONS}"))
+  _check(x, g, w, compute_dtype)
+  name = choose("bitlinear", implementation, ("xla", "reference"),
+                known_only("bitlinear", BITLINEAR_IMPLEMENTATIONS))
   fn = bitlinear_xla if name == "xla" else bitlinear_reference
   return fn(x, g, w, eps=eps, quantize=quantize, compute_dtype=compute_dtype)
