@@ -131,6 +131,13 @@ def _finished_with_other_config(run_dir: pathlib.Path, cfg: Config) -> str:
   return describe_differences(stored, json.loads(json.dumps(to_dict(cfg), default=str)))
 
 
+def _own_peak(before: int | None) -> int | None:
+  """The device's peak bytes if this run raised it past `before` (the peak when it started),
+  else None: a higher peak of an earlier computation in the process hides this run's."""
+  peak = peak_device_bytes()
+  return peak if peak is not None and (before is None or peak > before) else None
+
+
 def eval_loaders(cfg: Config):
   """(eval loader, task-eval loader or None) of a run's config: the held-out rows its final
   evaluation (`final_eval_loss`, task accuracy) is measured on, train.eval_batches of them."""
@@ -208,6 +215,9 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     provenance, so that a refused or finished resume leaves them as they were.
   """
   t_start = time.perf_counter()
+  # The allocator's peak cannot be reset: an earlier computation of this process (a pipeline's
+  # previous run) may hold it. Only a peak this run raises is this run's.
+  peak_before = peak_device_bytes()
   tc = cfg.train
   end = tc.steps if stop_at_step is None else min(stop_at_step, tc.steps)
   setup = setup or prepare(cfg)
@@ -396,7 +406,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         # Mean over the same intervals: unlike the median it includes the steps that save a
         # checkpoint (or evaluate), so it is the cost a run pays.
         "step_time_mean_s": timed["s"] / timed["steps"] if timed["steps"] else None,
-        "memory": {**memory, "peak_bytes": peak_device_bytes()},
+        "memory": {**memory, "peak_bytes": _own_peak(peak_before)},
         "param_bytes": tree_bytes(ts.state[0]),
         "opt_state_bytes": tree_bytes(ts.state) - tree_bytes(ts.state[0]),
         "checkpoint_bytes": None if ckpt is None else ckpt.size_bytes(),

@@ -292,3 +292,17 @@ def test_blocked_vocab_loss_gives_the_same_step(tie):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   with pytest.raises(ConfigError, match="loss_vocab_block"):
     TrainConfig(loss_vocab_block=-1)
+
+
+def test_a_run_reports_only_a_peak_it_raised(monkeypatch):
+  """The allocator's peak is per process: a pipeline's earlier, larger run must not be
+  reported as this run's peak."""
+  import memx.train.loop as loop
+
+  monkeypatch.setattr(loop, "peak_device_bytes", lambda: 100)
+  assert loop._own_peak(100) is None  # an earlier computation peaked at least as high
+  assert loop._own_peak(None) == 100
+  monkeypatch.setattr(loop, "peak_device_bytes", lambda: 150)
+  assert loop._own_peak(100) == 150
+  monkeypatch.setattr(loop, "peak_device_bytes", lambda: None)  # CPU
+  assert loop._own_peak(None) is None
