@@ -19,8 +19,8 @@ from a trained dense-d128 and searched under a budget of 50% of the causal pairs
 tokens and 0.44 at the training length of 128) — compare it with the
 uniform window32-sink4 run. Post-training evaluation of plans: experiments/moa/pipeline.py.
 hybrid-distilled-d128 distils the trained dense-d128 (a sweep entry with distill.* keys runs
-after the training entries): eval loss ≈ 2.00 against the teacher's 1.98, top-1 agreement
-≈ 0.98 after 3 × 40 stage steps.
+after the training entries): on the teacher's eval rows, eval loss 1.986 against the teacher's
+1.986, top-1 agreement ≈ 0.98 after 3 × 40 stage steps.
 """
 
 import dataclasses
