@@ -213,3 +213,16 @@ def test_mask_fields_fit_the_kernels_int32_and_accept_numpy_scalars():
     Mask(window_left=(3, 1 << 31))
   assert Mask(window_left=np.array(3), n_sink=np.array(2)) == Mask(window_left=3, n_sink=2)
   assert Mask(window_left=np.array([1, 2])).window_left == (1, 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=12))
+def test_head_selection_by_slices_equals_indexing(idx):
+  """xla's per-head groups pick heads by slices and broadcasts (no gather, whose transpose is a
+  scatter-add): the same values as indexing, for any static index list."""
+  import numpy as np
+
+  from memx.kernels.attention.xla import _heads
+
+  x = jnp.arange(2 * 3 * 6 * 4, dtype=jnp.float32).reshape(2, 3, 6, 4)
+  np.testing.assert_array_equal(np.asarray(_heads(x, idx)), np.asarray(x)[:, :, idx])

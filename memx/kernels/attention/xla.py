@@ -254,13 +254,32 @@ def attention_xla(
   rep = h // g
   outs, order = [], []
   for m, heads in groups.items():
-    kv_heads = jnp.asarray([i // rep for i in heads])
-    hq = jnp.asarray(heads)
-    o = _uniform(q[:, :, hq], k[:, :, kv_heads], v[:, :, kv_heads], q_seg, kv_seg, mask=m,
-                 scale=scale, blocks=blocks)
+    kv_heads = [i // rep for i in heads]
+    o = _uniform(_heads(q, heads), _heads(k, kv_heads), _heads(v, kv_heads), q_seg, kv_seg,
+                 mask=m, scale=scale, blocks=blocks)
     outs.append(o)
     order.extend(heads)
   inverse = [0] * h
   for pos, head in enumerate(order):
     inverse[head] = pos
-  return jnp.concatenate(outs, axis=2)[:, :, jnp.asarray(inverse)]
+  return _heads(jnp.concatenate(outs, axis=2), inverse)
+
+
+def _heads(x, idx: list[int]):
+  """x[:, :, idx] for a static index list, as slices (one per run of consecutive heads) and
+  broadcasts (repeated heads), not a gather: a gather's transpose is a scatter-add, which XLA
+  may spend seconds constant-folding when the cotangent is a constant (a summed loss)."""
+  parts, i = [], 0
+  while i < len(idx):
+    j = i + 1
+    if j < len(idx) and idx[j] == idx[i]:           # a head repeated (GQA kv heads)
+      while j < len(idx) and idx[j] == idx[i]:
+        j += 1
+      one = x[:, :, idx[i]:idx[i] + 1]
+      parts.append(jnp.broadcast_to(one, one.shape[:2] + (j - i,) + one.shape[3:]))
+    else:                                           # a run of consecutive heads
+      while j < len(idx) and idx[j] == idx[j - 1] + 1:
+        j += 1
+      parts.append(x[:, :, idx[i]:idx[j - 1] + 1])
+    i = j
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
