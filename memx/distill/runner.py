@@ -106,9 +106,7 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
   check_mapping(tcfg, student_model, layers)
   check_stage_data(dcfg.data, dcfg, student_model.vocab_size)
   out = pathlib.Path(out)
-  # The checkpoint's digest too: a teacher trained again in place keeps its path and step.
-  teacher_id = {"run": str(trained.run_dir.resolve()), "step": trained.step,
-                "checkpoint": step_digest(trained.run_dir / "checkpoints" / str(trained.step))}
+  teacher_id = _teacher_id(trained)
   _check_existing_distill(out, student_model, teacher_id, overwrite)
 
   runs, sources = [], {}
@@ -134,6 +132,13 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
     runs.append(StageRun(index=k, stage=stage, run_cfg=run_cfg, directory=directory,
                          layers=layers, identity=identity, meta=_json(meta)))
   return Plan(trained, dcfg, student_model, layers, out, runs, sources, resume, overwrite)
+
+
+def _teacher_id(trained: Trained) -> dict:
+  """What names the teacher in distill.json and the stages' identities: its run, step and the
+  checkpoint's digest (a teacher trained again in place keeps its path and step)."""
+  return {"run": str(trained.run_dir.resolve()), "step": trained.step,
+          "checkpoint": step_digest(trained.run_dir / "checkpoints" / str(trained.step))}
 
 
 def _check_existing_distill(out: pathlib.Path, student_model, teacher_id, overwrite: bool):
@@ -232,7 +237,7 @@ def execute(p: Plan, *, progress: bool = True, log=print, loaders=None) -> dict[
   except OSError as e:
     raise UserError(f"cannot create the distillation output directory {p.out} ({e.strerror}); "
                     "give --out a directory path.") from None
-  record = {"teacher": {"run": str(p.teacher.run_dir.resolve()), "step": p.teacher.step},
+  record = {"teacher": _teacher_id(p.teacher),
             "config": _json(to_dict(p.dcfg)), "student_model": _json(to_dict(p.student_model)),
             "converted_layers": list(p.layers)}
   summaries, init = {}, None

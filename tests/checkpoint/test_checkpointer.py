@@ -267,3 +267,19 @@ def test_discard_after_keeps_the_resume_step(tmp_path):
   assert step == 2 and data == {"step": 2}
   np.testing.assert_array_equal(state["w"], np.full(3, 2.0))
   ck.close()
+
+
+def test_step_digest_tells_apart_two_states_saved_under_one_step(tmp_path):
+  """A run trained again in place keeps its path and step; its checkpoint digest changes."""
+  from memx.checkpoint import step_digest
+  from memx.checkpoint.manager import write_manifest
+
+  digests = []
+  for value in (1.0, 2.0):
+    step = tmp_path / str(value) / "10"
+    step.mkdir(parents=True)
+    (step / "array").write_bytes(np.full(16, value, np.float32).tobytes())
+    write_manifest(step)
+    digests.append(step_digest(step))
+  assert digests[0] != digests[1] and all(d and len(d) == 16 for d in digests)
+  assert step_digest(tmp_path / "missing") is None
