@@ -427,8 +427,19 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
 
 
 def _compile_split(cfg, graphdef, shardings, state, batch):
-  grad_fn = jax.jit(make_grad_step(cfg, graphdef)).lower(state, batch).compile()
-  grads_shape = jax.eval_shape(make_grad_step(cfg, graphdef), state, batch)[0]
+  """The step as two programs (gradients, then the update), for steps that save mid-run.
+
+  The gradients are laid out as their parameters (under FSDP: sharded, as in the fused step),
+  and the update is compiled for exactly that layout: left to XLA, the gradient program
+  returned some of them replicated while the update expected them sharded (a sharding
+  mismatch at the first save)."""
+  grad_step = make_grad_step(cfg, graphdef)
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  abstract = jax.eval_shape(grad_step, state, batch)[0]
+  grad_shardings = state_shardings(abstract, mesh, cfg.parallel.strategy)
+  grad_fn = jax.jit(grad_step, out_shardings=(grad_shardings, None)).lower(state, batch).compile()
+  grads_shape = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                             abstract, grad_fn.output_shardings[0])
   apply_fn = jax.jit(make_apply_step(graphdef), donate_argnums=0,
                      out_shardings=shardings).lower(state, grads_shape).compile()
   return grad_fn, apply_fn

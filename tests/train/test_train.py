@@ -306,3 +306,18 @@ def test_a_run_reports_only_a_peak_it_raised(monkeypatch):
   assert loop._own_peak(100) == 150
   monkeypatch.setattr(loop, "peak_device_bytes", lambda: None)  # CPU
   assert loop._own_peak(None) is None
+
+
+@pytest.mark.parametrize("strategy, axes, shape", [("fsdp", ("data", "fsdp"), (1, -1)),
+                                                   ("tp", ("data", "tensor"), (4, 2))])
+def test_mid_run_checkpoints_under_a_sharded_strategy(tmp_path, strategy, axes, shape):
+  """A mid-run save runs the step split in two (gradients, then update): under FSDP the update
+  was compiled for sharded gradients the gradient program returned replicated (a sharding
+  error at the first save). Saving mid-run must not change the run."""
+  par = ParallelConfig(strategy=strategy, mesh_axes=axes, mesh_shape=shape)
+  losses = []
+  for every in (2, 100):  # saves at steps 2 and 4 (split steps), or only at the end (fused)
+    cfg = dataclasses.replace(TINY, parallel=par, checkpoint=CheckpointConfig(every=every, keep=3))
+    train(cfg, tmp_path / f"every{every}", progress=False)
+    losses.append(_losses(tmp_path / f"every{every}"))
+  assert losses[0] == losses[1]
