@@ -283,3 +283,24 @@ def test_step_digest_tells_apart_two_states_saved_under_one_step(tmp_path):
     digests.append(step_digest(step))
   assert digests[0] != digests[1] and all(d and len(d) == 16 for d in digests)
   assert step_digest(tmp_path / "missing") is None
+
+
+def test_saves_never_consume_the_preemption_notice(tmp_path, monkeypatch):
+  """JAX's preemption sync point answers True once: only the train loop may ask it (Orbax's
+  save asking from the checkpoint thread swallowed a SIGTERM)."""
+  import orbax.checkpoint.checkpoint_manager as orbax_manager
+  from jax.experimental import multihost_utils
+
+  calls = []
+  monkeypatch.setattr(orbax_manager.utils, "reached_preemption",
+                      lambda step: calls.append(step) or False)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: calls.append(step) or False)
+  for mode in ("sync", "async", "lazy"):
+    ckpt = Checkpointer(tmp_path / mode, CheckpointConfig(mode=mode, keep=2))
+    state = {"w": jnp.arange(8.0)}
+    for step in (1, 2):
+      ckpt.save(step, ckpt.begin(state) if mode == "lazy" else state, {"step": step}, {})
+    ckpt.wait()
+    ckpt.close()
+  assert calls == []
