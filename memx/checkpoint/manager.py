@@ -160,9 +160,20 @@ class Checkpointer:
     # one's manifest: with keep = K it would leave K - 1 complete steps in that window (none for
     # K = 1). Asking it for K + 1 keeps K complete steps through any crash; `wait` trims the
     # extra one once the newest is complete.
+    # Several processes: Orbax's barriers go through the distributed runtime's coordination
+    # service (named `active_processes`: all of them), not device collectives. A lazy save runs
+    # Orbax on memx's writer thread while the main thread runs training steps; a collective
+    # barrier there interleaves with the steps' collectives differently on each process and
+    # deadlocked runs with more than one device per process. (Orbax takes `create` only without
+    # active_processes: the directory is made here.)
+    multi = jax.process_count() > 1
+    if multi:
+      self.directory.mkdir(parents=True, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep + 1, keep_period=cfg.keep_every or None, create=True,
-        enable_async_checkpointing=cfg.mode == "async")
+        max_to_keep=cfg.keep + 1, keep_period=cfg.keep_every or None, create=not multi,
+        enable_async_checkpointing=cfg.mode == "async",
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            active_processes=set(range(jax.process_count())) if multi else None))
     state_handler = ocp.PyTreeCheckpointHandler(
         use_compression=cfg.compress, type_handler_registry=_type_handlers(cfg.mode))
     handlers = {"state": state_handler,

@@ -217,3 +217,19 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(tmp_path, run_env):
   assert len(saved) == 2 and len(steps) == 1, out[-3000:]   # both hosts, one step
   ckpt_dir = work / "tiny_sweep-base" / "checkpoints"
   assert (ckpt_dir / str(steps.pop()) / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_lazy_saves_with_several_devices_per_process_finish(tmp_path, run_env):
+  """Two processes of two devices each, lazy checkpoints mid-run: Orbax's barriers on memx's
+  writer thread were device collectives, interleaved with the training step's differently on
+  each process, and the run hung at its first save."""
+  del run_env
+  res = subprocess.run(
+      [str(ROOT / "scripts" / "launch_local.sh"), "2", "--devices", "2", f"{TINY}:base",
+       "--workdir", str(tmp_path), "--set", "train.steps=8", "--set", "checkpoint.every=2",
+       "--set", "checkpoint.mode=lazy"],
+      env=_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=240)
+  assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+  summary = json.loads((tmp_path / "tiny_sweep-base" / "summary.json").read_text())
+  assert summary["steps"] == 8
