@@ -38,6 +38,7 @@ write then outlasts a step, the next save waits for it, and the step did not get
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import inspect
 import json
@@ -350,7 +351,21 @@ class Checkpointer:
     root = self.directory / str(step)
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
-  def close(self) -> None:
+  def close(self, *, after_error: bool = False) -> None:
+    """Waits for the queued writes, keeps the newest steps and releases Orbax. Collective.
+
+    after_error: this process alone is leaving on an error while the others may be inside a
+    training step (or gone). With several processes nothing collective may run then (it would
+    wait for them forever, and their heartbeat would not notice a live process): the local
+    writes are drained, their errors dropped (the run's own error is the one to report), no
+    step is trimmed or finalized together, and Orbax's manager is left to the process exit."""
+    if after_error and jax.process_count() > 1:
+      for f in self._pending:
+        with contextlib.suppress(BaseException):
+          f.result()
+      self._pending.clear()
+      self._pool.shutdown(wait=True)
+      return
     try:
       self.wait()
     finally:

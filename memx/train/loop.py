@@ -282,6 +282,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       if run_dir is not None and start and jax.process_index() == 0 else ([], {}))
   meta = {"run": identity, "config": to_dict(cfg)}
 
+  failed_alone = False
   try:
     # Compile once ahead of time: the executables are what runs, and they report memory.
     example = loader.global_batch(start, bsh)
@@ -420,10 +421,17 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     if run_dir is not None and jax.process_index() == 0:
       write_json(run_dir / "summary.json", summary)
     return summary
+  except (Preempted, NonFiniteLossError):
+    raise  # every process leaves at the same step (an agreed stop, a global loss): collective
+  except BaseException:
+    # An error of this process alone (a full disk, a closed output pipe): the others may be
+    # inside a training step, so closing must not wait for them in a collective.
+    failed_alone = True
+    raise
   finally:
     writer.close()
     if ckpt is not None:
-      ckpt.close()
+      ckpt.close(after_error=failed_alone)
 
 
 def _compile_split(cfg, graphdef, shardings, state, batch):

@@ -304,3 +304,17 @@ def test_saves_never_consume_the_preemption_notice(tmp_path, monkeypatch):
     ckpt.wait()
     ckpt.close()
   assert calls == []
+
+
+def test_closing_after_an_error_of_one_process_runs_nothing_collective(tmp_path, monkeypatch):
+  """With several processes, a process leaving on its own error must not enter a barrier the
+  others (still training) never reach: that deadlocked the whole job."""
+  from jax.experimental import multihost_utils
+
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="lazy", keep=2))
+  ckpt.save(1, ckpt.begin(_state(1)), {"step": 1}, {})
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices",
+                      lambda name: pytest.fail(f"collective {name} after an error"))
+  ckpt.close(after_error=True)
+  assert ckpt._pool._shutdown and not ckpt._pending

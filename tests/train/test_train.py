@@ -321,3 +321,22 @@ def test_mid_run_checkpoints_under_a_sharded_strategy(tmp_path, strategy, axes, 
     train(cfg, tmp_path / f"every{every}", progress=False)
     losses.append(_losses(tmp_path / f"every{every}"))
   assert losses[0] == losses[1]
+
+
+def test_an_error_of_this_process_closes_checkpoints_without_collectives(tmp_path, monkeypatch):
+  """An error on one process (here: writing metrics fails) closes the checkpointer with
+  after_error (no barrier the other processes would never reach)."""
+  import memx.train.loop as loop
+
+  seen = []
+  real_close = Checkpointer.close
+  monkeypatch.setattr(Checkpointer, "close",
+                      lambda self, after_error=False: (seen.append(after_error),
+                                                       real_close(self, after_error=after_error)))
+
+  def broken(self, record):
+    raise OSError("output closed")
+  monkeypatch.setattr(loop.MetricsWriter, "write", broken)
+  with pytest.raises(OSError):
+    train(TINY, tmp_path, progress=False)
+  assert seen == [True]
