@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
   except (NonFiniteLossError, CheckpointWriteError) as e:  # the run failed; advice, no trace
     print(f"memx: run failed: {e}", file=sys.stderr)
     return 1
-  except Preempted as e:
+  except Preempted as e:  # each host confirms its own save (a launcher prefixes its rank)
     print(f"memx: {e}", file=sys.stderr)
     return 143
   except KeyboardInterrupt:
@@ -105,11 +105,19 @@ def _cmd_run(args) -> int:
   spec = RunSpec(str(path), variant, parse_assignments(args.overrides), args.workdir,
                  args.name or default_name(str(path), variant), plan=args.plan)
   summary = run(spec, resume=args.resume, overwrite=args.overwrite)
-  print(f"run {spec.name}: {summary['status']} after {summary['steps']} steps; "
-        f"eval loss {_fmt(summary['final_eval_loss'])}, task accuracy "
-        f"{_fmt(summary['task_accuracy'])}, {_fmt(summary['tokens_per_s'], '.0f')} tokens/s")
-  print(f"run directory: {os.path.join(args.workdir, spec.name)}")
+  if _lead_process():  # one line per job, not per host
+    print(f"run {spec.name}: {summary['status']} after {summary['steps']} steps; "
+          f"eval loss {_fmt(summary['final_eval_loss'])}, task accuracy "
+          f"{_fmt(summary['task_accuracy'])}, {_fmt(summary['tokens_per_s'], '.0f')} tokens/s")
+    print(f"run directory: {os.path.join(args.workdir, spec.name)}")
   return 0
+
+
+def _lead_process() -> bool:
+  """Whether this process prints a job's outcome: process 0 of a multi-process job (every
+  process reaches the same outcome), or the only one."""
+  import jax
+  return jax.process_index() == 0
 
 
 def _cmd_sweep(args) -> int:

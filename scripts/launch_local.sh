@@ -7,14 +7,15 @@
 # Process i runs `memx run ARGS --coordinator 127.0.0.1:P --num-processes N --process-id i` on
 # the CPU with K fake devices of its own (default 1), gloo collectives between processes, its
 # output prefixed with "[i] ". The script waits for all of them; when one fails it stops the
-# others (the processes it started, by pid) and exits with the first nonzero status. A dead
-# peer is also caught by jax.distributed's heartbeat (MEMX_DIST_HEARTBEAT_TIMEOUT, default 60 s).
+# others (SIGTERM, then SIGKILL after MEMX_LAUNCH_GRACE s, default 60) and exits with the first
+# nonzero status; SIGINT/SIGTERM to the launcher stop them the same way before it exits. A
+# dead peer is also caught by jax.distributed's heartbeat (MEMX_DIST_HEARTBEAT_TIMEOUT, 60 s).
 #
 # Environment: PYTHON (default .venv/bin/python when present, else python3), MEMX_LAUNCH_PORT.
 # Use it to test multi-host code paths on one machine; real clusters use scripts/slurm/.
 set -uo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 1 && $1 =~ ^[0-9]+$ && $1 -ge 1 ]] || usage
 n=$1; shift
 devices=1
@@ -46,23 +47,30 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
 pids=()
-cleanup() {
-  # Each pid is a subshell running `memx run | sed`: stop its children (memx saves a checkpoint
-  # on SIGTERM when enabled), then the subshell.
-  for pid in "${pids[@]}"; do
-    pkill -TERM -P "$pid" 2>/dev/null
-    kill "$pid" 2>/dev/null
+grace=${MEMX_LAUNCH_GRACE:-60}
+stop_all() {
+  # SIGTERM to every memx process still running (under jax.distributed memx saves a checkpoint
+  # at a step all processes agree on, then exits), then SIGKILL to any still alive after
+  # $grace s. The pids are the Python processes themselves, not shells around them: their
+  # output pipes stay open until they exit, so nothing they print is lost.
+  local pid t
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for ((t = 0; t < grace * 10; t++)); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || return 0
+    sleep 0.1
   done
+  echo "launch_local: processes still running after ${grace}s; killing them" >&2
+  for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
 }
-trap 'cleanup; exit 130' INT TERM
+trap 'stop_all; wait; exit 130' INT
+trap 'stop_all; wait; exit 143' TERM
 
 for ((i = 0; i < n; i++)); do
-  # Each process: its stdout+stderr line-prefixed; the subshell exits with memx's status.
-  (
-    "$python" -u -m memx run "$@" --coordinator "127.0.0.1:$port" --num-processes "$n" \
-      --process-id "$i" 2>&1 | sed -u "s/^/[$i] /"
-    exit "${PIPESTATUS[0]}"
-  ) &
+  # Each process: its stdout+stderr line-prefixed (the pid kept is Python's own).
+  "$python" -u -m memx run "$@" --coordinator "127.0.0.1:$port" --num-processes "$n" \
+    --process-id "$i" > >(sed -u "s/^/[$i] /") 2>&1 &
   pids+=($!)
 done
 
@@ -76,8 +84,8 @@ while ((remaining > 0)); do
   if ((rc != 0 && status == 0)); then
     status=$rc
     echo "launch_local: a process exited with status $rc; stopping the others" >&2
-    cleanup
+    stop_all
   fi
 done
-wait 2>/dev/null
+wait 2>/dev/null  # the output filters: every line is printed before the launcher exits
 exit "$status"

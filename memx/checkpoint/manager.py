@@ -391,13 +391,16 @@ def _type_handlers(mode: str):
 
 
 def remove_incomplete(directory: pathlib.Path, after: int | None = None) -> None:
-  """Deletes steps without a manifest (left by a crash) and, given `after`, every step newer
-  than the one training continues from (corrupt ones a restore fell back from)."""
+  """Deletes steps without a manifest (left by a crash), Orbax's temporary directories of
+  unfinished writes (`<step>.orbax-checkpoint-tmp-*`, a partial state each), and, given
+  `after`, every step newer than the one training continues from (corrupt ones a restore fell
+  back from)."""
   directory = pathlib.Path(directory)
   if directory.is_dir():
     for p in directory.iterdir():
-      if p.is_dir() and p.name.isdigit() and (
-          not (p / MANIFEST).is_file() or (after is not None and int(p.name) > after)):
+      unfinished = p.is_dir() and ".orbax-checkpoint-tmp" in p.name
+      if unfinished or (p.is_dir() and p.name.isdigit() and (
+          not (p / MANIFEST).is_file() or (after is not None and int(p.name) > after))):
         shutil.rmtree(p, ignore_errors=True)
 
 

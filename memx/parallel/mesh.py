@@ -3,12 +3,13 @@
 import inspect
 import logging
 import os
+import time
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from memx.errors import ConfigError
+from memx.errors import ConfigError, UserError
 from memx.parallel.axes import BATCH, SEQ
 from memx.parallel.config import ParallelConfig
 from memx.parallel.rules import RULES, logical_to_spec
@@ -22,8 +23,9 @@ INIT_TIMEOUT_ENV, HEARTBEAT_TIMEOUT_ENV = "MEMX_DIST_INIT_TIMEOUT", "MEMX_DIST_H
 DEFAULT_INIT_TIMEOUT_S, DEFAULT_HEARTBEAT_TIMEOUT_S = 300, 60
 
 
-class DistributedInitError(RuntimeError):
-  """jax.distributed could not assemble all processes (a peer is missing or unreachable)."""
+class DistributedInitError(UserError):
+  """jax.distributed could not assemble all processes (a peer is missing or unreachable, the
+  coordinator's port is taken): a one-paragraph error of the CLI, exit status 2."""
 
 
 def check_process_args(coordinator: str | None, num_processes: int | None,
@@ -102,18 +104,51 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
   where = (f"coordinator {coordinator}, process {process_id} of {num_processes}" if coordinator
            else f"SLURM job {os.environ.get('SLURM_JOB_ID', '?')}, "
                 f"{os.environ.get('SLURM_NTASKS')} tasks")
+  if coordinator is not None and process_id == 0:
+    _check_port_free(coordinator)
+  t0 = time.monotonic()
   try:
     if coordinator is not None:
       jax.distributed.initialize(coordinator, num_processes, process_id, **kwargs)
     else:
       jax.distributed.initialize(**kwargs)
   except Exception as e:  # jaxlib raises XlaRuntimeError/RuntimeError with a long gRPC message
+    text = str(e)
+    if any(k in text.lower() for k in ("address already in use", "failed to bind",
+                                        "could not start")):
+      hint = ("The coordinator could not listen on its port: another process holds it. Choose "
+              "another port (--coordinator HOST:PORT, launch_local.sh --port).")
+    else:
+      hint = ("Check that every process was started with the same --coordinator and "
+              "--num-processes, a distinct --process-id, and that the coordinator's port is "
+              "reachable.")
     raise DistributedInitError(
-        f"jax.distributed.initialize failed ({where}) within {init_s} s: {e}. Check that every "
-        "process was started with the same --coordinator and --num-processes, a distinct "
-        "--process-id, and that the coordinator's port is reachable.") from e
+        f"jax.distributed.initialize failed ({where}) after {time.monotonic() - t0:.0f} s "
+        f"(timeout {init_s} s): {text[:500]}. {hint}") from e
   log.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
            jax.local_devices())
+
+
+def _check_port_free(coordinator: str) -> None:
+  """Process 0 hosts the coordination service on the coordinator's port (all interfaces): a
+  port another process holds makes jaxlib's server crash the process (a segfault, no Python
+  error), so it is probed here first."""
+  import errno
+  import socket
+
+  port = int(coordinator.rsplit(":", 1)[1])
+  for family, addr in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((addr, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise DistributedInitError(
+            f"the coordinator's port {port} (--coordinator {coordinator}) is in use by another "
+            "process, so process 0 cannot host the coordination service there. Choose another "
+            "port (--coordinator HOST:PORT, launch_local.sh --port).") from None
+      # no IPv6 (or the like): the other family decides
 
 
 def make_mesh(cfg: ParallelConfig, devices=None) -> Mesh:

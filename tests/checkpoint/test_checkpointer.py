@@ -318,3 +318,17 @@ def test_closing_after_an_error_of_one_process_runs_nothing_collective(tmp_path,
                       lambda name: pytest.fail(f"collective {name} after an error"))
   ckpt.close(after_error=True)
   assert ckpt._pool._shutdown and not ckpt._pending
+
+
+def test_discard_removes_orbax_temporary_directories_of_unfinished_writes(tmp_path):
+  """A crash inside Orbax's write leaves `<step>.orbax-checkpoint-tmp-*` (a partial state): the
+  next run's discard removes it with the manifest-less steps, and keeps complete steps."""
+  ckpt = Checkpointer(tmp_path, CheckpointConfig(mode="sync", keep=3))
+  ckpt.save(1, ckpt.begin(_state(1)), {"step": 1}, {})
+  ckpt.wait()
+  partial = tmp_path / "2.orbax-checkpoint-tmp-1234"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "chunk").write_bytes(b"half")
+  ckpt.discard()
+  assert not partial.exists() and ckpt.complete_steps() == [1]
+  ckpt.close()

@@ -233,3 +233,20 @@ def test_lazy_saves_with_several_devices_per_process_finish(tmp_path, run_env):
   assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
   summary = json.loads((tmp_path / "tiny_sweep-base" / "summary.json").read_text())
   assert summary["steps"] == 8
+
+
+def test_a_coordinator_port_in_use_is_a_clear_error(tmp_path):
+  """jaxlib's coordination server crashes the process (a segfault) on a taken port: process 0
+  probes it first and says what to do, exit 2."""
+  with socket.socket() as held:
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    res = subprocess.run(
+        [sys.executable, "-m", "memx", "run", f"{TINY}:base", "--workdir", str(tmp_path),
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"],
+        env=_env(JAX_PLATFORMS="cpu", MEMX_DIST_INIT_TIMEOUT="20"), capture_output=True,
+        text=True, timeout=120)
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert f"port {port}" in res.stderr and "in use" in res.stderr
+  assert "Traceback" not in res.stderr
