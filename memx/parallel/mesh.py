@@ -125,6 +125,12 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
     raise DistributedInitError(
         f"jax.distributed.initialize failed ({where}) after {time.monotonic() - t0:.0f} s "
         f"(timeout {init_s} s): {text[:500]}. {hint}") from e
+  if num_processes is not None and jax.process_count() != num_processes:
+    # The coordinator's count wins inside jaxlib: a process told another count would run on.
+    raise DistributedInitError(
+        f"this process was started with --num-processes {num_processes}, but the job the "
+        f"coordinator {coordinator} assembled has {jax.process_count()} processes: start "
+        "every process with the same --num-processes.")
   log.info("process %d/%d, local devices: %s", jax.process_index(), jax.process_count(),
            jax.local_devices())
 

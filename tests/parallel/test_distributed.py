@@ -250,3 +250,24 @@ def test_a_coordinator_port_in_use_is_a_clear_error(tmp_path):
   assert res.returncode == 2, res.stderr[-2000:]
   assert f"port {port}" in res.stderr and "in use" in res.stderr
   assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_a_process_told_another_process_count_stops(tmp_path):
+  """jaxlib takes the coordinator's count: a process started with another --num-processes
+  would train as part of a job of a size it was not told. It stops with the reason."""
+  port = _free_port()
+  env = _env(JAX_PLATFORMS="cpu", MEMX_DIST_INIT_TIMEOUT="30", MEMX_DIST_HEARTBEAT_TIMEOUT="10")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "memx", "run", f"{TINY}:base", "--workdir", str(tmp_path),
+       "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i, n in ((0, 2), (1, 3))]
+  try:
+    _, err = procs[1].communicate(timeout=120)
+  finally:
+    for p in procs:
+      p.kill()
+      p.communicate()
+  assert procs[1].returncode == 2, err[-2000:]
+  assert "--num-processes 3" in err and "has 2 processes" in err
