@@ -86,6 +86,7 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
     sweep_dir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create sweep directory {str(sweep_dir)!r} ({e.strerror}).") from None
+  lock = _claim(sweep_dir)
   index = RunIndex(sweep_dir / "index.sqlite")
   try:
     todo = []
@@ -117,7 +118,31 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
         _run_submitit(phase, len(entries), index, ex, log)
   finally:
     index.close()
+    lock.close()  # releases the claim
   return sweep_dir
+
+
+def _claim(sweep_dir: pathlib.Path):
+  """An exclusive lock on SWEEP/.lock for this driver's lifetime (released when it exits or
+  dies): a second driver on the same sweep would train every queued run again, in the same
+  run directories, at the same time."""
+  import fcntl
+  import os
+
+  f = open(sweep_dir / ".lock", "a+")  # noqa: SIM115 - held until the sweep ends
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "?"
+    f.close()
+    raise UserError(f"another `memx sweep` (pid {holder}) is running on {str(sweep_dir)!r}; "
+                    "wait for it to finish (its runs and report are this sweep's), or stop it "
+                    "first.") from None
+  f.truncate(0)
+  f.write(str(os.getpid()))
+  f.flush()
+  return f
 
 
 def _provenance(run_dir: pathlib.Path, key: str) -> str | None:
@@ -175,6 +200,7 @@ def _subprocess_run(spec: RunSpec, *, resume: bool, overwrite: bool,
     spec_file.write_text(json.dumps(spec.__dict__))
     cmd = [sys.executable, "-m", "memx.experiment.sweep", str(spec_file), str(err_file)]
     cmd += ["--resume"] if resume else ["--overwrite"] if overwrite else []
+    cmd += [] if show_output else ["--quiet"]  # a log file gets no progress bar redraws
     if show_output:
       proc = subprocess.run(cmd)
     else:
@@ -229,7 +255,8 @@ def _worker_main(argv: list[str]) -> int:
   spec_file, err_file, *flags = argv
   spec = RunSpec(**json.loads(pathlib.Path(spec_file).read_text()))
   try:
-    run(spec, resume="--resume" in flags, overwrite="--overwrite" in flags)
+    run(spec, resume="--resume" in flags, overwrite="--overwrite" in flags,
+        progress="--quiet" not in flags)
     return 0
   except UserError as e:
     pathlib.Path(err_file).write_text(str(e))

@@ -332,3 +332,18 @@ def sweep():
   assert _rows(sweep_dir)["text"]["status"] == "done"
   again = json.loads((sweep_dir / "text" / "provenance.json").read_text())["data_hash"]
   assert again != first
+
+
+def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, run_env):
+  """Two drivers would train every queued run twice, in the same directories at once."""
+  from memx.experiment import sweep as sweep_mod
+
+  sweep_dir = tmp_path / "runs" / TINY_SWEEP.stem
+  sweep_dir.mkdir(parents=True)
+  held = sweep_mod._claim(sweep_dir)  # the first driver
+  try:
+    with pytest.raises(UserError, match=r"another `memx sweep` \(pid \d+\) is running"):
+      _sweep(tmp_path / "runs")
+  finally:
+    held.close()
+  assert not (sweep_dir / "seed-0").exists()  # nothing ran
