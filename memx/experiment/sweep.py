@@ -7,13 +7,17 @@ their newest checkpoint when the config is unchanged.
 """
 
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -111,15 +115,34 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
     # Distillation entries need their teachers' checkpoints: they run after every training run.
     phases = [[t for t in todo if not is_distill_entry(t[1].overrides)],
               [t for t in todo if is_distill_entry(t[1].overrides)]]
-    for phase in filter(None, phases):
-      if executor == "local":
-        _run_local(phase, len(entries), index, workers, progress, log)
-      else:
-        _run_submitit(phase, len(entries), index, ex, log)
+    with _sigterm_as_interrupt():
+      for phase in filter(None, phases):
+        if executor == "local":
+          _run_local(phase, len(entries), index, workers, progress, log)
+        else:
+          _run_submitit(phase, len(entries), index, ex, log)
   finally:
     index.close()
     lock.close()  # releases the claim
   return sweep_dir
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+  """SIGTERM to the driver (a scheduler's cancel, `kill`) stops the sweep as Ctrl-C does: its
+  runs are stopped and marked, not left running without it."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+
+  def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGTERM, interrupt)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _claim(sweep_dir: pathlib.Path):
@@ -154,26 +177,89 @@ def _provenance(run_dir: pathlib.Path, key: str) -> str | None:
     return None
 
 
+INTERRUPTED = ("interrupted: the sweep driver was stopped (Ctrl-C or SIGTERM) and stopped this "
+               "run (a checkpoint is saved where enabled); rerun the sweep to continue it")
+
+
+class _Children:
+  """The run processes a driver started: stopped with it (SIGTERM: each saves a checkpoint and
+  exits; SIGKILL after `grace` s), and none started once it is stopping."""
+
+  def __init__(self, grace: float = 120.0):
+    self.live: set[subprocess.Popen] = set()
+    self.stopping = threading.Event()
+    self.grace = grace
+    self._lock = threading.Lock()
+
+  def run(self, cmd, **kwargs) -> int | None:
+    """The command's exit status, or None when the driver is stopping (nothing started)."""
+    with self._lock:
+      if self.stopping.is_set():
+        return None
+      proc = subprocess.Popen(cmd, **kwargs)
+      self.live.add(proc)
+    try:
+      return proc.wait()
+    finally:
+      with self._lock:
+        self.live.discard(proc)
+
+  def stop(self) -> None:
+    with self._lock:
+      self.stopping.set()
+      procs = list(self.live)
+    for proc in procs:
+      with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    deadline = time.monotonic() + self.grace
+    for proc in procs:
+      try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _run_local(todo, total, index, workers, progress, log):
+  children = _Children()
+
   def one(item):
     i, spec, _, same = item
     ok, result = _subprocess_run(spec, resume=same, overwrite=not same,
-                                 show_output=progress and workers == 1)
+                                 show_output=progress and workers == 1, children=children)
     return i, spec, ok, result
 
-  if workers == 1:  # in order, each run's progress bar under its "[i/n]" line
+  recorded = set()
+  try:
+    if workers == 1:  # in order, each run's progress bar under its "[i/n]" line
+      for item in todo:
+        index.mark_running(item[1].name, item[2])
+        log(f"[{item[0]}/{total}] {item[1].name}: running")
+        _record(index, total, *one(item), log)
+        recorded.add(item[1].name)
+      return
+    # sqlite connections stay on this thread: rows are updated here, not in the workers.
+    for i, spec, h, _ in todo:
+      index.mark_running(spec.name, h)
+      log(f"[{i}/{total}] {spec.name}: queued (output in {spec.workdir}/{spec.name}.log)")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
+    try:
+      for fut in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
+        _record(index, total, *fut.result(), log)
+        recorded.add(fut.result()[1].name)
+    finally:
+      pool.shutdown(wait=False, cancel_futures=True)
+      if not children.stopping.is_set() and len(recorded) < len(todo):
+        children.stop()  # an interrupt: stop what runs before the pool's threads are joined
+      pool.shutdown(wait=True)
+  except BaseException:
+    # Ctrl-C / SIGTERM: no queued run starts, the running ones are stopped (not orphaned), and
+    # their rows say so, not "running" with no driver left.
+    children.stop()
     for item in todo:
-      index.mark_running(item[1].name, item[2])
-      log(f"[{item[0]}/{total}] {item[1].name}: running")
-      _record(index, total, *one(item), log)
-    return
-  # sqlite connections stay on this thread: rows are updated here, not in the workers.
-  for i, spec, h, _ in todo:
-    index.mark_running(spec.name, h)
-    log(f"[{i}/{total}] {spec.name}: queued (output in {spec.workdir}/{spec.name}.log)")
-  with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-    for fut in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
-      _record(index, total, *fut.result(), log)
+      if item[1].name not in recorded and index.get(item[1].name)["status"] == "running":
+        index.mark_failed(item[1].name, INTERRUPTED)
+    raise
 
 
 def _record(index, total, i, spec, ok, result, log):
@@ -192,8 +278,8 @@ def _with_cause_last(text: str) -> str:
   return text if not causes or lines[-1] == causes[-1] else f"{text}\n{causes[-1]}"
 
 
-def _subprocess_run(spec: RunSpec, *, resume: bool, overwrite: bool,
-                    show_output: bool) -> tuple[bool, Any]:
+def _subprocess_run(spec: RunSpec, *, resume: bool, overwrite: bool, show_output: bool,
+                    children: _Children) -> tuple[bool, Any]:
   run_dir = pathlib.Path(spec.workdir) / spec.name
   with tempfile.TemporaryDirectory() as tmp:
     spec_file, err_file = pathlib.Path(tmp) / "spec.json", pathlib.Path(tmp) / "error.txt"
@@ -202,15 +288,17 @@ def _subprocess_run(spec: RunSpec, *, resume: bool, overwrite: bool,
     cmd += ["--resume"] if resume else ["--overwrite"] if overwrite else []
     cmd += [] if show_output else ["--quiet"]  # a log file gets no progress bar redraws
     if show_output:
-      proc = subprocess.run(cmd)
+      rc = children.run(cmd)
     else:
       log_path = pathlib.Path(spec.workdir) / f"{spec.name}.log"
       with open(log_path, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode == 0 and (run_dir / "summary.json").exists():
+        rc = children.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if rc is None or (children.stopping.is_set() and rc != 0):
+      return False, INTERRUPTED
+    if rc == 0 and (run_dir / "summary.json").exists():
       return True, json.loads((run_dir / "summary.json").read_text())
     error = err_file.read_text() if err_file.exists() else ""
-    return False, error or f"run process exited with code {proc.returncode}"
+    return False, error or f"run process exited with code {rc}"
 
 
 def _executor(executor: str, slurm: dict, folder: pathlib.Path):
@@ -233,17 +321,27 @@ def _executor(executor: str, slurm: dict, folder: pathlib.Path):
 
 
 def _run_submitit(todo, total, index, ex, log):
-  jobs = []
-  for i, spec, h, same in todo:
-    index.mark_running(spec.name, h)
-    jobs.append((i, spec, ex.submit(run_job, spec, same, not same)))
-    log(f"[{i}/{total}] {spec.name}: submitted job {jobs[-1][2].job_id}")
-  for i, spec, job in jobs:
-    try:
-      ok, result = True, job.result()
-    except Exception as e:  # noqa: BLE001 - a failed job must not stop the others
-      ok, result = False, _with_cause_last(str(e))
-    _record(index, total, i, spec, ok, result, log)
+  jobs, recorded = [], set()
+  try:
+    for i, spec, h, same in todo:
+      index.mark_running(spec.name, h)
+      jobs.append((i, spec, ex.submit(run_job, spec, same, not same)))
+      log(f"[{i}/{total}] {spec.name}: submitted job {jobs[-1][2].job_id}")
+    for i, spec, job in jobs:
+      try:
+        ok, result = True, job.result()
+      except Exception as e:  # noqa: BLE001 - a failed job must not stop the others
+        ok, result = False, _with_cause_last(str(e))
+      _record(index, total, i, spec, ok, result, log)
+      recorded.add(spec.name)
+  except BaseException:
+    # Ctrl-C / SIGTERM: the submitted jobs are cancelled with the driver, and marked.
+    for _, spec, job in jobs:
+      if spec.name not in recorded:
+        with contextlib.suppress(Exception):
+          job.cancel()
+        index.mark_failed(spec.name, INTERRUPTED)
+    raise
 
 
 def run_job(spec: RunSpec, resume: bool, overwrite: bool) -> dict:

@@ -347,3 +347,61 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, run_env):
   finally:
     held.close()
   assert not (sweep_dir / "seed-0").exists()  # nothing ran
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_driver_stops_its_runs_and_marks_them(tmp_path, run_env):
+  """Killing the driver stopped nothing: its runs trained on, orphaned, and a rerun raced them
+  in the same directories. Now they stop with it and their rows say they were interrupted."""
+  import os
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  exp = tmp_path / "long_sweep.py"
+  exp.write_text(TINY_SWEEP.read_text().replace("def config(", "def _base_config(", 1) + """
+
+def config(variant="base"):
+  import dataclasses
+  cfg = _base_config(variant)
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=100000))
+
+def sweep():
+  return [("seed-0", {"train.seed": 0}), ("seed-1", {"train.seed": 1})]
+""")
+  workdir = tmp_path / "runs"
+  driver = subprocess.Popen([sys.executable, "-m", "memx", "sweep", str(exp), "--workdir",
+                             str(workdir), "--workers", "2"], env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  sweep_dir = workdir / exp.stem
+  deadline = time.monotonic() + 240
+  while not all((sweep_dir / n / "metrics.jsonl").exists() for n in ("seed-0", "seed-1")):
+    assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+    time.sleep(0.5)
+  driver.send_signal(signal.SIGTERM)
+  out = driver.communicate(timeout=240)[0]
+  assert driver.returncode != 0, out
+  children = [p for p in pathlib.Path("/proc").iterdir()
+              if p.name.isdigit() and "memx.experiment.sweep" in _cmdline(p)
+              and str(tmp_path) in (_cmdline(p) + _spec_of(p))]
+  assert not children, [_cmdline(p) for p in children]
+  rows = _rows(sweep_dir)
+  assert {r["status"] for r in rows.values()} == {"failed"}, rows
+  assert all(r["error"].startswith("interrupted") for r in rows.values())
+
+
+def _spec_of(proc_dir: pathlib.Path) -> str:
+  """The run spec a sweep worker process was given (its first argument: a JSON file)."""
+  args = _cmdline(proc_dir).split()
+  try:
+    return pathlib.Path(args[args.index("memx.experiment.sweep") + 1]).read_text()
+  except (ValueError, IndexError, OSError):
+    return ""
+
+
+def _cmdline(proc_dir: pathlib.Path) -> str:
+  try:
+    return (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+  except OSError:
+    return ""
