@@ -1,7 +1,6 @@
 """One run: experiment file + variant + overrides → run directory → train → summary."""
 
 import dataclasses
-import json
 import logging
 import pathlib
 from typing import Any
@@ -10,11 +9,11 @@ import jax
 from jax.experimental import multihost_utils
 
 from memx._io import write_json
-from memx.config import Config, to_dict
+from memx.config import Config
 from memx.errors import UserError
 from memx.experiment import loading, rundir
 from memx.parallel.mesh import maybe_initialize_distributed
-from memx.train.loop import prepare, train
+from memx.train.loop import prepare, stored_config_differences, train
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +54,9 @@ def run_current(spec: RunSpec, *, progress: bool = True) -> dict:
   continue) only when that was made with this very config; another config (an edited
   experiment file) trains the run again from scratch. Experiment pipelines use this as their
   cache of finished steps."""
-  cfg = resolve_config(spec)
-  stored = pathlib.Path(spec.workdir) / spec.name / "config.json"
-  try:
-    same = json.loads(stored.read_text()) == json.loads(json.dumps(to_dict(cfg), default=str))
-  except (OSError, ValueError):
-    same = not stored.parent.exists() or not any(stored.parent.iterdir())
+  run_dir = pathlib.Path(spec.workdir) / spec.name
+  diffs = stored_config_differences(run_dir, resolve_config(spec))
+  same = diffs == "" or (diffs is None and not (run_dir.exists() and any(run_dir.iterdir())))
   return run(spec, resume=same, overwrite=not same, progress=progress)
 
 

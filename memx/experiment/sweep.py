@@ -245,8 +245,9 @@ def _run_local(todo, total, index, workers, progress, log):
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers)
     try:
       for fut in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
-        _record(index, total, *fut.result(), log)
-        recorded.add(fut.result()[1].name)
+        i, spec, ok, result = fut.result()
+        _record(index, total, i, spec, ok, result, log)
+        recorded.add(spec.name)
     finally:
       pool.shutdown(wait=False, cancel_futures=True)
       if not children.stopping.is_set() and len(recorded) < len(todo):

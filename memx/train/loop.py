@@ -122,12 +122,13 @@ def check_data(cfg: Config) -> str:
   return _loaders(cfg, split_seeds(cfg.train.seed).data_seed)[0].data_hash
 
 
-def _finished_with_other_config(run_dir: pathlib.Path, cfg: Config) -> str:
-  """How a finished run's config.json differs from cfg ("" when alike or not recorded)."""
+def stored_config_differences(run_dir: pathlib.Path, cfg: Config) -> str | None:
+  """How the config.json a run directory holds differs from cfg: "" when alike, None when
+  none is recorded (or unreadable)."""
   try:
-    stored = json.loads((run_dir / "config.json").read_text())
+    stored = json.loads((pathlib.Path(run_dir) / "config.json").read_text())
   except (OSError, ValueError):
-    return ""
+    return None
   return describe_differences(stored, json.loads(json.dumps(to_dict(cfg), default=str)))
 
 
@@ -261,7 +262,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     if start >= end and (run_dir / "summary.json").exists():  # finished earlier
       if ckpt is not None:
         ckpt.close()
-      diffs = _finished_with_other_config(run_dir, cfg)
+      diffs = stored_config_differences(run_dir, cfg)
       if diffs:
         raise ConfigError(
             f"run {str(run_dir)!r} finished earlier with another config ({diffs}), so its "
