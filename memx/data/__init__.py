@@ -2,6 +2,7 @@
 
 from memx.data.config import DataConfig
 from memx.data.corpus import load_corpus
+from memx.data.documents import document_layout, model_kwargs
 from memx.data.loader import Loader, check_training_mix, make_loader
 from memx.data.tasks import (
     TaskRow,
@@ -22,9 +23,11 @@ __all__ = [
     "Loader",
     "TaskRow",
     "check_training_mix",
+    "document_layout",
     "load_corpus",
     "make_loader",
     "make_task",
+    "model_kwargs",
     "mqar",
     "mqar_answers",
     "passkey",

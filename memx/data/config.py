@@ -11,6 +11,7 @@ PASSKEY_FILLERS = ("repeat", "corpus")
 # ByteTokenizer's vocabulary (256 bytes + PAD/BOS/EOS/SEP/BLANK); task rows use all of it.
 # Spelled out rather than imported so the config stays free of the data machinery.
 BYTE_VOCAB_SIZE = 261
+BYTE_EOS = 258  # ByteTokenizer.EOS: the separator the "text" source puts between files
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,15 @@ class DataConfig:
     vocab_size: the data's token id space, reported as Loader.vocab_size; None means the byte
       tokenizer's (261). Set it for "npy" files written by another tokenizer (every id must
       lie in [0, vocab_size)); byte-tokenized text and task rows need at least 261.
+    document_mask: tokens attend to, and recurrent mixers carry state over, only their own
+      document: a window that spans document boundaries is trained as separate documents
+      (the attention mask of Llama 3's pre-training), with positions restarting at each one.
+      The end-of-document token opens the next document (it acts as its BOS), so every target
+      is predicted from its own document. Batches then carry "segment_ids" and "positions".
+      Needs document boundaries: "text" (each file is a document; EOS between files) or
+      "npy" with `eos_id`. Task rows are one document each.
+    eos_id: the end-of-document token of "npy" files, for document_mask (text uses the byte
+      tokenizer's EOS, 258).
   """
 
   source: str = "corpus"
@@ -54,6 +64,8 @@ class DataConfig:
   passkey_filler: str = "repeat"
   passkey_min_len: int | None = None
   vocab_size: int | None = None
+  document_mask: bool = False
+  eos_id: int | None = None
 
   def __post_init__(self):
     one_of("data", "source", self.source, SOURCES)
@@ -94,7 +106,34 @@ class DataConfig:
               self.vocab_size, f"must be >= {BYTE_VOCAB_SIZE} (the byte tokenizer's vocabulary) "
               "unless data.source = 'npy' with no data.task, where it must be >= 1")
 
+    require(isinstance(self.document_mask, bool), "data", "document_mask", self.document_mask,
+            "must be true or false")
+    if self.document_mask:
+      require(self.source in ("text", "npy"), "data", "document_mask", self.document_mask,
+              f"needs document boundaries in the token stream, which data.source = "
+              f"{self.source!r} does not have ("
+              + ("the embedded corpus is one text" if self.source == "corpus"
+                 else "every task row is one document")
+              + "): use 'text' (each file is a document) or 'npy' with data.eos_id")
+      require(self.source != "npy" or self.eos_id is not None, "data", "eos_id", self.eos_id,
+              "must name the end-of-document token id of the .npy files for data.document_mask")
+    if self.eos_id is not None:
+      require(self.source == "npy" and self.document_mask, "data", "eos_id", self.eos_id,
+              "marks document ends in 'npy' files for data.document_mask = true; set both (text "
+              f"files use the byte tokenizer's EOS, {BYTE_EOS})")
+      require(isinstance(self.eos_id, int) and not isinstance(self.eos_id, bool)
+              and 0 <= self.eos_id < (self.vocab_size or BYTE_VOCAB_SIZE), "data", "eos_id",
+              self.eos_id, f"must be an int in [0, data.vocab_size = "
+              f"{self.vocab_size or BYTE_VOCAB_SIZE})")
+
   @property
   def task_name(self) -> str | None:
     """The synthetic task this config evaluates accuracy on, if any."""
     return self.source if self.source in TASKS else self.task
+
+  def task_only(self) -> "DataConfig":
+    """The rows of this config's task alone (its accuracy evaluation): every row a task row,
+    one document each. Keeps the paths, which a task source does not read."""
+    assert self.task_name is not None, "task_only() of a config without a task"
+    return dataclasses.replace(self, source=self.task_name, task=None, task_fraction=0.0,
+                               document_mask=False, eos_id=None)

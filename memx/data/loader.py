@@ -18,8 +18,9 @@ import jax
 import numpy as np
 from jaxtyping import Int
 
-from memx.data.config import DataConfig
+from memx.data.config import BYTE_EOS, DataConfig
 from memx.data.corpus import load_corpus
+from memx.data.documents import document_layout
 from memx.data.tasks import TaskRow, make_task, task_settings
 from memx.data.tokenizer import ByteTokenizer
 from memx.errors import DataError
@@ -221,7 +222,7 @@ class Loader:
   # -- batches ---------------------------------------------------------------------------------
 
   def _rows(self, step: int, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The given global rows of batch `step`, as inputs/targets/weights/answer_mask."""
+    """The given global rows of batch `step`, as `local_batch` describes."""
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
       raise ValueError(f"step must be a non-negative integer, got {step!r}")
     step = int(step)
@@ -242,9 +243,16 @@ class Loader:
       tokens[i], answers[i] = self._task_fn(rng)
     answer_mask = np.ascontiguousarray(answers[:, 1:])
     weights = np.where(is_task[:, None], answer_mask, True).astype(np.float32)
-    return {"inputs": np.ascontiguousarray(tokens[:, :-1]),
-            "targets": np.ascontiguousarray(tokens[:, 1:]), "weights": weights,
-            "answer_mask": answer_mask}
+    batch = {"inputs": np.ascontiguousarray(tokens[:, :-1]),
+             "targets": np.ascontiguousarray(tokens[:, 1:]), "weights": weights,
+             "answer_mask": answer_mask}
+    if self.cfg.document_mask:
+      eos = self.cfg.eos_id if self.cfg.source == "npy" else BYTE_EOS
+      segment_ids, positions = document_layout(batch["inputs"], eos)
+      segment_ids[is_task] = 0  # a task row is one document, whatever tokens it holds
+      positions[is_task] = np.arange(self.seq_len, dtype=np.int32)
+      batch |= {"segment_ids": segment_ids, "positions": positions}
+    return batch
 
   def local_batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of global batch `step`: rows [p*B/P, (p+1)*B/P).
@@ -256,7 +264,8 @@ class Loader:
       {"inputs": int32[b, T], "targets": int32[b, T] (inputs shifted by one),
        "weights": float32[b, T] (loss weights: 1 on LM rows, answer positions on task rows),
        "answer_mask": bool[b, T] (True where the target is a task answer; False on LM rows)},
-      b = local_batch_size.
+      b = local_batch_size; with data.document_mask also "segment_ids" and "positions",
+      int32[b, T] (memx.data.documents.document_layout).
     """
     b = self.local_batch_size
     return self._rows(step, np.arange(self.process_index * b, (self.process_index + 1) * b))

@@ -24,6 +24,7 @@ from memx._io import write_json
 from memx.checkpoint import step_digest
 from memx.config import to_dict
 from memx.data import check_training_mix, make_loader
+from memx.data.documents import check_model
 from memx.distill.capture import calibrate
 from memx.distill.config import DistillConfig
 from memx.distill.seed import build_student, check_mapping, converted_layers, student_model_config
@@ -65,8 +66,11 @@ def teacher_spec(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
   return p, None
 
 
-def check_stage_data(data, dcfg: DistillConfig, vocab_size: int) -> None:
-  """UserError unless every stage can train on `data` (its batch, task rows, vocabulary)."""
+def check_stage_data(data, dcfg: DistillConfig, model) -> None:
+  """UserError unless every stage can train `model` (the student's or teacher's config: same
+  vocabulary and attention masks) on `data` (its batch, task rows, vocabulary, documents)."""
+  vocab_size = model.vocab_size
+  check_model(data, model)
   for k in dcfg.stages:
     b = dcfg.stage(k).batch_size
     check_training_mix(data, b)
@@ -104,7 +108,7 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
   student_model = student_model_config(tcfg, dcfg.student)
   layers = converted_layers(tcfg, dcfg.student)
   check_mapping(tcfg, student_model, layers)
-  check_stage_data(dcfg.data, dcfg, student_model.vocab_size)
+  check_stage_data(dcfg.data, dcfg, student_model)
   out = pathlib.Path(out)
   teacher_id = _teacher_id(trained)
   _check_existing_distill(out, student_model, teacher_id, overwrite)
@@ -196,7 +200,7 @@ def initial_student(p: Plan, log=print):
   if dcfg.student.init == "seed":
     loader = make_loader(dcfg.data, batch_size=dcfg.stage(dcfg.stages[0]).batch_size,
                          seed=_seed_for(dcfg.seed, 99), split="train")
-    batches = [to_device(loader.local_batch(i))["inputs"] for i in range(dcfg.calib_batches)]
+    batches = [to_device(loader.local_batch(i)) for i in range(dcfg.calib_batches)]
     stats, positive = calibrate(p.teacher.model, batches, p.layers)
     calib = {"gate_positive_fraction": {str(i): v for i, v in positive.items()},
              "head_rms": {str(i): [float(x) for x in np.asarray(s.head_rms)]
@@ -220,7 +224,7 @@ def loaders_for(p: Plan, k: int) -> tuple:
   task = None
   name = dcfg.data.task_name
   if name is not None and dcfg.data.source != name:
-    task_cfg = dataclasses.replace(dcfg.data, source=name, task=None, task_fraction=0.0)
+    task_cfg = dcfg.data.task_only()
     task = make_loader(task_cfg, batch_size=stage.batch_size, seed=eval_seed, split="eval")
   return train, {"lm": lm, "task": task, "batches": dcfg.eval_batches}
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from memx._io import write_json
 from memx.checkpoint import Checkpointer
 from memx.config import Config, OptimConfig, TrainConfig, to_dict
+from memx.data.documents import model_kwargs
 from memx.distill.capture import teacher_pass
 from memx.distill.config import DistillConfig, StageConfig
 from memx.distill.losses import kl_divergence, layer_mse, top1_agreement
@@ -98,10 +99,10 @@ def _stage_losses(stage: StageConfig, student: TransformerLM, batch, layers, tea
   """(loss, terms) of the student against precomputed (stop-gradient) teacher outputs."""
   t_logits, t_inputs, t_outputs = teacher_out
   if stage.loss == "layer_mse":
-    outs = {i: student.blocks[i].mixer(t_inputs[i]) for i in layers}
+    outs = {i: student.blocks[i].mixer(t_inputs[i], batch.get("segment_ids")) for i in layers}
     mse = layer_mse(outs, t_outputs)
     return stage.mse_scale * mse, {"mse": mse}
-  logits = student(batch["inputs"])
+  logits = student(batch["inputs"], **model_kwargs(batch))
   kl = kl_divergence(t_logits, logits, stage.temperature)
   ce = weighted_mean(token_losses(logits, batch["targets"]), batch["weights"])
   loss = stage.kl_weight * kl + stage.ce_weight * ce
@@ -122,7 +123,8 @@ def make_step(stage: StageConfig, graphdef, teacher_graphdef, layers: tuple[int,
     teacher = nnx.merge(teacher_graphdef, teacher_state)
     # The teacher runs outside the differentiated function and behind stop_gradient: no
     # gradient ever reaches it, and its arrays are an input of the step, never updated.
-    teacher_out = jax.lax.stop_gradient(teacher_pass(teacher, batch["inputs"], layers))
+    teacher_out = jax.lax.stop_gradient(
+        teacher_pass(teacher, batch["inputs"], layers, **model_kwargs(batch)))
 
     def loss_fn(model):
       return _stage_losses(stage, model, batch, layers, teacher_out)
@@ -180,10 +182,12 @@ def compare(s_graphdef, s_state, t_graphdef, t_state, batch, layers: tuple[int, 
     def fn(s_state, t_state, batch):
       student = nnx.merge(s_graphdef, s_state)
       teacher = nnx.merge(t_graphdef, t_state)
-      t_logits, t_in, t_out = teacher_pass(teacher, batch["inputs"], layers)
-      m = end_to_end_metrics(t_logits, student(batch["inputs"]), batch)
+      kw = model_kwargs(batch)
+      t_logits, t_in, t_out = teacher_pass(teacher, batch["inputs"], layers, **kw)
+      m = end_to_end_metrics(t_logits, student(batch["inputs"], **kw), batch)
       if layers:  # models compared without converted layers (the teacher, a scratch model)
-        m["mse"] = layer_mse({i: student.blocks[i].mixer(t_in[i]) for i in layers}, t_out)
+        seg = kw.get("segment_ids")
+        m["mse"] = layer_mse({i: student.blocks[i].mixer(t_in[i], seg) for i in layers}, t_out)
         m["teacher_ms"] = jnp.mean(jnp.stack([jnp.mean(jnp.square(t_out[i])) for i in layers]))
       else:
         m["mse"] = m["teacher_ms"] = jnp.zeros((), jnp.float32)

@@ -67,7 +67,7 @@ def build(module, variant: str | None, overrides: dict[str, Any], names_before: 
   if teacher_cfgs and teacher in teacher_cfgs:
     tcfg = teacher_cfgs[teacher]
     from memx.distill.runner import check_stage_data  # runner.plan's check, before training
-    check_stage_data(dcfg.data or apply_overrides(tcfg.data, data), dcfg, tcfg.model.vocab_size)
+    check_stage_data(dcfg.data or apply_overrides(tcfg.data, data), dcfg, tcfg.model)
   return teacher, dcfg, data
 
 

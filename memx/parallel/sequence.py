@@ -851,10 +851,13 @@ def batch_to_layout(batch: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], 
   Under a sharding context whose rules split SEQ over n devices with the zigzag or striped
   layout, every [B, T, ...] array of `batch` is reordered (`permute_sequence`) and positions
   [B, T] are the reordered 0..T-1 (for RoPE); otherwise the batch is returned as it is with
-  positions 0..T-1. Token-wise losses (sum or mean over tokens) do not change.
+  positions 0..T-1. A batch with its own "positions" (document masks restart them) gives
+  those, reordered alike. Token-wise losses (sum or mean over tokens) do not change.
   """
-  shape = next(iter(batch.values())).shape[:2]
-  positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+  shape = batch["inputs"].shape[:2] if "inputs" in batch else next(iter(batch.values())).shape[:2]
+  positions = batch.get("positions")
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
   seq = _active_seq_axis()
   layout = sequence_options().layout
   if seq is None or layout == "contiguous":  # (every method reads tokens in the layout's order)

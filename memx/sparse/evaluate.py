@@ -130,7 +130,9 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
   """Evaluates `model` (under `plan` if given); returns the JSON-ready result (module doc)."""
   lengths = sorted(int(n) for n in lengths)
   # Retrieval at N is asked at the end of N tokens: full-length passkey prompts.
-  base = dataclasses.replace(data_cfg, task=None, task_fraction=0.0, passkey_min_len=None)
+  # Every row is one document (corpus windows, passkey and MQAR rows): no document masks.
+  base = dataclasses.replace(data_cfg, task=None, task_fraction=0.0, passkey_min_len=None,
+                             document_mask=False, eos_id=None)
   configs = {n: (dataclasses.replace(base, source="corpus", seq_len=n),
                  {d: dataclasses.replace(base, source="passkey", seq_len=n,
                                          passkey_depth=float(d)) for d in depths},

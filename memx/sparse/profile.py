@@ -156,8 +156,19 @@ def calibration_data(data_cfg, mode: str = "auto"):
     raise ProfileError("calibration 'task': the run was trained without a synthetic task "
                        "(data.task / data.source); calibrate on 'train'.")
   if task is not None and mode in ("task", "auto"):
-    return dataclasses.replace(data_cfg, source=task, task=None, task_fraction=0.0)
+    return data_cfg.task_only()
+  if data_cfg.document_mask:
+    raise ProfileError(ONE_DOCUMENT.format(what="calibration 'train'"))
   return data_cfg
+
+
+# MoA's rules count from the row's start (sinks, spans of alpha + beta·N): profiles, plans and
+# their guard work on rows of one document.
+ONE_DOCUMENT = (
+    "{what}: the run trained with data.document_mask, so its training rows hold several "
+    "documents, while MoA profiles and plans rows of one document (spans of alpha + beta·N and "
+    "sinks count from the row's start). Calibrate on the run's task (calibration 'task'), or "
+    "profile a run trained with data.document_mask = false.")
 
 
 def attention_layers(model_cfg) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from memx._validate import describe_differences
 from memx.checkpoint import Checkpointer
 from memx.config import Config, to_dict
 from memx.data import check_training_mix, make_loader
+from memx.data.documents import check_model
 from memx.errors import ConfigError, NonFiniteLossError, Preempted
 from memx.kernels._dispatch import gpu_backend
 from memx.parallel.axes import BATCH
@@ -79,7 +80,7 @@ def _task_eval_config(cfg: Config):
   task = cfg.data.task_name
   if task is None or cfg.data.source == task:
     return None
-  return dataclasses.replace(cfg.data, source=task, task=None, task_fraction=0.0)
+  return cfg.data.task_only()
 
 
 @dataclasses.dataclass
@@ -155,6 +156,7 @@ def _loaders(cfg: Config, data_seed: int):
                       f"{cfg.data.source!r}: files are read only by the 'text' and 'npy' "
                       "sources. Set data.source too, or leave data.paths empty.")
   check_training_mix(cfg.data, b)
+  check_model(cfg.data, cfg.model)
   loader = make_loader(cfg.data, batch_size=b, seed=data_seed, split="train")
   eval_loader = make_loader(cfg.data, batch_size=b, seed=data_seed, split="eval")
   task_cfg = _task_eval_config(cfg)

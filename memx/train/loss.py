@@ -29,12 +29,14 @@ def answer_hits(logits: Float[Array, "B T V"], targets: Int[Array, "B T"],
 
 def lm_token_losses(model, inputs: Int[Array, "B T"], targets: Int[Array, "B T"], *,
                     positions: Int[Array, "B T"] | None = None,
+                    segment_ids: Int[Array, "B T"] | None = None,
                     vocab_block: int = 0) -> Float[Array, "B T"]:
   """Per-token losses of a memx LM: from its full logits, or (vocab_block > 0) over vocabulary
-  blocks so the [B, T, V] logits never exist whole (memx.kernels.cross_entropy)."""
+  blocks so the [B, T, V] logits never exist whole (memx.kernels.cross_entropy).
+  segment_ids: documents of a row (memx.data.documents), or None for one sequence per row."""
   if not vocab_block:
-    return token_losses(model(inputs, positions=positions), targets)
+    return token_losses(model(inputs, positions=positions, segment_ids=segment_ids), targets)
   w, layout = model.head_weight()
-  return cross_entropy(model.features(inputs, positions=positions), w, targets,
-                       vocab_block=vocab_block, compute_dtype=DTYPES[model.cfg.compute_dtype],
-                       w_layout=layout)
+  features = model.features(inputs, positions=positions, segment_ids=segment_ids)
+  return cross_entropy(features, w, targets, vocab_block=vocab_block,
+                       compute_dtype=DTYPES[model.cfg.compute_dtype], w_layout=layout)

@@ -79,6 +79,7 @@ def make_grad_step(cfg: Config, graphdef):
 
     def loss_fn(model):
       losses = lm_token_losses(model, b["inputs"], b["targets"], positions=positions,
+                               segment_ids=b.get("segment_ids"),
                                vocab_block=cfg.train.loss_vocab_block)
       return weighted_mean(losses, b["weights"])
 
@@ -115,7 +116,7 @@ def make_eval_step(graphdef):
   def eval_step(state, batch: Batch):
     model, _ = nnx.merge(graphdef, state)
     b, positions = batch_to_layout(batch)
-    logits = model(b["inputs"], positions=positions)
+    logits = model(b["inputs"], positions=positions, segment_ids=b.get("segment_ids"))
     losses = token_losses(logits, b["targets"])
     correct, answers = answer_hits(logits, b["targets"], b["answer_mask"])
     return {"loss_sum": jnp.sum(losses * b["weights"]), "weight": jnp.sum(b["weights"]),

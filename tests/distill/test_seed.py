@@ -125,7 +125,7 @@ def test_build_student_copies_teacher_and_seeds_converted_layers(kind):
   layers = converted_layers(cfg, student_cfg)
   assert layers == ((0, 1, 2, 3) if kind == "linear" else (1, 3))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
-  stats, positive = calibrate(teacher, [tokens], layers)
+  stats, positive = calibrate(teacher, [{"inputs": tokens}], layers)
   assert set(positive) == set(layers) and all(0 <= p <= 1 for p in positive.values())
   student = build_student(teacher, student_cfg, stats=stats)
   assert student.cfg.mixers == tuple("mamba2" if i in layers else "attention" for i in range(4))
