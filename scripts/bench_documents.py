@@ -1,0 +1,148 @@
+"""Benchmark what document masks cost a training step (`data.document_mask`).
+
+Documents: the pages of CPython's pydoc topics (the embedded corpus, one text file per topic),
+so rows hold several documents of natural, uneven lengths. For each model family, one process
+compiles the train step twice on the same rows, without and with document masks, and times
+both alternately (the bare AOT step, as bench_train's "bare"): step time, tokens/s and compiled
+temporary memory, with the masked/plain ratio. On CPU the masks cost the segment compares and
+the SSD's run-aware chunks; on GPU they also move attention from cuDNN (no segment ids there)
+to memx's Pallas kernel.
+
+  python scripts/bench_documents.py --out benchmarks/out/documents            # CPU sizes
+  python scripts/bench_documents.py --out $OUT/documents --size gpu           # bf16
+"""
+
+import argparse
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from memx.benchmark import write_results
+from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from memx.data import make_loader
+from memx.models.config import SSMConfig
+from memx.parallel.mesh import batch_sharding, make_mesh
+from memx.train.loop import split_seeds
+from memx.train.memory import compiled_memory
+from memx.train.step import init_state, make_train_step, state_shardings
+
+# size → (d_model, n_layers, n_heads, seq_len, batch, steps per timing)
+SIZES = {"cpu": (128, 4, 4, 512, 4, 5), "gpu": (1024, 8, 8, 4096, 4, 10)}
+MIXERS = {"transformer": None, "mamba2": ("mamba2",),
+          "hybrid": ("mamba2", "mamba2", "mamba2", "attention")}
+
+
+def write_documents(directory: pathlib.Path) -> tuple[str, ...]:
+  """One UTF-8 file per pydoc topic (sorted): the loader puts EOS between files."""
+  from pydoc_data.topics import topics
+
+  paths = []
+  for i, key in enumerate(sorted(topics)):
+    path = directory / f"{i:04d}.txt"
+    path.write_text(topics[key].strip() + "\n", encoding="utf-8")
+    paths.append(str(path))
+  return tuple(paths)
+
+
+def make_config(family: str, size: str, paths: tuple[str, ...], document_mask: bool) -> Config:
+  d, layers, heads, seq, batch, steps = SIZES[size]
+  mixers = MIXERS[family]
+  if mixers is not None:
+    mixers = (mixers * layers)[:layers]
+  return Config(
+      model=ModelConfig(vocab_size=512, d_model=d, n_layers=layers, n_heads=heads, mixers=mixers,
+                        compute_dtype="bfloat16" if size == "gpu" else "float32",
+                        ssm=SSMConfig(head_dim=64, d_state=64 if size == "gpu" else 32)),
+      data=DataConfig(source="text", paths=paths, seq_len=seq, document_mask=document_mask),
+      optim=OptimConfig(warmup_steps=2),
+      train=TrainConfig(steps=steps, batch_size=batch, log_every=steps, eval_batches=1),
+      checkpoint=CheckpointConfig(enabled=False))
+
+
+def compile_step(cfg: Config):
+  """(compiled donated step, its state, one device batch)."""
+  mesh = make_mesh(cfg.parallel)
+  ts = init_state(cfg, split_seeds(cfg.train.seed).model_key)
+  shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
+  state = jax.device_put(ts.state, shardings)
+  batch = make_loader(cfg.data, batch_size=cfg.train.batch_size, seed=0,
+                      split="train").global_batch(0, batch_sharding(mesh))
+  compiled = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
+                     out_shardings=(shardings, None)).lower(state, batch).compile()
+  state, m = compiled(state, batch)  # warm-up
+  jax.block_until_ready(m)
+  return compiled, state, batch
+
+
+def step_seconds(compiled, state, batch, n: int):
+  t0 = time.perf_counter()
+  for _ in range(n):
+    state, m = compiled(state, batch)
+  jax.block_until_ready((state, m))
+  return (time.perf_counter() - t0) / n, state
+
+
+def measure(family: str, size: str, paths, repeats: int) -> list[dict]:
+  runs = {}
+  for masked in (False, True):
+    cfg = make_config(family, size, paths, masked)
+    runs[masked] = [cfg, *compile_step(cfg)]
+  times = {False: [], True: []}
+  for _ in range(repeats):  # alternating, so machine noise hits both alike
+    for masked, run in runs.items():
+      cfg, compiled, state, batch = run
+      t, run[2] = step_seconds(compiled, state, batch, cfg.train.steps)
+      times[masked].append(t)
+  seg = np.asarray(runs[True][3]["segment_ids"])
+  docs = float(np.mean(seg.max(axis=1) - seg.min(axis=1) + 1))
+  rows = []
+  for masked in (False, True):
+    cfg, compiled = runs[masked][:2]
+    t = statistics.median(times[masked])
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    rows.append({"model": family, "document_mask": masked, "docs_per_row": round(docs, 2),
+                 "step_ms": 1e3 * t, "tokens_per_s": tokens / t,
+                 "temp_MiB": compiled_memory(compiled)["temp_bytes"] / 2**20})
+  base = rows[0]
+  for r in rows:
+    r["time_x_plain"] = r["step_ms"] / base["step_ms"]
+    r["temp_x_plain"] = r["temp_MiB"] / base["temp_MiB"]
+  return rows
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default="benchmarks/out/documents")
+  p.add_argument("--size", default="cpu", choices=sorted(SIZES))
+  p.add_argument("--models", default=",".join(MIXERS), help="comma-separated: " + ",".join(MIXERS))
+  p.add_argument("--repeats", type=int, default=5)
+  args = p.parse_args()
+  families = args.models.split(",")
+  unknown = sorted(set(families) - set(MIXERS))
+  if unknown or args.repeats < 1:
+    p.error(f"unknown --models {unknown} (allowed: {', '.join(MIXERS)}), or --repeats < 1")
+  sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                       text=True).stdout.strip()
+  d, layers, heads, seq, batch, steps = SIZES[args.size]
+  settings = {"commit": sha, "size": args.size, "d_model": d, "n_layers": layers,
+              "n_heads": heads, "seq_len": seq, "batch": batch, "steps_per_timing": steps,
+              "repeats": args.repeats, "documents": "pydoc topics, one file each"}
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    paths = write_documents(pathlib.Path(tmp))
+    for family in families:
+      rows += measure(family, args.size, paths, args.repeats)
+      # After every model: a time limit keeps the rows that finished.
+      md = write_results(args.out, "bench_documents", settings, rows)
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
