@@ -1,7 +1,8 @@
 """Benchmark what document masks cost a training step (`data.document_mask`).
 
-Documents: the pages of CPython's pydoc topics (the embedded corpus, one text file per topic),
-so rows hold several documents of natural, uneven lengths. For each model family, one process
+Documents: the paragraphs of CPython's pydoc topics (the embedded corpus), byte tokens with
+EOS after each, so rows hold several documents of natural, uneven lengths (settings give the
+length statistics). For each model family, one process
 compiles the train step twice on the same rows, without and with document masks, and times
 both alternately (the bare AOT step, as bench_train's "bare"): step time, tokens/s and compiled
 temporary memory, with the masked/plain ratio. On CPU the masks cost the segment compares and
@@ -33,24 +34,30 @@ from memx.train.memory import compiled_memory
 from memx.train.step import init_state, make_train_step, state_shardings
 
 # size → (d_model, n_layers, n_heads, seq_len, batch, steps per timing)
-SIZES = {"cpu": (128, 4, 4, 512, 4, 5), "gpu": (1024, 8, 8, 4096, 4, 10)}
+SIZES = {"cpu": (128, 4, 4, 512, 4, 5), "gpu": (1024, 8, 8, 4096, 4, 10),
+         "tiny": (32, 4, 2, 64, 8, 1)}  # tiny: the script's test (8 fake devices)
+EOS = 258  # the byte tokenizer's end of document
 MIXERS = {"transformer": None, "mamba2": ("mamba2",),
           "hybrid": ("mamba2", "mamba2", "mamba2", "attention")}
 
 
-def write_documents(directory: pathlib.Path) -> tuple[str, ...]:
-  """One UTF-8 file per pydoc topic (sorted): the loader puts EOS between files."""
+def write_documents(path: pathlib.Path) -> tuple[pathlib.Path, dict]:
+  """The pydoc topics' paragraphs as documents: byte tokens, EOS (258) after each, in one .npy
+  file; and their length statistics."""
   from pydoc_data.topics import topics
 
-  paths = []
-  for i, key in enumerate(sorted(topics)):
-    path = directory / f"{i:04d}.txt"
-    path.write_text(topics[key].strip() + "\n", encoding="utf-8")
-    paths.append(str(path))
-  return tuple(paths)
+  docs = [para.strip().encode("utf-8") for key in sorted(topics)
+          for para in topics[key].split("\n\n") if para.strip()]
+  tokens = np.concatenate([np.append(np.frombuffer(d, np.uint8).astype(np.int32), EOS)
+                           for d in docs])
+  np.save(path, tokens)
+  lengths = np.array([len(d) + 1 for d in docs])
+  return path, {"documents": len(docs), "doc_tokens_median": int(np.median(lengths)),
+                "doc_tokens_mean": round(float(lengths.mean()), 1),
+                "doc_tokens_p90": int(np.percentile(lengths, 90))}
 
 
-def make_config(family: str, size: str, paths: tuple[str, ...], document_mask: bool) -> Config:
+def make_config(family: str, size: str, path: pathlib.Path, document_mask: bool) -> Config:
   d, layers, heads, seq, batch, steps = SIZES[size]
   mixers = MIXERS[family]
   if mixers is not None:
@@ -58,8 +65,10 @@ def make_config(family: str, size: str, paths: tuple[str, ...], document_mask: b
   return Config(
       model=ModelConfig(vocab_size=512, d_model=d, n_layers=layers, n_heads=heads, mixers=mixers,
                         compute_dtype="bfloat16" if size == "gpu" else "float32",
-                        ssm=SSMConfig(head_dim=64, d_state=64 if size == "gpu" else 32)),
-      data=DataConfig(source="text", paths=paths, seq_len=seq, document_mask=document_mask),
+                        ssm=SSMConfig(head_dim=min(64, d), d_state=64 if size == "gpu" else 32,
+                                      chunk_size=min(64, seq))),
+      data=DataConfig(source="npy", paths=(str(path),), seq_len=seq, vocab_size=261,
+                      document_mask=document_mask, eos_id=EOS if document_mask else None),
       optim=OptimConfig(warmup_steps=2),
       train=TrainConfig(steps=steps, batch_size=batch, log_every=steps, eval_batches=1),
       checkpoint=CheckpointConfig(enabled=False))
@@ -88,10 +97,10 @@ def step_seconds(compiled, state, batch, n: int):
   return (time.perf_counter() - t0) / n, state
 
 
-def measure(family: str, size: str, paths, repeats: int) -> list[dict]:
+def measure(family: str, size: str, path: pathlib.Path, repeats: int) -> list[dict]:
   runs = {}
   for masked in (False, True):
-    cfg = make_config(family, size, paths, masked)
+    cfg = make_config(family, size, path, masked)
     runs[masked] = [cfg, *compile_step(cfg)]
   times = {False: [], True: []}
   for _ in range(repeats):  # alternating, so machine noise hits both alike
@@ -132,12 +141,13 @@ def main() -> int:
   d, layers, heads, seq, batch, steps = SIZES[args.size]
   settings = {"commit": sha, "size": args.size, "d_model": d, "n_layers": layers,
               "n_heads": heads, "seq_len": seq, "batch": batch, "steps_per_timing": steps,
-              "repeats": args.repeats, "documents": "pydoc topics, one file each"}
+              "repeats": args.repeats}
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    paths = write_documents(pathlib.Path(tmp))
+    path, stats = write_documents(pathlib.Path(tmp) / "documents.npy")
+    settings |= stats
     for family in families:
-      rows += measure(family, args.size, paths, args.repeats)
+      rows += measure(family, args.size, path, args.repeats)
       # After every model: a time limit keeps the rows that finished.
       md = write_results(args.out, "bench_documents", settings, rows)
   print(md)

@@ -86,6 +86,8 @@ bench_args() {
     bench_distill) echo "--n-layers 4 --lengths 16384,65536,131072 --teacher-max 65536 --prefill-chunks whole,2048 --repeats 3 --budget-s 2" ;;
     bench_moa) echo "--size gpu --repeats 5 --equal-kv" ;;
     bench_remat) echo "--mixers attention,mamba2" ;;
+    # (session 17: document masks move attention from cuDNN to the Pallas kernel.)
+    bench_documents) echo "--size gpu --repeats 3 --models transformer,hybrid" ;;
     # (jax 0.11.2's XLA does not know --xla_gpu_enable_dot_strength_reduction: the profile of
     # the M = 1 projections without that rewrite needs a newer jaxlib on the GPU machine.)
     # The rerun without command buffers names each kernel's HLO op (session 9: inside a command
