@@ -34,7 +34,7 @@ from memx.train.memory import compiled_memory
 from memx.train.step import init_state, make_train_step, state_shardings
 
 # size → (d_model, n_layers, n_heads, seq_len, batch, steps per timing)
-SIZES = {"cpu": (128, 4, 4, 512, 4, 5), "gpu": (1024, 8, 8, 4096, 4, 10),
+SIZES = {"cpu": (128, 4, 4, 1024, 4, 3), "gpu": (1024, 8, 8, 4096, 4, 10),
          "tiny": (32, 4, 2, 64, 8, 1)}  # tiny: the script's test (8 fake devices)
 EOS = 258  # the byte tokenizer's end of document
 MIXERS = {"transformer": None, "mamba2": ("mamba2",),
