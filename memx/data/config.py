@@ -109,12 +109,11 @@ class DataConfig:
     require(isinstance(self.document_mask, bool), "data", "document_mask", self.document_mask,
             "must be true or false")
     if self.document_mask:
-      require(self.source in ("text", "npy"), "data", "document_mask", self.document_mask,
-              f"needs document boundaries in the token stream, which data.source = "
-              f"{self.source!r} does not have ("
-              + ("the embedded corpus is one text" if self.source == "corpus"
-                 else "every task row is one document")
-              + "): use 'text' (each file is a document) or 'npy' with data.eos_id")
+      # (A task source is allowed: its rows are one document each, and a run's task-only
+      # evaluation then gets batches of the same structure as its training rows.)
+      require(self.source != "corpus", "data", "document_mask", self.document_mask,
+              "needs document boundaries in the token stream, and the embedded corpus is one "
+              "text: use 'text' (each file is a document) or 'npy' with data.eos_id")
       require(self.source != "npy" or self.eos_id is not None, "data", "eos_id", self.eos_id,
               "must name the end-of-document token id of the .npy files for data.document_mask")
     if self.eos_id is not None:
@@ -133,7 +132,9 @@ class DataConfig:
 
   def task_only(self) -> "DataConfig":
     """The rows of this config's task alone (its accuracy evaluation): every row a task row,
-    one document each. Keeps the paths, which a task source does not read."""
+    one document each (with document_mask, batches still carry segment ids and positions, so
+    one compiled evaluation serves both). Keeps the paths, which a task source does not
+    read."""
     assert self.task_name is not None, "task_only() of a config without a task"
     return dataclasses.replace(self, source=self.task_name, task=None, task_fraction=0.0,
-                               document_mask=False, eos_id=None)
+                               eos_id=None)

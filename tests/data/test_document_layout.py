@@ -98,7 +98,6 @@ def test_npy_separator_and_global_batch(tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(document_mask=True), "data.document_mask = True.*embedded corpus is one text"),
-    (dict(source="mqar", document_mask=True), "every task row is one document"),
     (dict(source="npy", paths=("x.npy",), document_mask=True), "data.eos_id = None.*end-of-doc"),
     (dict(source="npy", paths=("x.npy",), eos_id=3), "data.eos_id = 3.*set both"),
     (dict(source="text", paths=("x.txt",), document_mask=True, eos_id=3), "text files use.*258"),
@@ -109,3 +108,15 @@ def test_npy_separator_and_global_batch(tmp_path):
 def test_config_refuses_documents_it_cannot_find(kw, match):
   with pytest.raises(ConfigError, match=match):
     DataConfig(**kw)
+
+
+def test_task_only_rows_keep_the_batch_structure():
+  """A run's task-only evaluation (DataConfig.task_only) gives batches with the same keys as
+  its training rows: one compiled eval step serves both."""
+  cfg = DataConfig(source="npy", paths=("x.npy",), document_mask=True, eos_id=7, task="mqar",
+                   task_fraction=0.5, mqar_pairs=2)
+  task = cfg.task_only()
+  assert (task.source, task.document_mask, task.eos_id) == ("mqar", True, None)
+  b = make_loader(task, batch_size=2, seed=0).local_batch(0)
+  assert (b["segment_ids"] == 0).all()
+  np.testing.assert_array_equal(b["positions"], np.broadcast_to(np.arange(128), (2, 128)))

@@ -1,6 +1,7 @@
 """data.document_mask end to end: a row of packed documents trains as the documents apart."""
 
 import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -130,11 +131,23 @@ def test_grad_step_under_sequence_parallelism(tmp_path):
 
 
 def test_a_run_trains_on_documents_and_refuses_sinks(tmp_path):
-  cfg = _npy_config(tmp_path)
-  train(cfg, tmp_path / "run", progress=False)
+  """Text files (one document each) with MQAR rows mixed in: training, evaluation and the
+  task-only evaluation run (their batches share one structure); sinks are refused."""
+  rng = np.random.default_rng(4)
+  paths = []
+  for i, n in enumerate(rng.integers(20, 200, 12)):
+    paths.append(str(tmp_path / f"doc{i}.txt"))
+    pathlib.Path(paths[-1]).write_text("".join(rng.choice(list("abcdefgh "), n)))
+  base = _npy_config(tmp_path)
+  cfg = dataclasses.replace(
+      base, model=dataclasses.replace(base.model, vocab_size=264),
+      data=DataConfig(source="text", paths=tuple(paths), seq_len=64, document_mask=True,
+                      task="mqar", task_fraction=0.25, mqar_pairs=2))
+  summary = train(cfg, tmp_path / "run", progress=False)
   rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
   assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
   assert all(np.isfinite(r["loss"]) for r in rows)
+  assert np.isfinite(summary["final_eval_loss"]) and summary["task_accuracy"] is not None
   with pytest.raises(ConfigError, match="model.attn_sinks = 2 is not allowed with data.document"):
     train(_npy_config(tmp_path, attn_window=8, attn_sinks=2), tmp_path / "sinks", progress=False)
   assert not (tmp_path / "sinks").exists()
