@@ -49,6 +49,9 @@ class DataConfig:
       "npy" with `eos_id`. Task rows are one document each.
     eos_id: the end-of-document token of "npy" files, for document_mask (text uses the byte
       tokenizer's EOS, 258).
+    text_separator: a string that separates documents inside "text" files (for example
+      "<|endoftext|>"); each occurrence becomes one EOS token, as between files. None: each
+      file is one document.
   """
 
   source: str = "corpus"
@@ -66,6 +69,7 @@ class DataConfig:
   vocab_size: int | None = None
   document_mask: bool = False
   eos_id: int | None = None
+  text_separator: str | None = None
 
   def __post_init__(self):
     one_of("data", "source", self.source, SOURCES)
@@ -108,6 +112,11 @@ class DataConfig:
 
     require(isinstance(self.document_mask, bool), "data", "document_mask", self.document_mask,
             "must be true or false")
+    if self.text_separator is not None:
+      require(self.source == "text", "data", "text_separator", self.text_separator,
+              "splits documents in data.source = 'text' files only; leave it None otherwise")
+      require(isinstance(self.text_separator, str) and self.text_separator != "", "data",
+              "text_separator", self.text_separator, "must be None or a non-empty string")
     if self.document_mask:
       # (A task source is allowed: its rows are one document each, and a run's task-only
       # evaluation then gets batches of the same structure as its training rows.)

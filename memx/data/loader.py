@@ -114,9 +114,11 @@ def _text_source(cfg: DataConfig) -> _Source:
     except UnicodeDecodeError as e:
       raise _file_error(cfg, i, f"is not valid UTF-8 (byte {e.start}: {e.reason})",
                         _TEXT_ALLOWED) from e
-    if i:
-      pieces.append(eos)  # documents are separated by EOS, so a window can see the boundary
-    pieces.append(np.frombuffer(data, dtype=np.uint8))
+    docs = [data] if cfg.text_separator is None else data.split(cfg.text_separator.encode())
+    for j, doc in enumerate(d for d in docs if d):
+      if i or j:
+        pieces.append(eos)  # documents are separated by EOS, so a window can see the boundary
+      pieces.append(np.frombuffer(doc, dtype=np.uint8))
     digest = hashlib.sha256(data).hexdigest()
     files.append({"path": str(path), "sha256": digest})
     h.update(digest.encode())
@@ -427,6 +429,8 @@ def make_loader(cfg: DataConfig, *, batch_size: int, seed: int, split: str = "tr
   if source is not None:
     h.update(f"bytes={source.digest}\n".encode())
   h.update(f"task={settings}\n".encode())
+  if cfg.text_separator is not None:  # (None keeps the hashes of earlier runs)
+    h.update(f"text_separator={cfg.text_separator!r}\n".encode())
   data_hash = h.hexdigest()
   provenance = {
       "source": cfg.source,

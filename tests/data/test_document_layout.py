@@ -120,3 +120,23 @@ def test_task_only_rows_keep_the_batch_structure():
   b = make_loader(task, batch_size=2, seed=0).local_batch(0)
   assert (b["segment_ids"] == 0).all()
   np.testing.assert_array_equal(b["positions"], np.broadcast_to(np.arange(128), (2, 128)))
+
+
+def test_text_separator_splits_documents_inside_files(tmp_path):
+  (tmp_path / "a.txt").write_text("aa<|endoftext|>bbb<|endoftext|><|endoftext|>c<|endoftext|>")
+  (tmp_path / "b.txt").write_text("dd")
+  paths = (str(tmp_path / "a.txt"), str(tmp_path / "b.txt"))
+  split = DataConfig(source="text", paths=paths, seq_len=8, eval_fraction=0.1,
+                     text_separator="<|endoftext|>", document_mask=True)
+  loader = make_loader(split, batch_size=1, seed=0)
+  stream = loader._source.stream
+  eos = ByteTokenizer.EOS
+  want = [97, 97, eos, 98, 98, 98, eos, 99, eos, 100, 100]  # empty documents leave no EOS
+  np.testing.assert_array_equal(stream.window(0, len(stream)), want)
+  whole = make_loader(DataConfig(source="text", paths=paths, seq_len=8, eval_fraction=0.1),
+                      batch_size=1, seed=0)
+  assert whole.data_hash != loader.data_hash and len(whole._source.stream) == 58 + 1 + 2
+  with pytest.raises(ConfigError, match="data.text_separator = 'x' is not allowed.*'text'"):
+    DataConfig(text_separator="x")
+  with pytest.raises(ConfigError, match="non-empty string"):
+    DataConfig(source="text", paths=paths, text_separator="")
