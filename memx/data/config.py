@@ -50,8 +50,8 @@ class DataConfig:
     eos_id: the end-of-document token of "npy" files, for document_mask (text uses the byte
       tokenizer's EOS, 258).
     text_separator: a string that separates documents inside "text" files (for example
-      "<|endoftext|>"); each occurrence becomes one EOS token, as between files. None: each
-      file is one document.
+      "<|endoftext|>") or the embedded corpus ("\n\n": its paragraphs); each occurrence
+      becomes one EOS token, as between files. None: each file (the corpus) is one document.
   """
 
   source: str = "corpus"
@@ -113,16 +113,19 @@ class DataConfig:
     require(isinstance(self.document_mask, bool), "data", "document_mask", self.document_mask,
             "must be true or false")
     if self.text_separator is not None:
-      require(self.source == "text", "data", "text_separator", self.text_separator,
-              "splits documents in data.source = 'text' files only; leave it None otherwise")
+      require(self.source in ("text", "corpus"), "data", "text_separator", self.text_separator,
+              "splits documents in data.source = 'text' files or the 'corpus' only; leave it "
+              "None otherwise")
       require(isinstance(self.text_separator, str) and self.text_separator != "", "data",
               "text_separator", self.text_separator, "must be None or a non-empty string")
     if self.document_mask:
       # (A task source is allowed: its rows are one document each, and a run's task-only
       # evaluation then gets batches of the same structure as its training rows.)
-      require(self.source != "corpus", "data", "document_mask", self.document_mask,
+      require(self.source != "corpus" or self.text_separator is not None, "data",
+              "document_mask", self.document_mask,
               "needs document boundaries in the token stream, and the embedded corpus is one "
-              "text: use 'text' (each file is a document) or 'npy' with data.eos_id")
+              "text: set data.text_separator (e.g. '\\n\\n' for its paragraphs), or use "
+              "'text' files (each a document) or 'npy' with data.eos_id")
       require(self.source != "npy" or self.eos_id is not None, "data", "eos_id", self.eos_id,
               "must name the end-of-document token id of the .npy files for data.document_mask")
     if self.eos_id is not None:

@@ -98,9 +98,22 @@ def _file_sha256(cfg: DataConfig, i: int, allowed: str) -> str:
   return h.hexdigest()
 
 
-def _corpus_source() -> _Source:
+def _documents(data: bytes, separator: str | None) -> list[np.ndarray]:
+  """data's documents as byte tokens with an EOS between them: split at `separator` (None:
+  one document), empty documents dropped."""
+  docs = [data] if separator is None else data.split(separator.encode())
+  eos = np.array([ByteTokenizer.EOS], dtype=np.int32)
+  pieces = []
+  for doc in (d for d in docs if d):
+    if pieces:
+      pieces.append(eos)
+    pieces.append(np.frombuffer(doc, dtype=np.uint8))
+  return pieces
+
+
+def _corpus_source(cfg: DataConfig) -> _Source:
   data, digest = load_corpus()
-  return _Source(_TokenStream([np.frombuffer(data, dtype=np.uint8)]),
+  return _Source(_TokenStream(_documents(data, cfg.text_separator)),
                  f"the embedded corpus ({len(data)} bytes)", (), digest)
 
 
@@ -114,11 +127,9 @@ def _text_source(cfg: DataConfig) -> _Source:
     except UnicodeDecodeError as e:
       raise _file_error(cfg, i, f"is not valid UTF-8 (byte {e.start}: {e.reason})",
                         _TEXT_ALLOWED) from e
-    docs = [data] if cfg.text_separator is None else data.split(cfg.text_separator.encode())
-    for j, doc in enumerate(d for d in docs if d):
-      if i or j:
-        pieces.append(eos)  # documents are separated by EOS, so a window can see the boundary
-      pieces.append(np.frombuffer(doc, dtype=np.uint8))
+    if i:
+      pieces.append(eos)  # documents are separated by EOS, so a window can see the boundary
+    pieces += _documents(data, cfg.text_separator)
     digest = hashlib.sha256(data).hexdigest()
     files.append({"path": str(path), "sha256": digest})
     h.update(digest.encode())
@@ -405,7 +416,7 @@ def make_loader(cfg: DataConfig, *, batch_size: int, seed: int, split: str = "tr
 
   source = None
   if cfg.source == "corpus":
-    source = _corpus_source()
+    source = _corpus_source(cfg)
   elif cfg.source == "text":
     source = _text_source(cfg)
   elif cfg.source == "npy":

@@ -97,7 +97,7 @@ def test_npy_separator_and_global_batch(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(document_mask=True), "data.document_mask = True.*embedded corpus is one text"),
+    (dict(document_mask=True), "data.document_mask = True.*corpus is one text.*text_separator"),
     (dict(source="npy", paths=("x.npy",), document_mask=True), "data.eos_id = None.*end-of-doc"),
     (dict(source="npy", paths=("x.npy",), eos_id=3), "data.eos_id = 3.*set both"),
     (dict(source="text", paths=("x.txt",), document_mask=True, eos_id=3), "text files use.*258"),
@@ -137,6 +137,14 @@ def test_text_separator_splits_documents_inside_files(tmp_path):
                       batch_size=1, seed=0)
   assert whole.data_hash != loader.data_hash and len(whole._source.stream) == 58 + 1 + 2
   with pytest.raises(ConfigError, match="data.text_separator = 'x' is not allowed.*'text'"):
-    DataConfig(text_separator="x")
+    DataConfig(source="mqar", text_separator="x")
   with pytest.raises(ConfigError, match="non-empty string"):
     DataConfig(source="text", paths=paths, text_separator="")
+
+
+def test_corpus_paragraphs_as_documents():
+  cfg = DataConfig(seq_len=256, text_separator="\n\n", document_mask=True)
+  loader = make_loader(cfg, batch_size=4, seed=0)
+  b = loader.local_batch(0)
+  assert (b["inputs"] == ByteTokenizer.EOS).any() and b["segment_ids"].max() > 0
+  assert loader.data_hash != make_loader(DataConfig(seq_len=256), batch_size=4, seed=0).data_hash
