@@ -149,4 +149,4 @@ class DataConfig:
     read."""
     assert self.task_name is not None, "task_only() of a config without a task"
     return dataclasses.replace(self, source=self.task_name, task=None, task_fraction=0.0,
-                               eos_id=None)
+                               eos_id=None, text_separator=None)

@@ -41,7 +41,8 @@ def model_kwargs(batch: dict) -> dict:
 def check_model(data, model) -> None:
   """ConfigError for a model whose attention rules count from the row's start, which a
   document that starts mid-row cannot follow: sinks (the row's first tokens, invisible to every
-  later document) and sparse plans (spans of alpha + beta·N for the row's length N)."""
+  later document) and sparse plans (spans of alpha + beta·N for the row's length N); and for
+  cuDNN attention, which takes no segment ids."""
   if not data.document_mask:
     return
   if model.attn_sinks:
@@ -49,6 +50,11 @@ def check_model(data, model) -> None:
         f"model.attn_sinks = {model.attn_sinks} is not allowed with data.document_mask = true: "
         "sinks are the row's first tokens, which documents after the first cannot see (they "
         "would train without sinks). Use model.attn_sinks = 0 or data.document_mask = false.")
+  if model.attn_impl == "cudnn" and (model.mixers is None or "attention" in model.mixers):
+    raise ConfigError(
+        "model.attn_impl = 'cudnn' is not allowed with data.document_mask = true: "
+        "jax.nn.dot_product_attention exposes no segment ids. Leave model.attn_impl unset "
+        "(dispatch picks memx's Pallas kernel on GPU) or set 'pallas_gpu'.")
   if model.attn_plan is not None:
     raise ConfigError(
         "model.attn_plan is not allowed with data.document_mask = true: a sparse plan's spans "

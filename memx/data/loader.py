@@ -36,8 +36,8 @@ class _TokenStream:
   """A virtual concatenation of 1-D integer arrays; memory-mapped pieces stay on disk."""
 
   def __init__(self, pieces: list[np.ndarray]):
-    self._pieces = [p for p in pieces if len(p)]
-    self._ends = np.cumsum([len(p) for p in self._pieces], dtype=np.int64)
+    self.pieces = [p for p in pieces if len(p)]
+    self._ends = np.cumsum([len(p) for p in self.pieces], dtype=np.int64)
 
   def __len__(self) -> int:
     return int(self._ends[-1]) if len(self._ends) else 0
@@ -48,7 +48,7 @@ class _TokenStream:
     i = int(np.searchsorted(self._ends, start, side="right"))
     filled = 0
     while filled < length:
-      piece = self._pieces[i]
+      piece = self.pieces[i]
       a = start + filled - (int(self._ends[i]) - len(piece))
       take = min(length - filled, len(piece) - a)
       out[filled:filled + take] = piece[a:a + take]
@@ -434,6 +434,17 @@ def make_loader(cfg: DataConfig, *, batch_size: int, seed: int, split: str = "tr
           f"{cfg.seq_len + 1} tokens, but the {split!r} split of {source.description} holds only "
           f"{n_split} tokens ({part} of {n}). Use a shorter data.seq_len or more data"
           + (", or raise data.eval_fraction." if split == "eval" else "."))
+
+  if cfg.document_mask and source is not None and split == "train" and num_task_rows < batch_size:
+    eos = cfg.eos_id if cfg.source == "npy" else BYTE_EOS
+    if not any((piece == eos).any() for piece in source.stream.pieces):
+      how = {"npy": f"data.eos_id = {eos} never occurs in the files",
+             "text": "each text file is one document and there is one file (set "
+                     "data.text_separator to split documents inside it)",
+             "corpus": f"data.text_separator = {cfg.text_separator!r} never occurs in it"}
+      raise DataError(
+          f"data.document_mask = true, but {source.description} holds no document boundary: "
+          f"{how[cfg.source]}. Every row would be one document, as without the mask.")
 
   h = hashlib.sha256()
   h.update(f"{_FORMAT}\nsource={cfg.source}\n".encode())

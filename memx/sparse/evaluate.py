@@ -132,7 +132,7 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
   # Retrieval at N is asked at the end of N tokens: full-length passkey prompts.
   # Every row is one document (corpus windows, passkey and MQAR rows): no document masks.
   base = dataclasses.replace(data_cfg, task=None, task_fraction=0.0, passkey_min_len=None,
-                             document_mask=False, eos_id=None)
+                             document_mask=False, eos_id=None, text_separator=None)
   configs = {n: (dataclasses.replace(base, source="corpus", seq_len=n),
                  {d: dataclasses.replace(base, source="passkey", seq_len=n,
                                          passkey_depth=float(d)) for d in depths},

@@ -158,17 +158,20 @@ def calibration_data(data_cfg, mode: str = "auto"):
   if task is not None and mode in ("task", "auto"):
     return data_cfg.task_only()
   if data_cfg.document_mask:
-    raise ProfileError(ONE_DOCUMENT.format(what="calibration 'train'"))
+    raise ProfileError(one_document_error(f"calibration {mode!r}", has_task=task is not None))
   return data_cfg
 
 
-# MoA's rules count from the row's start (sinks, spans of alpha + beta·N): profiles, plans and
-# their guard work on rows of one document.
-ONE_DOCUMENT = (
-    "{what}: the run trained with data.document_mask, so its training rows hold several "
-    "documents, while MoA profiles and plans rows of one document (spans of alpha + beta·N and "
-    "sinks count from the row's start). Calibrate on the run's task (calibration 'task'), or "
-    "profile a run trained with data.document_mask = false.")
+def one_document_error(what: str, *, has_task: bool) -> str:
+  """Why MoA refuses a document-masked run's training rows, and what to do instead. (MoA's
+  rules count from the row's start: profiles, plans and their guard work on rows of one
+  document.)"""
+  instead = ("calibrate on the run's task (calibration 'task'), whose rows are one document "
+             "each, or profile" if has_task else "profile")
+  return (f"{what}: the run trained with data.document_mask, so its training rows hold several "
+          "documents, while MoA profiles and plans rows of one document (spans of alpha + beta·N "
+          f"and sinks count from the row's start). Instead, {instead} a run trained with "
+          "data.document_mask = false.")
 
 
 def attention_layers(model_cfg) -> tuple[int, ...]:

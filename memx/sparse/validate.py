@@ -176,8 +176,8 @@ def guard_source(data_cfg):
     raise UserError(f"the LM-loss guard needs a language-modelling source ({', '.join(LM_SOURCES)})"
                     f"; this run's data.source is {data_cfg.source!r}.")
   if data_cfg.document_mask:
-    from memx.sparse.profile import ONE_DOCUMENT
-    raise UserError(ONE_DOCUMENT.format(what="the LM-loss guard"))
+    from memx.sparse.profile import one_document_error
+    raise UserError(one_document_error("the LM-loss guard", has_task=data_cfg.task is not None))
   return dataclasses.replace(data_cfg, task=None, task_fraction=0.0, passkey_min_len=None)
 
 

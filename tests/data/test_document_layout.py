@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from memx.data import ByteTokenizer, DataConfig, document_layout, make_loader, model_kwargs
 from memx.data.config import BYTE_EOS
-from memx.errors import ConfigError
+from memx.errors import ConfigError, DataError
 
 
 def _layout_by_loop(row, eos):
@@ -148,3 +148,27 @@ def test_corpus_paragraphs_as_documents():
   b = loader.local_batch(0)
   assert (b["inputs"] == ByteTokenizer.EOS).any() and b["segment_ids"].max() > 0
   assert loader.data_hash != make_loader(DataConfig(seq_len=256), batch_size=4, seed=0).data_hash
+
+
+def test_separator_runs_keep_their_task_evaluation():
+  """A corpus split into paragraphs with a task mixed in: its task-only rows drop the
+  separator (a task source reads no text), with or without document masks."""
+  for mask in (False, True):
+    cfg = DataConfig(seq_len=64, text_separator="\n\n", document_mask=mask, task="mqar",
+                     task_fraction=0.5, mqar_pairs=2)
+    task = cfg.task_only()
+    assert (task.source, task.text_separator, task.document_mask) == ("mqar", None, mask)
+    assert make_loader(task, batch_size=2, seed=0, split="eval").local_batch(0)["inputs"].shape
+
+
+def test_document_mask_without_any_boundary_is_refused(tmp_path):
+  (tmp_path / "one.txt").write_text("just one long document " * 20)
+  with pytest.raises(DataError, match="1 text file.*no document boundary.*text_separator"):
+    make_loader(DataConfig(source="text", paths=(str(tmp_path / "one.txt"),), seq_len=16,
+                           document_mask=True), batch_size=2, seed=0)
+  np.save(tmp_path / "t.npy", np.arange(500) % 7)
+  with pytest.raises(DataError, match="data.eos_id = 9 never occurs"):
+    make_loader(DataConfig(source="npy", paths=(str(tmp_path / "t.npy"),), seq_len=16,
+                           vocab_size=10, document_mask=True, eos_id=9), batch_size=2, seed=0)
+  with pytest.raises(DataError, match="text_separator = '@@' never occurs"):
+    make_loader(DataConfig(text_separator="@@", document_mask=True), batch_size=2, seed=0)

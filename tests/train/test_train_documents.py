@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from memx.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from memx.data import document_layout, make_loader
+from memx.data.documents import check_model
 from memx.errors import ConfigError
 from memx.kernels import _testing
 from memx.models.config import SSMConfig
@@ -151,3 +152,6 @@ def test_a_run_trains_on_documents_and_refuses_sinks(tmp_path):
   with pytest.raises(ConfigError, match="model.attn_sinks = 2 is not allowed with data.document"):
     train(_npy_config(tmp_path, attn_window=8, attn_sinks=2), tmp_path / "sinks", progress=False)
   assert not (tmp_path / "sinks").exists()
+  cudnn = _npy_config(tmp_path, attn_impl="cudnn")  # (on CPU the backend check comes first)
+  with pytest.raises(ConfigError, match="attn_impl = 'cudnn' is not allowed with data.document"):
+    check_model(cudnn.data, cudnn.model)

@@ -1,0 +1,25 @@
+"""describe_differences: stored configs from before a field existed still match at its default."""
+
+from memx._validate import describe_differences
+from memx.config import Config, to_dict
+
+
+def _stored_without(key: str) -> dict:
+  d = to_dict(Config())
+  del d["data"][key]
+  return d
+
+
+def test_a_field_added_since_matches_at_its_default():
+  old = _stored_without("document_mask")  # a run written before data.document_mask existed
+  now = to_dict(Config())
+  assert describe_differences(old, now) == ""
+  now["data"]["document_mask"] = True
+  assert describe_differences(old, now) == "data.document_mask = absent there, True now"
+  # Identities nest the same paths; a None field added since matches as before.
+  assert describe_differences({"data": old["data"]}, {"data": to_dict(Config())["data"]}) == ""
+  assert describe_differences(_stored_without("eos_id"), to_dict(Config())) == ""
+  # Keys that are no config field's match only at None.
+  assert describe_differences({}, {"data": {"new_field": 3}}) == (
+      "data.new_field = absent there, 3 now")
+  assert describe_differences({}, {"data": {"new_field": None}}) == ""
