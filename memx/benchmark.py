@@ -1,9 +1,11 @@
-"""One output rule for scripts/bench_*.py: results.json and a Markdown table of its rows."""
+"""Shared by scripts/bench_*.py: one output rule (results.json and a Markdown table of its
+rows) and the bare AOT-compiled train step they time."""
 
 import datetime
 import json
 import os
 import pathlib
+import time
 
 import jax
 
@@ -26,3 +28,33 @@ def write_results(out: str | os.PathLike, title: str, settings: dict, rows: list
     tmp.write_text(text)
     tmp.replace(out / name)
   return md
+
+
+def compile_train_step(cfg):
+  """(compiled donated train step, its state, one fixed device batch) of a run config, on the
+  mesh of cfg.parallel, after one warm-up call: the bare step that benchmarks time."""
+  from memx.data import make_loader
+  from memx.parallel.mesh import batch_sharding, make_mesh
+  from memx.train.loop import split_seeds
+  from memx.train.step import init_state, make_train_step, state_shardings
+
+  mesh = make_mesh(cfg.parallel)
+  ts = init_state(cfg, split_seeds(cfg.train.seed).model_key)
+  shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
+  state = jax.device_put(ts.state, shardings)
+  batch = make_loader(cfg.data, batch_size=cfg.train.batch_size, seed=0,
+                      split="train").global_batch(0, batch_sharding(mesh))
+  compiled = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
+                     out_shardings=(shardings, None)).lower(state, batch).compile()
+  state, m = compiled(state, batch)  # warm-up
+  jax.block_until_ready(m)
+  return compiled, state, batch
+
+
+def time_steps(compiled, state, batch, n: int):
+  """(seconds per step over n calls of the compiled step, the state it leaves)."""
+  t0 = time.perf_counter()
+  for _ in range(n):
+    state, m = compiled(state, batch)
+  jax.block_until_ready((state, m))
+  return (time.perf_counter() - t0) / n, state

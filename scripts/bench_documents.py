@@ -19,19 +19,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-import jax
 import numpy as np
 
-from memx.benchmark import write_results
+from memx.benchmark import compile_train_step, time_steps, write_results
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from memx.data import make_loader
 from memx.models.config import SSMConfig
-from memx.parallel.mesh import batch_sharding, make_mesh
-from memx.train.loop import split_seeds
 from memx.train.memory import compiled_memory
-from memx.train.step import init_state, make_train_step, state_shardings
 
 # size → (d_model, n_layers, n_heads, seq_len, batch, steps per timing)
 SIZES = {"cpu": (128, 4, 4, 1024, 4, 3), "gpu": (1024, 8, 8, 4096, 4, 10),
@@ -74,39 +68,16 @@ def make_config(family: str, size: str, path: pathlib.Path, document_mask: bool)
       checkpoint=CheckpointConfig(enabled=False))
 
 
-def compile_step(cfg: Config):
-  """(compiled donated step, its state, one device batch)."""
-  mesh = make_mesh(cfg.parallel)
-  ts = init_state(cfg, split_seeds(cfg.train.seed).model_key)
-  shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
-  state = jax.device_put(ts.state, shardings)
-  batch = make_loader(cfg.data, batch_size=cfg.train.batch_size, seed=0,
-                      split="train").global_batch(0, batch_sharding(mesh))
-  compiled = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
-                     out_shardings=(shardings, None)).lower(state, batch).compile()
-  state, m = compiled(state, batch)  # warm-up
-  jax.block_until_ready(m)
-  return compiled, state, batch
-
-
-def step_seconds(compiled, state, batch, n: int):
-  t0 = time.perf_counter()
-  for _ in range(n):
-    state, m = compiled(state, batch)
-  jax.block_until_ready((state, m))
-  return (time.perf_counter() - t0) / n, state
-
-
 def measure(family: str, size: str, path: pathlib.Path, repeats: int) -> list[dict]:
   runs = {}
   for masked in (False, True):
     cfg = make_config(family, size, path, masked)
-    runs[masked] = [cfg, *compile_step(cfg)]
+    runs[masked] = [cfg, *compile_train_step(cfg)]
   times = {False: [], True: []}
   for _ in range(repeats):  # alternating, so machine noise hits both alike
     for masked, run in runs.items():
       cfg, compiled, state, batch = run
-      t, run[2] = step_seconds(compiled, state, batch, cfg.train.steps)
+      t, run[2] = time_steps(compiled, state, batch, cfg.train.steps)
       times[masked].append(t)
   seg = np.asarray(runs[True][3]["segment_ids"])
   docs = float(np.mean(seg.max(axis=1) - seg.min(axis=1) + 1))

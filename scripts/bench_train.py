@@ -21,17 +21,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 
 from memx._io import atomic_file, write_json
+from memx.benchmark import compile_train_step, time_steps
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from memx.data import make_loader
-from memx.parallel.mesh import batch_sharding, make_mesh
-from memx.train.loop import split_seeds, train
+from memx.train.loop import train
 from memx.train.memory import compiled_memory, peak_device_bytes
-from memx.train.step import init_state, make_train_step, state_shardings
 
 # name → (d_model, n_layers, n_heads, seq_len, batch, steps)
 SIZES = {
@@ -78,26 +75,8 @@ def model_flops_per_token(cfg: Config, params) -> float:
 
 def compile_bare(cfg: Config):
   """The AOT-compiled step, its state, one fixed device batch and the model FLOPs per token."""
-  mesh = make_mesh(cfg.parallel)
-  ts = init_state(cfg, split_seeds(cfg.train.seed).model_key)
-  flops_per_token = model_flops_per_token(cfg, ts.state[0])
-  shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
-  state = jax.device_put(ts.state, shardings)
-  batch = make_loader(cfg.data, batch_size=cfg.train.batch_size, seed=0,
-                      split="train").global_batch(0, batch_sharding(mesh))
-  compiled = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
-                     out_shardings=(shardings, None)).lower(state, batch).compile()
-  state, m = compiled(state, batch)  # warm-up
-  jax.block_until_ready(m)
-  return compiled, state, batch, flops_per_token
-
-
-def bare_step_seconds(compiled, state, batch, n: int):
-  t0 = time.perf_counter()
-  for _ in range(n):
-    state, m = compiled(state, batch)
-  jax.block_until_ready((state, m))
-  return (time.perf_counter() - t0) / n, state
+  compiled, state, batch = compile_train_step(cfg)
+  return compiled, state, batch, model_flops_per_token(cfg, state[0])
 
 
 def loop_tokens_per_s(cfg: Config) -> float:
@@ -112,7 +91,7 @@ def measure(cfg: Config, repeats: int) -> dict:
   flops = flops_per_token * tokens
   bare, loop = [], []
   for _ in range(repeats):
-    step_s, state = bare_step_seconds(compiled, state, batch, cfg.train.steps)
+    step_s, state = time_steps(compiled, state, batch, cfg.train.steps)
     bare.append(tokens / step_s)
     loop.append(loop_tokens_per_s(cfg))
   bare_rate = statistics.median(bare)
