@@ -169,7 +169,12 @@ def _coerce(value: Any, tp: Any) -> Any:
       return float(value)
     raise TypeError(value)
   if tp is str:
-    if isinstance(value, str):
-      return value
-    raise TypeError(value)
+    if not isinstance(value, str):
+      raise TypeError(value)
+    text = value.strip()
+    # A quoted literal spells what a shell argument cannot keep: '"\n\n"' is two newlines
+    # (the command line's values are stripped of surrounding whitespace).
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+      return ast.literal_eval(text)
+    return value
   raise TypeError(f"unsupported config type {tp}")

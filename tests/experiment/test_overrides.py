@@ -90,6 +90,10 @@ def _needs(key: str) -> dict:
     ("data.paths", "()", ()),
     ("data.paths", "", ()),
     ("parallel.mesh_axes", "data", ("data",)),
+    # str (a quoted literal spells what a shell argument cannot: newlines)
+    ("data.text_separator", "<|endoftext|>", "<|endoftext|>"),
+    ("data.text_separator", '"\\n\\n"', "\n\n"),
+    ("data.text_separator", "' x '", " x "),
 ])
 def test_string_values_are_parsed_by_field_type(key, text, expected):
   cfg = apply_overrides(Config(), {key: text, **_needs(key)})
