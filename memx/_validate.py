@@ -1,5 +1,6 @@
 """Small helpers for config validation messages: name the field, the bad value, what is allowed."""
 
+import functools
 from typing import Any
 
 from memx.errors import ConfigError
@@ -27,6 +28,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 _ABSENT = object()
 
 
+@functools.cache
 def _field_defaults() -> dict:
   """Every config field's default by dotted path ("data.document_mask": False, ...)."""
   from memx.config import Config, to_dict  # (memx.config imports this module)
