@@ -34,11 +34,15 @@ def compile_train_step(cfg):
   """(compiled donated train step, its state, one fixed device batch) of a run config, on the
   mesh of cfg.parallel, after one warm-up call: the bare step that benchmarks time."""
   from memx.data import make_loader
+  from memx.parallel.axes import BATCH
   from memx.parallel.mesh import batch_sharding, make_mesh
+  from memx.parallel.rules import RULES, shards
   from memx.train.loop import split_seeds
+  from memx.train.microbatch import check_split
   from memx.train.step import init_state, make_train_step, state_shardings
 
   mesh = make_mesh(cfg.parallel)
+  check_split(cfg.train, shards(dict(RULES[cfg.parallel.strategy])[BATCH], dict(mesh.shape)))
   ts = init_state(cfg, split_seeds(cfg.train.seed).model_key)
   shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
   state = jax.device_put(ts.state, shardings)

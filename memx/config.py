@@ -46,9 +46,22 @@ def _floats_as_floats(cls, d: dict) -> None:
       d[f.name] = float(v)
 
 
+# Fields added after runs existed, with the value that keeps the behaviour runs had before:
+# at that value a field is left out of config_hash, so adding it renamed no run and made no
+# sweep retrain a finished entry. Any other value is hashed, as is every field not listed.
+HASH_NEUTRAL = {("train", "microbatches"): 1}
+
+
 def config_hash(cfg: Any) -> str:
   """Short stable hash of a config (names run directories and sweep index rows)."""
-  blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+  d = to_dict(cfg)
+  for *parents, name in HASH_NEUTRAL:
+    owner = d
+    for key in parents:
+      owner = owner.get(key) if isinstance(owner, dict) else None
+    if isinstance(owner, dict) and name in owner and owner[name] == HASH_NEUTRAL[(*parents, name)]:
+      del owner[name]
+  blob = json.dumps(d, sort_keys=True, default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -52,6 +52,12 @@ class TrainConfig:
       memx.kernels.cross_entropy over blocks of this many vocabulary columns, so neither the
       logits nor their gradient ever exist whole (evaluation still forms logits: it needs
       their argmax and keeps no gradient).
+    microbatches: gradient accumulation. 1 runs the global batch at once; n > 1 runs it as n
+      microbatches of batch_size / n rows in turn (forward and backward each) and sums their
+      gradients before the one optimizer update, so activation memory is that of
+      batch_size / n rows and the update is the full batch's (memx.train.microbatch).
+      Evaluation runs in the same pieces. batch_size / n must be a multiple of the
+      data-parallel size.
   """
 
   steps: int = 200
@@ -61,6 +67,7 @@ class TrainConfig:
   eval_every: int = 0
   eval_batches: int = 4
   loss_vocab_block: int = 0
+  microbatches: int = 1
 
   def __post_init__(self):
     require(self.steps > 0, "train", "steps", self.steps, "must be > 0")
@@ -72,3 +79,9 @@ class TrainConfig:
     require(self.eval_batches > 0, "train", "eval_batches", self.eval_batches, "must be > 0")
     require(self.loss_vocab_block >= 0, "train", "loss_vocab_block", self.loss_vocab_block,
             "must be >= 0 (0: full logits)")
+    require(not isinstance(self.microbatches, bool) and isinstance(self.microbatches, int)
+            and self.microbatches >= 1, "train", "microbatches", self.microbatches,
+            "must be an integer >= 1 (1: no gradient accumulation)")
+    require(self.batch_size % self.microbatches == 0, "train", "microbatches",
+            self.microbatches, f"must divide train.batch_size = {self.batch_size} (microbatches "
+            "are equal slices of the global batch)")

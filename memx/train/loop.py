@@ -41,6 +41,7 @@ from memx.parallel.constrain import sharding_context
 from memx.parallel.mesh import batch_sharding, make_mesh
 from memx.parallel.rules import RULES, shards
 from memx.parallel.validate import validate_for_model
+from memx.train import microbatch
 from memx.train.memory import compiled_memory, peak_device_bytes
 from memx.train.metrics import MetricsWriter, resumed_history, truncate_after
 from memx.train.step import (
@@ -110,6 +111,7 @@ def prepare(cfg: Config) -> Setup:
         f"train.batch_size = {tc.batch_size} is not allowed: it must be a multiple of the "
         f"data-parallel size {data_size} (the mesh axes the batch is split over) and of the "
         f"{jax.process_count()} host(s), i.e. of {multiple}.")
+  microbatch.check_split(tc, data_size)
   validate_for_model(cfg.parallel, cfg.model, mesh, batch_size=tc.batch_size,
                      seq_len=cfg.data.seq_len)
   return Setup(mesh, seeds, loader, eval_loader, task_loader)
@@ -292,7 +294,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     with context():
       step_fn = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
                         out_shardings=(shardings, None)).lower(state, example).compile()
-      eval_fn = jax.jit(make_eval_step(ts.graphdef)).lower(state, example).compile()
+      eval_fn = jax.jit(make_eval_step(ts.graphdef, tc.microbatches)).lower(
+          state, example).compile()
       # A mid-run checkpoint runs the step split in two (gradients, then the update that
       # donates the state) so the snapshot can overlap the gradients: compile that pair now
       # too, not at the first save, where its compile time would stall the run (and count as

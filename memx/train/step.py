@@ -13,7 +13,8 @@ from memx.config import Config
 from memx.models.transformer import TransformerLM
 from memx.parallel.rules import RULES
 from memx.parallel.sequence import batch_to_layout
-from memx.train.loss import answer_hits, lm_token_losses, token_losses, weighted_mean
+from memx.train import microbatch
+from memx.train.loss import answer_hits, lm_token_losses, token_losses
 from memx.train.optim import lr_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -68,7 +69,9 @@ def tree_bytes(tree) -> int:
 
 
 def make_grad_step(cfg: Config, graphdef):
-  """(state, batch) → (grads, metrics): reads the state, never mutates it."""
+  """(state, batch) → (grads, metrics): reads the state, never mutates it. With
+  train.microbatches = n > 1 the batch runs in n pieces whose gradients add up to the full
+  batch's (memx.train.microbatch)."""
   schedule = lr_schedule(cfg.optim, cfg.train.steps)
 
   def grad_step(state, batch: Batch):
@@ -76,14 +79,18 @@ def make_grad_step(cfg: Config, graphdef):
 
     # Under sequence parallelism the tokens arrive in the ring's layout (positions say where).
     b, positions = batch_to_layout(batch)
+    b = {**b, "positions": positions}
+    # The batch's weighted mean, as a sum over rows with a denominator fixed up front, so the
+    # microbatches' terms add up to it.
+    denominator = jnp.maximum(jnp.sum(b["weights"]), 1.0)
 
-    def loss_fn(model):
-      losses = lm_token_losses(model, b["inputs"], b["targets"], positions=positions,
-                               segment_ids=b.get("segment_ids"),
+    def loss_fn(model, mb):
+      losses = lm_token_losses(model, mb["inputs"], mb["targets"], positions=mb["positions"],
+                               segment_ids=mb.get("segment_ids"),
                                vocab_block=cfg.train.loss_vocab_block)
-      return weighted_mean(losses, b["weights"])
+      return jnp.sum(losses * mb["weights"]) / denominator
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    loss, grads = microbatch.value_and_grad(loss_fn, model, b, cfg.train.microbatches)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...])}
     return grads, metrics
 
@@ -112,14 +119,21 @@ def make_train_step(cfg: Config, graphdef):
   return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, microbatches: int = 1):
+  """(state, batch) → sums of token losses, weights and answer hits; in `microbatches` pieces
+  (the training step's), so evaluation needs no more activation memory than training."""
+
   def eval_step(state, batch: Batch):
     model, _ = nnx.merge(graphdef, state)
     b, positions = batch_to_layout(batch)
-    logits = model(b["inputs"], positions=positions, segment_ids=b.get("segment_ids"))
-    losses = token_losses(logits, b["targets"])
-    correct, answers = answer_hits(logits, b["targets"], b["answer_mask"])
-    return {"loss_sum": jnp.sum(losses * b["weights"]), "weight": jnp.sum(b["weights"]),
-            "correct": correct, "answers": answers}
+
+    def sums(mb):
+      logits = model(mb["inputs"], positions=mb["positions"], segment_ids=mb.get("segment_ids"))
+      losses = token_losses(logits, mb["targets"])
+      correct, answers = answer_hits(logits, mb["targets"], mb["answer_mask"])
+      return {"loss_sum": jnp.sum(losses * mb["weights"]), "weight": jnp.sum(mb["weights"]),
+              "correct": correct, "answers": answers}
+
+    return microbatch.sum_over(sums, {**b, "positions": positions}, microbatches)
 
   return eval_step

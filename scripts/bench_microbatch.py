@@ -1,0 +1,98 @@
+"""Benchmark gradient accumulation (`train.microbatches`): memory and time at a fixed global batch.
+
+For each microbatch count n, one process compiles the train step of the same model, data and
+global batch, run as n microbatches (memx.train.microbatch), and times the bare AOT step (as
+bench_train's "bare"), the counts alternating so machine noise hits them alike. Recorded:
+compiled temporary bytes (exact: XLA's memory_analysis), argument bytes (the state and the
+batch), step time and tokens/s, each with its ratio to n = 1. The temporaries are what the
+microbatches cut (activations, logits and their gradients); the float32 gradient accumulator
+is added once, about the parameters' size ("param_MiB").
+
+  python scripts/bench_microbatch.py --out benchmarks/out/microbatch              # CPU
+  python scripts/bench_microbatch.py --out $OUT/microbatch --size gpu             # bf16
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+
+import jax
+
+from memx.benchmark import compile_train_step, time_steps, write_results
+from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from memx.train.memory import compiled_memory
+
+# size → (d_model, n_layers, n_heads, vocab, seq_len, global batch, steps per timing)
+SIZES = {"cpu": (256, 4, 4, 2048, 512, 16, 2), "gpu": (1024, 12, 16, 32000, 2048, 32, 5),
+         "tiny": (32, 2, 2, 264, 32, 16, 1)}  # tiny: the script's test
+
+
+def make_config(size: str, microbatches: int, vocab_block: int) -> Config:
+  d, layers, heads, vocab, seq, batch, steps = SIZES[size]
+  return Config(
+      model=ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
+                        compute_dtype="bfloat16" if size == "gpu" else "float32"),
+      data=DataConfig(source="corpus", seq_len=seq),
+      optim=OptimConfig(warmup_steps=2),
+      train=TrainConfig(steps=steps, batch_size=batch, log_every=steps, eval_batches=1,
+                        microbatches=microbatches, loss_vocab_block=vocab_block),
+      checkpoint=CheckpointConfig(enabled=False))
+
+
+def measure(size: str, counts: list[int], repeats: int, vocab_block: int = 0) -> list[dict]:
+  runs = {n: [make_config(size, n, vocab_block), *compile_train_step(make_config(
+      size, n, vocab_block))] for n in counts}
+  times = {n: [] for n in counts}
+  for _ in range(repeats):
+    for n, run in runs.items():
+      cfg, compiled, state, batch = run
+      t, run[2] = time_steps(compiled, state, batch, cfg.train.steps)
+      times[n].append(t)
+  rows = []
+  for n in counts:
+    cfg, compiled, state = runs[n][:3]
+    mem = compiled_memory(compiled)
+    t = statistics.median(times[n])
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
+    rows.append({"microbatches": n, "rows_per_microbatch": cfg.train.batch_size // n,
+                 "step_ms": 1e3 * t, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len / t,
+                 "temp_MiB": mem["temp_bytes"] / 2**20,
+                 "argument_MiB": mem["argument_bytes"] / 2**20, "param_MiB": params / 2**20})
+  base = rows[0]
+  for r in rows:
+    r["time_x_1"] = r["step_ms"] / base["step_ms"]
+    r["temp_x_1"] = r["temp_MiB"] / base["temp_MiB"]
+  return rows
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default="benchmarks/out/microbatch")
+  p.add_argument("--size", default="cpu", choices=sorted(SIZES))
+  p.add_argument("--counts", default="1,2,4,8", help="comma-separated microbatch counts")
+  p.add_argument("--vocab-blocks", default="0",
+                 help="comma-separated train.loss_vocab_block values, one table part each")
+  p.add_argument("--repeats", type=int, default=3)
+  args = p.parse_args()
+  counts = [int(c) for c in args.counts.split(",")]
+  batch = SIZES[args.size][5]
+  if args.repeats < 1 or counts[0] != 1 or any(c < 1 or batch % c for c in counts):
+    p.error(f"--counts must start at 1 and divide the global batch {batch}; --repeats >= 1")
+  sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                       text=True).stdout.strip()
+  d, layers, heads, vocab, seq, batch, steps = SIZES[args.size]
+  settings = {"commit": sha, "size": args.size, "d_model": d, "n_layers": layers,
+              "n_heads": heads, "vocab": vocab, "seq_len": seq, "global_batch": batch,
+              "steps_per_timing": steps, "repeats": args.repeats}
+  rows = []
+  for block in (int(b) for b in args.vocab_blocks.split(",")):
+    rows += [{"loss_vocab_block": block, **r} for r in measure(args.size, counts, args.repeats,
+                                                                block)]
+    md = write_results(args.out, "bench_microbatch", settings, rows)  # a time limit keeps these
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
