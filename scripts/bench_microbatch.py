@@ -13,9 +13,11 @@ is added once, about the parameters' size ("param_MiB").
 """
 
 import argparse
+import dataclasses
 import statistics
 import subprocess
 import sys
+import time
 
 import jax
 
@@ -66,6 +68,64 @@ def measure(size: str, counts: list[int], repeats: int, vocab_block: int = 0) ->
   return rows
 
 
+def measure_distill(size: str, counts: list[int], repeats: int) -> list[dict]:
+  """The same for a distillation stage-3 step (KL + CE, all student parameters train): a
+  teacher of the size's shape (random weights: memory and time do not depend on training) and
+  its hybrid student (every 2nd layer kept as attention); the teacher pass runs per
+  microbatch too."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from memx.data import make_loader
+  from memx.distill.config import STAGE3, StudentConfig
+  from memx.distill.seed import build_student, converted_layers
+  from memx.distill.stages import make_step, stage_optim, trainable_filter
+  from memx.models.transformer import TransformerLM
+  from memx.train.optim import make_optimizer
+
+  cfg = make_config(size, 1, 0)
+  teacher = TransformerLM(cfg.model, rngs=nnx.Rngs(0))
+  kind = StudentConfig(kind="hybrid", every=2)
+  layers = converted_layers(cfg.model, kind)
+  student = build_student(teacher, kind)
+  batch = {k: jnp.asarray(v) for k, v in make_loader(
+      cfg.data, batch_size=cfg.train.batch_size, seed=0, split="train").local_batch(0).items()}
+  t_graphdef, t_state = nnx.split(teacher)
+  runs = {}
+  for n in counts:
+    stage = dataclasses.replace(STAGE3, ce_weight=0.5, batch_size=cfg.train.batch_size,
+                                microbatches=n, steps=cfg.train.steps)
+    filt = trainable_filter(stage.trainable, layers)
+    opt = nnx.Optimizer(student, make_optimizer(stage_optim(stage), stage.steps), wrt=filt)
+    graphdef, state = nnx.split((student, opt))
+    compiled = jax.jit(make_step(stage, graphdef, t_graphdef, layers, filt)).lower(
+        state, t_state, batch).compile()
+    jax.block_until_ready(compiled(state, t_state, batch))  # warm-up
+    runs[n] = [compiled, state]
+  times = {n: [] for n in counts}
+  for _ in range(repeats):
+    for n, (compiled, state) in runs.items():
+      t0 = time.perf_counter()
+      for _ in range(cfg.train.steps):
+        out = compiled(state, t_state, batch)
+      jax.block_until_ready(out)
+      times[n].append((time.perf_counter() - t0) / cfg.train.steps)
+  rows = []
+  for n in counts:
+    compiled, state = runs[n]
+    mem = compiled_memory(compiled)
+    t = statistics.median(times[n])
+    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
+    rows.append({"microbatches": n, "rows_per_microbatch": cfg.train.batch_size // n,
+                 "step_ms": 1e3 * t, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len / t,
+                 "temp_MiB": mem["temp_bytes"] / 2**20,
+                 "argument_MiB": mem["argument_bytes"] / 2**20, "param_MiB": params / 2**20})
+  for r in rows:
+    r["time_x_1"] = r["step_ms"] / rows[0]["step_ms"]
+    r["temp_x_1"] = r["temp_MiB"] / rows[0]["temp_MiB"]
+  return rows
+
+
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default="benchmarks/out/microbatch")
@@ -74,6 +134,8 @@ def main() -> int:
   p.add_argument("--vocab-blocks", default="0",
                  help="comma-separated train.loss_vocab_block values, one table part each")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--distill", action="store_true",
+                 help="also a distillation stage-3 step (teacher + hybrid student)")
   args = p.parse_args()
   counts = [int(c) for c in args.counts.split(",")]
   batch = SIZES[args.size][5]
@@ -87,9 +149,13 @@ def main() -> int:
               "steps_per_timing": steps, "repeats": args.repeats}
   rows = []
   for block in (int(b) for b in args.vocab_blocks.split(",")):
-    rows += [{"loss_vocab_block": block, **r} for r in measure(args.size, counts, args.repeats,
-                                                                block)]
+    rows += [{"step": "train", "loss_vocab_block": block, **r}
+             for r in measure(args.size, counts, args.repeats, block)]
     md = write_results(args.out, "bench_microbatch", settings, rows)  # a time limit keeps these
+  if args.distill:
+    rows += [{"step": "distill stage 3", "loss_vocab_block": 0, **r}
+             for r in measure_distill(args.size, counts, args.repeats)]
+    md = write_results(args.out, "bench_microbatch", settings, rows)
   print(md)
   return 0
 

@@ -115,6 +115,10 @@ class StageConfig:
     temperature, kl_weight, ce_weight: the end-to-end loss terms.
     log_every: steps between metric records (each loss term and the top-1 agreement).
     checkpoint_every: steps between resumable checkpoints of the student (and always the end).
+    microbatches: gradient accumulation (as train.microbatches): the batch runs as this many
+      microbatches of batch_size / microbatches rows, teacher pass included, whose loss
+      terms and gradients add up to the whole batch's before the one update; the stage's
+      evaluations run in the same pieces.
   """
 
   index: int = 1
@@ -133,15 +137,19 @@ class StageConfig:
   ce_weight: float = 0.0
   log_every: int = 10
   checkpoint_every: int = 100
+  microbatches: int = 1
 
   def __post_init__(self):
     require(self.index in (1, 2, 3), "stage", "index", self.index, "must be 1, 2 or 3")
     name = f"stage{self.index}"
     one_of(name, "loss", self.loss, LOSSES)
     one_of(name, "trainable", self.trainable, TRAINABLE)
-    for f in ("steps", "batch_size", "log_every", "checkpoint_every"):
-      require(isinstance(getattr(self, f), int) and getattr(self, f) > 0, name, f,
-              getattr(self, f), "must be a positive integer")
+    for f in ("steps", "batch_size", "log_every", "checkpoint_every", "microbatches"):
+      require(isinstance(getattr(self, f), int) and not isinstance(getattr(self, f), bool)
+              and getattr(self, f) > 0, name, f, getattr(self, f), "must be a positive integer")
+    require(self.batch_size % self.microbatches == 0, name, "microbatches", self.microbatches,
+            f"must divide batch_size = {self.batch_size} (microbatches are equal slices of "
+            "the batch)")
     require(self.lr > 0, name, "lr", self.lr, "must be > 0")
     require(self.warmup_steps >= 0, name, "warmup_steps", self.warmup_steps, "must be >= 0")
     require(0 <= self.min_lr_ratio <= 1, name, "min_lr_ratio", self.min_lr_ratio,

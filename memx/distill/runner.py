@@ -128,7 +128,7 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
     run_cfg = stage_run_config(student_model, dcfg.data, stage, dcfg)
     identity = _json({
         "teacher": teacher_id, "student": to_dict(dcfg.student), "model": to_dict(student_model),
-        "stage": {**to_dict(stage), "steps": None}, "data": to_dict(dcfg.data),
+        "stage": _stage_identity(stage), "data": to_dict(dcfg.data),
         "seed": dcfg.seed, "source": str(source)})
     _check_stage_dir(directory, k, identity, resume, overwrite)
     meta = {"stage": k, "identity": identity, "teacher": teacher_id, "source": str(source),
@@ -136,6 +136,15 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
     runs.append(StageRun(index=k, stage=stage, run_cfg=run_cfg, directory=directory,
                          layers=layers, identity=identity, meta=_json(meta)))
   return Plan(trained, dcfg, student_model, layers, out, runs, sources, resume, overwrite)
+
+
+def _stage_identity(stage) -> dict:
+  """The stage settings a resumed stage must share: not its steps (a resume may train longer)
+  nor its microbatches (how a step runs, not what it computes; left out, so identities
+  written before the field existed still match)."""
+  d = {**to_dict(stage), "steps": None}
+  d.pop("microbatches")
+  return d
 
 
 def _teacher_id(trained: Trained) -> dict:

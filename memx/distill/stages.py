@@ -43,7 +43,8 @@ from memx.distill.losses import kl_divergence, layer_mse, top1_agreement
 from memx.distill.seed import NEW_PARAMS
 from memx.errors import NonFiniteLossError
 from memx.models.transformer import TransformerLM
-from memx.train.loss import answer_hits, token_losses, weighted_mean
+from memx.train import microbatch
+from memx.train.loss import answer_hits, token_losses
 from memx.train.memory import compiled_memory
 from memx.train.metrics import MetricsWriter, truncate_after
 from memx.train.optim import lr_schedule, make_optimizer
@@ -95,42 +96,54 @@ def stage_run_config(student_model, data, stage: StageConfig, dcfg: DistillConfi
 # --- the step ---------------------------------------------------------------------------------
 
 
-def _stage_losses(stage: StageConfig, student: TransformerLM, batch, layers, teacher_out):
-  """(loss, terms) of the student against precomputed (stop-gradient) teacher outputs."""
+def _stage_losses(stage: StageConfig, student: TransformerLM, batch, layers, teacher_out, *,
+                  parts: int = 1, weight_total=None):
+  """(loss, terms) of the student against precomputed (stop-gradient) teacher outputs.
+
+  On a microbatch (`parts` equal slices of a batch whose weights sum to `weight_total`), each
+  value is this slice's share, so the shares add up to the whole batch's: the means (MSE, KL,
+  agreement) divided by `parts`, the weighted cross-entropy over the batch's total weight."""
   t_logits, t_inputs, t_outputs = teacher_out
   if stage.loss == "layer_mse":
     outs = {i: student.blocks[i].mixer(t_inputs[i], batch.get("segment_ids")) for i in layers}
-    mse = layer_mse(outs, t_outputs)
+    mse = layer_mse(outs, t_outputs) / parts
     return stage.mse_scale * mse, {"mse": mse}
   logits = student(batch["inputs"], **model_kwargs(batch))
-  kl = kl_divergence(t_logits, logits, stage.temperature)
-  ce = weighted_mean(token_losses(logits, batch["targets"]), batch["weights"])
+  kl = kl_divergence(t_logits, logits, stage.temperature) / parts
+  if weight_total is None:
+    weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+  ce = jnp.sum(token_losses(logits, batch["targets"]) * batch["weights"]) / weight_total
   loss = stage.kl_weight * kl + stage.ce_weight * ce
-  terms = {"kl": kl, "ce": ce, "agreement": top1_agreement(t_logits, logits)}
+  terms = {"kl": kl, "ce": ce, "agreement": top1_agreement(t_logits, logits) / parts}
   if stage.temperature != 1.0:  # "kl" is always plain KL (τ = 1), as in the evaluations
     terms["kl_tau"] = kl
-    terms["kl"] = jax.lax.stop_gradient(kl_divergence(t_logits, logits))
+    terms["kl"] = jax.lax.stop_gradient(kl_divergence(t_logits, logits)) / parts
   return loss, terms
 
 
 def make_step(stage: StageConfig, graphdef, teacher_graphdef, layers: tuple[int, ...],
               filt):
-  """(state, teacher_state, batch) → (state, metrics): one update of the trainable params."""
+  """(state, teacher_state, batch) → (state, metrics): one update of the trainable params,
+  from stage.microbatches pieces of the batch (memx.train.microbatch)."""
   schedule = lr_schedule(stage_optim(stage), stage.steps)
+  n = stage.microbatches
 
   def step(state, teacher_state, batch):
     student, opt = nnx.merge(graphdef, state)
     teacher = nnx.merge(teacher_graphdef, teacher_state)
-    # The teacher runs outside the differentiated function and behind stop_gradient: no
-    # gradient ever reaches it, and its arrays are an input of the step, never updated.
-    teacher_out = jax.lax.stop_gradient(
-        teacher_pass(teacher, batch["inputs"], layers, **model_kwargs(batch)))
+    weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
-    def loss_fn(model):
-      return _stage_losses(stage, model, batch, layers, teacher_out)
+    def loss_fn(model, mb):
+      # The teacher runs behind stop_gradient and is no argument of the differentiated
+      # function: no gradient ever reaches it, and its arrays are an input of the step, never
+      # updated. It runs per microbatch, so its activations are one microbatch's too.
+      teacher_out = jax.lax.stop_gradient(
+          teacher_pass(teacher, mb["inputs"], layers, **model_kwargs(mb)))
+      return _stage_losses(stage, model, mb, layers, teacher_out, parts=n,
+                           weight_total=weight_total)
 
-    (loss, terms), grads = nnx.value_and_grad(
-        loss_fn, argnums=nnx.DiffState(0, filt), has_aux=True)(student)
+    (loss, terms), grads = microbatch.value_and_grad(loss_fn, student, batch, n, wrt=filt,
+                                                     has_aux=True)
     metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads),
                "lr": schedule(opt.step[...])}
     opt.update(student, grads)
@@ -139,14 +152,21 @@ def make_step(stage: StageConfig, graphdef, teacher_graphdef, layers: tuple[int,
   return step
 
 
-def end_to_end_metrics(t_logits, s_logits, batch) -> dict:
+def end_to_end_metrics(t_logits, s_logits, batch, parts: int = 1, weight_total=None) -> dict:
+  """Student vs teacher logits on a batch: means (KL, agreement), token-weighted means (ce,
+  teacher_ce) and counts. On a microbatch (`parts` equal slices of a batch whose weights sum
+  to `weight_total`) each value is the slice's share of the whole batch's (see
+  `_stage_losses`)."""
   correct, answers = answer_hits(s_logits, batch["targets"], batch["answer_mask"])
   t_correct, _ = answer_hits(t_logits, batch["targets"], batch["answer_mask"])
-  return {"kl": kl_divergence(t_logits, s_logits),
-          "ce": weighted_mean(token_losses(s_logits, batch["targets"]), batch["weights"]),
-          "teacher_ce": weighted_mean(token_losses(t_logits, batch["targets"]),
-                                      batch["weights"]),
-          "agreement": top1_agreement(t_logits, s_logits),
+  if weight_total is None:
+    weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+  def ce(logits):
+    return jnp.sum(token_losses(logits, batch["targets"]) * batch["weights"]) / weight_total
+
+  return {"kl": kl_divergence(t_logits, s_logits) / parts, "ce": ce(s_logits),
+          "teacher_ce": ce(t_logits), "agreement": top1_agreement(t_logits, s_logits) / parts,
           "correct": correct, "teacher_correct": t_correct, "answers": answers,
           "weight": jnp.sum(batch["weights"])}
 
@@ -169,29 +189,39 @@ def compile_program(fn, args, *, donate_argnums=()):
       compiler_options=COMPILER_OPTIONS)
 
 
-def compare(s_graphdef, s_state, t_graphdef, t_state, batch, layers: tuple[int, ...]) -> dict:
+def compare(s_graphdef, s_state, t_graphdef, t_state, batch, layers: tuple[int, ...],
+            microbatches: int = 1) -> dict:
   """Student vs teacher on one batch, no update: end_to_end_metrics plus the layer-wise MSE
   ("mse") and the teacher outputs' mean square ("teacher_ms", so mse / teacher_ms is the
-  relative error). Compiled once per model structure and shapes, shared by every stage."""
+  relative error), in `microbatches` pieces (the stage's) whose shares add up to the batch's.
+  Compiled once per model structure, shapes and pieces, shared by every stage."""
   # One device for every input, whatever mesh a restored model came from, so one executable
   # serves every caller (its input shardings are part of it).
   args = jax.device_put((s_state, t_state, batch),
                         jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  key = (s_graphdef, t_graphdef, tuple(layers), _signature(args))
+  key = (s_graphdef, t_graphdef, tuple(layers), microbatches, _signature(args))
   if key not in _COMPARE_CACHE:
     def fn(s_state, t_state, batch):
       student = nnx.merge(s_graphdef, s_state)
       teacher = nnx.merge(t_graphdef, t_state)
-      kw = model_kwargs(batch)
-      t_logits, t_in, t_out = teacher_pass(teacher, batch["inputs"], layers, **kw)
-      m = end_to_end_metrics(t_logits, student(batch["inputs"], **kw), batch)
-      if layers:  # models compared without converted layers (the teacher, a scratch model)
-        seg = kw.get("segment_ids")
-        m["mse"] = layer_mse({i: student.blocks[i].mixer(t_in[i], seg) for i in layers}, t_out)
-        m["teacher_ms"] = jnp.mean(jnp.stack([jnp.mean(jnp.square(t_out[i])) for i in layers]))
-      else:
-        m["mse"] = m["teacher_ms"] = jnp.zeros((), jnp.float32)
-      return m
+      weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+      def one(mb):
+        kw = model_kwargs(mb)
+        t_logits, t_in, t_out = teacher_pass(teacher, mb["inputs"], layers, **kw)
+        m = end_to_end_metrics(t_logits, student(mb["inputs"], **kw), mb, microbatches,
+                               weight_total)
+        if layers:  # models compared without converted layers (the teacher, a scratch model)
+          seg = kw.get("segment_ids")
+          outs = {i: student.blocks[i].mixer(t_in[i], seg) for i in layers}
+          m["mse"] = layer_mse(outs, t_out) / microbatches
+          m["teacher_ms"] = jnp.mean(
+              jnp.stack([jnp.mean(jnp.square(t_out[i])) for i in layers])) / microbatches
+        else:
+          m["mse"] = m["teacher_ms"] = jnp.zeros((), jnp.float32)
+        return m
+
+      return microbatch.sum_over(one, batch, microbatches)
     _COMPARE_CACHE[key] = compile_program(fn, args)
   return _COMPARE_CACHE[key](*args)
 
@@ -264,7 +294,8 @@ def run_stage(run: StageRun, student: TransformerLM, teacher: TransformerLM, *, 
         log_now = done % stage.log_every == 0 or done == stage.steps or step == start
         if log_now and stage.loss == "layer_mse":
           # The end-to-end view of the student before this update (state[0]: the student).
-          probe = compare(s_graphdef, state[0], t_graphdef, t_state, batch, run.layers)
+          probe = compare(s_graphdef, state[0], t_graphdef, t_state, batch, run.layers,
+                          stage.microbatches)
         state, metrics = step_fn(state, t_state, batch)
         if log_now:
           record = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -285,7 +316,7 @@ def run_stage(run: StageRun, student: TransformerLM, teacher: TransformerLM, *, 
       bar.close()
       ckpt.wait()
       nnx.update((student, opt), state)
-      evaluation = evaluate(student, teacher, eval_loaders, run.layers)
+      evaluation = evaluate(student, teacher, eval_loaders, run.layers, stage.microbatches)
       writer.write({"step": stage.steps, "split": "eval", **evaluation})
     finally:
       writer.close()
@@ -324,7 +355,8 @@ def export(student: TransformerLM, cfg: Config, out: pathlib.Path) -> None:
     ckpt.close()
 
 
-def evaluate(student: TransformerLM, teacher: TransformerLM, loaders: dict, layers) -> dict:
+def evaluate(student: TransformerLM, teacher: TransformerLM, loaders: dict, layers,
+             microbatches: int = 1) -> dict:
   """Eval-split metrics of student vs teacher: student loss / perplexity, teacher loss, KL,
   top-1 agreement, layer-wise MSE (absolute and relative to the teacher outputs' mean square),
   and task accuracy of both (loaders: {"lm": L, "task": L or None, "batches": n})."""
@@ -339,7 +371,8 @@ def evaluate(student: TransformerLM, teacher: TransformerLM, loaders: dict, laye
 
   def run(loader):
     rows = [jax.device_get(compare(s_graphdef, s_state, t_graphdef, t_state,
-                                   to_device(loader.local_batch(i)), tuple(layers)))
+                                   to_device(loader.local_batch(i)), tuple(layers),
+                                   microbatches))
             for i in range(loaders["batches"])]
     w = np.array([float(r["weight"]) for r in rows])
     out = {}

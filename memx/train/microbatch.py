@@ -19,6 +19,7 @@ that before compiling). The task rows at the end of a batch spread over all micr
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,31 +55,38 @@ def split_microbatches(batch: Batch, n: int) -> Batch:
   return {k: one(x) for k, x in batch.items()}
 
 
-def value_and_grad(loss_fn: Callable[[nnx.Module, Batch], jax.Array], model: nnx.Module,
-                   batch: Batch, n: int):
-  """(Σ_j loss_fn(model, microbatch_j), its gradient w.r.t. the model's nnx.Param).
+def value_and_grad(loss_fn: Callable[..., Any], model: nnx.Module, batch: Batch, n: int, *,
+                   wrt: Any = nnx.Param, has_aux: bool = False):
+  """(Σ_j loss_fn(model, microbatch_j), its gradient w.r.t. the model's `wrt` variables), or
+  with has_aux ((Σ_j loss_j, Σ_j aux_j), gradient) for a loss_fn returning (loss, aux dict).
 
-  loss_fn must be additive over rows (a sum over tokens with a fixed denominator) for the
-  result to be the full batch's. n = 1 is plain `nnx.value_and_grad`; for n > 1 the gradient is
-  accumulated in float32 and returned in the parameters' dtypes, as an nnx.State of the same
-  structure."""
+  loss_fn (and aux) must be additive over rows (sums over tokens with fixed denominators) for
+  the result to be the full batch's. n = 1 is plain `nnx.value_and_grad`; for n > 1 the
+  gradient is accumulated in float32 and returned in the variables' dtypes, as an nnx.State
+  of the same structure."""
   if n == 1:
-    return nnx.value_and_grad(loss_fn)(model, batch)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(
+        model, batch)
+  graphdef, params, rest = nnx.split(model, wrt, ...)
 
   def loss_of(p, mb):
-    return loss_fn(nnx.merge(graphdef, p, rest), mb)
+    out = loss_fn(nnx.merge(graphdef, p, rest), mb)
+    return out if has_aux else (out, {})
+
+  mbs = split_microbatches(batch, n)
+  aux_shape = jax.eval_shape(loss_of, params, jax.tree.map(lambda x: x[0], mbs))[1]
 
   def body(carry, mb):
-    total, acc = carry
-    loss, g = jax.value_and_grad(loss_of)(params, mb)
+    total, aux_sum, acc = carry
+    (loss, aux), g = jax.value_and_grad(loss_of, has_aux=True)(params, mb)
     acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
-    return (total + loss.astype(jnp.float32), acc), None
+    return (total + loss.astype(jnp.float32), jax.tree.map(jnp.add, aux_sum, aux), acc), None
 
   zeros = jax.tree.map(_zeros_like_param, params, is_leaf=_is_param)
-  (loss, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros), split_microbatches(batch, n))
+  aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+  (loss, aux, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), aux0, zeros), mbs)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-  return loss, grads
+  return ((loss, aux) if has_aux else loss), grads
 
 
 def sum_over(fn: Callable[[Batch], dict], batch: Batch, n: int) -> dict:
