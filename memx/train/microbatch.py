@@ -16,6 +16,14 @@ Microbatch j holds rows j, j + n, j + 2n, ...: the loader splits the global batc
 contiguous shares across the data-parallel devices, and this split keeps every row on the
 device that holds it, as long as B/n is a multiple of the data-parallel size (the loop checks
 that before compiling). The task rows at the end of a batch spread over all microbatches.
+
+Communication: each microbatch's gradient is reduced over the data-parallel devices inside the
+loop as traced. XLA:GPU's while-loop-all-reduce-code-motion pass sinks such an all-reduce out
+of the loop (the accumulator then sums unreduced gradients: one reduction per step); XLA:CPU
+has no such pass, so on CPU meshes the reduction runs once per microbatch. Under FSDP the
+parameters are gathered for every microbatch, and the gradients reduce-scattered for each
+(sinking that too, XLA's --xla_gpu_enable_while_loop_reduce_scatter_code_motion, would keep
+unsharded gradients).
 """
 
 from collections.abc import Callable
