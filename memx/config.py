@@ -49,7 +49,8 @@ def _floats_as_floats(cls, d: dict) -> None:
 # Fields added after runs existed, with the value that keeps the behaviour runs had before:
 # at that value a field is left out of config_hash, so adding it renamed no run and made no
 # sweep retrain a finished entry. Any other value is hashed, as is every field not listed.
-HASH_NEUTRAL = {("train", "microbatches"): 1}
+HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
+                ("optim", "mu_dtype"): None}
 
 
 def config_hash(cfg: Any) -> str:

@@ -9,10 +9,31 @@ from memx._validate import require
 SEED_LIMIT = 2**32
 
 
+OPTIMIZERS = ("adamw", "lion", "adafactor")
+MOMENT_DTYPES = ("float32", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-  """AdamW with linear warmup then cosine decay to min_lr_ratio·lr, and global-norm clipping."""
+  """An optax optimizer with linear warmup then cosine decay to min_lr_ratio·lr, after
+  global-norm clipping (memx.train.optim).
 
+  Attributes:
+    name: "adamw" (two moments per parameter), "lion" (one moment, sign updates: use a 3-10x
+      smaller lr than AdamW's), or "adafactor" (factored second moments: a matrix keeps one
+      row and one column of statistics instead of a full moment; no first moment; the update
+      is scaled by the parameter's RMS as in Shazeer & Stern 2018). The optimizer state's size
+      is what they trade: per parameter about 2, 1 and ~0 float32 numbers (exact bytes in
+      benchmarks/RESULTS.md).
+    mu_dtype: "bfloat16" stores AdamW's / Lion's first moment in bf16 (half its bytes; the
+      second moment stays in the parameters' dtype); None keeps it in the parameters' dtype.
+    lr, min_lr_ratio, warmup_steps: the schedule; weight_decay: decoupled, on matrices only
+      (memx.train.optim.decay_mask); b1, b2, eps: AdamW's (Lion uses b1, b2; Adafactor its own
+      decay schedule); clip_norm: global-norm clipping of the gradient, None for none.
+  """
+
+  name: str = "adamw"
+  mu_dtype: str | None = None
   lr: float = 3e-3
   min_lr_ratio: float = 0.1
   warmup_steps: int = 50
@@ -23,6 +44,12 @@ class OptimConfig:
   clip_norm: float | None = 1.0
 
   def __post_init__(self):
+    require(self.name in OPTIMIZERS, "optim", "name", self.name,
+            f"expected one of {list(OPTIMIZERS)}")
+    require(self.mu_dtype is None or self.mu_dtype in MOMENT_DTYPES, "optim", "mu_dtype",
+            self.mu_dtype, f"expected None or one of {list(MOMENT_DTYPES)}")
+    require(self.mu_dtype is None or self.name != "adafactor", "optim", "mu_dtype",
+            self.mu_dtype, "adafactor keeps no first moment; leave mu_dtype None")
     require(self.lr > 0 and math.isfinite(self.lr), "optim", "lr", self.lr,
             "must be finite and > 0")
     require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", self.min_lr_ratio,

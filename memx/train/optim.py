@@ -1,6 +1,8 @@
-"""The optax optimizer: clip → AdamW, with linear warmup then cosine decay."""
+"""The optax optimizer: clip → AdamW, Lion or Adafactor, with linear warmup then cosine
+decay."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from memx.train.config import OptimConfig
@@ -20,12 +22,29 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+  """clip → cfg.name's optax transformation, with the schedule and the decay mask."""
+  lr = lr_schedule(cfg, total_steps)
+  mu_dtype = None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype)
+  if cfg.name == "adamw":
+    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=mu_dtype,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
+  elif cfg.name == "lion":
+    opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype,
+                     weight_decay=cfg.weight_decay, mask=decay_mask)
+  else:
+    # optax adds Adafactor's weight decay after its learning-rate scaling (each step takes
+    # weight_decay·p whatever the lr); memx's decay is AdamW's decoupled lr·weight_decay·p, so
+    # the schedule is applied last, to the update and the decay together. Adafactor's clipping
+    # of the update (RMS <= 1) stays on, as in the paper; the global-norm clip below acts on
+    # the gradient before it.
+    opt = optax.chain(
+        optax.adafactor(learning_rate=None, weight_decay_rate=cfg.weight_decay or None,
+                        weight_decay_mask=decay_mask),
+        optax.scale_by_learning_rate(lr, flip_sign=False))
   # Always a chain: its state has one layout with or without clipping, so a run can resume
   # with clipping switched on or off.
   clip = optax.identity() if cfg.clip_norm is None else optax.clip_by_global_norm(cfg.clip_norm)
-  return optax.chain(clip, adamw)
+  return optax.chain(clip, opt)
 
 
 def decay_mask(params):

@@ -54,14 +54,30 @@ def _spec(axes: tuple[str, ...] | None, rules) -> PartitionSpec:
 
 
 def state_shardings(state, mesh: Mesh, strategy: str):
-  """NamedSharding per array: logical `axes` metadata through the strategy's rule table."""
+  """NamedSharding per array: logical `axes` metadata through the strategy's rule table.
+
+  Optimizer state inherits its parameter's `axes` whatever its shape. A moment shaped as its
+  parameter (AdamW's, Lion's) is sharded as the parameter; a statistic of another shape
+  (Adafactor's factored rows and columns, O(rows + cols)) is replicated: the parameter's axes
+  do not describe it."""
   rules = RULES[strategy]
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  params = {(_axes(v), tuple(v.shape)) for v in jax.tree.leaves(state, is_leaf=is_var)
+            if isinstance(v, nnx.Param)}
 
   def one(var):
-    axes = var.get_metadata().get("axes") if isinstance(var, nnx.Variable) else None
+    axes = _axes(var) if is_var(var) else None
+    if axes is not None and not isinstance(var, nnx.Param) and (axes, tuple(var.shape)) not in (
+        params):
+      axes = None
     return NamedSharding(mesh, _spec(axes, rules))
 
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(one, state, is_leaf=is_var)
+
+
+def _axes(var) -> tuple | None:
+  axes = var.get_metadata().get("axes")
+  return None if axes is None else tuple(axes)
 
 
 def tree_bytes(tree) -> int:
