@@ -23,3 +23,24 @@ def test_a_field_added_since_matches_at_its_default():
   assert describe_differences({}, {"data": {"new_field": 3}}) == (
       "data.new_field = absent there, 3 now")
   assert describe_differences({}, {"data": {"new_field": None}}) == ""
+
+
+def test_fields_added_later_leave_the_hash_alone_at_their_old_behaviour():
+  """HASH_NEUTRAL fields at their neutral value are not hashed (adding them renamed no run);
+  any other value is."""
+  import dataclasses
+  import hashlib
+  import json
+
+  from memx.config import HASH_NEUTRAL, Config, OptimConfig, TrainConfig, config_hash, to_dict
+
+  cfg = Config()
+  d = to_dict(cfg)
+  for section, name in HASH_NEUTRAL:
+    del d[section][name]
+  before = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+  assert config_hash(cfg) == before
+  for changed in (dataclasses.replace(cfg, train=TrainConfig(batch_size=16, microbatches=2)),
+                  dataclasses.replace(cfg, optim=OptimConfig(name="lion")),
+                  dataclasses.replace(cfg, optim=OptimConfig(mu_dtype="bfloat16"))):
+    assert config_hash(changed) != before

@@ -10,6 +10,7 @@ from memx.train.config import OptimConfig
 # Parameters never decayed whatever their rank: norm scales, biases and Mamba-2's per-head
 # dynamics (its gated norm and conv biases are 2-D, [heads, head_dim]).
 NO_DECAY = frozenset({"norm", "scale", "bias", "a_log", "d", "dt_bias"})
+FACTOR_MIN_DIM = 32
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -37,9 +38,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     # the schedule is applied last, to the update and the decay together. Adafactor's clipping
     # of the update (RMS <= 1) stays on, as in the paper; the global-norm clip below acts on
     # the gradient before it.
+    # min_dim_size_to_factor 32 (optax: 128): attention weights are [d_model, heads, head_dim]
+    # and Adafactor factors a tensor's two largest dims, here d_model and head_dim (64 in most
+    # LLMs), keeping heads as a batch dim; at 128 they kept full second moments.
     opt = optax.chain(
         optax.adafactor(learning_rate=None, weight_decay_rate=cfg.weight_decay or None,
-                        weight_decay_mask=decay_mask),
+                        weight_decay_mask=decay_mask, min_dim_size_to_factor=FACTOR_MIN_DIM),
         optax.scale_by_learning_rate(lr, flip_sign=False))
   # Always a chain: its state has one layout with or without clipping, so a run can resume
   # with clipping switched on or off.

@@ -89,9 +89,9 @@ def test_optimizer_state_bytes():
   assert state(name="adamw", mu_dtype="bfloat16") == (2 + 4) * n
   assert state(name="lion") == 4 * n
   assert state(name="lion", mu_dtype="bfloat16") == 2 * n
-  # Factored only where both dims reach 128 (optax's default): w keeps 512 + 256 statistics;
-  # b and small keep full second moments; each unused slot is a 1-element placeholder.
-  assert state(name="adafactor") == 4 * ((512 + 256 + 1) + (256 + 1 + 1) + (64 * 32 + 1 + 1))
+  # Factored where the two largest dims reach 32: w keeps 512 + 256 statistics, small 64 + 32;
+  # b keeps a full second moment; each unused slot is a 1-element placeholder.
+  assert state(name="adafactor") == 4 * ((512 + 256 + 1) + (256 + 1 + 1) + (64 + 32 + 1))
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])

@@ -1,0 +1,14 @@
+"""scripts/bench_optimizers.py: exact state bytes per optimizer, and compiled step rows."""
+
+
+def test_state_and_step_rows(load_script):
+  bench = load_script("scripts/bench_optimizers.py")
+  rows = {r["optimizer"]: r for r in bench.state_bytes(["125m"])}
+  assert rows["adamw"]["opt_x_adamw"] == 1.0
+  # Two float32 moments per parameter (plus step counts); bf16 first moments: 6 bytes; Lion 4.
+  assert 8.0 <= rows["adamw"]["opt_per_param_bytes"] < 8.001
+  assert 6.0 <= rows["adamw_bf16mu"]["opt_per_param_bytes"] < 6.001
+  assert 4.0 <= rows["lion"]["opt_per_param_bytes"] < 4.001
+  assert rows["adafactor"]["opt_x_adamw"] < 0.01  # every large matrix factored
+  steps = bench.step_memory("tiny", 1, ["adamw", "adafactor"])
+  assert steps[1]["argument_x_adamw"] < 1.0 and steps[0]["step_ms"] > 0
