@@ -53,16 +53,22 @@ HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
                 ("optim", "mu_dtype"): None}
 
 
-def config_hash(cfg: Any) -> str:
-  """Short stable hash of a config (names run directories and sweep index rows)."""
-  d = to_dict(cfg)
-  for *parents, name in HASH_NEUTRAL:
+def drop_neutral(d: dict, neutral: dict) -> dict:
+  """d (a to_dict result, changed in place and returned) without the `neutral` {(dotted path
+  parts): value} entries that hold their neutral value."""
+  for *parents, name in neutral:
     owner = d
     for key in parents:
       owner = owner.get(key) if isinstance(owner, dict) else None
-    if isinstance(owner, dict) and name in owner and owner[name] == HASH_NEUTRAL[(*parents, name)]:
+    if isinstance(owner, dict) and name in owner and owner[name] == neutral[(*parents, name)]:
       del owner[name]
-  blob = json.dumps(d, sort_keys=True, default=str).encode()
+  return d
+
+
+def config_hash(cfg: Any) -> str:
+  """Short stable hash of a config (names run directories and sweep index rows)."""
+  blob = json.dumps(drop_neutral(to_dict(cfg), HASH_NEUTRAL), sort_keys=True,
+                    default=str).encode()
   return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -168,6 +168,9 @@ class StageConfig:
             "mixer_in or mixer (or loss = 'kl')")
 
 
+# As memx.config.HASH_NEUTRAL, for the DistillConfig a sweep's distillation entry hashes.
+HASH_NEUTRAL = {(f"stage{k}", "microbatches"): 1 for k in (1, 2, 3)}
+
 STAGE1 = StageConfig(index=1, loss="layer_mse", trainable="new", lr=1e-3)
 STAGE2 = StageConfig(index=2, loss="layer_mse", trainable="mixer", lr=5e-4)
 STAGE3 = StageConfig(index=3, loss="kl", trainable="all", lr=1e-4, warmup_steps=10)

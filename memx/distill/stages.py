@@ -89,7 +89,8 @@ def stage_run_config(student_model, data, stage: StageConfig, dcfg: DistillConfi
   """The stage directory's config.json: a memx Config whose model is the student."""
   return Config(model=student_model, data=data, optim=stage_optim(stage),
                 train=TrainConfig(steps=stage.steps, batch_size=stage.batch_size, seed=dcfg.seed,
-                                  log_every=stage.log_every, eval_batches=dcfg.eval_batches),
+                                  log_every=stage.log_every, eval_batches=dcfg.eval_batches,
+                                  microbatches=stage.microbatches),
                 checkpoint=dataclasses.replace(dcfg.checkpoint, every=stage.checkpoint_every))
 
 
@@ -202,11 +203,11 @@ def compare(s_graphdef, s_state, t_graphdef, t_state, batch, layers: tuple[int, 
   key = (s_graphdef, t_graphdef, tuple(layers), microbatches, _signature(args))
   if key not in _COMPARE_CACHE:
     def fn(s_state, t_state, batch):
-      student = nnx.merge(s_graphdef, s_state)
-      teacher = nnx.merge(t_graphdef, t_state)
       weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
-      def one(mb):
+      def one(states, mb):
+        student = nnx.merge(s_graphdef, states[0])
+        teacher = nnx.merge(t_graphdef, states[1])
         kw = model_kwargs(mb)
         t_logits, t_in, t_out = teacher_pass(teacher, mb["inputs"], layers, **kw)
         m = end_to_end_metrics(t_logits, student(mb["inputs"], **kw), mb, microbatches,
@@ -221,7 +222,7 @@ def compare(s_graphdef, s_state, t_graphdef, t_state, batch, layers: tuple[int, 
           m["mse"] = m["teacher_ms"] = jnp.zeros((), jnp.float32)
         return m
 
-      return microbatch.sum_over(one, batch, microbatches)
+      return microbatch.sum_over(one, (s_state, t_state), batch, microbatches)
     _COMPARE_CACHE[key] = compile_program(fn, args)
   return _COMPARE_CACHE[key](*args)
 

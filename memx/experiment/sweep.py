@@ -21,7 +21,7 @@ import time
 import traceback
 from typing import Any
 
-from memx.config import config_hash, to_dict
+from memx.config import config_hash, drop_neutral, to_dict
 from memx.errors import UserError, exception_lines
 from memx.experiment import loading
 from memx.experiment.index import RunIndex
@@ -45,7 +45,9 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
         from memx.distill import sweep_entry
         teacher, dcfg, data = sweep_entry.build(module, variant, overrides, list(hashes),
                                                 teacher_cfgs=configs)
-        blob = json.dumps({"teacher": hashes[teacher], "distill": to_dict(dcfg),
+        from memx.distill.config import HASH_NEUTRAL
+        blob = json.dumps({"teacher": hashes[teacher],
+                           "distill": drop_neutral(to_dict(dcfg), HASH_NEUTRAL),
                            **({"data": data} if data else {})},
                           sort_keys=True, default=str)
         h = hashlib.sha256(blob.encode()).hexdigest()[:12]

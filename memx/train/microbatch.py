@@ -23,7 +23,12 @@ of the loop (the accumulator then sums unreduced gradients: one reduction per st
 has no such pass, so on CPU meshes the reduction runs once per microbatch. Under FSDP the
 parameters are gathered for every microbatch, and the gradients reduce-scattered for each
 (sinking that too, XLA's --xla_gpu_enable_while_loop_reduce_scatter_code_motion, would keep
-unsharded gradients).
+unsharded gradients). An optimization barrier at the top of the loop body keeps XLA from
+hoisting the parameters' all-gathers out of the loop, which would hold them unsharded for the
+whole step (more memory than without microbatches).
+
+Only the `wrt` variables come out of a microbatch: changes a loss makes to other model state
+(none of memx's models has such state) are not carried from one microbatch to the next.
 """
 
 from collections.abc import Callable
@@ -77,16 +82,19 @@ def value_and_grad(loss_fn: Callable[..., Any], model: nnx.Module, batch: Batch,
         model, batch)
   graphdef, params, rest = nnx.split(model, wrt, ...)
 
-  def loss_of(p, mb):
+  def loss_of(p, rest, mb):
     out = loss_fn(nnx.merge(graphdef, p, rest), mb)
     return out if has_aux else (out, {})
 
   mbs = split_microbatches(batch, n)
-  aux_shape = jax.eval_shape(loss_of, params, jax.tree.map(lambda x: x[0], mbs))[1]
+  aux_shape = jax.eval_shape(loss_of, params, rest, jax.tree.map(lambda x: x[0], mbs))[1]
 
   def body(carry, mb):
     total, aux_sum, acc = carry
-    (loss, aux), g = jax.value_and_grad(loss_of, has_aux=True)(params, mb)
+    # The barrier ties the parameters to this iteration: without it XLA hoists their FSDP
+    # all-gathers out of the loop, and every device holds them unsharded for the whole step.
+    p, rest_p, mb = jax.lax.optimization_barrier((params, rest, mb))
+    (loss, aux), g = jax.value_and_grad(loss_of, has_aux=True)(p, rest_p, mb)
     acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
     return (total + loss.astype(jnp.float32), jax.tree.map(jnp.add, aux_sum, aux), acc), None
 
@@ -97,17 +105,19 @@ def value_and_grad(loss_fn: Callable[..., Any], model: nnx.Module, batch: Batch,
   return ((loss, aux) if has_aux else loss), grads
 
 
-def sum_over(fn: Callable[[Batch], dict], batch: Batch, n: int) -> dict:
-  """Σ_j fn(microbatch_j) for a fn returning a dict of sums (evaluation: loss sums, counts);
-  n = 1 is fn(batch)."""
+def sum_over(fn: Callable[[Any, Batch], dict], state: Any, batch: Batch, n: int) -> dict:
+  """Σ_j fn(state, microbatch_j) for a fn returning a dict of sums (evaluation: loss sums,
+  counts); n = 1 is fn(state, batch). `state` (the arrays fn reads every microbatch) passes
+  through the loop's barrier, as in value_and_grad."""
   if n == 1:
-    return fn(batch)
+    return fn(state, batch)
   mbs = split_microbatches(batch, n)
-  first = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], mbs))
+  first = jax.eval_shape(fn, state, jax.tree.map(lambda x: x[0], mbs))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
 
   def body(acc, mb):
-    return jax.tree.map(jnp.add, acc, fn(mb)), None
+    st, mb = jax.lax.optimization_barrier((state, mb))
+    return jax.tree.map(jnp.add, acc, fn(st, mb)), None
 
   return jax.lax.scan(body, zeros, mbs)[0]
 

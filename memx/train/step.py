@@ -140,16 +140,16 @@ def make_eval_step(graphdef, microbatches: int = 1):
   (the training step's), so evaluation needs no more activation memory than training."""
 
   def eval_step(state, batch: Batch):
-    model, _ = nnx.merge(graphdef, state)
     b, positions = batch_to_layout(batch)
 
-    def sums(mb):
+    def sums(state, mb):
+      model, _ = nnx.merge(graphdef, state)
       logits = model(mb["inputs"], positions=mb["positions"], segment_ids=mb.get("segment_ids"))
       losses = token_losses(logits, mb["targets"])
       correct, answers = answer_hits(logits, mb["targets"], mb["answer_mask"])
       return {"loss_sum": jnp.sum(losses * mb["weights"]), "weight": jnp.sum(mb["weights"]),
               "correct": correct, "answers": answers}
 
-    return microbatch.sum_over(sums, {**b, "positions": positions}, microbatches)
+    return microbatch.sum_over(sums, state, {**b, "positions": positions}, microbatches)
 
   return eval_step

@@ -87,3 +87,15 @@ def test_bad_counts_and_resume_identity():
   # existed still match.
   ident = runner._stage_identity(dataclasses.replace(STAGE2, microbatches=4))
   assert "microbatches" not in ident and ident == runner._stage_identity(STAGE2)
+
+
+def test_sweep_hash_of_a_distillation_leaves_out_the_default_count():
+  """A sweep hashes a distillation entry's DistillConfig: stage microbatches at 1 are left
+  out (finished entries keep their hash), any other count is hashed."""
+  from memx.config import drop_neutral, to_dict
+  from memx.distill.config import HASH_NEUTRAL, DistillConfig
+
+  plain = drop_neutral(to_dict(DistillConfig()), HASH_NEUTRAL)
+  assert all("microbatches" not in plain[f"stage{k}"] for k in (1, 2, 3))
+  four = DistillConfig(stage3=dataclasses.replace(STAGE3, microbatches=4))
+  assert drop_neutral(to_dict(four), HASH_NEUTRAL)["stage3"]["microbatches"] == 4
