@@ -128,8 +128,9 @@ def _on_teacher_eval_rows(teacher_dir: pathlib.Path, student_dir: pathlib.Path) 
   lm, task = eval_loaders(t.cfg)
   layers = tuple(i for i in range(s.cfg.model.n_layers)
                  if s.cfg.model.mixer(i) != t.cfg.model.mixer(i))
+  # The teacher run's rows, in the pieces that run evaluated them in.
   e = evaluate(s.model, t.model, {"lm": lm, "task": task, "batches": t.cfg.train.eval_batches},
-               layers)
+               layers, t.cfg.train.microbatches)
   return {"final_eval_loss": e["loss"], "eval_perplexity": e["perplexity"],
           "task_accuracy": e.get("accuracy"),
           **{k: v for k, v in e.items() if k not in ("loss", "perplexity", "accuracy")}}

@@ -99,6 +99,7 @@ _COLUMNS = (
     _Column("eval ppl", ("eval_perplexity",), _fmt_fixed(2), "min"),
     _Column("task acc", ("task_accuracy",), _fmt_pct, "max"),
     _Column("tokens/s", ("tokens_per_s",), _fmt_rate, "max"),
+    _Column("opt state", ("opt_state_bytes",), _fmt_bytes, "min"),
     _Column("argument mem", ("memory", "argument_bytes"), _fmt_bytes, "min"),
     _Column("output mem", ("memory", "output_bytes"), _fmt_bytes, "min"),
     _Column("temp mem", ("memory", "temp_bytes"), _fmt_bytes, "min"),

@@ -122,7 +122,7 @@ def test_report_lists_every_run_with_status_in_sweep_order(built):
   assert header[:2] == ["run", "status"]
   assert [r[:2] for r in rows] == [["baseline", "done"], ["flash", "done"], ["big_lr", "failed"]]
   for col in ("params", "train loss", "eval loss", "eval ppl", "task acc", "tokens/s",
-              "argument mem", "output mem", "temp mem", "checkpoint"):
+              "opt state", "argument mem", "output mem", "temp mem", "checkpoint"):
     assert col in header
   assert "peak mem" not in header  # no run measured it (CPU)
   failed = rows[2]
@@ -131,6 +131,7 @@ def test_report_lists_every_run_with_status_in_sweep_order(built):
   assert flash["params"] == "1.23M"
   assert flash["temp mem"] == "**8.0 MiB**"
   assert flash["argument mem"] == "3.0 MiB"  # equal across runs: nothing to single out
+  assert flash["opt state"] == "9.4 MiB"  # optimizer ablations compare their state here
 
 
 def test_failed_run_shows_error_line(built):
