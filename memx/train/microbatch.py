@@ -98,7 +98,7 @@ def value_and_grad(loss_fn: Callable[..., Any], model: nnx.Module, batch: Batch,
     acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
     return (total + loss.astype(jnp.float32), jax.tree.map(jnp.add, aux_sum, aux), acc), None
 
-  zeros = jax.tree.map(_zeros_like_param, params, is_leaf=_is_param)
+  zeros = jax.tree.map(_zeros_like_param, params, is_leaf=_is_variable)
   aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
   (loss, aux, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), aux0, zeros), mbs)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
@@ -122,7 +122,7 @@ def sum_over(fn: Callable[[Any, Batch], dict], state: Any, batch: Batch, n: int)
   return jax.lax.scan(body, zeros, mbs)[0]
 
 
-def _is_param(x) -> bool:
+def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 

@@ -3,12 +3,15 @@ optimizer with the state sizes the report compares."""
 
 import json
 
+import pytest
+
 from memx.experiment import loading, sweep
 from memx.experiment.runner import RunSpec, run
 
 EXPERIMENT = "experiments/optimizers/ablation.py"
 
 
+@pytest.mark.entry
 def test_entries_validate_and_the_tiny_runs_train(tmp_path):
   module = loading.load_module(EXPERIMENT)
   for variant in loading.variants(module):
