@@ -2,7 +2,7 @@
 small LM (embedded corpus mixed with MQAR), with the same steps and tokens for every entry.
 
 Command:   memx sweep experiments/optimizers/ablation.py
-One run:   memx run experiments/optimizers/ablation.py:base --set optim.name=lion --set optim.lr=3e-4
+One run:   memx run experiments/optimizers/ablation.py --set optim.name=lion --set optim.lr=3e-4
 Hardware:  CPU, 2 cores; about 4 minutes for the sweep (7 runs of 200 steps).
 Result:    (2026-11-28, CPU; benchmarks/RESULTS.md "Session 18") eval loss and optimizer state:
            adamw 1.613, 3.5 MiB; adamw-bf16mu 1.614, 2.6 MiB; adafactor at lr 1e-2 2.107 and at

@@ -29,7 +29,8 @@ class OptimConfig:
       second moment stays in the parameters' dtype); None keeps it in the parameters' dtype.
     lr, min_lr_ratio, warmup_steps: the schedule; weight_decay: decoupled, on matrices only
       (memx.train.optim.decay_mask); b1, b2, eps: AdamW's (Lion uses b1, b2: its paper's b2 is
-      0.99; Adafactor its own decay schedule); clip_norm: global-norm clipping of the gradient, None for none.
+      0.99; Adafactor its own decay schedule); clip_norm: global-norm clipping of the gradient,
+      None for none.
   """
 
   name: str = "adamw"
