@@ -62,3 +62,15 @@ def time_steps(compiled, state, batch, n: int):
     state, m = compiled(state, batch)
   jax.block_until_ready((state, m))
   return (time.perf_counter() - t0) / n, state
+
+
+def interleaved_medians(timers: dict, repeats: int) -> dict:
+  """{key: median of timer()} over `repeats` rounds; each round calls every timer (a
+  no-argument callable returning seconds) in turn, so machine noise hits them alike."""
+  import statistics
+
+  times = {k: [] for k in timers}
+  for _ in range(repeats):
+    for k, timer in timers.items():
+      times[k].append(timer())
+  return {k: statistics.median(v) for k, v in times.items()}

@@ -14,14 +14,13 @@ is added once, about the parameters' size ("param_MiB").
 
 import argparse
 import dataclasses
-import statistics
 import subprocess
 import sys
 import time
 
 import jax
 
-from memx.benchmark import compile_train_step, time_steps, write_results
+from memx.benchmark import compile_train_step, interleaved_medians, write_results
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from memx.train.memory import compiled_memory
 
@@ -42,30 +41,48 @@ def make_config(size: str, microbatches: int, vocab_block: int) -> Config:
       checkpoint=CheckpointConfig(enabled=False))
 
 
-def measure(size: str, counts: list[int], repeats: int, vocab_block: int = 0) -> list[dict]:
-  runs = {n: [make_config(size, n, vocab_block), *compile_train_step(make_config(
-      size, n, vocab_block))] for n in counts}
-  times = {n: [] for n in counts}
-  for _ in range(repeats):
-    for n, run in runs.items():
-      cfg, compiled, state, batch = run
-      t, run[2] = time_steps(compiled, state, batch, cfg.train.steps)
-      times[n].append(t)
+def _step_timer(compiled, state, batch, steps: int, *extra):
+  """A timer of `steps` calls of a donated step (the state carried from call to call)."""
+  box = [state]
+
+  def timer():
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      box[0], metrics = compiled(box[0], *extra, batch)
+    jax.block_until_ready((box[0], metrics))
+    return (time.perf_counter() - t0) / steps
+
+  return timer
+
+
+def _param_bytes(state) -> int:
+  """The model half's bytes (read before a donating step deletes the arrays)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
+
+
+def _rows(counts, cfg, compiled: dict, params: dict, seconds: dict) -> list[dict]:
   rows = []
   for n in counts:
-    cfg, compiled, state = runs[n][:3]
-    mem = compiled_memory(compiled)
-    t = statistics.median(times[n])
-    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
+    mem = compiled_memory(compiled[n])
+    t = seconds[n]
     rows.append({"microbatches": n, "rows_per_microbatch": cfg.train.batch_size // n,
                  "step_ms": 1e3 * t, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len / t,
                  "temp_MiB": mem["temp_bytes"] / 2**20,
-                 "argument_MiB": mem["argument_bytes"] / 2**20, "param_MiB": params / 2**20})
-  base = rows[0]
+                 "argument_MiB": mem["argument_bytes"] / 2**20, "param_MiB": params[n] / 2**20})
   for r in rows:
-    r["time_x_1"] = r["step_ms"] / base["step_ms"]
-    r["temp_x_1"] = r["temp_MiB"] / base["temp_MiB"]
+    r["time_x_1"] = r["step_ms"] / rows[0]["step_ms"]
+    r["temp_x_1"] = r["temp_MiB"] / rows[0]["temp_MiB"]
   return rows
+
+
+def measure(size: str, counts: list[int], repeats: int, vocab_block: int = 0) -> list[dict]:
+  cfg = make_config(size, 1, vocab_block)
+  compiled, params, timers = {}, {}, {}
+  for n in counts:
+    compiled[n], state, batch = compile_train_step(make_config(size, n, vocab_block))
+    params[n] = _param_bytes(state)
+    timers[n] = _step_timer(compiled[n], state, batch, cfg.train.steps)
+  return _rows(counts, cfg, compiled, params, interleaved_medians(timers, repeats))
 
 
 def measure_distill(size: str, counts: list[int], repeats: int) -> list[dict]:
@@ -91,39 +108,20 @@ def measure_distill(size: str, counts: list[int], repeats: int) -> list[dict]:
   batch = {k: jnp.asarray(v) for k, v in make_loader(
       cfg.data, batch_size=cfg.train.batch_size, seed=0, split="train").local_batch(0).items()}
   t_graphdef, t_state = nnx.split(teacher)
-  runs = {}
+  compiled, params, timers = {}, {}, {}
   for n in counts:
     stage = dataclasses.replace(STAGE3, ce_weight=0.5, batch_size=cfg.train.batch_size,
                                 microbatches=n, steps=cfg.train.steps)
     filt = trainable_filter(stage.trainable, layers)
     opt = nnx.Optimizer(student, make_optimizer(stage_optim(stage), stage.steps), wrt=filt)
     graphdef, state = nnx.split((student, opt))
-    compiled = jax.jit(make_step(stage, graphdef, t_graphdef, layers, filt)).lower(
-        state, t_state, batch).compile()
-    jax.block_until_ready(compiled(state, t_state, batch))  # warm-up
-    runs[n] = [compiled, state]
-  times = {n: [] for n in counts}
-  for _ in range(repeats):
-    for n, (compiled, state) in runs.items():
-      t0 = time.perf_counter()
-      for _ in range(cfg.train.steps):
-        out = compiled(state, t_state, batch)
-      jax.block_until_ready(out)
-      times[n].append((time.perf_counter() - t0) / cfg.train.steps)
-  rows = []
-  for n in counts:
-    compiled, state = runs[n]
-    mem = compiled_memory(compiled)
-    t = statistics.median(times[n])
-    params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
-    rows.append({"microbatches": n, "rows_per_microbatch": cfg.train.batch_size // n,
-                 "step_ms": 1e3 * t, "tokens_per_s": cfg.train.batch_size * cfg.data.seq_len / t,
-                 "temp_MiB": mem["temp_bytes"] / 2**20,
-                 "argument_MiB": mem["argument_bytes"] / 2**20, "param_MiB": params / 2**20})
-  for r in rows:
-    r["time_x_1"] = r["step_ms"] / rows[0]["step_ms"]
-    r["temp_x_1"] = r["temp_MiB"] / rows[0]["temp_MiB"]
-  return rows
+    state = jax.tree.map(jnp.copy, state)  # each count donates its own copy of the student
+    params[n] = _param_bytes(state)
+    compiled[n] = jax.jit(make_step(stage, graphdef, t_graphdef, layers, filt),
+                          donate_argnums=0).lower(state, t_state, batch).compile()
+    timers[n] = _step_timer(compiled[n], state, batch, cfg.train.steps, t_state)
+    timers[n]()  # warm-up
+  return _rows(counts, cfg, compiled, params, interleaved_medians(timers, repeats))
 
 
 def main() -> int:

@@ -13,13 +13,12 @@ the bare AOT step (the optimizers alternate, medians over --repeats).
 
 import argparse
 import pathlib
-import statistics
 import subprocess
 import sys
 
 import jax
 
-from memx.benchmark import compile_train_step, time_steps, write_results
+from memx.benchmark import compile_train_step, interleaved_medians, time_steps, write_results
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from memx.train.memory import compiled_memory
 from memx.train.step import abstract_state
@@ -68,21 +67,24 @@ def step_config(step_size: str, optim: OptimConfig) -> Config:
 
 
 def step_memory(step_size: str, repeats: int, names: list[str]) -> list[dict]:
-  runs = {n: [step_config(step_size, VARIANTS[n]), *compile_train_step(
-      step_config(step_size, VARIANTS[n]))] for n in names}
-  times = {n: [] for n in names}
-  for _ in range(repeats):
-    for n, run in runs.items():
-      cfg, compiled, state, batch = run
-      t, run[2] = time_steps(compiled, state, batch, cfg.train.steps)
-      times[n].append(t)
+  runs, timers = {}, {}
+  for n in names:
+    cfg = step_config(step_size, VARIANTS[n])
+    runs[n] = [cfg, *compile_train_step(cfg)]
+
+    def timer(run=runs[n]):
+      seconds, run[2] = time_steps(run[1], run[2], run[3], run[0].train.steps)
+      return seconds
+
+    timers[n] = timer
+  seconds = interleaved_medians(timers, repeats)
   rows = []
   for n in names:
     mem = compiled_memory(runs[n][1])
     rows.append({"part": "step", "size": step_size, "optimizer": n,
                  "argument_MiB": mem["argument_bytes"] / 2**20,
                  "temp_MiB": mem["temp_bytes"] / 2**20,
-                 "step_ms": 1e3 * statistics.median(times[n])})
+                 "step_ms": 1e3 * seconds[n]})
   for r in rows:
     r["argument_x_adamw"] = r["argument_MiB"] / rows[0]["argument_MiB"]
     r["time_x_adamw"] = r["step_ms"] / rows[0]["step_ms"]

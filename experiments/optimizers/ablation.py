@@ -17,8 +17,13 @@ only what each costs in state and how it starts at conventional learning rates.
 """
 
 import dataclasses
+import pathlib
 
-from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from memx.config import Config
+from memx.experiment.loading import load_module
+
+# The demo's model and data (experiments/demo/ablation.py), trained twice as long.
+DEMO = load_module(pathlib.Path(__file__).parents[1] / "demo" / "ablation.py")
 
 VARIANTS = ("base", "tiny")
 
@@ -38,25 +43,13 @@ SWEEP: list[tuple[str, dict]] = [
 
 
 def config(variant: str = "base") -> Config:
-  cfg = Config(
-      model=ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2),
-      data=DataConfig(source="corpus", seq_len=128, task="mqar", task_fraction=0.25,
-                      mqar_pairs=8),
-      optim=OptimConfig(lr=3e-3, warmup_steps=30),
-      train=TrainConfig(steps=200, batch_size=16, log_every=10, eval_every=100,
-                        eval_batches=4),
-      checkpoint=CheckpointConfig(every=200, keep=1),
-  )
-  if variant == "tiny":  # the smoke test: seconds
-    cfg = dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, d_model=32),
-        data=dataclasses.replace(cfg.data, seq_len=32, mqar_pairs=4),
-        train=dataclasses.replace(cfg.train, steps=4, batch_size=32, log_every=2, eval_every=0,
-                                  eval_batches=1),
-        checkpoint=dataclasses.replace(cfg.checkpoint, every=4),
-    )
-  return cfg
+  cfg = DEMO.config(variant)
+  if variant == "tiny":  # the smoke test: seconds (8 test devices x 4 microbatches: 32 rows)
+    train = dataclasses.replace(cfg.train, steps=4, batch_size=32)
+  else:
+    train = dataclasses.replace(cfg.train, steps=200, eval_every=100)
+  return dataclasses.replace(cfg, train=train, checkpoint=dataclasses.replace(
+      cfg.checkpoint, every=train.steps))
 
 
 def sweep() -> list[tuple[str, dict]]:
