@@ -69,9 +69,16 @@ def check_overrides(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> No
     coerce(value, typing.get_type_hints(type(node))[leaf], prefix + key)
 
 
+# Names other frameworks give memx's keys (optax, MaxText, levanter): suggested first.
+_ALIASES = {"learning_rate": "lr", "optimizer": "name", "opt": "name",
+            "gradient_accumulation_steps": "microbatches", "grad_accum": "microbatches"}
+
+
 def _hint(key: str, valid: list[str]) -> str:
-  same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
-  near = same_leaf or difflib.get_close_matches(key, valid, n=4, cutoff=0.5)
+  owner, _, leaf = key.rpartition(".")
+  alias = [k for k in valid if k == f"{owner}.{_ALIASES.get(leaf)}"]
+  same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
+  near = alias or same_leaf or difflib.get_close_matches(key, valid, n=4, cutoff=0.5)
   if near:
     return f"did you mean {', '.join(near)}?"
   section = key.split(".")[0]

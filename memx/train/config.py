@@ -33,8 +33,6 @@ class OptimConfig:
       None for none.
   """
 
-  name: str = "adamw"
-  mu_dtype: str | None = None
   lr: float = 3e-3
   min_lr_ratio: float = 0.1
   warmup_steps: int = 50
@@ -43,6 +41,8 @@ class OptimConfig:
   b2: float = 0.95
   eps: float = 1e-8
   clip_norm: float | None = 1.0
+  name: str = "adamw"
+  mu_dtype: str | None = None
 
   def __post_init__(self):
     require(self.name in OPTIMIZERS, "optim", "name", self.name,

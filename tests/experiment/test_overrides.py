@@ -162,7 +162,8 @@ def test_apply_overrides_works_on_a_single_section():
 @pytest.mark.parametrize(("key", "hint"), [
     ("model.d_modle", "did you mean model.d_model"),
     ("trian.steps", "did you mean train.steps"),
-    ("optim.learning_rate", "optim.lr"),
+    ("optim.learning_rate", "did you mean optim.lr?"),
+    ("train.gradient_accumulation_steps", "did you mean train.microbatches?"),
     ("optim.zzzzzzzzzzzzzzzzzz", "valid keys in 'optim': optim.lr, optim.min_lr_ratio"),
     ("zzz.qqq", "valid sections: checkpoint, data, model, optim, parallel, train"),
     ("model.d_model.x", "did you mean model.d_model"),
