@@ -220,6 +220,27 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(tmp_path, run_env):
 
 
 @pytest.mark.slow
+def test_two_processes_with_microbatches_train_like_one_device(tmp_path, run_env):
+  """2 processes x 2 devices, the batch of 8 in 2 microbatches of 4 (one row per device each):
+  every process keeps its rows (microbatch j = rows j, j + 2, ...), and the losses equal one
+  process on one device without microbatches."""
+  del run_env
+  single = subprocess.run([sys.executable, "-m", "memx", "run", f"{TINY}:base", "--workdir",
+                           str(tmp_path / "one")], env=_env(JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  multi = subprocess.run(
+      [str(ROOT / "scripts" / "launch_local.sh"), "2", "--devices", "2", f"{TINY}:base",
+       "--workdir", str(tmp_path / "two"), "--set", "train.microbatches=2"],
+      env=_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=400)
+  assert multi.returncode == 0, (multi.stdout + multi.stderr)[-3000:]
+  one, two = (json.loads((tmp_path / d / "tiny_sweep-base" / "summary.json").read_text())
+              for d in ("one", "two"))
+  for key in ("final_train_loss", "final_eval_loss"):
+    assert abs(one[key] - two[key]) <= 1e-5 * abs(one[key]), (key, one[key], two[key])
+
+
+@pytest.mark.slow
 def test_lazy_saves_with_several_devices_per_process_finish(tmp_path, run_env):
   """Two processes of two devices each, lazy checkpoints mid-run: Orbax's barriers on memx's
   writer thread were device collectives, interleaved with the training step's differently on
