@@ -76,7 +76,8 @@ _ALIASES = {"learning_rate": "lr", "optimizer": "name", "opt": "name",
 
 def _hint(key: str, valid: list[str]) -> str:
   owner, _, leaf = key.rpartition(".")
-  alias = [k for k in valid if k == f"{owner}.{_ALIASES.get(leaf)}"]
+  alias = [k for k in valid if k.rpartition(".") == (owner or k.rpartition(".")[0], ".",
+                                                       _ALIASES.get(leaf))]
   same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf]
   near = alias or same_leaf or difflib.get_close_matches(key, valid, n=4, cutoff=0.5)
   if near:

@@ -164,6 +164,7 @@ def test_apply_overrides_works_on_a_single_section():
     ("trian.steps", "did you mean train.steps"),
     ("optim.learning_rate", "did you mean optim.lr?"),
     ("train.gradient_accumulation_steps", "did you mean train.microbatches?"),
+    ("learning_rate", "did you mean optim.lr?"),
     ("optim.zzzzzzzzzzzzzzzzzz", "valid keys in 'optim': optim.lr, optim.min_lr_ratio"),
     ("zzz.qqq", "valid sections: checkpoint, data, model, optim, parallel, train"),
     ("model.d_model.x", "did you mean model.d_model"),
