@@ -50,7 +50,8 @@ def _floats_as_floats(cls, d: dict) -> None:
 # at that value a field is left out of config_hash, so adding it renamed no run and made no
 # sweep retrain a finished entry. Any other value is hashed, as is every field not listed.
 HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
-                ("optim", "mu_dtype"): None}
+                ("optim", "mu_dtype"): None, ("optim", "galore_rank"): 128,
+                ("optim", "galore_every"): 200, ("optim", "galore_scale"): 0.25}
 
 
 def drop_neutral(d: dict, neutral: dict) -> dict:

@@ -26,7 +26,8 @@ from memx.train.step import abstract_state
 VARIANTS = {"adamw": OptimConfig(), "adamw_bf16mu": OptimConfig(mu_dtype="bfloat16"),
             "lion": OptimConfig(name="lion", lr=3e-4),
             "lion_bf16mu": OptimConfig(name="lion", lr=3e-4, mu_dtype="bfloat16"),
-            "adafactor": OptimConfig(name="adafactor", lr=1e-2)}
+            "adafactor": OptimConfig(name="adafactor", lr=1e-2),
+            "galore_r128": OptimConfig(name="galore", lr=1e-2, galore_rank=128)}
 # name → (d_model, n_layers, n_heads, vocab)
 SIZES = {"125m": (768, 12, 12, 32000), "350m": (1024, 24, 16, 32000),
          "1.3b": (2048, 24, 16, 32000)}

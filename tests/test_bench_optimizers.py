@@ -10,5 +10,8 @@ def test_state_and_step_rows(load_script):
   assert 6.0 <= rows["adamw_bf16mu"]["opt_per_param_bytes"] < 6.001
   assert 4.0 <= rows["lion"]["opt_per_param_bytes"] < 4.001
   assert rows["adafactor"]["opt_x_adamw"] < 0.01  # every large matrix factored
+  # GaLore at rank 128: projected moments of the attention and MLP matrices (d 768), Adam on
+  # the embedding table (32000 x 768, a quarter of the parameters) and the small leaves.
+  assert 0.3 < rows["galore_r128"]["opt_x_adamw"] < 0.5
   steps = bench.step_memory("tiny", 1, ["adamw", "adafactor"])
   assert steps[1]["argument_x_adamw"] < 1.0 and steps[0]["step_ms"] > 0

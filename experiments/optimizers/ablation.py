@@ -36,6 +36,9 @@ SWEEP: list[tuple[str, dict]] = [
     ("lion-lr1e-3", {"optim.name": "lion", "optim.lr": 1e-3, "optim.b2": 0.99}),
     ("adafactor", {"optim.name": "adafactor", "optim.lr": 1e-2}),
     ("adafactor-lr3e-2", {"optim.name": "adafactor", "optim.lr": 3e-2}),
+    # GaLore at rank 32 of the d 128 model's matrices, the projection refreshed every 50 steps.
+    ("galore-r32", {"optim.name": "galore", "optim.galore_rank": 32, "optim.galore_every": 50,
+                    "optim.lr": 1e-2}),
     # Gradient accumulation: the same batch in 4 pieces (same update, a quarter of the
     # activations at a time).
     ("adamw-mb4", {"train.microbatches": 4}),

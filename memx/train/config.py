@@ -9,7 +9,7 @@ from memx._validate import require
 SEED_LIMIT = 2**32
 
 
-OPTIMIZERS = ("adamw", "lion", "adafactor")
+OPTIMIZERS = ("adamw", "lion", "adafactor", "galore")
 MOMENT_DTYPES = ("float32", "bfloat16")
 
 
@@ -25,6 +25,10 @@ class OptimConfig:
       is scaled by the parameter's RMS as in Shazeer & Stern 2018). The optimizer state's size
       is what they trade: per parameter about 2, 1 and ~0 float32 numbers (exact bytes in
       benchmarks/RESULTS.md).
+    galore_rank, galore_every, galore_scale: name "galore" (memx.train.galore): Adam on the
+      gradient projected to this rank (moments r x n instead of m x n per matrix), the
+      projection recomputed from an SVD of the gradient every galore_every steps, the update
+      scaled by galore_scale (the paper's 0.25 with rank 128-512, every 200).
     mu_dtype: "bfloat16" stores AdamW's / Lion's first moment in bf16 (half its bytes; the
       second moment stays in the parameters' dtype); None keeps it in the parameters' dtype.
     lr, min_lr_ratio, warmup_steps: the schedule; weight_decay: decoupled, on matrices only
@@ -43,14 +47,24 @@ class OptimConfig:
   clip_norm: float | None = 1.0
   name: str = "adamw"
   mu_dtype: str | None = None
+  galore_rank: int = 128
+  galore_every: int = 200
+  galore_scale: float = 0.25
 
   def __post_init__(self):
     require(self.name in OPTIMIZERS, "optim", "name", self.name,
             f"expected one of {list(OPTIMIZERS)}")
     require(self.mu_dtype is None or self.mu_dtype in MOMENT_DTYPES, "optim", "mu_dtype",
             self.mu_dtype, f"expected None or one of {list(MOMENT_DTYPES)}")
-    require(self.mu_dtype is None or self.name != "adafactor", "optim", "mu_dtype",
-            self.mu_dtype, "adafactor keeps no first moment; leave mu_dtype None")
+    require(self.mu_dtype is None or self.name in ("adamw", "lion"), "optim", "mu_dtype",
+            self.mu_dtype, "only adamw and lion take it (adafactor keeps no first moment, "
+            "galore's projected moments stay float32); leave mu_dtype None")
+    for f in ("galore_rank", "galore_every"):
+      v = getattr(self, f)
+      require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, "optim", f, v,
+              "must be an integer >= 1")
+    require(self.galore_scale > 0 and math.isfinite(self.galore_scale), "optim",
+            "galore_scale", self.galore_scale, "must be finite and > 0")
     require(self.lr > 0 and math.isfinite(self.lr), "optim", "lr", self.lr,
             "must be finite and > 0")
     require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", self.min_lr_ratio,

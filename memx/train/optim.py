@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from memx.train.config import OptimConfig
+from memx.train.galore import scale_by_galore
 
 # Parameters never decayed whatever their rank: norm scales, biases and Mamba-2's per-head
 # dynamics (its gated norm and conv biases are 2-D, [heads, head_dim]).
@@ -32,6 +33,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   elif cfg.name == "lion":
     opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype,
                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  elif cfg.name == "galore":
+    opt = optax.chain(
+        scale_by_galore(cfg.galore_rank, cfg.galore_every, cfg.galore_scale, b1=cfg.b1,
+                        b2=cfg.b2, eps=cfg.eps, eligible=galore_mask),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(lr))
   else:
     # optax adds Adafactor's weight decay after its learning-rate scaling (each step takes
     # weight_decay·p whatever the lr); memx's decay is AdamW's decoupled lr·weight_decay·p, so
@@ -49,6 +56,17 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   # with clipping switched on or off.
   clip = optax.identity() if cfg.clip_norm is None else optax.clip_by_global_norm(cfg.clip_norm)
   return optax.chain(clip, opt)
+
+
+def galore_mask(params):
+  """True for the leaves GaLore may project: the decayed matrices except the embedding table
+  (the paper projects attention and MLP weights)."""
+  def allowed(path, p):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return "embed" not in names
+
+  return jax.tree.map(lambda a, b: a and b, decay_mask(params),
+                      jax.tree_util.tree_map_with_path(allowed, params))
 
 
 def decay_mask(params):

@@ -94,7 +94,7 @@ def test_optimizer_state_bytes():
   assert state(name="adafactor") == 4 * ((512 + 256 + 1) + (256 + 1 + 1) + (64 + 32 + 1))
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor", "galore"])
 def test_each_optimizer_trains(name):
   """A few updates on one fixed batch lower its loss with every optimizer."""
   from jax.sharding import NamedSharding, PartitionSpec
@@ -107,14 +107,16 @@ def test_each_optimizer_trains(name):
 
   cfg = Config(model=ModelConfig(vocab_size=264, d_model=128, n_layers=1, n_heads=2),
                data=DataConfig(source="corpus", seq_len=32),
-               optim=OptimConfig(name=name, lr={"adamw": 1e-2, "lion": 1e-3,
-                                                "adafactor": 3e-2}[name], warmup_steps=0),
+               optim=OptimConfig(name=name, lr={"adamw": 1e-2, "lion": 1e-3, "adafactor": 3e-2,
+                                                "galore": 1e-2}[name], warmup_steps=0,
+                                 galore_rank=16, galore_every=5),
                train=TrainConfig(steps=12, batch_size=4))
   one = NamedSharding(make_mesh(ParallelConfig(mesh_shape=(1,)), devices=jax.devices()[:1]),
                       PartitionSpec())
   batch = make_loader(cfg.data, batch_size=4, seed=0, split="train").global_batch(0, one)
   ts = init_state(cfg, jax.random.key(0))
-  step = jax.jit(make_train_step(cfg, ts.graphdef))
+  # Donated, as the loop runs it: a state whose leaves share a buffer cannot be.
+  step = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0)
   state, losses = ts.state, []
   for _ in range(cfg.train.steps):
     state, m = step(state, batch)
@@ -146,10 +148,12 @@ def test_weight_decay_is_decoupled_and_scaled_by_the_lr(name):
 
 
 @pytest.mark.multidevice
-def test_adafactor_under_fsdp_equals_one_device():
-  """Adafactor's factored statistics carry their parameter's axes but not its shape: they are
-  replicated, same-shaped moments sharded as their parameter, and FSDP steps equal one
-  device's."""
+@pytest.mark.parametrize("name", ["adafactor", "galore"])
+def test_factored_state_under_fsdp_equals_one_device(name):
+  """Adafactor's factored statistics and GaLore's projections carry their parameter's axes
+  but not its shape: they are replicated, same-shaped moments sharded as their parameter, and
+  FSDP steps equal one device's (GaLore's SVD runs at the first step, on the sharded
+  gradient)."""
   from memx.config import Config, DataConfig, TrainConfig
   from memx.data import make_loader
   from memx.parallel.config import ParallelConfig
@@ -161,7 +165,8 @@ def test_adafactor_under_fsdp_equals_one_device():
     pytest.skip("needs 8 devices")
   cfg = Config(model=ModelConfig(vocab_size=264, d_model=128, n_layers=1, n_heads=2),
                data=DataConfig(source="corpus", seq_len=32),
-               optim=OptimConfig(name="adafactor", lr=3e-2, warmup_steps=0),
+               optim=OptimConfig(name=name, lr=3e-2 if name == "adafactor" else 1e-2,
+                                 warmup_steps=0, galore_rank=16),
                train=TrainConfig(steps=3, batch_size=8))
   ts = init_state(cfg, jax.random.key(0))
   loader = make_loader(cfg.data, batch_size=8, seed=0, split="train")
@@ -174,7 +179,8 @@ def test_adafactor_under_fsdp_equals_one_device():
   specs = {k.split("['embed']")[0]: flat[k] for k in embed}
   param_spec = specs["[0]"]
   assert any(param_spec), param_spec  # the embedding table is sharded
-  assert all(not any(v) for k, v in specs.items() if "v_row" in k or "v_col" in k)
+  stats = [v for k, v in specs.items() if any(n in k for n in ("v_row", "v_col", "projections"))]
+  assert all(not any(v) for v in stats)
 
   def run(mesh, strategy):
     sh = state_shardings(ts.state, mesh, strategy)
@@ -189,5 +195,12 @@ def test_adafactor_under_fsdp_equals_one_device():
   one_state, one_loss = run(one_mesh, "dp")
   fsdp_state, fsdp_loss = run(mesh, "fsdp")
   np.testing.assert_allclose(fsdp_loss, one_loss, rtol=1e-5)
+  if name == "galore":
+    # GaLore's projection is the top-16 singular subspace of a gradient that FSDP sums in
+    # another order. Where singular values 16 and 17 nearly tie (0.00107 and 0.00099 in wk),
+    # a 1e-6 relative change of the gradient moves that subspace and the update by up to 1e-3
+    # (measured on one device), so weights are not comparable element by element; the loss
+    # after three updates is (checked above, to 1e-5).
+    return
   for a, b in zip(jax.tree.leaves(fsdp_state), jax.tree.leaves(one_state), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
