@@ -7,10 +7,10 @@ scale · P · Adam(R). A matrix with m > n projects from the right (G Q, Q = top
 vectors, moments m x r). Learning stays full-parameter: every weight moves, within the
 r-dimensional subspace of the current period.
 
-Which leaves: tensors of rank >= 2 viewed as [shape[0], rest] (the input dimension first, as
-memx's projections store them) whose smaller side exceeds the rank, except the embedding table
-and the names the optimizer never decays (memx.train.optim.NO_DECAY: norms, biases, SSM
-dynamics); every other leaf gets plain Adam moments. The moments are kept when the projection
+Which leaves: the decayed weight tensors inside the blocks (attention, MLP and mixer
+projections; not the embedding, the output head, norms, biases or SSM dynamics), viewed as
+matrices split where the smaller side is largest (see _split), whose smaller side exceeds the
+rank; every other leaf gets plain Adam moments. The moments are kept when the projection
 is refreshed (as the authors' implementation does).
 
 The result is a `scale_by_*` transformation (no learning rate, no sign flip): memx.train.optim
@@ -32,23 +32,39 @@ class GaLoreState(NamedTuple):
   nu: optax.Params
 
 
+def _split(shape) -> int:
+  """How many leading dims form the matrix's rows: the split whose smaller side is largest
+  (ties: fewer). memx stores a projection's input dims first, so this finds [d, heads·k] for
+  wq [d, heads, k] and [heads·k, d] for wo [heads, k, d], where a fixed split after the first
+  dim would make wo [heads, k·d], too thin to project."""
+  splits = range(1, len(shape))
+  return max(splits, key=lambda i: (min(math.prod(shape[:i]), math.prod(shape[i:])), -i))
+
+
+def _dims(shape) -> tuple[int, int]:
+  i = _split(shape)
+  return math.prod(shape[:i]), math.prod(shape[i:])
+
+
 def _plan(shape, rank: int) -> str:
   """"left", "right" or "adam" for a leaf of this shape."""
   if len(shape) < 2:
     return "adam"
-  m, n = shape[0], math.prod(shape[1:])
+  m, n = _dims(shape)
   if min(m, n) <= rank:
     return "adam"
   return "left" if m <= n else "right"
 
 
 def _matrix(x):
-  return x.reshape(x.shape[0], -1)
+  return x.reshape(_dims(x.shape))
 
 
 def _projected_shape(shape, kind: str, rank: int) -> tuple[int, ...]:
-  m, n = shape[0], math.prod(shape[1:])
-  return {"left": (rank, n), "right": (m, rank), "adam": tuple(shape)}[kind]
+  if kind == "adam":
+    return tuple(shape)
+  m, n = _dims(shape)
+  return (rank, n) if kind == "left" else (m, rank)
 
 
 def _top_vectors(g, kind: str, rank: int):
@@ -68,10 +84,11 @@ def scale_by_galore(rank: int, every: int, scale: float, *, b1: float = 0.9, b2:
 
   def init(params):
     k = kinds(params)
-    proj = jax.tree.map(
-        lambda p, kind: jnp.zeros({"left": (p.shape[0], rank),
-                                   "right": (_matrix(p).shape[1], rank)}.get(kind, (1,)),
-                                  jnp.float32), params, k)
+    def projection(p, kind):  # [m, r] (left), [n, r] (right), a [1] placeholder (adam)
+      shape = (1,) if kind == "adam" else (_dims(p.shape)[kind == "right"], rank)
+      return jnp.zeros(shape, jnp.float32)
+
+    proj = jax.tree.map(projection, params, k)
     def zeros():  # mu and nu: separate buffers (a donated train state must not alias)
       return jax.tree.map(lambda p, kind: jnp.zeros(_projected_shape(p.shape, kind, rank),
                                                     jnp.float32), params, k)

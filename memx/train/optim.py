@@ -59,11 +59,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def galore_mask(params):
-  """True for the leaves GaLore may project: the decayed matrices except the embedding table
-  (the paper projects attention and MLP weights)."""
+  """True for the leaves GaLore may project: the decayed weights inside the blocks (the paper
+  projects attention and MLP weights; the embedding, the output head and the MatMul-free
+  model's per-layer lower bounds live outside the blocks)."""
   def allowed(path, p):
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return "embed" not in names
+    return "blocks" in names
 
   return jax.tree.map(lambda a, b: a and b, decay_mask(params),
                       jax.tree_util.tree_map_with_path(allowed, params))

@@ -81,3 +81,29 @@ def test_weight_decay_and_lr_follow_adamw():
   updates, _ = opt.update(jax.tree.map(np.zeros_like, params), opt.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.1 * 0.2 * 0.5, rtol=1e-6)
   np.testing.assert_array_equal(updates["scale"], 0.0)
+
+
+def test_every_block_weight_of_a_model_is_projected():
+  """On memx's Transformer (d 256, 4 heads of 64): wq/wk/wv [d, heads, 64] become [d, 256] and
+  wo [heads, 64, d] becomes [256, d], as the MLP's [d, f] / [f, d]: all projected at rank 32.
+  The embedding, norms and anything outside the blocks keep Adam's moments."""
+  from flax import nnx
+
+  from memx.models.config import ModelConfig
+  from memx.models.transformer import TransformerLM
+  from memx.train.galore import _plan
+  from memx.train.optim import galore_mask
+
+  model = TransformerLM(ModelConfig(vocab_size=512, d_model=256, n_layers=2, n_heads=4),
+                        rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  mask = galore_mask(params)
+  plans = {}
+  for (path, p), (_, ok) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                jax.tree_util.tree_flatten_with_path(mask)[0], strict=True):
+    plans[jax.tree_util.keystr(path)] = _plan(p.shape, 32) if ok else "adam"
+  weights = {k: v for k, v in plans.items() if any(f"['{w}']" in k for w in (
+      "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"))}
+  assert len(weights) == 14 and all(v in ("left", "right") for v in weights.values()), weights
+  others = {k: v for k, v in plans.items() if k not in weights}
+  assert any("['embed']" in k for k in others) and set(others.values()) == {"adam"}, others
