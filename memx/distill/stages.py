@@ -44,7 +44,7 @@ from memx.distill.seed import NEW_PARAMS
 from memx.errors import NonFiniteLossError
 from memx.models.transformer import TransformerLM
 from memx.train import microbatch
-from memx.train.loss import answer_hits, token_losses
+from memx.train.loss import answer_hits, token_losses, weight_total, weighted_mean
 from memx.train.memory import compiled_memory
 from memx.train.metrics import MetricsWriter, truncate_after
 from memx.train.optim import lr_schedule, make_optimizer
@@ -98,10 +98,10 @@ def stage_run_config(student_model, data, stage: StageConfig, dcfg: DistillConfi
 
 
 def _stage_losses(stage: StageConfig, student: TransformerLM, batch, layers, teacher_out, *,
-                  parts: int = 1, weight_total=None):
+                  parts: int = 1, total=None):
   """(loss, terms) of the student against precomputed (stop-gradient) teacher outputs.
 
-  On a microbatch (`parts` equal slices of a batch whose weights sum to `weight_total`), each
+  On a microbatch (`parts` equal slices of a batch whose weights sum to `total`), each
   value is this slice's share, so the shares add up to the whole batch's: the means (MSE, KL,
   agreement) divided by `parts`, the weighted cross-entropy over the batch's total weight."""
   t_logits, t_inputs, t_outputs = teacher_out
@@ -111,9 +111,7 @@ def _stage_losses(stage: StageConfig, student: TransformerLM, batch, layers, tea
     return stage.mse_scale * mse, {"mse": mse}
   logits = student(batch["inputs"], **model_kwargs(batch))
   kl = kl_divergence(t_logits, logits, stage.temperature) / parts
-  if weight_total is None:
-    weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-  ce = jnp.sum(token_losses(logits, batch["targets"]) * batch["weights"]) / weight_total
+  ce = weighted_mean(token_losses(logits, batch["targets"]), batch["weights"], total)
   loss = stage.kl_weight * kl + stage.ce_weight * ce
   terms = {"kl": kl, "ce": ce, "agreement": top1_agreement(t_logits, logits) / parts}
   if stage.temperature != 1.0:  # "kl" is always plain KL (τ = 1), as in the evaluations
@@ -132,7 +130,7 @@ def make_step(stage: StageConfig, graphdef, teacher_graphdef, layers: tuple[int,
   def step(state, teacher_state, batch):
     student, opt = nnx.merge(graphdef, state)
     teacher = nnx.merge(teacher_graphdef, teacher_state)
-    weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    total = weight_total(batch["weights"])
 
     def loss_fn(model, mb):
       # The teacher runs behind stop_gradient and is no argument of the differentiated
@@ -140,8 +138,7 @@ def make_step(stage: StageConfig, graphdef, teacher_graphdef, layers: tuple[int,
       # updated. It runs per microbatch, so its activations are one microbatch's too.
       teacher_out = jax.lax.stop_gradient(
           teacher_pass(teacher, mb["inputs"], layers, **model_kwargs(mb)))
-      return _stage_losses(stage, model, mb, layers, teacher_out, parts=n,
-                           weight_total=weight_total)
+      return _stage_losses(stage, model, mb, layers, teacher_out, parts=n, total=total)
 
     (loss, terms), grads = microbatch.value_and_grad(loss_fn, student, batch, n, wrt=filt,
                                                      has_aux=True)
@@ -153,18 +150,15 @@ def make_step(stage: StageConfig, graphdef, teacher_graphdef, layers: tuple[int,
   return step
 
 
-def end_to_end_metrics(t_logits, s_logits, batch, parts: int = 1, weight_total=None) -> dict:
+def end_to_end_metrics(t_logits, s_logits, batch, parts: int = 1, total=None) -> dict:
   """Student vs teacher logits on a batch: means (KL, agreement), token-weighted means (ce,
   teacher_ce) and counts. On a microbatch (`parts` equal slices of a batch whose weights sum
-  to `weight_total`) each value is the slice's share of the whole batch's (see
+  to `total`) each value is the slice's share of the whole batch's (see
   `_stage_losses`)."""
   correct, answers = answer_hits(s_logits, batch["targets"], batch["answer_mask"])
   t_correct, _ = answer_hits(t_logits, batch["targets"], batch["answer_mask"])
-  if weight_total is None:
-    weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-
   def ce(logits):
-    return jnp.sum(token_losses(logits, batch["targets"]) * batch["weights"]) / weight_total
+    return weighted_mean(token_losses(logits, batch["targets"]), batch["weights"], total)
 
   return {"kl": kl_divergence(t_logits, s_logits) / parts, "ce": ce(s_logits),
           "teacher_ce": ce(t_logits), "agreement": top1_agreement(t_logits, s_logits) / parts,
@@ -203,15 +197,14 @@ def compare(s_graphdef, s_state, t_graphdef, t_state, batch, layers: tuple[int, 
   key = (s_graphdef, t_graphdef, tuple(layers), microbatches, _signature(args))
   if key not in _COMPARE_CACHE:
     def fn(s_state, t_state, batch):
-      weight_total = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+      total = weight_total(batch["weights"])
 
       def one(states, mb):
         student = nnx.merge(s_graphdef, states[0])
         teacher = nnx.merge(t_graphdef, states[1])
         kw = model_kwargs(mb)
         t_logits, t_in, t_out = teacher_pass(teacher, mb["inputs"], layers, **kw)
-        m = end_to_end_metrics(t_logits, student(mb["inputs"], **kw), mb, microbatches,
-                               weight_total)
+        m = end_to_end_metrics(t_logits, student(mb["inputs"], **kw), mb, microbatches, total)
         if layers:  # models compared without converted layers (the teacher, a scratch model)
           seg = kw.get("segment_ids")
           outs = {i: student.blocks[i].mixer(t_in[i], seg) for i in layers}

@@ -16,8 +16,16 @@ def token_losses(logits: Float[Array, "B T V"], targets: Int[Array, "B T"]) -> F
   return lse - picked
 
 
-def weighted_mean(values: Float[Array, "B T"], weights: Float[Array, "B T"]) -> jax.Array:
-  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+def weight_total(weights: Float[Array, "B T"]) -> jax.Array:
+  """The denominator of a batch's weighted mean (at least 1: a batch without weight gives 0)."""
+  return jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def weighted_mean(values: Float[Array, "B T"], weights: Float[Array, "B T"],
+                  total: jax.Array | None = None) -> jax.Array:
+  """sum(values · weights) / total, total = weight_total(weights) unless given: a microbatch
+  passes its whole batch's, so the microbatches' shares add up to the batch's mean."""
+  return jnp.sum(values * weights) / (weight_total(weights) if total is None else total)
 
 
 def answer_hits(logits: Float[Array, "B T V"], targets: Int[Array, "B T"],

@@ -14,7 +14,13 @@ from memx.models.transformer import TransformerLM
 from memx.parallel.rules import RULES
 from memx.parallel.sequence import batch_to_layout
 from memx.train import microbatch
-from memx.train.loss import answer_hits, lm_token_losses, token_losses
+from memx.train.loss import (
+  answer_hits,
+  lm_token_losses,
+  token_losses,
+  weight_total,
+  weighted_mean,
+)
 from memx.train.optim import lr_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
@@ -98,13 +104,13 @@ def make_grad_step(cfg: Config, graphdef):
     b = {**b, "positions": positions}
     # The batch's weighted mean, as a sum over rows with a denominator fixed up front, so the
     # microbatches' terms add up to it.
-    denominator = jnp.maximum(jnp.sum(b["weights"]), 1.0)
+    total = weight_total(b["weights"])
 
     def loss_fn(model, mb):
       losses = lm_token_losses(model, mb["inputs"], mb["targets"], positions=mb["positions"],
                                segment_ids=mb.get("segment_ids"),
                                vocab_block=cfg.train.loss_vocab_block)
-      return jnp.sum(losses * mb["weights"]) / denominator
+      return weighted_mean(losses, mb["weights"], total)
 
     loss, grads = microbatch.value_and_grad(loss_fn, model, b, cfg.train.microbatches)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...])}
