@@ -19,9 +19,10 @@ from flax import nnx
 
 from memx.models.transformer import TransformerLM
 from memx.nn.attention_decode import kv_cache_bytes
-from memx.typing import Array, Int
+from memx.nn.kv_quant import KVQuant
+from memx.typing import Array, Float, Int
 
-__all__ = ["cache_bytes", "generate", "kv_cache_bytes"]
+__all__ = ["cache_bytes", "decode_nll", "generate", "kv_cache_bytes"]
 
 
 def cache_bytes(cache) -> int:
@@ -37,14 +38,15 @@ def _sample(logits, key, temperature: float):
 
 def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: int, *,
              temperature: float = 0.0, rng: jax.Array | None = None,
-             max_len: int | None = None, prefill_chunk: int | None = None
-             ) -> Int[Array, "B S"]:
+             max_len: int | None = None, prefill_chunk: int | None = None,
+             kv_quant: KVQuant | None = None) -> Int[Array, "B S"]:
   """Prompt [B, T] → prompt followed by max_new_tokens sampled tokens [B, T + max_new_tokens].
 
   temperature 0 is greedy decoding (no rng needed); otherwise rng is required. max_len (default
   T + max_new_tokens) sizes the attention layers' KV caches and is the length N at which a
   sparse plan's spans are taken. prefill_chunk: prefill the prompt that many tokens at a time
-  (same tokens; the prefill's activations scale with the chunk, not the prompt).
+  (same tokens; the prefill's activations scale with the chunk, not the prompt). kv_quant:
+  keep the attention layers' keys and values in b-bit codes (`memx.nn.kv_quant`).
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -74,16 +76,17 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
   keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt, keys, max_len=max_len, temperature=temperature,
-                   prefill_chunk=prefill_chunk)
+                   prefill_chunk=prefill_chunk, kv_quant=kv_quant)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("graphdef", "max_len", "temperature", "prefill_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature",
+                                             "prefill_chunk", "kv_quant"))
 def _generate(graphdef, state, prompt, keys, *, max_len: int, temperature: float,
-              prefill_chunk: int | None):
-  """Compiled once per (model structure, shapes, max_len, temperature, prefill chunk)."""
+              prefill_chunk: int | None, kv_quant: KVQuant | None):
+  """Compiled once per (model structure, shapes, max_len, temperature, prefill chunk, quant)."""
   model = nnx.merge(graphdef, state)
-  logits, cache = model.prefill(prompt, max_len, chunk_size=prefill_chunk, last_logits=True)
+  logits, cache = model.prefill(prompt, max_len, chunk_size=prefill_chunk, last_logits=True,
+                                kv_quant=kv_quant)
   first = _sample(logits, keys[0], temperature)
 
   def body(carry, key):
@@ -93,3 +96,55 @@ def _generate(graphdef, state, prompt, keys, *, max_len: int, temperature: float
 
   (last, _), toks = jax.lax.scan(body, (first, cache), keys[1:])
   return jnp.concatenate([prompt, jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1)
+
+
+def decode_nll(model: TransformerLM, tokens: Int[Array, "B T"], prompt_len: int, *,
+               kv_quant: KVQuant | None = None, full_cache: bool = False
+               ) -> Float[Array, "B P"]:
+  """Per-token negative log-likelihood [B, T - prompt_len] of tokens[:, prompt_len:] as the
+  decode path predicts them: the first prompt_len tokens prefilled, then one `decode_step` per
+  token (teacher forcing), each reading the cache the earlier steps left.
+
+  This is what a cache's compression costs: with kv_quant (or a sparse plan's ring caches) every
+  step reads the stored keys and values, so the loss moves with what the cache lost; with
+  neither, it equals the parallel forward's loss at those positions (a test checks it). The
+  cache is made for max_len = T.
+  """
+  if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"decode_nll: tokens must be integer ids [B, T]; got "
+                     f"{getattr(tokens, 'dtype', type(tokens).__name__)} of shape "
+                     f"{getattr(tokens, 'shape', None)}")
+  t = tokens.shape[1]
+  if not (isinstance(prompt_len, int) and 1 <= prompt_len < t):
+    raise ValueError(f"decode_nll: prompt_len must be an int in [1, {t - 1}] (at least one "
+                     f"token to prefill and one to predict), got {prompt_len!r}")
+  graphdef, state = nnx.split(model)
+  return _decode_nll(graphdef, state, tokens, prompt_len=prompt_len, kv_quant=kv_quant,
+                     full_cache=full_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "kv_quant",
+                                             "full_cache"))
+def _decode_nll(graphdef, state, tokens, *, prompt_len: int, kv_quant: KVQuant | None,
+                full_cache: bool):
+  model = nnx.merge(graphdef, state)
+  t = tokens.shape[1]
+  logits, cache = model.prefill(tokens[:, :prompt_len], t, last_logits=True,
+                                kv_quant=kv_quant, full_cache=full_cache)
+
+  def nll(logits, target):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
+
+  def body(cache, inputs):
+    tok, target = inputs
+    logits, cache = model.decode_step(tok, cache)
+    return cache, nll(logits, target)
+
+  first = nll(logits, tokens[:, prompt_len])
+  if prompt_len == t - 1:
+    return first[:, None]
+  fed = jnp.swapaxes(tokens[:, prompt_len:t - 1], 0, 1)
+  targets = jnp.swapaxes(tokens[:, prompt_len + 1:], 0, 1)
+  _, rest = jax.lax.scan(body, cache, (fed, targets))
+  return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)

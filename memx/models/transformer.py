@@ -22,6 +22,7 @@ from memx.nn import attention_decode
 from memx.nn._params import DTYPES, param
 from memx.nn.attention import Attention
 from memx.nn.glu import BitGLU
+from memx.nn.kv_quant import KVQuant, QuantCache
 from memx.nn.linear_attention import LinearAttention
 from memx.nn.mamba2 import Mamba2
 from memx.nn.mlgru import MLGRU, lower_bounds
@@ -77,9 +78,10 @@ class Block(nnx.Module):
 
   # --- decoding -------------------------------------------------------------------------------
 
-  def init_cache(self, batch: int, max_len: int, full_cache: bool = False):
+  def init_cache(self, batch: int, max_len: int, full_cache: bool = False, kv_quant=None):
     if self.kind == "attention":
-      return attention_decode.init_cache(self.attn, batch, max_len, full=full_cache)
+      return attention_decode.init_cache(self.attn, batch, max_len, full=full_cache,
+                                         kv_quant=kv_quant)
     return self.mixer.init_cache(batch)
 
   def extend(self, x, start, cache, lower_bound=None):
@@ -184,21 +186,28 @@ class TransformerLM(nnx.Module):
 
   # --- decoding -------------------------------------------------------------------------------
 
-  def init_cache(self, batch: int, max_len: int, *, full_cache: bool = False) -> dict:
+  def init_cache(self, batch: int, max_len: int, *, full_cache: bool = False,
+                 kv_quant: KVQuant | None = None) -> dict:
     """Empty decode state for `batch` sequences of up to `max_len` tokens.
 
     {"pos": int32 scalar (tokens seen), "layers": one entry per layer}. SSM and linear-attention
     entries have a fixed size; attention layers hold [B, max_len, G, K] keys and values, except
     layers of a sparse plan (cfg.attn_plan), which keep per-KV-head sink + ring buffers sized
     to their heads' spans at N = max_len (`memx.nn.attention_decode.PlanCache`). full_cache=True
-    gives plan layers the dense cache too (same results, for comparisons). Bytes of keys and
-    values: `memx.nn.attention_decode.kv_cache_bytes(cfg, max_len, batch)`.
+    gives plan layers the dense cache too (same results, for comparisons). kv_quant stores the
+    dense caches' keys and values in b-bit codes (`memx.nn.kv_quant`, KIVI); plan layers'
+    rings are not quantized (an error unless full_cache). Bytes of keys and values:
+    `memx.nn.attention_decode.kv_cache_bytes(cfg, max_len, batch, kv_quant=...)`.
     """
+    if kv_quant is not None and any(block.kind == "attention" for block in self.blocks):
+      kv_quant.check(self.cfg.head_dim)
     return {"pos": jnp.zeros((), jnp.int32),
-            "layers": [block.init_cache(batch, max_len, full_cache) for block in self.blocks]}
+            "layers": [block.init_cache(batch, max_len, full_cache, kv_quant)
+                       for block in self.blocks]}
 
   def prefill(self, tokens: Int[Array, "B T"], max_len: int, *, full_cache: bool = False,
-              chunk_size: int | None = None, last_logits: bool = False, unroll: bool = False):
+              chunk_size: int | None = None, last_logits: bool = False, unroll: bool = False,
+              kv_quant: KVQuant | None = None):
     """Parallel forward over a prompt that also returns the decode state after it.
 
     Returns (logits [B, T, V] float32, or [B, V] for the last token with last_logits, cache).
@@ -206,7 +215,9 @@ class TransformerLM(nnx.Module):
     tokens for the attention caches, and is the length N at which sparse-plan layers take their
     spans, in the prompt as in every later step (so the logits are those of `self(tokens)` on a
     max_len-token sequence, not of a T-token one, unless the plan's spans do not depend on N).
-    full_cache: see init_cache.
+    full_cache, kv_quant: see init_cache. With kv_quant the prompt attends to itself at full
+    precision (a chunk reads earlier chunks from the quantized cache, as stored), and what the
+    cache keeps for decoding is quantized.
 
     chunk_size: prefill the prompt C tokens at a time, each chunk continuing from the state the
     previous one left (`Block.extend`): the same logits and state as whole, with activations
@@ -233,7 +244,7 @@ class TransformerLM(nnx.Module):
                                    or chunk_size < 1):
       raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
     chunk = t if chunk_size is None else min(chunk_size, t)
-    caches = self.init_cache(b, max_len, full_cache=full_cache)["layers"]
+    caches = self.init_cache(b, max_len, full_cache=full_cache, kv_quant=kv_quant)["layers"]
     bounds = self._layer_bounds()
 
     def run(ids, start, caches):
@@ -244,7 +255,9 @@ class TransformerLM(nnx.Module):
 
     logits, scanned = [], 0
     rings = any(isinstance(cache, attention_decode.PlanCache) for cache in caches)
-    n_scan = 0 if unroll or rings else t // chunk
+    # A quantized cache scans only chunks of whole key groups (each starts on a group boundary).
+    misaligned = kv_quant is not None and chunk % kv_quant.group != 0
+    n_scan = 0 if unroll or rings or misaligned else t // chunk
     if n_scan > 1:
       # Every whole chunk runs the same program with a traced offset, so one scan compiles it
       # once, however long the prompt.
@@ -306,6 +319,9 @@ class TransformerLM(nnx.Module):
     for block, layer_cache in zip(self.blocks, cache["layers"], strict=True):
       if isinstance(layer_cache, attention_decode.PlanCache):
         lead = layer_cache.k
+        lengths.append(layer_cache.max_len)
+      elif isinstance(layer_cache, QuantCache):
+        lead = layer_cache.k_codes
         lengths.append(layer_cache.max_len)
       elif block.kind == "attention":                     # dense {"k", "v": [B, max_len, ...]}
         lead = layer_cache["k"]

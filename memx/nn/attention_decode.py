@@ -49,6 +49,7 @@ from memx.kernels.attention.reference import MASK_VALUE
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES
 from memx.nn.attention import Attention, layer_mask
+from memx.nn.kv_quant import KVQuant, QuantCache, init_quant_cache, quant_cache_bytes
 
 
 def _prefix_mask(mask: Mask, t: int) -> Mask:
@@ -258,21 +259,35 @@ def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
 
 # --- public API -------------------------------------------------------------------------------
 
-def init_cache(attn: Attention, batch: int, max_len: int, *, full: bool = False):
+def init_cache(attn: Attention, batch: int, max_len: int, *, full: bool = False,
+               kv_quant: KVQuant | None = None):
   """Empty decode state: a PlanCache for sparse-plan layers, else (or with full=True) the dense
-  {"k", "v": [B, max_len, G, K]} cache."""
+  {"k", "v": [B, max_len, G, K]} cache, or with kv_quant its quantized form (`QuantCache`)."""
   cfg = attn.cfg
-  if is_plan_layer(cfg, attn.layer) and not full:
-    return _init_plan_cache(attn, batch, max_len)
-  shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
   dt = DTYPES[cfg.compute_dtype]
+  if is_plan_layer(cfg, attn.layer) and not full:
+    if kv_quant is not None:
+      raise ValueError(f"attention decode: layer {attn.layer} follows a sparse plan and keeps "
+                       f"per-head ring caches, which are not quantized; pass full_cache=True "
+                       f"to give it a (quantized) dense cache, or no kv_quant")
+    return _init_plan_cache(attn, batch, max_len)
+  if kv_quant is not None:
+    return init_quant_cache(kv_quant, batch, max_len, cfg.kv_heads, cfg.head_dim, dt)
+  shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
   return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
 
-def prefill(attn: Attention, x, max_len: int, *, full: bool = False):
+def prefill(attn: Attention, x, max_len: int, *, full: bool = False,
+            kv_quant: KVQuant | None = None):
   """The parallel forward over a prompt x [B, T, D] at positions 0..T-1 with the layer's mask
   at N = max_len, plus the decode state holding the prompt's keys/values (see init_cache)."""
-  return extend(attn, x, 0, init_cache(attn, x.shape[0], max_len, full=full))
+  return extend(attn, x, 0, init_cache(attn, x.shape[0], max_len, full=full, kv_quant=kv_quant))
+
+
+def _cache_max_len(cache) -> int:
+  if isinstance(cache, (PlanCache, QuantCache)):
+    return cache.max_len
+  return cache["k"].shape[1]
 
 
 def extend(attn: Attention, x, start, cache):
@@ -285,12 +300,14 @@ def extend(attn: Attention, x, start, cache):
   start + C by the attention kernels, a ring cache per KV head (`_held_in_order`), whose rings
   hold every key a chunk query can see. A traced start (inside a scan over chunks: one compiled
   chunk for any prompt length) needs a dense cache, read by `chunk_attention` (the offset read
-  at run time: a Pallas kernel on GPUs).
+  at run time: a Pallas kernel on GPUs). A quantized cache (`QuantCache`) is read as stored
+  (dequantized, its residual exact) and the chunk's own keys at full precision; under a traced
+  start its chunks must be whole key groups, so that every chunk starts on a group boundary.
   """
   cfg = attn.cfg
   dt = DTYPES[cfg.compute_dtype]
   b, c = x.shape[:2]
-  max_len = cache.max_len if isinstance(cache, PlanCache) else cache["k"].shape[1]
+  max_len = _cache_max_len(cache)
   static = isinstance(start, int)
   if static and (start < 0 or start + c > max_len):
     raise ValueError(f"attention extend: positions {start}..{start + c - 1} do not fit the "
@@ -298,23 +315,55 @@ def extend(attn: Attention, x, start, cache):
   if not static and isinstance(cache, PlanCache):
     raise ValueError("attention extend: a ring cache (sparse-plan layer) needs a static start "
                      "(its layout depends on it); unroll the chunks")
+  if not static and isinstance(cache, QuantCache) and c % cache.spec.group:
+    raise ValueError(f"attention extend: a quantized cache under a traced start takes chunks "
+                     f"of a multiple of its key group ({cache.spec.group} tokens), got {c}; "
+                     f"use a static start (unroll) or another chunk size")
   q, k, v = attn.qkv(x, jnp.broadcast_to(start + jnp.arange(c), (b, c)))
   mask = attn.mask(max_len)
   if isinstance(cache, PlanCache):
     out, cache = _plan_extend(attn, q, k, v, start, cache, mask)
+    return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
+  if isinstance(cache, QuantCache):
+    held = start % cache.spec.group if static else 0
+    k_all, v_all = cache.read(start - held)
+    cache = cache.append(k, v, start, held)
   else:
     cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val, start, axis=1)
              for name, val in (("k", k), ("v", v))}
-    if static:
-      end = start + c
-      out = attention(q, cache["k"][:, :end], cache["v"][:, :end],
-                      mask=dataclasses.replace(_prefix_mask(mask, end), q_offset=start),
-                      implementation=cfg.attn_impl)
-    else:
-      # cuDNN cannot take a run-time offset: a config that asks for it gets the chunk dispatch.
-      impl = None if cfg.attn_impl in (None, "cudnn") else cfg.attn_impl
-      out = chunk_attention(q, cache["k"], cache["v"], start, mask=mask, implementation=impl)
+    k_all, v_all = cache["k"], cache["v"]
+  if static:
+    end = start + c
+    keys = jnp.concatenate([k_all[:, :start], k], axis=1)   # the chunk's own keys as computed
+    vals = jnp.concatenate([v_all[:, :start], v], axis=1)
+    out = attention(q, keys, vals, mask=dataclasses.replace(_prefix_mask(mask, end),
+                                                            q_offset=start),
+                    implementation=cfg.attn_impl)
+  else:
+    k_all = jax.lax.dynamic_update_slice_in_dim(k_all[:, :max_len], k, start, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(v_all[:, :max_len], v, start, axis=1)
+    # cuDNN cannot take a run-time offset: a config that asks for it gets the chunk dispatch.
+    impl = None if cfg.attn_impl in (None, "cudnn") else cfg.attn_impl
+    out = chunk_attention(q, k_all, v_all, start, mask=mask, implementation=impl)
   return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
+
+
+def _attend_step(attn: Attention, q, k_all, v_all, pos, max_len: int):
+  """q [B, 1, H, K] at position pos over a dense cache k_all/v_all [B, S, G, K] (slot s holds
+  position s; slots past pos are masked) with the layer's mask at N = max_len → [B, H, K]."""
+  dt = DTYPES[attn.cfg.compute_dtype]
+  b = q.shape[0]
+  s, g = k_all.shape[1:3]
+  h = q.shape[2]
+  q_gr = q[:, 0].reshape(b, g, h // g, q.shape[-1])                      # [B, G, R, K]
+  scores = jnp.einsum("bgrk,bsgk->bgrs", q_gr, k_all,
+                      preferred_element_type=jnp.float32) * attn.cfg.head_dim ** -0.5
+  vis = visible(attn.mask(max_len), h, pos, jnp.arange(s)).reshape(g, h // g, s)
+  scores = jnp.where(vis[None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bgrs,bsgk->bgrk", probs.astype(v_all.dtype), v_all,
+                   preferred_element_type=jnp.float32).astype(dt)
+  return out.reshape(b, -1, out.shape[-1])                               # [B, H, K]
 
 
 def step(attn: Attention, x_t, pos, cache):
@@ -325,33 +374,29 @@ def step(attn: Attention, x_t, pos, cache):
   q, k, v = attn.qkv(x_t[:, None], positions)
   if isinstance(cache, PlanCache):
     out, cache = _plan_step(attn, q, k, v, pos, cache)
-    return jnp.einsum("bhk,hkd->bd", out, attn.wo[...].astype(dt)), cache
-  cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1),
-           "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)}
-  s, g = cache["k"].shape[1:3]
-  h = q.shape[2]
-  q_gr = q[:, 0].reshape(b, g, h // g, q.shape[-1])                      # [B, G, R, K]
-  scores = jnp.einsum("bgrk,bsgk->bgrs", q_gr, cache["k"],
-                      preferred_element_type=jnp.float32) * attn.cfg.head_dim ** -0.5
-  vis = visible(attn.mask(s), h, pos, jnp.arange(s)).reshape(g, h // g, s)
-  scores = jnp.where(vis[None], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum("bgrs,bsgk->bgrk", probs.astype(cache["v"].dtype), cache["v"],
-                   preferred_element_type=jnp.float32).astype(dt)
-  out = out.reshape(b, -1, out.shape[-1])                                # [B, H, K]
+  elif isinstance(cache, QuantCache):
+    cache = cache.step(k, v, pos)
+    k_all, v_all = cache.read(pos - pos % cache.spec.group)
+    out = _attend_step(attn, q, k_all, v_all, pos, cache.max_len)
+  else:
+    cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1),
+             "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)}
+    out = _attend_step(attn, q, cache["k"], cache["v"], pos, cache["k"].shape[1])
   return jnp.einsum("bhk,hkd->bd", out, attn.wo[...].astype(dt)), cache
 
 
 def kv_cache_bytes(cfg: ModelConfig, max_len: int, batch: int = 1, *, full: bool = False,
-                   include_positions: bool = False) -> int:
+                   include_positions: bool = False, kv_quant: KVQuant | None = None) -> int:
   """Exact bytes of the keys and values a model's decode state holds for `batch` sequences of
   up to max_len tokens, over its attention layers (SSM/linear-attention states not included).
 
   Sparse-plan layers hold sum_g (S_g + R_g) slots per sequence (`ring_layout` at N = max_len),
   other attention layers (and all of them with full=True) G · max_len; each slot is a key and a
   value of head_dim numbers in the compute dtype. include_positions adds the ring caches' int32
-  slot positions (one per slot, shared by the batch). Equals the summed nbytes of those arrays
-  in `TransformerLM.init_cache(batch, max_len)`; per token of context: this / max_len.
+  slot positions (one per slot, shared by the batch). With kv_quant, the dense caches are
+  quantized: codes, scales and zeros, and the full-precision residual (`quant_cache_bytes`).
+  Equals the summed nbytes of those arrays in `TransformerLM.init_cache(batch, max_len,
+  kv_quant=...)`; per token of context: this / max_len.
   """
   if max_len <= 0 or batch <= 0:
     raise ValueError(f"kv_cache_bytes: max_len = {max_len} and batch = {batch} must be >= 1")
@@ -361,11 +406,16 @@ def kv_cache_bytes(cfg: ModelConfig, max_len: int, batch: int = 1, *, full: bool
     if cfg.mixer(layer) != "attention":
       continue
     if is_plan_layer(cfg, layer) and not full:
+      if kv_quant is not None:
+        raise ValueError(f"kv_cache_bytes: layer {layer} follows a sparse plan, whose ring "
+                         f"caches are not quantized; pass full=True or no kv_quant")
       mask = layer_mask(cfg, layer, max_len)
       slots = sum(s + r for s, r in ring_layout(mask, cfg.n_heads, cfg.kv_heads, max_len))
       total += 2 * batch * slots * cfg.head_dim * item
       if include_positions:
         total += slots * 4
+    elif kv_quant is not None:
+      total += quant_cache_bytes(kv_quant, batch, max_len, cfg.kv_heads, cfg.head_dim, item)
     else:
       total += 2 * batch * max_len * cfg.kv_heads * cfg.head_dim * item
   return total
