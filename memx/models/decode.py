@@ -22,7 +22,7 @@ from memx.nn.attention_decode import kv_cache_bytes
 from memx.nn.kv_quant import KVQuant
 from memx.typing import Array, Float, Int
 
-__all__ = ["cache_bytes", "decode_nll", "generate", "kv_cache_bytes"]
+__all__ = ["cache_bytes", "decode_logits", "decode_nll", "generate", "kv_cache_bytes"]
 
 
 def cache_bytes(cache) -> int:
@@ -98,6 +98,18 @@ def _generate(graphdef, state, prompt, keys, *, max_len: int, temperature: float
   return jnp.concatenate([prompt, jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1)
 
 
+def _check_decode_input(fn: str, tokens, prompt_len) -> None:
+  if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"{fn}: tokens must be integer ids [B, T]; got "
+                     f"{getattr(tokens, 'dtype', type(tokens).__name__)} of shape "
+                     f"{getattr(tokens, 'shape', None)}")
+  t = tokens.shape[1]
+  if not (isinstance(prompt_len, int) and not isinstance(prompt_len, bool)
+          and 1 <= prompt_len < t):
+    raise ValueError(f"{fn}: prompt_len must be an int in [1, {t - 1}] (at least one token "
+                     f"to prefill and one to predict), got {prompt_len!r}")
+
+
 def decode_nll(model: TransformerLM, tokens: Int[Array, "B T"], prompt_len: int, *,
                kv_quant: KVQuant | None = None, full_cache: bool = False
                ) -> Float[Array, "B P"]:
@@ -110,41 +122,52 @@ def decode_nll(model: TransformerLM, tokens: Int[Array, "B T"], prompt_len: int,
   neither, it equals the parallel forward's loss at those positions (a test checks it). The
   cache is made for max_len = T.
   """
-  if getattr(tokens, "ndim", None) != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"decode_nll: tokens must be integer ids [B, T]; got "
-                     f"{getattr(tokens, 'dtype', type(tokens).__name__)} of shape "
-                     f"{getattr(tokens, 'shape', None)}")
-  t = tokens.shape[1]
-  if not (isinstance(prompt_len, int) and 1 <= prompt_len < t):
-    raise ValueError(f"decode_nll: prompt_len must be an int in [1, {t - 1}] (at least one "
-                     f"token to prefill and one to predict), got {prompt_len!r}")
+  _check_decode_input("decode_nll", tokens, prompt_len)
   graphdef, state = nnx.split(model)
-  return _decode_nll(graphdef, state, tokens, prompt_len=prompt_len, kv_quant=kv_quant,
-                     full_cache=full_cache)
+  return _decode_path(graphdef, state, tokens, prompt_len=prompt_len, kv_quant=kv_quant,
+                      full_cache=full_cache, logits=False)
+
+
+def decode_logits(model: TransformerLM, tokens: Int[Array, "B T"], prompt_len: int, *,
+                  kv_quant: KVQuant | None = None, full_cache: bool = False
+                  ) -> Float[Array, "B T V"]:
+  """Logits [B, T, V] float32 of every position of tokens: the prefill's for positions below
+  prompt_len, then those of one teacher-forced `decode_step` per position (as `decode_nll`).
+  Evaluations that score answers (retrieval) through the decode cache use it."""
+  _check_decode_input("decode_logits", tokens, prompt_len)
+  graphdef, state = nnx.split(model)
+  return _decode_path(graphdef, state, tokens, prompt_len=prompt_len, kv_quant=kv_quant,
+                      full_cache=full_cache, logits=True)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "kv_quant",
-                                             "full_cache"))
-def _decode_nll(graphdef, state, tokens, *, prompt_len: int, kv_quant: KVQuant | None,
-                full_cache: bool):
+                                             "full_cache", "logits"))
+def _decode_path(graphdef, state, tokens, *, prompt_len: int, kv_quant: KVQuant | None,
+                 full_cache: bool, logits: bool):
+  """The decode path over tokens: logits=True → every position's logits [B, T, V]; False →
+  the NLL of tokens[:, prompt_len:] [B, T - prompt_len] (no [.., V] array kept per step)."""
   model = nnx.merge(graphdef, state)
   t = tokens.shape[1]
-  logits, cache = model.prefill(tokens[:, :prompt_len], t, last_logits=True,
-                                kv_quant=kv_quant, full_cache=full_cache)
+  first, cache = model.prefill(tokens[:, :prompt_len], t, last_logits=not logits,
+                               kv_quant=kv_quant, full_cache=full_cache)
 
-  def nll(logits, target):
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  def nll(out, target):
+    logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0]
 
   def body(cache, inputs):
     tok, target = inputs
-    logits, cache = model.decode_step(tok, cache)
-    return cache, nll(logits, target)
+    out, cache = model.decode_step(tok, cache)
+    return cache, (out if logits else nll(out, target))
 
-  first = nll(logits, tokens[:, prompt_len])
-  if prompt_len == t - 1:
-    return first[:, None]
-  fed = jnp.swapaxes(tokens[:, prompt_len:t - 1], 0, 1)
-  targets = jnp.swapaxes(tokens[:, prompt_len + 1:], 0, 1)
-  _, rest = jax.lax.scan(body, cache, (fed, targets))
-  return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)
+  if logits:  # steps feed tokens prompt_len .. T-1, each giving its own position's logits
+    fed = tokens[:, prompt_len:]
+    targets = fed                    # unused
+    head = first
+  else:       # the prefill predicts token prompt_len; steps feed prompt_len .. T-2
+    fed, targets = tokens[:, prompt_len:t - 1], tokens[:, prompt_len + 1:]
+    head = nll(first, tokens[:, prompt_len])[:, None]
+  if fed.shape[1] == 0:
+    return head
+  _, rest = jax.lax.scan(body, cache, (jnp.swapaxes(fed, 0, 1), jnp.swapaxes(targets, 0, 1)))
+  return jnp.concatenate([head, jnp.swapaxes(rest, 0, 1)], axis=1)

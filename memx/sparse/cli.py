@@ -120,6 +120,9 @@ def add_parser(sub) -> None:
   e.add_argument("--batches", type=int, default=2)
   e.add_argument("--batch-size", type=int, default=8)
   e.add_argument("--step", type=int, default=None)
+  e.add_argument("--kv-quant", default=None, metavar="BITS[:GROUP]",
+                 help="decode from a KIVI-quantized KV cache (2, 4 or 8 bits; keys grouped "
+                      "over GROUP tokens, default 32): every row runs through the decode path")
   e.set_defaults(handler=_eval)
 
 
@@ -296,14 +299,26 @@ def _eval(args) -> int:
     raise UserError(f"--batches {args.batches} and --batch-size {args.batch_size} must be >= 1.")
   if not all(0.0 <= d <= 1.0 for d in depths):
     raise UserError(f"--depths {args.depths} must lie in [0, 1].")
+  if args.plan and args.kv_quant is not None:
+    raise UserError("--plan and --kv-quant: a plan's per-head ring caches are not quantized; "
+                    "evaluate one or the other.")
   plan = Plan.load(args.plan) if args.plan else None
+  kv_quant = None
+  if args.kv_quant is not None:
+    from memx.nn.kv_quant import KVQuant
+    try:
+      kv_quant = KVQuant.parse(args.kv_quant)
+      kv_quant.check(load_config(args.run).model.head_dim)
+    except ValueError as e:
+      raise UserError(f"--kv-quant {args.kv_quant}: {e}") from None
   if plan is not None:
     check_plan(plan, load_config(args.run).model)  # before restoring any weights
-  name = args.name or (plan.kind if plan else "dense")
+  name = args.name or (plan.kind if plan else
+                       f"kv{kv_quant.bits}g{kv_quant.group}" if kv_quant else "dense")
   check_evaluation_name(name)  # before the evaluation, not after it
   trained = load_trained(args.run, step=args.step)
   result = evaluate(trained.model, trained.cfg.data, lengths, plan=plan, depths=depths,
-                    batches=args.batches, batch_size=args.batch_size)
+                    batches=args.batches, batch_size=args.batch_size, kv_quant=kv_quant)
   result["plan_file"] = None if args.plan is None else str(pathlib.Path(args.plan).resolve())
   out = write_evaluation(trained.run_dir, name, result)
   cols = result["columns"]

@@ -8,6 +8,14 @@ longest length (prefill N - k tokens, then k single-token steps under jit, media
 The effective context length is the longest evaluated N whose mean retrieval accuracy (over
 depths) is at least `threshold` (MoA's definition, with 90%).
 
+With kv_quant (a quantized KV cache, `memx.nn.kv_quant`) the cache is what changes, not the
+forward, so every row runs through the decode path (`memx.models.decode.decode_logits`):
+retrieval rows prefill their prompt up to the first answer token and predict the answers with
+decode steps reading the quantized cache (KIVI's setting: an exact prefill, then generation);
+corpus rows prefill one token and decode the rest, so their loss is that of a long generation
+under the quantized cache. Without quantization the decode path gives the forward's numbers
+(tested), so a dense evaluation is the baseline for these.
+
 `write_evaluation` stores the result as RUN/evaluations/NAME.json (atomically); `memx report`
 adds every run's evaluations to its report as a table and accuracy-versus-length plots.
 """
@@ -29,8 +37,9 @@ from memx._io import atomic_file
 from memx.data import make_loader
 from memx.data.config import DataConfig
 from memx.errors import UserError
-from memx.models.decode import kv_cache_bytes
+from memx.models.decode import decode_logits, kv_cache_bytes
 from memx.models.transformer import TransformerLM
+from memx.nn.kv_quant import KVQuant
 from memx.sparse.plan import Plan, apply_plan
 from memx.timing import feeding_back, median_time
 from memx.train.loss import token_losses
@@ -64,17 +73,28 @@ def _forward(model):
   def fn(state, inputs):
     return nnx.merge(graphdef, state)(inputs)
 
-  return lambda inputs: fn(state, inputs)
+  return lambda inputs, answer_mask: fn(state, inputs)
+
+
+def _decode_forward(model, kv_quant: KVQuant):
+  """forward(inputs, answer_mask) through the decode path with a quantized cache (module doc):
+  the prompt ends before the batch's first answer token (one token for rows with none)."""
+  def fn(inputs, answer_mask):
+    answers = np.flatnonzero(np.asarray(answer_mask).any(0))
+    prompt = max(1, int(answers[0])) if answers.size else 1
+    return decode_logits(model, inputs, prompt, kv_quant=kv_quant)
+  return fn
 
 
 def _run(forward, data_cfg, batches, batch_size, seed, split):
-  """(mean loss, exact-match rate over rows with an answer, answer-token accuracy)."""
+  """(mean loss, exact-match rate over rows with an answer, answer-token accuracy).
+  forward(inputs, answer_mask) → logits."""
   loader = make_loader(data_cfg, batch_size=batch_size, seed=seed, split=split)
   sums = np.zeros(6)
   for k in range(batches):
     b = loader.local_batch(k)
-    out = _row_stats(forward(jnp.asarray(b["inputs"])), b["targets"], b["weights"],
-                     b["answer_mask"])
+    logits = forward(jnp.asarray(b["inputs"]), b["answer_mask"])
+    out = _row_stats(logits, b["targets"], b["weights"], b["answer_mask"])
     sums += np.array([float(x) for x in out])
   loss, weight, hits, rows, tok_hits, toks = sums
   return (loss / max(weight, 1.0), (hits / rows if rows else None),
@@ -82,11 +102,11 @@ def _run(forward, data_cfg, batches, batch_size, seed, split):
 
 
 def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 16,
-                        batch: int = 1, repeats: int = 3, prefill_chunk: int | None = None
-                        ) -> float:
+                        batch: int = 1, repeats: int = 3, prefill_chunk: int | None = None,
+                        kv_quant: KVQuant | None = None) -> float:
   """Tokens/s of `new_tokens` decode steps after a prompt of length - new_tokens (jit'd).
   prefill_chunk: build the prompt's cache that many tokens at a time (activations then scale
-  with the chunk, not the prompt: large batches)."""
+  with the chunk, not the prompt: large batches). kv_quant: decode from a quantized cache."""
   graphdef, state = nnx.split(model)
   prompt = jnp.zeros((batch, length - new_tokens), jnp.int32)
 
@@ -95,7 +115,7 @@ def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 
     # Only the cache is used: last_logits spares the [B, T, V] float32 logits (2 GiB at 16k
     # tokens and a 32k vocabulary).
     return nnx.merge(graphdef, state).prefill(prompt, length, last_logits=True,
-                                              chunk_size=prefill_chunk)
+                                              chunk_size=prefill_chunk, kv_quant=kv_quant)
 
   @functools.partial(jax.jit, donate_argnums=1)
   def steps(state, cache, tok):
@@ -126,8 +146,13 @@ def effective_context(lengths: Sequence[int], accuracy: Sequence[float | None],
 def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int], *,
              plan: Plan | None = None, depths: Sequence[float] = (0.1, 0.5, 0.9),
              batches: int = 2, batch_size: int = 8, seed: int = 4242,
-             decode_new_tokens: int = 16, threshold: float = 0.9) -> dict:
-  """Evaluates `model` (under `plan` if given); returns the JSON-ready result (module doc)."""
+             decode_new_tokens: int = 16, threshold: float = 0.9,
+             kv_quant: KVQuant | None = None) -> dict:
+  """Evaluates `model` (under `plan` if given; with a quantized KV cache if kv_quant); returns
+  the JSON-ready result (module doc)."""
+  if plan is not None and kv_quant is not None:
+    raise ValueError("evaluate: a sparse plan's per-head ring caches are not quantized; "
+                     "evaluate the plan or kv_quant, not both")
   lengths = sorted(int(n) for n in lengths)
   # Retrieval at N is asked at the end of N tokens: full-length passkey prompts.
   # Every row is one document (corpus windows, passkey and MQAR rows): no document masks.
@@ -142,7 +167,9 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
     for c in (lm, *pks.values(), mq):
       make_loader(c, batch_size=batch_size, seed=seed, split="eval")
   m = with_plan(model, plan)
-  forward = _forward(m)
+  if kv_quant is not None:
+    kv_quant.check(m.cfg.head_dim)
+  forward = _forward(m) if kv_quant is None else _decode_forward(m, kv_quant)
   loss, passkey, passkey_tok, mqar, kv = {}, {}, {}, {}, {}
   for n, (lm, pks, mq) in configs.items():
     loss[n] = _run(forward, lm, batches, batch_size, seed, "eval")[0]
@@ -150,15 +177,19 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
     for d, pk in pks.items():
       _, passkey[n][d], passkey_tok[n][d] = _run(forward, pk, batches, batch_size, seed, "eval")
     mqar[n] = _run(forward, mq, batches, batch_size, seed, "eval")[2]
-    kv[n] = kv_cache_bytes(m.cfg, n) / n
+    kv[n] = kv_cache_bytes(m.cfg, n, kv_quant=kv_quant) / n
   mean_pk = [float(np.mean(list(passkey[n].values()))) for n in lengths]
   mean_tok = [float(np.mean(list(passkey_tok[n].values()))) for n in lengths]
   eff = effective_context(lengths, mean_pk, threshold)
-  tps = decode_tokens_per_s(m, lengths[-1], new_tokens=min(decode_new_tokens, lengths[-1] - 1))
+  tps = decode_tokens_per_s(m, lengths[-1], new_tokens=min(decode_new_tokens, lengths[-1] - 1),
+                            kv_quant=kv_quant)
   density = {n: (plan.density(n) if plan is not None else 1.0) for n in lengths}
   name = "dense" if plan is None else plan.kind
+  if kv_quant is not None:
+    name = f"kv{kv_quant.bits}g{kv_quant.group}"
   return {
       "kind": "evaluation", "method": name,
+      "kv_quant": None if kv_quant is None else dataclasses.asdict(kv_quant),
       "plan": None if plan is None else {"kind": plan.kind, "budget": plan.budget,
                                          "solver": plan.solver},
       "lengths": lengths, "depths": list(depths), "threshold": threshold,

@@ -13,7 +13,7 @@ from memx.kernels import _testing
 from memx.kernels.attention.chunk import chunk_attention_reference
 from memx.models._testing import jit_for_test
 from memx.models.config import ModelConfig, SSMConfig
-from memx.models.decode import cache_bytes, decode_nll, generate, kv_cache_bytes
+from memx.models.decode import cache_bytes, decode_logits, decode_nll, generate, kv_cache_bytes
 from memx.models.transformer import TransformerLM
 from memx.nn import attention_decode, kv_quant
 from memx.nn.attention import Attention
@@ -248,3 +248,13 @@ def test_bad_input_is_refused_before_any_array_is_made():
     jax.jit(lambda s: attention_decode.extend(attn, x, s, cache))(jnp.int32(0))
   with pytest.raises(ValueError, match="prompt_len"):
     decode_nll(TransformerLM(CFG, rngs=nnx.Rngs(0)), jnp.zeros((1, 4), jnp.int32), 4)
+
+
+def test_decode_logits_equal_the_forward_without_quantization():
+  model = TransformerLM(CFG, rngs=nnx.Rngs(3))
+  tokens = jax.random.randint(jax.random.key(8), (2, 12), 0, 64)
+  _testing.assert_allclose(decode_logits(model, tokens, 5), model(tokens), name="logits")
+  quant = decode_logits(model, tokens, 5, kv_quant=KVQuant(2, 4))
+  # The prompt's logits are the prefill's (exact); steps past the first group read codes.
+  _testing.assert_allclose(quant[:, :5], model(tokens)[:, :5], name="prompt")
+  assert float(jnp.max(jnp.abs(quant[:, 8:] - model(tokens)[:, 8:]))) > 1e-4

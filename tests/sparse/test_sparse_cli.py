@@ -63,6 +63,30 @@ def test_pipeline_end_to_end(tiny_run, tmp_path, capsys):
   assert (tiny_run.parent / "eval-passkey-accuracy.png").is_file()
 
 
+def test_eval_with_a_quantized_kv_cache(tiny_run, capsys):
+  """`memx eval --kv-quant`: every row through the decode path, against the dense forward."""
+  args = ["eval", str(tiny_run), "--lengths", "128", "--depths", "0.5", "--batches", "1",
+          "--batch-size", "2"]
+  assert main(args + ["--name", "dense-ref"]) == 0
+  for bits in ("8", "2:16"):
+    assert main(args + ["--kv-quant", bits]) == 0
+  assert "kv2g16:" in capsys.readouterr().out
+  read = lambda name: json.loads((tiny_run / "evaluations" / f"{name}.json").read_text())
+  dense, kv8, kv2 = read("dense-ref"), read("kv8g32"), read("kv2g16")
+  assert kv8["kv_quant"] == {"bits": 8, "group": 32} and dense["kv_quant"] is None
+  # 8-bit codes: the decode path's loss and answers as the forward's; 2-bit moves the loss.
+  assert abs(kv8["eval_loss"]["128"] - dense["eval_loss"]["128"]) < 2e-3
+  assert kv8["mqar"]["128"] == dense["mqar"]["128"]
+  assert abs(kv2["eval_loss"]["128"] - dense["eval_loss"]["128"]) > \
+      abs(kv8["eval_loss"]["128"] - dense["eval_loss"]["128"])
+  kv = [r["kv_bytes_per_token"]["128"] for r in (dense, kv8, kv2)]
+  assert kv[0] > kv[1] > kv[2]
+  assert main(args + ["--kv-quant", "3"]) == 2
+  assert "bits must be one of" in capsys.readouterr().err
+  assert main(args + ["--kv-quant", "4", "--plan", "any.json"]) == 2
+  assert "ring caches are not quantized" in capsys.readouterr().err
+
+
 def test_errors_are_one_paragraph(tiny_run, tmp_path, capsys):
   assert main(["sparse", "search", str(tmp_path / "none.npz"), "--budget", "0.5",
                "--out", str(tmp_path / "p.json")]) == 2
