@@ -91,6 +91,8 @@ bench_args() {
     # (session 18: gradient accumulation at a fixed global batch, vocab 32000.)
     bench_microbatch) echo "--size gpu --counts 1,4 --vocab-blocks 0,4096 --repeats 2 --distill" ;;
     bench_optimizers) echo "--step-size gpu --repeats 2" ;;
+    # (session 19: KIVI-quantized KV caches; the decode step dequantizes in XLA.)
+    bench_kv_quant) echo "--size gpu --repeats 3" ;;
     # (jax 0.11.2's XLA does not know --xla_gpu_enable_dot_strength_reduction: the profile of
     # the M = 1 projections without that rewrite needs a newer jaxlib on the GPU machine.)
     # The rerun without command buffers names each kernel's HLO op (session 9: inside a command

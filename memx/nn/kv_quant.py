@@ -9,8 +9,8 @@ once the group's G tokens exist, so the newest (incomplete) group stays in full 
 residual.
 
 `QuantCache`, one attention layer's cache for max_len tokens, L = ceil(max_len / G) · G slots:
-  k_codes, v_codes   uint8 [B, L, Hkv, K · bits / 8]: 8 / bits codes per byte, channel c in
-                     byte c // (8 / bits) at bit (c mod (8 / bits)) · bits
+  k_codes, v_codes   uint8 [B, L, Hkv, W], W = K · bits / 8: 8 / bits codes per byte, planar
+                     (channel f · W + j in byte j at bit f · bits: `pack`)
   k_scale, k_zero    [B, L / G, Hkv, K]: per token group and channel (compute dtype)
   v_scale, v_zero    [B, L, Hkv, K / Gv]: per token and channel group, Gv = min(G, K)
   k_res, v_res       [B, G, Hkv, K]: the newest group's keys and values in full precision
@@ -86,25 +86,27 @@ class KVQuant:
 # --- codes ------------------------------------------------------------------------------------
 
 def _shifts(bits: int, ndim: int):
-  """Each code's bit offset in its byte, shaped to broadcast over `ndim` axes."""
-  return (jnp.arange(8 // bits, dtype=jnp.uint8) * bits).reshape((1,) * (ndim - 1) + (-1,))
+  """Each field's bit offset in its byte, on axis -2 of an `ndim`-axis array."""
+  return (jnp.arange(8 // bits, dtype=jnp.uint8) * bits).reshape((1,) * (ndim - 2) + (-1, 1))
 
 
 def pack(codes, bits: int):
-  """uint8 codes [..., K] in [0, 2^bits) → bytes [..., K · bits / 8] (see module)."""
+  """uint8 codes [..., K] in [0, 2^bits) → bytes [..., W], W = K · bits / 8, planar: field f
+  (bits f·bits ..) of byte j holds channel f · W + j, so each field of a row of bytes is a
+  contiguous run of W channels (a kernel unpacks field by field without reshaping)."""
   if bits == 8:
     return codes.astype(jnp.uint8)
   per = 8 // bits
-  grouped = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], -1, per)
+  fields = codes.astype(jnp.uint8).reshape(*codes.shape[:-1], per, -1)
   # Distinct bit fields: the sum is their bitwise or.
-  return jnp.sum(grouped << _shifts(bits, grouped.ndim), axis=-1, dtype=jnp.uint8)
+  return jnp.sum(fields << _shifts(bits, fields.ndim), axis=-2, dtype=jnp.uint8)
 
 
 def unpack(packed, bits: int):
   """bytes [..., K · bits / 8] → uint8 codes [..., K]."""
   if bits == 8:
     return packed
-  fields = (packed[..., None] >> _shifts(bits, packed.ndim + 1)) & jnp.uint8(2 ** bits - 1)
+  fields = (packed[..., None, :] >> _shifts(bits, packed.ndim + 1)) & jnp.uint8(2 ** bits - 1)
   return fields.reshape(*packed.shape[:-1], -1)
 
 

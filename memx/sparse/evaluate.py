@@ -101,12 +101,13 @@ def _run(forward, data_cfg, batches, batch_size, seed, split):
           (tok_hits / toks if toks else None))
 
 
-def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 16,
-                        batch: int = 1, repeats: int = 3, prefill_chunk: int | None = None,
-                        kv_quant: KVQuant | None = None) -> float:
-  """Tokens/s of `new_tokens` decode steps after a prompt of length - new_tokens (jit'd).
-  prefill_chunk: build the prompt's cache that many tokens at a time (activations then scale
-  with the chunk, not the prompt: large batches). kv_quant: decode from a quantized cache."""
+def decode_timer(model: TransformerLM, length: int, *, new_tokens: int = 16, batch: int = 1,
+                 prefill_chunk: int | None = None, kv_quant: KVQuant | None = None):
+  """A no-argument callable that runs `new_tokens` decode steps (one jit'd scan) after a
+  prompt of length - new_tokens, its cache prefilled here and fed back from call to call, as
+  generation does. prefill_chunk: build the prompt's cache that many tokens at a time
+  (activations then scale with the chunk, not the prompt: large batches). kv_quant: decode
+  from a quantized cache. Timed by `memx.timing` (the benchmarks alternate several)."""
   graphdef, state = nnx.split(model)
   prompt = jnp.zeros((batch, length - new_tokens), jnp.int32)
 
@@ -131,9 +132,17 @@ def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 
     return tok, cache
 
   _, cache = prefill(state, prompt)
-  tok = jnp.zeros((batch,), jnp.int32)
-  return batch * new_tokens / median_time(feeding_back(steps, (state, cache, tok), 1, 1), (),
-                                          repeats)
+  return feeding_back(steps, (state, cache, jnp.zeros((batch,), jnp.int32)), 1, 1)
+
+
+def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 16,
+                        batch: int = 1, repeats: int = 3, prefill_chunk: int | None = None,
+                        kv_quant: KVQuant | None = None) -> float:
+  """Tokens/s of `new_tokens` decode steps after a prompt of length - new_tokens (jit'd;
+  `decode_timer`), the median of `repeats` calls."""
+  timer = decode_timer(model, length, new_tokens=new_tokens, batch=batch,
+                       prefill_chunk=prefill_chunk, kv_quant=kv_quant)
+  return batch * new_tokens / median_time(timer, (), repeats)
 
 
 def effective_context(lengths: Sequence[int], accuracy: Sequence[float | None],

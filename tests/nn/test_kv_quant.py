@@ -49,9 +49,9 @@ def test_pack_unpack_is_exact_and_packs_8_over_bits_codes_per_byte(bits):
   packed = kv_quant.pack(codes, bits)
   assert packed.dtype == jnp.uint8 and packed.shape == (3, 5, 16 * bits // 8)
   np.testing.assert_array_equal(kv_quant.unpack(packed, bits), codes)
-  if bits == 2:  # channel c at bit 2 (c mod 4) of byte c // 4
-    one = kv_quant.pack(jnp.array([[1, 2, 3, 0]], jnp.uint8), 2)
-    assert int(one[0, 0]) == 1 | 2 << 2 | 3 << 4
+  if bits == 2:  # planar: channel f * W + j in byte j at bit 2 f (W = 2 bytes for 8 channels)
+    one = kv_quant.pack(jnp.array([[1, 0, 2, 0, 3, 0, 1, 3]], jnp.uint8), 2)
+    assert [int(b) for b in one[0]] == [1 | 2 << 2 | 3 << 4 | 1 << 6, 3 << 6]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

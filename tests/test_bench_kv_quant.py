@@ -1,0 +1,18 @@
+"""scripts/bench_kv_quant.py: exact cache bytes at LLM shapes, and compiled decode rows."""
+
+
+def test_cache_bytes_and_decode_rows(load_script):
+  bench = load_script("scripts/bench_kv_quant.py")
+  rows = {(r["shape"], r["N"], r["cache"]): r for r in bench.cache_table()}
+  # Llama-3-8B shape at 32k: 32 layers x 8 KV heads x 128 x 2 (k, v) x 2 bytes per token.
+  assert rows[("8b-gqa", 32768, "dense")]["bytes_per_token"] == 32 * 8 * 128 * 2 * 2
+  # 4-bit, per token and KV head: 2 x 64 bytes of codes, a bf16 scale and zero per channel per
+  # 32 tokens for the keys (2 x 2 x 128 / 32 = 16 bytes) and per 32 channels for the values
+  # (2 x 2 x 4 = 16): 160 of bf16's 512 bytes, plus the 32-token residual (1/4096 of 128k).
+  kv4 = rows[("8b-gqa", 131072, "kv4")]["x_bf16"]
+  assert abs(kv4 - (160 / 512 + 32 / 131072)) < 1e-12
+  assert abs(rows[("7b-mha", 4096, "kv2")]["x_bf16"] - (96 / 512 + 32 / 4096)) < 1e-12
+  decode = bench.decode_table("tiny", 1)
+  assert [r["cache"] for r in decode] == ["dense", "kv8", "kv4", "kv2"]
+  assert decode[0]["kv_MiB"] > decode[1]["kv_MiB"] > decode[2]["kv_MiB"] > decode[3]["kv_MiB"]
+  assert all(r["tokens_per_s"] > 0 for r in decode)
