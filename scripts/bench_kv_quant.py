@@ -22,10 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memx.benchmark import write_results
+from memx.kernels.kv_quant import KVQuant
 from memx.models.config import ModelConfig
 from memx.models.decode import cache_bytes, kv_cache_bytes
 from memx.models.transformer import TransformerLM
-from memx.nn.kv_quant import KVQuant
 from memx.sparse.evaluate import decode_timer
 from memx.timing import interleaved_medians
 from memx.train.memory import compiled_memory

@@ -14,6 +14,7 @@ this script adjusted.
   .venv/bin/python scripts/ptxas_report.py --family ssd --seq 16384
   .venv/bin/python scripts/ptxas_report.py --family ternary --sass /tmp/sass
   .venv/bin/python scripts/ptxas_report.py --family conv --seq 65536
+  .venv/bin/python scripts/ptxas_report.py --family kv_quant --seq 16384
 """
 
 import argparse
@@ -183,7 +184,28 @@ def lower_conv(blocks, seq: int):
           "memx_causal_conv_dx": (blocks.num_warps, 1)}
 
 
+def kv_quant_candidates():
+  return {f"b{bits} w{w} s{st}": (bits, w, st) for bits in (4, 2) for w, st in ((4, 2), (4, 3),
+                                                                                 (8, 2))}
+
+
+def lower_kv_quant(option, seq: int):
+  """The quantized decode kernel (`memx.kernels.kv_quant`): a cache of `seq` tokens, 8 KV heads
+  of 128 with 4 query heads each (rows padded to 16), bf16, groups of 32, 4 splits."""
+  from memx.kernels.kv_quant import KVQuant, init_quant_cache  # noqa: PLC0415
+  from memx.kernels.kv_quant.pallas_gpu import quantized_part  # noqa: PLC0415
+  bits, warps, stages = option
+  spec = KVQuant(bits, 32)
+  cache = jax.eval_shape(lambda: init_quant_cache(spec, 1, seq, 8, 128, jnp.bfloat16))
+  q = jax.ShapeDtypeStruct((1, 8, 16, 128), jnp.bfloat16)
+  jax.jit(lambda q, c, p: quantized_part(q, c, p, left=None, sink=0, scale=128 ** -0.5,
+                                         splits=4, num_warps=warps, num_stages=stages)).trace(
+      q, cache, jax.ShapeDtypeStruct((), jnp.int32)).lower(lowering_platforms=("cuda",))
+  return {"memx_kv_quant_decode": (warps, stages)}
+
+
 FAMILIES = {"attention": (attention_candidates, lower_attention),
+            "kv_quant": (kv_quant_candidates, lower_kv_quant),
             "conv": (conv_candidates, lower_conv),
             "ssd": (ssd_candidates, lower_ssd),
             "ternary": (ternary_candidates, lower_ternary)}

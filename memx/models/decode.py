@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from memx.kernels.kv_quant import KVQuant
 from memx.models.transformer import TransformerLM
 from memx.nn.attention_decode import kv_cache_bytes
-from memx.nn.kv_quant import KVQuant
 from memx.typing import Array, Float, Int
 
 __all__ = ["cache_bytes", "decode_logits", "decode_nll", "generate", "kv_cache_bytes"]
@@ -46,7 +46,7 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
   T + max_new_tokens) sizes the attention layers' KV caches and is the length N at which a
   sparse plan's spans are taken. prefill_chunk: prefill the prompt that many tokens at a time
   (same tokens; the prefill's activations scale with the chunk, not the prompt). kv_quant:
-  keep the attention layers' keys and values in b-bit codes (`memx.nn.kv_quant`).
+  keep the attention layers' keys and values in b-bit codes (`memx.kernels.kv_quant`).
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")

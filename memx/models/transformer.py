@@ -17,12 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memx.kernels import save_kernel_results
+from memx.kernels.kv_quant import KVQuant, QuantCache
 from memx.models.config import ModelConfig
 from memx.nn import attention_decode
 from memx.nn._params import DTYPES, param
 from memx.nn.attention import Attention
 from memx.nn.glu import BitGLU
-from memx.nn.kv_quant import KVQuant, QuantCache
 from memx.nn.linear_attention import LinearAttention
 from memx.nn.mamba2 import Mamba2
 from memx.nn.mlgru import MLGRU, lower_bounds
@@ -195,7 +195,7 @@ class TransformerLM(nnx.Module):
     layers of a sparse plan (cfg.attn_plan), which keep per-KV-head sink + ring buffers sized
     to their heads' spans at N = max_len (`memx.nn.attention_decode.PlanCache`). full_cache=True
     gives plan layers the dense cache too (same results, for comparisons). kv_quant stores the
-    dense caches' keys and values in b-bit codes (`memx.nn.kv_quant`, KIVI); plan layers'
+    dense caches' keys and values in b-bit codes (`memx.kernels.kv_quant`, KIVI); plan layers'
     rings are not quantized (an error unless full_cache). Bytes of keys and values:
     `memx.nn.attention_decode.kv_cache_bytes(cfg, max_len, batch, kv_quant=...)`.
     """

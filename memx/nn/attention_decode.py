@@ -46,10 +46,16 @@ import numpy as np
 from memx.kernels.attention import Mask, attention
 from memx.kernels.attention.chunk import UNBOUNDED, chunk_attention, head_rules, visible
 from memx.kernels.attention.reference import MASK_VALUE
+from memx.kernels.kv_quant import (
+  KVQuant,
+  QuantCache,
+  decode_attention,
+  init_quant_cache,
+  quant_cache_bytes,
+)
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES
 from memx.nn.attention import Attention, layer_mask
-from memx.nn.kv_quant import KVQuant, QuantCache, init_quant_cache, quant_cache_bytes
 
 
 def _prefix_mask(mask: Mask, t: int) -> Mask:
@@ -350,7 +356,8 @@ def extend(attn: Attention, x, start, cache):
 
 def _attend_step(attn: Attention, q, k_all, v_all, pos, max_len: int):
   """q [B, 1, H, K] at position pos over a dense cache k_all/v_all [B, S, G, K] (slot s holds
-  position s; slots past pos are masked) with the layer's mask at N = max_len → [B, H, K]."""
+  position s; slots past pos are masked) with the layer's mask at N = max_len → [B, H, K]
+  (a quantized cache: `memx.kernels.kv_quant.decode_attention`)."""
   dt = DTYPES[attn.cfg.compute_dtype]
   b = q.shape[0]
   s, g = k_all.shape[1:3]
@@ -376,8 +383,7 @@ def step(attn: Attention, x_t, pos, cache):
     out, cache = _plan_step(attn, q, k, v, pos, cache)
   elif isinstance(cache, QuantCache):
     cache = cache.step(k, v, pos)
-    k_all, v_all = cache.read(pos - pos % cache.spec.group)
-    out = _attend_step(attn, q, k_all, v_all, pos, cache.max_len)
+    out = decode_attention(q[:, 0], cache, pos, mask=attn.mask(cache.max_len))
   else:
     cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1),
              "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)}

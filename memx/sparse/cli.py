@@ -305,7 +305,7 @@ def _eval(args) -> int:
   plan = Plan.load(args.plan) if args.plan else None
   kv_quant = None
   if args.kv_quant is not None:
-    from memx.nn.kv_quant import KVQuant
+    from memx.kernels.kv_quant import KVQuant
     try:
       kv_quant = KVQuant.parse(args.kv_quant)
       kv_quant.check(load_config(args.run).model.head_dim)

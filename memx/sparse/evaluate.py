@@ -8,7 +8,7 @@ longest length (prefill N - k tokens, then k single-token steps under jit, media
 The effective context length is the longest evaluated N whose mean retrieval accuracy (over
 depths) is at least `threshold` (MoA's definition, with 90%).
 
-With kv_quant (a quantized KV cache, `memx.nn.kv_quant`) the cache is what changes, not the
+With kv_quant (a quantized KV cache, `memx.kernels.kv_quant`) the cache is what changes, not the
 forward, so every row runs through the decode path (`memx.models.decode.decode_logits`):
 retrieval rows prefill their prompt up to the first answer token and predict the answers with
 decode steps reading the quantized cache (KIVI's setting: an exact prefill, then generation);
@@ -37,9 +37,9 @@ from memx._io import atomic_file
 from memx.data import make_loader
 from memx.data.config import DataConfig
 from memx.errors import UserError
+from memx.kernels.kv_quant import KVQuant
 from memx.models.decode import decode_logits, kv_cache_bytes
 from memx.models.transformer import TransformerLM
-from memx.nn.kv_quant import KVQuant
 from memx.sparse.plan import Plan, apply_plan
 from memx.timing import feeding_back, median_time
 from memx.train.loss import token_losses

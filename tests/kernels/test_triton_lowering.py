@@ -16,6 +16,7 @@ import pytest
 
 from . import test_attention as ta
 from . import test_chunk_attention as tc
+from . import test_kv_quant as tq
 from . import test_linear_scan as tl
 from . import test_short_conv as tsc
 from . import test_ssd as ts
@@ -25,6 +26,7 @@ gpu_info = pytest.importorskip("jax._src.pallas.triton.gpu_info")
 
 from memx.kernels.attention import attention  # noqa: E402
 from memx.kernels.attention.chunk import chunk_attention  # noqa: E402
+from memx.kernels.kv_quant import KVQuant, decode_attention  # noqa: E402
 from memx.kernels.linear_scan import linear_scan  # noqa: E402
 from memx.kernels.short_conv import causal_conv  # noqa: E402
 from memx.kernels.ternary import absmean_quantize, pack_ternary, packed_matmul, to_words  # noqa: E402
@@ -49,12 +51,13 @@ def triton_modules(monkeypatch):
   monkeypatch.setattr(triton_registration.lowering, "lower_jaxpr_to_triton_module", capture)
   # The APIs refuse pallas_gpu without a GPU backend (compiling needs one; lowering does not).
   from memx.kernels.attention import cudnn
+  from memx.kernels.kv_quant import api as kv_api
   from memx.kernels.linear_scan import api as scan_api
   from memx.kernels.short_conv import api as conv_api
   from memx.kernels.ssd import api as ssd_api
   from memx.kernels.ternary import api as ternary_api
   monkeypatch.setattr(cudnn, "gpu_backend", lambda: True)
-  for api in (scan_api, conv_api, ssd_api, ternary_api):
+  for api in (scan_api, conv_api, ssd_api, ternary_api, kv_api):
     if hasattr(api, "gpu_backend"):
       monkeypatch.setattr(api, "gpu_backend", lambda: True)
   return modules
@@ -202,3 +205,17 @@ def test_short_conv_lowers(triton_modules, case, dtype):
   _lower_for_cuda(fn, x, w, bias, hist, dy)
   two_pass = (tsc.CASES[case][-1] or tsc.BlockSizes()).backward == "two_pass"
   assert len(triton_modules) == (3 if two_pass else 2)  # forward, backward (g, then dx)
+
+
+@DTYPES
+@pytest.mark.parametrize("case", tq.KERNEL_CASES, ids=lambda c: f"b{c[0]}g{c[1]}d{c[2]}p{c[6]}")
+def test_kv_quant_decode_lowers(triton_modules, case, dtype):
+  """The quantized decode kernel: uint8 codes unpacked field by field, a traced position."""
+  bits, group, d, h, g, mask, pos, splits = case
+  cache = tq._filled_cache(KVQuant(bits, group), 2, 128, g, d, pos, dtype)
+  q = jnp.zeros((2, h, d), dtype)
+  _lower_for_cuda(lambda q, c, p: decode_attention(q, c, p, mask=mask, splits=splits,
+                                                   implementation="pallas_gpu"),
+                  q, cache, jnp.int32(pos))
+  assert len(triton_modules) == 1
+  _check_fp32_dots(triton_modules, dtype)

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from memx.kernels import _testing
+from memx.kernels import _testing, kv_quant
+from memx.kernels.attention import Mask
 from memx.kernels.attention.chunk import chunk_attention_reference
+from memx.kernels.kv_quant import KVQuant
 from memx.models._testing import jit_for_test
 from memx.models.config import ModelConfig, SSMConfig
 from memx.models.decode import cache_bytes, decode_logits, decode_nll, generate, kv_cache_bytes
 from memx.models.transformer import TransformerLM
-from memx.nn import attention_decode, kv_quant
+from memx.nn import attention_decode
 from memx.nn.attention import Attention
-from memx.nn.kv_quant import KVQuant
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
 
@@ -258,3 +259,58 @@ def test_decode_logits_equal_the_forward_without_quantization():
   # The prompt's logits are the prefill's (exact); steps past the first group read codes.
   _testing.assert_allclose(quant[:, :5], model(tokens)[:, :5], name="prompt")
   assert float(jnp.max(jnp.abs(quant[:, 8:] - model(tokens)[:, 8:]))) > 1e-4
+
+
+# --- the decode kernel ------------------------------------------------------------------------
+
+def _filled_cache(spec, b, s, g, d, pos, dtype, seed=0):
+  """A QuantCache holding random keys/values for positions 0..pos (quantized where whole)."""
+  k, v = (jax.random.normal(key, (b, pos + 1, g, d), jnp.float32).astype(dtype)
+          for key in jax.random.split(jax.random.key(seed)))
+  k = k.at[..., 3].multiply(8.0)                      # an outlier channel
+  cache = kv_quant.init_quant_cache(spec, b, s, g, d, dtype)
+  cache = cache.append(k[:, :pos], v[:, :pos], 0, 0)
+  return cache.step(k[:, pos:], v[:, pos:], jnp.int32(pos))
+
+
+KERNEL_CASES = [  # (bits, group, head_dim, heads, kv heads, mask, pos, splits)
+    (4, 16, 64, 8, 2, Mask(causal=True), 70, 1),
+    (2, 16, 64, 4, 4, Mask(causal=True), 95, 3),
+    (8, 32, 64, 6, 2, Mask(causal=True), 40, 2),
+    (2, 32, 128, 4, 1, Mask(causal=True, window_left=40, n_sink=5), 127, 2),
+    (4, 16, 64, 8, 2, Mask(causal=True, window_left=20, n_sink=0), 99, 4),
+    (4, 16, 64, 8, 2, Mask(causal=True), 9, 2),       # inside the first group: residual only
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"b{c[0]}g{c[1]}d{c[2]}p{c[6]}")
+def test_decode_kernel_matches_the_reference(case, dtype):
+  bits, group, d, h, g, mask, pos, splits = case
+  spec = KVQuant(bits, group)
+  cache = _filled_cache(spec, 2, 128, g, d, pos, dtype, seed=pos)
+  q = jax.random.normal(jax.random.key(1), (2, h, d), jnp.float32).astype(dtype)
+  want = kv_quant.decode_attention(q, cache, jnp.int32(pos), mask=mask,
+                                   implementation="reference")
+  got = jax.jit(lambda q, c, p: kv_quant.decode_attention(
+      q, c, p, mask=mask, implementation="pallas_gpu", interpret=True, splits=splits))(
+          q, cache, jnp.int32(pos))
+  _testing.assert_allclose(got, want, name=f"{case}")
+
+
+def test_decode_kernel_refuses_what_it_cannot_serve():
+  cache = _filled_cache(KVQuant(4, 8), 1, 32, 1, 64, 20, jnp.float32)
+  q = jnp.ones((1, 2, 64))
+  with pytest.raises(NotImplementedError, match="power-of-two key group >= 16"):
+    kv_quant.decode_attention(q, cache, jnp.int32(20), mask=Mask(causal=True),
+                              implementation="pallas_gpu", interpret=True)
+  cache = _filled_cache(KVQuant(4, 16), 1, 32, 1, 64, 20, jnp.float32)
+  with pytest.raises(NotImplementedError, match="per-head"):
+    kv_quant.decode_attention(q, cache, jnp.int32(20),
+                              mask=Mask(causal=True, window_left=(4, 8)),
+                              implementation="pallas_gpu", interpret=True)
+  with pytest.raises(ValueError, match=r"q must be \[B, H, K\]"):
+    kv_quant.decode_attention(jnp.ones((1, 2, 32)), cache, jnp.int32(20),
+                              mask=Mask(causal=True))
+  with pytest.raises(ValueError, match="outside the cache"):
+    kv_quant.decode_attention(q, cache, jnp.int32(32), mask=Mask(causal=True))
