@@ -8,6 +8,10 @@ Part 2 (compiled): the --size model's decode step from a cache of N tokens: XLA'
 bytes (weights + cache), temporaries (the XLA path dequantizes one layer at a time: its
 full-precision keys and values are a temporary), and decode tokens/s (16 steps under one jit
 after an N - 16 token prompt; the variants alternate, medians over --repeats).
+Part 3 (the attention alone): device time per call of one layer's decode attention at
+--size's kernel shape (`per_call_device_time`, fresh random caches per call so none is read
+from L2): the dense cache's einsum step, `decode_attention`'s reference (XLA dequantizes the
+layer) and, on an NVIDIA GPU, its Pallas kernel; bytes of cache read and GB/s.
 
   python scripts/bench_kv_quant.py --out benchmarks/out/kv_quant               # CPU
   python scripts/bench_kv_quant.py --out $OUT/kv_quant --size gpu              # bf16
@@ -22,12 +26,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from memx.benchmark import write_results
-from memx.kernels.kv_quant import KVQuant
+from memx.kernels._dispatch import gpu_backend
+from memx.kernels.attention import Mask
+from memx.kernels.attention.reference import MASK_VALUE
+from memx.kernels.kv_quant import KVQuant, decode_attention, init_quant_cache
 from memx.models.config import ModelConfig
 from memx.models.decode import cache_bytes, kv_cache_bytes
 from memx.models.transformer import TransformerLM
 from memx.sparse.evaluate import decode_timer
-from memx.timing import interleaved_medians
+from memx.timing import interleaved_medians, per_call_device_time
 from memx.train.memory import compiled_memory
 
 VARIANTS = {"dense": None, "kv8": KVQuant(8, 32), "kv4": KVQuant(4, 32),
@@ -40,6 +47,9 @@ NEW_TOKENS = 16
 SIZES = {"cpu": (512, 4, 8, 4, 8192, 2048, 4, "float32"),
          "gpu": (2048, 8, 16, 8, 32000, 16384, 8, "bfloat16"),
          "tiny": (64, 1, 2, 2, 264, 64, 1, "float32")}  # tiny: the script's test
+# size → (batch, N, KV heads, query heads per KV head, head_dim, argument sets) for part 3
+KERNEL_SHAPES = {"cpu": (2, 2048, 4, 2, 64, 2), "gpu": (8, 16384, 8, 4, 128, 4),
+                 "tiny": (1, 128, 2, 2, 32, 2)}
 
 
 def cache_table() -> list[dict]:
@@ -89,6 +99,60 @@ def decode_table(size: str, repeats: int) -> list[dict]:
   return list(rows.values())
 
 
+def _dense_step(q, k, v, pos):
+  """The dense cache's decode attention (as memx.nn.attention_decode's step): q [B, H, K] over
+  k, v [B, S, G, K], keys up to pos."""
+  b, h, d = q.shape
+  s, g = k.shape[1:3]
+  qg = q.reshape(b, g, h // g, d)
+  scores = jnp.einsum("bgrk,bsgk->bgrs", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+  scores = jnp.where((jnp.arange(s) <= pos)[None, None, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bgrs,bsgk->bgrk", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return out.reshape(b, h, d).astype(q.dtype)
+
+
+def _random_cache(spec, key, b, n, g, d, dtype):
+  """A cache full of random keys and values (never zeros: they can run faster than data)."""
+  k, v = (jax.random.normal(kk, (b, n, g, d), jnp.float32).astype(dtype)
+          for kk in jax.random.split(key))
+  if spec is None:
+    return k, v
+  cache = init_quant_cache(spec, b, n, g, d, dtype)
+  return cache.append(k[:, :n - 1], v[:, :n - 1], 0, 0).step(k[:, n - 1:], v[:, n - 1:],
+                                                               jnp.int32(n - 1))
+
+
+def kernel_table(size: str, repeats: int) -> list[dict]:
+  b, n, g, r, d, copies = KERNEL_SHAPES[size]
+  dtype = jnp.bfloat16 if size == "gpu" else jnp.float32
+  pos = jnp.int32(n - 1)
+  mask = Mask(causal=True)
+  variants = [("dense", None, None)]
+  impls = ("reference", "pallas_gpu") if gpu_backend() else ("reference",)
+  for name, spec in VARIANTS.items():
+    if spec is not None:
+      variants += [(f"{name} {impl}", spec, impl) for impl in impls]
+  rows = []
+  for i, (name, spec, impl) in enumerate(variants):
+    caches = [_random_cache(spec, jax.random.key(100 * i + c), b, n, g, d, dtype)
+              for c in range(copies)]
+    q = jax.random.normal(jax.random.key(7), (b, g * r, d), jnp.float32).astype(dtype)
+    if spec is None:
+      fn = lambda q, kv: _dense_step(q, *kv, pos)  # noqa: E731
+    else:
+      fn = lambda q, c, m=impl: decode_attention(q, c, pos, mask=mask,  # noqa: E731
+                                                         implementation=m)
+    seconds = per_call_device_time(fn, [(q, c) for c in caches] * 2, repeats)
+    read = cache_bytes(caches[0])
+    rows.append({"part": "attention", "size": size, "B": b, "N": n, "kv_heads": g,
+                 "q_per_kv": r, "head_dim": d, "cache": name, "cache_MiB": read / 2**20,
+                 "us": 1e6 * seconds, "GB_per_s": read / seconds / 1e9})
+  for row in rows:
+    row["x_dense_time"] = row["us"] / rows[0]["us"]
+  return rows
+
+
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default="benchmarks/out/kv_quant")
@@ -102,6 +166,8 @@ def main() -> int:
   settings = {"commit": sha, "size": args.size, "shape": SIZES[args.size],
               "repeats": args.repeats}
   print(write_results(args.out, "bench_kv_quant (bytes)", settings, cache_table()))
+  print(write_results(f"{args.out}/attention", "bench_kv_quant (attention)", settings,
+                      kernel_table(args.size, args.repeats)))
   print(write_results(f"{args.out}/decode", "bench_kv_quant (decode)", settings,
                       decode_table(args.size, args.repeats)))
   return 0
