@@ -308,12 +308,16 @@ def extend(attn: Attention, x, start, cache):
   chunk for any prompt length) needs a dense cache, read by `chunk_attention` (the offset read
   at run time: a Pallas kernel on GPUs). A quantized cache (`QuantCache`) is read as stored
   (dequantized, its residual exact) and the chunk's own keys at full precision; under a traced
-  start its chunks must be whole key groups, so that every chunk starts on a group boundary.
+  start its chunks must be whole key groups and start on a group boundary (as the chunks of
+  `TransformerLM.prefill`'s scan do): a traced start off a boundary gives NaN outputs, never
+  silently wrong ones.
   """
   cfg = attn.cfg
   dt = DTYPES[cfg.compute_dtype]
   b, c = x.shape[:2]
   max_len = _cache_max_len(cache)
+  if not isinstance(start, jax.core.Tracer):
+    start = int(start)   # a concrete offset (numpy or a 0-d array) is a static one
   static = isinstance(start, int)
   if static and (start < 0 or start + c > max_len):
     raise ValueError(f"attention extend: positions {start}..{start + c - 1} do not fit the "
@@ -351,6 +355,8 @@ def extend(attn: Attention, x, start, cache):
     # cuDNN cannot take a run-time offset: a config that asks for it gets the chunk dispatch.
     impl = None if cfg.attn_impl in (None, "cudnn") else cfg.attn_impl
     out = chunk_attention(q, k_all, v_all, start, mask=mask, implementation=impl)
+    if isinstance(cache, QuantCache):  # appended as if start were on a boundary: say so
+      out = jnp.where(start % cache.spec.group == 0, out, jnp.nan)
   return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
 
 

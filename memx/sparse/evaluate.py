@@ -76,12 +76,17 @@ def _forward(model):
   return lambda inputs, answer_mask: fn(state, inputs)
 
 
+PROMPT_STEP = 64  # decode-path prompt lengths are multiples of this: few distinct compiles
+
+
 def _decode_forward(model, kv_quant: KVQuant):
   """forward(inputs, answer_mask) through the decode path with a quantized cache (module doc):
-  the prompt ends before the batch's first answer token (one token for rows with none)."""
+  the prompt ends before the batch's first answer token (one token for rows with none),
+  rounded down to a multiple of PROMPT_STEP (the prompt length is compiled in; rows whose
+  answers move, as MQAR's, would otherwise compile a program per batch)."""
   def fn(inputs, answer_mask):
     answers = np.flatnonzero(np.asarray(answer_mask).any(0))
-    prompt = max(1, int(answers[0])) if answers.size else 1
+    prompt = max(1, int(answers[0]) // PROMPT_STEP * PROMPT_STEP) if answers.size else 1
     return decode_logits(model, inputs, prompt, kv_quant=kv_quant)
   return fn
 

@@ -77,6 +77,7 @@ def test_eval_with_a_quantized_kv_cache(tiny_run, capsys):
   # 8-bit codes: the decode path's loss and answers as the forward's; 2-bit moves the loss.
   assert abs(kv8["eval_loss"]["128"] - dense["eval_loss"]["128"]) < 2e-3
   assert kv8["mqar"]["128"] == dense["mqar"]["128"]
+  assert kv8["passkey_digits"]["128"] == dense["passkey_digits"]["128"]
   assert abs(kv2["eval_loss"]["128"] - dense["eval_loss"]["128"]) > \
       abs(kv8["eval_loss"]["128"] - dense["eval_loss"]["128"])
   kv = [r["kv_bytes_per_token"]["128"] for r in (dense, kv8, kv2)]

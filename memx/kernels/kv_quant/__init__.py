@@ -23,11 +23,11 @@ codes, and later steps read it from there. A prefill chunk attends to its own ke
 precision and to what earlier chunks left in the cache as stored: so a prompt prefilled whole
 sees itself exactly (as KIVI's prefill does) and only generated tokens read quantized keys.
 
-`QuantCache.read` dequantizes the whole layer into the compute dtype (one layer's
-full-precision keys and values as a temporary) and the attention runs as on a dense cache: the
-stored bytes, which is what limits batch and context, are the quantized ones
-(`quant_cache_bytes`). A fused kernel that dequantizes in registers would also cut the decode
-step's HBM reads; that is not built.
+Decode attention over the cache (`decode_attention`): `reference` reads the layer whole
+(`QuantCache.read`: dequantized into the compute dtype, one layer's keys and values as a
+temporary) and runs dense masked scores; it is the oracle and the CPU path. `pallas_gpu`
+(pallas_gpu.py) reads the codes and dequantizes them in registers, so a step's memory traffic
+is the quantized bytes (`quant_cache_bytes`), which also bound batch and context.
 """
 
 from memx.kernels.kv_quant.api import IMPLEMENTATIONS, decode_attention

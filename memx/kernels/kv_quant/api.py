@@ -73,7 +73,8 @@ def _check_inputs(q, cache, pos, mask) -> None:
 
 
 def default_splits(batch: int, kv_heads: int, groups: int) -> int:
-  """Split-K count: enough programs to fill the GPU, each with at least 4 key groups."""
+  """Split-K count: enough programs to fill the GPU, each with at least 4 of the `groups` key
+  groups a step visits."""
   want = math.ceil(TARGET_PROGRAMS / (batch * kv_heads))
   return max(1, min(want, groups // 4))
 
@@ -108,6 +109,8 @@ def decode_attention(
   rows = max(pallas_gpu.MIN_ROWS, 1 << (r - 1).bit_length())
   qg = q.reshape(b, g, r, d)
   n_groups = cache.k_codes.shape[1] // group
+  if mask.window_left is not None:  # the groups a window visits (its sinks: split 0's)
+    n_groups = min(n_groups, mask.window_left // group + 2)
   splits = default_splits(b, g, n_groups) if splits is None else splits
   if not (isinstance(splits, int) and splits >= 1):
     raise ValueError(f"decode_attention: splits must be an int >= 1, got {splits!r}")

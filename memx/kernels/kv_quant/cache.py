@@ -104,12 +104,13 @@ def init_quant_cache(spec: KVQuant, batch: int, max_len: int, kv_heads: int, hea
   slots = math.ceil(max_len / spec.group) * spec.group
   width = head_dim * spec.bits // 8
   n_vg = head_dim // spec.value_group(head_dim)
-  codes = jnp.zeros((batch, slots, kv_heads, width), jnp.uint8)
-  k_stats = jnp.zeros((batch, slots // spec.group, kv_heads, head_dim), dtype)
-  v_stats = jnp.zeros((batch, slots, kv_heads, n_vg), dtype)
-  res = jnp.zeros((batch, spec.group, kv_heads, head_dim), dtype)
-  return QuantCache(k_codes=codes, k_scale=k_stats, k_zero=k_stats, v_codes=codes,
-                    v_scale=v_stats, v_zero=v_stats, k_res=res, v_res=res, spec=spec,
+  # One array per field (none shared: a cache passed to a jit with donation donates each).
+  codes = lambda: jnp.zeros((batch, slots, kv_heads, width), jnp.uint8)  # noqa: E731
+  k_stats = lambda: jnp.zeros((batch, slots // spec.group, kv_heads, head_dim), dtype)  # noqa: E731
+  v_stats = lambda: jnp.zeros((batch, slots, kv_heads, n_vg), dtype)  # noqa: E731
+  res = lambda: jnp.zeros((batch, spec.group, kv_heads, head_dim), dtype)  # noqa: E731
+  return QuantCache(k_codes=codes(), k_scale=k_stats(), k_zero=k_stats(), v_codes=codes(),
+                    v_scale=v_stats(), v_zero=v_stats(), k_res=res(), v_res=res(), spec=spec,
                     max_len=max_len)
 
 

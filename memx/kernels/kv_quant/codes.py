@@ -79,18 +79,28 @@ def unpack(packed, bits: int):
   return fields.reshape(*packed.shape[:-1], -1)
 
 
+def _round_toward(x, dtype, direction):
+  """float32 x in `dtype`, rounded toward `direction` (±inf) where the cast rounded the other
+  way: a stored zero never exceeds its group's minimum, a stored scale never falls short."""
+  y = x.astype(dtype)
+  wrong = y.astype(jnp.float32) < x if direction > 0 else y.astype(jnp.float32) > x
+  return jnp.where(wrong, jnp.nextafter(y, jnp.asarray(direction, dtype)), y)
+
+
 def quantize(x, bits: int, axis: int, dtype):
   """Asymmetric b-bit quantization of x over `axis` (one group per position of the other
   axes) → (uint8 codes shaped like x, scale, zero with `axis` removed, in `dtype`).
 
-  scale and zero are rounded to `dtype` first and the codes computed from the rounded values,
-  so dequantize's error is the rounding of x to the grid (at most scale / 2) and nothing else.
-  A constant group gets scale 0 and is stored exactly.
+  zero and scale are stored in `dtype` rounded outward (zero down to at most the minimum, scale
+  up so that the grid still reaches the maximum), and the codes are computed from the stored
+  values: every code lies in range unclipped, and dequantize's error is at most scale / 2 (plus
+  the rounding of its own result to the output dtype). A constant group gets scale 0 and is
+  stored exactly when its value is representable in `dtype`.
   """
   xf = x.astype(jnp.float32)
   lo, hi = jnp.min(xf, axis=axis), jnp.max(xf, axis=axis)
-  zero = lo.astype(dtype)
-  scale = ((hi - lo) / (2 ** bits - 1)).astype(dtype)
+  zero = _round_toward(lo, dtype, -jnp.inf)
+  scale = _round_toward((hi - zero.astype(jnp.float32)) / (2 ** bits - 1), dtype, jnp.inf)
   z, s = (jnp.expand_dims(a.astype(jnp.float32), axis) for a in (zero, scale))
   codes = jnp.round((xf - z) / jnp.where(s > 0, s, 1.0))
   return jnp.clip(codes, 0, 2 ** bits - 1).astype(jnp.uint8), scale, zero
