@@ -38,7 +38,7 @@ from memx.timing import interleaved_medians, per_call_device_time
 from memx.train.memory import compiled_memory
 
 VARIANTS = {"dense": None, "kv8": KVQuant(8, 32), "kv4": KVQuant(4, 32),
-            "kv2": KVQuant(2, 32)}
+            "kv2": KVQuant(2, 32), "kv2r128": KVQuant(2, 32, residual=128)}
 # name → (n_layers, n_heads, n_kv_heads, head_dim): Llama-2-7B (MHA) and Llama-3-8B (GQA)
 SHAPES = {"7b-mha": (32, 32, 32, 128), "8b-gqa": (32, 32, 8, 128)}
 LENGTHS = (4096, 32768, 131072)

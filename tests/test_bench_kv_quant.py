@@ -17,11 +17,12 @@ def test_cache_bytes_and_decode_rows(load_script):
   assert abs(kv4 - (160 / 512 + 32 / 131072)) < 1e-12
   assert abs(rows[("7b-mha", 4096, "kv2")]["x_bf16"] - (96 / 512 + 32 / 4096)) < 1e-12
   decode = bench.decode_table("tiny", 1)
-  assert [r["cache"] for r in decode] == ["dense", "kv8", "kv4", "kv2"]
+  assert [r["cache"] for r in decode] == ["dense", "kv8", "kv4", "kv2", "kv2r128"]
   assert decode[0]["kv_MiB"] > decode[1]["kv_MiB"] > decode[2]["kv_MiB"] > decode[3]["kv_MiB"]
   assert all(r["tokens_per_s"] > 0 for r in decode)
   attention = bench.kernel_table("tiny", 1)
   assert [r["cache"] for r in attention] == ["dense", "kv8 reference", "kv4 reference",
-                                             "kv2 reference"]  # (pallas_gpu on GPUs only)
+                                             "kv2 reference", "kv2r128 reference"]  # (+ pallas
+  # on GPUs)
   assert attention[0]["cache_MiB"] > attention[1]["cache_MiB"] > attention[3]["cache_MiB"]
   assert all(r["us"] > 0 for r in attention)

@@ -25,7 +25,9 @@ from memx.sparse.evaluate import evaluate, write_evaluation
 from memx.train.restore import load_trained
 
 CACHES = {"dense-ref": None, "kv8g32": KVQuant(8, 32), "kv4g32": KVQuant(4, 32),
-          "kv2g32": KVQuant(2, 32), "kv2g16": KVQuant(2, 16)}
+          "kv2g32": KVQuant(2, 32), "kv2g16": KVQuant(2, 16),
+          # KIVI's own setting: 2 bits, groups of 32, the 128 latest tokens at full precision.
+          "kv2g32r128": KVQuant(2, 32, residual=128)}
 
 
 def main(argv=None) -> int:

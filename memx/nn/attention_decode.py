@@ -336,7 +336,7 @@ def extend(attn: Attention, x, start, cache):
     return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
   if isinstance(cache, QuantCache):
     held = start % cache.spec.group if static else 0
-    k_all, v_all = cache.read(start - held)
+    k_all, v_all = cache.read(cache.exact_from(start))
     cache = cache.append(k, v, start, held)
   else:
     cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], val, start, axis=1)

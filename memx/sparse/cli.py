@@ -120,9 +120,10 @@ def add_parser(sub) -> None:
   e.add_argument("--batches", type=int, default=2)
   e.add_argument("--batch-size", type=int, default=8)
   e.add_argument("--step", type=int, default=None)
-  e.add_argument("--kv-quant", default=None, metavar="BITS[:GROUP]",
+  e.add_argument("--kv-quant", default=None, metavar="BITS[:GROUP[:RESIDUAL]]",
                  help="decode from a KIVI-quantized KV cache (2, 4 or 8 bits; keys grouped "
-                      "over GROUP tokens, default 32): every row runs through the decode path")
+                      "over GROUP tokens, default 32; RESIDUAL more recent tokens kept at full "
+                      "precision, default 0): every row runs through the decode path")
   e.set_defaults(handler=_eval)
 
 
@@ -314,7 +315,7 @@ def _eval(args) -> int:
   if plan is not None:
     check_plan(plan, load_config(args.run).model)  # before restoring any weights
   name = args.name or (plan.kind if plan else
-                       f"kv{kv_quant.bits}g{kv_quant.group}" if kv_quant else "dense")
+                       kv_quant.name if kv_quant else "dense")
   check_evaluation_name(name)  # before the evaluation, not after it
   trained = load_trained(args.run, step=args.step)
   result = evaluate(trained.model, trained.cfg.data, lengths, plan=plan, depths=depths,

@@ -200,7 +200,7 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
   density = {n: (plan.density(n) if plan is not None else 1.0) for n in lengths}
   name = "dense" if plan is None else plan.kind
   if kv_quant is not None:
-    name = f"kv{kv_quant.bits}g{kv_quant.group}"
+    name = kv_quant.name
   return {
       "kind": "evaluation", "method": name,
       "kv_quant": None if kv_quant is None else dataclasses.asdict(kv_quant),

@@ -116,7 +116,7 @@ def _layer(spec_cfg=CFG):
 
 def _oracle_step(attn, q, k, v, pos, spec):
   """Attention of q (position pos) over keys 0..pos: groups before pos's fake-quantized."""
-  cut = pos - pos % spec.group
+  cut = spec.exact_from(pos)
   kq, vq = np.asarray(k[:, :pos + 1]).copy(), np.asarray(v[:, :pos + 1]).copy()
   if cut:
     kq[:, :cut] = _fake_quant_keys(k[:, :cut], spec)
@@ -125,9 +125,11 @@ def _oracle_step(attn, q, k, v, pos, spec):
                                    mask=attn.mask(pos + 1))
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_decode_steps_read_earlier_groups_quantized_and_their_own_group_exactly(bits):
-  spec = KVQuant(bits=bits, group=4)
+@pytest.mark.parametrize("bits,residual", [(2, 0), (4, 0), (2, 8)])
+def test_decode_steps_read_earlier_groups_quantized_and_their_own_group_exactly(bits, residual):
+  """Positions before exact_from(pos) (the current group, and `residual` tokens before it) are
+  read quantized, the rest exactly."""
+  spec = KVQuant(bits=bits, group=4, residual=residual)
   attn = _layer()
   x = jax.random.normal(jax.random.key(1), (2, 14, CFG.d_model))
   q, k, v = attn.qkv(x, jnp.broadcast_to(jnp.arange(14), (2, 14)))
@@ -139,13 +141,16 @@ def test_decode_steps_read_earlier_groups_quantized_and_their_own_group_exactly(
     want = jnp.einsum("bhk,hkd->bd", _oracle_step(attn, q[:, pos:pos + 1], k, v, pos, spec)[:, 0],
                       wo)
     _testing.assert_allclose(y, want, name=f"step {pos}")
-  # Every completed group is in the codes exactly as the oracle rounds it.
-  k_read, _ = cache.read(12)
-  np.testing.assert_allclose(k_read[:, :12], _fake_quant_keys(k[:, :12], spec), atol=1e-5)
+  # Every group that left the ring is in the codes as the oracle rounds it; the ring is exact.
+  cut = spec.exact_from(13)
+  k_read, _ = cache.read(cut)
+  np.testing.assert_allclose(k_read[:, :cut], _fake_quant_keys(k[:, :cut], spec), atol=1e-5)
+  np.testing.assert_array_equal(k_read[:, cut:14], k[:, cut:14])
 
 
-def test_chunked_prefill_reads_earlier_chunks_as_stored_and_leaves_the_same_cache():
-  spec = KVQuant(bits=4, group=4)
+@pytest.mark.parametrize("residual", [0, 4])
+def test_chunked_prefill_reads_earlier_chunks_as_stored_and_leaves_the_same_cache(residual):
+  spec = KVQuant(bits=4, group=4, residual=residual)
   attn = _layer()
   x = jax.random.normal(jax.random.key(2), (2, 13, CFG.d_model))
   q, k, v = attn.qkv(x, jnp.broadcast_to(jnp.arange(13), (2, 13)))
@@ -154,7 +159,7 @@ def test_chunked_prefill_reads_earlier_chunks_as_stored_and_leaves_the_same_cach
   for start in (0, 5, 10):   # chunks that start inside groups (residuals of 1 and 2 tokens)
     y, cache = attention_decode.extend(attn, x[:, start:start + 5], start, cache)
     outs.append(y)
-    cut = start - start % spec.group
+    cut = spec.exact_from(start)
     kq, vq = np.asarray(k).copy(), np.asarray(v).copy()
     if cut:
       kq[:, :cut], vq[:, :cut] = (_fake_quant_keys(k[:, :cut], spec),
@@ -166,12 +171,13 @@ def test_chunked_prefill_reads_earlier_chunks_as_stored_and_leaves_the_same_cach
                              name=f"chunk at {start}")
   # The first chunk reads nothing from the cache: as the whole prompt's first five rows.
   _testing.assert_allclose(outs[0], whole_y[:, :5], name="first chunk")
-  # The same codes and statistics; of the residual, the slot position 12 holds (the others
-  # hold invisible leftovers of earlier chunks).
+  # The same codes and statistics; of the ring, the slots of the positions a read at 13 takes
+  # exactly (the others hold unreachable leftovers of earlier chunks).
   for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
     np.testing.assert_array_equal(getattr(whole, name), getattr(cache, name), err_msg=name)
+  held = np.arange(spec.exact_from(13), 13) % spec.ring
   for name in ("k_res", "v_res"):
-    np.testing.assert_array_equal(getattr(whole, name)[:, :1], getattr(cache, name)[:, :1])
+    np.testing.assert_array_equal(getattr(whole, name)[:, held], getattr(cache, name)[:, held])
 
 
 def test_scanned_prefill_equals_the_unrolled_one_and_a_misaligned_chunk_unrolls():
@@ -269,9 +275,12 @@ def test_bad_input_is_refused_before_any_array_is_made():
     KVQuant(bits=3)
   with pytest.raises(ValueError, match="group"):
     KVQuant(bits=4, group=1)
-  with pytest.raises(ValueError, match="BITS or BITS:GROUP"):
+  with pytest.raises(ValueError, match="BITS, BITS:GROUP"):
     KVQuant.parse("four")
   assert KVQuant.parse("2:16") == KVQuant(2, 16) and KVQuant.parse("8") == KVQuant(8, 32)
+  assert KVQuant.parse("2:32:128") == KVQuant(2, 32, 128)
+  with pytest.raises(ValueError, match="multiple of group 32"):
+    KVQuant(2, 32, residual=48)
   odd = dataclasses.replace(CFG, d_model=40, n_heads=4, n_kv_heads=2)   # head_dim 10
   with pytest.raises(ValueError, match="head_dim 10"):
     TransformerLM(odd, rngs=nnx.Rngs(0)).init_cache(1, 8, kv_quant=KVQuant(4, 4))
@@ -342,7 +351,7 @@ def _oracle_decode(q, k, v, pos, spec, left, sink):
   """float64 numpy: attention of q at pos over k, v [B, pos + 1, G, K], the groups before pos's
   fake-quantized (independent of the package: its own quantizer, its own softmax)."""
   b, _, g, d = k.shape
-  cut = pos - pos % spec.group
+  cut = spec.exact_from(pos)
   k, v = np.array(k, np.float64), np.array(v, np.float64)
   if cut:
     k[:, :cut] = _fake_quant_keys(k[:, :cut], spec)
@@ -356,15 +365,17 @@ def _oracle_decode(q, k, v, pos, spec, left, sink):
   return np.einsum("bgrs,bsgk->bgrk", p, v).reshape(q.shape)
 
 
-@pytest.mark.parametrize("case", [  # (bits, group, head_dim, window, sinks, pos, splits)
+@pytest.mark.parametrize("case", [  # (bits, group, head_dim, window, sinks, pos, splits[, R])
     (4, 16, 64, 20, 40, 99, 3),      # sinks over three groups, below a window
+    (4, 16, 64, 20, 40, 99, 3, 32),  # ... with 32 more tokens at full precision
+    (2, 16, 64, None, 0, 40, 2, 48), # a ring not yet full: nothing quantized
     (2, 16, 64, 33, 50, 100, 8),     # sinks reaching into the window; more splits than groups
     (2, 32, 128, 0, 17, 70, 2),      # a window of the query alone, plus sinks
     (8, 16, 64, None, 0, 16, 1),     # the first step of the second group
     (4, 16, 64, 5, 3, 0, 2)])        # position 0: the residual alone
 def test_decode_kernel_and_reference_match_a_float64_oracle(case):
-  bits, group, d, left, sink, pos, splits = case
-  spec = KVQuant(bits, group)
+  bits, group, d, left, sink, pos, splits = case[:7]
+  spec = KVQuant(bits, group, residual=case[7] if len(case) > 7 else 0)
   k, v = (jax.random.normal(key, (2, pos + 1, 2, d), jnp.float32)
           for key in jax.random.split(jax.random.key(pos + 7)))
   k = k.at[..., 3].multiply(8.0)

@@ -10,4 +10,4 @@ def test_compare_writes_an_evaluation_per_cache(tiny_run, load_script, capsys):
   out = capsys.readouterr().out
   assert "dense-ref" in out and "kv2g16" in out
   kv2 = json.loads((tiny_run / "evaluations" / "kv2g16.json").read_text())
-  assert kv2["kv_quant"] == {"bits": 2, "group": 16}
+  assert kv2["kv_quant"] == {"bits": 2, "group": 16, "residual": 0}

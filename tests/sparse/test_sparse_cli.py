@@ -73,7 +73,7 @@ def test_eval_with_a_quantized_kv_cache(tiny_run, capsys):
   assert "kv2g16:" in capsys.readouterr().out
   read = lambda name: json.loads((tiny_run / "evaluations" / f"{name}.json").read_text())
   dense, kv8, kv2 = read("dense-ref"), read("kv8g32"), read("kv2g16")
-  assert kv8["kv_quant"] == {"bits": 8, "group": 32} and dense["kv_quant"] is None
+  assert kv8["kv_quant"] == {"bits": 8, "group": 32, "residual": 0} and dense["kv_quant"] is None
   # 8-bit codes: the decode path's loss and answers as the forward's; 2-bit moves the loss.
   assert abs(kv8["eval_loss"]["128"] - dense["eval_loss"]["128"]) < 2e-3
   assert kv8["mqar"]["128"] == dense["mqar"]["128"]

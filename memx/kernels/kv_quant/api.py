@@ -76,7 +76,7 @@ def default_splits(batch: int, kv_heads: int, groups: int) -> int:
   """Split-K count: enough programs to fill the GPU, each with at least 4 of the `groups` key
   groups a step visits."""
   want = math.ceil(TARGET_PROGRAMS / (batch * kv_heads))
-  return max(1, min(want, groups // 4))
+  return max(1, min(want, max(groups, 0) // 4))
 
 
 def decode_attention(
@@ -108,7 +108,7 @@ def decode_attention(
   scale = d ** -0.5 if scale is None else scale
   rows = max(pallas_gpu.MIN_ROWS, 1 << (r - 1).bit_length())
   qg = q.reshape(b, g, r, d)
-  n_groups = cache.k_codes.shape[1] // group
+  n_groups = cache.k_codes.shape[1] // group - cache.spec.residual // group
   if mask.window_left is not None:  # the groups a window visits (its sinks: split 0's)
     n_groups = min(n_groups, mask.window_left // group + 2)
   splits = default_splits(b, g, n_groups) if splits is None else splits
@@ -119,10 +119,11 @@ def decode_attention(
       jnp.pad(qg, ((0, 0), (0, 0), (0, rows - r), (0, 0))), cache, pos, left=left,
       sink=mask.n_sink, scale=scale, splits=splits, interpret=interpret)
   acc, m, denom = acc[..., :r, :], m[..., :r], denom[..., :r]             # [B, G, S, R(, K)]
-  # The residual (the current group, full precision): positions G·floor(pos / G) + i <= pos.
+  # The full-precision ring: positions exact_from(pos) .. pos, one per slot.
   pos = jnp.asarray(pos, jnp.int32)
-  res_pos = pos - pos % group + jnp.arange(group)
-  vis = ((res_pos <= pos)[None] & visible(mask, h, pos, res_pos)).reshape(g, r, group)
+  ring = cache.spec.ring
+  res_pos = cache.ring_positions(cache.exact_from(pos))
+  vis = ((res_pos <= pos)[None] & visible(mask, h, pos, res_pos)).reshape(g, r, ring)
   c = scale * pallas_gpu.LOG2E
   sr = jnp.einsum("bgrk,bigk->bgri", qg, cache.k_res, preferred_element_type=jnp.float32) * c
   sr = jnp.where(vis[None], sr, pallas_gpu.NEG)

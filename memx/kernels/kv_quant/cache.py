@@ -41,52 +41,77 @@ class QuantCache:
   def dtype(self):
     return self.k_res.dtype
 
-  def read(self, group_start):
+  def exact_from(self, pos):
+    return self.spec.exact_from(pos)
+
+  def ring_positions(self, exact_from):
+    """The position each ring slot holds for a read from exact_from: [ring] int, covering
+    exact_from .. exact_from + ring - 1 (slots past the last written position hold older,
+    unreachable ones: causally masked)."""
+    ring = self.spec.ring
+    return exact_from + (jnp.arange(ring) - exact_from) % ring
+
+  def read(self, exact_from):
     """Keys and values [B, L, Hkv, K] in the compute dtype: every slot dequantized, then the
-    residual written over the slots from group_start (G · floor(pos / G); static or traced)."""
+    ring written over positions exact_from .. (`exact_from(pos)` of the reading position)."""
     spec, dt = self.spec, self.dtype
     k = dequantize_keys(self.k_codes, self.k_scale, self.k_zero, spec, dt)
     v = dequantize_values(self.v_codes, self.v_scale, self.v_zero, spec, dt)
-    return (jax.lax.dynamic_update_slice_in_dim(k, self.k_res, group_start, 1),
-            jax.lax.dynamic_update_slice_in_dim(v, self.v_res, group_start, 1))
+    at = self.ring_positions(exact_from)
+    return (k.at[:, at].set(self.k_res, mode="drop", unique_indices=True),
+            v.at[:, at].set(self.v_res, mode="drop", unique_indices=True))
 
   def append(self, k, v, start, held: int) -> QuantCache:
-    """Writes k, v [B, C, Hkv, K] of positions start..start+C-1. `held` (static) = start mod G,
-    the residual's tokens already there; every group this completes is quantized into the codes,
-    the rest becomes the residual. start may be traced only with held = 0."""
-    spec = self.spec
-    g = spec.group
-    if held:
-      k = jnp.concatenate([self.k_res[:, :held], k], axis=1)
-      v = jnp.concatenate([self.v_res[:, :held], v], axis=1)
-    first = (start - held) // g                       # the group position start - held opens
-    n_full = k.shape[1] // g
+    """Writes k, v [B, C, Hkv, K] of positions start..start+C-1. `held` (static) = start mod G.
+    The ring's tokens from G·floor(start / G) - residual on join the chunk; every group that
+    leaves the full-precision window (ends before G·floor((start + C) / G) - residual) is
+    quantized into the codes, and the chunk's last tokens go into the ring. start may be
+    traced only with held = 0."""
+    spec, g, ring = self.spec, self.spec.group, self.spec.ring
+    c = k.shape[1]
+    lead = spec.residual + held                      # ring tokens before the chunk that join it
+    first = start - lead                             # a group boundary; < 0 near the start
+    if lead:
+      slots = (first + jnp.arange(lead)) % ring
+      k_win = jnp.concatenate([self.k_res[:, slots], k], axis=1)
+      v_win = jnp.concatenate([self.v_res[:, slots], v], axis=1)
+    else:
+      k_win, v_win = k, v
+    n_q = (held + c) // g                            # groups leaving the window
     out = {}
-    if n_full:
-      kq = quantize_keys(k[:, :n_full * g], spec, self.dtype)
-      vq = quantize_values(v[:, :n_full * g], spec, self.dtype)
-      for name, val, at in zip(("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"),
-                               kq + vq, (g, 1, 1, g, g, g), strict=True):
-        out[name] = jax.lax.dynamic_update_slice_in_dim(getattr(self, name), val,
-                                                        first * at, 1)
-    tail = k.shape[1] - n_full * g
-    if tail:
-      out["k_res"] = self.k_res.at[:, :tail].set(k[:, n_full * g:])
-      out["v_res"] = self.v_res.at[:, :tail].set(v[:, n_full * g:])
+    if n_q:
+      kq = quantize_keys(k_win[:, :n_q * g], spec, self.dtype)
+      vq = quantize_values(v_win[:, :n_q * g], spec, self.dtype)
+      tok = first + jnp.arange(n_q * g)
+      grp = first // g + jnp.arange(n_q)
+      # Groups before position 0 (a ring not yet full) are dropped: out-of-range indices.
+      tok = jnp.where(tok >= 0, tok, self.k_codes.shape[1])
+      grp = jnp.where(grp >= 0, grp, self.k_scale.shape[1])
+      for name, val, idx in zip(("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"),
+                                kq + vq, (tok, grp, grp, tok, tok, tok), strict=True):
+        out[name] = getattr(self, name).at[:, idx].set(val, mode="drop")
+    m = min(c, ring)
+    slots = (start + c - m + jnp.arange(m)) % ring
+    out["k_res"] = self.k_res.at[:, slots].set(k[:, c - m:], unique_indices=True)
+    out["v_res"] = self.v_res.at[:, slots].set(v[:, c - m:], unique_indices=True)
     return dataclasses.replace(self, **out)
 
   def step(self, k, v, pos) -> QuantCache:
-    """Writes one position's k, v [B, 1, Hkv, K] (pos traced): into the residual, and when it
-    completes its group, the group into the codes (computed every step, written only then:
-    G · Hkv · K numbers, nothing next to the attention)."""
-    spec, g = self.spec, self.spec.group
-    slot, grp = pos % g, pos // g
-    k_res = jax.lax.dynamic_update_slice_in_dim(self.k_res, k, slot, 1)
-    v_res = jax.lax.dynamic_update_slice_in_dim(self.v_res, v, slot, 1)
-    done = slot == g - 1
-    new = dict(zip(("k_codes", "k_scale", "k_zero"), quantize_keys(k_res, spec, self.dtype),
+    """Writes one position's k, v [B, 1, Hkv, K] (pos traced) into the ring; when it completes
+    its group, the group that leaves the full-precision window (residual / G groups back) is
+    quantized into the codes (computed every step, written only then: G · Hkv · K numbers,
+    nothing next to the attention)."""
+    spec, g, ring = self.spec, self.spec.group, self.spec.ring
+    k_res = jax.lax.dynamic_update_slice_in_dim(self.k_res, k, pos % ring, 1)
+    v_res = jax.lax.dynamic_update_slice_in_dim(self.v_res, v, pos % ring, 1)
+    leaving = pos // g - spec.residual // g
+    done = (pos % g == g - 1) & (leaving >= 0)
+    grp = jnp.maximum(leaving, 0)
+    k_grp = jax.lax.dynamic_slice_in_dim(k_res, grp * g % ring, g, 1)   # contiguous: ring % g = 0
+    v_grp = jax.lax.dynamic_slice_in_dim(v_res, grp * g % ring, g, 1)
+    new = dict(zip(("k_codes", "k_scale", "k_zero"), quantize_keys(k_grp, spec, self.dtype),
                    strict=True))
-    new |= dict(zip(("v_codes", "v_scale", "v_zero"), quantize_values(v_res, spec, self.dtype),
+    new |= dict(zip(("v_codes", "v_scale", "v_zero"), quantize_values(v_grp, spec, self.dtype),
                     strict=True))
     out = {"k_res": k_res, "v_res": v_res}
     for name, val in new.items():
@@ -108,7 +133,7 @@ def init_quant_cache(spec: KVQuant, batch: int, max_len: int, kv_heads: int, hea
   codes = lambda: jnp.zeros((batch, slots, kv_heads, width), jnp.uint8)  # noqa: E731
   k_stats = lambda: jnp.zeros((batch, slots // spec.group, kv_heads, head_dim), dtype)  # noqa: E731
   v_stats = lambda: jnp.zeros((batch, slots, kv_heads, n_vg), dtype)  # noqa: E731
-  res = lambda: jnp.zeros((batch, spec.group, kv_heads, head_dim), dtype)  # noqa: E731
+  res = lambda: jnp.zeros((batch, spec.ring, kv_heads, head_dim), dtype)  # noqa: E731
   return QuantCache(k_codes=codes(), k_scale=k_stats(), k_zero=k_stats(), v_codes=codes(),
                     v_scale=v_stats(), v_zero=v_stats(), k_res=res(), v_res=res(), spec=spec,
                     max_len=max_len)
@@ -122,5 +147,5 @@ def quant_cache_bytes(spec: KVQuant, batch: int, max_len: int, kv_heads: int, he
   codes = 2 * slots * head_dim * spec.bits // 8
   k_stats = 2 * (slots // spec.group) * head_dim * itemsize
   v_stats = 2 * slots * (head_dim // spec.value_group(head_dim)) * itemsize
-  res = 2 * spec.group * head_dim * itemsize
+  res = 2 * spec.ring * head_dim * itemsize
   return batch * kv_heads * (codes + k_stats + v_stats + res)

@@ -15,10 +15,12 @@ BITS = (2, 4, 8)
 class KVQuant:
   """How attention layers store keys and values for decoding: `bits` per number (2, 4 or 8),
   keys quantized over groups of `group` tokens per channel, values over groups of
-  min(group, head_dim) channels per token."""
+  min(group, head_dim) channels per token; the `residual` most recent whole groups' tokens (a
+  multiple of group; KIVI's R, e.g. 128) stay at full precision besides the current group."""
 
   bits: int = 4
   group: int = 32
+  residual: int = 0
 
   def __post_init__(self):
     if self.bits not in BITS:
@@ -26,6 +28,22 @@ class KVQuant:
     if not isinstance(self.group, int) or isinstance(self.group, bool) or self.group < 2:
       raise ValueError(f"KVQuant: group (tokens per key group) must be an int >= 2, got "
                        f"{self.group!r}")
+    if not isinstance(self.residual, int) or isinstance(self.residual, bool) \
+        or self.residual < 0 or self.residual % self.group:
+      raise ValueError(f"KVQuant: residual (full-precision tokens besides the current group) "
+                       f"must be an int >= 0 and a multiple of group {self.group}, got "
+                       f"{self.residual!r}")
+
+  @property
+  def ring(self) -> int:
+    """Slots of the full-precision ring: the residual plus the current group."""
+    return self.residual + self.group
+
+  def exact_from(self, pos):
+    """The first position a read at `pos` (int or traced) takes at full precision:
+    max(0, group · floor(pos / group) - residual); earlier ones are read from the codes."""
+    first = pos // self.group * self.group - self.residual
+    return max(first, 0) if isinstance(first, int) else jnp.maximum(first, 0)
 
   def value_group(self, head_dim: int) -> int:
     return min(self.group, head_dim)
@@ -41,15 +59,21 @@ class KVQuant:
 
   @classmethod
   def parse(cls, text: str) -> KVQuant:
-    """'4' or '4:32' (bits[:group]) → KVQuant; the CLI's spelling."""
-    bits, _, group = str(text).partition(":")
+    """'4', '4:32' or '2:32:128' (bits[:group[:residual]]) → KVQuant; the CLI's spelling."""
+    parts = str(text).split(":")
     try:
-      return cls(bits=int(bits), group=int(group) if group else cls.group)
-    except ValueError as e:
-      if "KVQuant" in str(e):
-        raise
-      raise ValueError(f"KVQuant: expected BITS or BITS:GROUP (e.g. 4 or 2:32), got "
-                       f"{text!r}") from None
+      if not 1 <= len(parts) <= 3:
+        raise TypeError
+      values = [int(x) for x in parts]
+    except (TypeError, ValueError):
+      raise ValueError(f"KVQuant: expected BITS, BITS:GROUP or BITS:GROUP:RESIDUAL (e.g. 4, "
+                       f"2:32 or 2:32:128), got {text!r}") from None
+    return cls(**dict(zip(("bits", "group", "residual"), values, strict=False)))
+
+  @property
+  def name(self) -> str:
+    """kv{bits}g{group}[r{residual}]: the evaluation name."""
+    return f"kv{self.bits}g{self.group}" + (f"r{self.residual}" if self.residual else "")
 
 
 # --- codes ------------------------------------------------------------------------------------

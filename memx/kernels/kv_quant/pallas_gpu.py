@@ -4,7 +4,8 @@ dequantized in registers; no full-precision copy of the cache is ever written.
 Grid (B, Hkv, splits). Program (b, g, s) serves the query heads of KV head g (R of them, padded
 to 16 rows: the smallest tl.dot) over a share of the visible key groups of the quantized part,
 positions below G·floor(pos / G) (split-K as in flash-decoding: a decode step has only B·Hkv
-rows of work, too few programs to fill the GPU's SMs). One key group of G tokens per iteration,
+rows of work, too few programs to fill the GPU's SMs); the quantized part ends where the
+full-precision ring begins (`KVQuant.exact_from`). One key group of G tokens per iteration,
 so its key scale and zero are one row per channel. Keys: for each of the 8 / bits planar
 fields f, channels f·W .. f·W + W - 1 have codes (byte >> f·bits) & mask, and
 scores += q_f · (code · scale + zero)ᵀ. Values are quantized per token, so their scale
@@ -34,7 +35,7 @@ MIN_ROWS = 16
 
 def _kernel(pos_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref,
             acc_ref, m_ref, l_ref, *, bits: int, group: int, vgroup: int, head_dim: int,
-            left: int | None, sink: int, scale: float, splits: int):
+            residual: int, left: int | None, sink: int, scale: float, splits: int):
   per = 8 // bits
   w = head_dim // per
   low = jnp.uint8(2 ** bits - 1)
@@ -44,7 +45,7 @@ def _kernel(pos_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref,
   c = scale * LOG2E
   pos = pos_ref[0]
   split = pl.program_id(2)
-  hi = pos // group                                   # key groups [0, hi) are quantized
+  hi = jnp.maximum(pos // group - residual // group, 0)    # key groups [0, hi) are quantized
   lo = 0 if left is None else jnp.minimum(jnp.maximum((pos - left) // group, 0), hi)
   share = (hi - lo + splits - 1) // splits
   first = lo + split * share
@@ -122,7 +123,8 @@ def quantized_part(q, cache: QuantCache, pos, *, left: int | None, sink: int, sc
   cost = pl.CostEstimate(flops=4 * b * g * rows * slots * d, transcendentals=b * g * rows * slots,
                          bytes_accessed=stored)
   kernel = functools.partial(_kernel, bits=spec.bits, group=spec.group,
-                             vgroup=spec.value_group(d), head_dim=d, left=left, sink=sink,
+                             vgroup=spec.value_group(d), head_dim=d, residual=spec.residual,
+                             left=left, sink=sink,
                              scale=scale, splits=splits)
   return pl.pallas_call(
       kernel, grid=(b, g, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,

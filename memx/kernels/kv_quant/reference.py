@@ -1,6 +1,7 @@
-"""The oracle of quantized decode attention: the cache read whole (dequantized, the residual
-over the current group), then dense masked scores and an fp32 softmax. It is also the CPU
-implementation: on a CPU the dequantized temporary costs what a dense step's reads do."""
+"""The oracle of quantized decode attention: the cache read whole (dequantized, the
+full-precision ring over the positions it holds), then dense masked scores and an fp32
+softmax. It is also the CPU implementation: on a CPU the dequantized temporary costs what a
+dense step's reads do."""
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ def decode_attention_reference(q, cache: QuantCache, pos, *, mask: Mask,
   """q [B, H, K] at position pos (int32 scalar) over `cache` → [B, H, K] in q.dtype."""
   b, h, d = q.shape
   scale = d ** -0.5 if scale is None else scale
-  k, v = cache.read(pos - pos % cache.spec.group)
+  k, v = cache.read(cache.exact_from(pos))
   s, g = k.shape[1:3]
   qg = q.reshape(b, g, h // g, d)
   scores = jnp.einsum("bgrk,bsgk->bgrs", qg, k, preferred_element_type=jnp.float32) * scale
