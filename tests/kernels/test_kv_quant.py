@@ -180,8 +180,9 @@ def test_chunked_prefill_reads_earlier_chunks_as_stored_and_leaves_the_same_cach
     np.testing.assert_array_equal(getattr(whole, name)[:, held], getattr(cache, name)[:, held])
 
 
-def test_scanned_prefill_equals_the_unrolled_one_and_a_misaligned_chunk_unrolls():
-  spec = KVQuant(bits=4, group=4)
+@pytest.mark.parametrize("residual", [0, 8])
+def test_scanned_prefill_equals_the_unrolled_one_and_a_misaligned_chunk_unrolls(residual):
+  spec = KVQuant(bits=4, group=4, residual=residual)
   model = TransformerLM(CFG, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(4), (2, 19), 0, 64)
   run = jit_for_test(lambda m, t: m.prefill(t, 24, chunk_size=8, kv_quant=spec))
