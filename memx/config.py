@@ -51,7 +51,9 @@ def _floats_as_floats(cls, d: dict) -> None:
 # sweep retrain a finished entry. Any other value is hashed, as is every field not listed.
 HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
                 ("optim", "mu_dtype"): None, ("optim", "galore_rank"): 128,
-                ("optim", "galore_every"): 200, ("optim", "galore_scale"): 0.25}
+                ("optim", "galore_every"): 200, ("optim", "galore_scale"): 0.25,
+                ("optim", "apollo_rank"): 256, ("optim", "apollo_every"): 200,
+                ("optim", "apollo_scale"): None}
 
 
 def drop_neutral(d: dict, neutral: dict) -> dict:

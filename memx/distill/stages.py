@@ -252,7 +252,7 @@ def run_stage(run: StageRun, student: TransformerLM, teacher: TransformerLM, *, 
   t0 = time.perf_counter()
   stage, cfg, out = run.stage, run.run_cfg, run.directory
   filt = trainable_filter(stage.trainable, run.layers)
-  opt = nnx.Optimizer(student, make_optimizer(cfg.optim, stage.steps), wrt=filt)
+  opt = nnx.Optimizer(student, make_optimizer(cfg.optim, stage.steps, cfg.train.seed), wrt=filt)
   # One device, one sharding for every input: a teacher restored by Orbax carries the named
   # sharding of its run's mesh, and mixed input shardings would recompile the step after its
   # first call (its outputs take the named one).
@@ -337,7 +337,8 @@ def run_stage(run: StageRun, student: TransformerLM, teacher: TransformerLM, *, 
 def export(student: TransformerLM, cfg: Config, out: pathlib.Path) -> None:
   """The final student in `memx run`'s checkpoint layout (model + optimizer over all params;
   the optimizer half is fresh, as a fine-tuning run would start its own)."""
-  opt = nnx.Optimizer(student, make_optimizer(cfg.optim, cfg.train.steps), wrt=nnx.Param)
+  opt = nnx.Optimizer(student, make_optimizer(cfg.optim, cfg.train.steps, cfg.train.seed),
+                       wrt=nnx.Param)
   state = nnx.state((student, opt))
   shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a crash's half-written export
   ckpt = Checkpointer(out / "checkpoints", dataclasses.replace(cfg.checkpoint, mode="sync"))

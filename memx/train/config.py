@@ -9,7 +9,7 @@ from memx._validate import require
 SEED_LIMIT = 2**32
 
 
-OPTIMIZERS = ("adamw", "lion", "adafactor", "galore")
+OPTIMIZERS = ("adamw", "lion", "adafactor", "galore", "apollo", "apollo_mini")
 MOMENT_DTYPES = ("float32", "bfloat16")
 
 
@@ -29,6 +29,13 @@ class OptimConfig:
       gradient projected to this rank (moments r x n instead of m x n per matrix), the
       projection recomputed from an SVD of the gradient every galore_every steps, the update
       scaled by galore_scale (the paper's 0.25 with rank 128-512, every 200).
+    apollo_rank, apollo_every, apollo_scale: name "apollo" (memx.train.apollo): Adam moments
+      on a random projection of the gradient to apollo_rank (regenerated from the seed every
+      apollo_every steps, never stored, no SVD) measure how Adam would rescale each channel;
+      the raw gradient, so rescaled, is the update, times sqrt(apollo_scale) (apollo-torch's
+      `scale`). "apollo_mini" is rank 1 with one factor per tensor (apollo_rank is not used).
+      apollo_scale None: the paper's, 1 for apollo and 128 for apollo_mini. The paper uses
+      rank 256 (1/4 of d_model on small models), every 200, AdamW's lr.
     mu_dtype: "bfloat16" stores AdamW's / Lion's first moment in bf16 (half its bytes; the
       second moment stays in the parameters' dtype); None keeps it in the parameters' dtype.
     lr, min_lr_ratio, warmup_steps: the schedule; weight_decay: decoupled, on matrices only
@@ -50,6 +57,9 @@ class OptimConfig:
   galore_rank: int = 128
   galore_every: int = 200
   galore_scale: float = 0.25
+  apollo_rank: int = 256
+  apollo_every: int = 200
+  apollo_scale: float | None = None
 
   def __post_init__(self):
     require(self.name in OPTIMIZERS, "optim", "name", self.name,
@@ -58,13 +68,16 @@ class OptimConfig:
             self.mu_dtype, f"expected None or one of {list(MOMENT_DTYPES)}")
     require(self.mu_dtype is None or self.name in ("adamw", "lion"), "optim", "mu_dtype",
             self.mu_dtype, "only adamw and lion take it (adafactor keeps no first moment, "
-            "galore's projected moments stay float32); leave mu_dtype None")
-    for f in ("galore_rank", "galore_every"):
+            "galore's and apollo's projected moments stay float32); leave mu_dtype None")
+    for f in ("galore_rank", "galore_every", "apollo_rank", "apollo_every"):
       v = getattr(self, f)
       require(isinstance(v, int) and not isinstance(v, bool) and v >= 1, "optim", f, v,
               "must be an integer >= 1")
     require(self.galore_scale > 0 and math.isfinite(self.galore_scale), "optim",
             "galore_scale", self.galore_scale, "must be finite and > 0")
+    require(self.apollo_scale is None or (self.apollo_scale > 0 and math.isfinite(
+        self.apollo_scale)), "optim", "apollo_scale", self.apollo_scale,
+            "must be None (the paper's: 1 for apollo, 128 for apollo_mini) or finite and > 0")
     require(self.lr > 0 and math.isfinite(self.lr), "optim", "lr", self.lr,
             "must be finite and > 0")
     require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", self.min_lr_ratio,

@@ -9,20 +9,23 @@ r-dimensional subspace of the current period.
 
 Which leaves: the decayed weight tensors inside the blocks (attention, MLP and mixer
 projections; not the embedding, the output head, norms, biases or SSM dynamics), viewed as
-matrices split where the smaller side is largest (see _split), whose smaller side exceeds the
-rank; every other leaf gets plain Adam moments. The moments are kept when the projection
+matrices split where the smaller side is largest (memx.train.lowrank), whose smaller side
+exceeds the rank; every other leaf gets plain Adam moments. The moments are kept when the projection
 is refreshed (as the authors' implementation does).
 
 The result is a `scale_by_*` transformation (no learning rate, no sign flip): memx.train.optim
 chains it with decoupled weight decay and the schedule, as for AdamW.
 """
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from memx.train.lowrank import dims as _dims
+from memx.train.lowrank import matrix as _matrix
+from memx.train.lowrank import plan as _plan
 
 
 class GaLoreState(NamedTuple):
@@ -30,34 +33,6 @@ class GaLoreState(NamedTuple):
   projections: optax.Params  # per leaf: [m, r] (left), [n, r] (right), or a [1] placeholder
   mu: optax.Params           # per leaf: projected (GaLore) or full (Adam) shape
   nu: optax.Params
-
-
-def _split(shape) -> int:
-  """How many leading dims form the matrix's rows: the split whose smaller side is largest
-  (ties: fewer). memx stores a projection's input dims first, so this finds [d, heads·k] for
-  wq [d, heads, k] and [heads·k, d] for wo [heads, k, d], where a fixed split after the first
-  dim would make wo [heads, k·d], too thin to project."""
-  splits = range(1, len(shape))
-  return max(splits, key=lambda i: (min(math.prod(shape[:i]), math.prod(shape[i:])), -i))
-
-
-def _dims(shape) -> tuple[int, int]:
-  i = _split(shape)
-  return math.prod(shape[:i]), math.prod(shape[i:])
-
-
-def _plan(shape, rank: int) -> str:
-  """"left", "right" or "adam" for a leaf of this shape."""
-  if len(shape) < 2:
-    return "adam"
-  m, n = _dims(shape)
-  if min(m, n) <= rank:
-    return "adam"
-  return "left" if m <= n else "right"
-
-
-def _matrix(x):
-  return x.reshape(_dims(x.shape))
 
 
 def _projected_shape(shape, kind: str, rank: int) -> tuple[int, ...]:

@@ -1,10 +1,11 @@
-"""The optax optimizer: clip → AdamW, Lion or Adafactor, with linear warmup then cosine
-decay."""
+"""The optax optimizer: clip → AdamW, Lion, Adafactor, GaLore or APOLLO, with linear warmup
+then cosine decay."""
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from memx.train.apollo import scale_by_apollo
 from memx.train.config import OptimConfig
 from memx.train.galore import scale_by_galore
 
@@ -23,8 +24,14 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
       decay_steps=max(total_steps - 1, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  """clip → cfg.name's optax transformation, with the schedule and the decay mask."""
+# apollo-torch's default scales (the update is multiplied by their square root).
+APOLLO_SCALE = {"apollo": 1.0, "apollo_mini": 128.0}
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, seed: int = 0
+                   ) -> optax.GradientTransformation:
+  """clip → cfg.name's optax transformation, with the schedule and the decay mask. seed draws
+  APOLLO's random projections (the run's train.seed)."""
   lr = lr_schedule(cfg, total_steps)
   mu_dtype = None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype)
   if cfg.name == "adamw":
@@ -36,7 +43,16 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   elif cfg.name == "galore":
     opt = optax.chain(
         scale_by_galore(cfg.galore_rank, cfg.galore_every, cfg.galore_scale, b1=cfg.b1,
-                        b2=cfg.b2, eps=cfg.eps, eligible=galore_mask),
+                        b2=cfg.b2, eps=cfg.eps, eligible=lowrank_mask),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(lr))
+  elif cfg.name in APOLLO_SCALE:
+    mini = cfg.name == "apollo_mini"
+    scale = APOLLO_SCALE[cfg.name] if cfg.apollo_scale is None else cfg.apollo_scale
+    opt = optax.chain(
+        scale_by_apollo(1 if mini else cfg.apollo_rank, cfg.apollo_every, scale,
+                        tensorwise=mini, seed=seed, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        eligible=lowrank_mask),
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(lr))
   else:
@@ -58,9 +74,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   return optax.chain(clip, opt)
 
 
-def galore_mask(params):
-  """True for the leaves GaLore may project: the decayed weights inside the blocks (the paper
-  projects attention and MLP weights; the embedding, the output head and the MatMul-free
+def lowrank_mask(params):
+  """True for the leaves GaLore and APOLLO may project: the decayed weights inside the blocks
+  (the papers project attention and MLP weights; the embedding, the output head and the MatMul-free
   model's per-layer lower bounds live outside the blocks)."""
   def allowed(path, p):
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]

@@ -11,7 +11,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from memx.config import Config
 from memx.models.transformer import TransformerLM
-from memx.parallel.rules import RULES
+from memx.parallel.axes import EMBED
+from memx.parallel.rules import FSDP, RULES, mesh_axes_of
 from memx.parallel.sequence import batch_to_layout
 from memx.train import microbatch
 from memx.train.loss import (
@@ -36,7 +37,8 @@ class TrainState:
 
 def init_state(cfg: Config, model_key: jax.Array) -> TrainState:
   model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=model_key))
-  opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.train.steps), wrt=nnx.Param)
+  opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.train.steps, cfg.train.seed),
+                       wrt=nnx.Param)
   graphdef, state = nnx.split((model, opt))
   return TrainState(graphdef, state)
 
@@ -49,7 +51,8 @@ def abstract_state(cfg: Config, model_key: jax.Array) -> TrainState:
 
 def _model_and_opt(cfg, key):
   model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=key))
-  return model, nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.train.steps), wrt=nnx.Param)
+  opt = make_optimizer(cfg.optim, cfg.train.steps, cfg.train.seed)
+  return model, nnx.Optimizer(model, opt, wrt=nnx.Param)
 
 
 def _spec(axes: tuple[str, ...] | None, rules) -> PartitionSpec:
@@ -63,20 +66,37 @@ def state_shardings(state, mesh: Mesh, strategy: str):
   """NamedSharding per array: logical `axes` metadata through the strategy's rule table.
 
   Optimizer state inherits its parameter's `axes` whatever its shape. A moment shaped as its
-  parameter (AdamW's, Lion's) is sharded as the parameter; a statistic of another shape
-  (Adafactor's factored rows and columns, O(rows + cols)) is replicated: the parameter's axes
-  do not describe it."""
+  parameter (AdamW's, Lion's) is sharded as the parameter. A statistic of another shape
+  (Adafactor's factored rows and columns, GaLore's projections, low-rank moments) keeps an
+  axis only on the dims it shares with a parameter of those axes (APOLLO's [r, heads, k]
+  moment of wq keeps heads). Under FSDP such a statistic usually lost the EMBED dim (the side
+  low-rank optimizers project), so it is split over the "fsdp" mesh axis along its largest dim
+  that divides evenly, as ZeRO splits any optimizer state; without one it is replicated."""
   rules = RULES[strategy]
+  table = dict(rules)
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-  params = {(_axes(v), tuple(v.shape)) for v in jax.tree.leaves(state, is_leaf=is_var)
-            if isinstance(v, nnx.Param)}
+  param_shapes: dict[tuple, set] = {}
+  for v in jax.tree.leaves(state, is_leaf=is_var):
+    if isinstance(v, nnx.Param) and _axes(v) is not None:
+      param_shapes.setdefault(_axes(v), set()).add(tuple(v.shape))
+  fsdp = FSDP if FSDP in mesh.shape and FSDP in mesh_axes_of(table.get(EMBED)) else None
 
   def one(var):
     axes = _axes(var) if is_var(var) else None
-    if axes is not None and not isinstance(var, nnx.Param) and (axes, tuple(var.shape)) not in (
-        params):
-      axes = None
-    return NamedSharding(mesh, _spec(axes, rules))
+    shape = tuple(var.shape) if is_var(var) else ()
+    if axes is None or isinstance(var, nnx.Param) or shape in param_shapes.get(axes, ()):
+      return NamedSharding(mesh, _spec(axes, rules))
+    same_rank = [p for p in param_shapes.get(axes, ()) if len(p) == len(shape)]
+    entries = [None] * len(shape)
+    if same_rank:  # then axes has one name per dim
+      entries = [table.get(a) if any(p[i] == n for p in same_rank) else None
+                 for i, (a, n) in enumerate(zip(axes, shape, strict=True))]
+    used = {m for e in entries for m in mesh_axes_of(e)}
+    if fsdp is not None and fsdp not in used and mesh.shape[fsdp] > 1:
+      free = [i for i, e in enumerate(entries) if e is None and shape[i] % mesh.shape[fsdp] == 0]
+      if free:
+        entries[max(free, key=lambda i: (shape[i], -i))] = fsdp
+    return NamedSharding(mesh, PartitionSpec(*entries))
 
   return jax.tree.map(one, state, is_leaf=is_var)
 

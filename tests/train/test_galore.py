@@ -91,13 +91,13 @@ def test_every_block_weight_of_a_model_is_projected():
 
   from memx.models.config import ModelConfig
   from memx.models.transformer import TransformerLM
-  from memx.train.galore import _plan
-  from memx.train.optim import galore_mask
+  from memx.train.lowrank import plan as _plan
+  from memx.train.optim import lowrank_mask
 
   model = TransformerLM(ModelConfig(vocab_size=512, d_model=256, n_layers=2, n_heads=4),
                         rngs=nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  mask = galore_mask(params)
+  mask = lowrank_mask(params)
   plans = {}
   for (path, p), (_, ok) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                 jax.tree_util.tree_flatten_with_path(mask)[0], strict=True):
