@@ -2,7 +2,9 @@
 sizes, and the compiled train step at a size this machine runs.
 
 Part 1 (exact, nothing allocated): for each size, the parameter and optimizer-state bytes from
-the abstract train state (memx.train.step.abstract_state), and the state's ratio to AdamW's.
+the abstract train state (memx.train.step.abstract_state), the state's ratio to AdamW's, and
+the state one device holds under 8-way FSDP (memx.train.step.state_shardings on an abstract
+mesh: the largest shard of each array).
 Part 2 (compiled, one process): the train step of the --step-size model for each optimizer:
 XLA's argument bytes (parameters + optimizer state + batch), temporaries, and the step time of
 the bare AOT step (the optimizers alternate, medians over --repeats).
@@ -12,22 +14,26 @@ the bare AOT step (the optimizers alternate, medians over --repeats).
 """
 
 import argparse
+import math
 import pathlib
 import subprocess
 import sys
 
 import jax
+from jax.sharding import AbstractMesh
 
 from memx.benchmark import compile_train_step, interleaved_medians, time_steps, write_results
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from memx.train.memory import compiled_memory
-from memx.train.step import abstract_state
+from memx.train.step import abstract_state, state_shardings
 
 VARIANTS = {"adamw": OptimConfig(), "adamw_bf16mu": OptimConfig(mu_dtype="bfloat16"),
             "lion": OptimConfig(name="lion", lr=3e-4),
             "lion_bf16mu": OptimConfig(name="lion", lr=3e-4, mu_dtype="bfloat16"),
             "adafactor": OptimConfig(name="adafactor", lr=1e-2),
-            "galore_r128": OptimConfig(name="galore", lr=1e-2, galore_rank=128)}
+            "galore_r128": OptimConfig(name="galore", lr=1e-2, galore_rank=128),
+            "apollo_r256": OptimConfig(name="apollo", lr=1e-2, apollo_rank=256),
+            "apollo_mini": OptimConfig(name="apollo_mini", lr=1e-2)}
 # name → (d_model, n_layers, n_heads, vocab)
 SIZES = {"125m": (768, 12, 12, 32000), "350m": (1024, 24, 16, 32000),
          "1.3b": (2048, 24, 16, 32000)}
@@ -40,6 +46,14 @@ def _bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+def fsdp_device_bytes(state, devices: int = 8) -> int:
+  """Bytes of `state` on one device under `devices`-way FSDP (each array's shard shape)."""
+  mesh = AbstractMesh((1, devices), ("data", "fsdp"))
+  shardings = jax.tree.leaves(state_shardings(state, mesh, "fsdp"))
+  return int(sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x, sh in zip(jax.tree.leaves(state), shardings, strict=True)))
+
+
 def state_bytes(sizes: list[str]) -> list[dict]:
   rows = []
   for size in sizes:
@@ -49,11 +63,15 @@ def state_bytes(sizes: list[str]) -> list[dict]:
     for name, optim in VARIANTS.items():
       ts = abstract_state(Config(model=model, optim=optim), jax.random.key(0))
       params, opt = _bytes(ts.state[0]), _bytes(ts.state[1])
-      base = opt if base is None else base
+      device = fsdp_device_bytes(ts.state)
+      param_device = fsdp_device_bytes(ts.state[0])
+      base = (opt, device - param_device) if base is None else base
       rows.append({"part": "state", "size": size, "optimizer": name,
                    "params_M": sum(x.size for x in jax.tree.leaves(ts.state[0])) / 1e6,
                    "param_MiB": params / 2**20, "opt_state_MiB": opt / 2**20,
-                   "opt_per_param_bytes": opt / (params / 4), "opt_x_adamw": opt / base})
+                   "opt_per_param_bytes": opt / (params / 4), "opt_x_adamw": opt / base[0],
+                   "fsdp8_opt_MiB_per_device": (device - param_device) / 2**20,
+                   "fsdp8_opt_x_adamw": (device - param_device) / base[1]})
   return rows
 
 

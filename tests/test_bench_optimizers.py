@@ -13,5 +13,14 @@ def test_state_and_step_rows(load_script):
   # GaLore at rank 128: projected moments of the attention and MLP matrices (d 768), Adam on
   # the embedding table (32000 x 768, a quarter of the parameters) and the small leaves.
   assert 0.3 < rows["galore_r128"]["opt_x_adamw"] < 0.5
+  # APOLLO at rank 256 keeps no projection but more rank; Mini (rank 1) only the embedding's
+  # Adam moments and r x n rows.
+  assert rows["galore_r128"]["opt_x_adamw"] < rows["apollo_r256"]["opt_x_adamw"] < 0.5
+  assert rows["apollo_mini"]["opt_x_adamw"] < 0.25
+  # Under 8-way FSDP one device holds an eighth of every optimizer's state, the low-rank and
+  # factored statistics included (before, replicated, GaLore's per-device state at 125m was
+  # 1.56x AdamW's, not 0.39x).
+  for r in rows.values():
+    assert abs(r["fsdp8_opt_x_adamw"] / r["opt_x_adamw"] - 1) < 0.01, r
   steps = bench.step_memory("tiny", 1, ["adamw", "adafactor"])
   assert steps[1]["argument_x_adamw"] < 1.0 and steps[0]["step_ms"] > 0
