@@ -1,0 +1,196 @@
+"""H2O (Zhang et al. 2023): a decode cache of fixed size that keeps the recent tokens and the
+"heavy hitters", the tokens that have received the most attention so far.
+
+`H2O(heavy, recent)` gives each full-causal attention layer a cache of budget = heavy + recent
+slots per KV head (`EvictCache`). Every slot remembers its token's position and its score: the
+attention probability the token has received, summed over the queries that saw it and over
+the query heads sharing the KV head (GQA), prompt included.
+
+* Prefill (the whole prompt at once): the prompt attends to itself exactly; the scores are
+  the column sums of its causal attention (`key_scores`, computed block by block over the
+  queries, never a [T, T] matrix per head). A prompt longer than the budget keeps its `recent`
+  last tokens and the `heavy` highest-scoring earlier ones (`select`).
+* Step at position p: the query attends to the held tokens and the new one (budget + 1
+  keys), every score grows by the probability the query gave it, and if the cache is full the
+  lowest-scoring token outside the recent window (positions > p - recent, the new token
+  included) leaves; the new token takes its slot. An empty slot is used first, so a budget of
+  at least the sequence length never evicts and equals the dense cache.
+
+Eviction is per sequence and per KV head. Keys are stored after RoPE, so a kept token keeps its
+position. Layers with a window, sinks, per-head rules or a sparse plan keep their own caches
+(they are bounded already). The state is the cache's keys and values plus an int32 position
+and a float32 score per slot (`evict_cache_bytes` counts them all).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from memx.kernels.attention import Mask
+from memx.kernels.attention.reference import MASK_VALUE
+
+# Query rows per block when scoring a prompt's keys (the score matrix of one block is
+# [B, H, QUERY_BLOCK, T] float32).
+QUERY_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O:
+  """Keep `heavy` heavy-hitter tokens and the `recent` most recent ones per KV head (the new
+  token counts among the recent ones)."""
+
+  heavy: int = 64
+  recent: int = 64
+
+  def __post_init__(self):
+    for name, low in (("heavy", 0), ("recent", 1)):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ValueError(f"H2O: {name} must be an int >= {low}, got {v!r}")
+
+  @property
+  def budget(self) -> int:
+    return self.heavy + self.recent
+
+  @property
+  def name(self) -> str:
+    return f"h2o{self.heavy}+{self.recent}"
+
+  def slots(self, max_len: int) -> int:
+    """Slots per KV head for a cache of max_len positions."""
+    return min(self.budget, max_len)
+
+  @classmethod
+  def parse(cls, text: str) -> H2O:
+    """"HEAVY:RECENT", e.g. "64:64"."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+      raise ValueError(f"H2O: expected HEAVY:RECENT (two non-negative ints), got {text!r}")
+    return cls(int(parts[0]), int(parts[1]))
+
+
+def applies(mask: Mask) -> bool:
+  """H2O caches a layer whose keys are all visible to later queries: plain causal attention."""
+  return (mask.causal and mask.window_left is None and mask.window_right is None
+          and mask.n_sink == 0 and mask.block_sparse is None)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v", "pos", "score"),
+                   meta_fields=("spec", "max_len"))
+@dataclasses.dataclass(frozen=True)
+class EvictCache:
+  """One attention layer's H2O state: k, v [B, S, G, K], pos [B, S, G] int32 (-1: empty),
+  score [B, S, G] float32, S = spec.slots(max_len)."""
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  score: jax.Array
+  spec: H2O
+  max_len: int
+
+
+def init_evict_cache(spec: H2O, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                     dtype) -> EvictCache:
+  s = spec.slots(max_len)
+  kv = (batch, s, kv_heads, head_dim)
+  return EvictCache(jnp.zeros(kv, dtype), jnp.zeros(kv, dtype),
+                    jnp.full((batch, s, kv_heads), -1, jnp.int32),
+                    jnp.zeros((batch, s, kv_heads), jnp.float32), spec, max_len)
+
+
+def evict_cache_bytes(spec: H2O, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                      itemsize: int) -> int:
+  """Bytes of `init_evict_cache`'s arrays: keys and values, int32 positions, float32 scores."""
+  slots = batch * spec.slots(max_len) * kv_heads
+  return slots * (2 * head_dim * itemsize + 4 + 4)
+
+
+def key_scores(q, k, scale: float) -> jax.Array:
+  """The attention each key of a prompt receives under causal attention: q [B, T, H, K], k
+  [B, T, G, K] → [B, T, G] float32, the softmax probabilities summed over the query rows and
+  the query heads of each KV head. Computed QUERY_BLOCK query rows at a time."""
+  b, t, h, d = q.shape
+  g = k.shape[2]
+  n = -(-t // QUERY_BLOCK)
+  qp = jnp.pad(q, ((0, 0), (0, n * QUERY_BLOCK - t), (0, 0), (0, 0)))
+  blocks = qp.reshape(b, n, QUERY_BLOCK, g, h // g, d).transpose(1, 0, 2, 3, 4, 5)
+
+  def one(args):
+    i, qb = args                                                   # qb [B, C, G, R, K]
+    s = jnp.einsum("bcgrd,btgd->bgrct", qb, k, preferred_element_type=jnp.float32) * scale
+    rows = i * QUERY_BLOCK + jnp.arange(QUERY_BLOCK)
+    ok = (jnp.arange(t)[None, :] <= rows[:, None]) & (rows[:, None] < t)    # [C, T]
+    p = jax.nn.softmax(jnp.where(ok, s, MASK_VALUE), axis=-1)
+    return jnp.where(ok, p, 0.0).sum(axis=(2, 3))                 # [B, G, T]
+
+  per_block = jax.lax.map(one, (jnp.arange(n), blocks))
+  return per_block.sum(axis=0).transpose(0, 2, 1)                  # [B, T, G]
+
+
+def select(spec: H2O, scores, t: int) -> jax.Array:
+  """Positions a cache keeps after a prompt of t tokens: [B, min(budget, t), G] int32. t <=
+  budget: every position. Else the `recent` last ones and the `heavy` highest scores among
+  the rest (heavy first, each part in position order)."""
+  b, _, g = scores.shape
+  if t <= spec.budget:
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :, None], (b, t, g))
+  older = t - spec.recent
+  recent = jnp.broadcast_to(jnp.arange(older, t, dtype=jnp.int32)[None, :, None],
+                            (b, spec.recent, g))
+  if spec.heavy == 0:
+    return recent
+  _, heavy = jax.lax.top_k(jnp.swapaxes(scores[:, :older], 1, 2), spec.heavy)   # [B, G, heavy]
+  heavy = jnp.sort(heavy, axis=-1).astype(jnp.int32)
+  return jnp.concatenate([jnp.swapaxes(heavy, 1, 2), recent], axis=1)
+
+
+def fill(cache: EvictCache, k, v, scores) -> EvictCache:
+  """The cache after a prompt: k, v [B, T, G, K] and their key_scores [B, T, G]."""
+  t = k.shape[1]
+  held = select(cache.spec, scores, t)                              # [B, <= S, G]
+  if held.shape[1] < cache.k.shape[1]:                              # room left: empty slots
+    held = jnp.pad(held, ((0, 0), (0, cache.k.shape[1] - held.shape[1]), (0, 0)),
+                   constant_values=-1)
+  safe = jnp.maximum(held, 0)
+  take = lambda a: jnp.take_along_axis(a, safe[..., None], axis=1)   # noqa: E731
+  empty = held < 0
+  return dataclasses.replace(
+      cache, k=jnp.where(empty[..., None], 0, take(k)).astype(cache.k.dtype),
+      v=jnp.where(empty[..., None], 0, take(v)).astype(cache.v.dtype), pos=held,
+      score=jnp.where(empty, 0.0, jnp.take_along_axis(scores, safe, axis=1)))
+
+
+def step(cache: EvictCache, q, k, v, pos, scale: float):
+  """One query q [B, H, K] at position pos (scalar) with its key and value k, v [B, G, K] →
+  (out [B, H, K] float32, the cache with scores grown and the new token held)."""
+  b, h, d = q.shape
+  g = k.shape[1]
+  spec = cache.spec
+  qg = q.reshape(b, g, h // g, d)
+  held = cache.pos >= 0                                               # [B, S, G]
+  s_held = jnp.einsum("bgrd,bsgd->bgrs", qg, cache.k, preferred_element_type=jnp.float32)
+  s_new = jnp.einsum("bgrd,bgd->bgr", qg, k, preferred_element_type=jnp.float32)[..., None]
+  s_held = jnp.where(jnp.swapaxes(held, 1, 2)[:, :, None], s_held * scale, MASK_VALUE)
+  p = jax.nn.softmax(jnp.concatenate([s_held, s_new * scale], axis=-1), axis=-1)
+  p_held, p_new = p[..., :-1], p[..., -1]                             # [B,G,R,S], [B,G,R]
+  out = (jnp.einsum("bgrs,bsgd->bgrd", p_held, cache.v.astype(jnp.float32))
+         + p_new[..., None] * v.astype(jnp.float32)[:, :, None])
+  score = cache.score + jnp.swapaxes(p_held.sum(axis=2), 1, 2)        # [B, S, G]
+  # The slot the new token takes: an empty one if any, else the lowest score outside the
+  # recent window (the cache holds budget tokens older than pos, so one is always there).
+  candidate = held & (cache.pos <= pos - spec.recent)
+  key = jnp.where(~held, -jnp.inf, jnp.where(candidate, score, jnp.inf))
+  victim = jnp.argmin(key, axis=1)                                    # [B, G]
+  take = jnp.arange(cache.pos.shape[1])[None, :, None] == victim[:, None, :]   # [B, S, G]
+  cache = dataclasses.replace(
+      cache,
+      k=jnp.where(take[..., None], k[:, None].astype(cache.k.dtype), cache.k),
+      v=jnp.where(take[..., None], v[:, None].astype(cache.v.dtype), cache.v),
+      pos=jnp.where(take, jnp.asarray(pos, jnp.int32), cache.pos),
+      score=jnp.where(take, p_new.sum(axis=2)[:, None, :], score))
+  return out.reshape(b, h, d), cache
