@@ -1,5 +1,7 @@
-"""Quantized KV caches (KIVI) on a trained run: corpus loss and passkey retrieval through the
-decode path at 8, 4 and 2 bits against the dense cache, without retraining.
+"""Compressed KV caches on a trained run: corpus loss and passkey retrieval through the decode
+path with KIVI's quantized caches (8, 4 and 2 bits) and H2O's eviction caches (heavy hitters +
+recent tokens, and recent tokens alone at the same budget) against the dense cache, without
+retraining.
 
 Command:   python experiments/kv_quant/compare.py RUN [--lengths 128,192,256,512]
            (RUN: a trained memx run, e.g. runs/moa/dense from experiments/moa/pipeline.py;
@@ -21,13 +23,18 @@ import argparse
 import sys
 
 from memx.kernels.kv_quant import KVQuant
+from memx.nn.kv_evict import H2O
 from memx.sparse.evaluate import evaluate, write_evaluation
 from memx.train.restore import load_trained
 
 CACHES = {"dense-ref": None, "kv8g32": KVQuant(8, 32), "kv4g32": KVQuant(4, 32),
           "kv2g32": KVQuant(2, 32), "kv2g16": KVQuant(2, 16),
           # KIVI's own setting: 2 bits, groups of 32, the 128 latest tokens at full precision.
-          "kv2g32r128": KVQuant(2, 32, residual=128)}
+          "kv2g32r128": KVQuant(2, 32, residual=128),
+          # H2O: half heavy hitters, half recent tokens; and the same budget as a plain window
+          # of recent tokens (what the heavy hitters add).
+          "h2o16+16": H2O(16, 16), "h2o32+32": H2O(32, 32), "h2o64+64": H2O(64, 64),
+          "h2o0+64": H2O(0, 64)}
 
 
 def main(argv=None) -> int:
@@ -46,8 +53,11 @@ def main(argv=None) -> int:
   trained = load_trained(args.run)
   print(f"{'cache':10s} {'KV B/token':>10s}  corpus loss per length | passkey per length")
   for name in names:
+    cache = CACHES[name]
     result = evaluate(trained.model, trained.cfg.data, lengths, batches=args.batches,
-                      batch_size=args.batch_size, kv_quant=CACHES[name])
+                      batch_size=args.batch_size,
+                      kv_quant=cache if isinstance(cache, KVQuant) else None,
+                      kv_evict=cache if isinstance(cache, H2O) else None)
     write_evaluation(trained.run_dir, name, result)
     loss = " ".join(f"{result['eval_loss'][str(n)]:.4f}" for n in lengths)
     pk = " ".join(f"{result['passkey_mean'][str(n)]:.2f}" for n in lengths)

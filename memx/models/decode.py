@@ -20,6 +20,7 @@ from flax import nnx
 from memx.kernels.kv_quant import KVQuant
 from memx.models.transformer import TransformerLM
 from memx.nn.attention_decode import kv_cache_bytes
+from memx.nn.kv_evict import H2O
 from memx.typing import Array, Float, Int
 
 __all__ = ["cache_bytes", "decode_logits", "decode_nll", "generate", "kv_cache_bytes"]
@@ -39,7 +40,8 @@ def _sample(logits, key, temperature: float):
 def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: int, *,
              temperature: float = 0.0, rng: jax.Array | None = None,
              max_len: int | None = None, prefill_chunk: int | None = None,
-             kv_quant: KVQuant | None = None) -> Int[Array, "B S"]:
+             kv_quant: KVQuant | None = None, kv_evict: H2O | None = None
+             ) -> Int[Array, "B S"]:
   """Prompt [B, T] → prompt followed by max_new_tokens sampled tokens [B, T + max_new_tokens].
 
   temperature 0 is greedy decoding (no rng needed); otherwise rng is required. max_len (default
@@ -47,6 +49,8 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
   sparse plan's spans are taken. prefill_chunk: prefill the prompt that many tokens at a time
   (same tokens; the prefill's activations scale with the chunk, not the prompt). kv_quant:
   keep the attention layers' keys and values in b-bit codes (`memx.kernels.kv_quant`).
+  kv_evict: keep only H2O's heavy-hitter and recent tokens in the causal attention layers
+  (`memx.nn.kv_evict`; the prompt is then prefilled whole).
   """
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -76,17 +80,17 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
   keys = jax.random.split(jax.random.key(0) if rng is None else rng, max_new_tokens)
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt, keys, max_len=max_len, temperature=temperature,
-                   prefill_chunk=prefill_chunk, kv_quant=kv_quant)
+                   prefill_chunk=prefill_chunk, kv_quant=kv_quant, kv_evict=kv_evict)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature",
-                                             "prefill_chunk", "kv_quant"))
+                                             "prefill_chunk", "kv_quant", "kv_evict"))
 def _generate(graphdef, state, prompt, keys, *, max_len: int, temperature: float,
-              prefill_chunk: int | None, kv_quant: KVQuant | None):
+              prefill_chunk: int | None, kv_quant: KVQuant | None, kv_evict: H2O | None):
   """Compiled once per (model structure, shapes, max_len, temperature, prefill chunk, quant)."""
   model = nnx.merge(graphdef, state)
   logits, cache = model.prefill(prompt, max_len, chunk_size=prefill_chunk, last_logits=True,
-                                kv_quant=kv_quant)
+                                kv_quant=kv_quant, kv_evict=kv_evict)
   first = _sample(logits, keys[0], temperature)
 
   def body(carry, key):
@@ -111,13 +115,14 @@ def _check_decode_input(fn: str, tokens, prompt_len) -> None:
 
 
 def decode_nll(model: TransformerLM, tokens: Int[Array, "B T"], prompt_len: int, *,
-               kv_quant: KVQuant | None = None, full_cache: bool = False
-               ) -> Float[Array, "B P"]:
+               kv_quant: KVQuant | None = None, kv_evict: H2O | None = None,
+               full_cache: bool = False) -> Float[Array, "B P"]:
   """Per-token negative log-likelihood [B, T - prompt_len] of tokens[:, prompt_len:] as the
   decode path predicts them: the first prompt_len tokens prefilled, then one `decode_step` per
   token (teacher forcing), each reading the cache the earlier steps left.
 
-  This is what a cache's compression costs: with kv_quant (or a sparse plan's ring caches) every
+  This is what a cache's compression costs: with kv_quant, kv_evict (or a sparse plan's ring
+  caches) every
   step reads the stored keys and values, so the loss moves with what the cache lost; with
   neither, it equals the parallel forward's loss at those positions (a test checks it). The
   cache is made for max_len = T.
@@ -125,31 +130,31 @@ def decode_nll(model: TransformerLM, tokens: Int[Array, "B T"], prompt_len: int,
   _check_decode_input("decode_nll", tokens, prompt_len)
   graphdef, state = nnx.split(model)
   return _decode_path(graphdef, state, tokens, prompt_len=prompt_len, kv_quant=kv_quant,
-                      full_cache=full_cache, logits=False)
+                      kv_evict=kv_evict, full_cache=full_cache, logits=False)
 
 
 def decode_logits(model: TransformerLM, tokens: Int[Array, "B T"], prompt_len: int, *,
-                  kv_quant: KVQuant | None = None, full_cache: bool = False
-                  ) -> Float[Array, "B T V"]:
+                  kv_quant: KVQuant | None = None, kv_evict: H2O | None = None,
+                  full_cache: bool = False) -> Float[Array, "B T V"]:
   """Logits [B, T, V] float32 of every position of tokens: the prefill's for positions below
   prompt_len, then those of one teacher-forced `decode_step` per position (as `decode_nll`).
   Evaluations that score answers (retrieval) through the decode cache use it."""
   _check_decode_input("decode_logits", tokens, prompt_len)
   graphdef, state = nnx.split(model)
   return _decode_path(graphdef, state, tokens, prompt_len=prompt_len, kv_quant=kv_quant,
-                      full_cache=full_cache, logits=True)
+                      kv_evict=kv_evict, full_cache=full_cache, logits=True)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "kv_quant",
-                                             "full_cache", "logits"))
+                                             "kv_evict", "full_cache", "logits"))
 def _decode_path(graphdef, state, tokens, *, prompt_len: int, kv_quant: KVQuant | None,
-                 full_cache: bool, logits: bool):
+                 kv_evict: H2O | None, full_cache: bool, logits: bool):
   """The decode path over tokens: logits=True → every position's logits [B, T, V]; False →
   the NLL of tokens[:, prompt_len:] [B, T - prompt_len] (no [.., V] array kept per step)."""
   model = nnx.merge(graphdef, state)
   t = tokens.shape[1]
   first, cache = model.prefill(tokens[:, :prompt_len], t, last_logits=not logits,
-                               kv_quant=kv_quant, full_cache=full_cache)
+                               kv_quant=kv_quant, kv_evict=kv_evict, full_cache=full_cache)
 
   def nll(out, target):
     logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)

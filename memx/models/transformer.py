@@ -23,6 +23,7 @@ from memx.nn import attention_decode
 from memx.nn._params import DTYPES, param
 from memx.nn.attention import Attention
 from memx.nn.glu import BitGLU
+from memx.nn.kv_evict import H2O, EvictCache
 from memx.nn.linear_attention import LinearAttention
 from memx.nn.mamba2 import Mamba2
 from memx.nn.mlgru import MLGRU, lower_bounds
@@ -78,10 +79,11 @@ class Block(nnx.Module):
 
   # --- decoding -------------------------------------------------------------------------------
 
-  def init_cache(self, batch: int, max_len: int, full_cache: bool = False, kv_quant=None):
+  def init_cache(self, batch: int, max_len: int, full_cache: bool = False, kv_quant=None,
+                 kv_evict=None):
     if self.kind == "attention":
       return attention_decode.init_cache(self.attn, batch, max_len, full=full_cache,
-                                         kv_quant=kv_quant)
+                                         kv_quant=kv_quant, kv_evict=kv_evict)
     return self.mixer.init_cache(batch)
 
   def extend(self, x, start, cache, lower_bound=None):
@@ -187,7 +189,7 @@ class TransformerLM(nnx.Module):
   # --- decoding -------------------------------------------------------------------------------
 
   def init_cache(self, batch: int, max_len: int, *, full_cache: bool = False,
-                 kv_quant: KVQuant | None = None) -> dict:
+                 kv_quant: KVQuant | None = None, kv_evict: H2O | None = None) -> dict:
     """Empty decode state for `batch` sequences of up to `max_len` tokens.
 
     {"pos": int32 scalar (tokens seen), "layers": one entry per layer}. SSM and linear-attention
@@ -196,18 +198,20 @@ class TransformerLM(nnx.Module):
     to their heads' spans at N = max_len (`memx.nn.attention_decode.PlanCache`). full_cache=True
     gives plan layers the dense cache too (same results, for comparisons). kv_quant stores the
     dense caches' keys and values in b-bit codes (`memx.kernels.kv_quant`, KIVI); plan layers'
-    rings are not quantized (an error unless full_cache). Bytes of keys and values:
-    `memx.nn.attention_decode.kv_cache_bytes(cfg, max_len, batch, kv_quant=...)`.
+    rings are not quantized (an error unless full_cache). kv_evict gives the plain causal
+    layers H2O caches of heavy + recent tokens per KV head (`memx.nn.kv_evict`; windowed,
+    sink and plan layers keep theirs). Bytes of keys and values:
+    `memx.nn.attention_decode.kv_cache_bytes(cfg, max_len, batch, kv_quant=..., kv_evict=...)`.
     """
     if kv_quant is not None and any(block.kind == "attention" for block in self.blocks):
       kv_quant.check(self.cfg.head_dim)
     return {"pos": jnp.zeros((), jnp.int32),
-            "layers": [block.init_cache(batch, max_len, full_cache, kv_quant)
+            "layers": [block.init_cache(batch, max_len, full_cache, kv_quant, kv_evict)
                        for block in self.blocks]}
 
   def prefill(self, tokens: Int[Array, "B T"], max_len: int, *, full_cache: bool = False,
               chunk_size: int | None = None, last_logits: bool = False, unroll: bool = False,
-              kv_quant: KVQuant | None = None):
+              kv_quant: KVQuant | None = None, kv_evict: H2O | None = None):
     """Parallel forward over a prompt that also returns the decode state after it.
 
     Returns (logits [B, T, V] float32, or [B, V] for the last token with last_logits, cache).
@@ -217,7 +221,9 @@ class TransformerLM(nnx.Module):
     max_len-token sequence, not of a T-token one, unless the plan's spans do not depend on N).
     full_cache, kv_quant: see init_cache. With kv_quant the prompt attends to itself at full
     precision (a chunk reads earlier chunks from the quantized cache, as stored), and what the
-    cache keeps for decoding is quantized.
+    cache keeps for decoding is quantized. With kv_evict the prompt attends to itself exactly
+    and its attention scores choose the tokens the H2O caches keep (whole prompts only: no
+    chunk_size shorter than the prompt).
 
     chunk_size: prefill the prompt C tokens at a time, each chunk continuing from the state the
     previous one left (`Block.extend`): the same logits and state as whole, with activations
@@ -244,7 +250,12 @@ class TransformerLM(nnx.Module):
                                    or chunk_size < 1):
       raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
     chunk = t if chunk_size is None else min(chunk_size, t)
-    caches = self.init_cache(b, max_len, full_cache=full_cache, kv_quant=kv_quant)["layers"]
+    if kv_evict is not None and chunk < t:
+      raise ValueError(f"prefill: H2O caches (kv_evict) score the whole prompt's attention to "
+                       f"choose what to keep; prefill it at once (chunk_size {chunk_size} < "
+                       f"prompt length {t})")
+    caches = self.init_cache(b, max_len, full_cache=full_cache, kv_quant=kv_quant,
+                             kv_evict=kv_evict)["layers"]
     bounds = self._layer_bounds()
 
     def run(ids, start, caches):
@@ -322,6 +333,9 @@ class TransformerLM(nnx.Module):
         lengths.append(layer_cache.max_len)
       elif isinstance(layer_cache, QuantCache):
         lead = layer_cache.k_codes
+        lengths.append(layer_cache.max_len)
+      elif isinstance(layer_cache, EvictCache):
+        lead = layer_cache.k
         lengths.append(layer_cache.max_len)
       elif block.kind == "attention":                     # dense {"k", "v": [B, max_len, ...]}
         lead = layer_cache["k"]

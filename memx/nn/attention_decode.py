@@ -56,6 +56,16 @@ from memx.kernels.kv_quant import (
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES
 from memx.nn.attention import Attention, layer_mask
+from memx.nn.kv_evict import (
+  H2O,
+  EvictCache,
+  evict_cache_bytes,
+  fill,
+  init_evict_cache,
+  key_scores,
+)
+from memx.nn.kv_evict import applies as evicts
+from memx.nn.kv_evict import step as evict_step
 
 
 def _prefix_mask(mask: Mask, t: int) -> Mask:
@@ -266,11 +276,16 @@ def _plan_step(attn: Attention, q, k, v, pos, cache: PlanCache):
 # --- public API -------------------------------------------------------------------------------
 
 def init_cache(attn: Attention, batch: int, max_len: int, *, full: bool = False,
-               kv_quant: KVQuant | None = None):
+               kv_quant: KVQuant | None = None, kv_evict: H2O | None = None):
   """Empty decode state: a PlanCache for sparse-plan layers, else (or with full=True) the dense
-  {"k", "v": [B, max_len, G, K]} cache, or with kv_quant its quantized form (`QuantCache`)."""
+  {"k", "v": [B, max_len, G, K]} cache, or with kv_quant its quantized form (`QuantCache`), or
+  with kv_evict, for a plain causal layer, an H2O cache of heavy + recent slots
+  (`memx.nn.kv_evict.EvictCache`; windowed and sink layers keep the dense one)."""
   cfg = attn.cfg
   dt = DTYPES[cfg.compute_dtype]
+  if kv_quant is not None and kv_evict is not None:
+    raise ValueError("attention decode: kv_quant and kv_evict do not combine yet (an H2O cache "
+                     "holds full-precision keys); choose one")
   if is_plan_layer(cfg, attn.layer) and not full:
     if kv_quant is not None:
       raise ValueError(f"attention decode: layer {attn.layer} follows a sparse plan and keeps "
@@ -279,19 +294,22 @@ def init_cache(attn: Attention, batch: int, max_len: int, *, full: bool = False,
     return _init_plan_cache(attn, batch, max_len)
   if kv_quant is not None:
     return init_quant_cache(kv_quant, batch, max_len, cfg.kv_heads, cfg.head_dim, dt)
+  if kv_evict is not None and evicts(attn.mask(max_len)):
+    return init_evict_cache(kv_evict, batch, max_len, cfg.kv_heads, cfg.head_dim, dt)
   shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
   return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
 
 def prefill(attn: Attention, x, max_len: int, *, full: bool = False,
-            kv_quant: KVQuant | None = None):
+            kv_quant: KVQuant | None = None, kv_evict: H2O | None = None):
   """The parallel forward over a prompt x [B, T, D] at positions 0..T-1 with the layer's mask
   at N = max_len, plus the decode state holding the prompt's keys/values (see init_cache)."""
-  return extend(attn, x, 0, init_cache(attn, x.shape[0], max_len, full=full, kv_quant=kv_quant))
+  return extend(attn, x, 0, init_cache(attn, x.shape[0], max_len, full=full, kv_quant=kv_quant,
+                                       kv_evict=kv_evict))
 
 
 def _cache_max_len(cache) -> int:
-  if isinstance(cache, (PlanCache, QuantCache)):
+  if isinstance(cache, (PlanCache, QuantCache, EvictCache)):
     return cache.max_len
   return cache["k"].shape[1]
 
@@ -325,6 +343,10 @@ def extend(attn: Attention, x, start, cache):
   if not static and isinstance(cache, PlanCache):
     raise ValueError("attention extend: a ring cache (sparse-plan layer) needs a static start "
                      "(its layout depends on it); unroll the chunks")
+  if isinstance(cache, EvictCache) and start != 0:
+    raise ValueError(f"attention extend: an H2O cache is filled by one prefill of the whole "
+                     f"prompt (its scores are the prompt's attention), not from position "
+                     f"{start}; prefill without chunk_size")
   if not static and isinstance(cache, QuantCache) and c % cache.spec.group:
     raise ValueError(f"attention extend: a quantized cache under a traced start takes chunks "
                      f"of a multiple of its key group ({cache.spec.group} tokens), got {c}; "
@@ -333,6 +355,10 @@ def extend(attn: Attention, x, start, cache):
   mask = attn.mask(max_len)
   if isinstance(cache, PlanCache):
     out, cache = _plan_extend(attn, q, k, v, start, cache, mask)
+    return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
+  if isinstance(cache, EvictCache):
+    out = attention(q, k, v, mask=_prefix_mask(mask, c), implementation=cfg.attn_impl)
+    cache = fill(cache, k, v, key_scores(q, k, cfg.head_dim ** -0.5))
     return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
   if isinstance(cache, QuantCache):
     held = start % cache.spec.group if static else 0
@@ -390,6 +416,9 @@ def step(attn: Attention, x_t, pos, cache):
   elif isinstance(cache, QuantCache):
     cache = cache.step(k, v, pos)
     out = decode_attention(q[:, 0], cache, pos, mask=attn.mask(cache.max_len))
+  elif isinstance(cache, EvictCache):
+    out, cache = evict_step(cache, q[:, 0], k[:, 0], v[:, 0], pos, attn.cfg.head_dim ** -0.5)
+    out = out.astype(dt)
   else:
     cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1),
              "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)}
@@ -398,7 +427,8 @@ def step(attn: Attention, x_t, pos, cache):
 
 
 def kv_cache_bytes(cfg: ModelConfig, max_len: int, batch: int = 1, *, full: bool = False,
-                   include_positions: bool = False, kv_quant: KVQuant | None = None) -> int:
+                   include_positions: bool = False, kv_quant: KVQuant | None = None,
+                   kv_evict: H2O | None = None) -> int:
   """Exact bytes of the keys and values a model's decode state holds for `batch` sequences of
   up to max_len tokens, over its attention layers (SSM/linear-attention states not included).
 
@@ -407,6 +437,8 @@ def kv_cache_bytes(cfg: ModelConfig, max_len: int, batch: int = 1, *, full: bool
   value of head_dim numbers in the compute dtype. include_positions adds the ring caches' int32
   slot positions (one per slot, shared by the batch). With kv_quant, the dense caches are
   quantized: codes, scales and zeros, and the full-precision residual (`quant_cache_bytes`).
+  With kv_evict, plain causal layers hold H2O's heavy + recent slots, each with its int32
+  position and float32 score (`evict_cache_bytes`).
   Equals the summed nbytes of those arrays in `TransformerLM.init_cache(batch, max_len,
   kv_quant=...)`; per token of context: this / max_len.
   """
@@ -428,6 +460,8 @@ def kv_cache_bytes(cfg: ModelConfig, max_len: int, batch: int = 1, *, full: bool
         total += slots * 4
     elif kv_quant is not None:
       total += quant_cache_bytes(kv_quant, batch, max_len, cfg.kv_heads, cfg.head_dim, item)
+    elif kv_evict is not None and evicts(layer_mask(cfg, layer, max_len)):
+      total += evict_cache_bytes(kv_evict, batch, max_len, cfg.kv_heads, cfg.head_dim, item)
     else:
       total += 2 * batch * max_len * cfg.kv_heads * cfg.head_dim * item
   return total

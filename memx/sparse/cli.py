@@ -124,6 +124,10 @@ def add_parser(sub) -> None:
                  help="decode from a KIVI-quantized KV cache (2, 4 or 8 bits; keys grouped "
                       "over GROUP tokens, default 32; RESIDUAL more recent tokens kept at full "
                       "precision, default 0): every row runs through the decode path")
+  e.add_argument("--kv-evict", default=None, metavar="HEAVY:RECENT",
+                 help="decode from H2O caches keeping HEAVY heavy-hitter and RECENT recent "
+                      "tokens per KV head in the causal attention layers: every row runs "
+                      "through the decode path")
   e.set_defaults(handler=_eval)
 
 
@@ -312,14 +316,24 @@ def _eval(args) -> int:
       kv_quant.check(load_config(args.run).model.head_dim)
     except ValueError as e:
       raise UserError(f"--kv-quant {args.kv_quant}: {e}") from None
+  kv_evict = None
+  if args.kv_evict is not None:
+    from memx.nn.kv_evict import H2O
+    if args.plan or args.kv_quant is not None:
+      raise UserError("--kv-evict is evaluated alone: drop --plan and --kv-quant.")
+    try:
+      kv_evict = H2O.parse(args.kv_evict)
+    except ValueError as e:
+      raise UserError(f"--kv-evict {args.kv_evict}: {e}") from None
   if plan is not None:
     check_plan(plan, load_config(args.run).model)  # before restoring any weights
   name = args.name or (plan.kind if plan else
-                       kv_quant.name if kv_quant else "dense")
+                       (kv_quant or kv_evict).name if kv_quant or kv_evict else "dense")
   check_evaluation_name(name)  # before the evaluation, not after it
   trained = load_trained(args.run, step=args.step)
   result = evaluate(trained.model, trained.cfg.data, lengths, plan=plan, depths=depths,
-                    batches=args.batches, batch_size=args.batch_size, kv_quant=kv_quant)
+                    batches=args.batches, batch_size=args.batch_size, kv_quant=kv_quant,
+                    kv_evict=kv_evict)
   result["plan_file"] = None if args.plan is None else str(pathlib.Path(args.plan).resolve())
   out = write_evaluation(trained.run_dir, name, result)
   cols = result["columns"]

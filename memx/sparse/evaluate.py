@@ -8,13 +8,15 @@ longest length (prefill N - k tokens, then k single-token steps under jit, media
 The effective context length is the longest evaluated N whose mean retrieval accuracy (over
 depths) is at least `threshold` (MoA's definition, with 90%).
 
-With kv_quant (a quantized KV cache, `memx.kernels.kv_quant`) the cache is what changes, not the
+With kv_quant (a quantized KV cache, `memx.kernels.kv_quant`) or kv_evict (H2O caches that keep
+heavy-hitter and recent tokens, `memx.nn.kv_evict`) the cache is what changes, not the
 forward, so every row runs through the decode path (`memx.models.decode.decode_logits`):
 retrieval rows prefill their prompt up to the first answer token and predict the answers with
-decode steps reading the quantized cache (KIVI's setting: an exact prefill, then generation);
-corpus rows prefill one token and decode the rest, so their loss is that of a long generation
-under the quantized cache. Without quantization the decode path gives the forward's numbers
-(tested), so a dense evaluation is the baseline for these.
+decode steps reading the compressed cache (KIVI's and H2O's setting: an exact prefill, then
+generation; H2O's prefill also chooses which prompt tokens stay); corpus rows prefill one token
+and decode the rest, so their loss is that of a long generation under the compressed cache.
+Without compression the decode path gives the forward's numbers (tested), so a dense evaluation
+is the baseline for these.
 
 `write_evaluation` stores the result as RUN/evaluations/NAME.json (atomically); `memx report`
 adds every run's evaluations to its report as a table and accuracy-versus-length plots.
@@ -40,6 +42,7 @@ from memx.errors import UserError
 from memx.kernels.kv_quant import KVQuant
 from memx.models.decode import decode_logits, kv_cache_bytes
 from memx.models.transformer import TransformerLM
+from memx.nn.kv_evict import H2O
 from memx.sparse.plan import Plan, apply_plan
 from memx.timing import feeding_back, median_time
 from memx.train.loss import token_losses
@@ -79,7 +82,7 @@ def _forward(model):
 PROMPT_STEP = 64  # decode-path prompt lengths are multiples of this: few distinct compiles
 
 
-def _decode_forward(model, kv_quant: KVQuant):
+def _decode_forward(model, kv_quant: KVQuant | None, kv_evict: H2O | None = None):
   """forward(inputs, answer_mask) through the decode path with a quantized cache (module doc):
   the prompt ends before the batch's first answer token (one token for rows with none),
   rounded down to a multiple of PROMPT_STEP (the prompt length is compiled in; rows whose
@@ -87,7 +90,7 @@ def _decode_forward(model, kv_quant: KVQuant):
   def fn(inputs, answer_mask):
     answers = np.flatnonzero(np.asarray(answer_mask).any(0))
     prompt = max(1, int(answers[0]) // PROMPT_STEP * PROMPT_STEP) if answers.size else 1
-    return decode_logits(model, inputs, prompt, kv_quant=kv_quant)
+    return decode_logits(model, inputs, prompt, kv_quant=kv_quant, kv_evict=kv_evict)
   return fn
 
 
@@ -107,12 +110,14 @@ def _run(forward, data_cfg, batches, batch_size, seed, split):
 
 
 def decode_timer(model: TransformerLM, length: int, *, new_tokens: int = 16, batch: int = 1,
-                 prefill_chunk: int | None = None, kv_quant: KVQuant | None = None):
+                 prefill_chunk: int | None = None, kv_quant: KVQuant | None = None,
+                 kv_evict: H2O | None = None):
   """A no-argument callable that runs `new_tokens` decode steps (one jit'd scan) after a
   prompt of length - new_tokens, its cache prefilled here and fed back from call to call, as
   generation does. prefill_chunk: build the prompt's cache that many tokens at a time
   (activations then scale with the chunk, not the prompt: large batches). kv_quant: decode
-  from a quantized cache. Timed by `memx.timing` (the benchmarks alternate several)."""
+  from a quantized cache; kv_evict: from H2O caches. Timed by `memx.timing` (the benchmarks
+  alternate several)."""
   graphdef, state = nnx.split(model)
   prompt = jnp.zeros((batch, length - new_tokens), jnp.int32)
 
@@ -121,7 +126,8 @@ def decode_timer(model: TransformerLM, length: int, *, new_tokens: int = 16, bat
     # Only the cache is used: last_logits spares the [B, T, V] float32 logits (2 GiB at 16k
     # tokens and a 32k vocabulary).
     return nnx.merge(graphdef, state).prefill(prompt, length, last_logits=True,
-                                              chunk_size=prefill_chunk, kv_quant=kv_quant)
+                                              chunk_size=prefill_chunk, kv_quant=kv_quant,
+                                              kv_evict=kv_evict)
 
   @functools.partial(jax.jit, donate_argnums=1)
   def steps(state, cache, tok):
@@ -142,11 +148,12 @@ def decode_timer(model: TransformerLM, length: int, *, new_tokens: int = 16, bat
 
 def decode_tokens_per_s(model: TransformerLM, length: int, *, new_tokens: int = 16,
                         batch: int = 1, repeats: int = 3, prefill_chunk: int | None = None,
-                        kv_quant: KVQuant | None = None) -> float:
+                        kv_quant: KVQuant | None = None, kv_evict: H2O | None = None
+                        ) -> float:
   """Tokens/s of `new_tokens` decode steps after a prompt of length - new_tokens (jit'd;
   `decode_timer`), the median of `repeats` calls."""
   timer = decode_timer(model, length, new_tokens=new_tokens, batch=batch,
-                       prefill_chunk=prefill_chunk, kv_quant=kv_quant)
+                       prefill_chunk=prefill_chunk, kv_quant=kv_quant, kv_evict=kv_evict)
   return batch * new_tokens / median_time(timer, (), repeats)
 
 
@@ -161,12 +168,15 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
              plan: Plan | None = None, depths: Sequence[float] = (0.1, 0.5, 0.9),
              batches: int = 2, batch_size: int = 8, seed: int = 4242,
              decode_new_tokens: int = 16, threshold: float = 0.9,
-             kv_quant: KVQuant | None = None) -> dict:
-  """Evaluates `model` (under `plan` if given; with a quantized KV cache if kv_quant); returns
-  the JSON-ready result (module doc)."""
+             kv_quant: KVQuant | None = None, kv_evict: H2O | None = None) -> dict:
+  """Evaluates `model` (under `plan` if given; with a quantized KV cache if kv_quant, H2O
+  caches if kv_evict); returns the JSON-ready result (module doc)."""
   if plan is not None and kv_quant is not None:
     raise ValueError("evaluate: a sparse plan's per-head ring caches are not quantized; "
                      "evaluate the plan or kv_quant, not both")
+  if kv_evict is not None and (plan is not None or kv_quant is not None):
+    raise ValueError("evaluate: kv_evict is evaluated alone (not with a plan or kv_quant), so "
+                     "each evaluation compares one cache against the dense one")
   lengths = sorted(int(n) for n in lengths)
   # Retrieval at N is asked at the end of N tokens: full-length passkey prompts.
   # Every row is one document (corpus windows, passkey and MQAR rows): no document masks.
@@ -183,7 +193,8 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
   m = with_plan(model, plan)
   if kv_quant is not None:
     kv_quant.check(m.cfg.head_dim)
-  forward = _forward(m) if kv_quant is None else _decode_forward(m, kv_quant)
+  compressed = kv_quant is not None or kv_evict is not None
+  forward = _decode_forward(m, kv_quant, kv_evict) if compressed else _forward(m)
   loss, passkey, passkey_tok, mqar, kv = {}, {}, {}, {}, {}
   for n, (lm, pks, mq) in configs.items():
     loss[n] = _run(forward, lm, batches, batch_size, seed, "eval")[0]
@@ -191,19 +202,20 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
     for d, pk in pks.items():
       _, passkey[n][d], passkey_tok[n][d] = _run(forward, pk, batches, batch_size, seed, "eval")
     mqar[n] = _run(forward, mq, batches, batch_size, seed, "eval")[2]
-    kv[n] = kv_cache_bytes(m.cfg, n, kv_quant=kv_quant) / n
+    kv[n] = kv_cache_bytes(m.cfg, n, kv_quant=kv_quant, kv_evict=kv_evict) / n
   mean_pk = [float(np.mean(list(passkey[n].values()))) for n in lengths]
   mean_tok = [float(np.mean(list(passkey_tok[n].values()))) for n in lengths]
   eff = effective_context(lengths, mean_pk, threshold)
   tps = decode_tokens_per_s(m, lengths[-1], new_tokens=min(decode_new_tokens, lengths[-1] - 1),
-                            kv_quant=kv_quant)
+                            kv_quant=kv_quant, kv_evict=kv_evict)
   density = {n: (plan.density(n) if plan is not None else 1.0) for n in lengths}
   name = "dense" if plan is None else plan.kind
-  if kv_quant is not None:
-    name = kv_quant.name
+  if kv_quant is not None or kv_evict is not None:
+    name = (kv_quant or kv_evict).name
   return {
       "kind": "evaluation", "method": name,
       "kv_quant": None if kv_quant is None else dataclasses.asdict(kv_quant),
+      "kv_evict": None if kv_evict is None else dataclasses.asdict(kv_evict),
       "plan": None if plan is None else {"kind": plan.kind, "budget": plan.budget,
                                          "solver": plan.solver},
       "lengths": lengths, "depths": list(depths), "threshold": threshold,

@@ -1,12 +1,28 @@
 """H2O eviction caches: prompt scores against dense attention, and prefill + steps against a
 float64 transcription of the algorithm (which tokens stay, what each step attends)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from memx.nn.kv_evict import H2O, evict_cache_bytes, fill, init_evict_cache, key_scores, step
+from memx.kernels import _testing
+from memx.kernels.kv_quant import KVQuant
+from memx.models.config import ModelConfig, SSMConfig
+from memx.models.decode import decode_nll, generate, kv_cache_bytes
+from memx.models.transformer import TransformerLM
+from memx.nn.kv_evict import (
+  H2O,
+  EvictCache,
+  evict_cache_bytes,
+  fill,
+  init_evict_cache,
+  key_scores,
+  step,
+)
 
 
 def _softmax(x):
@@ -101,3 +117,60 @@ def test_spec_bytes_and_bad_settings():
     H2O(-1, 4)
   with pytest.raises(ValueError, match="expected HEAVY:RECENT"):
     H2O.parse("16")
+
+
+# --- through the model -----------------------------------------------------------------------
+
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                  attn_window=5, attn_window_layers=(1,))
+
+
+def test_a_budget_as_long_as_the_sequence_equals_the_dense_cache():
+  """Layer 0 (causal) gets an H2O cache, layer 1 (windowed) keeps its dense one; with room for
+  every token nothing is evicted and the decode loss is the dense cache's."""
+  model = TransformerLM(CFG, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(5), (2, 24), 0, 64)
+  _testing.assert_allclose(decode_nll(model, tokens, 7, kv_evict=H2O(20, 4)),
+                           decode_nll(model, tokens, 7), name="h2o without eviction")
+  cache = model.init_cache(2, 24, kv_evict=H2O(4, 4))
+  assert isinstance(cache["layers"][0], EvictCache) and isinstance(cache["layers"][1], dict)
+  assert kv_cache_bytes(CFG, 24, 2, kv_evict=H2O(4, 4)) == sum(
+      x.nbytes for layer in cache["layers"] for x in jax.tree.leaves(layer))
+
+
+def test_a_smaller_budget_moves_the_decode_loss_further():
+  cfg = dataclasses.replace(CFG, d_model=64, init_std=0.1, attn_window=None,
+                            attn_window_layers=None)
+  model = TransformerLM(cfg, rngs=nnx.Rngs(1))
+  tokens = jax.random.randint(jax.random.key(6), (4, 40), 0, 64)
+  full = decode_nll(model, tokens, 4)
+  gap = {b: float(jnp.mean(jnp.abs(decode_nll(model, tokens, 4, kv_evict=H2O(b, b)) - full)))
+         for b in (2, 8)}
+  assert 0 < gap[8] < gap[2], gap
+
+
+def test_generate_on_a_hybrid():
+  """Mamba-2 then attention: greedy tokens with a budget that never evicts are the dense
+  cache's; a small budget still generates."""
+  cfg = dataclasses.replace(CFG, mixers=("mamba2", "attention"), attn_window=None,
+                            attn_window_layers=None,
+                            ssm=SSMConfig(d_state=8, head_dim=8, chunk_size=16))
+  model = TransformerLM(cfg, rngs=nnx.Rngs(2))
+  prompt = jax.random.randint(jax.random.key(7), (2, 9), 0, 64)
+  out = generate(model, prompt, 6, kv_evict=H2O(8, 8))
+  np.testing.assert_array_equal(out, generate(model, prompt, 6))
+  small = generate(model, prompt, 6, kv_evict=H2O(2, 2))
+  assert small.shape == (2, 15)
+  np.testing.assert_array_equal(small[:, :9], prompt)
+
+
+def test_what_h2o_cannot_do_is_refused():
+  model = TransformerLM(CFG, rngs=nnx.Rngs(0))
+  tokens = jnp.zeros((1, 12), jnp.int32)
+  with pytest.raises(ValueError, match="prefill it at once"):
+    model.prefill(tokens, 16, chunk_size=4, kv_evict=H2O(2, 2))
+  with pytest.raises(ValueError, match="kv_quant and kv_evict do not combine"):
+    model.init_cache(1, 16, kv_quant=KVQuant(4, 4), kv_evict=H2O(2, 2))
+  _, cache = model.prefill(tokens[:, :8], 16, kv_evict=H2O(2, 2))
+  with pytest.raises(ValueError, match="not from position 8"):
+    model.blocks[0].extend(jnp.zeros((1, 4, CFG.d_model)), 8, cache["layers"][0])

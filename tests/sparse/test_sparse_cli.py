@@ -88,6 +88,27 @@ def test_eval_with_a_quantized_kv_cache(tiny_run, capsys):
   assert "ring caches are not quantized" in capsys.readouterr().err
 
 
+def test_eval_with_h2o_caches(tiny_run, capsys):
+  """`memx eval --kv-evict`: a budget holding every token is the dense cache; a small one
+  holds fewer bytes per token."""
+  args = ["eval", str(tiny_run), "--lengths", "128", "--depths", "0.5", "--batches", "1",
+          "--batch-size", "2"]
+  assert main(args + ["--name", "dense-ref"]) == 0
+  for spec in ("64:64", "8:8"):
+    assert main(args + ["--kv-evict", spec]) == 0
+  read = lambda name: json.loads((tiny_run / "evaluations" / f"{name}.json").read_text())
+  dense, whole, small = read("dense-ref"), read("h2o64+64"), read("h2o8+8")
+  assert whole["kv_evict"] == {"heavy": 64, "recent": 64} and dense["kv_evict"] is None
+  assert abs(whole["eval_loss"]["128"] - dense["eval_loss"]["128"]) < 2e-3
+  assert whole["mqar"]["128"] == dense["mqar"]["128"]
+  assert small["kv_bytes_per_token"]["128"] < 0.2 * dense["kv_bytes_per_token"]["128"]
+  capsys.readouterr()
+  assert main(args + ["--kv-evict", "8"]) == 2
+  assert "expected HEAVY:RECENT" in capsys.readouterr().err
+  assert main(args + ["--kv-evict", "8:8", "--kv-quant", "4"]) == 2
+  assert "evaluated alone" in capsys.readouterr().err
+
+
 def test_errors_are_one_paragraph(tiny_run, tmp_path, capsys):
   assert main(["sparse", "search", str(tmp_path / "none.npz"), "--budget", "0.5",
                "--out", str(tmp_path / "p.json")]) == 2

@@ -105,7 +105,7 @@ def test_the_limiter_caps_norm_growth():
     for g in grads:
       u, state = tx.update({"w": jnp.asarray(g)}, state)
       norms.append(float(jnp.linalg.norm(u["w"])))
-    growth[limiter] = max(b / a for a, b in zip(norms, norms[1:]))
+    growth[limiter] = max(b / a for a, b in zip(norms, norms[1:], strict=False))
   assert growth[1.01] <= 1.01 * (1 + 1e-5) and growth[None] > 1.2, growth
 
 
