@@ -1,9 +1,10 @@
-"""Benchmark quantized KV caches (`kv_quant`, KIVI): exact cache bytes at LLM shapes, and the
-decode step's memory and speed at a size this machine runs.
+"""Benchmark compressed KV caches (`kv_quant`: KIVI codes; `kv_evict`: H2O eviction): exact
+cache bytes at LLM shapes, and the decode step's memory and speed at a size this machine runs.
 
 Part 1 (exact, nothing allocated): KV-cache bytes of 7B/8B-shaped models at several context
 lengths, bf16 against 8/4/2-bit codes with groups of 32 (codes, scales, zeros and the
-full-precision residual all counted; `kv_cache_bytes`, checked against the abstract cache).
+full-precision residual all counted) and H2O caches of 256 + 256 and 64 + 64 tokens (with
+their positions and scores; `kv_cache_bytes`, checked against the abstract cache).
 Part 2 (compiled): the --size model's decode step from a cache of N tokens: XLA's argument
 bytes (weights + cache), temporaries (the XLA path dequantizes one layer at a time: its
 full-precision keys and values are a temporary), and decode tokens/s (16 steps under one jit
@@ -33,12 +34,14 @@ from memx.kernels.kv_quant import KVQuant, decode_attention, init_quant_cache
 from memx.models.config import ModelConfig
 from memx.models.decode import cache_bytes, kv_cache_bytes
 from memx.models.transformer import TransformerLM
+from memx.nn.kv_evict import H2O
 from memx.sparse.evaluate import decode_timer
 from memx.timing import interleaved_medians, per_call_device_time
 from memx.train.memory import compiled_memory
 
 VARIANTS = {"dense": None, "kv8": KVQuant(8, 32), "kv4": KVQuant(4, 32),
-            "kv2": KVQuant(2, 32), "kv2r128": KVQuant(2, 32, residual=128)}
+            "kv2": KVQuant(2, 32), "kv2r128": KVQuant(2, 32, residual=128),
+            "h2o256+256": H2O(256, 256), "h2o64+64": H2O(64, 64)}
 # name → (n_layers, n_heads, n_kv_heads, head_dim): Llama-2-7B (MHA) and Llama-3-8B (GQA)
 SHAPES = {"7b-mha": (32, 32, 32, 128), "8b-gqa": (32, 32, 8, 128)}
 LENGTHS = (4096, 32768, 131072)
@@ -52,6 +55,11 @@ KERNEL_SHAPES = {"cpu": (2, 2048, 4, 2, 64, 2), "gpu": (8, 16384, 8, 4, 128, 4),
                  "tiny": (1, 128, 2, 2, 32, 2)}
 
 
+def _cache_kw(spec) -> dict:
+  """The cache argument for a variant: kv_quant for KIVI codes, kv_evict for H2O."""
+  return {"kv_evict": spec} if isinstance(spec, H2O) else {"kv_quant": spec}
+
+
 def cache_table() -> list[dict]:
   rows = []
   for shape, (layers, heads, kv_heads, hd) in SHAPES.items():
@@ -60,7 +68,7 @@ def cache_table() -> list[dict]:
     for n in LENGTHS:
       dense = kv_cache_bytes(cfg, n)
       for name, spec in VARIANTS.items():
-        b = kv_cache_bytes(cfg, n, kv_quant=spec)
+        b = kv_cache_bytes(cfg, n, **_cache_kw(spec))
         rows.append({"part": "bytes", "shape": shape, "N": n, "cache": name,
                      "GiB": b / 2**30, "bytes_per_token": b / n, "x_bf16": b / dense})
   # The count is the cache's: the abstract cache of one shape at one length.
@@ -68,8 +76,8 @@ def cache_table() -> list[dict]:
                     compute_dtype="bfloat16")
   model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
   for spec in VARIANTS.values():
-    abstract = jax.eval_shape(lambda s=spec: model.init_cache(1, 4096, kv_quant=s))
-    assert cache_bytes(abstract) - 4 == kv_cache_bytes(cfg, 4096, kv_quant=spec)  # - "pos"
+    abstract = jax.eval_shape(lambda s=spec: model.init_cache(1, 4096, **_cache_kw(s)))
+    assert cache_bytes(abstract) - 4 == kv_cache_bytes(cfg, 4096, **_cache_kw(spec))  # - "pos"
   return rows
 
 
@@ -81,15 +89,15 @@ def decode_table(size: str, repeats: int) -> list[dict]:
   graphdef, state = nnx.split(model)
   rows = {}
   for name, spec in VARIANTS.items():
-    cache = jax.eval_shape(lambda s=spec: model.init_cache(batch, n, kv_quant=s))
+    cache = jax.eval_shape(lambda s=spec: model.init_cache(batch, n, **_cache_kw(s)))
     step = jax.jit(lambda st, c, t: nnx.merge(graphdef, st).decode_step(t, c), donate_argnums=1)
     mem = compiled_memory(step.lower(state, cache, jax.ShapeDtypeStruct((batch,), jnp.int32))
                           .compile())
     rows[name] = {"part": "decode", "size": size, "N": n, "batch": batch, "cache": name,
-                  "kv_MiB": kv_cache_bytes(cfg, n, batch, kv_quant=spec) / 2**20,
+                  "kv_MiB": kv_cache_bytes(cfg, n, batch, **_cache_kw(spec)) / 2**20,
                   "argument_MiB": mem["argument_bytes"] / 2**20,
                   "temp_MiB": mem["temp_bytes"] / 2**20}
-  timers = [decode_timer(model, n, new_tokens=NEW_TOKENS, batch=batch, kv_quant=spec)
+  timers = [decode_timer(model, n, new_tokens=NEW_TOKENS, batch=batch, **_cache_kw(spec))
             for spec in VARIANTS.values()]
   seconds = interleaved_medians(timers, (), repeats)
   for row, sec in zip(rows.values(), seconds, strict=True):
@@ -131,7 +139,7 @@ def kernel_table(size: str, repeats: int) -> list[dict]:
   variants = [("dense", None, None)]
   impls = ("reference", "pallas_gpu") if gpu_backend() else ("reference",)
   for name, spec in VARIANTS.items():
-    if spec is not None:
+    if isinstance(spec, KVQuant):  # the quantized cache's decode kernel (H2O reads a dense one)
       variants += [(f"{name} {impl}", spec, impl) for impl in impls]
   rows = []
   for i, (name, spec, impl) in enumerate(variants):

@@ -16,8 +16,13 @@ def test_cache_bytes_and_decode_rows(load_script):
   kv4 = rows[("8b-gqa", 131072, "kv4")]["x_bf16"]
   assert abs(kv4 - (160 / 512 + 32 / 131072)) < 1e-12
   assert abs(rows[("7b-mha", 4096, "kv2")]["x_bf16"] - (96 / 512 + 32 / 4096)) < 1e-12
+  # H2O at 32k: 512 or 128 slots per KV head, each with an int32 position and float32 score.
+  h2o = rows[("8b-gqa", 32768, "h2o256+256")]["bytes_per_token"] * 32768
+  assert h2o == 32 * 8 * 512 * (2 * 128 * 2 + 8)
+  assert rows[("8b-gqa", 4096, "h2o64+64")]["x_bf16"] == 128 * (512 + 8) / (4096 * 512)
   decode = bench.decode_table("tiny", 1)
-  assert [r["cache"] for r in decode] == ["dense", "kv8", "kv4", "kv2", "kv2r128"]
+  assert [r["cache"] for r in decode] == ["dense", "kv8", "kv4", "kv2", "kv2r128", "h2o256+256",
+                                          "h2o64+64"]
   assert decode[0]["kv_MiB"] > decode[1]["kv_MiB"] > decode[2]["kv_MiB"] > decode[3]["kv_MiB"]
   assert all(r["tokens_per_s"] > 0 for r in decode)
   attention = bench.kernel_table("tiny", 1)
