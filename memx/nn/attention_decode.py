@@ -358,7 +358,8 @@ def extend(attn: Attention, x, start, cache):
     return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
   if isinstance(cache, EvictCache):
     out = attention(q, k, v, mask=_prefix_mask(mask, c), implementation=cfg.attn_impl)
-    cache = fill(cache, k, v, key_scores(q, k, cfg.head_dim ** -0.5))
+    observed, first = cache.spec.observed(q)
+    cache = fill(cache, k, v, key_scores(observed, k, cfg.head_dim ** -0.5, first))
     return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
   if isinstance(cache, QuantCache):
     held = start % cache.spec.group if static else 0

@@ -8,8 +8,10 @@ the query heads sharing the KV head (GQA), prompt included.
 
 * Prefill (the whole prompt at once): the prompt attends to itself exactly; the scores are
   the column sums of its causal attention (`key_scores`, computed block by block over the
-  queries, never a [T, T] matrix per head). A prompt longer than the budget keeps its `recent`
-  last tokens and the `heavy` highest-scoring earlier ones (`select`).
+  queries, never a [T, T] matrix per head), or with `observe` = w of its last w rows only
+  (SnapKV's observation window, which keeps what the end of the prompt looks at). A prompt
+  longer than the budget keeps its `recent` last tokens and the `heavy` highest-scoring
+  earlier ones (`select`).
 * Step at position p: the query attends to the held tokens and the new one (budget + 1
   keys), every score grows by the probability the query gave it, and if the cache is full the
   lowest-scoring token outside the recent window (positions > p - recent, the new token
@@ -41,13 +43,17 @@ QUERY_BLOCK = 128
 @dataclasses.dataclass(frozen=True)
 class H2O:
   """Keep `heavy` heavy-hitter tokens and the `recent` most recent ones per KV head (the new
-  token counts among the recent ones)."""
+  token counts among the recent ones). observe: 0 scores a prompt's tokens by the attention of
+  all its queries (H2O); w > 0 by that of its last w queries only (SnapKV's observation
+  window: the end of a prompt, often the question, picks what stays); steps accumulate as
+  H2O either way."""
 
   heavy: int = 64
   recent: int = 64
+  observe: int = 0
 
   def __post_init__(self):
-    for name, low in (("heavy", 0), ("recent", 1)):
+    for name, low in (("heavy", 0), ("recent", 1), ("observe", 0)):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < low:
         raise ValueError(f"H2O: {name} must be an int >= {low}, got {v!r}")
@@ -58,7 +64,7 @@ class H2O:
 
   @property
   def name(self) -> str:
-    return f"h2o{self.heavy}+{self.recent}"
+    return f"h2o{self.heavy}+{self.recent}" + (f"o{self.observe}" if self.observe else "")
 
   def slots(self, max_len: int) -> int:
     """Slots per KV head for a cache of max_len positions."""
@@ -66,11 +72,20 @@ class H2O:
 
   @classmethod
   def parse(cls, text: str) -> H2O:
-    """"HEAVY:RECENT", e.g. "64:64"."""
+    """"HEAVY:RECENT[:OBSERVE]", e.g. "64:64" or "64:64:16"."""
     parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-      raise ValueError(f"H2O: expected HEAVY:RECENT (two non-negative ints), got {text!r}")
-    return cls(int(parts[0]), int(parts[1]))
+    if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
+      raise ValueError(f"H2O: expected HEAVY:RECENT[:OBSERVE] (non-negative ints), got "
+                       f"{text!r}")
+    return cls(*(int(p) for p in parts))
+
+  def observed(self, q):
+    """The prompt queries q [B, T, ...] whose attention scores the prompt, and the position of
+    the first."""
+    t = q.shape[1]
+    if self.observe == 0 or self.observe >= t:
+      return q, 0
+    return q[:, t - self.observe:], t - self.observe
 
 
 def applies(mask: Mask) -> bool:
@@ -110,21 +125,22 @@ def evict_cache_bytes(spec: H2O, batch: int, max_len: int, kv_heads: int, head_d
   return slots * (2 * head_dim * itemsize + 4 + 4)
 
 
-def key_scores(q, k, scale: float) -> jax.Array:
-  """The attention each key of a prompt receives under causal attention: q [B, T, H, K], k
-  [B, T, G, K] → [B, T, G] float32, the softmax probabilities summed over the query rows and
-  the query heads of each KV head. Computed QUERY_BLOCK query rows at a time."""
-  b, t, h, d = q.shape
-  g = k.shape[2]
-  n = -(-t // QUERY_BLOCK)
-  qp = jnp.pad(q, ((0, 0), (0, n * QUERY_BLOCK - t), (0, 0), (0, 0)))
+def key_scores(q, k, scale: float, q_start: int = 0) -> jax.Array:
+  """The attention each key of a prompt receives under causal attention: q [B, C, H, K] (the
+  queries at positions q_start .. q_start + C - 1), k [B, T, G, K] (positions 0 .. T - 1) →
+  [B, T, G] float32, the softmax probabilities summed over the query rows and the query heads
+  of each KV head. Computed QUERY_BLOCK query rows at a time."""
+  b, c, h, d = q.shape
+  t, g = k.shape[1:3]
+  n = -(-c // QUERY_BLOCK)
+  qp = jnp.pad(q, ((0, 0), (0, n * QUERY_BLOCK - c), (0, 0), (0, 0)))
   blocks = qp.reshape(b, n, QUERY_BLOCK, g, h // g, d).transpose(1, 0, 2, 3, 4, 5)
 
   def one(args):
     i, qb = args                                                   # qb [B, C, G, R, K]
     s = jnp.einsum("bcgrd,btgd->bgrct", qb, k, preferred_element_type=jnp.float32) * scale
-    rows = i * QUERY_BLOCK + jnp.arange(QUERY_BLOCK)
-    ok = (jnp.arange(t)[None, :] <= rows[:, None]) & (rows[:, None] < t)    # [C, T]
+    rows = q_start + i * QUERY_BLOCK + jnp.arange(QUERY_BLOCK)            # positions
+    ok = (jnp.arange(t)[None, :] <= rows[:, None]) & (rows[:, None] < q_start + c)  # [C, T]
     p = jax.nn.softmax(jnp.where(ok, s, MASK_VALUE), axis=-1)
     return jnp.where(ok, p, 0.0).sum(axis=(2, 3))                 # [B, G, T]
 

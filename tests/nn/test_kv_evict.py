@@ -45,15 +45,21 @@ def test_key_scores_are_column_sums_of_causal_attention():
   want = np.stack([p[:, own == j, j].sum(axis=(1, 2)) for j in range(g)], axis=-1)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(got.sum(axis=(1, 2)), t * h, rtol=1e-5)   # every row sums to 1
+  # The last 150 queries only (an observation window crossing a block boundary).
+  tail = np.asarray(key_scores(jnp.asarray(q[:, 150:]), jnp.asarray(k), d ** -0.5, 150))
+  want = np.stack([p[:, own == j, j, 150:].sum(axis=(1, 2)) for j in range(g)], axis=-1)
+  np.testing.assert_allclose(tail, want, rtol=1e-4, atol=1e-5)
 
 
-def _h2o(q, k, v, t0, heavy, recent, scale):
-  """One sequence, one KV head, as the paper states it (float64): q [N, R, D], k, v [N, D].
-  Returns the step outputs [N - t0, R, D] and the positions held at the end."""
+def _h2o(q, k, v, t0, heavy, recent, scale, observe=0):
+  """One sequence, one KV head, as the paper states it (float64): q [N, R, D], k, v [N, D];
+  observe > 0 scores the prompt by its last `observe` queries (SnapKV). Returns the step
+  outputs [N - t0, R, D] and the positions held at the end."""
   n = q.shape[0]
   s = np.einsum("ird,jd->irj", q[:t0], k[:t0]) * scale
   s = np.where(np.tril(np.ones((t0, t0), bool))[:, None, :], s, -np.inf)
-  score = dict(enumerate(_softmax(s).sum(axis=(0, 1))))
+  rows = slice(t0 - observe if 0 < observe < t0 else 0, t0)
+  score = dict(enumerate(_softmax(s)[rows].sum(axis=(0, 1))))
   if t0 <= heavy + recent:
     kept = set(range(t0))
   else:
@@ -73,19 +79,23 @@ def _h2o(q, k, v, t0, heavy, recent, scale):
   return np.stack(outs), kept
 
 
-@pytest.mark.parametrize("t0,heavy,recent", [(20, 4, 3), (3, 4, 3), (12, 0, 5), (10, 40, 2)],
-                         ids=["long-prompt", "short-prompt", "window-only", "no-eviction"])
-def test_prefill_and_steps_equal_the_algorithm(t0, heavy, recent):
+@pytest.mark.parametrize("t0,heavy,recent,observe", [(20, 4, 3, 0), (3, 4, 3, 0),
+                                                     (12, 0, 5, 0), (10, 40, 2, 0),
+                                                     (20, 4, 3, 5)],
+                         ids=["long-prompt", "short-prompt", "window-only", "no-eviction",
+                              "observation-window"])
+def test_prefill_and_steps_equal_the_algorithm(t0, heavy, recent, observe):
   rng = np.random.default_rng(1)
   b, n, h, g, d = 2, 40, 4, 2, 8
   q = rng.standard_normal((b, n, h, d)).astype(np.float32)
   k = rng.standard_normal((b, n, g, d)).astype(np.float32)
   v = rng.standard_normal((b, n, g, d)).astype(np.float32)
   scale = d ** -0.5
-  spec = H2O(heavy, recent)
+  spec = H2O(heavy, recent, observe)
   cache = init_evict_cache(spec, b, n, g, d, jnp.float32)
+  observed, first = spec.observed(jnp.asarray(q[:, :t0]))
   cache = fill(cache, jnp.asarray(k[:, :t0]), jnp.asarray(v[:, :t0]),
-               key_scores(jnp.asarray(q[:, :t0]), jnp.asarray(k[:, :t0]), scale))
+               key_scores(observed, jnp.asarray(k[:, :t0]), scale, first))
   one = jax.jit(step, static_argnums=5)
   outs = []
   for p in range(t0, n):
@@ -97,7 +107,7 @@ def test_prefill_and_steps_equal_the_algorithm(t0, heavy, recent):
   for i in range(b):
     for j in range(g):
       want, kept = _h2o(q[i, :, j * r:(j + 1) * r].astype(np.float64), k[i, :, j].astype(
-          np.float64), v[i, :, j].astype(np.float64), t0, heavy, recent, scale)
+          np.float64), v[i, :, j].astype(np.float64), t0, heavy, recent, scale, observe)
       np.testing.assert_allclose(outs[i, :, j * r:(j + 1) * r], want, rtol=1e-4, atol=1e-5)
       held = np.asarray(cache.pos[i, :, j])
       assert set(held[held >= 0].tolist()) == kept
@@ -117,6 +127,7 @@ def test_spec_bytes_and_bad_settings():
     H2O(-1, 4)
   with pytest.raises(ValueError, match="expected HEAVY:RECENT"):
     H2O.parse("16")
+  assert H2O.parse("16:8:4") == H2O(16, 8, 4) and H2O(16, 8, 4).name == "h2o16+8o4"
 
 
 # --- through the model -----------------------------------------------------------------------
