@@ -34,7 +34,9 @@ CACHES = {"dense-ref": None, "kv8g32": KVQuant(8, 32), "kv4g32": KVQuant(4, 32),
           # H2O: half heavy hitters, half recent tokens; and the same budget as a plain window
           # of recent tokens (what the heavy hitters add).
           "h2o16+16": H2O(16, 16), "h2o32+32": H2O(32, 32), "h2o64+64": H2O(64, 64),
-          "h2o0+64": H2O(0, 64)}
+          "h2o0+64": H2O(0, 64),
+          # SnapKV's selection: the prompt's last 32 queries (its question) score the prompt.
+          "h2o16+16o32": H2O(16, 16, 32), "h2o32+32o32": H2O(32, 32, 32)}
 
 
 def main(argv=None) -> int:

@@ -11,10 +11,12 @@ depths) is at least `threshold` (MoA's definition, with 90%).
 With kv_quant (a quantized KV cache, `memx.kernels.kv_quant`) or kv_evict (H2O caches that keep
 heavy-hitter and recent tokens, `memx.nn.kv_evict`) the cache is what changes, not the
 forward, so every row runs through the decode path (`memx.models.decode.decode_logits`):
-retrieval rows prefill their prompt up to the first answer token and predict the answers with
-decode steps reading the compressed cache (KIVI's and H2O's setting: an exact prefill, then
-generation; H2O's prefill also chooses which prompt tokens stay); corpus rows prefill one token
-and decode the rest, so their loss is that of a long generation under the compressed cache.
+retrieval rows prefill their prompt up to the first answer token (passkey rows exactly, the
+question included; MQAR rows, whose answers move, to a multiple of 64 tokens before it) and
+predict the answers with decode steps reading the compressed cache (KIVI's and H2O's setting:
+an exact prefill, then generation; H2O's prefill also chooses which prompt tokens stay); corpus
+rows prefill one token and decode the rest, so their loss is that of a long generation under
+the compressed cache.
 Without compression the decode path gives the forward's numbers (tested), so a dense evaluation
 is the baseline for these.
 
@@ -82,14 +84,17 @@ def _forward(model):
 PROMPT_STEP = 64  # decode-path prompt lengths are multiples of this: few distinct compiles
 
 
-def _decode_forward(model, kv_quant: KVQuant | None, kv_evict: H2O | None = None):
-  """forward(inputs, answer_mask) through the decode path with a quantized cache (module doc):
-  the prompt ends before the batch's first answer token (one token for rows with none),
-  rounded down to a multiple of PROMPT_STEP (the prompt length is compiled in; rows whose
-  answers move, as MQAR's, would otherwise compile a program per batch)."""
+def _decode_forward(model, kv_quant: KVQuant | None, kv_evict: H2O | None = None,
+                    step: int = PROMPT_STEP):
+  """forward(inputs, answer_mask) through the decode path with a compressed cache (module
+  doc): the prompt ends before the batch's first answer token (one token for rows with none),
+  rounded down to a multiple of `step` (the prompt length is compiled in; rows whose answers
+  move, as MQAR's, would otherwise compile a program per batch). step 1: the exact answer
+  position (passkey rows: one per length, and the question stays in the prompt, where an
+  eviction cache's prefill sees it)."""
   def fn(inputs, answer_mask):
     answers = np.flatnonzero(np.asarray(answer_mask).any(0))
-    prompt = max(1, int(answers[0]) // PROMPT_STEP * PROMPT_STEP) if answers.size else 1
+    prompt = max(1, int(answers[0]) // step * step) if answers.size else 1
     return decode_logits(model, inputs, prompt, kv_quant=kv_quant, kv_evict=kv_evict)
   return fn
 
@@ -195,12 +200,13 @@ def evaluate(model: TransformerLM, data_cfg: DataConfig, lengths: Sequence[int],
     kv_quant.check(m.cfg.head_dim)
   compressed = kv_quant is not None or kv_evict is not None
   forward = _decode_forward(m, kv_quant, kv_evict) if compressed else _forward(m)
+  exact = _decode_forward(m, kv_quant, kv_evict, step=1) if compressed else forward
   loss, passkey, passkey_tok, mqar, kv = {}, {}, {}, {}, {}
   for n, (lm, pks, mq) in configs.items():
     loss[n] = _run(forward, lm, batches, batch_size, seed, "eval")[0]
     passkey[n], passkey_tok[n] = {}, {}
     for d, pk in pks.items():
-      _, passkey[n][d], passkey_tok[n][d] = _run(forward, pk, batches, batch_size, seed, "eval")
+      _, passkey[n][d], passkey_tok[n][d] = _run(exact, pk, batches, batch_size, seed, "eval")
     mqar[n] = _run(forward, mq, batches, batch_size, seed, "eval")[2]
     kv[n] = kv_cache_bytes(m.cfg, n, kv_quant=kv_quant, kv_evict=kv_evict) / n
   mean_pk = [float(np.mean(list(passkey[n].values()))) for n in lengths]
