@@ -6,17 +6,22 @@ retraining.
 Command:   python experiments/kv_quant/compare.py RUN [--lengths 128,192,256,512]
            (RUN: a trained memx run, e.g. runs/moa/dense from experiments/moa/pipeline.py;
            each evaluation lands in RUN/evaluations/, `memx report` adds them to the report)
-Hardware:  CPU, 2 cores: about 15 minutes for runs/moa/dense at the default lengths.
-Result (2026-11-28, 2-core CPU, commit 54a988f; benchmarks/RESULTS.md, "Session 19"): on the
+Hardware:  CPU, 2 cores: about 25 minutes for runs/moa/dense at the default lengths.
+Result (2026-11-28, 2-core CPU, commit 5fcf29e; benchmarks/RESULTS.md, "Session 20"): on the
            MoA experiment's dense model (4 layers, 2 KV heads × 32) 8 bits cost nothing, 4 bits
            +0.0003 nats of corpus loss up to the training length (+0.002 at 512), 2 bits +0.014
-           at 128 and +0.056 at 512; the passkey is retrieved at 128-256 tokens by every cache
-           (0.99-1.00). Claims: KIVI's "2-bit KV cache, tuning-free, little quality loss" holds
-           here for retrieval and costs ~1-4% corpus loss; its throughput and batch claims are
-           GPU claims (scripts/bench_kv_quant.py).
+           at 128 and +0.056 at 512; the passkey is retrieved at 128-256 tokens by every KIVI
+           cache (0.99-1.00). H2O 32 + 32 costs +0.001 to +0.007 nats up to 256 tokens but
+           retrieves the passkey at 0.85 / 0.28 / 0.15 (128 / 192 / 256; with observe 32: 0.62 /
+           0.41 / 0.48), 64 + 64 at 1.00 / 1.00 / 0.58; a 64-token window alone retrieves
+           nothing. Claims: KIVI's "2-bit KV cache, tuning-free, little quality loss" holds here;
+           H2O's "heavy hitters supply most of the attention value" holds for the loss, not for
+           retrieval of a needle the prompt did not attend to. Throughput claims are GPU claims
+           (scripts/bench_kv_quant.py).
 
 The dense row runs the plain forward: with an exact cache the decode path gives the same
-numbers (tests/kernels/test_kv_quant.py), so it is the baseline of every quantized row.
+numbers (tests/kernels/test_kv_quant.py, tests/nn/test_kv_evict.py), so it is the baseline of
+every compressed row.
 """
 
 import argparse
