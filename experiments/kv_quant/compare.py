@@ -41,7 +41,10 @@ CACHES = {"dense-ref": None, "kv8g32": KVQuant(8, 32), "kv4g32": KVQuant(4, 32),
           "h2o16+16": H2O(16, 16), "h2o32+32": H2O(32, 32), "h2o64+64": H2O(64, 64),
           "h2o0+64": H2O(0, 64),
           # SnapKV's selection: the prompt's last 32 queries (its question) score the prompt.
-          "h2o16+16o32": H2O(16, 16, 32), "h2o32+32o32": H2O(32, 32, 32)}
+          "h2o16+16o32": H2O(16, 16, 32), "h2o32+32o32": H2O(32, 32, 32),
+          # ... and SnapKV's max-pooling of the scores over 7 positions (whole numbers stay).
+          "h2o16+16o32p7": H2O(16, 16, 32, 7), "h2o32+32o32p7": H2O(32, 32, 32, 7),
+          "h2o32+32p7": H2O(32, 32, 0, 7)}
 
 
 def main(argv=None) -> int:

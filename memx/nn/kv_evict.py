@@ -46,17 +46,23 @@ class H2O:
   token counts among the recent ones). observe: 0 scores a prompt's tokens by the attention of
   all its queries (H2O); w > 0 by that of its last w queries only (SnapKV's observation
   window: the end of a prompt, often the question, picks what stays); steps accumulate as
-  H2O either way."""
+  H2O either way. pool: rank the prompt's tokens by the largest score within `pool` positions
+  centred on each (odd; 1 = none), as SnapKV max-pools, so a token next to a peak stays with
+  it (a number spans several tokens)."""
 
   heavy: int = 64
   recent: int = 64
   observe: int = 0
+  pool: int = 1
 
   def __post_init__(self):
-    for name, low in (("heavy", 0), ("recent", 1), ("observe", 0)):
+    for name, low in (("heavy", 0), ("recent", 1), ("observe", 0), ("pool", 1)):
       v = getattr(self, name)
       if not isinstance(v, int) or isinstance(v, bool) or v < low:
         raise ValueError(f"H2O: {name} must be an int >= {low}, got {v!r}")
+    if self.pool % 2 == 0:
+      raise ValueError(f"H2O: pool must be odd (a window centred on each token), got "
+                       f"{self.pool}")
 
   @property
   def budget(self) -> int:
@@ -64,7 +70,8 @@ class H2O:
 
   @property
   def name(self) -> str:
-    return f"h2o{self.heavy}+{self.recent}" + (f"o{self.observe}" if self.observe else "")
+    return (f"h2o{self.heavy}+{self.recent}" + (f"o{self.observe}" if self.observe else "")
+            + (f"p{self.pool}" if self.pool > 1 else ""))
 
   def slots(self, max_len: int) -> int:
     """Slots per KV head for a cache of max_len positions."""
@@ -72,10 +79,10 @@ class H2O:
 
   @classmethod
   def parse(cls, text: str) -> H2O:
-    """"HEAVY:RECENT[:OBSERVE]", e.g. "64:64" or "64:64:16"."""
+    """"HEAVY:RECENT[:OBSERVE[:POOL]]", e.g. "64:64" or "64:64:32:7"."""
     parts = text.split(":")
-    if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
-      raise ValueError(f"H2O: expected HEAVY:RECENT[:OBSERVE] (non-negative ints), got "
+    if len(parts) not in (2, 3, 4) or not all(p.strip().isdigit() for p in parts):
+      raise ValueError(f"H2O: expected HEAVY:RECENT[:OBSERVE[:POOL]] (non-negative ints), got "
                        f"{text!r}")
     return cls(*(int(p) for p in parts))
 
@@ -151,7 +158,7 @@ def key_scores(q, k, scale: float, q_start: int = 0) -> jax.Array:
 def select(spec: H2O, scores, t: int) -> jax.Array:
   """Positions a cache keeps after a prompt of t tokens: [B, min(budget, t), G] int32. t <=
   budget: every position. Else the `recent` last ones and the `heavy` highest scores among
-  the rest (heavy first, each part in position order)."""
+  the rest, max-pooled over `pool` positions (heavy first, each part in position order)."""
   b, _, g = scores.shape
   if t <= spec.budget:
     return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :, None], (b, t, g))
@@ -160,7 +167,12 @@ def select(spec: H2O, scores, t: int) -> jax.Array:
                             (b, spec.recent, g))
   if spec.heavy == 0:
     return recent
-  _, heavy = jax.lax.top_k(jnp.swapaxes(scores[:, :older], 1, 2), spec.heavy)   # [B, G, heavy]
+  rank = scores[:, :older]
+  if spec.pool > 1:  # the largest score within pool // 2 positions either side
+    half = spec.pool // 2
+    rank = jax.lax.reduce_window(rank, -jnp.inf, jax.lax.max, (1, spec.pool, 1), (1, 1, 1),
+                                 ((0, 0), (half, half), (0, 0)))
+  _, heavy = jax.lax.top_k(jnp.swapaxes(rank, 1, 2), spec.heavy)    # [B, G, heavy]
   heavy = jnp.sort(heavy, axis=-1).astype(jnp.int32)
   return jnp.concatenate([jnp.swapaxes(heavy, 1, 2), recent], axis=1)
 

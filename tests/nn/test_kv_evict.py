@@ -51,7 +51,7 @@ def test_key_scores_are_column_sums_of_causal_attention():
   np.testing.assert_allclose(tail, want, rtol=1e-4, atol=1e-5)
 
 
-def _h2o(q, k, v, t0, heavy, recent, scale, observe=0):
+def _h2o(q, k, v, t0, heavy, recent, scale, observe=0, pool=1):
   """One sequence, one KV head, as the paper states it (float64): q [N, R, D], k, v [N, D];
   observe > 0 scores the prompt by its last `observe` queries (SnapKV). Returns the step
   outputs [N - t0, R, D] and the positions held at the end."""
@@ -63,7 +63,10 @@ def _h2o(q, k, v, t0, heavy, recent, scale, observe=0):
   if t0 <= heavy + recent:
     kept = set(range(t0))
   else:
-    older = sorted(range(t0 - recent), key=lambda j: -score[j])[:heavy]
+    half, n_old = pool // 2, t0 - recent
+    rank = {j: max(score[i] for i in range(max(0, j - half), min(n_old, j + half + 1)))
+            for j in range(n_old)}
+    older = sorted(range(n_old), key=lambda j: (-rank[j], j))[:heavy]
     kept = set(older) | set(range(t0 - recent, t0))
   outs = []
   for p in range(t0, n):
@@ -79,19 +82,18 @@ def _h2o(q, k, v, t0, heavy, recent, scale, observe=0):
   return np.stack(outs), kept
 
 
-@pytest.mark.parametrize("t0,heavy,recent,observe", [(20, 4, 3, 0), (3, 4, 3, 0),
-                                                     (12, 0, 5, 0), (10, 40, 2, 0),
-                                                     (20, 4, 3, 5)],
-                         ids=["long-prompt", "short-prompt", "window-only", "no-eviction",
-                              "observation-window"])
-def test_prefill_and_steps_equal_the_algorithm(t0, heavy, recent, observe):
+@pytest.mark.parametrize("t0,heavy,recent,observe,pool", [
+    (20, 4, 3, 0, 1), (3, 4, 3, 0, 1), (12, 0, 5, 0, 1), (10, 40, 2, 0, 1), (20, 4, 3, 5, 1),
+    (20, 4, 3, 5, 3)], ids=["long-prompt", "short-prompt", "window-only", "no-eviction",
+                            "observation-window", "pooled"])
+def test_prefill_and_steps_equal_the_algorithm(t0, heavy, recent, observe, pool):
   rng = np.random.default_rng(1)
   b, n, h, g, d = 2, 40, 4, 2, 8
   q = rng.standard_normal((b, n, h, d)).astype(np.float32)
   k = rng.standard_normal((b, n, g, d)).astype(np.float32)
   v = rng.standard_normal((b, n, g, d)).astype(np.float32)
   scale = d ** -0.5
-  spec = H2O(heavy, recent, observe)
+  spec = H2O(heavy, recent, observe, pool)
   cache = init_evict_cache(spec, b, n, g, d, jnp.float32)
   observed, first = spec.observed(jnp.asarray(q[:, :t0]))
   cache = fill(cache, jnp.asarray(k[:, :t0]), jnp.asarray(v[:, :t0]),
@@ -107,7 +109,7 @@ def test_prefill_and_steps_equal_the_algorithm(t0, heavy, recent, observe):
   for i in range(b):
     for j in range(g):
       want, kept = _h2o(q[i, :, j * r:(j + 1) * r].astype(np.float64), k[i, :, j].astype(
-          np.float64), v[i, :, j].astype(np.float64), t0, heavy, recent, scale, observe)
+          np.float64), v[i, :, j].astype(np.float64), t0, heavy, recent, scale, observe, pool)
       np.testing.assert_allclose(outs[i, :, j * r:(j + 1) * r], want, rtol=1e-4, atol=1e-5)
       held = np.asarray(cache.pos[i, :, j])
       assert set(held[held >= 0].tolist()) == kept
@@ -128,6 +130,9 @@ def test_spec_bytes_and_bad_settings():
   with pytest.raises(ValueError, match="expected HEAVY:RECENT"):
     H2O.parse("16")
   assert H2O.parse("16:8:4") == H2O(16, 8, 4) and H2O(16, 8, 4).name == "h2o16+8o4"
+  assert H2O.parse("16:8:4:7").name == "h2o16+8o4p7"
+  with pytest.raises(ValueError, match="pool must be odd"):
+    H2O(4, 4, 0, 2)
 
 
 # --- through the model -----------------------------------------------------------------------

@@ -98,7 +98,8 @@ def test_eval_with_h2o_caches(tiny_run, capsys):
     assert main(args + ["--kv-evict", spec]) == 0
   read = lambda name: json.loads((tiny_run / "evaluations" / f"{name}.json").read_text())
   dense, whole, small = read("dense-ref"), read("h2o64+64"), read("h2o8+8")
-  assert whole["kv_evict"] == {"heavy": 64, "recent": 64, "observe": 0} and dense["kv_evict"] is None
+  assert whole["kv_evict"] == {"heavy": 64, "recent": 64, "observe": 0, "pool": 1}
+  assert dense["kv_evict"] is None
   assert abs(whole["eval_loss"]["128"] - dense["eval_loss"]["128"]) < 2e-3
   assert whole["mqar"]["128"] == dense["mqar"]["128"]
   assert small["kv_bytes_per_token"]["128"] < 0.2 * dense["kv_bytes_per_token"]["128"]
