@@ -124,10 +124,11 @@ def add_parser(sub) -> None:
                  help="decode from a KIVI-quantized KV cache (2, 4 or 8 bits; keys grouped "
                       "over GROUP tokens, default 32; RESIDUAL more recent tokens kept at full "
                       "precision, default 0): every row runs through the decode path")
-  e.add_argument("--kv-evict", default=None, metavar="HEAVY:RECENT",
+  e.add_argument("--kv-evict", default=None, metavar="HEAVY:RECENT[:OBSERVE[:POOL]]",
                  help="decode from H2O caches keeping HEAVY heavy-hitter and RECENT recent "
-                      "tokens per KV head in the causal attention layers: every row runs "
-                      "through the decode path")
+                      "tokens per KV head in the causal attention layers (OBSERVE: score the "
+                      "prompt by its last OBSERVE queries; POOL: rank by the best score within "
+                      "POOL positions, SnapKV): every row runs through the decode path")
   e.set_defaults(handler=_eval)
 
 
