@@ -200,7 +200,9 @@ def step(cache: EvictCache, q, k, v, pos, scale: float):
   g = k.shape[1]
   spec = cache.spec
   qg = q.reshape(b, g, h // g, d)
-  held = cache.pos >= 0                                               # [B, S, G]
+  # Slots holding a position >= pos are treated as empty: a cache fed back after its position
+  # was rewound (a benchmark repeating the same steps) never attends to a "future" token.
+  held = (cache.pos >= 0) & (cache.pos < pos)                         # [B, S, G]
   s_held = jnp.einsum("bgrd,bsgd->bgrs", qg, cache.k, preferred_element_type=jnp.float32)
   s_new = jnp.einsum("bgrd,bgd->bgr", qg, k, preferred_element_type=jnp.float32)[..., None]
   s_held = jnp.where(jnp.swapaxes(held, 1, 2)[:, :, None], s_held * scale, MASK_VALUE)

@@ -42,6 +42,10 @@ from memx.train.lowrank import dims, matrix, plan, split
 
 # Added to a norm that divides, as the authors' implementation does.
 NORM_EPS = 1e-8
+# The projections' own random stream: fold_in(key(seed), i) for small i equals the keys a run
+# splits from the same seed (model init, data), so without it leaf 0's projection would reuse
+# the model's initial values ("APOL").
+PROJECTION_STREAM = 0x41504F4C
 
 
 class ApolloState(NamedTuple):
@@ -63,7 +67,8 @@ def projection(seed: int, leaf: int, period, shape, kind: str, rank: int) -> jax
   """The random projection of leaf number `leaf` (its position in the flattened tree) during
   `period` (step // every): [m, r] for a left, [n, r] for a right projection, entries
   N(0, 1/r), the same whenever it is regenerated."""
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), leaf), period)
+  key = jax.random.fold_in(jax.random.key(seed), PROJECTION_STREAM)
+  key = jax.random.fold_in(jax.random.fold_in(key, leaf), period)
   side = dims(shape)[kind == "right"]
   return jax.random.normal(key, (side, rank), jnp.float32) / math.sqrt(rank)
 

@@ -116,6 +116,33 @@ def test_prefill_and_steps_equal_the_algorithm(t0, heavy, recent, observe, pool)
       assert len(kept) == min(heavy + recent, n)
 
 
+def test_a_rewound_position_never_attends_to_later_tokens():
+  """A cache fed back with its position rewound (as a benchmark repeats the same steps) treats
+  slots holding positions >= pos as empty: the step attends to the older held tokens and the
+  new one, and the new token takes a stale slot."""
+  rng = np.random.default_rng(4)
+  b, n, h, g, d, t0 = 1, 24, 2, 1, 8, 12
+  q, k, v = (rng.standard_normal((b, n, x, d)).astype(np.float32) for x in (h, g, g))
+  spec = H2O(3, 3)
+  cache = fill(init_evict_cache(spec, b, n, g, d, jnp.float32), jnp.asarray(k[:, :t0]),
+               jnp.asarray(v[:, :t0]), key_scores(jnp.asarray(q[:, :t0]),
+                                                  jnp.asarray(k[:, :t0]), d ** -0.5))
+  for p in range(t0, n):
+    _, cache = step(cache, jnp.asarray(q[:, p]), jnp.asarray(k[:, p]), jnp.asarray(v[:, p]), p,
+                    d ** -0.5)
+  pos, keys, vals = (np.asarray(a)[0, :, 0] for a in (cache.pos, cache.k, cache.v))
+  older = pos < t0
+  assert 0 < older.sum() < len(pos)                     # both kinds of slot are there
+  out, rewound = step(cache, jnp.asarray(q[:, t0]), jnp.asarray(k[:, t0]),
+                      jnp.asarray(v[:, t0]), t0, d ** -0.5)
+  kk = np.concatenate([keys[older], k[0, t0]], axis=0)
+  vv = np.concatenate([vals[older], v[0, t0]], axis=0)
+  want = _softmax(q[0, t0] @ kk.T * d ** -0.5) @ vv
+  np.testing.assert_allclose(np.asarray(out)[0], want, rtol=1e-5, atol=1e-6)
+  new_slot = np.asarray(rewound.pos)[0, :, 0] == t0
+  assert new_slot.sum() == 1 and pos[new_slot][0] >= t0  # a stale slot, not an older token
+
+
 def test_spec_bytes_and_bad_settings():
   spec = H2O.parse("16:8")
   assert (spec.heavy, spec.recent, spec.budget, spec.name) == (16, 8, 24, "h2o16+8")

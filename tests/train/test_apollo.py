@@ -96,7 +96,7 @@ def test_the_limiter_caps_norm_growth():
   after a quiet phase passes through."""
   rng = np.random.default_rng(3)
   grads = [c * rng.standard_normal((16, 40)).astype(np.float32)
-           for c in (1.0, 0.1, 0.1, 0.1, 0.1, 3.0)]
+           for c in (1.0, 0.1, 0.1, 0.1, 0.1, 10.0)]
   growth = {}
   for limiter in (1.01, None):
     tx = scale_by_apollo(4, 100, limiter=limiter)
@@ -106,7 +106,7 @@ def test_the_limiter_caps_norm_growth():
       u, state = tx.update({"w": jnp.asarray(g)}, state)
       norms.append(float(jnp.linalg.norm(u["w"])))
     growth[limiter] = max(b / a for a, b in zip(norms, norms[1:], strict=False))
-  assert growth[1.01] <= 1.01 * (1 + 1e-5) and growth[None] > 1.2, growth
+  assert growth[1.01] <= 1.01 * (1 + 1e-5) and growth[None] > 1.1, growth
 
 
 def test_projections_regenerate_from_the_seed():
