@@ -1,7 +1,7 @@
 """Compressed KV caches on a trained run: corpus loss and passkey retrieval through the decode
 path with KIVI's quantized caches (8, 4 and 2 bits) and H2O's eviction caches (heavy hitters +
-recent tokens, and recent tokens alone at the same budget) against the dense cache, without
-retraining.
+recent tokens, and recent tokens alone at the same budget) against the dense cache and MoA's
+per-head span plans, on the same rows, without retraining.
 
 Command:   python experiments/kv_quant/compare.py RUN [--lengths 128,192,256,512]
            (RUN: a trained memx run, e.g. runs/moa/dense from experiments/moa/pipeline.py;
@@ -26,11 +26,13 @@ every compressed row.
 """
 
 import argparse
+import pathlib
 import sys
 
 from memx.kernels.kv_quant import KVQuant
 from memx.nn.kv_evict import H2O
 from memx.sparse.evaluate import evaluate, write_evaluation
+from memx.sparse.plan import Plan
 from memx.train.restore import load_trained
 
 CACHES = {"dense-ref": None, "kv8g32": KVQuant(8, 32), "kv4g32": KVQuant(4, 32),
@@ -45,7 +47,10 @@ CACHES = {"dense-ref": None, "kv8g32": KVQuant(8, 32), "kv4g32": KVQuant(4, 32),
           "h2o16+16o32": H2O(16, 16, 32), "h2o32+32o32": H2O(32, 32, 32),
           # ... and SnapKV's max-pooling of the scores over 7 positions (whole numbers stay).
           "h2o16+16o32p7": H2O(16, 16, 32, 7), "h2o32+32o32p7": H2O(32, 32, 32, 7),
-          "h2o32+32p7": H2O(32, 32, 0, 7)}
+          "h2o32+32p7": H2O(32, 32, 0, 7),
+          # MoA's static per-head spans (plans from experiments/moa/pipeline.py, in
+          # RUN/sparse/), evaluated with the same rows as every cache here.
+          "moa50-ref": "moa50", "uniform50-ref": "uniform50", "longgen50-ref": "longgen50"}
 
 
 def main(argv=None) -> int:
@@ -61,6 +66,13 @@ def main(argv=None) -> int:
   if unknown:
     p.error(f"unknown caches {unknown}; choose from {list(CACHES)}")
   lengths = [int(n) for n in args.lengths.split(",")]
+  plans = {}
+  for name in names:
+    if isinstance(CACHES[name], str):
+      path = pathlib.Path(args.run) / "sparse" / f"{CACHES[name]}.json"
+      if not path.exists():
+        p.error(f"{name} needs the plan {path} (experiments/moa/pipeline.py writes it)")
+      plans[name] = Plan.load(path)
   trained = load_trained(args.run)
   print(f"{'cache':10s} {'KV B/token':>10s}  corpus loss per length | passkey per length")
   for name in names:
@@ -68,7 +80,8 @@ def main(argv=None) -> int:
     result = evaluate(trained.model, trained.cfg.data, lengths, batches=args.batches,
                       batch_size=args.batch_size,
                       kv_quant=cache if isinstance(cache, KVQuant) else None,
-                      kv_evict=cache if isinstance(cache, H2O) else None)
+                      kv_evict=cache if isinstance(cache, H2O) else None,
+                      plan=plans[name] if isinstance(cache, str) else None)
     write_evaluation(trained.run_dir, name, result)
     loss = " ".join(f"{result['eval_loss'][str(n)]:.4f}" for n in lengths)
     pk = " ".join(f"{result['passkey_mean'][str(n)]:.2f}" for n in lengths)

@@ -9,10 +9,11 @@ Result:    (2026-11-28, CPU; benchmarks/RESULTS.md "Session 18") eval loss and o
            adamw 1.613, 3.5 MiB; adamw-bf16mu 1.614, 2.6 MiB; adafactor at lr 1e-2 2.107 and at
            3e-2 1.715, 32 KiB; lion at 3e-4 2.505 and at 1e-3 2.122, 1.8 MiB; adamw-mb4 1.613
            (equal to adamw to 1e-4 in train loss) with 18.4 MiB of temporaries against 65.2;
-           galore-r32 1.746, 1.5 MiB (the embedding keeps Adam's moments).
+           galore-r32 1.746, 1.5 MiB (the embedding keeps Adam's moments); (2026-11-28, Session
+           20) apollo-r32 1.601 and at lr 3e-3 1.814, 1.3 MiB; apollo-mini 1.985, 0.5 MiB.
            So the state shrinks exactly as counted; bf16 first moments cost nothing here;
            Adafactor nearly matches AdamW once its lr is raised; Lion at its usual 3-10x smaller
-           lr lags after 200 steps.
+           lr lags after 200 steps; APOLLO at rank 32 matches AdamW with 0.38x its state.
 
 What it does not show: which optimizer is better at scale. 200 steps of a 2-layer model say
 only what each costs in state and how it starts at conventional learning rates.
