@@ -222,8 +222,9 @@ class TransformerLM(nnx.Module):
     full_cache, kv_quant: see init_cache. With kv_quant the prompt attends to itself at full
     precision (a chunk reads earlier chunks from the quantized cache, as stored), and what the
     cache keeps for decoding is quantized. With kv_evict the prompt attends to itself exactly
-    and its attention scores choose the tokens the H2O caches keep (whole prompts only: no
-    chunk_size shorter than the prompt).
+    and its attention scores choose the tokens the H2O caches keep; with chunk_size each chunk
+    attends to what the earlier ones left and the cache never exceeds the budget (Locret's
+    setting; the observation window and pooling need the whole prompt).
 
     chunk_size: prefill the prompt C tokens at a time, each chunk continuing from the state the
     previous one left (`Block.extend`): the same logits and state as whole, with activations
@@ -250,10 +251,10 @@ class TransformerLM(nnx.Module):
                                    or chunk_size < 1):
       raise ValueError(f"prefill: chunk_size must be a positive int or None, got {chunk_size!r}")
     chunk = t if chunk_size is None else min(chunk_size, t)
-    if kv_evict is not None and chunk < t:
-      raise ValueError(f"prefill: H2O caches (kv_evict) score the whole prompt's attention to "
-                       f"choose what to keep; prefill it at once (chunk_size {chunk_size} < "
-                       f"prompt length {t})")
+    if kv_evict is not None and chunk < t and (kv_evict.observe or kv_evict.pool > 1):
+      raise ValueError(f"prefill: {kv_evict.name}'s observation window and pooling score the "
+                       f"whole prompt; prefill it at once (chunk_size {chunk_size} < prompt "
+                       f"length {t}) or chunk it with H2O(heavy, recent) alone")
     caches = self.init_cache(b, max_len, full_cache=full_cache, kv_quant=kv_quant,
                              kv_evict=kv_evict)["layers"]
     bounds = self._layer_bounds()

@@ -65,6 +65,7 @@ from memx.nn.kv_evict import (
   key_scores,
 )
 from memx.nn.kv_evict import applies as evicts
+from memx.nn.kv_evict import extend as evict_extend
 from memx.nn.kv_evict import step as evict_step
 
 
@@ -343,10 +344,11 @@ def extend(attn: Attention, x, start, cache):
   if not static and isinstance(cache, PlanCache):
     raise ValueError("attention extend: a ring cache (sparse-plan layer) needs a static start "
                      "(its layout depends on it); unroll the chunks")
-  if isinstance(cache, EvictCache) and start != 0:
-    raise ValueError(f"attention extend: an H2O cache is filled by one prefill of the whole "
-                     f"prompt (its scores are the prompt's attention), not from position "
-                     f"{start}; prefill without chunk_size")
+  whole_prompt = static and start == 0
+  if isinstance(cache, EvictCache) and not whole_prompt and (cache.spec.observe
+                                                             or cache.spec.pool > 1):
+    raise ValueError(f"attention extend: {cache.spec.name}'s observation window and pooling "
+                     f"score a whole prompt; prefill it at once, or chunk it without them")
   if not static and isinstance(cache, QuantCache) and c % cache.spec.group:
     raise ValueError(f"attention extend: a quantized cache under a traced start takes chunks "
                      f"of a multiple of its key group ({cache.spec.group} tokens), got {c}; "
@@ -357,9 +359,13 @@ def extend(attn: Attention, x, start, cache):
     out, cache = _plan_extend(attn, q, k, v, start, cache, mask)
     return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
   if isinstance(cache, EvictCache):
-    out = attention(q, k, v, mask=_prefix_mask(mask, c), implementation=cfg.attn_impl)
-    observed, first = cache.spec.observed(q)
-    cache = fill(cache, k, v, key_scores(observed, k, cfg.head_dim ** -0.5, first))
+    if whole_prompt:
+      out = attention(q, k, v, mask=_prefix_mask(mask, c), implementation=cfg.attn_impl)
+      observed, first = cache.spec.observed(q)
+      cache = fill(cache, k, v, key_scores(observed, k, cfg.head_dim ** -0.5, first))
+    else:  # a later chunk (or any chunk under a traced start): attend to what is held
+      out, cache = evict_extend(cache, q, k, v, start, cfg.head_dim ** -0.5)
+      out = out.astype(dt)
     return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
   if isinstance(cache, QuantCache):
     held = start % cache.spec.group if static else 0

@@ -12,6 +12,9 @@ the query heads sharing the KV head (GQA), prompt included.
   (SnapKV's observation window, which keeps what the end of the prompt looks at). A prompt
   longer than the budget keeps its `recent` last tokens and the `heavy` highest-scoring
   earlier ones (`select`).
+* Chunked prefill (`extend`, Locret's setting): each chunk attends to what is held and
+  causally to itself, scores grow by its attention, and the recent latest plus the highest
+  scores stay, so a long prompt never holds more than the budget.
 * Step at position p: the query attends to the held tokens and the new one (budget + 1
   keys), every score grows by the probability the query gave it, and if the cache is full the
   lowest-scoring token outside the recent window (positions > p - recent, the new token
@@ -191,6 +194,54 @@ def fill(cache: EvictCache, k, v, scores) -> EvictCache:
       cache, k=jnp.where(empty[..., None], 0, take(k)).astype(cache.k.dtype),
       v=jnp.where(empty[..., None], 0, take(v)).astype(cache.v.dtype), pos=held,
       score=jnp.where(empty, 0.0, jnp.take_along_axis(scores, safe, axis=1)))
+
+
+def extend(cache: EvictCache, q, k, v, start, scale: float):
+  """Continues a prompt by a chunk (Locret's setting: a long prompt prefilled chunk by chunk in
+  a cache that never exceeds the budget): q [B, C, H, K], k, v [B, C, G, K] at positions
+  start .. start + C - 1 (an int or traced), on a cache holding earlier positions →
+  (out [B, C, H, K] float32, the cache after the chunk).
+
+  The chunk's queries attend to the held tokens and causally to the chunk. Every held token's
+  score grows by the attention the chunk's queries gave it and every chunk token starts with
+  the attention it received; then the `recent` latest positions stay and the highest scores
+  fill the other slots. From an empty cache this is the whole-prompt prefill (`fill` on
+  `key_scores`) of that chunk; the observation window and pooling apply to whole prompts
+  only."""
+  b, c, h, d = q.shape
+  g = k.shape[2]
+  spec = cache.spec
+  qg = q.reshape(b, c, g, h // g, d)
+  held = (cache.pos >= 0) & (cache.pos < start)                      # [B, S, G]
+  s_held = jnp.einsum("bcgrd,bsgd->bgrcs", qg, cache.k, preferred_element_type=jnp.float32)
+  s_new = jnp.einsum("bcgrd,btgd->bgrct", qg, k, preferred_element_type=jnp.float32)
+  s_held = jnp.where(jnp.swapaxes(held, 1, 2)[:, :, None, None], s_held * scale, MASK_VALUE)
+  causal = jnp.arange(c)[None, :] <= jnp.arange(c)[:, None]          # [C(query), C(key)]
+  s_new = jnp.where(causal, s_new * scale, MASK_VALUE)
+  p = jax.nn.softmax(jnp.concatenate([s_held, s_new], axis=-1), axis=-1)
+  n_slots = cache.pos.shape[1]
+  p_held, p_new = p[..., :n_slots], jnp.where(causal, p[..., n_slots:], 0.0)
+  out = (jnp.einsum("bgrcs,bsgd->bcgrd", p_held, cache.v.astype(jnp.float32))
+         + jnp.einsum("bgrct,btgd->bcgrd", p_new, v.astype(jnp.float32)))
+  # Candidates: the held slots and the chunk's tokens, [B, S + C, G].
+  positions = jnp.concatenate(
+      [jnp.where(held, cache.pos, -1),
+       jnp.broadcast_to((start + jnp.arange(c, dtype=jnp.int32))[None, :, None], (b, c, g))],
+      axis=1)
+  scores = jnp.concatenate([cache.score + jnp.swapaxes(p_held.sum(axis=(2, 3)), 1, 2),
+                            jnp.swapaxes(p_new.sum(axis=(2, 3)), 1, 2)], axis=1)
+  end = start + c
+  rank = jnp.where(positions < 0, -jnp.inf,
+                   jnp.where(positions >= end - spec.recent, jnp.inf, scores))
+  _, keep = jax.lax.top_k(jnp.swapaxes(rank, 1, 2), n_slots)         # [B, G, S]
+  keep = jnp.swapaxes(keep, 1, 2)                                     # [B, S, G]
+  pick = lambda a: jnp.take_along_axis(a, keep.reshape(keep.shape + (1,) * (a.ndim - 3)),  # noqa: E731
+                                       axis=1)
+  kv = lambda old, new: pick(jnp.concatenate([old, new.astype(old.dtype)], axis=1))  # noqa: E731
+  pos = pick(positions)
+  return out.reshape(b, c, h, d), dataclasses.replace(
+      cache, k=kv(cache.k, k), v=kv(cache.v, v), pos=pos,
+      score=jnp.where(pos < 0, 0.0, pick(scores)))
 
 
 def step(cache: EvictCache, q, k, v, pos, scale: float):

@@ -23,6 +23,7 @@ from memx.nn.kv_evict import (
   key_scores,
   step,
 )
+from memx.nn.kv_evict import extend as evict_extend
 
 
 def _softmax(x):
@@ -116,6 +117,78 @@ def test_prefill_and_steps_equal_the_algorithm(t0, heavy, recent, observe, pool)
       assert len(kept) == min(heavy + recent, n)
 
 
+def _h2o_chunked(q, k, v, t0, chunk, heavy, recent, scale):
+  """The prompt prefilled `chunk` tokens at a time in a cache of heavy + recent tokens (each
+  chunk query sees the held tokens and the chunk so far; after the chunk the recent latest
+  and the highest scores stay), then steps as `_h2o`. Returns every output [N, R, D] and the
+  positions held at the end."""
+  n, budget = q.shape[0], heavy + recent
+  kept, score, outs = set(), {}, []
+  for c0 in range(0, t0, chunk):
+    c1 = min(c0 + chunk, t0)
+    for i in range(c0, c1):
+      keys = sorted(kept) + list(range(c0, i + 1))
+      prob = _softmax(q[i] @ k[keys].T * scale)
+      outs.append(prob @ v[keys])
+      for j, key in enumerate(keys):
+        score[key] = score.get(key, 0.0) + prob[:, j].sum()
+    cand = kept | set(range(c0, c1))
+    if len(cand) > budget:
+      late = {x for x in cand if x >= c1 - recent}
+      kept = late | set(sorted(cand - late, key=lambda x: -score[x])[:budget - len(late)])
+    else:
+      kept = cand
+  for p in range(t0, n):
+    keys = sorted(kept) + [p]
+    prob = _softmax(q[p] @ k[keys].T * scale)
+    outs.append(prob @ v[keys])
+    score[p] = 0.0
+    for j, key in enumerate(keys):
+      score[key] += prob[:, j].sum()
+    kept.add(p)
+    if len(kept) > budget:
+      kept.remove(min((x for x in kept if x <= p - recent), key=lambda x: score[x]))
+  return np.stack(outs), kept
+
+
+@pytest.mark.parametrize("chunk,heavy,recent", [(5, 4, 3), (7, 2, 6), (4, 20, 20)],
+                         ids=["evicting", "recent-heavy", "no-eviction"])
+def test_chunked_prefill_equals_the_chunked_algorithm(chunk, heavy, recent):
+  """Locret's setting: a 23-token prompt in chunks (the last one partial) through a cache that
+  never exceeds the budget, then steps; static and traced chunk offsets agree."""
+  rng = np.random.default_rng(5)
+  b, n, h, g, d, t0 = 2, 32, 4, 2, 8, 23
+  q, k, v = (rng.standard_normal((b, n, x, d)).astype(np.float32) for x in (h, g, g))
+  scale = d ** -0.5
+  spec = H2O(heavy, recent)
+  outs = {}
+  for traced in (False, True):
+    cache = init_evict_cache(spec, b, n, g, d, jnp.float32)
+    run = jax.jit(evict_extend, static_argnums=5) if traced else evict_extend
+    got = []
+    for c0 in range(0, t0, chunk):
+      c1 = min(c0 + chunk, t0)
+      out, cache = run(cache, *(jnp.asarray(a[:, c0:c1]) for a in (q, k, v)),
+                       jnp.int32(c0) if traced else c0, scale)
+      got.append(np.asarray(out))
+    for p in range(t0, n):
+      out, cache = step(cache, jnp.asarray(q[:, p]), jnp.asarray(k[:, p]),
+                        jnp.asarray(v[:, p]), p, scale)
+      got.append(np.asarray(out)[:, None])
+    outs[traced] = (np.concatenate(got, axis=1), np.asarray(cache.pos))
+  np.testing.assert_allclose(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-6)
+  got, pos = outs[False]
+  r = h // g
+  for i in range(b):
+    for j in range(g):
+      want, kept = _h2o_chunked(q[i, :, j * r:(j + 1) * r].astype(np.float64),
+                                k[i, :, j].astype(np.float64), v[i, :, j].astype(np.float64),
+                                t0, chunk, heavy, recent, scale)
+      np.testing.assert_allclose(got[i, :, j * r:(j + 1) * r], want, rtol=1e-4, atol=1e-5)
+      held = pos[i, :, j]
+      assert set(held[held >= 0].tolist()) == kept
+
+
 def test_a_rewound_position_never_attends_to_later_tokens():
   """A cache fed back with its position rewound (as a benchmark repeats the same steps) treats
   slots holding positions >= pos as empty: the step attends to the older held tokens and the
@@ -207,13 +280,28 @@ def test_generate_on_a_hybrid():
   np.testing.assert_array_equal(small[:, :9], prompt)
 
 
+def test_chunked_prefill_through_the_model():
+  """With room for every token, chunked prefill under H2O gives the dense prefill's logits;
+  with a small budget, the scanned chunks (traced offsets) equal the unrolled ones."""
+  model = TransformerLM(CFG, rngs=nnx.Rngs(3))
+  tokens = jax.random.randint(jax.random.key(8), (2, 17), 0, 64)
+  dense, _ = model.prefill(tokens, 24)
+  whole, _ = model.prefill(tokens, 24, chunk_size=4, kv_evict=H2O(20, 4))
+  _testing.assert_allclose(whole, dense, name="chunked h2o without eviction")
+  scanned, c1 = model.prefill(tokens, 24, chunk_size=4, kv_evict=H2O(3, 2))
+  unrolled, c2 = model.prefill(tokens, 24, chunk_size=4, kv_evict=H2O(3, 2), unroll=True)
+  _testing.assert_allclose(scanned, unrolled, name="scanned vs unrolled chunks")
+  np.testing.assert_array_equal(c1["layers"][0].pos, c2["layers"][0].pos)
+  assert c1["layers"][0].pos.shape[1] == 5 and not np.allclose(scanned, dense, atol=1e-3)
+
+
 def test_what_h2o_cannot_do_is_refused():
   model = TransformerLM(CFG, rngs=nnx.Rngs(0))
   tokens = jnp.zeros((1, 12), jnp.int32)
-  with pytest.raises(ValueError, match="prefill it at once"):
-    model.prefill(tokens, 16, chunk_size=4, kv_evict=H2O(2, 2))
+  with pytest.raises(ValueError, match="observation window and pooling score the whole"):
+    model.prefill(tokens, 16, chunk_size=4, kv_evict=H2O(2, 2, 4))
   with pytest.raises(ValueError, match="kv_quant and kv_evict do not combine"):
     model.init_cache(1, 16, kv_quant=KVQuant(4, 4), kv_evict=H2O(2, 2))
-  _, cache = model.prefill(tokens[:, :8], 16, kv_evict=H2O(2, 2))
-  with pytest.raises(ValueError, match="not from position 8"):
+  _, cache = model.prefill(tokens[:, :8], 16, kv_evict=H2O(2, 2, 0, 3))
+  with pytest.raises(ValueError, match="prefill it at once, or chunk it without them"):
     model.blocks[0].extend(jnp.zeros((1, 4, CFG.d_model)), 8, cache["layers"][0])
