@@ -9,6 +9,8 @@ Part 2 (compiled): the --size model's decode step from a cache of N tokens: XLA'
 bytes (weights + cache), temporaries (the XLA path dequantizes one layer at a time: its
 full-precision keys and values are a temporary), and decode tokens/s (16 steps under one jit
 after an N - 16 token prompt; the variants alternate, medians over --repeats).
+Part 4 (exact, compiled, nothing run): the prefill's output (the cache) and temporaries for
+the dense cache and H2O, whole and chunked (`prefill_table`).
 Part 3 (the attention alone): device time per call of one layer's decode attention at
 --size's kernel shape (`per_call_device_time`, fresh random caches per call so none is read
 from L2): the dense cache's einsum step, `decode_attention`'s reference (XLA dequantizes the
@@ -161,6 +163,34 @@ def kernel_table(size: str, repeats: int) -> list[dict]:
   return rows
 
 
+def prefill_table(size: str) -> list[dict]:
+  """Compiled memory of prefilling an N - 16 token prompt at --size (exact, nothing run): the
+  dense cache and H2O 256 + 256, each whole and in chunks of N / 8 (scanned). The output is the
+  cache (plus the last logits); temporaries hold the activations and, for H2O's whole-prompt
+  selection, the prompt's keys and values before they are chosen."""
+  d, layers, heads, kv_heads, vocab, n, batch, dtype = SIZES[size]
+  cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads,
+                    n_kv_heads=kv_heads, compute_dtype=dtype)
+  model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  prompt = jax.ShapeDtypeStruct((batch, n - NEW_TOKENS), jnp.int32)
+  chunk = max((n - NEW_TOKENS) // 8, 1)
+  rows = []
+  for name, spec in (("dense", None), ("h2o256+256", H2O(256, 256))):
+    for chunk_size in (None, chunk):
+      fn = jax.jit(lambda st, p, s=spec, c=chunk_size: nnx.merge(graphdef, st).prefill(
+          p, n, last_logits=True, chunk_size=c, kv_evict=s))
+      mem = compiled_memory(fn.lower(state, prompt).compile())
+      rows.append({"part": "prefill", "size": size, "N": n, "batch": batch, "cache": name,
+                   "chunk": chunk_size or n - NEW_TOKENS,
+                   "output_MiB": mem["output_bytes"] / 2**20,
+                   "temp_MiB": mem["temp_bytes"] / 2**20})
+  for row in rows:
+    row["output_plus_temp_x_dense_whole"] = (row["output_MiB"] + row["temp_MiB"]) / (
+        rows[0]["output_MiB"] + rows[0]["temp_MiB"])
+  return rows
+
+
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--out", default="benchmarks/out/kv_quant")
@@ -178,6 +208,8 @@ def main() -> int:
                       kernel_table(args.size, args.repeats)))
   print(write_results(f"{args.out}/decode", "bench_kv_quant (decode)", settings,
                       decode_table(args.size, args.repeats)))
+  print(write_results(f"{args.out}/prefill", "bench_kv_quant (prefill)", settings,
+                      prefill_table(args.size)))
   return 0
 
 

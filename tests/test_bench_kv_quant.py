@@ -31,3 +31,7 @@ def test_cache_bytes_and_decode_rows(load_script):
   # on GPUs)
   assert attention[0]["cache_MiB"] > attention[1]["cache_MiB"] > attention[3]["cache_MiB"]
   assert all(r["us"] > 0 for r in attention)
+  prefill = bench.prefill_table("tiny")
+  assert [(r["cache"], r["chunk"]) for r in prefill] == [("dense", 48), ("dense", 6),
+                                                         ("h2o256+256", 48), ("h2o256+256", 6)]
+  assert prefill[1]["temp_MiB"] < prefill[0]["temp_MiB"]  # chunks: a fraction of the activations
