@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from memx.train.lowrank import dims, matrix, plan, split
+from memx.train.lowrank import dims, matrix, plans, split
 
 # Added to a norm that divides, as the authors' implementation does.
 NORM_EPS = 1e-8
@@ -83,8 +83,7 @@ def scale_by_apollo(rank: int, every: int, scale: float = 1.0, *, tensorwise: bo
   for none."""
 
   def kinds(params):
-    allowed = eligible(params) if eligible is not None else jax.tree.map(lambda _: True, params)
-    return jax.tree.map(lambda p, ok: plan(p.shape, rank) if ok else "adam", params, allowed)
+    return plans(params, rank, eligible)
 
   def init(params):
     k = kinds(params)

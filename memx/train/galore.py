@@ -25,7 +25,7 @@ import optax
 
 from memx.train.lowrank import dims as _dims
 from memx.train.lowrank import matrix as _matrix
-from memx.train.lowrank import plan as _plan
+from memx.train.lowrank import plans
 
 
 class GaLoreState(NamedTuple):
@@ -54,8 +54,7 @@ def scale_by_galore(rank: int, every: int, scale: float, *, b1: float = 0.9, b2:
   leaves may be projected (the others, and those too small for the rank, get Adam)."""
 
   def kinds(params):
-    allowed = eligible(params) if eligible is not None else jax.tree.map(lambda _: True, params)
-    return jax.tree.map(lambda p, ok: _plan(p.shape, rank) if ok else "adam", params, allowed)
+    return plans(params, rank, eligible)
 
   def init(params):
     k = kinds(params)

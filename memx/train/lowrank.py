@@ -7,6 +7,8 @@ rank. Anything else (vectors, thin matrices) keeps plain Adam moments.
 
 import math
 
+import jax
+
 
 def split(shape) -> int:
   """How many leading dims form the matrix's rows: the split whose smaller side is largest
@@ -35,3 +37,10 @@ def plan(shape, rank: int) -> str:
 
 def matrix(x):
   return x.reshape(dims(x.shape))
+
+
+def plans(params, rank: int, eligible=None):
+  """plan() per leaf of params; leaves eligible(params) marks False (a pytree of bools) get
+  "adam"."""
+  allowed = eligible(params) if eligible is not None else jax.tree.map(lambda _: True, params)
+  return jax.tree.map(lambda p, ok: plan(p.shape, rank) if ok else "adam", params, allowed)
