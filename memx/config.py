@@ -11,9 +11,10 @@ from memx.checkpoint.config import CheckpointConfig
 from memx.data.config import DataConfig
 from memx.models.config import ModelConfig
 from memx.parallel.config import ParallelConfig
-from memx.train.config import OptimConfig, TrainConfig
+from memx.train.config import LORA_TARGETS, FinetuneConfig, OptimConfig, TrainConfig
 
-__all__ = ["CheckpointConfig", "Config", "DataConfig", "ModelConfig", "OptimConfig",
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "FinetuneConfig", "ModelConfig",
+           "OptimConfig",
            "ParallelConfig", "TrainConfig", "config_hash", "to_dict"]
 
 
@@ -25,6 +26,7 @@ class Config:
   train: TrainConfig = TrainConfig()
   parallel: ParallelConfig = ParallelConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  finetune: FinetuneConfig = FinetuneConfig()
 
 
 def to_dict(cfg: Any) -> dict:
@@ -53,7 +55,11 @@ HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
                 ("optim", "mu_dtype"): None, ("optim", "galore_rank"): 128,
                 ("optim", "galore_every"): 200, ("optim", "galore_scale"): 0.25,
                 ("optim", "apollo_rank"): 256, ("optim", "apollo_every"): 200,
-                ("optim", "apollo_scale"): None}
+                ("optim", "apollo_scale"): None, ("finetune", "base"): None,
+                ("finetune", "base_step"): None, ("finetune", "lora_rank"): 0,
+                ("finetune", "lora_alpha"): 16.0,
+                ("finetune", "lora_targets"): LORA_TARGETS,
+                ("finetune", "quantize_base"): "none"}
 
 
 def drop_neutral(d: dict, neutral: dict) -> dict:
@@ -65,7 +71,15 @@ def drop_neutral(d: dict, neutral: dict) -> dict:
       owner = owner.get(key) if isinstance(owner, dict) else None
     if isinstance(owner, dict) and name in owner and owner[name] == neutral[(*parents, name)]:
       del owner[name]
+      if parents and not owner:  # a section added since, all neutral: as if absent
+        _drop_path(d, parents)
   return d
+
+
+def _drop_path(d: dict, parents: list) -> None:
+  for key in parents[:-1]:
+    d = d[key]
+  del d[parents[-1]]
 
 
 def config_hash(cfg: Any) -> str:

@@ -32,15 +32,26 @@ def test_fields_added_later_leave_the_hash_alone_at_their_old_behaviour():
   import hashlib
   import json
 
-  from memx.config import HASH_NEUTRAL, Config, OptimConfig, TrainConfig, config_hash, to_dict
+  from memx.config import (
+    HASH_NEUTRAL,
+    Config,
+    FinetuneConfig,
+    OptimConfig,
+    TrainConfig,
+    config_hash,
+    to_dict,
+  )
 
   cfg = Config()
   d = to_dict(cfg)
   for section, name in HASH_NEUTRAL:
     del d[section][name]
+  d = {k: v for k, v in d.items() if v != {}}  # sections added since are absent
+  assert "finetune" not in d
   before = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
   assert config_hash(cfg) == before
   for changed in (dataclasses.replace(cfg, train=TrainConfig(batch_size=16, microbatches=2)),
                   dataclasses.replace(cfg, optim=OptimConfig(name="lion")),
-                  dataclasses.replace(cfg, optim=OptimConfig(mu_dtype="bfloat16"))):
+                  dataclasses.replace(cfg, optim=OptimConfig(mu_dtype="bfloat16")),
+                  dataclasses.replace(cfg, finetune=FinetuneConfig(lora_rank=8))):
     assert config_hash(changed) != before

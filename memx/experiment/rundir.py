@@ -12,8 +12,9 @@ import sys
 import jax
 
 from memx._io import write_json
-from memx.config import Config, config_hash, to_dict
+from memx.config import Config, to_dict
 from memx.errors import UserError
+from memx.train.finetune import run_hash
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "chex", "einops")
 
@@ -68,7 +69,7 @@ def provenance(cfg: Config, *, seeds: dict, data_hash: str, mesh_shape: dict) ->
   devices = jax.devices()
   return {
       "time": datetime.datetime.now(datetime.UTC).isoformat(),
-      "config_hash": config_hash(cfg),
+      "config_hash": run_hash(cfg),
       "git": git_info(pathlib.Path(__file__).resolve().parent),
       "python": sys.version.split()[0],
       "platform": platform.platform(),

@@ -21,11 +21,12 @@ import time
 import traceback
 from typing import Any
 
-from memx.config import config_hash, drop_neutral, to_dict
+from memx.config import drop_neutral, to_dict
 from memx.errors import UserError, exception_lines
 from memx.experiment import loading
 from memx.experiment.index import RunIndex
 from memx.experiment.runner import RunSpec, is_distill_entry, run
+from memx.train.finetune import base_entry, run_hash
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -38,7 +39,7 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
   entries = loading.sweep_entries(module)
   sweep_dir = pathlib.Path(workdir) / pathlib.Path(experiment).stem
   from memx.train.loop import check_data
-  out, hashes, configs = [], {}, {}
+  out, hashes, configs, tuned = [], {}, {}, set()
   for name, overrides in entries:
     try:
       if is_distill_entry(overrides):  # a student distilled from an earlier entry's run
@@ -53,11 +54,19 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
         h = hashlib.sha256(blob.encode()).hexdigest()[:12]
         data_hash = None
       else:
+        base = base_entry(overrides)
+        if base is not None:  # fine-tunes an earlier training entry's run
+          if base not in configs or base in tuned:
+            raise UserError(f"finetune.base = '@{base}' names no earlier training entry of this "
+                            f"sweep that trains from scratch (earlier ones: "
+                            f"{', '.join(n for n in configs if n not in tuned) or 'none'}).")
+          overrides = {**overrides, "finetune.base": str(sweep_dir / base)}
+          tuned.add(name)
         cfg = loading.build_config(module, variant, overrides)
         # files, lengths, task rows, vocabulary: before any entry trains
         data_hash = check_data(cfg)
         configs[name] = cfg
-        h = config_hash(cfg)
+        h = run_hash(cfg, hashes[base] if base is not None else None)
     except UserError as e:
       raise UserError(f"sweep entry {name!r}: {e}") from None
     hashes[name] = h
@@ -114,8 +123,13 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
       same = (row["config_hash"] == h and row["status"] != "pending" and same_data
               and _provenance(run_dir, "config_hash") in (h, None))
       todo.append((i, spec, h, same))
-    # Distillation entries need their teachers' checkpoints: they run after every training run.
-    phases = [[t for t in todo if not is_distill_entry(t[1].overrides)],
+    # Fine-tunes of entries ("finetune.base": "@NAME") need their bases' checkpoints, and
+    # distillations their teachers': each runs after the phase that trains what it needs.
+    tunes = {spec.name for spec, _, _ in entries
+             if pathlib.Path(str(spec.overrides.get("finetune.base"))).parent == sweep_dir}
+    phases = [[t for t in todo if not is_distill_entry(t[1].overrides)
+               and t[1].name not in tunes],
+              [t for t in todo if t[1].name in tunes],
               [t for t in todo if is_distill_entry(t[1].overrides)]]
     with _sigterm_as_interrupt():
       for phase in filter(None, phases):

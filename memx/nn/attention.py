@@ -7,6 +7,7 @@ from flax import nnx
 from memx.kernels.attention import MASK_VALUE, Mask, elastic_mask
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, param
+from memx.nn.lora import linear
 from memx.nn.rope import apply_rope
 from memx.parallel.axes import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, SEQ
 from memx.parallel.constrain import constrain
@@ -51,9 +52,9 @@ class Attention(nnx.Module):
   def qkv(self, x: jax.Array, positions: jax.Array):
     """Projected, RoPE-rotated q [B, T, H, K], k and v [B, T, G, K] in the compute dtype."""
     dt = DTYPES[self.cfg.compute_dtype]
-    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
-    k = jnp.einsum("btd,dgk->btgk", x, self.wk[...].astype(dt))
-    v = jnp.einsum("btd,dgk->btgk", x, self.wv[...].astype(dt))
+    q = linear(x, self.wq, 1, dt)
+    k = linear(x, self.wk, 1, dt)
+    v = linear(x, self.wv, 1, dt)
     q = apply_rope(q, positions, theta=self.cfg.rope_theta)
     k = apply_rope(k, positions, theta=self.cfg.rope_theta)
     return q, k, v
@@ -67,19 +68,22 @@ class Attention(nnx.Module):
     (memx.sparse.profile differentiates the loss with respect to it): the layer then runs
     dense explicit attention and sows its probabilities as nnx.Intermediate "attn_probs".
     """
-    dt = DTYPES[self.cfg.compute_dtype]
     q, k, v = self.qkv(x, positions)
     if score_bias is not None:
       out, probs = probe_attention(q, k, v, self.mask(x.shape[1]), segment_ids, score_bias)
       self.sow(nnx.Intermediate, "attn_probs", probs)
-      return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+      return self.out(out)
     # Plain kernel call unless the active rules split SEQ (then ring / all-to-all attention).
     q = constrain(q, (BATCH, SEQ, HEADS, HEAD_DIM))
     k = constrain(k, (BATCH, SEQ, KV_HEADS, HEAD_DIM))
     v = constrain(v, (BATCH, SEQ, KV_HEADS, HEAD_DIM))
     out = sharded_attention(q, k, v, mask=self.mask(x.shape[1]), segment_ids=segment_ids,
                     implementation=self.cfg.attn_impl)
-    return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+    return self.out(out)
+
+  def out(self, o: jax.Array) -> jax.Array:
+    """The output projection: per-head outputs [..., H, K] → [..., D]."""
+    return linear(o, self.wo, 2, DTYPES[self.cfg.compute_dtype])
 
 
 def probe_attention(q, k, v, mask: Mask, segment_ids, bias):

@@ -357,7 +357,7 @@ def extend(attn: Attention, x, start, cache):
   mask = attn.mask(max_len)
   if isinstance(cache, PlanCache):
     out, cache = _plan_extend(attn, q, k, v, start, cache, mask)
-    return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
+    return attn.out(out), cache
   if isinstance(cache, EvictCache):
     if whole_prompt:
       out = attention(q, k, v, mask=_prefix_mask(mask, c), implementation=cfg.attn_impl)
@@ -366,7 +366,7 @@ def extend(attn: Attention, x, start, cache):
     else:  # a later chunk (or any chunk under a traced start): attend to what is held
       out, cache = evict_extend(cache, q, k, v, start, cfg.head_dim ** -0.5)
       out = out.astype(dt)
-    return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
+    return attn.out(out), cache
   if isinstance(cache, QuantCache):
     held = start % cache.spec.group if static else 0
     k_all, v_all = cache.read(cache.exact_from(start))
@@ -390,7 +390,7 @@ def extend(attn: Attention, x, start, cache):
     out = chunk_attention(q, k_all, v_all, start, mask=mask, implementation=impl)
     if isinstance(cache, QuantCache):  # appended as if start were on a boundary: say so
       out = jnp.where(start % cache.spec.group == 0, out, jnp.nan)
-  return jnp.einsum("bthk,hkd->btd", out, attn.wo[...].astype(dt)), cache
+  return attn.out(out), cache
 
 
 def _attend_step(attn: Attention, q, k_all, v_all, pos, max_len: int):
@@ -430,7 +430,7 @@ def step(attn: Attention, x_t, pos, cache):
     cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, pos, axis=1),
              "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, pos, axis=1)}
     out = _attend_step(attn, q, cache["k"], cache["v"], pos, cache["k"].shape[1])
-  return jnp.einsum("bhk,hkd->bd", out, attn.wo[...].astype(dt)), cache
+  return attn.out(out), cache
 
 
 def kv_cache_bytes(cfg: ModelConfig, max_len: int, batch: int = 1, *, full: bool = False,

@@ -5,6 +5,7 @@ from flax import nnx
 
 from memx.models.config import ModelConfig
 from memx.nn._params import DTYPES, param
+from memx.nn.lora import linear
 from memx.parallel.axes import EMBED, MLP
 
 
@@ -18,11 +19,19 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """The backward pass keeps x and the two [.., f] projections; silu(gate) ⊙ up is
-    recomputed (`jax.checkpoint`), as in BitGLU, instead of keeping four more [.., f] tensors."""
+    recomputed (`jax.checkpoint`), as in BitGLU, instead of keeping four more [.., f] tensors.
+    Weights may carry LoRA adapters or NF4 bases (memx.nn.lora.linear)."""
     dt = self.compute_dtype
+    gate, up = linear(x, self.w_gate, 1, dt), linear(x, self.w_up, 1, dt)
+    if isinstance(self.w_down, nnx.Param):
+      return jax.checkpoint(_down)(gate, up, self.w_down[...].astype(dt))
+    graphdef, state = nnx.split(self.w_down)
+    return jax.checkpoint(lambda g, u, s: _down(g, u, nnx.merge(graphdef, s)))(gate, up, state)
 
-    def down(gate, up, w_down):
-      return (jax.nn.silu(gate) * up) @ w_down
 
-    return jax.checkpoint(down)(x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt),
-                                self.w_down[...].astype(dt))
+def _down(gate, up, w_down):
+  """(silu(gate) ⊙ up) · w_down; w_down an array, or an adapted / quantized weight module."""
+  h = jax.nn.silu(gate) * up
+  if isinstance(w_down, jax.Array):
+    return h @ w_down
+  return linear(h, w_down, 1, h.dtype)

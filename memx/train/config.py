@@ -140,3 +140,62 @@ class TrainConfig:
     require(self.batch_size % self.microbatches == 0, "train", "microbatches",
             self.microbatches, f"must divide train.batch_size = {self.batch_size} (microbatches "
             "are equal slices of the global batch)")
+
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+BASE_QUANT = ("none", "nf4")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+  """Starting from a trained model, and which of its parameters train (memx.train.finetune).
+
+  Attributes:
+    base: a trained run directory (or its checkpoints/ or checkpoints/STEP path) whose weights
+      initialize the model (model.* must describe the same architecture); None trains from the
+      initialization.
+    base_step: the base run's checkpoint step; None takes its newest complete one.
+    lora_rank: 0 trains every parameter (full fine-tuning); r >= 1 adds LoRA adapters of rank r
+      to the lora_targets weights of the attention and SwiGLU layers (memx.nn.lora) and trains
+      only them: no gradient or optimizer state for anything else.
+    lora_alpha: the adapters' scale is lora_alpha / lora_rank.
+    lora_targets: which projections get adapters: wq, wk, wv, wo (attention), w_gate, w_up,
+      w_down (SwiGLU).
+    quantize_base: "nf4" stores the adapted weights' frozen bases in 4-bit NormalFloat with
+      double-quantized block scales (QLoRA, memx.nn.nf4; needs lora_rank >= 1 and input sizes
+      that are multiples of 64); "none" keeps them in model.param_dtype.
+  """
+
+  base: str | None = None
+  base_step: int | None = None
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = LORA_TARGETS
+  quantize_base: str = "none"
+
+  def __post_init__(self):
+    require(self.base is None or (isinstance(self.base, str) and self.base), "finetune", "base",
+            self.base, "must be None or a run directory path")
+    require(self.base_step is None or (isinstance(self.base_step, int) and self.base_step >= 0),
+            "finetune", "base_step", self.base_step, "must be None (newest) or a step >= 0")
+    require(self.base_step is None or self.base is not None, "finetune", "base_step",
+            self.base_step, "needs finetune.base (the run whose checkpoint step it names)")
+    require(isinstance(self.lora_rank, int) and not isinstance(self.lora_rank, bool)
+            and self.lora_rank >= 0, "finetune", "lora_rank", self.lora_rank,
+            "must be an integer >= 0 (0: full fine-tuning, no adapters)")
+    require(isinstance(self.lora_alpha, int | float) and math.isfinite(self.lora_alpha)
+            and self.lora_alpha > 0, "finetune", "lora_alpha", self.lora_alpha,
+            "must be finite and > 0")
+    targets = tuple(self.lora_targets) if isinstance(self.lora_targets, tuple | list) else None
+    require(targets is not None and len(targets) > 0 and set(targets) <= set(LORA_TARGETS)
+            and len(set(targets)) == len(targets), "finetune", "lora_targets",
+            self.lora_targets, f"must be a non-empty tuple of distinct names from "
+            f"{list(LORA_TARGETS)}")
+    require(self.quantize_base in BASE_QUANT, "finetune", "quantize_base", self.quantize_base,
+            f"expected one of {list(BASE_QUANT)}")
+    require(self.quantize_base == "none" or self.lora_rank >= 1, "finetune", "quantize_base",
+            self.quantize_base, "needs finetune.lora_rank >= 1: a quantized base is frozen, so "
+            "only adapters could train (QLoRA)")
+    if self.lora_rank == 0:
+      require(self.lora_targets == LORA_TARGETS, "finetune", "lora_targets", self.lora_targets,
+              "only applies with finetune.lora_rank >= 1")

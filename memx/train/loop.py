@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
@@ -41,7 +42,7 @@ from memx.parallel.constrain import sharding_context
 from memx.parallel.mesh import batch_sharding, make_mesh
 from memx.parallel.rules import RULES, shards
 from memx.parallel.validate import validate_for_model
-from memx.train import microbatch
+from memx.train import finetune, microbatch
 from memx.train.memory import compiled_memory, peak_device_bytes
 from memx.train.metrics import MetricsWriter, resumed_history, truncate_after
 from memx.train.step import (
@@ -98,6 +99,7 @@ class Setup:
 def prepare(cfg: Config) -> Setup:
   """Builds mesh and loaders and checks shapes: every user error surfaces here, cheaply."""
   tc = cfg.train
+  finetune.check(cfg)
   mesh = make_mesh(cfg.parallel)
   seeds = split_seeds(tc.seed)
   _check_kernel_backend(cfg.model)
@@ -404,6 +406,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         "status": "done" if end == tc.steps else "stopped",
         "steps": end,
         "params": tree_params(ts.state),
+        # what trains: every parameter, or a fine-tune's adapters (memx.train.finetune)
+        "trainable_params": trainable_params(ts.state, cfg),
         "final_train_loss": statistics.fmean(recent_losses[-10:]) if recent_losses else None,
         "final_eval_loss": eval_metrics.get("loss"),
         "eval_perplexity": eval_metrics.get("perplexity"),
@@ -462,6 +466,14 @@ def _compile_split(cfg, graphdef, shardings, state, batch):
 def tree_params(state) -> int:
   """Parameter count: the model half of the (model, optimizer) state."""
   return int(sum(x.size for x in jax.tree.leaves(state[0])))
+
+
+def trainable_params(state, cfg: Config) -> int:
+  """Entries of the model's variables that the run trains (finetune.lora_rank's adapters, or
+  every parameter)."""
+  kind = finetune.trainable(cfg)
+  return int(sum(v[...].size for v in jax.tree.leaves(
+      state[0], is_leaf=lambda x: isinstance(x, nnx.Variable)) if isinstance(v, kind)))
 
 
 def _evaluate(eval_fn, state, loader, task_loader, n_batches: int, bsh) -> dict:

@@ -10,11 +10,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from memx.config import Config
-from memx.models.transformer import TransformerLM
 from memx.parallel.axes import EMBED
 from memx.parallel.rules import FSDP, RULES, mesh_axes_of
 from memx.parallel.sequence import batch_to_layout
 from memx.train import microbatch
+from memx.train.finetune import build_model, trainable
 from memx.train.loss import (
   answer_hits,
   lm_token_losses,
@@ -36,23 +36,22 @@ class TrainState:
 
 
 def init_state(cfg: Config, model_key: jax.Array) -> TrainState:
-  model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=model_key))
-  opt = nnx.Optimizer(model, make_optimizer(cfg.optim, cfg.train.steps, cfg.train.seed),
-                       wrt=nnx.Param)
-  graphdef, state = nnx.split((model, opt))
+  """The model (initialized, or finetune.base's weights, adapted per finetune.*) and its
+  optimizer over the trainable variables (memx.train.finetune)."""
+  graphdef, state = nnx.split(_model_and_opt(cfg, build_model(cfg, model_key)))
   return TrainState(graphdef, state)
 
 
 def abstract_state(cfg: Config, model_key: jax.Array) -> TrainState:
-  """Shapes and dtypes of the train state without allocating it."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: _model_and_opt(cfg, model_key)))
+  """Shapes and dtypes of the train state without allocating it (or reading a base run)."""
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: _model_and_opt(cfg, build_model(cfg, model_key, load_base=False))))
   return TrainState(graphdef, state)
 
 
-def _model_and_opt(cfg, key):
-  model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=key))
+def _model_and_opt(cfg, model):
   opt = make_optimizer(cfg.optim, cfg.train.steps, cfg.train.seed)
-  return model, nnx.Optimizer(model, opt, wrt=nnx.Param)
+  return model, nnx.Optimizer(model, opt, wrt=trainable(cfg))
 
 
 def _spec(axes: tuple[str, ...] | None, rules) -> PartitionSpec:
@@ -132,7 +131,8 @@ def make_grad_step(cfg: Config, graphdef):
                                vocab_block=cfg.train.loss_vocab_block)
       return weighted_mean(losses, mb["weights"], total)
 
-    loss, grads = microbatch.value_and_grad(loss_fn, model, b, cfg.train.microbatches)
+    loss, grads = microbatch.value_and_grad(loss_fn, model, b, cfg.train.microbatches,
+                                            wrt=trainable(cfg))
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...])}
     return grads, metrics
 

@@ -1,0 +1,123 @@
+"""The model a run trains, per `FinetuneConfig`: from its initialization or a trained base run's
+weights, whole or through LoRA / QLoRA adapters (memx.nn.lora).
+
+A fine-tuning run is an ordinary run (same loop, checkpoints, resume, evaluation, sweeps). Its
+train state is (model, optimizer) as always; with adapters the model holds each adapted weight
+as a LoRAWeight (frozen base, or NF4 codes, plus A and B), and the optimizer, the gradient and
+the optimizer state cover the adapters only (`trainable`). Checkpoints keep the whole model,
+base included, so a fine-tuned run restores, resumes and evaluates (memx.train.restore) without
+its base run; `merge_lora` gives the plain model.
+
+A base that is itself a LoRA run is merged before its weights are copied, so fine-tunes chain.
+"""
+
+import hashlib
+import json
+
+import jax
+from flax import nnx
+
+from memx.config import Config, config_hash
+from memx.errors import ConfigError
+from memx.models.transformer import TransformerLM
+from memx.nn.lora import add_lora, merge_lora
+
+# The adapters' initialization draws from its own stream of the model key.
+ADAPTER_STREAM = 0x4C6F5241
+
+
+def trainable(cfg: Config):
+  """The nnx filter of the variables that train: the adapters, or every parameter."""
+  return nnx.LoRAParam if cfg.finetune.lora_rank else nnx.Param
+
+
+def build_model(cfg: Config, model_key: jax.Array, *, load_base: bool = True) -> TransformerLM:
+  """The run's model: initialized from model_key; finetune.base's weights copied in (unless
+  load_base is False: shapes only, e.g. under nnx.eval_shape for a restore target); then
+  adapters added for finetune.lora_rank >= 1.
+
+  Raises ConfigError when the base run's parameters do not fit model.*, or when the model has
+  nothing LoRA can adapt or a weight NF4 cannot quantize."""
+  model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=model_key))
+  ft = cfg.finetune
+  if ft.base is not None and load_base:
+    copy_base(model, ft.base, ft.base_step)
+  if ft.lora_rank:
+    try:
+      add_lora(model, rank=ft.lora_rank, alpha=ft.lora_alpha, targets=ft.lora_targets,
+               quantize_base=ft.quantize_base == "nf4",
+               rngs=nnx.Rngs(params=jax.random.fold_in(model_key, ADAPTER_STREAM)))
+    except ValueError as e:
+      raise ConfigError(f"finetune.lora_rank = {ft.lora_rank} (quantize_base = "
+                        f"{ft.quantize_base!r}) is not allowed for this model: {e}") from None
+  return model
+
+
+def copy_base(model: TransformerLM, base: str, step: int | None = None) -> None:
+  """Replaces model's parameters by those of the trained run `base` (merging its adapters if it
+  is itself a LoRA run)."""
+  from memx.train.restore import load_trained  # restore builds states through this module
+
+  trained = load_trained(base, step=step)
+  source = nnx.state(merge_lora(trained.model), nnx.Param)
+  target = nnx.state(model, nnx.Param)
+  _check_fits(source, target, base)
+  nnx.update(model, jax.tree.map(lambda s, t: s.astype(t.dtype), source, target))
+
+
+def check(cfg: Config) -> None:
+  """Everything finetune.* can get wrong, before anything is trained or written: a base that
+  is no run or whose parameters do not fit model.*, adapters the model cannot take. Shapes
+  only: nothing is loaded."""
+  if cfg.finetune.base is not None:
+    from memx.train.restore import load_config
+
+    base_cfg = load_config(cfg.finetune.base)
+    shapes = lambda m: nnx.state(nnx.eval_shape(  # noqa: E731
+        lambda: TransformerLM(m, rngs=nnx.Rngs(params=jax.random.key(0)))), nnx.Param)
+    _check_fits(shapes(base_cfg.model), shapes(cfg.model), cfg.finetune.base)
+  if cfg.finetune.lora_rank:
+    nnx.eval_shape(lambda: build_model(cfg, jax.random.key(0), load_base=False))
+
+
+def _check_fits(source, target, base: str) -> None:
+  shapes = lambda s: {jax.tree_util.keystr(p): tuple(x.shape)  # noqa: E731
+                      for p, x in jax.tree_util.tree_flatten_with_path(s)[0]}
+  have, want = shapes(source), shapes(target)
+  if have != want:
+    diff = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+    shown = ", ".join(f"{k}: base {have.get(k)} vs model {want.get(k)}" for k in diff[:4])
+    raise ConfigError(f"finetune.base = {base!r} does not fit model.*: its parameters differ "
+                      f"({len(diff)} arrays; {shown}). Give model.* the base run's "
+                      f"architecture (its config.json).")
+
+
+def base_hash(base: str) -> str:
+  """What names the base run's training: the config hash its provenance.json records (itself
+  combined with its own base's for a fine-tune), else its config.json's hash."""
+  from memx.train.restore import find_run_dir, load_config
+
+  run_dir = find_run_dir(base)
+  try:
+    recorded = json.loads((run_dir / "provenance.json").read_text()).get("config_hash")
+  except (OSError, ValueError, AttributeError):
+    recorded = None
+  return recorded if isinstance(recorded, str) else config_hash(load_config(run_dir))
+
+
+def run_hash(cfg: Config, base: str | None = None) -> str:
+  """The hash that names a run's training (sweep indexes, provenance.json): config_hash, and for
+  a fine-tune also its base run's hash (`base`, else read from the base run), so a base trained
+  again with another config makes its fine-tunes stale."""
+  h = config_hash(cfg)
+  if cfg.finetune.base is None:
+    return h
+  if base is None:
+    base = base_hash(cfg.finetune.base)
+  return hashlib.sha256(f"{h}:{base}".encode()).hexdigest()[:12]
+
+
+def base_entry(overrides: dict) -> str | None:
+  """The sweep entry a sweep entry fine-tunes ("finetune.base": "@NAME"), or None."""
+  base = overrides.get("finetune.base")
+  return base[1:] if isinstance(base, str) and base.startswith("@") else None

@@ -1,0 +1,134 @@
+"""Fine-tuning runs: a base run's weights start the model, LoRA / QLoRA runs train only the
+adapters (the base stays bit-identical, the optimizer state is the adapters'), resume exactly,
+restore for evaluation, and reject bases and settings that do not fit."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from memx.config import (
+  CheckpointConfig,
+  Config,
+  DataConfig,
+  FinetuneConfig,
+  ModelConfig,
+  OptimConfig,
+  TrainConfig,
+)
+from memx.errors import ConfigError
+from memx.experiment.rundir import write_config
+from memx.nn.lora import LoRAWeight
+from memx.nn.nf4 import NF4Weight
+from memx.train.loop import train
+from memx.train.restore import load_trained
+from memx.train.step import init_state, tree_bytes
+
+BASE = Config(
+    model=ModelConfig(vocab_size=264, d_model=64, n_layers=2, n_heads=2),
+    data=DataConfig(source="corpus", seq_len=16),
+    optim=OptimConfig(lr=3e-3, warmup_steps=2),
+    train=TrainConfig(steps=4, batch_size=8, log_every=1, eval_batches=1),
+    checkpoint=CheckpointConfig(every=2, keep=2),
+)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  return _train(BASE, tmp_path_factory.mktemp("base"))
+
+
+def _train(cfg, run_dir, **kwargs):
+  """train() as `memx run` does it: the run directory holds its config."""
+  run_dir.mkdir(exist_ok=True)
+  write_config(run_dir, cfg)
+  train(cfg, run_dir, progress=False, **kwargs)
+  return run_dir
+
+
+def _ft(base_run, **finetune):
+  return dataclasses.replace(BASE, finetune=FinetuneConfig(base=str(base_run), **finetune),
+                             train=dataclasses.replace(BASE.train, steps=3))
+
+
+def _params(model, kind=nnx.Param):
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+          jax.tree_util.tree_flatten_with_path(nnx.state(model, kind))[0]}
+
+
+def test_full_finetune_starts_from_the_base_weights(base_run):
+  base = load_trained(base_run).model
+  ts = init_state(_ft(base_run), jax.random.key(123))
+  model, _ = nnx.merge(ts.graphdef, ts.state)
+  got, want = _params(model), _params(base)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("quantize_base", ["none", "nf4"])
+def test_lora_run_trains_only_the_adapters(base_run, tmp_path, quantize_base):
+  cfg = _ft(base_run, lora_rank=4, lora_alpha=8.0, quantize_base=quantize_base)
+  ts = init_state(cfg, jax.random.key(0))
+  model, opt = nnx.merge(ts.graphdef, ts.state)
+  adapters = nnx.state(model, nnx.LoRAParam)
+  # the optimizer holds AdamW moments for the adapters only (+ counters)
+  assert abs(tree_bytes(opt.opt_state) - 2 * tree_bytes(adapters)) <= 64
+  _train(cfg, tmp_path / "ft")
+  summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+  assert np.isfinite(summary["final_eval_loss"])
+  tuned = load_trained(tmp_path / "ft").model
+  wq = tuned.blocks[0].attn.wq
+  assert isinstance(wq, LoRAWeight)
+  assert isinstance(wq.base, NF4Weight) == (quantize_base == "nf4")
+  assert np.abs(np.asarray(wq.b[...])).max() > 0  # trained
+  # frozen: every non-adapter array equals the base run's (or its NF4 codes at init)
+  frozen = lambda m: {k: v for k, v in _params(m, nnx.Variable).items()  # noqa: E731
+                      if "['a']" not in k and "['b']" not in k}
+  start, end = frozen(model), frozen(tuned)
+  assert start.keys() == end.keys()
+  for k in start:
+    np.testing.assert_array_equal(end[k], start[k], err_msg=k)
+
+
+def test_lora_run_resumes_bit_identically(base_run, tmp_path):
+  cfg = dataclasses.replace(_ft(base_run, lora_rank=2), checkpoint=CheckpointConfig(every=1))
+  _train(cfg, tmp_path / "once")
+  _train(cfg, tmp_path / "twice", stop_at_step=1)
+  _train(cfg, tmp_path / "twice", resume=True)
+  a, b = load_trained(tmp_path / "once").model, load_trained(tmp_path / "twice").model
+  pa, pb = _params(a, nnx.LoRAParam), _params(b, nnx.LoRAParam)
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k])
+
+
+def test_a_lora_run_can_be_the_base_of_another(base_run, tmp_path):
+  first = _ft(base_run, lora_rank=2)
+  _train(first, tmp_path / "first")
+  merged = load_trained(tmp_path / "first").model
+  from memx.nn.lora import merge_lora
+  want = _params(merge_lora(merged))
+  ts = init_state(dataclasses.replace(first, finetune=FinetuneConfig(base=str(
+      tmp_path / "first"))), jax.random.key(0))
+  got = _params(nnx.merge(ts.graphdef, ts.state)[0])
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_bad_finetune_settings_fail_clearly(base_run):
+  with pytest.raises(ConfigError, match="finetune.quantize_base = 'nf4' is not allowed"):
+    FinetuneConfig(quantize_base="nf4")
+  with pytest.raises(ConfigError, match="finetune.lora_targets"):
+    FinetuneConfig(lora_rank=2, lora_targets=("wq", "w_qk"))
+  with pytest.raises(ConfigError, match="finetune.base_step = 3 is not allowed"):
+    FinetuneConfig(base_step=3)
+  wider = dataclasses.replace(_ft(base_run), model=dataclasses.replace(BASE.model, d_model=128))
+  with pytest.raises(ConfigError, match="does not fit model"):
+    init_state(wider, jax.random.key(0))
+  mamba = dataclasses.replace(BASE, model=dataclasses.replace(
+      BASE.model, mixers=("mamba2", "mamba2"), mlp=False), finetune=FinetuneConfig(lora_rank=2))
+  with pytest.raises(ConfigError, match="none of the target weights"):
+    init_state(mamba, jax.random.key(0))
