@@ -472,7 +472,7 @@ def trainable_params(state, cfg: Config) -> int:
   """Entries of the model's variables that the run trains (finetune.lora_rank's adapters, or
   every parameter)."""
   kind = finetune.trainable(cfg)
-  return int(sum(v[...].size for v in jax.tree.leaves(
+  return int(sum(v.get_value().size for v in jax.tree.leaves(
       state[0], is_leaf=lambda x: isinstance(x, nnx.Variable)) if isinstance(v, kind)))
 
 
