@@ -94,6 +94,7 @@ _MEMORY_KINDS = (("argument", "argument_bytes"), ("output", "output_bytes"),
 
 _COLUMNS = (
     _Column("params", ("params",), _fmt_count, None),
+    _Column("trainable", ("trainable_params",), _fmt_count, None),
     _Column("train loss", ("final_train_loss",), _fmt_fixed(4), "min"),
     _Column("eval loss", ("final_eval_loss",), _fmt_fixed(4), "min"),
     _Column("eval ppl", ("eval_perplexity",), _fmt_fixed(2), "min"),
@@ -331,8 +332,13 @@ def _curve_file(curve: str) -> str:
 # Tables
 
 def _columns(runs: Sequence[_Run]) -> list[_Column]:
-  return [c for c in _COLUMNS if c.header not in _OPTIONAL_COLUMNS
-          or any(_number(r.summary, c.path) is not None for r in runs)]
+  def shown(c: _Column) -> bool:
+    if c.header == "trainable":  # only where some run trains less than all its parameters
+      return any(_number(r.summary, c.path) not in (None, _number(r.summary, ("params",)))
+                 for r in runs)
+    return c.header not in _OPTIONAL_COLUMNS or any(
+        _number(r.summary, c.path) is not None for r in runs)
+  return [c for c in _COLUMNS if shown(c)]
 
 
 def _best(values: Sequence[float | None], better: str | None) -> float | None:

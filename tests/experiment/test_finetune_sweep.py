@@ -9,7 +9,7 @@ import pytest
 
 from memx.errors import UserError
 from memx.experiment.index import RunIndex
-from memx.experiment.report import summary_table
+from memx.experiment.report import summary_table, write_report
 from memx.experiment.sweep import run_sweep
 
 EXPERIMENT = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_finetune.py"
@@ -42,6 +42,9 @@ def test_finetune_entries_follow_their_base(tmp_path, run_env):
   assert rows["lora"]["config_hash"] != rows["full"]["config_hash"]
   table = summary_table(sweep_dir)
   assert "lora" in table and "full" in table
+  header = next(line for line in write_report(sweep_dir).read_text().splitlines()
+                if line.startswith("| run |"))
+  assert "| params | trainable |" in header
 
   _, again, log = _sweep(tmp_path)
   assert sum("finished earlier, skipped" in line for line in log) == 3

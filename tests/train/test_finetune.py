@@ -80,6 +80,11 @@ def test_lora_run_trains_only_the_adapters(base_run, tmp_path, quantize_base):
   _train(cfg, tmp_path / "ft")
   summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
   assert np.isfinite(summary["final_eval_loss"])
+  # parameters count the weights an NF4 base stores, not its code bytes
+  n_base = sum(x.size for x in jax.tree.leaves(nnx.state(load_trained(base_run).model,
+                                                         nnx.Param)))
+  n_adapters = sum(x.size for x in jax.tree.leaves(adapters))
+  assert (summary["params"], summary["trainable_params"]) == (n_base + n_adapters, n_adapters)
   tuned = load_trained(tmp_path / "ft").model
   wq = tuned.blocks[0].attn.wq
   assert isinstance(wq, LoRAWeight)
@@ -132,3 +137,42 @@ def test_bad_finetune_settings_fail_clearly(base_run):
       BASE.model, mixers=("mamba2", "mamba2"), mlp=False), finetune=FinetuneConfig(lora_rank=2))
   with pytest.raises(ConfigError, match="none of the target weights"):
     init_state(mamba, jax.random.key(0))
+
+
+@pytest.mark.parametrize("strategy, axes, shape", [("fsdp", ("data", "fsdp"), (1, 8)),
+                                                    ("tp", ("data", "tensor"), (4, 2))])
+def test_lora_and_qlora_steps_under_a_mesh_equal_one_device(strategy, axes, shape):
+  """Adapters are sharded by their logical axes (A on the input dims, B on the output dims),
+  NF4 codes replicated: three updates equal the single-device ones."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  from memx.data import make_loader
+  from memx.parallel.constrain import sharding_context
+  from memx.parallel.mesh import batch_sharding, make_mesh
+  from memx.train.step import make_train_step, state_shardings
+
+  cfg = dataclasses.replace(BASE, finetune=FinetuneConfig(lora_rank=4, quantize_base="nf4"),
+                            train=dataclasses.replace(BASE.train, batch_size=8))
+  ts = init_state(cfg, jax.random.key(0))
+  loader = make_loader(cfg.data, batch_size=8, seed=0, split="train")
+
+  def run(par, devices):
+    mesh = make_mesh(par, devices=devices)
+    shardings = state_shardings(ts.state, mesh, par.strategy)
+    state = jax.device_put(ts.state, shardings)
+    with sharding_context(mesh, par.strategy):
+      step = jax.jit(make_train_step(cfg, ts.graphdef), out_shardings=(shardings, None))
+      losses = []
+      for i in range(3):
+        state, m = step(state, loader.global_batch(i, batch_sharding(mesh, par.strategy)))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+  from memx.config import ParallelConfig
+  one_state, one = run(ParallelConfig(mesh_shape=(1,)), jax.devices()[:1])
+  par = ParallelConfig(strategy=strategy, mesh_axes=axes, mesh_shape=shape)
+  mesh_state, many = run(par, jax.devices())
+  np.testing.assert_allclose(many, one, rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(one_state), jax.tree.leaves(mesh_state), strict=True):
+    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
+                               rtol=2e-4, atol=2e-6)

@@ -1,0 +1,65 @@
+"""Fine-tuning ablation: full fine-tuning vs LoRA vs QLoRA on the same base model, same steps
+and tokens, side by side with what those steps give from scratch.
+
+The base ("base") is the demo's dense LM (d128, 2 layers, GQA 4/2 heads) pre-trained on the
+embedded corpus alone for 200 steps. Every other entry fine-tunes it ("finetune.base": "@base":
+the sweep runs them after it) for another 200 steps on the corpus mixed half and half with
+passkey retrieval, a skill the base never saw, and is evaluated on the held-out corpus (eval
+loss) and on passkey rows alone (accuracy of the 5 digits). LoRA's adapters sit on all seven
+projections of each block unless the entry says otherwise (lora-r8-qv: the original LoRA
+paper's wq, wv only); QLoRA adds NF4 bases.
+
+Command:   memx sweep experiments/finetune/lora.py
+One run:   memx run experiments/finetune/lora.py --name lora-r4 --set finetune.base=runs/lora/base \
+             --set finetune.lora_rank=4
+Hardware:  CPU, 2 cores; about 10 minutes for the sweep.
+Result:    see benchmarks/RESULTS.md "Session 21" (eval loss, passkey accuracy, trainable
+           parameters, model and optimizer-state bytes per entry).
+
+What it does not show: LoRA's quality at scale (a 0.5M-parameter model has little to adapt
+with), nor QLoRA's speed (on CPU its matmul dequantizes in software).
+"""
+
+import dataclasses
+
+from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+VARIANTS = ("base", "tiny")
+
+FT = {"finetune.base": "@base", "data.task": "passkey", "data.task_fraction": 0.5,
+      "optim.warmup_steps": 10}
+# run name → dotted overrides on config(variant)
+SWEEP: list[tuple[str, dict]] = [
+    ("base", {}),
+    # The fine-tuning data and steps without the base: what the base is worth.
+    ("scratch", {**FT, "finetune.base": None}),
+    ("full", {**FT, "optim.lr": 1e-3}),
+    ("lora-r8", {**FT, "finetune.lora_rank": 8}),
+    ("lora-r32", {**FT, "finetune.lora_rank": 32}),
+    ("lora-r8-qv", {**FT, "finetune.lora_rank": 8, "finetune.lora_targets": ("wq", "wv")}),
+    ("qlora-r8", {**FT, "finetune.lora_rank": 8, "finetune.quantize_base": "nf4"}),
+    ("qlora-r32", {**FT, "finetune.lora_rank": 32, "finetune.quantize_base": "nf4"}),
+]
+
+
+def config(variant: str = "base") -> Config:
+  cfg = Config(
+      model=ModelConfig(vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2),
+      data=DataConfig(source="corpus", seq_len=128),
+      optim=OptimConfig(lr=3e-3, warmup_steps=30, weight_decay=0.0),
+      train=TrainConfig(steps=200, batch_size=16, log_every=10, eval_every=50, eval_batches=4),
+      checkpoint=CheckpointConfig(every=200, keep=1),
+  )
+  if variant == "tiny":  # CPU smoke test: seconds, not minutes
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, d_model=64),
+        train=dataclasses.replace(cfg.train, steps=4, batch_size=8, log_every=2, eval_every=0,
+                                  eval_batches=1),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every=4),
+    )
+  return cfg
+
+
+def sweep() -> list[tuple[str, dict]]:
+  return SWEEP
