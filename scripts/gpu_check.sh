@@ -93,6 +93,9 @@ bench_args() {
     bench_optimizers) echo "--step-size gpu --repeats 2" ;;
     # (session 19: KIVI-quantized KV caches; the decode step dequantizes in XLA.)
     bench_kv_quant) echo "--size gpu --repeats 3" ;;
+    # (session 21: LoRA / QLoRA state bytes, the NF4 matmul's Pallas kernel against the
+    # chunked xla form and a bf16 matmul, and the fine-tuning step at the gpu size.)
+    bench_lora) echo "--step-size gpu --repeats 3 --sizes 1.3b,7b" ;;
     # (jax 0.11.2's XLA does not know --xla_gpu_enable_dot_strength_reduction: the profile of
     # the M = 1 projections without that rewrite needs a newer jaxlib on the GPU machine.)
     # The rerun without command buffers names each kernel's HLO op (session 9: inside a command

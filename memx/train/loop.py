@@ -305,8 +305,12 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       # step time: session 9's GPU checkpoint bench paid it inside every mode's mean step).
       every = cfg.checkpoint.every
       saves_mid_run = ckpt is not None and (start // every + 1) * every < end
+      # A run resumed from a scheduled save runs its first step split too, as the run that
+      # went on past that save did: the two programs may round the update differently from
+      # the fused one (XLA:CPU on some hosts), and resuming is promised to be bit-exact.
+      split_first = ckpt is not None and 0 < start < end and start % every == 0
       split_fns = (_compile_split(cfg, ts.graphdef, shardings, state, example)
-                   if saves_mid_run else None)
+                   if saves_mid_run or split_first else None)
     memory = compiled_memory(step_fn)
 
     bar = tqdm(total=end, initial=start, desc=name, unit="step", dynamic_ncols=True,
@@ -363,7 +367,13 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
     with _SigtermFlag(on_sigterm and not agreed) as sigterm:
       for step in range(start, end):
         batch = example if step == start else loader.global_batch(step, bsh)
-        if save_after is not None:
+        if split_first and step == start:  # (its checkpoint exists: nothing to save)
+          grad_fn, apply_fn = split_fns
+          grads, metrics = grad_fn(state, batch)
+          state = apply_fn(state, grads)
+          pending.append((step + 1, metrics))
+          clock["steps"] += 1
+        elif save_after is not None:
           grad_fn, apply_fn = split_fns
           snap = ckpt.begin(state)                       # lazy: copies start now
           grads, metrics = grad_fn(state, batch)         # reads state `save_after` only
