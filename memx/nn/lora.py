@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memx.nn.nf4 import NF4Weight
+from memx.nn.quantized import IntQWeight, NF4Weight
+
+QUANTIZED = (NF4Weight, IntQWeight)
 
 # The weights LoRA may adapt, with how many leading (input) dims each contracts with x:
 # attention's q/k/v [d, heads, k] and output [heads, k, d], SwiGLU's [d, f] and [f, d].
@@ -38,7 +40,7 @@ TARGETS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down":
 
 
 class LoRAWeight(nnx.Module):
-  """A frozen base weight (nnx.Param or NF4Weight) plus the update (alpha / rank)·A·B."""
+  """A frozen base (nnx.Param, NF4Weight or IntQWeight) plus the update (alpha / rank)·A·B."""
 
   def __init__(self, base, n_in: int, rank: int, alpha: float, *, rngs: nnx.Rngs):
     shape = tuple(base.shape)
@@ -78,8 +80,8 @@ class LoRAWeight(nnx.Module):
 
 def linear(x: jax.Array, weight, n_in: int, dtype) -> jax.Array:
   """x [..., in...] · weight [in..., out...] → [..., out...] in `dtype`, contracting x's last
-  n_in dims. weight is an nnx.Param, an NF4Weight or a LoRAWeight (base product plus the
-  low-rank path (x·A)·B)."""
+  n_in dims. weight is an nnx.Param, a quantized weight (memx.nn.quantized: the product runs on
+  its codes) or a LoRAWeight (its base's product plus the low-rank path (x·A)·B)."""
   if isinstance(weight, LoRAWeight):
     if weight.n_in != n_in:
       raise ValueError(f"linear: the adapter was built for {weight.n_in} input dims, the call "
@@ -88,7 +90,7 @@ def linear(x: jax.Array, weight, n_in: int, dtype) -> jax.Array:
     xa = jnp.tensordot(x.astype(dtype), weight.a[...].astype(dtype), axes=n_in)
     return y + (weight.scale * jnp.tensordot(xa, weight.b[...].astype(dtype), axes=1)).astype(
         y.dtype)
-  if isinstance(weight, NF4Weight):
+  if isinstance(weight, QUANTIZED):
     return weight.matmul(x, n_in, dtype)
   return jnp.tensordot(x.astype(dtype), weight[...].astype(dtype), axes=n_in)
 
@@ -101,7 +103,7 @@ def _adaptable(model: nnx.Module, targets):
       if owner is None:
         continue
       for name in targets:
-        if isinstance(getattr(owner, name, None), nnx.Param | NF4Weight):
+        if isinstance(getattr(owner, name, None), nnx.Param | NF4Weight | IntQWeight):
           found.append((owner, name))
   return found
 

@@ -16,6 +16,7 @@ before any compute; every file is written atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 from memx.errors import UserError
@@ -129,7 +130,30 @@ def add_parser(sub) -> None:
                       "tokens per KV head in the causal attention layers (OBSERVE: score the "
                       "prompt by its last OBSERVE queries; POOL: rank by the best score within "
                       "POOL positions, SnapKV): every row runs through the decode path")
+  e.add_argument("--weight-quant", default=None,
+                 metavar="gptq:BITS:GROUP[:CALIB]|rtn:BITS:GROUP|nf4",
+                 help="quantize the attention and SwiGLU projections first (memx.quant): GPTQ "
+                      "on CALIB (default 8) batches of the run's training data, round-to-"
+                      "nearest, or QLoRA's NF4; BITS 2, 3, 4 or 8, GROUP input rows per scale")
   e.set_defaults(handler=_eval)
+
+
+def _quantize(trained, weight_quant, batch_size: int) -> dict:
+  """Quantizes the trained model's projections in place (GPTQ calibrates on the first batches
+  of the run's training data); the statistics for the evaluation's JSON."""
+  from memx.data import make_loader
+  from memx.quant.model import check, quantize_model
+
+  try:
+    check(trained.model, weight_quant)
+  except ValueError as e:
+    raise UserError(f"--weight-quant {weight_quant.name}: {e}") from None
+  calib = None
+  if weight_quant.method == "gptq":
+    loader = make_loader(trained.cfg.data, batch_size=batch_size, seed=trained.cfg.train.seed,
+                         split="train")
+    calib = [loader.local_batch(i) for i in range(weight_quant.calib_batches)]
+  return quantize_model(trained.model, weight_quant, calib)
 
 
 def _budget_arg(text: str) -> float | list[float]:
@@ -326,16 +350,31 @@ def _eval(args) -> int:
       kv_evict = H2O.parse(args.kv_evict)
     except ValueError as e:
       raise UserError(f"--kv-evict {args.kv_evict}: {e}") from None
+  weight_quant = None
+  if args.weight_quant is not None:
+    from memx.quant.config import WeightQuant
+    try:
+      weight_quant = WeightQuant.parse(args.weight_quant)
+    except ValueError as e:
+      raise UserError(f"--weight-quant {args.weight_quant}: {e}") from None
   if plan is not None:
     check_plan(plan, load_config(args.run).model)  # before restoring any weights
   name = args.name or (plan.kind if plan else
                        (kv_quant or kv_evict).name if kv_quant or kv_evict else "dense")
+  if weight_quant is not None and not args.name:
+    name = weight_quant.name if name == "dense" else f"{weight_quant.name}+{name}"
   check_evaluation_name(name)  # before the evaluation, not after it
   trained = load_trained(args.run, step=args.step)
+  quant_stats = None
+  if weight_quant is not None:
+    quant_stats = _quantize(trained, weight_quant, args.batch_size)
   result = evaluate(trained.model, trained.cfg.data, lengths, plan=plan, depths=depths,
                     batches=args.batches, batch_size=args.batch_size, kv_quant=kv_quant,
                     kv_evict=kv_evict)
   result["plan_file"] = None if args.plan is None else str(pathlib.Path(args.plan).resolve())
+  if quant_stats is not None:
+    result["weight_quant"] = {**dataclasses.asdict(weight_quant), **quant_stats}
+    result["columns"]["weight bits"] = quant_stats["bits_per_weight"]
   out = write_evaluation(trained.run_dir, name, result)
   cols = result["columns"]
   print(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"

@@ -162,7 +162,7 @@ class FinetuneConfig:
     lora_targets: which projections get adapters: wq, wk, wv, wo (attention), w_gate, w_up,
       w_down (SwiGLU).
     quantize_base: "nf4" stores the adapted weights' frozen bases in 4-bit NormalFloat with
-      double-quantized block scales (QLoRA, memx.nn.nf4; needs lora_rank >= 1 and input sizes
+      double-quantized block scales (QLoRA, memx.nn.quantized; needs lora_rank >= 1 and input sizes
       that are multiples of 64); "none" keeps them in model.param_dtype.
   """
 

@@ -37,7 +37,7 @@ from memx.data import check_training_mix, make_loader
 from memx.data.documents import check_model
 from memx.errors import ConfigError, NonFiniteLossError, Preempted
 from memx.kernels._dispatch import gpu_backend
-from memx.nn.nf4 import Quantized
+from memx.nn.quantized import Quantized
 from memx.parallel.axes import BATCH
 from memx.parallel.constrain import sharding_context
 from memx.parallel.mesh import batch_sharding, make_mesh

@@ -12,7 +12,7 @@ from memx.kernels import nf4
 from memx.models.config import ModelConfig
 from memx.models.transformer import TransformerLM
 from memx.nn.lora import LoRAWeight, adapter_count, add_lora, linear, merge_lora
-from memx.nn.nf4 import NF4Weight
+from memx.nn.quantized import NF4Weight
 
 CFG = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1)
 

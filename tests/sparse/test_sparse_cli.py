@@ -186,3 +186,32 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
     assert main(argv) == 2, argv
     assert fragment in capsys.readouterr().err, argv
   assert not (tmp_path / "p.json").exists()
+
+
+def test_eval_with_quantized_weights(tiny_run, capsys):
+  """`memx eval --weight-quant`: 4-bit GPTQ and RTN stay near the dense loss, at exactly
+  4 + 64/32 bits per weight (a float32 scale and zero per 32 rows); at 2 bits GPTQ's error
+  compensation beats round-to-nearest."""
+  args = ["eval", str(tiny_run), "--lengths", "128", "--depths", "0.5", "--batches", "1",
+          "--batch-size", "4"]
+  assert main(args + ["--name", "dense-wq"]) == 0
+  for spec in ("gptq:4:32:2", "rtn:4:32", "gptq:2:32:4", "rtn:2:32"):
+    assert main(args + ["--weight-quant", spec]) == 0
+  read = lambda name: json.loads((tiny_run / "evaluations" / f"{name}.json").read_text())
+  dense = read("dense-wq")["eval_loss"]["128"]
+  g4, r4, g2, r2 = (read(n) for n in ("gptq-w4g32", "rtn-w4g32", "gptq-w2g32", "rtn-w2g32"))
+  assert g4["weight_quant"]["bits_per_weight"] == 6.0 == g4["columns"]["weight bits"]
+  assert g4["weight_quant"]["method"] == "gptq" and g4["weight_quant"]["calib_batches"] == 2
+  for r in (g4, r4):
+    assert abs(r["eval_loss"]["128"] - dense) < 0.1, (r["eval_loss"], dense)
+  assert g2["eval_loss"]["128"] < r2["eval_loss"]["128"]
+  errors = g2["weight_quant"]["relative_output_error"]
+  assert set(errors) == {f"{i}.{n}" for i in (0, 1)
+                         for n in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")}
+  capsys.readouterr()
+  assert main(args + ["--weight-quant", "gptq:5:32"]) == 2
+  assert "bits = 5 is not one of" in capsys.readouterr().err
+  assert main(args + ["--weight-quant", "rtn:4:48"]) == 2
+  assert "not a whole number of groups of 48" in capsys.readouterr().err
+  assert main(args + ["--weight-quant", "nf4"]) == 2  # d_model 32: K below NF4's block of 64
+  assert "not a whole number of groups of 64" in capsys.readouterr().err

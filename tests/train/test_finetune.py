@@ -22,7 +22,7 @@ from memx.config import (
 from memx.errors import ConfigError
 from memx.experiment.rundir import write_config
 from memx.nn.lora import LoRAWeight
-from memx.nn.nf4 import NF4Weight
+from memx.nn.quantized import NF4Weight
 from memx.train.loop import train
 from memx.train.restore import load_trained
 from memx.train.step import init_state, tree_bytes
