@@ -57,7 +57,7 @@ def check(model: TransformerLM, wq: WeightQuant) -> None:
   if not found:
     raise ValueError("the model has no attention or SwiGLU projection to quantize")
   for layer, owner, name in found:
-    shape = getattr(owner, name)[...].shape
+    shape = getattr(owner, name).shape
     k = math.prod(shape[:TARGETS[name]])
     if k % wq.group_size:
       raise ValueError(f"layer {layer} {name} {tuple(shape)} has K = {k} inputs, not a whole "
