@@ -7,9 +7,10 @@ abstract train state (memx.train.step.abstract_state), and their ratio to full f
 Part 2 (compiled, one process): the train step of the --step-size model for each variant: XLA's
 argument bytes (model + optimizer state + batch), temporaries (activations, gradients) and the
 step time of the bare AOT step (the variants alternate, medians over --repeats).
-Part 3 (compiled): y = x·W for an NF4 W [K, N], `nf4_matmul`'s reference (dequantize, then one
-dot) against its xla form (K chunks: the full-precision W never exists) and a plain float
-matmul: temporaries and time.
+Part 3 (compiled): y = x·W for a 4-bit W [K, N], NF4 (`nf4_matmul`, QLoRA's bases) and int4 in
+groups of 128 (`intq_matmul`, GPTQ's format): each one's reference (dequantize, then one dot),
+xla form (K chunks: the full-precision W never exists) and, on GPU, Pallas kernel, against a
+plain float matmul: weight bytes, temporaries and time.
 
   python scripts/bench_lora.py --out benchmarks/out/lora                    # CPU
   python scripts/bench_lora.py --out $OUT/lora --step-size gpu             # bf16 compute
@@ -35,7 +36,7 @@ from memx.config import (
   ModelConfig,
   TrainConfig,
 )
-from memx.kernels import nf4
+from memx.kernels import intq, nf4
 from memx.train.loop import trainable_params
 from memx.train.memory import compiled_memory
 from memx.train.step import abstract_state
@@ -124,10 +125,17 @@ def matmul_rows(step_size: str, repeats: int) -> list[dict]:
     w = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) * 0.02
     codes, absmax = nf4.quantize(w)
     x = jax.random.normal(jax.random.key(1), (m, k), dtype)
+    packed, scales, zeros = intq.quantize_rtn(w, 4, 128)
+    packed = intq.pack(packed, 4)
     fns = {"dense": (lambda x, w: x @ w, (x, w.astype(dtype)))}
     for impl in ("reference", "xla") + (("pallas_gpu",) if step_size == "gpu" else ()):
-      fns[impl] = (lambda x, c, a, impl=impl: nf4.nf4_matmul(x, c, a, implementation=impl),
-                   (x, codes, absmax))
+      fns[f"nf4_{impl}"] = (
+          lambda x, c, a, impl=impl: nf4.nf4_matmul(x, c, a, implementation=impl),
+          (x, codes, absmax))
+      fns[f"int4g128_{impl}"] = (
+          lambda x, c, s, z, impl=impl: intq.intq_matmul(x, c, s, z, bits=4, group_size=128,
+                                                         implementation=impl),
+          (x, packed, scales, zeros))
     compiled = {name: jax.jit(f).lower(*args).compile() for name, (f, args) in fns.items()}
 
     seconds = interleaved_medians(

@@ -20,6 +20,7 @@ def test_state_matmul_and_step_rows(load_script):
   assert 4.12 < bits < 4.135, bits
   assert rows[("bfloat16", "qlora_r16")]["total_x_full"] < 0.2
   mm = {r["impl"]: r for r in bench.matmul_rows("tiny", 1)}
-  assert mm["xla"]["weight_MiB"] < mm["dense"]["weight_MiB"] / 6
+  assert mm["nf4_xla"]["weight_MiB"] < mm["dense"]["weight_MiB"] / 6
+  assert mm["int4g128_xla"]["weight_MiB"] < mm["dense"]["weight_MiB"] / 6
   steps = bench.step_memory("tiny", 1, ["full", "qlora_r16"])
   assert steps[1]["argument_x_full"] < 0.5 and steps[0]["step_ms"] > 0

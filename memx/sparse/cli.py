@@ -140,10 +140,13 @@ def add_parser(sub) -> None:
 
 def _quantize(trained, weight_quant, batch_size: int) -> dict:
   """Quantizes the trained model's projections in place (GPTQ calibrates on the first batches
-  of the run's training data); the statistics for the evaluation's JSON."""
+  of the run's training data; a LoRA run's adapters are merged into their bases first); the
+  statistics for the evaluation's JSON."""
   from memx.data import make_loader
+  from memx.nn.lora import merge_lora
   from memx.quant.model import check, quantize_model
 
+  merge_lora(trained.model)
   try:
     check(trained.model, weight_quant)
   except ValueError as e:

@@ -199,3 +199,15 @@ def test_lora_steps_with_microbatches_equal_the_whole_batch():
   for x, y in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[4][0]), strict=True):
     np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_a_lora_run_evaluates_with_quantized_weights(base_run, tmp_path):
+  """`memx eval --weight-quant` on a LoRA run merges the adapters, then quantizes."""
+  from memx.cli import main
+
+  run = _train(_ft(base_run, lora_rank=2), tmp_path / "ft")
+  assert main(["eval", str(run), "--lengths", "128", "--depths", "0.5", "--batches", "1",
+               "--batch-size", "2", "--weight-quant", "rtn:4:64"]) == 0
+  result = json.loads((run / "evaluations" / "rtn-w4g64.json").read_text())
+  assert result["weight_quant"]["bits_per_weight"] == 5.0
+  assert np.isfinite(result["eval_loss"]["128"])
