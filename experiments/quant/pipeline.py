@@ -5,9 +5,12 @@ Command:   python experiments/quant/pipeline.py [--variant tiny] [--workdir runs
            (then `memx report runs/quant` redraws the report)
 Steps:     memx run (this file) → memx eval --weight-quant SPEC for each method, as Python calls;
            each evaluation lands in runs/quant/dense/evaluations/.
-Hardware:  CPU, 2 cores: "base" ≈ 10 minutes (training is most of it), "tiny" ≈ 1 minute.
-Result:    benchmarks/RESULTS.md, "Session 21": eval loss, passkey accuracy and bits per
-           weight per method.
+Hardware:  CPU, 2 cores: "base" ≈ 6 minutes, "tiny" ≈ 1 minute.
+Result:    (2026-11-28, commit 3d504b9; benchmarks/RESULTS.md "Session 21") eval loss at 128
+           tokens / passkey: dense 1.1557 / 1.00; NF4 (4.13 bits) +0.004 / 1.00; 4-bit RTN and
+           GPTQ +0.002 and +0.003 / 1.00; 3-bit RTN +0.023, GPTQ +0.011 / 1.00; 2-bit RTN
+           +0.112 / 0.15, GPTQ +0.056 / 1.00. GPTQ halves RTN's loss increase at 3 and 2 bits
+           and keeps retrieval where RTN loses it.
 
 The model: 4 layers × 4 heads (2 KV heads), d 128, trained on the embedded corpus with half of
 its rows passkey retrieval (3 digits), so both the corpus loss and an exact-match skill show
