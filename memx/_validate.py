@@ -30,9 +30,13 @@ _ABSENT = object()
 
 @functools.cache
 def _field_defaults() -> dict:
-  """Every config field's default by dotted path ("data.document_mask": False, ...)."""
+  """Every config field's default by dotted path ("data.document_mask": False, ...), as a
+  stored config.json holds it (tuples as lists), the form the configs it is compared with
+  have."""
+  import json
+
   from memx.config import Config, to_dict  # (memx.config imports this module)
-  return _flatten(to_dict(Config()))
+  return _flatten(json.loads(json.dumps(to_dict(Config()), default=str)))
 
 
 def _added_since(key: str, value: Any, defaults: dict) -> bool:

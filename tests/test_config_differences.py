@@ -25,6 +25,20 @@ def test_a_field_added_since_matches_at_its_default():
   assert describe_differences({}, {"data": {"new_field": None}}) == ""
 
 
+def test_a_section_added_since_matches_a_stored_config_without_it():
+  """A config.json written before the finetune section existed (as JSON: tuples are lists)
+  matches today's config at the section's defaults."""
+  import json
+
+
+  stored = json.loads(json.dumps(to_dict(Config())))
+  del stored["finetune"]
+  now = json.loads(json.dumps(to_dict(Config())))
+  assert describe_differences(stored, now) == ""
+  now["finetune"]["lora_rank"] = 4
+  assert describe_differences(stored, now) == "finetune.lora_rank = absent there, 4 now"
+
+
 def test_fields_added_later_leave_the_hash_alone_at_their_old_behaviour():
   """HASH_NEUTRAL fields at their neutral value are not hashed (adding them renamed no run);
   any other value is."""

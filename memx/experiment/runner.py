@@ -13,7 +13,7 @@ from memx.config import Config
 from memx.errors import UserError
 from memx.experiment import loading, rundir
 from memx.parallel.mesh import maybe_initialize_distributed
-from memx.train.loop import prepare, stored_config_differences, train
+from memx.train.loop import has_checkpoint, prepare, stored_config_differences, train
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def run(spec: RunSpec, *, resume: bool = False, overwrite: bool = False, progres
   maybe_initialize_distributed()
   run_dir = pathlib.Path(spec.workdir) / spec.name
   # Every check that can fail on user input runs before the run directory is touched.
-  setup = prepare(cfg)
+  # (a resume restores its own checkpoint: a fine-tune's base run need not be there)
+  setup = prepare(cfg, resuming=resume and cfg.checkpoint.enabled and has_checkpoint(run_dir))
   rundir.check(run_dir, resume=resume, overwrite=overwrite)  # every process: all stop together
   multi = jax.process_count() > 1
   if multi:  # no process may see the directory after process 0 starts replacing it

@@ -26,7 +26,7 @@ from memx.errors import UserError, exception_lines
 from memx.experiment import loading
 from memx.experiment.index import RunIndex
 from memx.experiment.runner import RunSpec, is_distill_entry, run
-from memx.train.finetune import base_entry, run_hash
+from memx.train.finetune import base_entry, check_against, run_hash
 
 EXECUTORS = ("local", "slurm", "submitit-local")
 
@@ -39,7 +39,7 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
   entries = loading.sweep_entries(module)
   sweep_dir = pathlib.Path(workdir) / pathlib.Path(experiment).stem
   from memx.train.loop import check_data
-  out, hashes, configs, tuned = [], {}, {}, set()
+  out, hashes, configs, tuned, data_hashes = [], {}, {}, set(), {}
   for name, overrides in entries:
     try:
       if is_distill_entry(overrides):  # a student distilled from an earlier entry's run
@@ -66,7 +66,11 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
         # files, lengths, task rows, vocabulary: before any entry trains
         data_hash = check_data(cfg)
         configs[name] = cfg
-        h = run_hash(cfg, hashes[base] if base is not None else None)
+        data_hashes[name] = data_hash
+        if base is not None:  # fits its base, takes its adapters: before the base trains
+          check_against(cfg, configs[base].model)
+        # (a fine-tune's hash covers its base's, as the base's provenance will record it)
+        h = run_hash(cfg, None if base is None else f"{hashes[base]}/{data_hashes[base]}")
     except UserError as e:
       raise UserError(f"sweep entry {name!r}: {e}") from None
     hashes[name] = h

@@ -4,6 +4,9 @@ import dataclasses
 
 METHODS = ("rtn", "gptq", "nf4")
 BITS = (2, 3, 4, 8)
+# codes per stored byte (memx.kernels.intq: 3-bit codes sit in 4-bit containers); a group must
+# fill whole bytes
+CODES_PER_BYTE = {2: 4, 3: 2, 4: 2, 8: 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +35,10 @@ class WeightQuant:
                        f"{self.group_size}")
     if self.bits not in BITS:
       raise ValueError(f"bits = {self.bits} is not one of {list(BITS)}")
-    if self.group_size < 1:
-      raise ValueError(f"group_size = {self.group_size} must be >= 1")
+    if self.group_size < 1 or self.group_size % CODES_PER_BYTE[self.bits]:
+      raise ValueError(f"group_size = {self.group_size} must be a positive multiple of "
+                       f"{CODES_PER_BYTE[self.bits]} at {self.bits} bits (whole bytes of codes "
+                       "per group)")
     if self.calib_batches < 1:
       raise ValueError(f"calib_batches = {self.calib_batches} must be >= 1")
     if not 0 <= self.damp < 1:
@@ -59,4 +64,11 @@ class WeightQuant:
   def name(self) -> str:
     if self.method == "nf4":
       return "nf4"
-    return f"{self.method}-w{self.bits}g{self.group_size}"
+    name = f"{self.method}-w{self.bits}g{self.group_size}"
+    if self.method == "gptq":  # settings other than the defaults name the evaluation too
+      default = WeightQuant()
+      if self.calib_batches != default.calib_batches:
+        name += f"-c{self.calib_batches}"
+      if self.damp != default.damp:
+        name += f"-d{self.damp:g}"
+    return name

@@ -362,6 +362,16 @@ def _eval(args) -> int:
       raise UserError(f"--weight-quant {args.weight_quant}: {e}") from None
   if plan is not None:
     check_plan(plan, load_config(args.run).model)  # before restoring any weights
+  if weight_quant is not None:  # shapes only, before restoring any weights
+    from flax import nnx
+
+    from memx.models.transformer import TransformerLM
+    from memx.quant.model import check
+    model_cfg = load_config(args.run).model
+    try:
+      check(nnx.eval_shape(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0))), weight_quant)
+    except ValueError as e:
+      raise UserError(f"--weight-quant {args.weight_quant}: {e}") from None
   name = args.name or (plan.kind if plan else
                        (kv_quant or kv_evict).name if kv_quant or kv_evict else "dense")
   if weight_quant is not None and not args.name:

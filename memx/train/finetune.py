@@ -11,6 +11,7 @@ its base run; `merge_lora` gives the plain model.
 A base that is itself a LoRA run is merged before its weights are copied, so fine-tunes chain.
 """
 
+import dataclasses
 import hashlib
 import json
 
@@ -41,7 +42,7 @@ def build_model(cfg: Config, model_key: jax.Array, *, load_base: bool = True) ->
   model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=model_key))
   ft = cfg.finetune
   if ft.base is not None and load_base:
-    copy_base(model, ft.base, ft.base_step)
+    copy_base(model, ft)
   if ft.lora_rank:
     try:
       add_lora(model, rank=ft.lora_rank, alpha=ft.lora_alpha, targets=ft.lora_targets,
@@ -53,31 +54,77 @@ def build_model(cfg: Config, model_key: jax.Array, *, load_base: bool = True) ->
   return model
 
 
-def copy_base(model: TransformerLM, base: str, step: int | None = None) -> None:
-  """Replaces model's parameters by those of the trained run `base` (merging its adapters if it
-  is itself a LoRA run)."""
-  from memx.train.restore import load_trained  # restore builds states through this module
+def copy_base(model: TransformerLM, ft) -> None:
+  """Replaces model's parameters by those of the trained run ft.base at ft.base_step (merging
+  its adapters if it is itself a LoRA run)."""
+  # (restore builds states through this module)
+  from memx.train.restore import find_run_dir, load_config, load_trained
 
-  trained = load_trained(base, step=step)
+  base = ft.base
+  run_dir = find_run_dir(base)
+  _check_base_checkpoint(run_dir, load_config(run_dir), ft)
+  trained = load_trained(base, step=ft.base_step)
   source = nnx.state(merge_lora(trained.model), nnx.Param)
   target = nnx.state(model, nnx.Param)
   _check_fits(source, target, base)
   nnx.update(model, jax.tree.map(lambda s, t: s.astype(t.dtype), source, target))
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, *, base_run: bool = True) -> None:
   """Everything finetune.* can get wrong, before anything is trained or written: a base that
-  is no run or whose parameters do not fit model.*, adapters the model cannot take. Shapes
-  only: nothing is loaded."""
-  if cfg.finetune.base is not None:
-    from memx.train.restore import load_config
+  is no run, has not finished (or lacks finetune.base_step) or whose parameters do not fit
+  model.*; adapters the model cannot take. Shapes only: no weights are loaded. base_run=False
+  skips the base run (a resume restores the whole model from its own checkpoint)."""
+  ft = cfg.finetune
+  if ft.base is not None and base_run:
+    from memx.train.restore import find_run_dir, load_config
 
-    base_cfg = load_config(cfg.finetune.base)
-    shapes = lambda m: nnx.state(nnx.eval_shape(  # noqa: E731
-        lambda: TransformerLM(m, rngs=nnx.Rngs(params=jax.random.key(0)))), nnx.Param)
-    _check_fits(shapes(base_cfg.model), shapes(cfg.model), cfg.finetune.base)
+    run_dir = find_run_dir(ft.base)
+    base_cfg = load_config(run_dir)
+    _check_base_checkpoint(run_dir, base_cfg, ft)
+    check_against(cfg, base_cfg.model)
+  elif ft.lora_rank:
+    nnx.eval_shape(lambda: build_model(cfg, jax.random.key(0), load_base=False))
+
+
+def check_against(cfg: Config, base_model) -> None:
+  """The shape checks of `check` against the base's model config (a sweep entry's base may not
+  have trained yet)."""
+  shapes = lambda m: nnx.state(nnx.eval_shape(  # noqa: E731
+      lambda: TransformerLM(m, rngs=nnx.Rngs(params=jax.random.key(0)))), nnx.Param)
+  _check_fits(shapes(base_model), shapes(cfg.model), cfg.finetune.base)
   if cfg.finetune.lora_rank:
     nnx.eval_shape(lambda: build_model(cfg, jax.random.key(0), load_base=False))
+
+
+def _check_base_checkpoint(run_dir, base_cfg: Config, ft) -> None:
+  """The base has the checkpoint to start from: finetune.base_step among its complete steps,
+  or (base_step None) a finished training (summary.json, status "done"), whose newest
+  checkpoint is its final one. A half-trained or failed base is refused, not fine-tuned."""
+  from memx.checkpoint import Checkpointer
+
+  if ft.base_step is None:
+    try:
+      status = json.loads((run_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+      status = None
+    if status != "done":
+      raise ConfigError(
+          f"finetune.base = {ft.base!r} has not finished training (summary.json "
+          f"{'status ' + repr(status) if status else 'missing'}): let it finish, or name the "
+          "checkpoint to start from with finetune.base_step.")
+    return
+  ckpt_dir = run_dir / "checkpoints"
+  steps = []
+  if ckpt_dir.is_dir():
+    ckpt = Checkpointer(ckpt_dir, base_cfg.checkpoint)
+    try:
+      steps = ckpt.complete_steps()
+    finally:
+      ckpt.close()
+  if ft.base_step not in steps:
+    raise ConfigError(f"finetune.base_step = {ft.base_step} is not allowed: {ft.base!r} has "
+                      f"complete checkpoints at steps {steps or 'none'}.")
 
 
 def _check_fits(source, target, base: str) -> None:
@@ -94,27 +141,33 @@ def _check_fits(source, target, base: str) -> None:
 
 def base_hash(base: str) -> str:
   """What names the base run's training: the config hash its provenance.json records (itself
-  combined with its own base's for a fine-tune), else its config.json's hash."""
+  combined with its own base's for a fine-tune) and its data hash; else its config.json's
+  hash."""
   from memx.train.restore import find_run_dir, load_config
 
   run_dir = find_run_dir(base)
   try:
-    recorded = json.loads((run_dir / "provenance.json").read_text()).get("config_hash")
-  except (OSError, ValueError, AttributeError):
-    recorded = None
-  return recorded if isinstance(recorded, str) else config_hash(load_config(run_dir))
+    prov = json.loads((run_dir / "provenance.json").read_text())
+  except (OSError, ValueError):
+    prov = {}
+  recorded = prov.get("config_hash") if isinstance(prov, dict) else None
+  if not isinstance(recorded, str):
+    return config_hash(load_config(run_dir))
+  return f"{recorded}/{prov.get('data_hash')}"
 
 
 def run_hash(cfg: Config, base: str | None = None) -> str:
   """The hash that names a run's training (sweep indexes, provenance.json): config_hash, and for
-  a fine-tune also its base run's hash (`base`, else read from the base run), so a base trained
-  again with another config makes its fine-tunes stale."""
-  h = config_hash(cfg)
+  a fine-tune its config without the base's path combined with the base's own identity
+  (`base`, else read from the base run: its hash and data hash). A base trained again on other
+  data or with another config makes its fine-tunes stale; a moved or differently spelt
+  workdir does not."""
   if cfg.finetune.base is None:
-    return h
+    return config_hash(cfg)
+  unplaced = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, base="<base>"))
   if base is None:
     base = base_hash(cfg.finetune.base)
-  return hashlib.sha256(f"{h}:{base}".encode()).hexdigest()[:12]
+  return hashlib.sha256(f"{config_hash(unplaced)}:{base}".encode()).hexdigest()[:12]
 
 
 def base_entry(overrides: dict) -> str | None:

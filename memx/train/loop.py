@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from memx._io import write_json
 from memx._validate import describe_differences
 from memx.checkpoint import Checkpointer
-from memx.config import Config, to_dict
+from memx.config import Config, FinetuneConfig, to_dict
 from memx.data import check_training_mix, make_loader
 from memx.data.documents import check_model
 from memx.errors import ConfigError, NonFiniteLossError, Preempted
@@ -75,6 +75,10 @@ def run_identity(cfg: Config) -> dict:
   """What a checkpoint must share with the run resuming it. Optimizer settings and
   train.steps may change on resume (a lower lr after a divergence, a longer run)."""
   identity = {"model": to_dict(cfg.model), "data": to_dict(cfg.data), "seed": cfg.train.seed}
+  ft = to_dict(cfg.finetune)
+  ft.pop("base")  # a base run may move; the weights it gave are in the checkpoint
+  if ft != {k: v for k, v in to_dict(FinetuneConfig()).items() if k != "base"}:
+    identity["finetune"] = ft  # (left out at the defaults: checkpoints from before still match)
   return json.loads(json.dumps(identity))  # as stored: tuples become lists
 
 
@@ -97,10 +101,11 @@ class Setup:
   task_loader: object | None
 
 
-def prepare(cfg: Config) -> Setup:
-  """Builds mesh and loaders and checks shapes: every user error surfaces here, cheaply."""
+def prepare(cfg: Config, *, resuming: bool = False) -> Setup:
+  """Builds mesh and loaders and checks shapes: every user error surfaces here, cheaply.
+  resuming: the run continues from its own checkpoint (a fine-tune's base run is not read)."""
   tc = cfg.train
-  finetune.check(cfg)
+  finetune.check(cfg, base_run=not resuming)
   mesh = make_mesh(cfg.parallel)
   seeds = split_seeds(tc.seed)
   _check_kernel_backend(cfg.model)
@@ -118,6 +123,13 @@ def prepare(cfg: Config) -> Setup:
   validate_for_model(cfg.parallel, cfg.model, mesh, batch_size=tc.batch_size,
                      seq_len=cfg.data.seq_len)
   return Setup(mesh, seeds, loader, eval_loader, task_loader)
+
+
+def has_checkpoint(run_dir: pathlib.Path) -> bool:
+  """Whether run_dir/checkpoints holds a step directory (complete or not: the restore decides,
+  falling back past damaged ones)."""
+  ckpt_dir = pathlib.Path(run_dir) / "checkpoints"
+  return ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
 
 
 def check_data(cfg: Config) -> str:
@@ -228,15 +240,18 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
   peak_before = peak_device_bytes()
   tc = cfg.train
   end = tc.steps if stop_at_step is None else min(stop_at_step, tc.steps)
-  setup = setup or prepare(cfg)
+  run_dir = None if run_dir is None else pathlib.Path(run_dir)
+  restoring = bool(resume and run_dir is not None and cfg.checkpoint.enabled
+                   and has_checkpoint(run_dir))
+  setup = setup or prepare(cfg, resuming=restoring)
   loader, bsh = setup.loader, batch_sharding(setup.mesh, cfg.parallel.strategy)
   # Mesh, logical rules and sequence-parallel options for every trace of the step.
   context = functools.partial(sharding_context, setup.mesh, cfg.parallel.strategy,
                               sequence_method=cfg.parallel.sequence_method,
                               sequence_layout=cfg.parallel.layout)
-  run_dir = None if run_dir is None else pathlib.Path(run_dir)
 
-  ts = init_state(cfg, setup.seeds.model_key)
+  # Restoring: the checkpoint holds the whole model, so a fine-tune's base is not read again.
+  ts = init_state(cfg, setup.seeds.model_key, load_base=not restoring)
   shardings = state_shardings(ts.state, setup.mesh, cfg.parallel.strategy)
   state = jax.device_put(ts.state, shardings)
 
@@ -251,6 +266,11 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
                       "--overwrite to start again.")
   identity = run_identity(cfg)
   start = 0
+  if restoring and ckpt is not None and ckpt.latest_step() is None and cfg.finetune.base:
+    # step directories, but none complete: the run starts over, from its base
+    finetune.check(cfg)
+    ts = init_state(cfg, setup.seeds.model_key)
+    state = jax.device_put(ts.state, shardings)
   if resume and ckpt is not None and ckpt.latest_step() is not None:
     state, data_state, _ = ckpt.restore(state, expect_meta={"run": identity})
     loader.restore(data_state)

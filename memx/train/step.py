@@ -35,10 +35,12 @@ class TrainState:
   state: Any
 
 
-def init_state(cfg: Config, model_key: jax.Array) -> TrainState:
+def init_state(cfg: Config, model_key: jax.Array, *, load_base: bool = True) -> TrainState:
   """The model (initialized, or finetune.base's weights, adapted per finetune.*) and its
-  optimizer over the trainable variables (memx.train.finetune)."""
-  graphdef, state = nnx.split(_model_and_opt(cfg, build_model(cfg, model_key)))
+  optimizer over the trainable variables (memx.train.finetune). load_base=False skips reading
+  the base run (a state about to be restored from a checkpoint)."""
+  graphdef, state = nnx.split(_model_and_opt(cfg, build_model(cfg, model_key,
+                                                              load_base=load_base)))
   return TrainState(graphdef, state)
 
 

@@ -56,10 +56,31 @@ def test_finetune_entries_follow_their_base(tmp_path, run_env):
     assert rerun[name]["config_hash"] != rows[name]["config_hash"], name
 
 
+def test_a_failed_base_fails_its_finetunes_without_training(tmp_path, run_env):
+  run_env.setenv("MEMX_TEST_FT_BASE_LR", "1e9")
+  sweep_dir, rows, _ = _sweep(tmp_path)
+  assert rows["base"]["status"] == "failed"
+  for name in ("lora", "full"):
+    assert rows[name]["status"] == "failed" and "has not finished training" in rows[name]["error"]
+    assert not (sweep_dir / name / "checkpoints").exists()
+
+
+def test_the_hash_of_a_finetune_survives_another_spelling_of_the_workdir(tmp_path,
+                                                                         monkeypatch):
+  from memx.experiment.sweep import plan
+
+  monkeypatch.chdir(tmp_path)
+  hashes = [{spec.name: h for spec, h, _ in plan(str(EXPERIMENT), None, workdir)[1]}
+            for workdir in ("runs", "./runs", str(tmp_path / "runs"))]
+  assert hashes[0] == hashes[1] == hashes[2]
+
+
 @pytest.mark.parametrize(("entries", "fragment"), [
     ("[('ft', {'finetune.base': '@base'}), ('base', {})]", "names no earlier training entry"),
     ("[('base', {}), ('a', {'finetune.base': '@base'}), ('b', {'finetune.base': '@a'})]",
      "earlier ones: base"),
+    ("[('base', {}), ('wide', {'finetune.base': '@base', 'model.d_model': 32})]",
+     "does not fit model"),
 ])
 def test_a_bad_base_reference_is_rejected_before_anything_runs(tmp_path, entries, fragment):
   exp = tmp_path / "exp.py"

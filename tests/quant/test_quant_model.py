@@ -98,6 +98,16 @@ def test_bad_requests_fail_before_any_work():
     quantize_model(_model(), WeightQuant("gptq", 4, 32), None)
   for text, msg in (("gptq:4", "METHOD:BITS:GROUP"), ("rtn:4:32:8", "METHOD:BITS:GROUP"),
                     ("gptq:x:32", "must be integers"), ("nf4:4:64", "METHOD:BITS:GROUP"),
-                    ("gptq:4:32:0", "calib_batches = 0")):
+                    ("gptq:4:32:0", "calib_batches = 0"),
+                    ("rtn:2:2", "positive multiple of 4 at 2 bits"),
+                    ("gptq:4:1:1", "positive multiple of 2 at 4 bits")):
     with pytest.raises(ValueError, match=msg):
       WeightQuant.parse(text)
+
+
+def test_names_tell_settings_apart():
+  assert WeightQuant.parse("gptq:4:128").name == "gptq-w4g128"
+  assert WeightQuant.parse("gptq:4:128:16").name == "gptq-w4g128-c16"
+  assert WeightQuant("gptq", 4, 128, damp=0.1).name == "gptq-w4g128-d0.1"
+  assert WeightQuant.parse("rtn:3:64").name == "rtn-w3g64"
+  assert WeightQuant.parse("nf4").name == "nf4"

@@ -199,7 +199,8 @@ def test_eval_with_quantized_weights(tiny_run, capsys):
     assert main(args + ["--weight-quant", spec]) == 0
   read = lambda name: json.loads((tiny_run / "evaluations" / f"{name}.json").read_text())
   dense = read("dense-wq")["eval_loss"]["128"]
-  g4, r4, g2, r2 = (read(n) for n in ("gptq-w4g32", "rtn-w4g32", "gptq-w2g32", "rtn-w2g32"))
+  g4, r4, g2, r2 = (read(n) for n in ("gptq-w4g32-c2", "rtn-w4g32", "gptq-w2g32-c4",
+                                      "rtn-w2g32"))
   assert g4["weight_quant"]["bits_per_weight"] == 6.0 == g4["columns"]["weight bits"]
   assert g4["weight_quant"]["method"] == "gptq" and g4["weight_quant"]["calib_batches"] == 2
   for r in (g4, r4):

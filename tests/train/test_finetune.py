@@ -211,3 +211,58 @@ def test_a_lora_run_evaluates_with_quantized_weights(base_run, tmp_path):
   result = json.loads((run / "evaluations" / "rtn-w4g64.json").read_text())
   assert result["weight_quant"]["bits_per_weight"] == 5.0
   assert np.isfinite(result["eval_loss"]["128"])
+
+
+def test_a_qlora_run_can_teach_a_distilled_student(base_run, tmp_path):
+  """Distillation merges a fine-tuned teacher's adapters (and dequantizes its NF4 bases) before
+  seeding: the hybrid student's kept attention layer and MLPs are the merged teacher's."""
+  from memx.distill.config import DistillConfig, StudentConfig
+  from memx.distill.runner import initial_student, plan
+  from memx.nn.lora import merge_lora
+
+  run = _train(_ft(base_run, lora_rank=2, quantize_base="nf4"), tmp_path / "ft")
+  merged = merge_lora(load_trained(run).model)
+  p = plan(run, DistillConfig(student=StudentConfig(kind="hybrid", every=2)), tmp_path / "d")
+  student, _ = initial_student(p, log=lambda *_: None)
+  np.testing.assert_array_equal(student.blocks[0].attn.wq[...], merged.blocks[0].attn.wq[...])
+  for i in (0, 1):
+    np.testing.assert_array_equal(student.blocks[i].mlp.w_down[...],
+                                  merged.blocks[i].mlp.w_down[...])
+
+
+def test_resume_needs_no_base_and_refuses_other_adapter_settings(base_run, tmp_path):
+  """A fine-tune resumes from its own checkpoint with its base run gone, bit for bit; resuming
+  with other adapter settings is refused (they are part of what a checkpoint must share)."""
+  import shutil
+
+  from memx.errors import CheckpointMismatchError
+
+  moved = tmp_path / "base"
+  shutil.copytree(base_run, moved)
+  cfg = dataclasses.replace(_ft(moved, lora_rank=2), checkpoint=CheckpointConfig(every=1))
+  _train(cfg, tmp_path / "once")
+  _train(cfg, tmp_path / "twice", stop_at_step=1)
+  shutil.rmtree(moved)
+  _train(cfg, tmp_path / "twice", resume=True)
+  a, b = load_trained(tmp_path / "once").model, load_trained(tmp_path / "twice").model
+  for k, v in _params(a, nnx.LoRAParam).items():
+    np.testing.assert_array_equal(_params(b, nnx.LoRAParam)[k], v)
+  other = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, lora_alpha=64.0),
+                              train=dataclasses.replace(cfg.train, steps=5))
+  with pytest.raises(CheckpointMismatchError):
+    train(other, tmp_path / "twice", resume=True, progress=False)
+
+
+def test_a_base_must_have_finished_or_name_its_step(base_run, tmp_path):
+  half = tmp_path / "half"
+  half.mkdir()
+  write_config(half, BASE)
+  train(BASE, half, progress=False, stop_at_step=2)
+  with pytest.raises(ConfigError, match="has not finished training"):
+    init_state(_ft(half), jax.random.key(0))
+  from memx.train.loop import prepare
+  with pytest.raises(ConfigError, match="has not finished training"):
+    prepare(_ft(half))
+  init_state(_ft(half, base_step=2), jax.random.key(0))  # an explicit step is fine
+  with pytest.raises(ConfigError, match=r"base_step = 3 is not allowed.*steps \[2\]"):
+    prepare(dataclasses.replace(_ft(half), finetune=FinetuneConfig(base=str(half), base_step=3)))
