@@ -3,7 +3,8 @@ matmul the QLoRA forward runs on.
 
 Part 1 (exact, nothing allocated): for each size and parameter dtype, the bytes of the model
 (frozen bases, NF4 codes and scales, adapters) and of the optimizer state (AdamW), from the
-abstract train state (memx.train.step.abstract_state), and their ratio to full fine-tuning.
+abstract train state (memx.train.step.abstract_state), their ratio to full fine-tuning, and
+what one device holds of them under 8-way FSDP.
 Part 2 (compiled, one process): the train step of the --step-size model for each variant: XLA's
 argument bytes (model + optimizer state + batch), temporaries (activations, gradients) and the
 step time of the bare AOT step (the variants alternate, medians over --repeats).
@@ -39,7 +40,7 @@ from memx.config import (
 from memx.kernels import intq, nf4
 from memx.train.loop import trainable_params
 from memx.train.memory import compiled_memory
-from memx.train.step import abstract_state
+from memx.train.step import abstract_state, fsdp_device_bytes
 
 VARIANTS = {"full": FinetuneConfig(), "lora_r16": FinetuneConfig(lora_rank=16),
             "lora_r64": FinetuneConfig(lora_rank=64),
@@ -77,7 +78,8 @@ def state_bytes(sizes: list[str], names: list[str]) -> list[dict]:
         rows.append({"part": "state", "size": size, "param_dtype": dtype, "variant": name,
                      "trainable_M": n_train / 1e6, "model_MiB": m / 2**20,
                      "opt_state_MiB": o / 2**20, "total_MiB": (m + o) / 2**20,
-                     "total_x_full": (m + o) / base})
+                     "total_x_full": (m + o) / base,
+                     "fsdp8_MiB_per_device": fsdp_device_bytes(ts.state) / 2**20})
   return rows
 
 

@@ -14,18 +14,16 @@ the bare AOT step (the optimizers alternate, medians over --repeats).
 """
 
 import argparse
-import math
 import pathlib
 import subprocess
 import sys
 
 import jax
-from jax.sharding import AbstractMesh
 
 from memx.benchmark import compile_train_step, interleaved_medians, time_steps, write_results
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from memx.train.memory import compiled_memory
-from memx.train.step import abstract_state, state_shardings
+from memx.train.step import abstract_state, fsdp_device_bytes
 
 VARIANTS = {"adamw": OptimConfig(), "adamw_bf16mu": OptimConfig(mu_dtype="bfloat16"),
             "lion": OptimConfig(name="lion", lr=3e-4),
@@ -44,14 +42,6 @@ STEP_SIZES = {"cpu": (256, 4, 4, 8192, 256, 8, 2), "gpu": (1024, 12, 16, 32000, 
 
 def _bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
-
-
-def fsdp_device_bytes(state, devices: int = 8) -> int:
-  """Bytes of `state` on one device under `devices`-way FSDP (each array's shard shape)."""
-  mesh = AbstractMesh((1, devices), ("data", "fsdp"))
-  shardings = jax.tree.leaves(state_shardings(state, mesh, "fsdp"))
-  return int(sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
-                 for x, sh in zip(jax.tree.leaves(state), shardings, strict=True)))
 
 
 def state_bytes(sizes: list[str]) -> list[dict]:

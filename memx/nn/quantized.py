@@ -27,14 +27,25 @@ NF4_GROUP = 256  # and for the double quantization of those absmax values
 
 
 class Quantized(nnx.Variable):
-  """A frozen array of a quantized weight (codes and scales)."""
+  """A frozen array of a quantized weight (codes and scales). Its `axes` name the matrix view's
+  rows and columns by the weight's first input and first output axis (the flattened dims split
+  in contiguous blocks, as those axes would), so the sharding rules split the codes as they
+  split the weight (memx.train.step.state_shardings, where a dim the mesh does not divide
+  stays whole)."""
+
+
+def matrix_axes(axes, n_in: int) -> tuple | None:
+  """(rows, cols) logical axes of a weight's [K, N] view: its first input and first output
+  axis."""
+  return None if axes is None else (axes[0], axes[n_in])
 
 
 class NF4Weight(nnx.Module):
   def __init__(self, codes, absmax_q, absmax_scales, absmax_offset, *, shape, n_in, dtype,
                axes=None):
-    self.codes = Quantized(codes)
-    self.absmax_q = Quantized(absmax_q)
+    view = matrix_axes(axes, n_in)
+    self.codes = Quantized(codes, axes=view)
+    self.absmax_q = Quantized(absmax_q, axes=view)
     self.absmax_scales = Quantized(absmax_scales)
     self.absmax_offset = Quantized(absmax_offset)
     self.shape = tuple(shape)
@@ -86,9 +97,10 @@ class NF4Weight(nnx.Module):
 class IntQWeight(nnx.Module):
   def __init__(self, packed, scales, zeros, *, shape, n_in, dtype, bits, group_size,
                axes=None):
-    self.packed = Quantized(packed)
-    self.scales = Quantized(scales)
-    self.zeros = Quantized(zeros)
+    view = matrix_axes(axes, n_in)
+    self.packed = Quantized(packed, axes=view)
+    self.scales = Quantized(scales, axes=view)
+    self.zeros = Quantized(zeros, axes=view)
     self.shape = tuple(shape)
     self.n_in = n_in
     self.dtype = jnp.dtype(dtype)

@@ -1,6 +1,7 @@
 """Train state creation and the jit'd train / eval steps (functional: graphdef + state)."""
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -10,6 +11,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from memx.config import Config
+from memx.nn.quantized import Quantized
 from memx.parallel.axes import EMBED
 from memx.parallel.rules import FSDP, RULES, mesh_axes_of
 from memx.parallel.sequence import batch_to_layout
@@ -72,19 +74,41 @@ def state_shardings(state, mesh: Mesh, strategy: str):
   axis only on the dims it shares with a parameter of those axes (APOLLO's [r, heads, k]
   moment of wq keeps heads). Under FSDP such a statistic usually lost the EMBED dim (the side
   low-rank optimizers project), so it is split over the "fsdp" mesh axis along its largest dim
-  that divides evenly, as ZeRO splits any optimizer state; without one it is replicated."""
+  that divides evenly, as ZeRO splits any optimizer state; without one it is replicated.
+  LoRA adapters whose axes FSDP does not split (B [r, heads, k] has no EMBED dim) are split the
+  same way, with their moments; quantized bases (memx.nn.quantized) as their weights, on the
+  dims the mesh divides."""
   rules = RULES[strategy]
   table = dict(rules)
   is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   param_shapes: dict[tuple, set] = {}
+  adapters = set()  # (axes, shape) of LoRA adapters: they and their moments may split over fsdp
   for v in jax.tree.leaves(state, is_leaf=is_var):
     if isinstance(v, nnx.Param) and _axes(v) is not None:
       param_shapes.setdefault(_axes(v), set()).add(tuple(v.shape))
+      if isinstance(v, nnx.LoRAParam):
+        adapters.add((_axes(v), tuple(v.shape)))
   fsdp = FSDP if FSDP in mesh.shape and FSDP in mesh_axes_of(table.get(EMBED)) else None
+
+  def over_fsdp(entries, shape):
+    """entries with "fsdp" on the largest free dim it divides, when no entry uses it yet."""
+    used = {m for e in entries for m in mesh_axes_of(e)}
+    if fsdp is not None and fsdp not in used and mesh.shape[fsdp] > 1:
+      free = [i for i, e in enumerate(entries) if e is None and shape[i] % mesh.shape[fsdp] == 0]
+      if free:
+        entries[max(free, key=lambda i: (shape[i], -i))] = fsdp
+    return entries
 
   def one(var):
     axes = _axes(var) if is_var(var) else None
     shape = tuple(var.shape) if is_var(var) else ()
+    if isinstance(var, Quantized) and axes is not None:  # split as its weight, where it divides
+      spec = _spec(axes, rules)
+      return NamedSharding(mesh, PartitionSpec(*(
+          e if e is None or n % math.prod(mesh.shape[a] for a in mesh_axes_of(e)) == 0 else None
+          for e, n in zip(spec, shape, strict=True))))
+    if axes is not None and (axes, shape) in adapters:
+      return NamedSharding(mesh, PartitionSpec(*over_fsdp(list(_spec(axes, rules)), shape)))
     if axes is None or isinstance(var, nnx.Param) or shape in param_shapes.get(axes, ()):
       return NamedSharding(mesh, _spec(axes, rules))
     same_rank = [p for p in param_shapes.get(axes, ()) if len(p) == len(shape)]
@@ -92,12 +116,7 @@ def state_shardings(state, mesh: Mesh, strategy: str):
     if same_rank:  # then axes has one name per dim
       entries = [table.get(a) if any(p[i] == n for p in same_rank) else None
                  for i, (a, n) in enumerate(zip(axes, shape, strict=True))]
-    used = {m for e in entries for m in mesh_axes_of(e)}
-    if fsdp is not None and fsdp not in used and mesh.shape[fsdp] > 1:
-      free = [i for i, e in enumerate(entries) if e is None and shape[i] % mesh.shape[fsdp] == 0]
-      if free:
-        entries[max(free, key=lambda i: (shape[i], -i))] = fsdp
-    return NamedSharding(mesh, PartitionSpec(*entries))
+    return NamedSharding(mesh, PartitionSpec(*over_fsdp(entries, shape)))
 
   return jax.tree.map(one, state, is_leaf=is_var)
 
@@ -105,6 +124,18 @@ def state_shardings(state, mesh: Mesh, strategy: str):
 def _axes(var) -> tuple | None:
   axes = var.get_metadata().get("axes")
   return None if axes is None else tuple(axes)
+
+
+def fsdp_device_bytes(state, devices: int = 8) -> int:
+  """Bytes of `state` (a train state or a part of one) that one device holds under
+  `devices`-way FSDP: each array's shard shape under `state_shardings`, on an abstract mesh
+  (nothing is allocated)."""
+  from jax.sharding import AbstractMesh
+
+  mesh = AbstractMesh((1, devices), ("data", "fsdp"))
+  shardings = jax.tree.leaves(state_shardings(state, mesh, "fsdp"))
+  return int(sum(math.prod(sh.shard_shape(x.shape)) * x.dtype.itemsize
+                 for x, sh in zip(jax.tree.leaves(state), shardings, strict=True)))
 
 
 def tree_bytes(tree) -> int:

@@ -159,6 +159,15 @@ def test_lora_and_qlora_steps_under_a_mesh_equal_one_device(strategy, axes, shap
   def run(par, devices):
     mesh = make_mesh(par, devices=devices)
     shardings = state_shardings(ts.state, mesh, par.strategy)
+    # NF4 codes are split as their weight: wq's rows (d) under FSDP, its columns (heads) under
+    # TP; every weight has its d side split under FSDP (wo and w_down along their columns)
+    codes = {jax.tree_util.keystr(k): v.spec for k, v in
+             jax.tree_util.tree_flatten_with_path(shardings)[0] if "codes" in str(k)}
+    wq = next(v for k, v in codes.items() if "['attn']['wq']" in k)
+    if par.strategy == "fsdp":
+      assert wq[0] == "fsdp" and all("fsdp" in tuple(v) for v in codes.values()), codes
+    elif par.strategy == "tp":
+      assert wq[1] == "tensor", codes
     state = jax.device_put(ts.state, shardings)
     with sharding_context(mesh, par.strategy):
       step = jax.jit(make_train_step(cfg, ts.graphdef), out_shardings=(shardings, None))
