@@ -74,3 +74,22 @@ def interleaved_medians(timers: dict, repeats: int) -> dict:
     for k, timer in timers.items():
       times[k].append(timer())
   return {k: statistics.median(v) for k, v in times.items()}
+
+
+def compare_steps(configs: dict, repeats: int) -> dict[str, dict]:
+  """The bare train step of each run config, compiled once, timed in interleaved rounds
+  (medians over `repeats`): {name: {"step_s", "argument_bytes", "temp_bytes", ...}}, XLA's
+  compiled memory beside the time."""
+  from memx.train.memory import compiled_memory
+
+  runs, timers = {}, {}
+  for name, cfg in configs.items():
+    runs[name] = [cfg, *compile_train_step(cfg)]
+
+    def timer(run=runs[name]):
+      seconds, run[2] = time_steps(run[1], run[2], run[3], run[0].train.steps)
+      return seconds
+
+    timers[name] = timer
+  seconds = interleaved_medians(timers, repeats)
+  return {name: {"step_s": seconds[name], **compiled_memory(runs[name][1])} for name in configs}

@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from memx.benchmark import compile_train_step, interleaved_medians, time_steps, write_results
+from memx.benchmark import compare_steps, interleaved_medians, write_results
 from memx.config import (
   CheckpointConfig,
   Config,
@@ -96,23 +96,13 @@ def step_config(step_size: str, finetune: FinetuneConfig) -> Config:
 
 
 def step_memory(step_size: str, repeats: int, names: list[str]) -> list[dict]:
-  runs, timers = {}, {}
-  for n in names:
-    cfg = step_config(step_size, VARIANTS[n])
-    runs[n] = [cfg, *compile_train_step(cfg)]
-
-    def timer(run=runs[n]):
-      seconds, run[2] = time_steps(run[1], run[2], run[3], run[0].train.steps)
-      return seconds
-
-    timers[n] = timer
-  seconds = interleaved_medians(timers, repeats)
+  steps = compare_steps({n: step_config(step_size, VARIANTS[n]) for n in names}, repeats)
   rows = []
   for n in names:
-    mem = compiled_memory(runs[n][1])
+    mem = steps[n]
     rows.append({"part": "step", "size": step_size, "variant": n,
                  "argument_MiB": mem["argument_bytes"] / 2**20,
-                 "temp_MiB": mem["temp_bytes"] / 2**20, "step_ms": 1e3 * seconds[n]})
+                 "temp_MiB": mem["temp_bytes"] / 2**20, "step_ms": 1e3 * mem["step_s"]})
   for r in rows:
     r["argument_x_full"] = r["argument_MiB"] / rows[0]["argument_MiB"]
     r["temp_x_full"] = r["temp_MiB"] / rows[0]["temp_MiB"]

@@ -20,9 +20,8 @@ import sys
 
 import jax
 
-from memx.benchmark import compile_train_step, interleaved_medians, time_steps, write_results
+from memx.benchmark import compare_steps, write_results
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from memx.train.memory import compiled_memory
 from memx.train.step import abstract_state, fsdp_device_bytes
 
 VARIANTS = {"adamw": OptimConfig(), "adamw_bf16mu": OptimConfig(mu_dtype="bfloat16"),
@@ -76,24 +75,14 @@ def step_config(step_size: str, optim: OptimConfig) -> Config:
 
 
 def step_memory(step_size: str, repeats: int, names: list[str]) -> list[dict]:
-  runs, timers = {}, {}
-  for n in names:
-    cfg = step_config(step_size, VARIANTS[n])
-    runs[n] = [cfg, *compile_train_step(cfg)]
-
-    def timer(run=runs[n]):
-      seconds, run[2] = time_steps(run[1], run[2], run[3], run[0].train.steps)
-      return seconds
-
-    timers[n] = timer
-  seconds = interleaved_medians(timers, repeats)
+  steps = compare_steps({n: step_config(step_size, VARIANTS[n]) for n in names}, repeats)
   rows = []
   for n in names:
-    mem = compiled_memory(runs[n][1])
+    mem = steps[n]
     rows.append({"part": "step", "size": step_size, "optimizer": n,
                  "argument_MiB": mem["argument_bytes"] / 2**20,
                  "temp_MiB": mem["temp_bytes"] / 2**20,
-                 "step_ms": 1e3 * seconds[n]})
+                 "step_ms": 1e3 * mem["step_s"]})
   for r in rows:
     r["argument_x_adamw"] = r["argument_MiB"] / rows[0]["argument_MiB"]
     r["time_x_adamw"] = r["step_ms"] / rows[0]["step_ms"]
