@@ -42,6 +42,10 @@ SWEEP: list[tuple[str, dict]] = [
     ("lora-r8-qv", {**FT, "finetune.lora_rank": 8, "finetune.lora_targets": ("wq", "wv")}),
     ("qlora-r8", {**FT, "finetune.lora_rank": 8, "finetune.quantize_base": "nf4"}),
     ("qlora-r32", {**FT, "finetune.lora_rank": 32, "finetune.quantize_base": "nf4"}),
+    # Adapters are usually trained at a larger lr than full fine-tuning: does it close the gap?
+    ("lora-r8-lr1e-2", {**FT, "finetune.lora_rank": 8, "optim.lr": 1e-2}),
+    ("qlora-r32-lr1e-2", {**FT, "finetune.lora_rank": 32, "finetune.quantize_base": "nf4",
+                          "optim.lr": 1e-2}),
 ]
 
 
