@@ -16,8 +16,9 @@ Hardware:  CPU, 2 cores; about 9 minutes for the sweep.
 Result:    (2026-11-28, commit efa1e60; benchmarks/RESULTS.md "Session 21") corpus eval loss:
            base 1.465, full 1.387, LoRA r8 1.483 (38.9k trainable of 459k, 0.09x the optimizer
            state), r32 1.473, r8 on wq/wv only 1.531, QLoRA r8 1.483 and r32 1.472 (NF4 bases:
-           the step's arguments 2.3x smaller than LoRA's), from scratch 1.909. QLoRA matches
-           LoRA at equal rank; no entry learns the passkey in 200 steps.
+           the step's arguments 2.3x smaller than LoRA's), from scratch 1.909; at lr 1e-2
+           (commit 4433b88) LoRA r8 1.457 and QLoRA r32 1.431. QLoRA matches LoRA at equal
+           rank, adapters want the larger lr, no entry learns the passkey in 200 steps.
 
 What it does not show: LoRA's quality at scale (a 0.5M-parameter model has little to adapt
 with), nor QLoRA's speed (on CPU its matmul dequantizes in software).
