@@ -59,7 +59,7 @@ HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
                 ("finetune", "base_step"): None, ("finetune", "lora_rank"): 0,
                 ("finetune", "lora_alpha"): 16.0,
                 ("finetune", "lora_targets"): LORA_TARGETS,
-                ("finetune", "quantize_base"): "none"}
+                ("finetune", "quantize_base"): "none", ("model", "weight_quant"): None}
 
 
 def drop_neutral(d: dict, neutral: dict) -> dict:

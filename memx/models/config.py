@@ -132,6 +132,10 @@ class ModelConfig:
     ternary: whether BitLinear layers (those of "mlgru" mixers and "bitglu" MLPs) quantize to
       ternary weights and int8 activations; False trains the same layers in full precision
       (the ablation baseline). Attention/SSM layers and the embeddings are unaffected.
+    weight_quant: None, or how the attention and SwiGLU projections are stored, frozen: a
+      `memx.quant` spec ("gptq:4:128", "rtn:3:64", "nf4"). Set by `memx quantize`, which
+      writes a quantized model as a run of its own (memx.quant.model); such a run evaluates,
+      generates and serves as finetune.base for LoRA on its quantized weights.
   """
 
   vocab_size: int = 512
@@ -157,9 +161,16 @@ class ModelConfig:
   mlp: bool = True
   mlp_kind: Literal["swiglu", "bitglu"] = "swiglu"
   ternary: bool = True
+  weight_quant: str | None = None
 
   def __post_init__(self):
     name = "model"
+    if self.weight_quant is not None:
+      from memx.quant.config import WeightQuant  # (a leaf: dataclass and validation only)
+      try:
+        WeightQuant.parse(self.weight_quant)
+      except ValueError as e:
+        require(False, name, "weight_quant", self.weight_quant, str(e))
     for f in ("mixers", "attn_window_layers"):  # lists from Python or JSON: hashable tuples
       value = getattr(self, f)
       require(value is None or isinstance(value, tuple | list), name, f, value,

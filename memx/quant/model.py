@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memx.distill.capture import attention_heads
 from memx.kernels import intq
+from memx.kernels.attention import attention
 from memx.models.transformer import TransformerLM
 from memx.nn.lora import TARGETS, LoRAWeight
 from memx.nn.quantized import IntQWeight, NF4Weight
@@ -106,6 +106,28 @@ def quantize_model(model: TransformerLM, wq: WeightQuant, calib: list | None = N
           "seconds": time.perf_counter() - t0}
 
 
+def _heads(attn, u, positions):
+  """The attention layer's per-head output [B, T, H, K] before wo."""
+  q, k, v = attn.qkv(u, positions)
+  return attention(q, k, v, mask=attn.mask(u.shape[1]), implementation=attn.cfg.attn_impl)
+
+
+def apply_structure(model: TransformerLM, wq: WeightQuant) -> TransformerLM:
+  """Replaces the model's projections by quantized weights of `wq`'s storage format, by
+  round-to-nearest of their current values (NF4 for "nf4"): the structure a quantized run's
+  checkpoint restores into (GPTQ and RTN store alike), or a quantized copy of the weights."""
+  check(model, wq)
+  for _, owner, name in targets(model):
+    weight = getattr(owner, name)
+    if wq.method == "nf4":
+      setattr(owner, name, NF4Weight.from_weight(weight, TARGETS[name]))
+    else:
+      codes, scales, zeros = intq.quantize_rtn(_matrix(weight, TARGETS[name]), wq.bits,
+                                               wq.group_size)
+      _replace(owner, name, codes, scales, zeros, wq)
+  return model
+
+
 class _Hessian:
   """Running H = 2·XᵀX / n over calibration batches."""
 
@@ -143,7 +165,7 @@ def _gptq_model(model: TransformerLM, wq: WeightQuant, calib: list, log):
       for u in us:
         h.add(u)
       _quantize_group([(attn, n) for n in ("wq", "wk", "wv")], h.value(), wq, errors, sizes, i)
-      heads = [attention_heads(attn, u, p) for u, p in zip(us, pos, strict=True)]
+      heads = [_heads(attn, u, p) for u, p in zip(us, pos, strict=True)]
       h = _Hessian()
       for o in heads:
         h.add(o.reshape(*o.shape[:2], -1))

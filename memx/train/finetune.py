@@ -22,6 +22,7 @@ from memx.config import Config, config_hash
 from memx.errors import ConfigError
 from memx.models.transformer import TransformerLM
 from memx.nn.lora import add_lora, merge_lora
+from memx.nn.quantized import Quantized
 
 # The adapters' initialization draws from its own stream of the model key.
 ADAPTER_STREAM = 0x4C6F5241
@@ -40,6 +41,14 @@ def build_model(cfg: Config, model_key: jax.Array, *, load_base: bool = True) ->
   Raises ConfigError when the base run's parameters do not fit model.*, or when the model has
   nothing LoRA can adapt or a weight NF4 cannot quantize."""
   model = TransformerLM(cfg.model, rngs=nnx.Rngs(params=model_key))
+  if cfg.model.weight_quant is not None:  # a quantized model's frozen projections
+    from memx.quant.config import WeightQuant
+    from memx.quant.model import apply_structure
+    try:
+      apply_structure(model, WeightQuant.parse(cfg.model.weight_quant))
+    except ValueError as e:
+      raise ConfigError(f"model.weight_quant = {cfg.model.weight_quant!r} is not allowed for "
+                        f"this model: {e}") from None
   ft = cfg.finetune
   if ft.base is not None and load_base:
     copy_base(model, ft)
@@ -64,8 +73,9 @@ def copy_base(model: TransformerLM, ft) -> None:
   run_dir = find_run_dir(base)
   _check_base_checkpoint(run_dir, load_config(run_dir), ft)
   trained = load_trained(base, step=ft.base_step)
-  source = nnx.state(merge_lora(trained.model), nnx.Param)
-  target = nnx.state(model, nnx.Param)
+  # parameters, and a quantized base's frozen codes
+  source = nnx.state(merge_lora(trained.model), nnx.Any(nnx.Param, Quantized))
+  target = nnx.state(model, nnx.Any(nnx.Param, Quantized))
   _check_fits(source, target, base)
   nnx.update(model, jax.tree.map(lambda s, t: s.astype(t.dtype), source, target))
 
@@ -90,6 +100,10 @@ def check(cfg: Config, *, base_run: bool = True) -> None:
 def check_against(cfg: Config, base_model) -> None:
   """The shape checks of `check` against the base's model config (a sweep entry's base may not
   have trained yet)."""
+  if base_model.weight_quant != cfg.model.weight_quant:
+    raise ConfigError(f"finetune.base = {cfg.finetune.base!r} stores its projections as "
+                      f"model.weight_quant = {base_model.weight_quant!r}; set model.weight_quant "
+                      f"to that (it is {cfg.model.weight_quant!r}).")
   shapes = lambda m: nnx.state(nnx.eval_shape(  # noqa: E731
       lambda: TransformerLM(m, rngs=nnx.Rngs(params=jax.random.key(0)))), nnx.Param)
   _check_fits(shapes(base_model), shapes(cfg.model), cfg.finetune.base)
