@@ -31,6 +31,7 @@ from memx.distill.seed import build_student, check_mapping, converted_layers, st
 from memx.distill.stages import StageRun, run_stage, stage_run_config, to_device
 from memx.errors import ConfigError, UserError
 from memx.nn.lora import merge_lora
+from memx.quant.model import dequantize_model
 from memx.train.restore import Trained, load_config, load_trained
 
 INIT = "init"
@@ -105,9 +106,9 @@ def plan(teacher: str | pathlib.Path, dcfg: DistillConfig, out: str | pathlib.Pa
   step = teacher_step if teacher_step is not None else step
   dcfg = resolve_config(path, dcfg)
   trained = load_trained(path, step=step)
-  # A fine-tuned teacher (LoRA / QLoRA run): its adapters folded into plain weights, the form
-  # seeding and the teacher pass read.
-  merge_lora(trained.model)
+  # A fine-tuned teacher (LoRA / QLoRA run) or a quantized one (memx quantize): its adapters
+  # folded and its projections dequantized into plain weights, the form seeding reads.
+  dequantize_model(merge_lora(trained.model))
   tcfg = trained.cfg.model
   student_model = student_model_config(tcfg, dcfg.student)
   layers = converted_layers(tcfg, dcfg.student)

@@ -126,7 +126,8 @@ def student_model_config(teacher: ModelConfig, student: StudentConfig) -> ModelC
         f"{teacher.ssm}; converted layers need d_state = head_dim = {k}, n_groups = {h}, "
         "expand = 1 and would change them. Distil a teacher whose Mamba-2 layers use those "
         "settings, or an attention-only teacher.")
-  # (a quantized teacher's student trains in full precision: seeding reads dequantized weights)
+  # (a quantized teacher's student trains in full precision; the runner dequantizes the
+  # teacher before seeding reads it)
   changes = {"mixers": mixers, "ssm": ssm, "attn_window_layers": windows, "weight_quant": None}
   if getattr(teacher, "attn_plan", None) is not None:  # a sparse plan covers attention only
     changes["attn_plan"] = tuple(None if i in conv else e for i, e in enumerate(teacher.attn_plan))

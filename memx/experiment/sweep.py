@@ -68,7 +68,7 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
         configs[name] = cfg
         data_hashes[name] = data_hash
         if base is not None:  # fits its base, takes its adapters: before the base trains
-          check_against(cfg, configs[base].model)
+          check_against(cfg, configs[base])
         # (a fine-tune's hash covers its base's, as the base's provenance will record it)
         h = run_hash(cfg, None if base is None else f"{hashes[base]}/{data_hashes[base]}")
     except UserError as e:

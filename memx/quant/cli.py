@@ -6,14 +6,19 @@ LoRA run's adapters are merged before quantizing), checkpoints/STEP (the quantiz
 fresh optimizer state, at the source checkpoint's step) and summary.json (status "done", the
 quantization statistics). It is a finished run: `memx eval DIR`, generation, and
 `finetune.base = DIR` (LoRA on its frozen quantized weights, with model.weight_quant = SPEC)
-all read it. It is written in DIR.tmp and renamed into place: never half a run.
+all read it. It is written in a temporary directory beside DIR and renamed into place: never
+half a run. Its provenance.json names its weights by the source run's identity, the spec, the
+step and GPTQ's calibration rows, so fine-tunes built on it go stale when any of them changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import pathlib
 import shutil
+import tempfile
 
 from memx.errors import UserError
 
@@ -43,8 +48,9 @@ def _quantize(args) -> int:
   from memx.nn.lora import merge_lora
   from memx.quant.config import WeightQuant
   from memx.quant.model import check, quantize_model
+  from memx.train.finetune import base_hash
   from memx.train.loop import run_identity
-  from memx.train.restore import load_config, load_trained
+  from memx.train.restore import find_run_dir, load_config, load_trained
   from memx.train.step import init_state
 
   out = pathlib.Path(args.out)
@@ -56,7 +62,17 @@ def _quantize(args) -> int:
     wq = WeightQuant.parse(args.weight_quant)
   except ValueError as e:
     raise UserError(f"--weight-quant {args.weight_quant}: {e}") from None
-  source_cfg = load_config(args.run)
+  source_dir = find_run_dir(args.run)
+  source_cfg = load_config(source_dir)
+  if args.step is None:  # as finetune.base: a finished run, or a named checkpoint
+    try:
+      status = json.loads((source_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+      status = None
+    if status != "done":
+      raise UserError(f"{args.run} has not finished training (summary.json "
+                      f"{'status ' + repr(status) if status else 'missing'}): let it finish, "
+                      "or name the checkpoint to quantize with --step.")
   if source_cfg.model.weight_quant is not None:
     raise UserError(f"{args.run} is already quantized (model.weight_quant = "
                     f"{source_cfg.model.weight_quant!r}); quantize the run it came from.")
@@ -82,24 +98,42 @@ def _quantize(args) -> int:
   _, opt = nnx.merge(ts.graphdef, ts.state)
   state = nnx.state((model, opt))
 
-  tmp = out.with_name(out.name + ".tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  write_config(tmp, cfg)
-  ckpt = Checkpointer(tmp / "checkpoints", cfg.checkpoint)
+  # What names this run's weights for fine-tunes built on it (memx.train.finetune.run_hash):
+  # the source's identity, the spec, the step and GPTQ's calibration rows.
+  source_id = base_hash(str(source_dir))
+  identity = hashlib.sha256(json.dumps(
+      [source_id, args.weight_quant, trained.step,
+       args.batch_size if wq.method == "gptq" else None]).encode()).hexdigest()[:12]
   try:
-    ckpt.save(trained.step, ckpt.begin(state), {"step": trained.step},
-              {"run": run_identity(cfg), "config": to_dict(cfg)})
-    ckpt.wait()
-  finally:
-    ckpt.close()
-  write_json(tmp / "summary.json", {
-      "name": out.name, "status": "done", "steps": trained.step,
-      "quantized_from": str(trained.run_dir), "weight_quant": {
-          **dataclasses.asdict(wq), **{k: v for k, v in stats.items()
-                                       if k != "relative_output_error"}},
-      "relative_output_error": stats["relative_output_error"]})
-  tmp.rename(out)
+    source_data = json.loads((source_dir / "provenance.json").read_text()).get("data_hash")
+  except (OSError, ValueError, AttributeError):
+    source_data = None
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  try:
+    write_config(tmp, cfg)
+    ckpt = Checkpointer(tmp / "checkpoints", cfg.checkpoint)
+    try:
+      ckpt.save(trained.step, ckpt.begin(state), {"step": trained.step},
+                {"run": run_identity(cfg), "config": to_dict(cfg)})
+      ckpt.wait()
+    finally:
+      ckpt.close()
+    write_json(tmp / "provenance.json", {"config_hash": identity, "data_hash": source_data,
+                                         "quantized_from": str(source_dir),
+                                         "source_identity": source_id})
+    write_json(tmp / "summary.json", {
+        "name": out.name, "status": "done", "steps": trained.step,
+        "quantized_from": str(trained.run_dir), "weight_quant": {
+            **dataclasses.asdict(wq), "batch_size": args.batch_size,
+            **{k: v for k, v in stats.items() if k != "relative_output_error"}},
+        "relative_output_error": stats["relative_output_error"]})
+    tmp.rename(out)
+  except BaseException as e:  # never half a run: nothing stays behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise UserError(f"cannot write the quantized run {out} ({e}).") from None
+    raise
   print(f"{wq.name}: {stats['bits_per_weight']:.3f} bits per quantized weight, "
         f"{stats['quantized_bytes'] / 2**20:.2f} MiB for {stats['quantized_weights']:,} weights "
         f"({stats['seconds']:.1f} s)")

@@ -106,6 +106,21 @@ def quantize_model(model: TransformerLM, wq: WeightQuant, calib: list | None = N
           "seconds": time.perf_counter() - t0}
 
 
+def dequantize_model(model: TransformerLM) -> TransformerLM:
+  """Replaces every quantized projection by a plain nnx.Param holding its dequantized values
+  (in place; returns the model): what code that reads parameters (distillation's seeding)
+  needs from a quantized run's model."""
+  for block in model.blocks:
+    for owner in (getattr(block, "attn", None), getattr(block, "mlp", None)):
+      for name in TARGETS:
+        w = getattr(owner, name, None) if owner is not None else None
+        if isinstance(w, IntQWeight | NF4Weight):
+          axes = w.axes
+          param = nnx.Param(w[...]) if axes is None else nnx.Param(w[...], axes=axes)
+          setattr(owner, name, param)
+  return model
+
+
 def _heads(attn, u, positions):
   """The attention layer's per-head output [B, T, H, K] before wo."""
   q, k, v = attn.qkv(u, positions)

@@ -14,6 +14,7 @@ A base that is itself a LoRA run is merged before its weights are copied, so fin
 import dataclasses
 import hashlib
 import json
+import math
 
 import jax
 from flax import nnx
@@ -26,6 +27,16 @@ from memx.nn.quantized import Quantized
 
 # The adapters' initialization draws from its own stream of the model key.
 ADAPTER_STREAM = 0x4C6F5241
+
+
+def param_count(model: TransformerLM) -> int:
+  """Parameters of a model: every nnx.Param entry, and each quantized weight counted as the
+  weights it stores (not its code bytes)."""
+  from memx.nn.quantized import IntQWeight, NF4Weight
+
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  return int(n + sum(math.prod(m.shape) for _, m in nnx.iter_graph(model)
+                     if isinstance(m, IntQWeight | NF4Weight)))
 
 
 def trainable(cfg: Config):
@@ -86,24 +97,36 @@ def check(cfg: Config, *, base_run: bool = True) -> None:
   model.*; adapters the model cannot take. Shapes only: no weights are loaded. base_run=False
   skips the base run (a resume restores the whole model from its own checkpoint)."""
   ft = cfg.finetune
+  if cfg.model.weight_quant is not None and not (ft.lora_rank and ft.base is not None):
+    raise ConfigError(
+        f"model.weight_quant = {cfg.model.weight_quant!r} is not allowed without "
+        "finetune.base and finetune.lora_rank >= 1: quantized projections are frozen, so only "
+        "adapters on a quantized run (memx quantize) can train them.")
+  if cfg.model.weight_quant is not None and ft.quantize_base != "none":
+    raise ConfigError(
+        f"finetune.quantize_base = {ft.quantize_base!r} is not allowed with model.weight_quant "
+        f"= {cfg.model.weight_quant!r}: the projections are quantized already.")
   if ft.base is not None and base_run:
     from memx.train.restore import find_run_dir, load_config
 
     run_dir = find_run_dir(ft.base)
     base_cfg = load_config(run_dir)
     _check_base_checkpoint(run_dir, base_cfg, ft)
-    check_against(cfg, base_cfg.model)
+    check_against(cfg, base_cfg)
   elif ft.lora_rank:
     nnx.eval_shape(lambda: build_model(cfg, jax.random.key(0), load_base=False))
 
 
-def check_against(cfg: Config, base_model) -> None:
-  """The shape checks of `check` against the base's model config (a sweep entry's base may not
-  have trained yet)."""
-  if base_model.weight_quant != cfg.model.weight_quant:
-    raise ConfigError(f"finetune.base = {cfg.finetune.base!r} stores its projections as "
-                      f"model.weight_quant = {base_model.weight_quant!r}; set model.weight_quant "
-                      f"to that (it is {cfg.model.weight_quant!r}).")
+def check_against(cfg: Config, base_cfg: Config) -> None:
+  """The shape checks of `check` against the base's config (a sweep entry's base may not have
+  trained yet)."""
+  base_model = base_cfg.model
+  # A LoRA run over a quantized model is merged into plain weights when it becomes a base.
+  stored = None if base_cfg.finetune.lora_rank else base_model.weight_quant
+  if stored != cfg.model.weight_quant:
+    raise ConfigError(f"finetune.base = {cfg.finetune.base!r} gives its projections as "
+                      f"model.weight_quant = {stored!r}; set model.weight_quant to that (it is "
+                      f"{cfg.model.weight_quant!r}).")
   shapes = lambda m: nnx.state(nnx.eval_shape(  # noqa: E731
       lambda: TransformerLM(m, rngs=nnx.Rngs(params=jax.random.key(0)))), nnx.Param)
   _check_fits(shapes(base_model), shapes(cfg.model), cfg.finetune.base)

@@ -37,7 +37,6 @@ from memx.data import check_training_mix, make_loader
 from memx.data.documents import check_model
 from memx.errors import ConfigError, NonFiniteLossError, Preempted
 from memx.kernels._dispatch import gpu_backend
-from memx.nn.quantized import Quantized
 from memx.parallel.axes import BATCH
 from memx.parallel.constrain import sharding_context
 from memx.parallel.mesh import batch_sharding, make_mesh
@@ -436,7 +435,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         "name": name,
         "status": "done" if end == tc.steps else "stopped",
         "steps": end,
-        "params": tree_params(ts.state),
+        "params": finetune.param_count(nnx.merge(ts.graphdef, ts.state)[0]),
         # what trains: every parameter, or a fine-tune's adapters (memx.train.finetune)
         "trainable_params": trainable_params(ts.state, cfg),
         "final_train_loss": statistics.fmean(recent_losses[-10:]) if recent_losses else None,
@@ -492,21 +491,6 @@ def _compile_split(cfg, graphdef, shardings, state, batch):
   apply_fn = jax.jit(make_apply_step(graphdef), donate_argnums=0,
                      out_shardings=shardings).lower(state, grads_shape).compile()
   return grad_fn, apply_fn
-
-
-def tree_params(state) -> int:
-  """Parameter count of the model half of the (model, optimizer) state: every nnx.Param entry,
-  and each NF4-quantized weight counted as the weights it stores (not its code bytes)."""
-  leaves = jax.tree.leaves(state[0], is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return int(sum(v.get_value().size * (2 if isinstance(v, Quantized) and name == "codes" else 1)
-                 for v, name in zip(leaves, _leaf_names(state[0]), strict=True)
-                 if isinstance(v, nnx.Param) or (isinstance(v, Quantized) and name == "codes")))
-
-
-def _leaf_names(tree) -> list[str]:
-  paths = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-  return [str(getattr(p[-1], "key", getattr(p[-1], "name", ""))) for p, _ in paths]
 
 
 def trainable_params(state, cfg: Config) -> int:

@@ -100,8 +100,38 @@ def test_lora_on_the_quantized_weights(runs, tmp_path):
     np.testing.assert_array_equal(end[k], start[k], err_msg=k)
   plain = dataclasses.replace(cfg, model=BASE.model)
   from memx.train.loop import prepare
-  with pytest.raises(ConfigError, match="stores its projections as"):
+  with pytest.raises(ConfigError, match="gives its projections as"):
     prepare(plain)
+  # quantized projections are frozen: without adapters nothing of them would train
+  frozen_run = dataclasses.replace(cfg, finetune=FinetuneConfig(base=str(q)))
+  with pytest.raises(ConfigError, match="not allowed without finetune.base and"):
+    prepare(frozen_run)
+  twice = dataclasses.replace(cfg, finetune=FinetuneConfig(base=str(q), lora_rank=2,
+                                                           quantize_base="nf4"))
+  with pytest.raises(ConfigError, match="quantized already"):
+    prepare(twice)
+  # params count the weights the quantized bases store, adapters on top
+  summary = json.loads((run / "summary.json").read_text())
+  n_adapters = sum(x.size for x in jax.tree.leaves(nnx.state(tuned, nnx.LoRAParam)))
+  base_summary_params = sum(x.size for x in jax.tree.leaves(nnx.state(load_trained(
+      runs[0]).model, nnx.Param)))
+  assert summary["params"] == base_summary_params + n_adapters
+  # a LoRA run over the quantized one is merged into plain weights as a base
+  chained = dataclasses.replace(BASE, finetune=FinetuneConfig(base=str(run), lora_rank=2))
+  from memx.train.step import init_state
+  init_state(chained, jax.random.key(0))
+
+
+def test_a_quantized_teacher_is_dequantized_for_distillation(runs, tmp_path):
+  from memx.distill.config import DistillConfig, StudentConfig
+  from memx.distill.runner import initial_student, plan
+
+  _, q = runs
+  teacher = load_trained(q).model
+  p = plan(q, DistillConfig(student=StudentConfig(kind="hybrid", every=2)), tmp_path / "d")
+  student, _ = initial_student(p, log=lambda *_: None)
+  np.testing.assert_array_equal(student.blocks[0].attn.wq[...], teacher.blocks[0].attn.wq[...])
+  np.testing.assert_array_equal(student.blocks[1].mlp.w_up[...], teacher.blocks[1].mlp.w_up[...])
 
 
 def test_bad_requests_fail_before_any_work(runs, tmp_path, capsys):
@@ -113,6 +143,20 @@ def test_bad_requests_fail_before_any_work(runs, tmp_path, capsys):
   assert main(["quantize", str(base), "--weight-quant", "rtn:4:48",
                "--out", str(tmp_path / "q2")]) == 2
   assert "not a whole number of groups of 48" in capsys.readouterr().err
-  assert not (tmp_path / "q2").exists() and not (tmp_path / "q2.tmp").exists()
+  assert not (tmp_path / "q2").exists() and list(tmp_path.iterdir()) == []
+  half = tmp_path / "half"
+  half.mkdir()
+  write_config(half, BASE)
+  train(BASE, half, progress=False, stop_at_step=2)  # unfinished: no quantized run from it
+  assert main(["quantize", str(half), "--weight-quant", "rtn:4:64",
+               "--out", str(tmp_path / "q3")]) == 2
+  assert "has not finished training" in capsys.readouterr().err
+  assert main(["quantize", str(half), "--weight-quant", "rtn:4:64", "--step", "2",
+               "--out", str(tmp_path / "q3")]) == 0
+  # its identity covers the source, spec, step and calibration: fine-tunes see a change
+  from memx.train.finetune import base_hash
+  assert main(["quantize", str(base), "--weight-quant", SPEC, "--batch-size", "2",
+               "--out", str(tmp_path / "q4")]) == 0
+  assert len({base_hash(str(d)) for d in (q, tmp_path / "q3", tmp_path / "q4")}) == 3
   with pytest.raises(ConfigError, match="model.weight_quant = 'gptq:5:64'"):
     ModelConfig(weight_quant="gptq:5:64")
