@@ -23,7 +23,8 @@ from memx.nn.attention_decode import kv_cache_bytes
 from memx.nn.kv_evict import H2O
 from memx.typing import Array, Float, Int
 
-__all__ = ["cache_bytes", "decode_logits", "decode_nll", "generate", "kv_cache_bytes"]
+__all__ = ["cache_bytes", "check_prompt", "decode_logits", "decode_nll", "generate",
+           "kv_cache_bytes", "sample"]
 
 
 def cache_bytes(cache) -> int:
@@ -31,10 +32,38 @@ def cache_bytes(cache) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)))
 
 
-def _sample(logits, key, temperature: float):
+def sample(logits, key, temperature: float):
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+def check_prompt(fn: str, model: TransformerLM, prompt, max_new_tokens, temperature, rng
+                 ) -> float:
+  """The checks every generation entry point makes before compiling (fn names it in the
+  errors) → the temperature as a float."""
+  if max_new_tokens < 1:
+    raise ValueError(f"{fn}: max_new_tokens must be >= 1, got {max_new_tokens}")
+  try:
+    temperature = float(temperature)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"{fn}: temperature must be a number (it is compiled in), got "
+                     f"{temperature!r}") from None
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"{fn}: temperature must be finite and >= 0, got {temperature}")
+  if temperature > 0 and rng is None:
+    raise ValueError(f"{fn}: sampling with temperature > 0 needs an rng key")
+  if getattr(prompt, "ndim", None) != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer) \
+      or prompt.shape[1] < 1:
+    raise ValueError(f"{fn}: prompt must be integer token ids [B, T] with T >= 1; got "
+                     f"{getattr(prompt, 'dtype', type(prompt).__name__)} of shape "
+                     f"{getattr(prompt, 'shape', None)}")
+  if not isinstance(prompt, jax.core.Tracer):
+    lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
+    if lo < 0 or hi >= model.cfg.vocab_size:
+      raise ValueError(f"{fn}: prompt token ids must lie in [0, {model.cfg.vocab_size}) "
+                       f"(the vocabulary); got ids from {lo} to {hi}")
+  return temperature
 
 
 def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: int, *,
@@ -52,27 +81,7 @@ def generate(model: TransformerLM, prompt: Int[Array, "B T"], max_new_tokens: in
   kv_evict: keep only H2O's heavy-hitter and recent tokens in the causal attention layers
   (`memx.nn.kv_evict`; the prompt is then prefilled whole).
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-  try:
-    temperature = float(temperature)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    raise ValueError(f"generate: temperature must be a number (it is compiled in), got "
-                     f"{temperature!r}") from None
-  if not (math.isfinite(temperature) and temperature >= 0):
-    raise ValueError(f"generate: temperature must be finite and >= 0, got {temperature}")
-  if temperature > 0 and rng is None:
-    raise ValueError("generate: sampling with temperature > 0 needs an rng key")
-  if getattr(prompt, "ndim", None) != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer) \
-      or prompt.shape[1] < 1:
-    raise ValueError(f"generate: prompt must be integer token ids [B, T] with T >= 1; got "
-                     f"{getattr(prompt, 'dtype', type(prompt).__name__)} of shape "
-                     f"{getattr(prompt, 'shape', None)}")
-  if not isinstance(prompt, jax.core.Tracer):
-    lo, hi = int(jnp.min(prompt)), int(jnp.max(prompt))
-    if lo < 0 or hi >= model.cfg.vocab_size:
-      raise ValueError(f"generate: prompt token ids must lie in [0, {model.cfg.vocab_size}) "
-                       f"(the vocabulary); got ids from {lo} to {hi}")
+  temperature = check_prompt("generate", model, prompt, max_new_tokens, temperature, rng)
   t = prompt.shape[1]
   max_len = t + max_new_tokens if max_len is None else max_len
   if max_len < t + max_new_tokens:
@@ -91,12 +100,12 @@ def _generate(graphdef, state, prompt, keys, *, max_len: int, temperature: float
   model = nnx.merge(graphdef, state)
   logits, cache = model.prefill(prompt, max_len, chunk_size=prefill_chunk, last_logits=True,
                                 kv_quant=kv_quant, kv_evict=kv_evict)
-  first = _sample(logits, keys[0], temperature)
+  first = sample(logits, keys[0], temperature)
 
   def body(carry, key):
     tok, cache = carry
     logits, cache = model.decode_step(tok, cache)
-    return (_sample(logits, key, temperature), cache), tok
+    return (sample(logits, key, temperature), cache), tok
 
   (last, _), toks = jax.lax.scan(body, (first, cache), keys[1:])
   return jnp.concatenate([prompt, jnp.swapaxes(toks, 0, 1), last[:, None]], axis=1)

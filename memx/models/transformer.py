@@ -97,6 +97,26 @@ class Block(nnx.Module):
                             **self._lb(lower_bound))
     return self._mlp(x + y), cache
 
+  def extend_steps(self, x, start, cache, lower_bound=None):
+    """`extend` that can be undone back to any of its C tokens (speculative decoding checks C
+    drafted tokens at once, then keeps a prefix) → (output, state after all C, states after
+    each token [C, ...], or None for attention).
+
+    An attention layer runs the parallel extend: its dense KV cache rolls back by the position
+    alone (slots past it are masked, then overwritten). A recurrent mixer's state cannot be
+    undone, so it steps token by token and keeps each state; its norm and the MLP still run
+    on the C tokens at once."""
+    if self.kind == "attention":
+      y, cache = self.extend(x, start, cache)
+      return y, cache, None
+
+    def body(state, u_t):
+      y_t, state = self.mixer.step(u_t, state, **self._lb(lower_bound))
+      return state, (y_t, state)
+
+    cache, (ys, states) = jax.lax.scan(body, cache, jnp.swapaxes(self.mixer_norm(x), 0, 1))
+    return self._mlp(x + jnp.swapaxes(ys, 0, 1)), cache, states
+
   def step(self, x_t, pos, cache, lower_bound=None):
     if self.kind == "attention":
       y, cache = attention_decode.step(self.attn, self.attn_norm(x_t), pos, cache)
@@ -298,6 +318,44 @@ class TransformerLM(nnx.Module):
         logits.append(self._logits(x[:, -1] if last_logits else x))
     logits = logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=1)
     return logits, {"pos": jnp.asarray(t, jnp.int32), "layers": caches}
+
+  def extend(self, tokens: Int[Array, "B C"], cache: dict):
+    """Feeds C more tokens per row at positions cache["pos"]... (traced: one compiled program
+    for any position) → (logits [B, C, V] float32, the cache after them, each layer's states
+    after every one of the C tokens: [C, ...] for recurrent mixers, None for attention).
+
+    Attention layers need dense caches (init_cache with full_cache=True and neither kv_quant
+    nor kv_evict): a position inside a ring, quantized or evicting cache cannot be returned
+    to. With the per-token states, `rewind` returns the cache to any of the C tokens
+    (speculative decoding: memx.models.speculative)."""
+    b, c = tokens.shape
+    batch, max_len = self._cache_extent(cache)
+    if b != batch:
+      raise ValueError(f"extend: tokens have {b} rows, the cache {batch}")
+    for i, layer_cache in enumerate(cache["layers"]):
+      if self.blocks[i].kind == "attention" and not isinstance(layer_cache, dict):
+        raise ValueError(f"extend: layer {i} keeps a {type(layer_cache).__name__}; extend "
+                         f"needs dense KV caches (init_cache(..., full_cache=True), no "
+                         f"kv_quant or kv_evict)")
+    pos = cache["pos"]
+    if max_len is not None and not isinstance(pos, jax.core.Tracer) and int(pos) + c > max_len:
+      raise ValueError(f"extend: positions {int(pos)}..{int(pos) + c - 1} do not fit the "
+                       f"cache's max_len {max_len}")
+    x, layers, states = self._embed(tokens), [], []
+    for block, layer_cache, lb in zip(self.blocks, cache["layers"], self._layer_bounds(),
+                                      strict=True):
+      x, layer_cache, trail = block.extend_steps(x, pos, layer_cache, lb)
+      layers.append(layer_cache)
+      states.append(trail)
+    return self._logits(x), {"pos": pos + c, "layers": layers}, states
+
+  def rewind(self, cache: dict, states: list, keep: Int[Array, ""], start: Int[Array, ""]):
+    """The cache `extend` left, returned to just after `keep` (1..C) of the tokens it fed from
+    position `start`: recurrent layers take their state after token keep, attention layers keep
+    their KV cache (what lies past the position is masked, and overwritten later)."""
+    layers = [layer_cache if trail is None else jax.tree.map(lambda s: s[keep - 1], trail)
+              for layer_cache, trail in zip(cache["layers"], states, strict=True)]
+    return {"pos": start + keep, "layers": layers}
 
   def decode_step(self, tokens: Int[Array, " B"], cache: dict):
     """One token per row at position cache["pos"] → (logits [B, V] float32, next cache).
