@@ -1,5 +1,5 @@
 """The `memx` command: run, sweep, report, eval, sparse (MoA plans), distill (attention →
-Mamba-2)."""
+Mamba-2), quantize (GPTQ), generate (optionally speculative)."""
 
 import argparse
 import importlib
@@ -14,11 +14,12 @@ USAGE_EXAMPLES = """examples:
   memx sweep experiments/demo/ablation.py --workers 1
   memx report runs/ablation
   memx sparse profile runs/dense --lengths 256,512 --out profile.npz
-  memx distill runs/dense --student hybrid:every=4 --stages 1,2,3"""
+  memx distill runs/dense --student hybrid:every=4 --stages 1,2,3
+  memx generate runs/dense --prompt "Once upon" --draft runs/small --draft-len 4"""
 
 # Subcommands that live beside their package: each module has add_parser(subparsers), which
 # registers its parser with set_defaults(handler=fn); fn(args) -> exit code imports lazily.
-EXTENSIONS = ("memx.sparse.cli", "memx.distill.cli", "memx.quant.cli")
+EXTENSIONS = ("memx.sparse.cli", "memx.distill.cli", "memx.quant.cli", "memx.models.cli")
 
 
 def _parser() -> argparse.ArgumentParser:
