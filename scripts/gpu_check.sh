@@ -96,6 +96,8 @@ bench_args() {
     # (session 21: LoRA / QLoRA state bytes, the NF4 matmul's Pallas kernel against the
     # chunked xla form and a bf16 matmul, and the fine-tuning step at the gpu size.)
     bench_lora) echo "--step-size gpu --repeats 3 --sizes 1.3b,7b" ;;
+    # (session 22: speculative decoding's round parts at the gpu size, bf16, context 4096.)
+    bench_speculative) echo "--size gpu --repeats 5" ;;
     # (jax 0.11.2's XLA does not know --xla_gpu_enable_dot_strength_reduction: the profile of
     # the M = 1 projections without that rewrite needs a newer jaxlib on the GPU machine.)
     # The rerun without command buffers names each kernel's HLO op (session 9: inside a command

@@ -104,18 +104,13 @@ class Block(nnx.Module):
 
     An attention layer runs the parallel extend: its dense KV cache rolls back by the position
     alone (slots past it are masked, then overwritten). A recurrent mixer's state cannot be
-    undone, so it steps token by token and keeps each state; its norm and the MLP still run
-    on the C tokens at once."""
+    undone, so it keeps the state after each token (`steps`: the projections run on the C
+    tokens at once, only the recurrence token by token)."""
     if self.kind == "attention":
       y, cache = self.extend(x, start, cache)
       return y, cache, None
-
-    def body(state, u_t):
-      y_t, state = self.mixer.step(u_t, state, **self._lb(lower_bound))
-      return state, (y_t, state)
-
-    cache, (ys, states) = jax.lax.scan(body, cache, jnp.swapaxes(self.mixer_norm(x), 0, 1))
-    return self._mlp(x + jnp.swapaxes(ys, 0, 1)), cache, states
+    y, states = self.mixer.steps(self.mixer_norm(x), cache, **self._lb(lower_bound))
+    return self._mlp(x + y), jax.tree.map(lambda s: s[-1], states), states
 
   def step(self, x_t, pos, cache, lower_bound=None):
     if self.kind == "attention":

@@ -138,12 +138,27 @@ class LinearAttention(nnx.Module):
     h, k = self.cfg.n_heads, self.cfg.head_dim
     return {"state": jnp.zeros((batch, h, k, k), jnp.float32)}
 
-  def step(self, x_t: Float[Array, "B D"], cache: dict[str, jax.Array]):
-    """Recurrent form for one token: (y_t [B, D], new cache)."""
-    q, k, v, log_gate = self._qkv(x_t)
-    h = q.shape[1]
-    v = jnp.repeat(v, h // v.shape[1], axis=1)
+  def _recur(self, state, q, k, v, log_gate):
+    """The token-by-token part of a step: the state update and its read-out."""
+    v = jnp.repeat(v, q.shape[1] // v.shape[1], axis=1)
     if log_gate is None:
       log_gate = jnp.zeros(q.shape[:2], jnp.float32)
-    o, state = ssd_step(cache["state"], v, jnp.ones(q.shape[:2], jnp.float32), log_gate, k, q)
+    return ssd_step(state, v, jnp.ones(q.shape[:2], jnp.float32), log_gate, k, q)
+
+  def step(self, x_t: Float[Array, "B D"], cache: dict[str, jax.Array]):
+    """Recurrent form for one token: (y_t [B, D], new cache)."""
+    o, state = self._recur(cache["state"], *self._qkv(x_t))
     return self._output(o, self.norm[...], self.wo[...]), {"state": state}
+
+  def steps(self, x: Float[Array, "B C D"], cache: dict[str, jax.Array]):
+    """`step` over C tokens → (y [B, C, D], the state after each token, [C, ...]): the
+    projections and the output on the C tokens at once, the state update token by token."""
+    q, k, v, log_gate = self._qkv(x)
+    inputs = tuple(None if a is None else jnp.swapaxes(a, 0, 1) for a in (q, k, v, log_gate))
+
+    def body(state, inp):
+      o, state = self._recur(state, *inp)
+      return state, (o, state)
+
+    _, (outs, states) = jax.lax.scan(body, cache["state"], inputs)
+    return self._output(jnp.swapaxes(outs, 0, 1), self.norm[...], self.wo[...]), {"state": states}

@@ -211,16 +211,35 @@ class Mamba2(nnx.Module):
             "conv_c": jnp.zeros((batch, w - 1, g, n), cd),
             "ssm": jnp.zeros((batch, h, p, n), jnp.float32)}
 
-  def step(self, u_t: Float[Array, "B D"], cache: dict[str, jax.Array]):
-    """Recurrent form for one token: (y_t [B, D], new cache); equals the parallel form."""
-    z, x, b, c, dt_raw = self._project(u_t)
-    new = {}
-    outs = []
+  def _recur(self, cache, x, b, c, delta, a):
+    """The token-by-token part of a step: the convolutions' and the SSM's updates."""
+    new, outs = {}, []
     for key, v, (w, bias) in zip(("conv_x", "conv_b", "conv_c"), (x, b, c), self._convs(),
                                  strict=True):
       y_conv, new[key] = conv_step(cache[key], v, w[...], bias[...], activation="silu")
       outs.append(y_conv)
     x, b, c = outs
-    delta, a = self._dt_and_a(dt_raw, self.dt_bias[...], self.a_log[...])
     y, new["ssm"] = ssd_step(cache["ssm"], x, delta, delta * a[None], b, c, self.d[...])
+    return y, new
+
+  def step(self, u_t: Float[Array, "B D"], cache: dict[str, jax.Array]):
+    """Recurrent form for one token: (y_t [B, D], new cache); equals the parallel form."""
+    z, x, b, c, dt_raw = self._project(u_t)
+    delta, a = self._dt_and_a(dt_raw, self.dt_bias[...], self.a_log[...])
+    y, new = self._recur(cache, x, b, c, delta, a)
     return self._output(y, z, self.norm[...], self.w_out[...]), new
+
+  def steps(self, u: Float[Array, "B C D"], cache: dict[str, jax.Array]):
+    """`step` over C tokens → (y [B, C, D], the state after each token, leaves [C, ...]). The
+    projections and the output run on the C tokens at once (one read of the weights); the
+    convolutions and the SSM update go token by token."""
+    z, x, b, c, dt_raw = self._project(u)
+    delta, a = self._dt_and_a(dt_raw, self.dt_bias[...], self.a_log[...])
+
+    def body(state, inputs):
+      y, state = self._recur(state, *inputs, a)
+      return state, (y, state)
+
+    _, (ys, states) = jax.lax.scan(body, cache, tuple(jnp.swapaxes(v, 0, 1)
+                                                      for v in (x, b, c, delta)))
+    return self._output(jnp.swapaxes(ys, 0, 1), z, self.norm[...], self.w_out[...]), states

@@ -116,3 +116,18 @@ class MLGRU(nnx.Module):
     h = f * cache["state"] + b
     out = self._output(self.w_g(x_t), h, self.h_norm[...], self.w_o.params(), x_t.dtype)
     return out, {"state": h}
+
+  def steps(self, x: Float[Array, "B C D"], cache: dict[str, jax.Array], *,
+            lower_bound: Float[Array, " D"] | None = None):
+    """`step` over C tokens → (y [B, C, D], the state after each token, [C, B, D]): the
+    projections on the C tokens at once, the recurrence token by token."""
+    f, b = self._gates(self.w_f(x), self.w_c(x), lower_bound)
+
+    def body(h, fb):
+      h = fb[0] * h + fb[1]
+      return h, h
+
+    _, hs = jax.lax.scan(body, cache["state"], (jnp.swapaxes(f, 0, 1), jnp.swapaxes(b, 0, 1)))
+    out = self._output(self.w_g(x), jnp.swapaxes(hs, 0, 1), self.h_norm[...],
+                       self.w_o.params(), x.dtype)
+    return out, {"state": hs}
