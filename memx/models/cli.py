@@ -6,8 +6,9 @@ decoding, memx.models.speculative).
   memx generate RUN --draft SMALL_RUN --draft-len 4      (same tokens at temperature 0)
 
 Prints the continuation (bytes as text for the byte tokenizer, else ids) and a line of
-numbers: tokens per second (compile excluded: the call runs twice, the second is timed) and,
-with a draft, target passes, acceptance and tokens per pass. --json FILE writes them too.
+numbers: seconds (compile included; with --time the call runs again and only that run is
+timed, tokens per second) and, with a draft, target passes, acceptance and tokens per pass.
+--json FILE writes them too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def add_parser(sub) -> None:
                       "(speculative decoding: the output is distributed as without it)")
   g.add_argument("--draft-step", type=int, default=None)
   g.add_argument("--draft-len", type=int, default=4, help="tokens drafted per target pass")
+  g.add_argument("--time", action="store_true",
+                 help="run a second time and report that run's tokens/s (compile excluded)")
   g.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
   g.set_defaults(handler=_generate)
 
@@ -78,10 +81,11 @@ def _check_args(args) -> None:
     raise UserError("--draft-step and --draft-len need --draft RUN.")
 
 
-def _timed(fn):
-  """fn() twice: the first compiles; → (result of the second, its seconds)."""
+def _timed(fn, again: bool):
+  """(fn()'s result, its seconds); again: a first call compiles and the second is timed."""
   import jax
-  jax.block_until_ready(fn())
+  if again:
+    jax.block_until_ready(fn())
   t0 = time.perf_counter()
   out = jax.block_until_ready(fn())
   return out, time.perf_counter() - t0
@@ -115,7 +119,7 @@ def _generate(args) -> int:
   try:
     if args.draft is None:
       out, seconds = _timed(lambda: generate(model, prompt, args.max_new_tokens,
-                                             temperature=args.temperature, rng=rng))
+                                             temperature=args.temperature, rng=rng), args.time)
     else:
       draft = load_trained(args.draft, step=args.draft_step).model
       stats = []
@@ -126,7 +130,7 @@ def _generate(args) -> int:
                                          temperature=args.temperature, rng=rng)
         stats.append(s)
         return tokens
-      out, seconds = _timed(run)
+      out, seconds = _timed(run, args.time)
       s = stats[-1]
       result.update(draft=str(pathlib.Path(args.draft).resolve()), draft_len=args.draft_len,
                     target_passes=s.rounds, accepted=s.accepted, drafted=s.drafted,
@@ -134,15 +138,17 @@ def _generate(args) -> int:
   except ValueError as e:
     raise UserError(str(e)) from None
   new = [row[len(ids):] for row in out.tolist()]
-  result.update(tokens=new, seconds=seconds,
-                tokens_per_s=args.samples * args.max_new_tokens / seconds)
+  result.update(tokens=new, seconds=seconds, compile_included=not args.time)
+  if args.time:
+    result["tokens_per_s"] = args.samples * args.max_new_tokens / seconds
   byte_ids = _byte_ids(cfg)
   if byte_ids:
     result["text"] = [ByteTokenizer().decode(row) for row in new]
   for i, row in enumerate(new):
     shown = result["text"][i] if byte_ids else ",".join(map(str, row))
     print(f"[{i}] {shown}" if args.samples > 1 else shown)
-  line = f"{result['tokens_per_s']:.1f} tokens/s"
+  line = (f"{result['tokens_per_s']:.1f} tokens/s" if args.time else
+          f"{seconds:.2f} s (compile included; --time measures tokens/s)")
   if args.draft is not None:
     line += (f"; {result['target_passes']} target passes, acceptance "
              f"{result['acceptance']:.2f}, {result['tokens_per_pass']:.2f} tokens per pass")

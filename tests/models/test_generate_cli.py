@@ -50,13 +50,15 @@ def test_greedy_text_with_and_without_a_draft(runs, tmp_path, capsys):
   assert plain["text"][0] == ByteTokenizer().decode(want[0, len(ids):])
   assert capsys.readouterr().out.startswith(plain["text"][0])
   assert main(["generate", str(target), "--prompt", prompt, "--max-new-tokens", "12",
-               "--draft", str(draft), "--draft-len", "3",
+               "--draft", str(draft), "--draft-len", "3", "--time",
                "--json", str(tmp_path / "spec.json")]) == 0
   spec = json.loads((tmp_path / "spec.json").read_text())
   assert spec["tokens"] == plain["tokens"]
   assert spec["drafted"] == 3 * spec["target_passes"]
   assert spec["target_passes"] + spec["accepted"] >= 11
-  assert "target passes" in capsys.readouterr().out
+  assert spec["tokens_per_s"] > 0 and not spec["compile_included"]
+  assert plain["compile_included"] and "tokens_per_s" not in plain
+  assert "tokens/s; " in capsys.readouterr().out
 
 
 def test_sampled_rows_and_prompt_ids(runs, tmp_path, capsys):
