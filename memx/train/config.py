@@ -9,7 +9,8 @@ from memx._validate import require
 SEED_LIMIT = 2**32
 
 
-OPTIMIZERS = ("adamw", "lion", "adafactor", "galore", "apollo", "apollo_mini")
+OPTIMIZERS = ("adamw", "lion", "adafactor", "galore", "apollo", "apollo_mini", "sgd")
+ESTIMATORS = ("backprop", "mezo")
 MOMENT_DTYPES = ("float32", "bfloat16")
 
 
@@ -36,6 +37,15 @@ class OptimConfig:
       `scale`). "apollo_mini" is rank 1 with one factor per tensor (apollo_rank is not used).
       apollo_scale None: the paper's, 1 for apollo and 128 for apollo_mini. The paper uses
       rank 256 (1/4 of d_model on small models), every 200, AdamW's lr.
+    name "sgd": plain SGD (no state; decoupled weight decay as AdamW's), MeZO's optimizer.
+    estimator: where the gradient comes from. "backprop" (the default); "mezo" estimates it
+      from two forward passes (memx.train.mezo: SPSA along a random direction z drawn again
+      from the step's key, never stored): no backward pass and no activations kept for one.
+      Pairs with "sgd" (MeZO) or "adamw" (MeZO-Adam), needs clip_norm None, and wants a far
+      smaller lr than backprop (the paper's 1e-6 to 1e-7 at 1.3B-13B parameters).
+    mezo_eps: the perturbation scale ε (the paper's 1e-3).
+    mezo_sparsity: Sparse MeZO: the fraction of each tensor left unperturbed, its
+      largest-magnitude entries (0: every entry, plain MeZO).
     mu_dtype: "bfloat16" stores AdamW's / Lion's first moment in bf16 (half its bytes; the
       second moment stays in the parameters' dtype); None keeps it in the parameters' dtype.
     lr, min_lr_ratio, warmup_steps: the schedule; weight_decay: decoupled, on matrices only
@@ -60,6 +70,9 @@ class OptimConfig:
   apollo_rank: int = 256
   apollo_every: int = 200
   apollo_scale: float | None = None
+  estimator: str = "backprop"
+  mezo_eps: float = 1e-3
+  mezo_sparsity: float = 0.0
 
   def __post_init__(self):
     require(self.name in OPTIMIZERS, "optim", "name", self.name,
@@ -78,6 +91,23 @@ class OptimConfig:
     require(self.apollo_scale is None or (self.apollo_scale > 0 and math.isfinite(
         self.apollo_scale)), "optim", "apollo_scale", self.apollo_scale,
             "must be None (the paper's: 1 for apollo, 128 for apollo_mini) or finite and > 0")
+    require(self.estimator in ESTIMATORS, "optim", "estimator", self.estimator,
+            f"expected one of {list(ESTIMATORS)}")
+    require(self.estimator == "backprop" or self.name in ("sgd", "adamw"), "optim",
+            "estimator", self.estimator, f"pairs with optim.name sgd (MeZO) or adamw "
+            f"(MeZO-Adam), not {self.name!r}: the others' statistics assume true gradients")
+    require(self.estimator == "backprop" or self.clip_norm is None, "optim", "clip_norm",
+            self.clip_norm, "must be None with estimator mezo: its estimate's norm is "
+            "|g|·‖z‖ ≈ |g|·√(parameters), so clipping would shrink every step to the same "
+            "length")
+    require(isinstance(self.mezo_eps, int | float) and math.isfinite(self.mezo_eps)
+            and self.mezo_eps > 0, "optim", "mezo_eps", self.mezo_eps, "must be finite and > 0")
+    require(isinstance(self.mezo_sparsity, int | float) and 0 <= self.mezo_sparsity < 1,
+            "optim", "mezo_sparsity", self.mezo_sparsity,
+            "must lie in [0, 1) (the fraction of each tensor left unperturbed)")
+    require(self.estimator == "mezo" or (self.mezo_eps == 1e-3 and self.mezo_sparsity == 0),
+            "optim", "mezo_sparsity" if self.mezo_sparsity else "mezo_eps",
+            self.mezo_sparsity or self.mezo_eps, "only applies with optim.estimator = mezo")
     require(self.lr > 0 and math.isfinite(self.lr), "optim", "lr", self.lr,
             "must be finite and > 0")
     require(0 <= self.min_lr_ratio <= 1, "optim", "min_lr_ratio", self.min_lr_ratio,

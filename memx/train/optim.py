@@ -1,5 +1,5 @@
-"""The optax optimizer: clip → AdamW, Lion, Adafactor, GaLore or APOLLO, with linear warmup
-then cosine decay."""
+"""The optax optimizer: clip → AdamW, Lion, Adafactor, GaLore, APOLLO or SGD, with linear
+warmup then cosine decay."""
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, seed: int = 0
   elif cfg.name == "lion":
     opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, mu_dtype=mu_dtype,
                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  elif cfg.name == "sgd":
+    opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                      optax.scale_by_learning_rate(lr))
   elif cfg.name == "galore":
     opt = optax.chain(
         scale_by_galore(cfg.galore_rank, cfg.galore_every, cfg.galore_scale, b1=cfg.b1,

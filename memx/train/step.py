@@ -15,7 +15,7 @@ from memx.nn.quantized import Quantized
 from memx.parallel.axes import EMBED
 from memx.parallel.rules import FSDP, RULES, mesh_axes_of
 from memx.parallel.sequence import batch_to_layout
-from memx.train import microbatch
+from memx.train import mezo, microbatch
 from memx.train.finetune import build_model, trainable
 from memx.train.loss import (
   answer_hits,
@@ -27,6 +27,8 @@ from memx.train.loss import (
 from memx.train.optim import lr_schedule, make_optimizer
 
 Batch = dict[str, jax.Array]
+# MeZO's directions come from their own stream of the run's seed (not the model's or data's).
+MEZO_STREAM = 0x6D657A6F
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,12 +166,31 @@ def make_grad_step(cfg: Config, graphdef):
                                vocab_block=cfg.train.loss_vocab_block)
       return weighted_mean(losses, mb["weights"], total)
 
-    loss, grads = microbatch.value_and_grad(loss_fn, model, b, cfg.train.microbatches,
-                                            wrt=trainable(cfg))
+    if cfg.optim.estimator == "mezo":
+      loss, grads = _mezo_estimate(cfg, model, opt, loss_fn, b)
+    else:
+      loss, grads = microbatch.value_and_grad(loss_fn, model, b, cfg.train.microbatches,
+                                              wrt=trainable(cfg))
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...])}
     return grads, metrics
 
   return grad_step
+
+
+def _mezo_estimate(cfg: Config, model, opt, loss_fn, batch: Batch):
+  """(the mean of the ±ε losses, MeZO's gradient estimate over the trainable variables): two
+  forward passes (each in the step's microbatches), z drawn from (train.seed, step)."""
+  gd, params, rest = nnx.split(model, trainable(cfg), ...)
+
+  def loss_of(p):
+    def sums(p, mb):
+      return {"loss": loss_fn(nnx.merge(gd, p, rest), mb)}
+    return microbatch.sum_over(sums, p, batch, cfg.train.microbatches)["loss"]
+
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed), MEZO_STREAM),
+                           opt.step[...])
+  _, loss, grads = mezo.spsa(loss_of, params, key, cfg.optim.mezo_eps, cfg.optim.mezo_sparsity)
+  return loss, grads
 
 
 def make_apply_step(graphdef):

@@ -128,8 +128,8 @@ def test_each_optimizer_trains(name):
 def test_bad_optimizer_settings():
   from memx.errors import ConfigError
 
-  with pytest.raises(ConfigError, match="optim.name = 'sgd'"):
-    OptimConfig(name="sgd")
+  with pytest.raises(ConfigError, match="optim.name = 'adagrad'"):
+    OptimConfig(name="adagrad")
   with pytest.raises(ConfigError, match="optim.mu_dtype = 'float16'"):
     OptimConfig(mu_dtype="float16")
   with pytest.raises(ConfigError, match="adafactor keeps no first moment"):

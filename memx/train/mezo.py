@@ -1,0 +1,65 @@
+"""MeZO: training from forward passes alone (Malladi et al. 2023), with Sparse MeZO's
+magnitude masks (Liu et al. 2024; the seed catalog's §2.7).
+
+One step estimates the gradient with SPSA. Draw z ~ N(0, I) over the trainable parameters and
+set g = (L(θ + εz) − L(θ − εz)) / 2ε, the directional derivative along z (exact for a quadratic
+loss). Then (g·z) goes to the optimizer as the gradient; MeZO's paper pairs it with SGD
+(optim.name "sgd"), and optax's AdamW gives MeZO-Adam. z is never stored. It is drawn again
+from the step's key, leaf by leaf, for the +ε pass, the −ε pass and the update, so nothing
+gradient-sized outlives one leaf's update. No backward pass runs, so no activations are kept
+for one: a step needs about the memory of two forward passes (`scripts/bench_optimizers.py`).
+
+Sparse MeZO perturbs only part of each tensor: the fraction 1 − s of its entries with the
+smallest magnitude (s = optim.mezo_sparsity; the threshold is taken from θ at the start of
+the step). The paper finds that large weights' noisy zeroth-order updates hurt most.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _leaf_keys(key: jax.Array, tree) -> list:
+  return list(jax.random.split(key, max(len(jax.tree.leaves(tree)), 1)))
+
+
+def masks(params, sparsity: float):
+  """Per leaf, True where Sparse MeZO perturbs: |θ| at or below the (1 − sparsity) quantile of
+  the tensor's magnitudes; None (every entry) when sparsity is 0."""
+  if sparsity == 0.0:
+    return None
+
+  def one(p):
+    mag = jnp.abs(p.astype(jnp.float32))
+    return mag <= jnp.quantile(mag.reshape(-1), 1.0 - sparsity)
+  return jax.tree.map(one, params)
+
+
+def direction(params, key: jax.Array, mask=None):
+  """z: a standard normal tree over params (float32), zero outside the mask, drawn from key
+  (the same key gives the same z: it is drawn again instead of stored)."""
+  leaves, tree = jax.tree.flatten(params)
+  mask_leaves = [None] * len(leaves) if mask is None else jax.tree.leaves(mask)
+  out = []
+  for p, k, m in zip(leaves, _leaf_keys(key, params), mask_leaves, strict=True):
+    z = jax.random.normal(k, p.shape, jnp.float32)
+    out.append(z if m is None else jnp.where(m, z, 0.0))
+  return jax.tree.unflatten(tree, out)
+
+
+def shifted(params, key: jax.Array, scale, mask=None):
+  """θ + scale·z in the parameters' dtypes (z: `direction(params, key, mask)`)."""
+  z = direction(params, key, mask)
+  return jax.tree.map(lambda p, d: (p.astype(jnp.float32) + scale * d).astype(p.dtype),
+                      params, z)
+
+
+def spsa(loss_of, params, key: jax.Array, eps: float, sparsity: float = 0.0):
+  """MeZO's estimate: (g, mean loss, gradient tree g·z in the parameters' dtypes) for
+  loss_of(params) → scalar, with g = (L(θ + εz) − L(θ − εz)) / 2ε."""
+  mask = masks(params, sparsity)
+  loss_plus = loss_of(shifted(params, key, eps, mask))
+  loss_minus = loss_of(shifted(params, key, -eps, mask))
+  g = (loss_plus.astype(jnp.float32) - loss_minus.astype(jnp.float32)) / (2 * eps)
+  grads = jax.tree.map(lambda p, d: (g * d).astype(p.dtype), params,
+                       direction(params, key, mask))
+  return g, (loss_plus + loss_minus) / 2, grads
