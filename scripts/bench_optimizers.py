@@ -1,5 +1,6 @@
-"""Benchmark the optimizers' memory (`optim.name`, `optim.mu_dtype`): exact state bytes at LLM
-sizes, and the compiled train step at a size this machine runs.
+"""Benchmark the optimizers' memory (`optim.name`, `optim.mu_dtype`, `optim.estimator`): exact
+state bytes at LLM sizes, and the compiled train step at a size this machine runs (MeZO's
+step has no backward pass: its temporaries are those of two forward passes).
 
 Part 1 (exact, nothing allocated): for each size, the parameter and optimizer-state bytes from
 the abstract train state (memx.train.step.abstract_state), the state's ratio to AdamW's, and
@@ -30,7 +31,10 @@ VARIANTS = {"adamw": OptimConfig(), "adamw_bf16mu": OptimConfig(mu_dtype="bfloat
             "adafactor": OptimConfig(name="adafactor", lr=1e-2),
             "galore_r128": OptimConfig(name="galore", lr=1e-2, galore_rank=128),
             "apollo_r256": OptimConfig(name="apollo", lr=1e-2, apollo_rank=256),
-            "apollo_mini": OptimConfig(name="apollo_mini", lr=1e-2)}
+            "apollo_mini": OptimConfig(name="apollo_mini", lr=1e-2),
+            "sgd": OptimConfig(name="sgd", lr=1e-2),
+            # MeZO: SGD on SPSA estimates from two forward passes (no backward pass).
+            "mezo_sgd": OptimConfig(name="sgd", lr=1e-6, estimator="mezo", clip_norm=None)}
 # name → (d_model, n_layers, n_heads, vocab)
 SIZES = {"125m": (768, 12, 12, 32000), "350m": (1024, 24, 16, 32000),
          "1.3b": (2048, 24, 16, 32000)}
@@ -85,6 +89,7 @@ def step_memory(step_size: str, repeats: int, names: list[str]) -> list[dict]:
                  "step_ms": 1e3 * mem["step_s"]})
   for r in rows:
     r["argument_x_adamw"] = r["argument_MiB"] / rows[0]["argument_MiB"]
+    r["temp_x_adamw"] = r["temp_MiB"] / rows[0]["temp_MiB"]
     r["time_x_adamw"] = r["step_ms"] / rows[0]["step_ms"]
   return rows
 

@@ -58,7 +58,12 @@ def spsa(loss_of, params, key: jax.Array, eps: float, sparsity: float = 0.0):
   loss_of(params) → scalar, with g = (L(θ + εz) − L(θ − εz)) / 2ε."""
   mask = masks(params, sparsity)
   loss_plus = loss_of(shifted(params, key, eps, mask))
+  # The barriers order the passes: θ − εz is made only once L(θ + εz) is known (so one
+  # perturbed copy exists at a time), and the update's z only after both. The key passes them
+  # too: otherwise XLA computes the three identical draws of z once and keeps it whole.
+  params, mask, key, loss_plus = jax.lax.optimization_barrier((params, mask, key, loss_plus))
   loss_minus = loss_of(shifted(params, key, -eps, mask))
+  params, mask, key, loss_minus = jax.lax.optimization_barrier((params, mask, key, loss_minus))
   g = (loss_plus.astype(jnp.float32) - loss_minus.astype(jnp.float32)) / (2 * eps)
   grads = jax.tree.map(lambda p, d: (g * d).astype(p.dtype), params,
                        direction(params, key, mask))
