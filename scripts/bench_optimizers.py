@@ -32,6 +32,8 @@ VARIANTS = {"adamw": OptimConfig(), "adamw_bf16mu": OptimConfig(mu_dtype="bfloat
             "galore_r128": OptimConfig(name="galore", lr=1e-2, galore_rank=128),
             "apollo_r256": OptimConfig(name="apollo", lr=1e-2, apollo_rank=256),
             "apollo_mini": OptimConfig(name="apollo_mini", lr=1e-2),
+            # COAT: both AdamW moments in FP8 E4M3 (group scales, dynamic range expansion).
+            "adamw_fp8": OptimConfig(moment_quant="fp8"),
             "sgd": OptimConfig(name="sgd", lr=1e-2),
             # MeZO: SGD on SPSA estimates from two forward passes (no backward pass).
             "mezo_sgd": OptimConfig(name="sgd", lr=1e-6, estimator="mezo", clip_norm=None)}

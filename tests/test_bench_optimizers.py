@@ -25,6 +25,9 @@ def test_state_and_step_rows(load_script):
       assert abs(r["fsdp8_opt_x_adamw"] / r["opt_x_adamw"] - 1) < 0.01, r
   for name in ("sgd", "mezo_sgd"):
     assert rows[name]["opt_per_param_bytes"] < 0.001
+  # FP8 moments: 2 bytes of codes per parameter plus a float32 scale and exponent per group of
+  # 128 (64 along the attention weights' head_dim) for each moment.
+  assert 2.125 <= rows["adamw_fp8"]["opt_per_param_bytes"] < 2.25
   steps = {r["optimizer"]: r for r in bench.step_memory("tiny", 1, ["adamw", "adafactor",
                                                                     "mezo_sgd"])}
   assert steps["adafactor"]["argument_x_adamw"] < 1.0 and steps["adamw"]["step_ms"] > 0

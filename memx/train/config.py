@@ -11,6 +11,7 @@ SEED_LIMIT = 2**32
 
 OPTIMIZERS = ("adamw", "lion", "adafactor", "galore", "apollo", "apollo_mini", "sgd")
 ESTIMATORS = ("backprop", "mezo")
+MOMENT_QUANTS = ("fp8", "fp8_plain")
 MOMENT_DTYPES = ("float32", "bfloat16")
 
 
@@ -46,6 +47,10 @@ class OptimConfig:
     mezo_eps: the perturbation scale ε (the paper's 1e-3).
     mezo_sparsity: Sparse MeZO: the fraction of each tensor left unperturbed, its
       largest-magnitude entries (0: every entry, plain MeZO).
+    moment_quant: "fp8" stores both of AdamW's moments in FP8 E4M3 with a float32 scale and
+      exponent per 128 numbers, after COAT's dynamic range expansion (memx.train.fp8_adam):
+      ~2.1 bytes of state per parameter instead of 8; "fp8_plain" without the expansion (the
+      ablation); None keeps float32 moments.
     mu_dtype: "bfloat16" stores AdamW's / Lion's first moment in bf16 (half its bytes; the
       second moment stays in the parameters' dtype); None keeps it in the parameters' dtype.
     lr, min_lr_ratio, warmup_steps: the schedule; weight_decay: decoupled, on matrices only
@@ -70,6 +75,7 @@ class OptimConfig:
   apollo_rank: int = 256
   apollo_every: int = 200
   apollo_scale: float | None = None
+  moment_quant: str | None = None
   estimator: str = "backprop"
   mezo_eps: float = 1e-3
   mezo_sparsity: float = 0.0
@@ -91,6 +97,11 @@ class OptimConfig:
     require(self.apollo_scale is None or (self.apollo_scale > 0 and math.isfinite(
         self.apollo_scale)), "optim", "apollo_scale", self.apollo_scale,
             "must be None (the paper's: 1 for apollo, 128 for apollo_mini) or finite and > 0")
+    require(self.moment_quant is None or self.moment_quant in MOMENT_QUANTS, "optim",
+            "moment_quant", self.moment_quant, f"expected None or one of {list(MOMENT_QUANTS)}")
+    require(self.moment_quant is None or (self.name == "adamw" and self.mu_dtype is None),
+            "optim", "moment_quant", self.moment_quant, "applies to adamw's two moments: use "
+            "optim.name adamw and leave mu_dtype None")
     require(self.estimator in ESTIMATORS, "optim", "estimator", self.estimator,
             f"expected one of {list(ESTIMATORS)}")
     require(self.estimator == "backprop" or self.name in ("sgd", "adamw"), "optim",

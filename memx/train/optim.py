@@ -7,6 +7,7 @@ import optax
 
 from memx.train.apollo import scale_by_apollo
 from memx.train.config import OptimConfig
+from memx.train.fp8_adam import scale_by_adam_fp8
 from memx.train.galore import scale_by_galore
 
 # Parameters never decayed whatever their rank: norm scales, biases and Mamba-2's per-head
@@ -34,7 +35,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, seed: int = 0
   APOLLO's random projections (the run's train.seed)."""
   lr = lr_schedule(cfg, total_steps)
   mu_dtype = None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype)
-  if cfg.name == "adamw":
+  if cfg.name == "adamw" and cfg.moment_quant is not None:
+    opt = optax.chain(
+        scale_by_adam_fp8(cfg.b1, cfg.b2, cfg.eps, expand=cfg.moment_quant == "fp8"),
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(lr))
+  elif cfg.name == "adamw":
     opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=mu_dtype,
                       weight_decay=cfg.weight_decay, mask=decay_mask)
   elif cfg.name == "lion":

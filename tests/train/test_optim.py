@@ -149,7 +149,7 @@ def test_weight_decay_is_decoupled_and_scaled_by_the_lr(name):
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("name", ["adafactor", "galore", "apollo"])
+@pytest.mark.parametrize("name", ["adafactor", "galore", "apollo", "fp8"])
 def test_factored_state_under_fsdp_equals_one_device(name):
   """Adafactor's factored statistics, GaLore's projections and APOLLO's low-rank moments carry
   their parameter's axes but not its shape. Under FSDP every optimizer array with a dim that 8
@@ -167,7 +167,8 @@ def test_factored_state_under_fsdp_equals_one_device(name):
     pytest.skip("needs 8 devices")
   cfg = Config(model=ModelConfig(vocab_size=264, d_model=128, n_layers=1, n_heads=2),
                data=DataConfig(source="corpus", seq_len=32),
-               optim=OptimConfig(name=name, lr=3e-2 if name == "adafactor" else 1e-2,
+               optim=OptimConfig(**({"moment_quant": name} if name == "fp8" else {"name": name}),
+                                 lr=3e-2 if name == "adafactor" else 1e-2,
                                  warmup_steps=0, galore_rank=16, apollo_rank=16),
                train=TrainConfig(steps=3, batch_size=8))
   ts = init_state(cfg, jax.random.key(0))
@@ -185,7 +186,7 @@ def test_factored_state_under_fsdp_equals_one_device(name):
       low_rank += 16 in array.shape
     else:
       assert not splits, (array.shape, spec)
-  if name != "adafactor":
+  if name in ("galore", "apollo"):
     assert low_rank >= 14, low_rank  # the 7 block matrices' projected arrays
 
   def run(mesh, strategy):
@@ -207,6 +208,15 @@ def test_factored_state_under_fsdp_equals_one_device(name):
     # a 1e-6 relative change of the gradient moves that subspace and the update by up to 1e-3
     # (measured on one device), so weights are not comparable element by element; the loss
     # after three updates is (checked above, to 1e-5).
+    return
+  if name == "fp8":
+    # The sharded gradient's other summation order (1e-6 relative) flips a few FP8 codes of
+    # the moments by one step (~6%), which moves those weights' updates by a few percent of lr.
+    pairs = list(zip(jax.tree.leaves(fsdp_state[0]), jax.tree.leaves(one_state[0]), strict=True))
+    for a, b in pairs:
+      np.testing.assert_allclose(a, b, atol=1e-3)
+    off = sum(int((~np.isclose(a, b, rtol=2e-4, atol=2e-6)).sum()) for a, b in pairs)
+    assert off < 0.05 * sum(a.size for a, _ in pairs), off
     return
   for a, b in zip(jax.tree.leaves(fsdp_state), jax.tree.leaves(one_state), strict=True):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
