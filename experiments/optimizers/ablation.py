@@ -50,6 +50,9 @@ SWEEP: list[tuple[str, dict]] = [
     ("apollo-r32-lr3e-3", {"optim.name": "apollo", "optim.apollo_rank": 32,
                            "optim.apollo_every": 50}),
     ("apollo-mini", {"optim.name": "apollo_mini", "optim.apollo_every": 50, "optim.lr": 1e-2}),
+    # COAT's FP8 moments (E4M3, group scales) with and without dynamic range expansion.
+    ("adamw-fp8", {"optim.moment_quant": "fp8"}),
+    ("adamw-fp8-plain", {"optim.moment_quant": "fp8_plain"}),
     # Gradient accumulation: the same batch in 4 pieces (same update, a quarter of the
     # activations at a time).
     ("adamw-mb4", {"train.microbatches": 4}),
