@@ -65,7 +65,7 @@ class SpeculativeStats:
 def speculative_generate(target: TransformerLM, draft: TransformerLM,
                          prompt: Int[Array, "B T"], max_new_tokens: int, *, draft_len: int = 4,
                          temperature: float = 0.0, rng: jax.Array | None = None,
-                         max_len: int | None = None
+                         max_len: int | None = None, prefill_chunk: int | None = None
                          ) -> tuple[Int[Array, "B S"], SpeculativeStats]:
   """Prompt [B, T] → (prompt followed by max_new_tokens tokens [B, T + max_new_tokens], stats).
 
@@ -74,7 +74,8 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM,
   (k). temperature, rng: as `generate` (both models' logits are divided by the temperature).
   max_len (default T + max_new_tokens + k - 1, what the last round can reach) sizes both
   models' KV caches and is the length N at which a sparse plan takes its spans (pass
-  generate's max_len to compare with it).
+  generate's max_len to compare with it). prefill_chunk: both models prefill the prompt that
+  many tokens at a time (`generate`'s; the same tokens).
   """
   if not isinstance(target, TransformerLM) or not isinstance(draft, TransformerLM):
     raise ValueError(f"speculative_generate: target and draft must be TransformerLM models, got "
@@ -98,7 +99,7 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM,
   dgraph, dstate = nnx.split(draft)
   tokens, rounds, accepted = _speculative(
       tgraph, tstate, dgraph, dstate, prompt, rng, max_new_tokens=max_new_tokens, k=draft_len,
-      temperature=temperature, max_len=max_len)
+      temperature=temperature, max_len=max_len, prefill_chunk=prefill_chunk)
   rounds, accepted = int(rounds), int(accepted)
   return tokens, SpeculativeStats(rounds=rounds, accepted=accepted, drafted=rounds * draft_len,
                                   new_tokens=max_new_tokens)
@@ -142,15 +143,17 @@ def _judge(p_logits, q_logits, drafts, key, temperature: float):
 
 
 @functools.partial(jax.jit, static_argnames=("tgraph", "dgraph", "max_new_tokens", "k",
-                                             "temperature", "max_len"))
+                                             "temperature", "max_len", "prefill_chunk"))
 def _speculative(tgraph, tstate, dgraph, dstate, prompt, rng, *, max_new_tokens: int, k: int,
-                 temperature: float, max_len: int):
+                 temperature: float, max_len: int, prefill_chunk: int | None = None):
   target, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
   b, t = prompt.shape
   total = t + max_new_tokens
   first_key, rng = jax.random.split(rng)
-  logits, tcache = target.prefill(prompt, max_len, full_cache=True, last_logits=True)
-  _, dcache = draft.prefill(prompt, max_len, full_cache=True, last_logits=True)
+  logits, tcache = target.prefill(prompt, max_len, full_cache=True, last_logits=True,
+                                  chunk_size=prefill_chunk)
+  _, dcache = draft.prefill(prompt, max_len, full_cache=True, last_logits=True,
+                            chunk_size=prefill_chunk)
   first = sample(logits, first_key, temperature)
   # Room for a whole last round past the end; what lies beyond `total` is cut off.
   out = jnp.zeros((b, total + k + 1), jnp.int32)

@@ -85,6 +85,10 @@ def test_greedy_output_equals_generate(case):
   got, stats = speculative_generate(target, draft, prompt, new, draft_len=k, max_len=max_len)
   np.testing.assert_array_equal(got, want)
   assert stats.new_tokens == new and stats.drafted == stats.rounds * k
+  if case == "hybrid, attention draft":  # a prompt prefilled in chunks: the same tokens
+    chunked, _ = speculative_generate(target, draft, prompt, new, draft_len=k, max_len=max_len,
+                                      prefill_chunk=3)
+    np.testing.assert_array_equal(chunked, want)
   # Every round emits accepted + 1 tokens: together the new tokens after the prompt's first.
   assert stats.accepted + stats.rounds >= new - 1
   assert stats.accepted + stats.rounds <= new - 1 + k
