@@ -1,16 +1,18 @@
-"""Optimizer memory ablation: AdamW, Lion, Adafactor, GaLore and APOLLO, and gradient
-accumulation, on the demo's small LM (embedded corpus mixed with MQAR), with the same steps and
+"""Optimizer memory ablation: AdamW, Lion, Adafactor, GaLore and APOLLO, FP8 moments, and
+gradient accumulation, on the demo's small LM (embedded corpus mixed with MQAR), with the same steps and
 tokens for every entry.
 
 Command:   memx sweep experiments/optimizers/ablation.py
 One run:   memx run experiments/optimizers/ablation.py --set optim.name=lion --set optim.lr=3e-4
-Hardware:  CPU, 2 cores; about 7 minutes for the sweep (11 runs of 200 steps).
+Hardware:  CPU, 2 cores; about 8 minutes for the sweep (13 runs of 200 steps).
 Result:    (2026-11-28, CPU; benchmarks/RESULTS.md "Session 18") eval loss and optimizer state:
            adamw 1.613, 3.5 MiB; adamw-bf16mu 1.614, 2.6 MiB; adafactor at lr 1e-2 2.107 and at
            3e-2 1.715, 32 KiB; lion at 3e-4 2.505 and at 1e-3 2.122, 1.8 MiB; adamw-mb4 1.613
            (equal to adamw to 1e-4 in train loss) with 18.4 MiB of temporaries against 65.2;
            galore-r32 1.746, 1.5 MiB (the embedding keeps Adam's moments); (2026-11-28, Session
-           20) apollo-r32 1.601 and at lr 3e-3 1.814, 1.3 MiB; apollo-mini 1.985, 0.5 MiB.
+           20) apollo-r32 1.601 and at lr 3e-3 1.814, 1.3 MiB; apollo-mini 1.985, 0.5 MiB;
+           (Session 22, commit a99519a) adamw 1.6138, adamw-fp8 1.6140 (2.1 bytes of state
+           per parameter against 8), adamw-fp8-plain 1.5819.
            So the state shrinks exactly as counted; bf16 first moments cost nothing here;
            Adafactor nearly matches AdamW once its lr is raised; Lion at its usual 3-10x smaller
            lr lags after 200 steps; APOLLO at rank 32 matches AdamW with 0.38x its state.
