@@ -54,6 +54,7 @@ def _floats_as_floats(cls, d: dict) -> None:
 HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
                 ("optim", "mu_dtype"): None, ("optim", "galore_rank"): 128,
                 ("optim", "galore_every"): 200, ("optim", "galore_scale"): 0.25,
+                ("optim", "frugal_free_scale"): 1.0,
                 ("optim", "apollo_rank"): 256, ("optim", "apollo_every"): 200,
                 ("optim", "apollo_scale"): None, ("optim", "estimator"): "backprop",
                 ("optim", "moment_quant"): None,

@@ -9,7 +9,7 @@ from memx._validate import require
 SEED_LIMIT = 2**32
 
 
-OPTIMIZERS = ("adamw", "lion", "adafactor", "galore", "apollo", "apollo_mini", "sgd")
+OPTIMIZERS = ("adamw", "lion", "adafactor", "galore", "apollo", "apollo_mini", "sgd", "frugal")
 ESTIMATORS = ("backprop", "mezo")
 MOMENT_QUANTS = ("fp8", "fp8_plain")
 MOMENT_DTYPES = ("float32", "bfloat16")
@@ -31,6 +31,9 @@ class OptimConfig:
       gradient projected to this rank (moments r x n instead of m x n per matrix), the
       projection recomputed from an SVD of the gradient every galore_every steps, the update
       scaled by galore_scale (the paper's 0.25 with rank 128-512, every 200).
+    frugal_free_scale: name "frugal" (memx.train.galore, FRUGAL): GaLore's subspace (galore_rank,
+      galore_every; its update unscaled) plus signSGD on the rest of the gradient, that step
+      times this (relative to lr). Its state is GaLore's.
     apollo_rank, apollo_every, apollo_scale: name "apollo" (memx.train.apollo): Adam moments
       on a random projection of the gradient to apollo_rank (regenerated from the seed every
       apollo_every steps, never stored, no SVD) measure how Adam would rescale each channel;
@@ -72,6 +75,7 @@ class OptimConfig:
   galore_rank: int = 128
   galore_every: int = 200
   galore_scale: float = 0.25
+  frugal_free_scale: float = 1.0
   apollo_rank: int = 256
   apollo_every: int = 200
   apollo_scale: float | None = None
@@ -94,6 +98,10 @@ class OptimConfig:
               "must be an integer >= 1")
     require(self.galore_scale > 0 and math.isfinite(self.galore_scale), "optim",
             "galore_scale", self.galore_scale, "must be finite and > 0")
+    require(isinstance(self.frugal_free_scale, int | float)
+            and math.isfinite(self.frugal_free_scale) and self.frugal_free_scale >= 0, "optim",
+            "frugal_free_scale", self.frugal_free_scale,
+            "must be finite and >= 0 (0: the subspace alone, GaLore at scale 1)")
     require(self.apollo_scale is None or (self.apollo_scale > 0 and math.isfinite(
         self.apollo_scale)), "optim", "apollo_scale", self.apollo_scale,
             "must be None (the paper's: 1 for apollo, 128 for apollo_mini) or finite and > 0")

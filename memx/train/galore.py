@@ -13,6 +13,11 @@ matrices split where the smaller side is largest (memx.train.lowrank), whose sma
 exceeds the rank; every other leaf gets plain Adam moments. The moments are kept when the projection
 is refreshed (as the authors' implementation does).
 
+FRUGAL (Zmushko et al. 2024) keeps GaLore's state-full subspace and also moves the weights
+along the rest of the gradient, state-free: free_scale > 0 adds free_scale · sign(G − P Pᵀ G)
+(signSGD on the residual; G − G Q Qᵀ for right projections) to every projected leaf's update,
+with the subspace update unscaled (scale 1). The optimizer state is GaLore's.
+
 The result is a `scale_by_*` transformation (no learning rate, no sign flip): memx.train.optim
 chains it with decoupled weight decay and the schedule, as for AdamW.
 """
@@ -49,9 +54,11 @@ def _top_vectors(g, kind: str, rank: int):
 
 
 def scale_by_galore(rank: int, every: int, scale: float, *, b1: float = 0.9, b2: float = 0.999,
-                    eps: float = 1e-8, eligible=None) -> optax.GradientTransformation:
+                    eps: float = 1e-8, eligible=None, free_scale: float = 0.0
+                    ) -> optax.GradientTransformation:
   """GaLore-Adam as a scale_by transformation. eligible(params) -> a pytree of bools: which
-  leaves may be projected (the others, and those too small for the rank, get Adam)."""
+  leaves may be projected (the others, and those too small for the rank, get Adam).
+  free_scale > 0: FRUGAL's state-free signSGD step on the residual, that times sign(residual)."""
 
   def kinds(params):
     return plans(params, rank, eligible)
@@ -88,6 +95,9 @@ def scale_by_galore(rank: int, every: int, scale: float, *, b1: float = 0.9, b2:
         step = scale * (p_new @ step)
       elif kind == "right":
         step = scale * (step @ p_new.T)
+      if kind != "adam" and free_scale:
+        back = p_new @ r if kind == "left" else r @ p_new.T      # the subspace's part of G
+        step = step + free_scale * jnp.sign(gm - back)
       return step.reshape(g.shape).astype(g.dtype), p_new, mu, nu
 
     out = jax.tree.map(one, updates, k, state.projections, state.mu, state.nu)

@@ -1,5 +1,5 @@
-"""The optax optimizer: clip → AdamW, Lion, Adafactor, GaLore, APOLLO or SGD, with linear
-warmup then cosine decay."""
+"""The optax optimizer: clip → AdamW, Lion, Adafactor, GaLore, FRUGAL, APOLLO or SGD, with
+linear warmup then cosine decay."""
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +49,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, seed: int = 0
   elif cfg.name == "sgd":
     opt = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
                       optax.scale_by_learning_rate(lr))
-  elif cfg.name == "galore":
+  elif cfg.name in ("galore", "frugal"):
+    frugal = cfg.name == "frugal"
     opt = optax.chain(
-        scale_by_galore(cfg.galore_rank, cfg.galore_every, cfg.galore_scale, b1=cfg.b1,
-                        b2=cfg.b2, eps=cfg.eps, eligible=lowrank_mask),
+        scale_by_galore(cfg.galore_rank, cfg.galore_every, 1.0 if frugal else cfg.galore_scale,
+                        b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, eligible=lowrank_mask,
+                        free_scale=cfg.frugal_free_scale if frugal else 0.0),
         optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
         optax.scale_by_learning_rate(lr))
   elif cfg.name in APOLLO_SCALE:

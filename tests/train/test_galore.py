@@ -53,6 +53,32 @@ def test_updates_equal_the_algorithm(shape):
     np.testing.assert_allclose(u["w"], w, rtol=2e-3, atol=2e-5)
 
 
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48)], ids=["left", "right"])
+def test_frugal_adds_signsgd_on_the_residual(shape):
+  """FRUGAL = the subspace's Adam step (unscaled) + free · sign(G − P Pᵀ G) (right: G − G Q Qᵀ),
+  against the NumPy transcription; free 0 is GaLore at scale 1. The residual direction is
+  orthogonal to the subspace."""
+  rng = np.random.default_rng(2)
+  grads = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+  galore = _numpy_galore(grads, 8, 1.0)
+  u, _, vt = np.linalg.svd(grads[0].astype(np.float64), full_matrices=False)
+  left = shape[0] <= shape[1]
+  p = u[:, :8] if left else vt[:8].T
+  tx = scale_by_galore(8, 100, 1.0, free_scale=0.3)
+  plain = scale_by_galore(8, 100, 1.0, free_scale=0.0)
+  state, pstate = tx.init({"w": jnp.zeros(shape)}), plain.init({"w": jnp.zeros(shape)})
+  for g, w in zip(grads, galore, strict=True):
+    residual = g - (p @ (p.T @ g) if left else (g @ p) @ p.T)
+    want = w + 0.3 * np.sign(residual)
+    got, state = tx.update({"w": jnp.asarray(g)}, state)
+    # atol: the float32 SVD's error (GaLore's test above has it times its scale 0.25).
+    np.testing.assert_allclose(got["w"], want, rtol=2e-3, atol=1e-4)
+    sub, pstate = plain.update({"w": jnp.asarray(g)}, pstate)
+    np.testing.assert_allclose(sub["w"], w, rtol=2e-3, atol=1e-4)
+    # What FRUGAL adds lies outside the subspace (up to the sign's quantization of it).
+    assert abs(float(np.sum((p.T @ residual) ** 2 if left else (residual @ p) ** 2))) < 1e-6
+
+
 def test_the_projection_is_refreshed_every_period():
   """Every `every` updates the projection becomes the new gradient's top singular vectors
   (up to their signs); between refreshes it stays."""

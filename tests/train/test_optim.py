@@ -94,7 +94,7 @@ def test_optimizer_state_bytes():
   assert state(name="adafactor") == 4 * ((512 + 256 + 1) + (256 + 1 + 1) + (64 + 32 + 1))
 
 
-@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor", "galore", "apollo",
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor", "galore", "frugal", "apollo",
                                   "apollo_mini"])
 def test_each_optimizer_trains(name):
   """A few updates on one fixed batch lower its loss with every optimizer."""
