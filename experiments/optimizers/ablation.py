@@ -1,10 +1,10 @@
-"""Optimizer memory ablation: AdamW, Lion, Adafactor, GaLore and APOLLO, FP8 moments, and
+"""Optimizer memory ablation: AdamW, Lion, Adafactor, GaLore, FRUGAL and APOLLO, FP8 moments, and
 gradient accumulation, on the demo's small LM (embedded corpus mixed with MQAR), with the same steps and
 tokens for every entry.
 
 Command:   memx sweep experiments/optimizers/ablation.py
 One run:   memx run experiments/optimizers/ablation.py --set optim.name=lion --set optim.lr=3e-4
-Hardware:  CPU, 2 cores; about 8 minutes for the sweep (13 runs of 200 steps).
+Hardware:  CPU, 2 cores; about 9 minutes for the sweep (14 runs of 200 steps).
 Result:    (2026-11-28, CPU; benchmarks/RESULTS.md "Session 18") eval loss and optimizer state:
            adamw 1.613, 3.5 MiB; adamw-bf16mu 1.614, 2.6 MiB; adafactor at lr 1e-2 2.107 and at
            3e-2 1.715, 32 KiB; lion at 3e-4 2.505 and at 1e-3 2.122, 1.8 MiB; adamw-mb4 1.613
@@ -44,6 +44,8 @@ SWEEP: list[tuple[str, dict]] = [
     # GaLore at rank 32 of the d 128 model's matrices, the projection refreshed every 50 steps.
     ("galore-r32", {"optim.name": "galore", "optim.galore_rank": 32, "optim.galore_every": 50,
                     "optim.lr": 1e-2}),
+    # FRUGAL: GaLore's rank-32 subspace (unscaled) plus signSGD on the rest, at AdamW's lr.
+    ("frugal-r32", {"optim.name": "frugal", "optim.galore_rank": 32, "optim.galore_every": 50}),
     # APOLLO at rank 32 (a quarter of d_model, as the paper sizes small models) at GaLore's lr
     # and at AdamW's, and APOLLO-Mini (rank 1, one scale per tensor, update x sqrt(128)); the
     # random projection is redrawn every 50 steps.
