@@ -1,6 +1,6 @@
-"""Optimizer memory ablation: AdamW, Lion, Adafactor, GaLore, FRUGAL and APOLLO, FP8 moments, and
-gradient accumulation, on the demo's small LM (embedded corpus mixed with MQAR), with the same steps and
-tokens for every entry.
+"""Optimizer memory ablation: AdamW, Lion, Adafactor, GaLore, FRUGAL and APOLLO, FP8 moments,
+and gradient accumulation, on the demo's small LM (embedded corpus mixed with MQAR), with the
+same steps and tokens for every entry.
 
 Command:   memx sweep experiments/optimizers/ablation.py
 One run:   memx run experiments/optimizers/ablation.py --set optim.name=lion --set optim.lr=3e-4
