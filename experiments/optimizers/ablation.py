@@ -12,7 +12,8 @@ Result:    (2026-11-28, CPU; benchmarks/RESULTS.md "Session 18") eval loss and o
            galore-r32 1.746, 1.5 MiB (the embedding keeps Adam's moments); (2026-11-28, Session
            20) apollo-r32 1.601 and at lr 3e-3 1.814, 1.3 MiB; apollo-mini 1.985, 0.5 MiB;
            (Session 22, commit a99519a) adamw 1.6138, adamw-fp8 1.6140 (2.1 bytes of state
-           per parameter against 8), adamw-fp8-plain 1.5819.
+           per parameter against 8), adamw-fp8-plain 1.5819; frugal-r32 1.736 (lr 1e-3:
+           1.862, 1e-2: 1.754), beside galore-r32's 1.747 with the same state.
            So the state shrinks exactly as counted; bf16 first moments cost nothing here;
            Adafactor nearly matches AdamW once its lr is raised; Lion at its usual 3-10x smaller
            lr lags after 200 steps; APOLLO at rank 32 matches AdamW with 0.38x its state.
