@@ -5,6 +5,11 @@ decoding, memx.models.speculative).
   memx generate RUN --prompt-ids 257,72,105 --temperature 0.8 --seed 3 --samples 4
   memx generate RUN --draft SMALL_RUN --draft-len 4      (same tokens at temperature 0)
 
+With --draft the tokens are those of plain generation at temperature 0 (float32; bfloat16
+rounding may settle near-ties differently), except for runs with a sparse plan whose spans
+grow with the length: the plan's N is then the cache length, prompt + new + draft_len - 1
+instead of prompt + new.
+
 Prints the continuation (bytes as text for the byte tokenizer, else ids) and a line of
 numbers: seconds (compile included; with --time the call runs again and only that run is
 timed, tokens per second) and, with a draft, target passes, acceptance and tokens per pass.

@@ -11,7 +11,9 @@ Each round, with both models' caches holding the sequence up to its last token x
    target's argmax), up to the first rejection; the rejected position gets a sample of
    norm(max(0, p_i - q_i)) instead (greedy: the target's argmax), and a round that accepts all
    k adds a sample of p_k+1. So every round emits between 1 and k + 1 tokens, each distributed
-   exactly as the target alone would sample it: greedy output equals `generate`'s.
+   exactly as the target alone would sample it: greedy output equals `generate`'s (exactly in
+   float32; in bfloat16 the parallel check and the one-token steps round differently, so a
+   near-tie between two tokens can go either way).
 4. Both caches are rewound to the kept tokens (`TransformerLM.rewind`).
 
 Rows of a batch share one cache position, so a round keeps the fewest tokens any row accepted
@@ -42,7 +44,8 @@ class SpeculativeStats:
   """What a `speculative_generate` call did.
 
   rounds: target passes after the prompt (one per round); accepted: drafted tokens kept,
-  summed over rounds; drafted: tokens the draft proposed (rounds · k). new_tokens: tokens
+  summed over rounds (with several rows, the batch's minimum per round: what every row kept);
+  drafted: tokens the draft proposed (rounds · k). new_tokens: tokens
   generated (the first one comes from the prompt's pass, as in `generate`).
   """
 
@@ -69,7 +72,8 @@ def speculative_generate(target: TransformerLM, draft: TransformerLM,
                          ) -> tuple[Int[Array, "B S"], SpeculativeStats]:
   """Prompt [B, T] → (prompt followed by max_new_tokens tokens [B, T + max_new_tokens], stats).
 
-  The tokens are distributed as `generate(target, ...)`'s (equal to them at temperature 0);
+  The tokens are distributed as `generate(target, ...)`'s (equal to them at temperature 0, up
+  to near-ties that bfloat16 rounding decides);
   the draft only decides how many target passes it takes. draft_len: tokens drafted per round
   (k). temperature, rng: as `generate` (both models' logits are divided by the temperature).
   max_len (default T + max_new_tokens + k - 1, what the last round can reach) sizes both

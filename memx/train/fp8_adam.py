@@ -7,8 +7,9 @@ far less than E4M3's dynamic range (2^-6 to 448 in normal numbers: 28672), so pl
 leaves most codes unused and rounds small entries coarsely or to zero. COAT's Dynamic Range
 Expansion maps y = |x| / M to y^k before the cast, with k = log(28672) / log(M / m) (m: the
 group's smallest nonzero magnitude), so the group's range fills E4M3's. Decoding takes the k-th
-root, which also divides the cast's relative error (at most 2^-4) by k. expand=False gives the
-plain group-scaled FP8 of the ablation.
+root: the cast's relative error (at most 2^-4) is divided by k, or multiplied when a group
+spans more than E4M3 (k < 1; rare in moments). expand=False gives the plain group-scaled FP8
+of the ablation.
 
 The moments are dequantized, updated in float32 as optax's Adam, and quantized again every
 step. Codes keep their parameter's shape, so under FSDP they shard with it.

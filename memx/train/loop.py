@@ -105,6 +105,12 @@ def prepare(cfg: Config, *, resuming: bool = False) -> Setup:
   resuming: the run continues from its own checkpoint (a fine-tune's base run is not read)."""
   tc = cfg.train
   finetune.check(cfg, base_run=not resuming)
+  if cfg.optim.estimator == "mezo" and cfg.model.param_dtype != "float32":
+    raise ConfigError(
+        f"optim.estimator = mezo with model.param_dtype = {cfg.model.param_dtype!r} is not "
+        f"allowed: a perturbation of mezo_eps = {cfg.optim.mezo_eps} rounds away in "
+        f"{cfg.model.param_dtype} weights of magnitude ~1 (norm scales), and so do MeZO's "
+        f"small steps; keep float32 parameters (compute_dtype may be bfloat16)")
   mesh = make_mesh(cfg.parallel)
   seeds = split_seeds(tc.seed)
   _check_kernel_backend(cfg.model)

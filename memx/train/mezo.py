@@ -5,9 +5,14 @@ One step estimates the gradient with SPSA. Draw z ~ N(0, I) over the trainable p
 set g = (L(θ + εz) − L(θ − εz)) / 2ε, the directional derivative along z (exact for a quadratic
 loss). Then (g·z) goes to the optimizer as the gradient; MeZO's paper pairs it with SGD
 (optim.name "sgd"), and optax's AdamW gives MeZO-Adam. z is never stored. It is drawn again
-from the step's key, leaf by leaf, for the +ε pass, the −ε pass and the update, so nothing
-gradient-sized outlives one leaf's update. No backward pass runs, so no activations are kept
-for one: a step needs about the memory of two forward passes (`scripts/bench_optimizers.py`).
+from the step's key, one leaf after another, for the +ε pass, the −ε pass and the update, and
+barriers keep XLA from drawing every leaf's z at once. No backward pass runs, so no activations
+are kept for one. What a step holds besides the weights is one perturbed copy of the trainable
+weights (θ ± εz; the update writes into the weights' own buffers) and one forward pass's
+activations: less than backprop where activations dominate (long rows, large batches: 0.3x at
+the CPU bench size), more at batch 1 on short rows, where backprop's gradient fuses into the
+update (`scripts/bench_optimizers.py`, tests/train/test_mezo.py). The paper's in-place
+perturbation (θ += εz, −= 2εz, += εz) would drop the copy at the cost of rounding drift.
 
 Sparse MeZO perturbs only part of each tensor: the fraction 1 − s of its entries with the
 smallest magnitude (s = optim.mezo_sparsity; the threshold is taken from θ at the start of
@@ -46,11 +51,25 @@ def direction(params, key: jax.Array, mask=None):
   return jax.tree.unflatten(tree, out)
 
 
+def _leafwise(fn, params, key: jax.Array, mask=None):
+  """fn(p, z) per leaf, z drawn as `direction` does, one leaf after another: a barrier ties
+  each leaf's draw to the previous leaf's result, so XLA cannot draw every z first and hold
+  them all (a parameter-sized temporary per z)."""
+  leaves, tree = jax.tree.flatten(params)
+  mask_leaves = [None] * len(leaves) if mask is None else jax.tree.leaves(mask)
+  out = []
+  for p, k, m in zip(leaves, _leaf_keys(key, params), mask_leaves, strict=True):
+    if out:
+      p, k, m, out[-1] = jax.lax.optimization_barrier((p, k, m, out[-1]))
+    z = jax.random.normal(k, p.shape, jnp.float32)
+    out.append(fn(p, z if m is None else jnp.where(m, z, 0.0)))
+  return jax.tree.unflatten(tree, out)
+
+
 def shifted(params, key: jax.Array, scale, mask=None):
   """θ + scale·z in the parameters' dtypes (z: `direction(params, key, mask)`)."""
-  z = direction(params, key, mask)
-  return jax.tree.map(lambda p, d: (p.astype(jnp.float32) + scale * d).astype(p.dtype),
-                      params, z)
+  return _leafwise(lambda p, z: (p.astype(jnp.float32) + scale * z).astype(p.dtype),
+                   params, key, mask)
 
 
 def spsa(loss_of, params, key: jax.Array, eps: float, sparsity: float = 0.0):
@@ -65,6 +84,5 @@ def spsa(loss_of, params, key: jax.Array, eps: float, sparsity: float = 0.0):
   loss_minus = loss_of(shifted(params, key, -eps, mask))
   params, mask, key, loss_minus = jax.lax.optimization_barrier((params, mask, key, loss_minus))
   g = (loss_plus.astype(jnp.float32) - loss_minus.astype(jnp.float32)) / (2 * eps)
-  grads = jax.tree.map(lambda p, d: (g * d).astype(p.dtype), params,
-                       direction(params, key, mask))
+  grads = _leafwise(lambda p, z: (g * z).astype(p.dtype), params, key, mask)
   return g, (loss_plus + loss_minus) / 2, grads
