@@ -112,16 +112,24 @@ def scale_by_adam_fp8(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 
   def update(updates, state, params=None):
     del params
-    mu = jax.tree.map(lambda g, c, s, k: b1 * dequantize(FP8Moment(c, s, k))
-                      + (1 - b1) * g.astype(jnp.float32),
-                      updates, state.mu_codes, state.mu_scale, state.mu_exponent)
-    nu = jax.tree.map(lambda g, c, s, k: b2 * dequantize(FP8Moment(c, s, k))
-                      + (1 - b2) * jnp.square(g.astype(jnp.float32)),
-                      updates, state.nu_codes, state.nu_scale, state.nu_exponent)
     count = optax.safe_increment(state.count)
     c1, c2 = 1 - b1 ** count, 1 - b2 ** count
-    out = jax.tree.map(lambda g, m, v: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype),
-                       updates, mu, nu)
-    return out, ScaleByAdamFP8State(count, *quantized(mu), *quantized(nu))
+    leaves, tree = jax.tree.flatten(updates)
+    moments = [jax.tree.leaves(t) for t in state[1:]]
+    outs, new = [], []
+    for i, g in enumerate(leaves):
+      mc, ms, mk, nc, ns, nk = (m[i] for m in moments)
+      if new:
+        # One leaf at a time: its float32 moments exist only while it updates (XLA would
+        # otherwise dequantize every leaf first: two parameter-sized float32 temporaries).
+        (g, mc, ms, mk, nc, ns, nk), new[-1] = jax.lax.optimization_barrier(
+            ((g, mc, ms, mk, nc, ns, nk), new[-1]))
+      g32 = g.astype(jnp.float32)
+      m = b1 * dequantize(FP8Moment(mc, ms, mk)) + (1 - b1) * g32
+      v = b2 * dequantize(FP8Moment(nc, ns, nk)) + (1 - b2) * jnp.square(g32)
+      outs.append(((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype))
+      new.append((*quantize(m, expand=expand), *quantize(v, expand=expand)))
+    fields = [jax.tree.unflatten(tree, [n[j] for n in new]) for j in range(6)]
+    return jax.tree.unflatten(tree, outs), ScaleByAdamFP8State(count, *fields)
 
   return optax.GradientTransformation(init, update)
