@@ -7,9 +7,17 @@ import numpy as np
 import optax
 import pytest
 
-from memx.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from memx.config import (
+  CheckpointConfig,
+  Config,
+  DataConfig,
+  ModelConfig,
+  OptimConfig,
+  TrainConfig,
+)
 from memx.errors import ConfigError
 from memx.train import fp8_adam
+from memx.train._testing import fixed_batch_losses, step_temp_bytes
 
 
 def _wide(shape, sigma, seed=0):
@@ -86,29 +94,13 @@ def test_updates_follow_adam():
 
 
 def test_fp8_moments_train_like_float32_ones():
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from memx.data import make_loader
-  from memx.parallel.config import ParallelConfig
-  from memx.parallel.mesh import make_mesh
-  from memx.train.step import init_state, make_train_step
-
   losses = {}
   for quant in (None, "fp8"):
-    cfg = Config(model=ModelConfig(vocab_size=264, d_model=128, n_layers=1, n_heads=2),
-                 data=DataConfig(source="corpus", seq_len=32),
-                 optim=OptimConfig(lr=1e-2, warmup_steps=0, moment_quant=quant),
-                 train=TrainConfig(steps=12, batch_size=4))
-    one = NamedSharding(make_mesh(ParallelConfig(mesh_shape=(1,)), devices=jax.devices()[:1]),
-                        PartitionSpec())
-    batch = make_loader(cfg.data, batch_size=4, seed=0, split="train").global_batch(0, one)
-    ts = init_state(cfg, jax.random.key(0))
-    step = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0)
-    state, out = ts.state, []
-    for _ in range(cfg.train.steps):
-      state, m = step(state, batch)
-      out.append(float(m["loss"]))
-    losses[quant] = out
+    losses[quant] = fixed_batch_losses(Config(
+        model=ModelConfig(vocab_size=264, d_model=128, n_layers=1, n_heads=2),
+        data=DataConfig(source="corpus", seq_len=32),
+        optim=OptimConfig(lr=1e-2, warmup_steps=0, moment_quant=quant),
+        train=TrainConfig(steps=12, batch_size=4)))
   assert losses["fp8"][-1] < 0.8 * losses["fp8"][0]
   assert abs(losses["fp8"][-1] - losses[None][-1]) < 0.05 * losses[None][-1], losses
 
@@ -117,10 +109,6 @@ def test_the_step_dequantizes_one_leaf_at_a_time():
   """Compiled temporaries where weights dominate (d 256, 16 tokens per device): less than one
   parameter-sized array over AdamW's float32 step (one device, measured 11.7 MiB against
   12.8; dequantizing every leaf's moments at once took 52.6, 6.2x the parameters more)."""
-  from memx.benchmark import compile_train_step
-  from memx.config import CheckpointConfig
-  from memx.train.memory import compiled_memory
-
   temps = {}
   for quant in (None, "fp8"):
     cfg = Config(model=ModelConfig(vocab_size=264, d_model=256, n_layers=2, n_heads=4),
@@ -128,9 +116,7 @@ def test_the_step_dequantizes_one_leaf_at_a_time():
                  optim=OptimConfig(moment_quant=quant),
                  train=TrainConfig(steps=2, batch_size=jax.device_count()),
                  checkpoint=CheckpointConfig(enabled=False))
-    compiled, state, _ = compile_train_step(cfg)
-    temps[quant] = compiled_memory(compiled)["temp_bytes"]
-  params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
+    temps[quant], params = step_temp_bytes(cfg)
   assert temps["fp8"] - temps[None] < 1.0 * params, (temps, params)
 
 

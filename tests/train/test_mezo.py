@@ -10,12 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from memx.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from memx.config import (
+  CheckpointConfig,
+  Config,
+  DataConfig,
+  ModelConfig,
+  OptimConfig,
+  TrainConfig,
+)
 from memx.errors import ConfigError
 from memx.train import mezo
-from memx.train.step import MEZO_STREAM, init_state, make_grad_step, make_train_step
+from memx.train._testing import fixed_batch, fixed_batch_losses, step_temp_bytes
+from memx.train.step import MEZO_STREAM, init_state, make_grad_step
 
 
 def _quadratic(seed=0):
@@ -80,19 +87,10 @@ CFG = Config(model=ModelConfig(vocab_size=264, d_model=64, n_layers=1, n_heads=2
              train=TrainConfig(steps=60, batch_size=4))
 
 
-def _batch(cfg):
-  from memx.data import make_loader
-  from memx.parallel.config import ParallelConfig
-  from memx.parallel.mesh import make_mesh
-  one = NamedSharding(make_mesh(ParallelConfig(mesh_shape=(1,)), devices=jax.devices()[:1]),
-                      PartitionSpec())
-  return make_loader(cfg.data, batch_size=4, seed=0, split="train").global_batch(0, one)
-
-
 def test_the_step_estimate_matches_backprop_along_z():
   """The train step's estimate is g·z with g = zᵀ∇L up to finite-difference error (ε = 1e-3
   in float32), z from (train.seed, step); microbatches give the same estimate."""
-  batch = _batch(CFG)
+  batch = fixed_batch(CFG)
   ts = init_state(CFG, jax.random.key(0))
   est, m = jax.jit(make_grad_step(CFG, ts.graphdef))(ts.state, batch)
   backprop_cfg = dataclasses.replace(CFG, optim=dataclasses.replace(CFG.optim,
@@ -120,12 +118,7 @@ def test_mezo_sgd_trains_without_optimizer_state():
   _, opt = nnx.merge(ts.graphdef, ts.state)
   opt_arrays = jax.tree.leaves(nnx.state(opt, nnx.OptState))
   assert all(x.size == 1 for x in opt_arrays)  # SGD: nothing but step counters
-  batch = _batch(CFG)
-  step = jax.jit(make_train_step(CFG, ts.graphdef), donate_argnums=0)
-  state, losses = ts.state, []
-  for _ in range(CFG.train.steps):
-    state, m = step(state, batch)
-    losses.append(float(m["loss"]))
+  losses = fixed_batch_losses(CFG)
   assert losses[-1] < losses[0] - 0.15, losses[::10]
 
 
@@ -134,10 +127,6 @@ def test_a_mezo_step_keeps_no_activations_for_a_backward_pass():
   device, d 64):
   MeZO's two forward passes need under 0.4× of backprop's forward + backward with the same
   stateless SGD (measured 9.5 MiB against 33.4)."""
-  from memx.benchmark import compile_train_step
-  from memx.config import CheckpointConfig
-  from memx.train.memory import compiled_memory
-
   temps = {}
   for estimator, clip in (("backprop", 1.0), ("mezo", None)):
     cfg = Config(model=ModelConfig(vocab_size=264, d_model=64, n_layers=2, n_heads=2),
@@ -145,8 +134,7 @@ def test_a_mezo_step_keeps_no_activations_for_a_backward_pass():
                  optim=OptimConfig(name="sgd", lr=1e-3, estimator=estimator, clip_norm=clip),
                  train=TrainConfig(steps=2, batch_size=8 * jax.device_count()),
                  checkpoint=CheckpointConfig(enabled=False))
-    compiled, _, _ = compile_train_step(cfg)  # data parallel: 8 rows per device
-    temps[estimator] = compiled_memory(compiled)["temp_bytes"]
+    temps[estimator], _ = step_temp_bytes(cfg)  # data parallel: 8 rows per device
   assert temps["mezo"] < 0.4 * temps["backprop"], temps
 
 
@@ -154,18 +142,13 @@ def test_a_mezo_step_holds_one_perturbed_copy_of_the_weights():
   """Where the weights dominate (d 256, 16 tokens per device), a MeZO step's temporaries stay
   near one copy of the parameters (the perturbed weights; measured 1.16x at d 512): each
   leaf's z is drawn, used and dropped in turn (before the leaf-by-leaf barriers: 4x)."""
-  from memx.benchmark import compile_train_step
-  from memx.config import CheckpointConfig
-  from memx.train.memory import compiled_memory
-
   cfg = Config(model=ModelConfig(vocab_size=264, d_model=256, n_layers=2, n_heads=4),
                data=DataConfig(source="corpus", seq_len=16),
                optim=OptimConfig(name="sgd", lr=1e-3, estimator="mezo", clip_norm=None),
                train=TrainConfig(steps=2, batch_size=jax.device_count()),
                checkpoint=CheckpointConfig(enabled=False))
-  compiled, state, _ = compile_train_step(cfg)
-  params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
-  assert compiled_memory(compiled)["temp_bytes"] < 1.5 * params, params
+  temps, params = step_temp_bytes(cfg)
+  assert temps < 1.5 * params, (temps, params)
 
 
 def test_bad_mezo_settings():
@@ -191,7 +174,6 @@ def test_a_mezo_run_resumes_exactly(tmp_path):
   """z comes from (seed, step): a run stopped at step 3 and resumed logs the same losses and
   ends with the same parameters as one run straight through."""
   from memx.checkpoint import Checkpointer
-  from memx.config import CheckpointConfig
   from memx.train.loop import train
   from memx.train.metrics import read_metrics
 

@@ -98,13 +98,8 @@ def test_optimizer_state_bytes():
                                   "apollo_mini"])
 def test_each_optimizer_trains(name):
   """A few updates on one fixed batch lower its loss with every optimizer."""
-  from jax.sharding import NamedSharding, PartitionSpec
-
   from memx.config import Config, DataConfig, TrainConfig
-  from memx.data import make_loader
-  from memx.parallel.config import ParallelConfig
-  from memx.parallel.mesh import make_mesh
-  from memx.train.step import init_state, make_train_step
+  from memx.train._testing import fixed_batch_losses
 
   cfg = Config(model=ModelConfig(vocab_size=264, d_model=128, n_layers=1, n_heads=2),
                data=DataConfig(source="corpus", seq_len=32),
@@ -112,16 +107,7 @@ def test_each_optimizer_trains(name):
                                  warmup_steps=0, galore_rank=16, galore_every=5,
                                  apollo_rank=16, apollo_every=5),
                train=TrainConfig(steps=12, batch_size=4))
-  one = NamedSharding(make_mesh(ParallelConfig(mesh_shape=(1,)), devices=jax.devices()[:1]),
-                      PartitionSpec())
-  batch = make_loader(cfg.data, batch_size=4, seed=0, split="train").global_batch(0, one)
-  ts = init_state(cfg, jax.random.key(0))
-  # Donated, as the loop runs it: a state whose leaves share a buffer cannot be.
-  step = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0)
-  state, losses = ts.state, []
-  for _ in range(cfg.train.steps):
-    state, m = step(state, batch)
-    losses.append(float(m["loss"]))
+  losses = fixed_batch_losses(cfg)
   assert losses[-1] < 0.8 * losses[0], losses
 
 
