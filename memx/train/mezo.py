@@ -39,22 +39,11 @@ def masks(params, sparsity: float):
   return jax.tree.map(one, params)
 
 
-def direction(params, key: jax.Array, mask=None):
-  """z: a standard normal tree over params (float32), zero outside the mask, drawn from key
-  (the same key gives the same z: it is drawn again instead of stored)."""
-  leaves, tree = jax.tree.flatten(params)
-  mask_leaves = [None] * len(leaves) if mask is None else jax.tree.leaves(mask)
-  out = []
-  for p, k, m in zip(leaves, _leaf_keys(key, params), mask_leaves, strict=True):
-    z = jax.random.normal(k, p.shape, jnp.float32)
-    out.append(z if m is None else jnp.where(m, z, 0.0))
-  return jax.tree.unflatten(tree, out)
-
-
 def _leafwise(fn, params, key: jax.Array, mask=None):
-  """fn(p, z) per leaf, z drawn as `direction` does, one leaf after another: a barrier ties
-  each leaf's draw to the previous leaf's result, so XLA cannot draw every z first and hold
-  them all (a parameter-sized temporary per z)."""
+  """fn(p, z) per leaf, with z a standard normal draw (float32, zero outside the mask) from the
+  leaf's key, one leaf after another: a barrier ties each leaf's draw to the previous leaf's
+  result, so XLA cannot draw every z first and hold them all (a parameter-sized temporary
+  per z)."""
   leaves, tree = jax.tree.flatten(params)
   mask_leaves = [None] * len(leaves) if mask is None else jax.tree.leaves(mask)
   out = []
@@ -64,6 +53,12 @@ def _leafwise(fn, params, key: jax.Array, mask=None):
     z = jax.random.normal(k, p.shape, jnp.float32)
     out.append(fn(p, z if m is None else jnp.where(m, z, 0.0)))
   return jax.tree.unflatten(tree, out)
+
+
+def direction(params, key: jax.Array, mask=None):
+  """z: a standard normal tree over params (float32), zero outside the mask, drawn from key
+  (the same key gives the same z: it is drawn again instead of stored)."""
+  return _leafwise(lambda p, z: z, params, key, mask)
 
 
 def shifted(params, key: jax.Array, scale, mask=None):
