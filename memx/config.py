@@ -11,11 +11,17 @@ from memx.checkpoint.config import CheckpointConfig
 from memx.data.config import DataConfig
 from memx.models.config import ModelConfig
 from memx.parallel.config import ParallelConfig
-from memx.train.config import LORA_TARGETS, FinetuneConfig, OptimConfig, TrainConfig
+from memx.train.config import (
+  LORA_TARGETS,
+  FinetuneConfig,
+  LocalConfig,
+  OptimConfig,
+  TrainConfig,
+)
 
-__all__ = ["CheckpointConfig", "Config", "DataConfig", "FinetuneConfig", "ModelConfig",
-           "OptimConfig",
-           "ParallelConfig", "TrainConfig", "config_hash", "to_dict"]
+__all__ = ["CheckpointConfig", "Config", "DataConfig", "FinetuneConfig", "LocalConfig",
+           "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "config_hash",
+           "to_dict"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,6 +33,7 @@ class Config:
   parallel: ParallelConfig = ParallelConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
   finetune: FinetuneConfig = FinetuneConfig()
+  local: LocalConfig = LocalConfig()
 
 
 def to_dict(cfg: Any) -> dict:
@@ -63,7 +70,9 @@ HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
                 ("finetune", "base_step"): None, ("finetune", "lora_rank"): 0,
                 ("finetune", "lora_alpha"): 16.0,
                 ("finetune", "lora_targets"): LORA_TARGETS,
-                ("finetune", "quantize_base"): "none", ("model", "weight_quant"): None}
+                ("finetune", "quantize_base"): "none", ("model", "weight_quant"): None,
+                ("local", "groups"): 1, ("local", "aux_depth"): 1, ("local", "aux_decay"): True,
+                ("local", "aux_weights"): "own", ("local", "ema_decay"): 0.99}
 
 
 def drop_neutral(d: dict, neutral: dict) -> dict:

@@ -156,9 +156,9 @@ class TransformerLM(nnx.Module):
     return jnp.take(self.embed[...], tokens, axis=0).astype(DTYPES[self.cfg.compute_dtype])
 
   def _logits(self, x):
-    return self._project(self.final_norm(x))
+    return self.project(self.final_norm(x))
 
-  def _project(self, xn):
+  def project(self, xn):
     """Final-normed hidden states → logits [..., V] float32."""
     dt = DTYPES[self.cfg.compute_dtype]
     if self.cfg.tie_embeddings:
@@ -182,7 +182,7 @@ class TransformerLM(nnx.Module):
     (memx.sparse.profile); those layers run explicit dense attention without remat."""
     xn = self.features(tokens, positions=positions, segment_ids=segment_ids,
                        score_biases=score_biases)
-    return constrain(self._project(xn), (BATCH, SEQ, VOCAB))
+    return constrain(self.project(xn), (BATCH, SEQ, VOCAB))
 
   def features(self, tokens: Int[Array, "B T"], *, positions: Int[Array, "B T"] | None = None,
                segment_ids: Int[Array, "B T"] | None = None,
@@ -191,15 +191,31 @@ class TransformerLM(nnx.Module):
     materialises the logits (memx.kernels.cross_entropy) starts from here."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    # Activation shardings by logical name (no-ops without a mesh and rules).
-    x = constrain(self._embed(tokens), (BATCH, SEQ, EMBED))
+    x = self.embed_tokens(tokens)
+    if score_biases is None:
+      return self.final_norm(self.run_layers(x, range(self.cfg.n_layers), positions, segment_ids))
     for i, (block, lb) in enumerate(zip(self.blocks, self._layer_bounds(), strict=True)):
-      if score_biases is not None and i in score_biases:
+      if i in score_biases:
         x = block(x, positions, segment_ids, lb, score_biases[i])
       else:
         x = self._run_block(block, x, positions, segment_ids, lb)
       x = constrain(x, (BATCH, SEQ, EMBED))
     return self.final_norm(x)
+
+  def embed_tokens(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    # Activation shardings by logical name (no-ops without a mesh and rules).
+    return constrain(self._embed(tokens), (BATCH, SEQ, EMBED))
+
+  def run_layers(self, x: Float[Array, "B T D"], layers: range, positions: Int[Array, "B T"],
+                 segment_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T D"]:
+    """Hidden states x through the blocks `layers` (consecutive layer indices), each under the
+    model's remat policy: the model between embedding and final norm when layers is all of
+    them, one gradient-isolated group of local learning (memx.train.local) otherwise."""
+    bounds = self._layer_bounds()
+    for i in layers:
+      x = self._run_block(self.blocks[i], x, positions, segment_ids, bounds[i])
+      x = constrain(x, (BATCH, SEQ, EMBED))
+    return x
 
   # --- decoding -------------------------------------------------------------------------------
 

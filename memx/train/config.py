@@ -191,6 +191,62 @@ class TrainConfig:
             "are equal slices of the global batch)")
 
 
+AUX_WEIGHTS = ("own", "ema")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LocalConfig:
+  """Supervised local learning (memx.train.local): the blocks train in `groups` consecutive,
+  gradient-isolated groups, each from a loss of its own, so a backward pass never crosses a
+  group boundary and the activations kept for it are one group's, not the whole model's.
+
+  Group g < groups - 1 feeds its output to an auxiliary network: aux_depth blocks built like
+  layers sampled evenly from the layers after the group (AugLocal's choice of its auxiliary
+  layers), then an RMSNorm and the model's own output projection, and a next-token loss on
+  that; the last group trains on the model's loss. Group g + 1 reads group g's output as a
+  constant. The auxiliary networks are training-only: the model's forward, evaluation and
+  generation never run them.
+
+  Attributes:
+    groups: 1 is end-to-end backpropagation (the default; the rest then does not apply);
+      2..model.n_layers cuts the layers into that many contiguous groups of near-equal size
+      (the earlier groups take the extra layers).
+    aux_depth: blocks in the first group's auxiliary network; 0 gives every group just the
+      norm and the output projection (a linear probe on the group's output, as DGL).
+    aux_decay: AugLocal's pyramid: group g's auxiliary depth falls linearly from aux_depth
+      (g = 0) to ceil(aux_depth / (groups - 1)) (the last auxiliary group). False: every
+      auxiliary network has aux_depth blocks.
+    aux_weights: "own": the auxiliary blocks are parameters of their own, freshly initialized
+      and trained by their group's loss (AugLocal). "ema": they are exponential moving
+      averages of the very layers they copy, updated after every optimizer step, plus a
+      trained bias after each block (MAN, the Momentum Auxiliary Network): no auxiliary
+      weights to train or to keep optimizer state for.
+    ema_decay: the moving average's decay for aux_weights "ema".
+  """
+
+  groups: int = 1
+  aux_depth: int = 1
+  aux_decay: bool = True
+  aux_weights: str = "own"
+  ema_decay: float = 0.99
+
+  def __post_init__(self):
+    require(isinstance(self.groups, int) and not isinstance(self.groups, bool)
+            and self.groups >= 1, "local", "groups", self.groups,
+            "must be an integer >= 1 (1: end-to-end backpropagation)")
+    require(isinstance(self.aux_depth, int) and not isinstance(self.aux_depth, bool)
+            and self.aux_depth >= 0, "local", "aux_depth", self.aux_depth,
+            "must be an integer >= 0 (0: norm and output projection only)")
+    require(isinstance(self.aux_decay, bool), "local", "aux_decay", self.aux_decay,
+            "must be true or false")
+    require(self.aux_weights in AUX_WEIGHTS, "local", "aux_weights", self.aux_weights,
+            f"expected one of {list(AUX_WEIGHTS)}")
+    require(isinstance(self.ema_decay, int | float) and 0 <= self.ema_decay < 1, "local",
+            "ema_decay", self.ema_decay, "must lie in [0, 1)")
+    require(self.aux_weights == "own" or self.aux_depth >= 1, "local", "aux_weights",
+            self.aux_weights, "needs local.aux_depth >= 1 (blocks to average)")
+
+
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 BASE_QUANT = ("none", "nf4")
 

@@ -24,17 +24,20 @@ from memx.errors import ConfigError
 from memx.models.transformer import TransformerLM
 from memx.nn.lora import add_lora, merge_lora
 from memx.nn.quantized import Quantized
+from memx.train import local
 
 # The adapters' initialization draws from its own stream of the model key.
 ADAPTER_STREAM = 0x4C6F5241
 
 
 def param_count(model: TransformerLM) -> int:
-  """Parameters of a model: every nnx.Param entry, and each quantized weight counted as the
-  weights it stores (not its code bytes)."""
+  """Parameters of a model: every nnx.Param entry (but local learning's training-only
+  auxiliary networks), and each quantized weight counted as the weights it stores (not its
+  code bytes)."""
   from memx.nn.quantized import IntQWeight, NF4Weight
 
-  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(
+      model, nnx.All(nnx.Param, lambda path, _: path[0] != local.AUX))))
   return int(n + sum(math.prod(m.shape) for _, m in nnx.iter_graph(model)
                      if isinstance(m, IntQWeight | NF4Weight)))
 
@@ -60,6 +63,7 @@ def build_model(cfg: Config, model_key: jax.Array, *, load_base: bool = True) ->
     except ValueError as e:
       raise ConfigError(f"model.weight_quant = {cfg.model.weight_quant!r} is not allowed for "
                         f"this model: {e}") from None
+  local.add_aux(model, cfg, model_key)  # local learning's auxiliary networks (local.groups > 1)
   ft = cfg.finetune
   if ft.base is not None and load_base:
     copy_base(model, ft)

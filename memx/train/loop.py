@@ -42,7 +42,7 @@ from memx.parallel.constrain import sharding_context
 from memx.parallel.mesh import batch_sharding, make_mesh
 from memx.parallel.rules import RULES, shards
 from memx.parallel.validate import validate_for_model
-from memx.train import finetune, microbatch
+from memx.train import finetune, local, microbatch
 from memx.train.memory import compiled_memory, peak_device_bytes
 from memx.train.metrics import MetricsWriter, resumed_history, truncate_after
 from memx.train.step import (
@@ -78,6 +78,8 @@ def run_identity(cfg: Config) -> dict:
   ft.pop("base")  # a base run may move; the weights it gave are in the checkpoint
   if ft != {k: v for k, v in to_dict(FinetuneConfig()).items() if k != "base"}:
     identity["finetune"] = ft  # (left out at the defaults: checkpoints from before still match)
+  if cfg.local.groups > 1:  # the auxiliary networks are part of the checkpointed model
+    identity["local"] = to_dict(cfg.local)
   return json.loads(json.dumps(identity))  # as stored: tuples become lists
 
 
@@ -105,6 +107,7 @@ def prepare(cfg: Config, *, resuming: bool = False) -> Setup:
   resuming: the run continues from its own checkpoint (a fine-tune's base run is not read)."""
   tc = cfg.train
   finetune.check(cfg, base_run=not resuming)
+  local.check(cfg)
   if cfg.optim.estimator == "mezo" and cfg.model.param_dtype != "float32":
     raise ConfigError(
         f"optim.estimator = mezo with model.param_dtype = {cfg.model.param_dtype!r} is not "
@@ -356,6 +359,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
         loss = float(m["loss"])
         record = {"step": step, "split": "train", "loss": loss,
                   "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
+        # local learning's auxiliary losses, one per group but the last
+        record.update({f"local_loss_{g}": float(v) for g, v in enumerate(m.get("local_loss", []))})
         if step == pending[-1][0]:
           record["tokens_per_s"] = rate
         writer.write(record)
@@ -494,7 +499,7 @@ def _compile_split(cfg, graphdef, shardings, state, batch):
   grad_fn = jax.jit(grad_step, out_shardings=(grad_shardings, None)).lower(state, batch).compile()
   grads_shape = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                              abstract, grad_fn.output_shardings[0])
-  apply_fn = jax.jit(make_apply_step(graphdef), donate_argnums=0,
+  apply_fn = jax.jit(make_apply_step(cfg, graphdef), donate_argnums=0,
                      out_shardings=shardings).lower(state, grads_shape).compile()
   return grad_fn, apply_fn
 

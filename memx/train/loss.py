@@ -5,6 +5,8 @@ import jax.numpy as jnp
 
 from memx.kernels.cross_entropy import cross_entropy
 from memx.nn._params import DTYPES
+from memx.parallel.axes import BATCH, SEQ, VOCAB
+from memx.parallel.constrain import constrain
 from memx.typing import Array, Bool, Float, Int
 
 
@@ -42,9 +44,16 @@ def lm_token_losses(model, inputs: Int[Array, "B T"], targets: Int[Array, "B T"]
   """Per-token losses of a memx LM: from its full logits, or (vocab_block > 0) over vocabulary
   blocks so the [B, T, V] logits never exist whole (memx.kernels.cross_entropy).
   segment_ids: documents of a row (memx.data.documents), or None for one sequence per row."""
-  if not vocab_block:
-    return token_losses(model(inputs, positions=positions, segment_ids=segment_ids), targets)
-  w, layout = model.head_weight()
   features = model.features(inputs, positions=positions, segment_ids=segment_ids)
+  return feature_losses(model, features, targets, vocab_block)
+
+
+def feature_losses(model, features: Float[Array, "B T D"], targets: Int[Array, "B T"],
+                   vocab_block: int = 0) -> Float[Array, "B T"]:
+  """Per-token losses of final-normed hidden states through the model's output projection
+  (lm_token_losses after the model's blocks; local learning's auxiliary losses)."""
+  if not vocab_block:
+    return token_losses(constrain(model.project(features), (BATCH, SEQ, VOCAB)), targets)
+  w, layout = model.head_weight()
   return cross_entropy(features, w, targets, vocab_block=vocab_block,
                        compute_dtype=DTYPES[model.cfg.compute_dtype], w_layout=layout)

@@ -80,21 +80,34 @@ def value_and_grad(loss_fn: Callable[..., Any], model: nnx.Module, batch: Batch,
   if n == 1:
     return nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(
         model, batch)
+  with_aux = loss_fn if has_aux else (lambda model, mb: (loss_fn(model, mb), {}))
+  grad_fn = nnx.value_and_grad(with_aux, argnums=nnx.DiffState(0, wrt), has_aux=True)
+  (loss, aux), grads = accumulate_model(grad_fn, model, batch, n, wrt=wrt)
+  return ((loss, aux) if has_aux else loss), grads
+
+
+def accumulate_model(grad_fn: Callable[..., Any], model: nnx.Module, batch: Batch, n: int, *,
+                     wrt: Any = nnx.Param):
+  """Σ_j grad_fn(model, microbatch_j) for a grad_fn returning ((loss, aux dict), gradient of
+  the `wrt` variables as an nnx.State): the gradient accumulation of `value_and_grad` around
+  any way of computing a microbatch's gradient (local learning's, memx.train.local). n = 1 is
+  grad_fn(model, batch)."""
+  if n == 1:
+    return grad_fn(model, batch)
   graphdef, params, rest = nnx.split(model, wrt, ...)
 
-  def loss_of(p, rest, mb):
-    out = loss_fn(nnx.merge(graphdef, p, rest), mb)
-    return out if has_aux else (out, {})
+  def one(p, rest, mb):
+    return grad_fn(nnx.merge(graphdef, p, rest), mb)
 
   mbs = split_microbatches(batch, n)
-  aux_shape = jax.eval_shape(loss_of, params, rest, jax.tree.map(lambda x: x[0], mbs))[1]
+  aux_shape = jax.eval_shape(one, params, rest, jax.tree.map(lambda x: x[0], mbs))[0][1]
 
   def body(carry, mb):
     total, aux_sum, acc = carry
     # The barrier ties the parameters to this iteration: without it XLA hoists their FSDP
     # all-gathers out of the loop, and every device holds them unsharded for the whole step.
     p, rest_p, mb = jax.lax.optimization_barrier((params, rest, mb))
-    (loss, aux), g = jax.value_and_grad(loss_of, has_aux=True)(p, rest_p, mb)
+    (loss, aux), g = one(p, rest_p, mb)
     acc = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
     return (total + loss.astype(jnp.float32), jax.tree.map(jnp.add, aux_sum, aux), acc), None
 
@@ -102,7 +115,7 @@ def value_and_grad(loss_fn: Callable[..., Any], model: nnx.Module, batch: Batch,
   aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
   (loss, aux, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), aux0, zeros), mbs)
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-  return ((loss, aux) if has_aux else loss), grads
+  return (loss, aux), grads
 
 
 def sum_over(fn: Callable[[Any, Batch], dict], state: Any, batch: Batch, n: int) -> dict:

@@ -15,7 +15,7 @@ from memx.nn.quantized import Quantized
 from memx.parallel.axes import EMBED
 from memx.parallel.rules import FSDP, RULES, mesh_axes_of
 from memx.parallel.sequence import batch_to_layout
-from memx.train import mezo, microbatch
+from memx.train import local, mezo, microbatch
 from memx.train.finetune import build_model, trainable
 from memx.train.loss import (
   answer_hits,
@@ -166,12 +166,18 @@ def make_grad_step(cfg: Config, graphdef):
                                vocab_block=cfg.train.loss_vocab_block)
       return weighted_mean(losses, mb["weights"], total)
 
+    extra = {}
     if cfg.optim.estimator == "mezo":
       loss, grads = _mezo_estimate(cfg, model, opt, loss_fn, b)
+    elif cfg.local.groups > 1:
+      (loss, extra), grads = microbatch.accumulate_model(
+          lambda m, mb: local.value_and_grad(cfg, m, mb, total, trainable(cfg)), model, b,
+          cfg.train.microbatches, wrt=trainable(cfg))
     else:
       loss, grads = microbatch.value_and_grad(loss_fn, model, b, cfg.train.microbatches,
                                               wrt=trainable(cfg))
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...])}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(opt.step[...]),
+               **extra}
     return grads, metrics
 
   return grad_step
@@ -193,12 +199,16 @@ def _mezo_estimate(cfg: Config, model, opt, loss_fn, batch: Batch):
   return loss, grads
 
 
-def make_apply_step(graphdef):
-  """(state, grads) → state after one optimizer update (the only mutation of the state)."""
+def make_apply_step(cfg: Config, graphdef):
+  """(state, grads) → state after one optimizer update (the only mutation of the state), and
+  with local.aux_weights "ema", MAN's moving averages of the updated layers."""
+  ema = cfg.local.groups > 1 and cfg.local.aux_weights == "ema"
 
   def apply_step(state, grads):
     model, opt = nnx.merge(graphdef, state)
     opt.update(model, grads)
+    if ema:
+      local.update_ema(model, cfg.local.ema_decay)
     return nnx.state((model, opt))
 
   return apply_step
@@ -206,7 +216,7 @@ def make_apply_step(graphdef):
 
 def make_train_step(cfg: Config, graphdef):
   """The fused step: grad_step then apply_step in one program (bit-identical to the split)."""
-  grad_step, apply_step = make_grad_step(cfg, graphdef), make_apply_step(graphdef)
+  grad_step, apply_step = make_grad_step(cfg, graphdef), make_apply_step(cfg, graphdef)
 
   def train_step(state, batch: Batch):
     grads, metrics = grad_step(state, batch)
