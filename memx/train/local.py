@@ -166,6 +166,12 @@ def _groups_of(path, n_groups: int, layer_group: dict[int, int], tied: bool):
   return None  # the output projection (every loss uses it), MLGRU's lower bounds
 
 
+def hand_over(out, grads):
+  """The next group's input, released only with this group's gradients (a barrier: without
+  it XLA may run every forward pass first and keep all groups' activations, as backprop)."""
+  return jax.lax.optimization_barrier((out, grads))
+
+
 def value_and_grad(cfg: Config, model: TransformerLM, batch: dict, total: jax.Array, wrt):
   """((the model's loss, {"local_loss": [G - 1] auxiliary losses}), gradients of the `wrt`
   variables as an nnx.State like nnx.state(model, wrt)): group by group, each group's
@@ -198,8 +204,7 @@ def value_and_grad(cfg: Config, model: TransformerLM, batch: dict, total: jax.Ar
     (loss, out), grads = nnx.value_and_grad(loss_of(g), argnums=nnx.DiffState(0, owned),
                                             has_aux=True)(model, h)
     if g < n - 1:
-      # The next group's input exists only once this group's gradients do.
-      h, grads = jax.lax.optimization_barrier((out, grads))
+      h, grads = hand_over(out, grads)
       aux_losses.append(loss)
     for path, var in grads.flat_state():
       value = var.get_value()
