@@ -8,7 +8,7 @@ auxiliary networks add theirs), step time, each with its ratio to end-to-end bac
 Variants: backprop; the usual ways to cut activation memory at the same batch (remat "full" and
 "dots", 4 microbatches); local learning at 2, 4 and 8 groups with auxiliary depths 0 (a probe:
 norm + output projection), 1 and 2 (AugLocal's pyramid, or flat), MAN's moving-average blocks;
-and "4 groups, no barrier": the same gradient without the hand-over barrier between groups
+and "local G4 d1 no-barrier": the same gradient without the hand-over barrier between groups
 (memx.train.local.hand_over), which shows what the schedule, not the math, saves.
 
   python scripts/bench_local.py --out benchmarks/out/local                 # CPU
@@ -45,14 +45,14 @@ VARIANTS = {
     "remat full": ("full", 1, None, True),
     "remat dots": ("dots", 1, None, True),
     "microbatches 4": ("none", 4, None, True),
-    "local 2, depth 1": ("none", 1, dict(groups=2, aux_depth=1), True),
-    "local 4, depth 0": ("none", 1, dict(groups=4, aux_depth=0), True),
-    "local 4, depth 1": ("none", 1, dict(groups=4, aux_depth=1), True),
-    "local 4, depth 2": ("none", 1, dict(groups=4, aux_depth=2), True),
-    "local 4, depth 2 flat": ("none", 1, dict(groups=4, aux_depth=2, aux_decay=False), True),
-    "local 4, depth 1, MAN": ("none", 1, dict(groups=4, aux_depth=1, aux_weights="ema"), True),
-    "local 8, depth 0": ("none", 1, dict(groups=8, aux_depth=0), True),
-    "local 4, depth 1, no barrier": ("none", 1, dict(groups=4, aux_depth=1), False),
+    "local G2 d1": ("none", 1, dict(groups=2, aux_depth=1), True),
+    "local G4 d0": ("none", 1, dict(groups=4, aux_depth=0), True),
+    "local G4 d1": ("none", 1, dict(groups=4, aux_depth=1), True),
+    "local G4 d2": ("none", 1, dict(groups=4, aux_depth=2), True),
+    "local G4 d2 flat": ("none", 1, dict(groups=4, aux_depth=2, aux_decay=False), True),
+    "local G4 d1 MAN": ("none", 1, dict(groups=4, aux_depth=1, aux_weights="ema"), True),
+    "local G8 d0": ("none", 1, dict(groups=8, aux_depth=0), True),
+    "local G4 d1 no-barrier": ("none", 1, dict(groups=4, aux_depth=1), False),
 }
 
 
