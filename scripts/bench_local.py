@@ -8,7 +8,7 @@ auxiliary networks add theirs), step time, each with its ratio to end-to-end bac
 Variants: backprop; the usual ways to cut activation memory at the same batch (remat "full" and
 "dots", 4 microbatches); local learning at 2, 4 and 8 groups with auxiliary depths 0 (a probe:
 norm + output projection), 1 and 2 (AugLocal's pyramid, or flat), MAN's moving-average blocks;
-and "local G4 d1 no-barrier": the same gradient without the hand-over barrier between groups
+and "G4-d1-nobarrier": the same gradient without the hand-over barrier between groups
 (memx.train.local.hand_over), which shows what the schedule, not the math, saves.
 
   python scripts/bench_local.py --out benchmarks/out/local                 # CPU
@@ -42,17 +42,18 @@ SIZES = {"cpu": (256, 8, 4, 2048, 512, 8, 2), "gpu": (1024, 16, 16, 32000, 2048,
 # name → (remat, microbatches, LocalConfig fields or None, hand-over barrier)
 VARIANTS = {
     "backprop": ("none", 1, None, True),
-    "remat full": ("full", 1, None, True),
-    "remat dots": ("dots", 1, None, True),
-    "microbatches 4": ("none", 4, None, True),
-    "local G2 d1": ("none", 1, dict(groups=2, aux_depth=1), True),
-    "local G4 d0": ("none", 1, dict(groups=4, aux_depth=0), True),
-    "local G4 d1": ("none", 1, dict(groups=4, aux_depth=1), True),
-    "local G4 d2": ("none", 1, dict(groups=4, aux_depth=2), True),
-    "local G4 d2 flat": ("none", 1, dict(groups=4, aux_depth=2, aux_decay=False), True),
-    "local G4 d1 MAN": ("none", 1, dict(groups=4, aux_depth=1, aux_weights="ema"), True),
-    "local G8 d0": ("none", 1, dict(groups=8, aux_depth=0), True),
-    "local G4 d1 no-barrier": ("none", 1, dict(groups=4, aux_depth=1), False),
+    "remat-full": ("full", 1, None, True),
+    "remat-dots": ("dots", 1, None, True),
+    "microbatch-4": ("none", 4, None, True),
+    "G2-d1": ("none", 1, dict(groups=2, aux_depth=1), True),
+    "G4-d0": ("none", 1, dict(groups=4, aux_depth=0), True),
+    "G4-d1": ("none", 1, dict(groups=4, aux_depth=1), True),
+    "G4-d2": ("none", 1, dict(groups=4, aux_depth=2), True),
+    "G4-d2-flat": ("none", 1, dict(groups=4, aux_depth=2, aux_decay=False), True),
+    "G4-d1-MAN": ("none", 1, dict(groups=4, aux_depth=1, aux_weights="ema"), True),
+    "G8-d0": ("none", 1, dict(groups=8, aux_depth=0), True),
+    "G4-d1-remat": ("full", 1, dict(groups=4, aux_depth=1), True),
+    "G4-d1-nobarrier": ("none", 1, dict(groups=4, aux_depth=1), False),
 }
 
 

@@ -10,6 +10,8 @@ count. Rows, all from the same run:
                 of rms_norm and bitlinear still keep only their inputs)
   dots          remat="dots": matmul outputs and the attention/SSD kernels' named results kept
   dots, matmuls baseline: the matmul-only policy (reruns attention and SSD forward passes)
+  offload       remat="offload": "dots" with the matmul outputs kept in pinned host memory
+                (host_temp_bytes; on CPU the offload compiles away and it equals "dots")
 Writes results.json and results.md to --out.
 
   python scripts/bench_remat.py --out $OUT/bench_remat             # GPU: d 1024, 8 layers
@@ -87,6 +89,8 @@ def measure(cfg: ModelConfig, batch: int, seq: int) -> dict:
   # count is not the step's, so it is not reported.
   flops = float(cost["flops"]) / 1e9 if jax.default_backend() == "cpu" else None
   return {"step_bytes": int(mem.argument_size_in_bytes + mem.temp_size_in_bytes),
+          # remat="offload"'s saved matmul outputs, in host memory (0 on CPU: no offload there)
+          "host_temp_bytes": int(getattr(mem, "host_temp_size_in_bytes", 0) or 0),
           "saved_activation_bytes": saved_activation_bytes(loss_fn, params),
           "gflops": flops}
 
@@ -95,7 +99,8 @@ def bench(d: int, layers: int, vocab: int, batch: int, seq: int, mixers) -> list
   rows = []
   variants = (("none", "none", contextlib.nullcontext), ("none, plain", "none", _no_checkpoints),
               ("dots", "dots", contextlib.nullcontext),
-              ("dots, matmuls", "dots", _matmul_only_dots))
+              ("dots, matmuls", "dots", _matmul_only_dots),
+              ("offload", "offload", contextlib.nullcontext))
   for mixer in mixers:
     base = _config(mixer, d, layers, vocab)
     res = {}

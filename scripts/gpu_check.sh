@@ -98,6 +98,8 @@ bench_args() {
     bench_lora) echo "--step-size gpu --repeats 3 --sizes 1.3b,7b" ;;
     # (session 22: speculative decoding's round parts at the gpu size, bf16, context 4096.)
     bench_speculative) echo "--size gpu --repeats 5" ;;
+    # (session 23: local learning's step memory and time against backprop and remat.)
+    bench_local) echo "--size gpu --repeats 2 --variants backprop,remat-full,G4-d1,G4-d1-MAN,G8-d0,G4-d1-nobarrier" ;;
     # (jax 0.11.2's XLA does not know --xla_gpu_enable_dot_strength_reduction: the profile of
     # the M = 1 projections without that rewrite needs a newer jaxlib on the GPU machine.)
     # The rerun without command buffers names each kernel's HLO op (session 9: inside a command

@@ -8,7 +8,7 @@ from memx._validate import one_of, require
 from memx.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
-REMAT = ("none", "full", "dots")
+REMAT = ("none", "full", "dots", "offload")
 MIXERS = ("attention", "mamba2", "linear_attention", "mlgru")
 MLP_KINDS = ("swiglu", "bitglu")
 FEATURE_MAPS = ("identity", "elu1")
@@ -106,9 +106,11 @@ class ModelConfig:
     n_kv_heads: key/value heads for grouped-query attention; None means n_heads (MHA).
     d_ff: SwiGLU hidden width; 0 means 8/3·d_model rounded up to a multiple of 64.
     tie_embeddings: reuse the embedding table as the output projection.
-    remat: per-block rematerialisation: "none", "full" (save only block inputs) or "dots"
+    remat: per-block rematerialisation: "none", "full" (save only block inputs), "dots"
       (save matmul outputs and the attention / SSD kernels' forward results, recompute
-      elementwise ops).
+      elementwise ops) or "offload" ("dots" with the matmul outputs kept in pinned host memory
+      until the backward pass: activation memory moves off the device, PCIe traffic is added;
+      on CPU it is "dots").
     param_dtype, compute_dtype: storage and compute dtypes ("bfloat16" compute = mixed
       precision; norms, softmax and the loss stay in float32).
     attn_window: left window (tokens) of windowed layers; None means full causal attention.
@@ -148,7 +150,7 @@ class ModelConfig:
   norm_eps: float = 1e-6
   init_std: float = 0.02
   tie_embeddings: bool = True
-  remat: Literal["none", "full", "dots"] = "none"
+  remat: Literal["none", "full", "dots", "offload"] = "none"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
   attn_window: int | None = None

@@ -33,6 +33,19 @@ from memx.parallel.axes import BATCH, EMBED, LAYERS, MLP, SEQ, VOCAB
 from memx.parallel.constrain import constrain
 from memx.typing import Array, Float, Int
 
+_OFFLOAD_DOTS = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+
+
+def _offload_dots(prim, *args, **params):
+  """remat "offload": "dots", but the matmul outputs wait for the backward pass in pinned host
+  memory (copied out in the forward pass, back in the backward; XLA overlaps the copies with
+  compute on GPUs and TPUs) instead of device memory. The kernels' results stay on device.
+  On CPU, whose host memory is its device memory, the copies compile away: "dots" there."""
+  if save_kernel_results(prim, *args, **params):
+    return True
+  return _OFFLOAD_DOTS(prim, *args, **params)
+
+
 # Which intermediates a rematerialised block keeps for the backward pass.
 REMAT_POLICIES = {
     "full": None,  # save only the block input; recompute everything
@@ -40,6 +53,7 @@ REMAT_POLICIES = {
     # passes need them; without them the kernels' whole forward pass would run again)
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, save_kernel_results),
+    "offload": _offload_dots,
 }
 SSM_MIXERS = {"mamba2": Mamba2, "linear_attention": LinearAttention, "mlgru": MLGRU}
 MLPS = {"swiglu": SwiGLU, "bitglu": BitGLU}

@@ -65,7 +65,7 @@ def test_window_limits_receptive_field():
   assert np.all(per_pos[:4] == 0.0) and np.all(per_pos[4:7] > 0), per_pos
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "offload"])
 def test_remat_matches_no_remat(remat):
   tokens = _tokens()
   base = TransformerLM(CFG, rngs=nnx.Rngs(1))
@@ -79,6 +79,22 @@ def test_remat_matches_no_remat(remat):
   assert float(l0) == float(l1)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_remat_offload_sends_the_matmul_outputs_to_host_memory():
+  """The backward pass's jaxpr moves each saved matmul output to host memory and back (the
+  CPU lowering drops the moves: its host memory is its device memory; see bench_remat on GPU
+  for the bytes)."""
+  tokens = _tokens()
+
+  def moves(remat):
+    gd, state = nnx.split(TransformerLM(dataclasses.replace(CFG, remat=remat), rngs=nnx.Rngs(1)))
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda s: jnp.mean(nnx.merge(gd, s)(tokens) ** 2)))(
+        state))
+    return jaxpr.count("devices=(MemorySpace.Host,)"), jaxpr.count("devices=(MemorySpace.Device,)")
+  to_host, back = moves("offload")
+  assert to_host >= 4 * CFG.n_layers and back == to_host
+  assert moves("dots") == (0, 0)
 
 
 def test_bf16_close_to_fp32():
