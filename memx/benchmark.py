@@ -47,7 +47,7 @@ def compile_train_step(cfg):
   shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
   state = jax.device_put(ts.state, shardings)
   batch = make_loader(cfg.data, batch_size=cfg.train.batch_size, seed=0,
-                      split="train").global_batch(0, batch_sharding(mesh))
+                      split="train").global_batch(0, batch_sharding(mesh, cfg.parallel.strategy))
   compiled = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
                      out_shardings=(shardings, None)).lower(state, batch).compile()
   state, m = compiled(state, batch)  # warm-up

@@ -19,7 +19,8 @@ USAGE_EXAMPLES = """examples:
 
 # Subcommands that live beside their package: each module has add_parser(subparsers), which
 # registers its parser with set_defaults(handler=fn); fn(args) -> exit code imports lazily.
-EXTENSIONS = ("memx.sparse.cli", "memx.distill.cli", "memx.quant.cli", "memx.models.cli")
+EXTENSIONS = ("memx.sparse.cli", "memx.distill.cli", "memx.quant.cli", "memx.models.cli",
+              "memx.budget")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ import jax
 from memx._io import atomic_file, write_json
 from memx.benchmark import compile_train_step, time_steps
 from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from memx.costs import hardware_of, train_flops_per_token
 from memx.train.loop import train
 from memx.train.memory import compiled_memory, peak_device_bytes
 
@@ -37,10 +38,6 @@ SIZES = {
     "gpu": {"125m": (768, 12, 12, 1024, 32, 60), "350m": (1024, 24, 16, 1024, 16, 40),
             "760m": (1536, 24, 16, 1024, 8, 30)},
 }
-# Dense bf16 peak FLOP/s by device kind (vendor datasheets, no sparsity).
-PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
-
-
 def make_config(size, bf16: bool) -> Config:
   d, layers, heads, seq, batch, steps = size
   dt = "bfloat16" if bf16 else "float32"
@@ -54,29 +51,10 @@ def make_config(size, bf16: bool) -> Config:
   )
 
 
-def model_flops_per_token(cfg: Config, params) -> float:
-  """Training FLOPs per token, counted from the model (XLA's cost_analysis cannot be used: on
-  GPUs it leaves out the cuBLAS/cuDNN custom calls, 1.87 of ~390 TFLOP/s on an H100).
-
-  6 per matmul weight (forward 2, backward 4): every weight of rank >= 2, the embedding table
-  too when it is tied (it is then the output projection; untied, its lookup is free and the
-  separate head counts). Plus causal attention: QKᵀ and PV are 4·T·d per token and layer
-  forward over all keys, half of that under the causal mask, times 3 with the backward.
-  Recomputation under remat is not counted (model FLOPs, as MFU is usually quoted).
-  """
-  m = cfg.model
-  weights = 0
-  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if x.ndim >= 2 and not ("'embed'" in jax.tree_util.keystr(path) and not m.tie_embeddings):
-      weights += x.size
-  n_attention = sum(m.mixer(i) == "attention" for i in range(m.n_layers))
-  return 6.0 * weights + 6.0 * n_attention * cfg.data.seq_len * m.d_model
-
-
 def compile_bare(cfg: Config):
   """The AOT-compiled step, its state, one fixed device batch and the model FLOPs per token."""
   compiled, state, batch = compile_train_step(cfg)
-  return compiled, state, batch, model_flops_per_token(cfg, state[0])
+  return compiled, state, batch, train_flops_per_token(cfg, state[0])
 
 
 def loop_tokens_per_s(cfg: Config) -> float:
@@ -111,7 +89,8 @@ def main() -> None:
   out.mkdir(parents=True, exist_ok=True)
   bf16 = args.sizes == "gpu"
   dev = jax.devices()[0]
-  peak = PEAK_FLOPS.get(dev.device_kind)
+  hw = hardware_of(dev)
+  peak = None if hw is None else hw.bf16_flops
   sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                        text=True).stdout.strip()
   meta = {"date": datetime.date.today().isoformat(), "commit": sha, "device": dev.device_kind,

@@ -1,0 +1,158 @@
+"""memx.costs and `memx budget`: every number against the thing it predicts. State bytes per
+device equal the shards of the real sharded train state; abstract compiles equal the concrete
+step's memory analysis; the depth extrapolation is within 5% of compiling the whole depth;
+decode bytes equal the real weights and `init_cache` arrays; the FLOP count is bench_train's."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from memx import costs
+from memx.budget import report
+from memx.cli import main
+from memx.config import (
+  CheckpointConfig,
+  Config,
+  DataConfig,
+  FinetuneConfig,
+  LocalConfig,
+  ModelConfig,
+  OptimConfig,
+  ParallelConfig,
+  TrainConfig,
+)
+from memx.kernels.kv_quant import KVQuant
+
+MODEL = ModelConfig(vocab_size=264, d_model=64, n_layers=4, n_heads=2, n_kv_heads=1)
+FSDP = ParallelConfig(strategy="fsdp", mesh_shape=(1, -1), mesh_axes=("data", "fsdp"))
+CFG = Config(model=MODEL, data=DataConfig(source="corpus", seq_len=64),
+             train=TrainConfig(batch_size=8), checkpoint=CheckpointConfig(enabled=False))
+
+
+def _real_shard_bytes(tree) -> int:
+  """Bytes device 0 holds of a sharded state."""
+  return int(sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree)))
+
+
+@pytest.mark.parametrize("cfg", [
+    CFG,
+    dataclasses.replace(CFG, parallel=FSDP),
+    dataclasses.replace(CFG, parallel=FSDP, optim=OptimConfig(moment_quant="fp8")),
+    dataclasses.replace(CFG, finetune=FinetuneConfig(lora_rank=4)),
+    dataclasses.replace(CFG, local=LocalConfig(groups=2)),
+], ids=["dp", "fsdp", "fsdp-fp8-moments", "lora", "local"])
+def test_state_bytes_are_the_real_states_shards(cfg):
+  from memx.parallel.mesh import make_mesh
+  from memx.train.finetune import trainable
+  from memx.train.step import init_state, state_shardings
+
+  n = jax.device_count()
+  got = costs.state_bytes(cfg, n)
+  ts = init_state(cfg, jax.random.key(0))
+  mesh = make_mesh(cfg.parallel)
+  state = jax.device_put(ts.state, state_shardings(ts.state, mesh, cfg.parallel.strategy))
+  assert got["params"] == _real_shard_bytes(state[0])
+  assert got["optimizer"] == _real_shard_bytes(state[1])
+  trained = nnx.state(nnx.merge(ts.graphdef, ts.state)[0], trainable(cfg))
+  assert got["trainable_count"] == sum(x.size for x in jax.tree.leaves(trained))
+  if cfg.parallel.strategy == "fsdp":  # the big matrices really are split
+    assert got["params"] < 0.5 * costs.state_bytes(cfg, 1)["params"]
+
+
+def test_abstract_compile_is_the_concrete_steps_memory():
+  from memx.benchmark import compile_train_step
+  from memx.train.memory import compiled_memory
+
+  cfg = dataclasses.replace(CFG, parallel=FSDP)
+  concrete = compiled_memory(compile_train_step(cfg)[0])
+  abstract = compiled_memory(costs.compile_step_abstract(cfg, jax.devices()))
+  assert abstract["temp_bytes"] == concrete["temp_bytes"]
+  assert abstract["argument_bytes"] == concrete["argument_bytes"]
+
+
+@pytest.mark.parametrize("model", [
+    dataclasses.replace(MODEL, n_layers=6),
+    dataclasses.replace(MODEL, n_layers=6, mixers=("attention", "mamba2") * 3),
+], ids=["attention", "hybrid-period-2"])
+def test_depth_extrapolation_is_within_five_percent(model):
+  cfg = dataclasses.replace(CFG, model=model)
+  est = costs.step_temp_bytes(cfg, jax.devices())
+  exact = costs.step_temp_bytes(cfg, jax.devices(), extrapolate=False)
+  period = 1 if model.mixers is None else 2
+  assert est["extrapolated"] and est["compiled_layers"] == [period, 2 * period]
+  assert not exact["extrapolated"]
+  # XLA's buffer assignment does not add exactly the same bytes per layer (2-3% off at 6
+  # layers here); the estimate is documented as within 5%.
+  assert abs(est["temp"] - exact["temp"]) <= 0.05 * exact["temp"], (est, exact)
+
+
+def test_layer_period():
+  assert costs.layer_period(CFG) == 1
+  hybrid = dataclasses.replace(MODEL, n_layers=8, mixers=("attention",) + ("mamba2",) * 3
+                               + ("attention",) + ("mamba2",) * 3)
+  assert costs.layer_period(dataclasses.replace(CFG, model=hybrid)) == 4
+  odd = dataclasses.replace(MODEL, n_layers=3, mixers=("attention", "mamba2", "mamba2"))
+  assert costs.layer_period(dataclasses.replace(CFG, model=odd)) is None
+  assert costs.layer_period(dataclasses.replace(CFG, local=LocalConfig(groups=2))) is None
+
+
+@pytest.mark.parametrize("kv_quant", [None, KVQuant(bits=2, group=32, residual=32)])
+def test_decode_bytes_are_the_weights_and_cache_arrays(kv_quant):
+  from memx.models.transformer import TransformerLM
+
+  model_cfg = dataclasses.replace(MODEL, mixers=("attention", "mamba2", "attention", "mamba2"))
+  cfg = dataclasses.replace(CFG, model=model_cfg)
+  got = costs.decode_bytes(cfg, batch=3, context=128, kv_quant=kv_quant)
+  model = TransformerLM(model_cfg, rngs=nnx.Rngs(0))
+  assert got["weights"] == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+  cache = model.init_cache(3, 128, kv_quant=kv_quant)
+  assert got["state"] == sum(x.nbytes for x in jax.tree.leaves(cache))
+
+
+def test_flops_per_token_counts_weights_and_attention():
+  cfg = CFG
+  d, t = MODEL.d_model, cfg.data.seq_len
+  from memx.train.step import abstract_state
+  params = abstract_state(cfg, jax.random.key(0)).state[0]
+  matrices = sum(x.size for x in jax.tree.leaves(params) if x.ndim >= 2)
+  assert costs.train_flops_per_token(cfg) == 6 * matrices + 6 * MODEL.n_layers * t * d
+
+
+def test_report_bounds_follow_from_the_hardware():
+  hw = costs.HARDWARE["h100"]
+  out = report(CFG, 8, hw, decode_batch=2, decode_context=256)
+  tokens = CFG.train.batch_size * CFG.data.seq_len
+  assert out["step_time_floor_s"] == pytest.approx(
+      out["train_flops_per_token"] * tokens / (8 * hw.bf16_flops))
+  d = out["decode"]
+  assert d["tokens_per_s_ceiling"] == pytest.approx(2 * hw.bandwidth / (d["weights"] + d["state"]))
+  assert out["fits"] and out["total_per_device"] == out["params"] + out["optimizer"]
+
+
+def test_budget_cli_prints_and_writes_json(tmp_path, capsys):
+  path = tmp_path / "b.json"
+  rc = main(["budget", "experiments/demo/ablation.py:tiny", "--devices", "8", "--set",
+             "parallel.strategy=fsdp", "--set", "parallel.mesh_axes=data,fsdp", "--set",
+             "parallel.mesh_shape=1,-1", "--activations", "--kv-bits", "4", "--json", str(path)])
+  assert rc == 0
+  text = capsys.readouterr().out
+  assert "step temporaries (cpu XLA" in text and "fits" in text
+  out = json.loads(path.read_text())
+  assert out["mesh"] == {"data": 1, "fsdp": 8} and out["decode"]["kv_bits"] == 4
+  assert out["total_per_device"] == out["params"] + out["optimizer"] + out["step_temp"]
+  assert np.isfinite(out["step_time_floor_s"])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--hardware", "tpu"], "--hardware"),
+    (["--devices", "0"], ">= 1"),
+    (["--kv-bits", "3"], "--kv-bits"),
+    (["--activations", "--devices", "64"], "needs 64 devices"),
+])
+def test_budget_cli_refuses_bad_arguments(argv, match, capsys):
+  assert main(["budget", "experiments/demo/ablation.py:tiny", *argv]) == 2
+  assert match in capsys.readouterr().err
