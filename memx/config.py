@@ -16,12 +16,13 @@ from memx.train.config import (
   FinetuneConfig,
   LocalConfig,
   OptimConfig,
+  TeacherConfig,
   TrainConfig,
 )
 
 __all__ = ["CheckpointConfig", "Config", "DataConfig", "FinetuneConfig", "LocalConfig",
-           "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "config_hash",
-           "to_dict"]
+           "ModelConfig", "OptimConfig", "ParallelConfig", "TeacherConfig", "TrainConfig",
+           "config_hash", "to_dict"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,7 @@ class Config:
   checkpoint: CheckpointConfig = CheckpointConfig()
   finetune: FinetuneConfig = FinetuneConfig()
   local: LocalConfig = LocalConfig()
+  teacher: TeacherConfig = TeacherConfig()
 
 
 def to_dict(cfg: Any) -> dict:
@@ -72,7 +74,9 @@ HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
                 ("finetune", "lora_targets"): LORA_TARGETS,
                 ("finetune", "quantize_base"): "none", ("model", "weight_quant"): None,
                 ("local", "groups"): 1, ("local", "aux_depth"): 1, ("local", "aux_decay"): True,
-                ("local", "aux_weights"): "own", ("local", "ema_decay"): 0.99}
+                ("local", "aux_weights"): "own", ("local", "ema_decay"): 0.99,
+                ("teacher", "run"): None, ("teacher", "step"): None, ("teacher", "weight"): 0.5,
+                ("teacher", "temperature"): 1.0, ("teacher", "divergence"): "forward_kl"}
 
 
 def drop_neutral(d: dict, neutral: dict) -> dict:

@@ -191,6 +191,53 @@ class TrainConfig:
             "are equal slices of the global batch)")
 
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+  """Knowledge distillation from a trained run (memx.train.kd): the model trains on
+  (1 - weight) · cross-entropy + weight · D(teacher || model) per token, the teacher's next-token
+  distribution computed on the same batch by a frozen trained model (any memx architecture
+  and size over the same vocabulary). DistillSpec trains speculative-decoding drafts this way.
+
+  Attributes:
+    run: the teacher's run directory (or its checkpoints/ path); None: no teacher (the rest
+      does not apply).
+    step: its checkpoint step; None takes the newest complete one.
+    weight: the divergence's share of the loss, in [0, 1] (1: the divergence alone).
+    temperature: both distributions are softened by it before the divergence; the KL kinds are
+      multiplied by its square (Hinton et al.), so gradients keep their scale.
+    divergence: "forward_kl" KL(teacher || model) (mass-covering, the classic KD loss),
+      "reverse_kl" KL(model || teacher) (mode-seeking), "jsd" (Jensen-Shannon, β = 1/2) or
+      "tvd" (total variation, the distance acceptance in speculative decoding depends on:
+      1 - TVD is the expected acceptance of one drafted token). DistillSpec finds the best one
+      depends on the task and the decoding strategy.
+  """
+
+  run: str | None = None
+  step: int | None = None
+  weight: float = 0.5
+  temperature: float = 1.0
+  divergence: str = "forward_kl"
+
+  def __post_init__(self):
+    require(self.run is None or (isinstance(self.run, str) and self.run), "teacher", "run",
+            self.run, "must be None or a run directory path")
+    require(self.step is None or (isinstance(self.step, int) and not isinstance(self.step, bool)
+                                  and self.step >= 0), "teacher", "step", self.step,
+            "must be None (newest) or a step >= 0")
+    require(self.step is None or self.run is not None, "teacher", "step", self.step,
+            "needs teacher.run (the run whose checkpoint step it names)")
+    require(isinstance(self.weight, int | float) and 0 <= self.weight <= 1, "teacher",
+            "weight", self.weight, "must lie in [0, 1]")
+    require(isinstance(self.temperature, int | float) and math.isfinite(self.temperature)
+            and self.temperature > 0, "teacher", "temperature", self.temperature,
+            "must be finite and > 0")
+    require(self.divergence in DIVERGENCES, "teacher", "divergence", self.divergence,
+            f"expected one of {list(DIVERGENCES)}")
+
+
 AUX_WEIGHTS = ("own", "ema")
 
 

@@ -42,7 +42,7 @@ from memx.parallel.constrain import sharding_context
 from memx.parallel.mesh import batch_sharding, make_mesh
 from memx.parallel.rules import RULES, shards
 from memx.parallel.validate import validate_for_model
-from memx.train import finetune, local, microbatch
+from memx.train import finetune, kd, local, microbatch
 from memx.train.memory import compiled_memory, peak_device_bytes
 from memx.train.metrics import MetricsWriter, resumed_history, truncate_after
 from memx.train.step import (
@@ -108,6 +108,7 @@ def prepare(cfg: Config, *, resuming: bool = False) -> Setup:
   tc = cfg.train
   finetune.check(cfg, base_run=not resuming)
   local.check(cfg)
+  kd.check(cfg)
   if cfg.optim.estimator == "mezo" and cfg.model.param_dtype != "float32":
     raise ConfigError(
         f"optim.estimator = mezo with model.param_dtype = {cfg.model.param_dtype!r} is not "
@@ -322,9 +323,14 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
   try:
     # Compile once ahead of time: the executables are what runs, and they report memory.
     example = loader.global_batch(start, bsh)
+    # teacher.run: the frozen teacher's model, an argument of the step of its own (memx.train.kd)
+    teacher = kd.load_teacher(cfg, setup.mesh)
+    t_graphdef, t_args = (None, ()) if teacher is None else (teacher[0], (teacher[1],))
     with context():
-      step_fn = jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
-                        out_shardings=(shardings, None)).lower(state, example).compile()
+      step_fn = jax.jit(make_train_step(cfg, ts.graphdef, t_graphdef), donate_argnums=0,
+                        out_shardings=(shardings, None)).lower(state, example, *t_args).compile()
+      if teacher is not None:
+        step_fn = kd.WithTeacher(step_fn, teacher[1])
       eval_fn = jax.jit(make_eval_step(ts.graphdef, tc.microbatches)).lower(
           state, example).compile()
       # A mid-run checkpoint runs the step split in two (gradients, then the update that
@@ -337,7 +343,7 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       # went on past that save did: the two programs may round the update differently from
       # the fused one (XLA:CPU on some hosts), and resuming is promised to be bit-exact.
       split_first = ckpt is not None and 0 < start < end and start % every == 0
-      split_fns = (_compile_split(cfg, ts.graphdef, shardings, state, example)
+      split_fns = (_compile_split(cfg, ts.graphdef, shardings, state, example, teacher)
                    if saves_mid_run or split_first else None)
     memory = compiled_memory(step_fn)
 
@@ -361,6 +367,8 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
                   "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"])}
         # local learning's auxiliary losses, one per group but the last
         record.update({f"local_loss_{g}": float(v) for g, v in enumerate(m.get("local_loss", []))})
+        if "kd_divergence" in m:  # teacher.run: the divergence from the teacher (memx.train.kd)
+          record["kd_divergence"] = float(m["kd_divergence"])
         if step == pending[-1][0]:
           record["tokens_per_s"] = rate
         writer.write(record)
@@ -485,20 +493,24 @@ def train(cfg: Config, run_dir: pathlib.Path | None = None, *, resume: bool = Fa
       ckpt.close(after_error=failed_alone)
 
 
-def _compile_split(cfg, graphdef, shardings, state, batch):
+def _compile_split(cfg, graphdef, shardings, state, batch, teacher=None):
   """The step as two programs (gradients, then the update), for steps that save mid-run.
 
   The gradients are laid out as their parameters (under FSDP: sharded, as in the fused step),
   and the update is compiled for exactly that layout: left to XLA, the gradient program
   returned some of them replicated while the update expected them sharded (a sharding
   mismatch at the first save)."""
-  grad_step = make_grad_step(cfg, graphdef)
+  t_graphdef, t_args = (None, ()) if teacher is None else (teacher[0], (teacher[1],))
+  grad_step = make_grad_step(cfg, graphdef, t_graphdef)
   mesh = jax.tree.leaves(shardings)[0].mesh
-  abstract = jax.eval_shape(grad_step, state, batch)[0]
+  abstract = jax.eval_shape(grad_step, state, batch, *t_args)[0]
   grad_shardings = state_shardings(abstract, mesh, cfg.parallel.strategy)
-  grad_fn = jax.jit(grad_step, out_shardings=(grad_shardings, None)).lower(state, batch).compile()
+  grad_fn = jax.jit(grad_step, out_shardings=(grad_shardings, None)).lower(
+      state, batch, *t_args).compile()
   grads_shape = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                              abstract, grad_fn.output_shardings[0])
+  if teacher is not None:
+    grad_fn = kd.WithTeacher(grad_fn, teacher[1])
   apply_fn = jax.jit(make_apply_step(cfg, graphdef), donate_argnums=0,
                      out_shardings=shardings).lower(state, grads_shape).compile()
   return grad_fn, apply_fn

@@ -15,7 +15,7 @@ from memx.nn.quantized import Quantized
 from memx.parallel.axes import EMBED
 from memx.parallel.rules import FSDP, RULES, mesh_axes_of
 from memx.parallel.sequence import batch_to_layout
-from memx.train import local, mezo, microbatch
+from memx.train import kd, local, mezo, microbatch
 from memx.train.finetune import build_model, trainable
 from memx.train.loss import (
   answer_hits,
@@ -144,13 +144,16 @@ def tree_bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def make_grad_step(cfg: Config, graphdef):
-  """(state, batch) → (grads, metrics): reads the state, never mutates it. With
-  train.microbatches = n > 1 the batch runs in n pieces whose gradients add up to the full
-  batch's (memx.train.microbatch)."""
+def make_grad_step(cfg: Config, graphdef, teacher_graphdef=None):
+  """(state, batch[, teacher state]) → (grads, metrics): reads the state, never mutates it.
+  With train.microbatches = n > 1 the batch runs in n pieces whose gradients add up to the full
+  batch's (memx.train.microbatch). With teacher.run, the loss adds the divergence from the
+  teacher's predictions (memx.train.kd; teacher_graphdef and the step's teacher state are the
+  restored teacher's); "loss" stays the cross-entropy and "kd_divergence" is logged beside it."""
   schedule = lr_schedule(cfg.optim, cfg.train.steps)
+  kd_cfg = cfg.teacher
 
-  def grad_step(state, batch: Batch):
+  def grad_step(state, batch: Batch, teacher_state=None):
     model, opt = nnx.merge(graphdef, state)
 
     # Under sequence parallelism the tokens arrive in the ring's layout (positions say where).
@@ -166,6 +169,16 @@ def make_grad_step(cfg: Config, graphdef):
                                vocab_block=cfg.train.loss_vocab_block)
       return weighted_mean(losses, mb["weights"], total)
 
+    def kd_loss_fn(model, mb):
+      kw = {"positions": mb["positions"], "segment_ids": mb.get("segment_ids")}
+      logits = model(mb["inputs"], **kw)
+      teacher = nnx.merge(teacher_graphdef, teacher_state)
+      target = jax.lax.stop_gradient(teacher(mb["inputs"], **kw))
+      ce = weighted_mean(token_losses(logits, mb["targets"]), mb["weights"], total)
+      div = weighted_mean(kd.divergence(logits, target, kd_cfg.divergence, kd_cfg.temperature),
+                          mb["weights"], total)
+      return (1 - kd_cfg.weight) * ce + kd_cfg.weight * div, {"ce": ce, "kd_divergence": div}
+
     extra = {}
     if cfg.optim.estimator == "mezo":
       loss, grads = _mezo_estimate(cfg, model, opt, loss_fn, b)
@@ -173,6 +186,10 @@ def make_grad_step(cfg: Config, graphdef):
       (loss, extra), grads = microbatch.accumulate_model(
           lambda m, mb: local.value_and_grad(cfg, m, mb, total, trainable(cfg)), model, b,
           cfg.train.microbatches, wrt=trainable(cfg))
+    elif kd_cfg.run is not None:
+      (_, parts), grads = microbatch.value_and_grad(kd_loss_fn, model, b, cfg.train.microbatches,
+                                                    wrt=trainable(cfg), has_aux=True)
+      loss, extra = parts["ce"], {"kd_divergence": parts["kd_divergence"]}
     else:
       loss, grads = microbatch.value_and_grad(loss_fn, model, b, cfg.train.microbatches,
                                               wrt=trainable(cfg))
@@ -214,12 +231,13 @@ def make_apply_step(cfg: Config, graphdef):
   return apply_step
 
 
-def make_train_step(cfg: Config, graphdef):
+def make_train_step(cfg: Config, graphdef, teacher_graphdef=None):
   """The fused step: grad_step then apply_step in one program (bit-identical to the split)."""
-  grad_step, apply_step = make_grad_step(cfg, graphdef), make_apply_step(cfg, graphdef)
+  grad_step = make_grad_step(cfg, graphdef, teacher_graphdef)
+  apply_step = make_apply_step(cfg, graphdef)
 
-  def train_step(state, batch: Batch):
-    grads, metrics = grad_step(state, batch)
+  def train_step(state, batch: Batch, teacher_state=None):
+    grads, metrics = grad_step(state, batch, teacher_state)
     return apply_step(state, grads), metrics
 
   return train_step

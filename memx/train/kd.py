@@ -1,0 +1,110 @@
+"""Knowledge distillation from a trained run (`teacher.*`, TeacherConfig).
+
+The teacher is any trained memx run over the same vocabulary: restored once when training
+starts (memx.train.restore), sharded as the student's state is, frozen, and passed to the step
+as an argument of its own (never part of the train state: checkpoints stay the student's). Each
+(micro)batch runs the teacher forward on the same tokens; the student's loss per token is
+
+  (1 - weight) · cross-entropy + weight · D(p_teacher^τ || p_student^τ)
+
+over the batch's weighted tokens, D one of `DIVERGENCES` on the τ-softened distributions
+(Hinton et al.'s τ² factor on the KL kinds). The teacher's logits enter as constants: no
+gradient, no activations kept for it.
+
+DistillSpec (Zhou et al. 2024) trains speculative-decoding drafts this way: a draft closer to
+the target in total variation has more of its tokens accepted (1 - TVD per token, Leviathan
+et al.), so the divergence is a knob on acceptance, measured by
+experiments/speculative/pipeline.py.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from memx.config import Config
+from memx.errors import ConfigError, UserError
+
+
+def divergence(student_logits, teacher_logits, kind: str, temperature: float = 1.0):
+  """Per-token D(teacher || student) [..., ] of logits [..., V], in float32."""
+  s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  p, q = jnp.exp(t), jnp.exp(s)
+  if kind == "forward_kl":
+    return temperature**2 * jnp.sum(p * (t - s), axis=-1)
+  if kind == "reverse_kl":
+    return temperature**2 * jnp.sum(q * (s - t), axis=-1)
+  if kind == "jsd":
+    m = jnp.log(0.5 * (p + q))
+    return temperature**2 * 0.5 * (jnp.sum(p * (t - m), axis=-1) + jnp.sum(q * (s - m), axis=-1))
+  if kind == "tvd":
+    return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
+  raise ValueError(f"divergence: unknown kind {kind!r}")
+
+
+def check(cfg: Config) -> None:
+  """ConfigError / UserError for a teacher the run cannot use, before any compute: the run
+  exists, speaks the student's vocabulary, and the rest of the config allows a teacher."""
+  t = cfg.teacher
+  if t.run is None:
+    return
+  from memx.train.restore import load_config
+
+  clash = [(name, why) for name, bad, why in (
+      ("optim.estimator", cfg.optim.estimator != "backprop",
+       "MeZO estimates the gradient of a plain loss"),
+      ("local.groups", cfg.local.groups > 1, "local learning has per-group losses of its own"),
+      ("train.loss_vocab_block", cfg.train.loss_vocab_block > 0,
+       "the divergence needs both full distributions"),
+  ) if bad]
+  if clash:
+    name, why = clash[0]
+    raise ConfigError(f"teacher.run is not allowed with {name} = "
+                      f"{_value(cfg, name)!r}: {why}")
+  teacher = load_config(t.run)
+  if teacher.model.vocab_size != cfg.model.vocab_size:
+    raise ConfigError(f"teacher.run {t.run!r} has model.vocab_size = "
+                      f"{teacher.model.vocab_size}, the model {cfg.model.vocab_size}: a "
+                      "teacher must predict over the same vocabulary")
+  if (teacher.data.source == "npy") != (cfg.data.source == "npy") or (
+      teacher.data.source == "npy" and teacher.data.vocab_size != cfg.data.vocab_size):
+    raise ConfigError(f"teacher.run {t.run!r} was trained on tokens of another tokenizer "
+                      f"(data.source {teacher.data.source!r}, vocab_size "
+                      f"{teacher.data.vocab_size}) than this run ({cfg.data.source!r}, "
+                      f"{cfg.data.vocab_size}): its token ids would mean other things")
+
+
+def _value(cfg, dotted: str):
+  section, field = dotted.split(".")
+  return getattr(getattr(cfg, section), field)
+
+
+def load_teacher(cfg: Config, mesh):
+  """(graphdef, state) of the teacher's model, sharded on `mesh` as the run's strategy shards
+  model state; None without teacher.run."""
+  if cfg.teacher.run is None:
+    return None
+  from flax import nnx
+
+  from memx.train.restore import load_trained
+  from memx.train.step import state_shardings
+
+  try:
+    trained = load_trained(cfg.teacher.run, step=cfg.teacher.step)
+  except UserError as e:
+    raise UserError(f"teacher.run: {e}") from None
+  graphdef, state = nnx.split(trained.model)
+  return graphdef, jax.device_put(state, state_shardings(state, mesh, cfg.parallel.strategy))
+
+
+class WithTeacher:
+  """A compiled step called as step(state, batch): the teacher's state is bound as the last
+  argument. memory_analysis() is the compiled step's."""
+
+  def __init__(self, compiled, teacher_state):
+    self.compiled, self.teacher_state = compiled, teacher_state
+
+  def __call__(self, state, batch):
+    return self.compiled(state, batch, self.teacher_state)
+
+  def memory_analysis(self):
+    return self.compiled.memory_analysis()
