@@ -26,7 +26,15 @@ import dataclasses
 import pathlib
 import sys
 
-from memx.config import CheckpointConfig, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from memx.config import (
+  CheckpointConfig,
+  Config,
+  DataConfig,
+  ModelConfig,
+  OptimConfig,
+  TeacherConfig,
+  TrainConfig,
+)
 
 SIZES = ("base", "tiny")
 MODELS = {  # name → model config; all over the byte vocabulary (264 ids)
@@ -35,17 +43,31 @@ MODELS = {  # name → model config; all over the byte vocabulary (264 ids)
     "draft_mamba": ModelConfig(vocab_size=264, d_model=64, n_layers=2, n_heads=2,
                                mixers=("mamba2", "mamba2"), mlp=False),
 }
-VARIANTS = (*MODELS, *(f"{m}_tiny" for m in MODELS))  # what `memx run` accepts
+# DistillSpec: the same drafts trained on the target's distribution instead of the data's
+# (teacher.weight 1: the divergence alone), by forward KL and by total variation distance.
+DISTILLED = {"draft_mamba_kd_fkl": ("draft_mamba", "forward_kl"),
+             "draft_mamba_kd_tvd": ("draft_mamba", "tvd"),
+             "draft_attention_kd_fkl": ("draft_attention", "forward_kl")}
+NAMES = (*MODELS, *DISTILLED)
+VARIANTS = (*NAMES, *(f"{m}_tiny" for m in NAMES))  # what `memx run` accepts
 DRAFT_LENS = (2, 4, 6)
 PROMPT, NEW = 64, 128
 
 
 def config(variant: str = "target") -> Config:
-  """variant: a MODELS name, optionally with "_tiny" (the smoke test's sizes and steps)."""
+  """variant: a MODELS or DISTILLED name, optionally with "_tiny" (the smoke test's sizes and
+  steps). A distilled draft's teacher is the target run under runs/ (the pipeline passes its
+  own workdir's)."""
   name, tiny = variant.removesuffix("_tiny"), variant.endswith("_tiny")
-  if name not in MODELS:
-    raise ValueError(f"variant {variant!r}: expected one of {list(MODELS)} (+ '_tiny')")
+  if name not in NAMES:
+    raise ValueError(f"variant {variant!r}: expected one of {list(NAMES)} (+ '_tiny')")
+  teacher = TeacherConfig()
+  if name in DISTILLED:
+    name, divergence = DISTILLED[name]
+    target_dir = pathlib.Path("runs") / ("speculative-tiny" if tiny else "speculative") / "target"
+    teacher = TeacherConfig(run=str(target_dir), weight=1.0, divergence=divergence)
   cfg = Config(
+      teacher=teacher,
       model=MODELS[name],
       data=DataConfig(source="corpus", seq_len=128),
       optim=OptimConfig(lr=3e-3, warmup_steps=50),
@@ -123,9 +145,10 @@ def main(argv=None) -> int:
   tiny = args.variant == "tiny"
   sweep_dir = pathlib.Path(args.workdir) / ("speculative-tiny" if tiny else "speculative")
   models = {}
-  for name in MODELS:
+  for name in NAMES:  # the target first: the distilled drafts learn from it
     variant = f"{name}_tiny" if tiny else name
-    run_current(RunSpec(__file__, variant, {}, str(sweep_dir), name))
+    overrides = {"teacher.run": str(sweep_dir / "target")} if name in DISTILLED else {}
+    run_current(RunSpec(__file__, variant, overrides, str(sweep_dir), name))
     models[name] = load_trained(sweep_dir / name).model
   target = models.pop("target")
   data = config("target").data

@@ -1,5 +1,6 @@
 """experiments/speculative/pipeline.py: every model variant validates over the same vocabulary,
-and the tiny pipeline (train, greedy rows checked against generate, timing) runs end to end."""
+and the tiny pipeline (train the target, then drafts on the data and distilled from the target;
+greedy rows checked against generate, timing) runs end to end."""
 
 import json
 
@@ -22,7 +23,8 @@ def test_tiny_pipeline(tmp_path):
   assert module.main(["--variant", "tiny", "--workdir", str(tmp_path), "--prompts", "2"]) == 0
   out = json.loads((tmp_path / "speculative-tiny" / "speculative.json").read_text())
   drafts = {r["draft"] for r in out["runs"]}
-  assert drafts == {"draft_attention", "draft_mamba", "self (ceiling)"}
+  assert drafts == {"draft_attention", "draft_mamba", "draft_mamba_kd_fkl", "draft_mamba_kd_tvd",
+                    "draft_attention_kd_fkl", "self (ceiling)"}
   ceiling = next(r for r in out["runs"] if r["draft"] == "self (ceiling)")
   assert ceiling["greedy_acceptance"] == 1.0 and ceiling["t1_acceptance"] == 1.0
   assert all(1.0 <= r["greedy_tokens_per_pass"] <= r["k"] + 1 for r in out["runs"])
