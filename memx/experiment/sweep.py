@@ -26,6 +26,7 @@ from memx.errors import UserError, exception_lines
 from memx.experiment import loading
 from memx.experiment.index import RunIndex
 from memx.experiment.runner import RunSpec, is_distill_entry, run
+from memx.train import kd
 from memx.train.finetune import base_entry, check_against, run_hash
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -62,6 +63,12 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
                             f"{', '.join(n for n in configs if n not in tuned) or 'none'}).")
           overrides = {**overrides, "finetune.base": str(sweep_dir / base)}
           tuned.add(name)
+        teacher = base_entry(overrides, "teacher.run")
+        if teacher is not None:  # distils an earlier training entry's run
+          if teacher not in configs:
+            raise UserError(f"teacher.run = '@{teacher}' names no earlier training entry of "
+                            f"this sweep (earlier ones: {', '.join(configs) or 'none'}).")
+          overrides = {**overrides, "teacher.run": str(sweep_dir / teacher)}
         cfg = loading.build_config(module, variant, overrides)
         # files, lengths, task rows, vocabulary: before any entry trains
         data_hash = check_data(cfg)
@@ -69,8 +76,12 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
         data_hashes[name] = data_hash
         if base is not None:  # fits its base, takes its adapters: before the base trains
           check_against(cfg, configs[base])
-        # (a fine-tune's hash covers its base's, as the base's provenance will record it)
-        h = run_hash(cfg, None if base is None else f"{hashes[base]}/{data_hashes[base]}")
+        if teacher is not None:  # speaks its teacher's vocabulary: before the teacher trains
+          kd.check_against(cfg, configs[teacher], f"@{teacher}")
+        # (a fine-tune's or a distilled run's hash covers its base's or teacher's, as their
+        # provenance will record them)
+        h = run_hash(cfg, *(None if e is None else f"{hashes[e]}/{data_hashes[e]}"
+                            for e in (base, teacher)))
     except UserError as e:
       raise UserError(f"sweep entry {name!r}: {e}") from None
     hashes[name] = h
@@ -127,14 +138,19 @@ def run_sweep(experiment: str, *, variant: str | None = None, workdir: str = "ru
       same = (row["config_hash"] == h and row["status"] != "pending" and same_data
               and _provenance(run_dir, "config_hash") in (h, None))
       todo.append((i, spec, h, same))
-    # Fine-tunes of entries ("finetune.base": "@NAME") need their bases' checkpoints, and
-    # distillations their teachers': each runs after the phase that trains what it needs.
-    tunes = {spec.name for spec, _, _ in entries
-             if pathlib.Path(str(spec.overrides.get("finetune.base"))).parent == sweep_dir}
+    # Fine-tunes of entries ("finetune.base": "@NAME") need their bases' checkpoints, runs
+    # distilled from entries ("teacher.run": "@NAME") their teachers', and mmMamba
+    # distillations their teachers': each runs in a phase after the one that trains what it
+    # needs.
+    phase_of: dict[str, int] = {}
+    for spec, _, _ in entries:
+      needs = [pathlib.Path(str(spec.overrides.get(k))) for k in ("finetune.base", "teacher.run")]
+      phase_of[spec.name] = 1 + max((phase_of.get(p.name, 0) for p in needs
+                                     if p.parent == sweep_dir), default=-1)
+    last = max(phase_of.values(), default=0)
     phases = [[t for t in todo if not is_distill_entry(t[1].overrides)
-               and t[1].name not in tunes],
-              [t for t in todo if t[1].name in tunes],
-              [t for t in todo if is_distill_entry(t[1].overrides)]]
+               and phase_of[t[1].name] == k] for k in range(last + 1)]
+    phases.append([t for t in todo if is_distill_entry(t[1].overrides)])
     with _sigterm_as_interrupt():
       for phase in filter(None, phases):
         if executor == "local":

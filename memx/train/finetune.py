@@ -197,21 +197,29 @@ def base_hash(base: str) -> str:
   return f"{recorded}/{prov.get('data_hash')}"
 
 
-def run_hash(cfg: Config, base: str | None = None) -> str:
+def run_hash(cfg: Config, base: str | None = None, teacher: str | None = None) -> str:
   """The hash that names a run's training (sweep indexes, provenance.json): config_hash, and for
   a fine-tune its config without the base's path combined with the base's own identity
-  (`base`, else read from the base run: its hash and data hash). A base trained again on other
-  data or with another config makes its fine-tunes stale; a moved or differently spelt
-  workdir does not."""
-  if cfg.finetune.base is None:
+  (`base`, else read from the base run: its hash and data hash); likewise for a run distilled
+  from a teacher run (teacher.run; `teacher` its identity). A base or teacher trained again on
+  other data or with another config makes the runs built on it stale; a moved or differently
+  spelt workdir does not."""
+  if cfg.finetune.base is None and cfg.teacher.run is None:
     return config_hash(cfg)
-  unplaced = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, base="<base>"))
-  if base is None:
-    base = base_hash(cfg.finetune.base)
-  return hashlib.sha256(f"{config_hash(unplaced)}:{base}".encode()).hexdigest()[:12]
+  unplaced, key = cfg, ""
+  if cfg.finetune.base is not None:
+    unplaced = dataclasses.replace(unplaced, finetune=dataclasses.replace(cfg.finetune,
+                                                                          base="<base>"))
+    key += f":{base if base is not None else base_hash(cfg.finetune.base)}"
+  if cfg.teacher.run is not None:
+    unplaced = dataclasses.replace(unplaced, teacher=dataclasses.replace(cfg.teacher,
+                                                                         run="<teacher>"))
+    key += f":teacher={teacher if teacher is not None else base_hash(cfg.teacher.run)}"
+  return hashlib.sha256(f"{config_hash(unplaced)}{key}".encode()).hexdigest()[:12]
 
 
-def base_entry(overrides: dict) -> str | None:
-  """The sweep entry a sweep entry fine-tunes ("finetune.base": "@NAME"), or None."""
-  base = overrides.get("finetune.base")
+def base_entry(overrides: dict, key: str = "finetune.base") -> str | None:
+  """The sweep entry a sweep entry fine-tunes ("finetune.base": "@NAME"), or with key
+  "teacher.run" the one it distils ("teacher.run": "@NAME"); else None."""
+  base = overrides.get(key)
   return base[1:] if isinstance(base, str) and base.startswith("@") else None

@@ -60,14 +60,19 @@ def check(cfg: Config) -> None:
     name, why = clash[0]
     raise ConfigError(f"teacher.run is not allowed with {name} = "
                       f"{_value(cfg, name)!r}: {why}")
-  teacher = load_config(t.run)
+  check_against(cfg, load_config(t.run), repr(t.run))
+
+
+def check_against(cfg: Config, teacher: Config, name: str) -> None:
+  """ConfigError unless the teacher's config (a sweep entry's teacher may not have trained
+  yet) predicts over this run's vocabulary, from the same tokenizer."""
   if teacher.model.vocab_size != cfg.model.vocab_size:
-    raise ConfigError(f"teacher.run {t.run!r} has model.vocab_size = "
+    raise ConfigError(f"teacher.run {name} has model.vocab_size = "
                       f"{teacher.model.vocab_size}, the model {cfg.model.vocab_size}: a "
                       "teacher must predict over the same vocabulary")
   if (teacher.data.source == "npy") != (cfg.data.source == "npy") or (
       teacher.data.source == "npy" and teacher.data.vocab_size != cfg.data.vocab_size):
-    raise ConfigError(f"teacher.run {t.run!r} was trained on tokens of another tokenizer "
+    raise ConfigError(f"teacher.run {name} was trained on tokens of another tokenizer "
                       f"(data.source {teacher.data.source!r}, vocab_size "
                       f"{teacher.data.vocab_size}) than this run ({cfg.data.source!r}, "
                       f"{cfg.data.vocab_size}): its token ids would mean other things")
