@@ -243,3 +243,40 @@ def test_incompatible_runs_are_refused_before_compute(change, match):
   from memx.train.loop import prepare
   with pytest.raises(ConfigError, match=match):
     prepare(dataclasses.replace(CFG, **change))
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("strategy", ["fsdp", "sp"])
+def test_one_sharded_local_step_matches_one_device(strategy):
+  """Local learning under FSDP and ring sequence parallelism (8 devices): the updated state is
+  the one-device step's."""
+  from memx.config import ParallelConfig
+  from memx.parallel.constrain import sharding_context
+  from memx.parallel.mesh import batch_sharding, make_mesh
+  from memx.train.step import make_train_step, state_shardings
+
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  axes = ("data", "fsdp") if strategy == "fsdp" else ("data", "seq")
+  cfg = dataclasses.replace(_with(groups=2, aux_depth=1),
+                            train=dataclasses.replace(CFG.train, batch_size=8))
+  batch = fixed_batch(cfg)
+
+  def step(cfg, devices):
+    mesh = make_mesh(cfg.parallel, devices)
+    ts = init_state(cfg, jax.random.key(0))
+    shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
+    state = jax.device_put(ts.state, shardings)
+    b = jax.device_put(batch, batch_sharding(mesh, cfg.parallel.strategy))
+    with sharding_context(mesh, cfg.parallel.strategy):
+      new, metrics = jax.jit(make_train_step(cfg, ts.graphdef),
+                             out_shardings=(shardings, None))(state, b)
+    return jax.device_get(new), jax.device_get(metrics)
+
+  one, m1 = step(cfg, jax.devices()[:1])
+  sharded = dataclasses.replace(cfg, parallel=ParallelConfig(strategy=strategy,
+                                                             mesh_shape=(1, 8), mesh_axes=axes))
+  many, m8 = step(sharded, jax.devices()[:8])
+  np.testing.assert_allclose(m8["local_loss"], m1["local_loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
