@@ -39,3 +39,26 @@ def step_temp_bytes(cfg: Config) -> tuple[int, int]:
   compiled, state, _ = compile_train_step(cfg)
   params = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
   return compiled_memory(compiled)["temp_bytes"], params
+
+
+def straight_and_resumed(cfg: Config, root, stop_at: int):
+  """Trains cfg twice under root: "full" straight through, "split" stopped after stop_at
+  steps and resumed. Returns (full's summary, [train records of full, of split], [final
+  checkpointed states of full, of split])."""
+  from memx.checkpoint import Checkpointer
+  from memx.train.loop import train
+  from memx.train.metrics import read_metrics
+  from memx.train.step import init_state
+
+  summary = train(cfg, root / "full", progress=False)
+  train(cfg, root / "split", progress=False, stop_at_step=stop_at)
+  train(cfg, root / "split", progress=False, resume=True)
+  records, states = [], []
+  target = init_state(cfg, jax.random.key(0)).state
+  for name in ("full", "split"):
+    records.append([r for r in read_metrics(root / name / "metrics.jsonl")
+                    if r["split"] == "train"])
+    ck = Checkpointer(root / name / "checkpoints", cfg.checkpoint)
+    states.append(ck.restore(target, cfg.train.steps)[0])
+    ck.close()
+  return summary, records, states

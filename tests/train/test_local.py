@@ -25,7 +25,12 @@ from memx.config import (
 from memx.errors import ConfigError
 from memx.parallel.sequence import batch_to_layout
 from memx.train import local
-from memx.train._testing import fixed_batch, fixed_batch_losses, step_temp_bytes
+from memx.train._testing import (
+  fixed_batch,
+  fixed_batch_losses,
+  step_temp_bytes,
+  straight_and_resumed,
+)
 from memx.train.finetune import param_count
 from memx.train.loss import feature_losses, lm_token_losses, weight_total, weighted_mean
 from memx.train.step import init_state, make_apply_step, make_grad_step
@@ -179,29 +184,13 @@ def test_local_learning_trains():
 def test_a_man_run_logs_local_losses_and_resumes_exactly(tmp_path):
   """The moving averages are model state: checkpointed, restored, and advanced by the split
   grad/apply steps a lazy checkpoint uses as by the fused step."""
-  from memx.checkpoint import Checkpointer
-  from memx.train.loop import train
-  from memx.train.metrics import read_metrics
-
   cfg = dataclasses.replace(
       _with(groups=2, aux_weights="ema"),
       train=TrainConfig(steps=6, batch_size=8, log_every=1, eval_batches=1),
       checkpoint=CheckpointConfig(every=3, keep=3))
-  full = train(cfg, tmp_path / "full", progress=False)
-  train(cfg, tmp_path / "split", progress=False, stop_at_step=3)
-  train(cfg, tmp_path / "split", progress=False, resume=True)
-
-  def records(d):
-    return [r for r in read_metrics(d / "metrics.jsonl") if r["split"] == "train"]
-  assert [r["loss"] for r in records(tmp_path / "split")] == [
-      r["loss"] for r in records(tmp_path / "full")]
-  assert all(np.isfinite(r["local_loss_0"]) for r in records(tmp_path / "full"))
-  target = init_state(cfg, jax.random.key(0)).state
-  states = []
-  for name in ("full", "split"):
-    ck = Checkpointer(tmp_path / name / "checkpoints", cfg.checkpoint)
-    states.append(ck.restore(target, 6)[0])
-    ck.close()
+  full, (straight, resumed), states = straight_and_resumed(cfg, tmp_path, stop_at=3)
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+  assert all(np.isfinite(r["local_loss_0"]) for r in straight)
   for x, y in zip(*(jax.tree.leaves(s) for s in states), strict=True):
     np.testing.assert_array_equal(x, y)
   # The summary counts the model's parameters, not the training-only auxiliary networks.

@@ -21,7 +21,12 @@ from memx.config import (
 )
 from memx.errors import ConfigError
 from memx.train import mezo
-from memx.train._testing import fixed_batch, fixed_batch_losses, step_temp_bytes
+from memx.train._testing import (
+  fixed_batch,
+  fixed_batch_losses,
+  step_temp_bytes,
+  straight_and_resumed,
+)
 from memx.train.step import MEZO_STREAM, init_state, make_grad_step
 
 
@@ -173,26 +178,10 @@ def test_bad_mezo_settings():
 def test_a_mezo_run_resumes_exactly(tmp_path):
   """z comes from (seed, step): a run stopped at step 3 and resumed logs the same losses and
   ends with the same parameters as one run straight through."""
-  from memx.checkpoint import Checkpointer
-  from memx.train.loop import train
-  from memx.train.metrics import read_metrics
-
   cfg = dataclasses.replace(CFG, train=TrainConfig(steps=6, batch_size=8, log_every=1,
                                                    eval_batches=1),
                             checkpoint=CheckpointConfig(every=3, keep=3))
-  train(cfg, tmp_path / "full", progress=False)
-  train(cfg, tmp_path / "split", progress=False, stop_at_step=3)
-  train(cfg, tmp_path / "split", progress=False, resume=True)
-
-  def losses(d):
-    return [r["loss"] for r in read_metrics(d / "metrics.jsonl") if r["split"] == "train"]
-  full = losses(tmp_path / "full")
-  assert losses(tmp_path / "split") == full and len(full) == 6
-  target = init_state(cfg, jax.random.key(0)).state
-  states = []
-  for name in ("full", "split"):
-    ck = Checkpointer(tmp_path / name / "checkpoints", cfg.checkpoint)
-    states.append(ck.restore(target, 6)[0])
-    ck.close()
+  _, (straight, resumed), states = straight_and_resumed(cfg, tmp_path, stop_at=3)
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in straight] and len(straight) == 6
   for x, y in zip(*(jax.tree.leaves(s) for s in states), strict=True):
     np.testing.assert_array_equal(x, y)
