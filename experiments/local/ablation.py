@@ -5,8 +5,13 @@ tokens for every entry.
 Command:   memx sweep experiments/local/ablation.py
 One run:   memx run experiments/local/ablation.py --set local.groups=4 --set local.aux_depth=2
 Hardware:  CPU, 2 cores; about 12 minutes for the sweep (8 runs of 300 steps).
-Result:    see benchmarks/RESULTS.md "Session 23" (eval loss of each entry, and the compiled
-           step's temporaries, in the report's summary table).
+Result:    (2026-11-28, CPU, commit ee4779d; benchmarks/RESULTS.md "Session 23") eval loss
+           and compiled step temporaries: backprop 1.380, 159 MiB; backprop-remat 1.376, 37 MiB;
+           local2-d1 1.385, 105 MiB; local4-d1-man 1.422, 65 MiB; local4-d2 1.492, 89 MiB;
+           local4-probe 1.678, 53 MiB; local4-d1 1.728, 71 MiB; local8-probe 1.787, 36 MiB.
+           So two groups cost nothing here at 0.66x the temporaries; at four, MAN's moving-
+           average blocks lose least (+0.04); but remat "full" keeps less (0.24x) at no loss,
+           so at this scale local learning pays only where recomputation cannot (one seed).
 
 Entries: backprop; AugLocal with 2 and 4 groups (auxiliary depth 1, and 2 with its pyramid);
 a linear probe per group (depth 0, DGL-like) at 4 and 8 groups; MAN (auxiliary blocks that are

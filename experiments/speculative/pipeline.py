@@ -1,16 +1,21 @@
 """Speculative decoding with small drafts: how many tokens each target pass yields, and what
 that buys in wall-clock time, for a trained byte-level target and drafts trained on the same
-data (a 1-layer Transformer, a 2-layer Mamba-2, and the target itself as the ceiling).
+data (a 1-layer Transformer, a 2-layer Mamba-2, and the target itself as the ceiling), and the same
+drafts distilled from the target (DistillSpec: teacher.run, memx.train.kd).
 
 Command:   python experiments/speculative/pipeline.py [--variant tiny] [--workdir runs]
 Steps:     memx run (this file) for the target and each draft (cached: a finished run is
            reused), then greedy and sampled decoding of held-out corpus prompts, every row
            checked against plain `generate` (greedy: the same tokens).
-Hardware:  CPU, 2 cores: "base" ≈ 15 minutes (training 12), "tiny" ≈ 1 minute.
+Hardware:  CPU, 2 cores: "base" ≈ 22 minutes (training 18), "tiny" ≈ 1 minute.
 Result:    (2026-11-28, commit df72a46; benchmarks/RESULTS.md "Session 22") at k = 4, greedy:
            the 1-layer Transformer draft keeps 63% of its tokens (3.52 tokens per target
            pass), the Mamba-2 draft 71% (3.84); at T = 1, 40% and 54%. Wall-clock on the CPU:
-           1.2-1.26x (a small target's step is mostly fixed cost there).
+           1.2-1.26x (a small target's step is mostly fixed cost there). (Session 23, commit
+           d9a1fad) the same drafts distilled from the target by forward KL keep more of their
+           sampled tokens: at T = 1 and k = 4, 49% (1-layer) and 57% (Mamba-2); greedy
+           acceptance moves little (65%, 71%). TVD alone (weight 1) does worse than the data
+           (Mamba-2: 49% at T = 1, 66% greedy).
 
 Writes runs/speculative/speculative.json: per draft and draft length k, the acceptance (drafted
 tokens kept), tokens per target pass, and the median seconds of a 128-token generation against
