@@ -76,7 +76,9 @@ HASH_NEUTRAL = {("train", "microbatches"): 1, ("optim", "name"): "adamw",
                 ("local", "groups"): 1, ("local", "aux_depth"): 1, ("local", "aux_decay"): True,
                 ("local", "aux_weights"): "own", ("local", "ema_decay"): 0.99,
                 ("teacher", "run"): None, ("teacher", "step"): None, ("teacher", "weight"): 0.5,
-                ("teacher", "temperature"): 1.0, ("teacher", "divergence"): "forward_kl"}
+                ("teacher", "temperature"): 1.0, ("teacher", "divergence"): "forward_kl",
+                ("teacher", "on_policy"): 0.0, ("teacher", "prompt_len"): 0,
+                ("teacher", "sample_temperature"): 1.0}
 
 
 def drop_neutral(d: dict, neutral: dict) -> dict:

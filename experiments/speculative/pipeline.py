@@ -49,10 +49,14 @@ MODELS = {  # name → model config; all over the byte vocabulary (264 ids)
                                mixers=("mamba2", "mamba2"), mlp=False),
 }
 # DistillSpec: the same drafts trained on the target's distribution instead of the data's
-# (teacher.weight 1: the divergence alone), by forward KL and by total variation distance.
-DISTILLED = {"draft_mamba_kd_fkl": ("draft_mamba", "forward_kl"),
-             "draft_mamba_kd_tvd": ("draft_mamba", "tvd"),
-             "draft_attention_kd_fkl": ("draft_attention", "forward_kl")}
+# (teacher.weight 1: the divergence alone), by forward KL and by total variation distance, and
+# on-policy (GKD): half of each batch's rows continue the first 64 bytes with the draft's own
+# samples, where the target's distribution is then taken.
+DISTILLED = {"draft_mamba_kd_fkl": ("draft_mamba", {"divergence": "forward_kl"}),
+             "draft_mamba_kd_tvd": ("draft_mamba", {"divergence": "tvd"}),
+             "draft_attention_kd_fkl": ("draft_attention", {"divergence": "forward_kl"}),
+             "draft_mamba_gkd_fkl": ("draft_mamba", {"divergence": "forward_kl",
+                                                     "on_policy": 0.5, "prompt_len": 64})}
 NAMES = (*MODELS, *DISTILLED)
 VARIANTS = (*NAMES, *(f"{m}_tiny" for m in NAMES))  # what `memx run` accepts
 DRAFT_LENS = (2, 4, 6)
@@ -68,9 +72,11 @@ def config(variant: str = "target") -> Config:
     raise ValueError(f"variant {variant!r}: expected one of {list(NAMES)} (+ '_tiny')")
   teacher = TeacherConfig()
   if name in DISTILLED:
-    name, divergence = DISTILLED[name]
+    name, fields = DISTILLED[name]
     target_dir = pathlib.Path("runs") / ("speculative-tiny" if tiny else "speculative") / "target"
-    teacher = TeacherConfig(run=str(target_dir), weight=1.0, divergence=divergence)
+    if tiny and "prompt_len" in fields:
+      fields = {**fields, "prompt_len": 112}  # (the smoke test samples 17 tokens)
+    teacher = TeacherConfig(run=str(target_dir), weight=1.0, **fields)
   cfg = Config(
       teacher=teacher,
       model=MODELS[name],

@@ -213,6 +213,14 @@ class TeacherConfig:
       "tvd" (total variation, the distance acceptance in speculative decoding depends on:
       1 - TVD is the expected acceptance of one drafted token). DistillSpec finds the best one
       depends on the task and the decoding strategy.
+    on_policy: the fraction of each batch's rows whose continuation the model samples itself
+      (GKD, Agarwal et al. 2024; DistillSpec's best setting): such a row keeps its first
+      prompt_len tokens, the rest are the model's own samples at sample_temperature, and the
+      divergence from the teacher is taken on them (no cross-entropy: they are not data). 0:
+      every row is data (the default).
+    prompt_len: tokens of a data row an on-policy row starts from (1 <= prompt_len <
+      data.seq_len).
+    sample_temperature: the temperature the model samples its on-policy continuations at.
   """
 
   run: str | None = None
@@ -220,6 +228,9 @@ class TeacherConfig:
   weight: float = 0.5
   temperature: float = 1.0
   divergence: str = "forward_kl"
+  on_policy: float = 0.0
+  prompt_len: int = 0
+  sample_temperature: float = 1.0
 
   def __post_init__(self):
     require(self.run is None or (isinstance(self.run, str) and self.run), "teacher", "run",
@@ -236,6 +247,20 @@ class TeacherConfig:
             "must be finite and > 0")
     require(self.divergence in DIVERGENCES, "teacher", "divergence", self.divergence,
             f"expected one of {list(DIVERGENCES)}")
+    require(isinstance(self.on_policy, int | float) and 0 <= self.on_policy <= 1, "teacher",
+            "on_policy", self.on_policy, "must lie in [0, 1] (a fraction of each batch's rows)")
+    require(isinstance(self.prompt_len, int) and not isinstance(self.prompt_len, bool)
+            and self.prompt_len >= 0, "teacher", "prompt_len", self.prompt_len,
+            "must be an integer >= 0")
+    require(self.on_policy == 0 or self.prompt_len >= 1, "teacher", "prompt_len",
+            self.prompt_len, "must be >= 1 with teacher.on_policy > 0 (the data an on-policy "
+            "row starts from)")
+    require(isinstance(self.sample_temperature, int | float)
+            and math.isfinite(self.sample_temperature) and self.sample_temperature >= 0,
+            "teacher", "sample_temperature", self.sample_temperature,
+            "must be finite and >= 0 (0: greedy)")
+    require(self.on_policy == 0 or self.run is not None, "teacher", "on_policy",
+            self.on_policy, "needs teacher.run")
 
 
 AUX_WEIGHTS = ("own", "ema")

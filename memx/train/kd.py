@@ -11,6 +11,14 @@ over the batch's weighted tokens, D one of `DIVERGENCES` on the τ-softened dist
 (Hinton et al.'s τ² factor on the KL kinds). The teacher's logits enter as constants: no
 gradient, no activations kept for it.
 
+On-policy distillation (teacher.on_policy = λ, GKD: Agarwal et al. 2024): a fraction λ of each
+batch's rows keep only their first prompt_len tokens and continue with the model's own samples
+(drawn in the step from the current parameters, keys from (seed, step), so a resumed run draws
+the same), and the divergence is taken on those samples, where the model will actually be
+asked to predict; they carry no cross-entropy. The sampling runs every row through
+memx.models.decode.generate (simple and balanced across data-parallel shards; data rows then
+discard theirs).
+
 DistillSpec (Zhou et al. 2024) trains speculative-decoding drafts this way: a draft closer to
 the target in total variation has more of its tokens accepted (1 - TVD per token, Leviathan
 et al.), so the divergence is a knob on acceptance, measured by
@@ -19,6 +27,7 @@ experiments/speculative/pipeline.py.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from memx.config import Config
 from memx.errors import ConfigError, UserError
@@ -41,6 +50,36 @@ def divergence(student_logits, teacher_logits, kind: str, temperature: float = 1
   raise ValueError(f"divergence: unknown kind {kind!r}")
 
 
+def policy_rows(batch_size: int, fraction: float) -> np.ndarray:
+  """Which of a batch's rows are on-policy: round(fraction · rows) of them, spread evenly (row
+  j when floor((j + 1)·fraction) > floor(j·fraction)), so every data-parallel shard of the
+  batch samples about as many."""
+  j = np.arange(batch_size)
+  return np.floor((j + 1) * fraction + 1e-9) > np.floor(j * fraction + 1e-9)
+
+
+def on_policy_batch(model, batch: dict, fraction: float, prompt_len: int, temperature: float,
+                    key) -> dict:
+  """The batch with its on-policy rows' continuations sampled by `model` (GKD): each such row
+  keeps its first prompt_len input tokens and the rest is the model's own generation from them
+  (memx.models.decode.generate, at `temperature`, keys from `key`). "weights" (the
+  cross-entropy's) drop the generated targets; "kd_weights" (the divergence's) count them. Data
+  rows keep their tokens and both weights are theirs. The model's parameters are not
+  differentiated through the sampling."""
+  from memx.models.decode import generate
+
+  b, t = batch["inputs"].shape
+  rows = jnp.asarray(policy_rows(b, fraction))[:, None]
+  seq = jax.lax.stop_gradient(generate(model, batch["inputs"][:, :prompt_len],
+                                       t - prompt_len + 1, temperature=temperature, rng=key))
+  generated = rows & (jnp.arange(t)[None, :] >= prompt_len - 1)  # targets the model sampled
+  weights = batch["weights"]
+  return {**batch, "inputs": jnp.where(rows, seq[:, :t], batch["inputs"]),
+          "targets": jnp.where(rows, seq[:, 1:], batch["targets"]),
+          "weights": jnp.where(generated, 0.0, weights),
+          "kd_weights": jnp.where(generated, 1.0, weights)}
+
+
 def check(cfg: Config) -> None:
   """ConfigError / UserError for a teacher the run cannot use, before any compute: the run
   exists, speaks the student's vocabulary, and the rest of the config allows a teacher."""
@@ -55,6 +94,14 @@ def check(cfg: Config) -> None:
       ("local.groups", cfg.local.groups > 1, "local learning has per-group losses of its own"),
       ("train.loss_vocab_block", cfg.train.loss_vocab_block > 0,
        "the divergence needs both full distributions"),
+      ("teacher.on_policy", t.on_policy > 0 and t.prompt_len >= cfg.data.seq_len,
+       f"teacher.prompt_len = {t.prompt_len} leaves nothing of data.seq_len = "
+       f"{cfg.data.seq_len} to sample"),
+      ("teacher.on_policy", t.on_policy > 0 and cfg.data.document_mask,
+       "sampled continuations have no document boundaries"),
+      ("teacher.on_policy", t.on_policy > 0 and "seq" in cfg.parallel.mesh_axes
+       and dict(zip(cfg.parallel.mesh_axes, cfg.parallel.mesh_shape, strict=True))["seq"] != 1,
+       "sampling runs whole sequences, not the ring's shards of them"),
   ) if bad]
   if clash:
     name, why = clash[0]

@@ -29,6 +29,8 @@ from memx.train.optim import lr_schedule, make_optimizer
 Batch = dict[str, jax.Array]
 # MeZO's directions come from their own stream of the run's seed (not the model's or data's).
 MEZO_STREAM = 0x6D657A6F
+# On-policy distillation samples from its own stream too (memx.train.kd).
+KD_STREAM = 0x4B44
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +161,15 @@ def make_grad_step(cfg: Config, graphdef, teacher_graphdef=None):
     # Under sequence parallelism the tokens arrive in the ring's layout (positions say where).
     b, positions = batch_to_layout(batch)
     b = {**b, "positions": positions}
+    if kd_cfg.on_policy > 0:  # some rows continue with the model's own samples (GKD)
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.train.seed), KD_STREAM),
+                               opt.step[...])
+      b = kd.on_policy_batch(model, b, kd_cfg.on_policy, kd_cfg.prompt_len,
+                             kd_cfg.sample_temperature, key)
     # The batch's weighted mean, as a sum over rows with a denominator fixed up front, so the
     # microbatches' terms add up to it.
     total = weight_total(b["weights"])
+    kd_total = weight_total(b["kd_weights"]) if "kd_weights" in b else total
 
     def loss_fn(model, mb):
       losses = lm_token_losses(model, mb["inputs"], mb["targets"], positions=mb["positions"],
@@ -176,7 +184,7 @@ def make_grad_step(cfg: Config, graphdef, teacher_graphdef=None):
       target = jax.lax.stop_gradient(teacher(mb["inputs"], **kw))
       ce = weighted_mean(token_losses(logits, mb["targets"]), mb["weights"], total)
       div = weighted_mean(kd.divergence(logits, target, kd_cfg.divergence, kd_cfg.temperature),
-                          mb["weights"], total)
+                          mb.get("kd_weights", mb["weights"]), kd_total)
       return (1 - kd_cfg.weight) * ce + kd_cfg.weight * div, {"ce": ce, "kd_divergence": div}
 
     extra = {}

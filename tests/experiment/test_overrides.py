@@ -166,7 +166,8 @@ def test_apply_overrides_works_on_a_single_section():
     ("train.gradient_accumulation_steps", "did you mean train.microbatches?"),
     ("learning_rate", "did you mean optim.lr?"),
     ("optim.zzzzzzzzzzzzzzzzzz", "valid keys in 'optim': optim.lr, optim.min_lr_ratio"),
-    ("zzz.qqq", "valid sections: checkpoint, data, finetune, model, optim, parallel, train"),
+    ("zzz.qqq", "valid sections: checkpoint, data, finetune, local, model, optim, parallel, "
+                "teacher, train"),
     ("model.d_model.x", "did you mean model.d_model"),
     ("model", "model.d_"),  # a section is not a leaf
 ])

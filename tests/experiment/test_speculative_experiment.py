@@ -24,7 +24,7 @@ def test_tiny_pipeline(tmp_path):
   out = json.loads((tmp_path / "speculative-tiny" / "speculative.json").read_text())
   drafts = {r["draft"] for r in out["runs"]}
   assert drafts == {"draft_attention", "draft_mamba", "draft_mamba_kd_fkl", "draft_mamba_kd_tvd",
-                    "draft_attention_kd_fkl", "self (ceiling)"}
+                    "draft_attention_kd_fkl", "draft_mamba_gkd_fkl", "self (ceiling)"}
   ceiling = next(r for r in out["runs"] if r["draft"] == "self (ceiling)")
   assert ceiling["greedy_acceptance"] == 1.0 and ceiling["t1_acceptance"] == 1.0
   assert all(1.0 <= r["greedy_tokens_per_pass"] <= r["k"] + 1 for r in out["runs"])

@@ -68,22 +68,25 @@ def test_divergences_match_scipy(kind, temperature):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_a_student_that_is_its_teacher_has_nothing_to_learn(teacher_run):
+@pytest.mark.parametrize("on_policy", [0.0, 1.0], ids=["data", "on-policy"])
+def test_a_student_that_is_its_teacher_has_nothing_to_learn(teacher_run, on_policy):
   """Started from the teacher's weights with the divergence alone: zero divergence, zero
-  gradient."""
+  gradient, on the data's tokens as on its own samples."""
   from memx.parallel.mesh import make_mesh
   from memx.train._testing import fixed_batch
   from memx.train.step import init_state, make_grad_step
 
-  cfg = dataclasses.replace(_student(teacher_run, weight=1.0), model=TEACHER_MODEL,
-                            finetune=FinetuneConfig(base=teacher_run))
+  cfg = dataclasses.replace(_student(teacher_run, weight=1.0, on_policy=on_policy,
+                                     prompt_len=8),
+                            model=TEACHER_MODEL, finetune=FinetuneConfig(base=teacher_run))
   ts = init_state(cfg, jax.random.key(0))
   one = make_mesh(ParallelConfig(mesh_shape=(1,)), devices=jax.devices()[:1])
   t_graphdef, t_state = kd.load_teacher(cfg, one)
   grads, metrics = jax.jit(make_grad_step(cfg, ts.graphdef, t_graphdef))(
       ts.state, fixed_batch(cfg), t_state)
   assert abs(float(metrics["kd_divergence"])) < 1e-6
-  assert float(metrics["loss"]) > 1.0  # the cross-entropy is logged, not the objective
+  if not on_policy:
+    assert float(metrics["loss"]) > 1.0  # the cross-entropy is logged, not the objective
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-5
 
 
@@ -113,8 +116,10 @@ def test_distillation_pulls_the_student_toward_its_teacher(teacher_run, tmp_path
 
 
 def test_a_run_with_a_teacher_resumes_exactly(teacher_run, tmp_path):
-  """The teacher is restored again on resume; the split step a mid-run save uses takes it too."""
-  cfg = dataclasses.replace(_student(teacher_run, steps=6, divergence="tvd"),
+  """The teacher is restored again on resume; the split step a mid-run save uses takes it too;
+  on-policy rows are sampled again from (seed, step)."""
+  cfg = dataclasses.replace(_student(teacher_run, steps=6, divergence="tvd", on_policy=0.5,
+                                     prompt_len=8),
                             checkpoint=CheckpointConfig(every=3, keep=3))
   _, (straight, resumed), states = straight_and_resumed(cfg, tmp_path, stop_at=3)
   assert [(r["loss"], r["kd_divergence"]) for r in resumed] == [
@@ -123,14 +128,51 @@ def test_a_run_with_a_teacher_resumes_exactly(teacher_run, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+def test_policy_rows_spread_evenly():
+  assert kd.policy_rows(8, 0.5).tolist() == [False, True] * 4
+  assert kd.policy_rows(8, 0.25).nonzero()[0].tolist() == [3, 7]
+  assert kd.policy_rows(6, 1.0).all() and not kd.policy_rows(6, 0.0).any()
+  assert kd.policy_rows(10, 0.3).sum() == 3
+
+
+def test_on_policy_rows_are_the_models_own_generation():
+  from flax import nnx
+
+  from memx.models.decode import generate
+  from memx.models.transformer import TransformerLM
+  from memx.train._testing import fixed_batch
+
+  model = TransformerLM(STUDENT_MODEL, rngs=nnx.Rngs(3))
+  batch = {k: v for k, v in fixed_batch(BASE).items()}
+  key, p, t = jax.random.key(7), 12, BASE.data.seq_len
+  out = kd.on_policy_batch(model, batch, 0.5, p, 1.0, key)
+  want = generate(model, batch["inputs"][:, :p], t - p + 1, temperature=1.0, rng=key)
+  rows = kd.policy_rows(batch["inputs"].shape[0], 0.5)
+  np.testing.assert_array_equal(out["inputs"][rows], want[rows, :t])
+  np.testing.assert_array_equal(out["targets"][rows], want[rows, 1:])
+  np.testing.assert_array_equal(out["inputs"][~rows], batch["inputs"][~rows])
+  assert not np.array_equal(out["inputs"][rows], batch["inputs"][rows])  # it really sampled
+  # CE only where the tokens are data; the divergence there and on every sampled target.
+  generated = np.zeros(out["weights"].shape, bool)
+  generated[rows, p - 1:] = True
+  np.testing.assert_array_equal(out["weights"], np.where(generated, 0, batch["weights"]))
+  np.testing.assert_array_equal(out["kd_weights"], np.where(generated, 1, batch["weights"]))
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(model=dataclasses.replace(STUDENT_MODEL, vocab_size=300)), "same vocabulary"),
     (dict(optim=OptimConfig(name="sgd", estimator="mezo", clip_norm=None)), "optim.estimator"),
     (dict(local=LocalConfig(groups=2), model=TEACHER_MODEL), "local.groups"),
     (dict(train=TrainConfig(batch_size=8, loss_vocab_block=128)), "loss_vocab_block"),
+    (dict(teacher=TeacherConfig(run="R", on_policy=0.5, prompt_len=32)), "nothing of"),
+    (dict(teacher=TeacherConfig(run="R", on_policy=0.5, prompt_len=8),
+          data=DataConfig(source="corpus", seq_len=32, document_mask=True,
+                          text_separator="\n\n")), "document boundaries"),
 ])
 def test_runs_a_teacher_cannot_serve_are_refused(teacher_run, change, match):
   from memx.train.loop import prepare
+  if "teacher" in change:
+    change = {**change, "teacher": dataclasses.replace(change["teacher"], run=teacher_run)}
   with pytest.raises(ConfigError, match=match):
     prepare(dataclasses.replace(_student(teacher_run), **change))
 
@@ -146,6 +188,10 @@ def test_a_missing_teacher_is_refused(tmp_path):
     (dict(temperature=0.0), "teacher.temperature"),
     (dict(divergence="kl"), "teacher.divergence"),
     (dict(run=None, step=3), "needs teacher.run"),
+    (dict(on_policy=0.5), "teacher.prompt_len"),
+    (dict(on_policy=1.5, prompt_len=4), "teacher.on_policy"),
+    (dict(run=None, on_policy=0.5, prompt_len=4), "needs teacher.run"),
+    (dict(sample_temperature=-1.0), "teacher.sample_temperature"),
 ])
 def test_bad_teacher_settings_are_refused(fields, match):
   with pytest.raises(ConfigError, match=match):
