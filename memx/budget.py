@@ -38,6 +38,10 @@ def add_parser(sub) -> None:
                  help="KIVI-quantized KV caches of this many bits (memx.kernels.kv_quant)")
   b.add_argument("--kv-group", type=int, default=32)
   b.add_argument("--kv-residual", type=int, default=0)
+  b.add_argument("--compare", action="append", default=[], metavar="NAME:KEY=VALUE[;...]",
+                 help="also budget the config with these overrides (';' between them), and "
+                      "print a table of every variant against it; repeatable, e.g. "
+                      "--compare remat:model.remat=full --compare fp8:optim.moment_quant=fp8")
   b.add_argument("--json", default=None, metavar="FILE", help="also write the numbers as JSON")
   b.set_defaults(handler=_budget)
 
@@ -52,6 +56,7 @@ def _budget(args) -> int:
       args.decode_context is not None and args.decode_context < 1):
     raise UserError("--devices, --decode-batch and --decode-context must be >= 1")
   cfg = _config(args)
+  variants = {name: _config(args, extra) for name, extra in _compare_specs(args.compare)}
   kv_quant = None
   if args.kv_bits is not None:
     from memx.kernels.kv_quant import KVQuant
@@ -63,25 +68,57 @@ def _budget(args) -> int:
   if args.activations:
     _set_cpu_devices(args.devices)
   hw = HARDWARE[args.hardware]
-  try:
-    cfg.parallel.resolved_shape(args.devices)
-  except ValueError as e:
-    raise UserError(f"--devices {args.devices}: {e}") from None
-  out = report(cfg, args.devices, hw, activations=args.activations, exact=args.exact,
-               decode_batch=args.decode_batch,
-               decode_context=args.decode_context or cfg.data.seq_len, kv_quant=kv_quant)
+  for c in (cfg, *variants.values()):
+    _check_devices(c, args.devices)
+
+  def one(c):
+    return report(c, args.devices, hw, activations=args.activations, exact=args.exact,
+                  decode_batch=args.decode_batch,
+                  decode_context=args.decode_context or cfg.data.seq_len, kv_quant=kv_quant)
+  out = one(cfg)
   print(render(out, args.experiment))
+  if variants:
+    out["compare"] = {name: one(c) for name, c in variants.items()}
+    print("\n" + render_comparison(out))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
   return 0
 
 
-def _config(args):
+def _config(args, extra: list[str] = ()):
   from memx.experiment import loading
   from memx.experiment.overrides import parse_assignments
   path, variant = loading.split_spec(args.experiment)
   module = loading.load_module(path)
-  return loading.build_config(module, variant, parse_assignments(args.overrides))
+  return loading.build_config(module, variant, parse_assignments([*args.overrides, *extra]))
+
+
+def _compare_specs(items: list[str]) -> list[tuple[str, list[str]]]:
+  out = []
+  for item in items:
+    name, sep, rest = item.partition(":")
+    assignments = [a for a in rest.split(";") if a]
+    if not sep or not name or not assignments or any("=" not in a for a in assignments):
+      raise UserError(f"--compare {item!r} is not of the form NAME:KEY=VALUE[;KEY=VALUE...]")
+    if name in dict(out) or name == "base":
+      raise UserError(f"--compare: the name {name!r} is taken (by 'base' or an earlier one)")
+    out.append((name, assignments))
+  return out
+
+
+def _check_devices(cfg, devices: int) -> None:
+  """UserError unless cfg's mesh fits `devices` devices and its batch splits over them."""
+  from memx.parallel.axes import BATCH
+  from memx.parallel.rules import RULES, shards
+  try:
+    shape = cfg.parallel.resolved_shape(devices)
+  except ValueError as e:
+    raise UserError(f"--devices {devices}: {e}") from None
+  data = shards(dict(RULES[cfg.parallel.strategy])[BATCH],
+                dict(zip(cfg.parallel.mesh_axes, shape, strict=True)))
+  if cfg.train.batch_size % data:
+    raise UserError(f"--devices {devices}: train.batch_size = {cfg.train.batch_size} does not "
+                    f"split over the data-parallel size {data} of that mesh")
 
 
 def _set_cpu_devices(n: int) -> None:
@@ -176,4 +213,21 @@ def render(out: dict, name: str) -> str:
       f"step reads {_gib(d['weights'])} of weights and {_gib(d['state'])} of decode state, "
       f"so it takes at least {_ms(d['step_time_floor_s'])}: at most "
       f"{d['tokens_per_s_ceiling']:,.0f} tokens/s.")
+  return "\n".join(lines)
+
+
+def render_comparison(out: dict) -> str:
+  """A table of the base config and each --compare variant: bytes per device, their ratio to
+  the base's total, whether each fits, and the step-time floor."""
+  rows = [("base", out), *out["compare"].items()]
+  temps = "step_temp" in out
+  head = ["variant", "parameters", "optimizer state", *(["step temporaries"] if temps else []),
+          "total", "× base", "fits", "step floor"]
+  lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+  for name, o in rows:
+    cells = [name, _gib(o["params"]), _gib(o["optimizer"]),
+             *([_gib(o["step_temp"])] if temps else []), _gib(o["total_per_device"]),
+             f"{o['total_per_device'] / out['total_per_device']:.3f}",
+             "yes" if o["fits"] else "NO", _ms(o["step_time_floor_s"])]
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

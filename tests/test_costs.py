@@ -27,6 +27,10 @@ from memx.config import (
 )
 from memx.kernels.kv_quant import KVQuant
 
+# The CLI sets jax_num_cpu_devices when it starts the backend itself; in the test process the
+# backend must already run on conftest's 8 devices, or a --devices 64 call would take effect.
+jax.devices()
+
 MODEL = ModelConfig(vocab_size=264, d_model=64, n_layers=4, n_heads=2, n_kv_heads=1)
 FSDP = ParallelConfig(strategy="fsdp", mesh_shape=(1, -1), mesh_axes=("data", "fsdp"))
 CFG = Config(model=MODEL, data=DataConfig(source="corpus", seq_len=64),
@@ -147,11 +151,32 @@ def test_budget_cli_prints_and_writes_json(tmp_path, capsys):
   assert np.isfinite(out["step_time_floor_s"])
 
 
+def test_budget_cli_compares_variants(tmp_path, capsys):
+  path = tmp_path / "b.json"
+  rc = main(["budget", "experiments/demo/ablation.py:tiny", "--compare",
+             "fp8:optim.moment_quant=fp8", "--compare", "deep:model.n_layers=4;model.d_model=64",
+             "--json", str(path)])
+  assert rc == 0
+  table = capsys.readouterr().out.split("| variant |")[1]
+  assert "| base |" in table and "| fp8 |" in table and "| deep |" in table
+  out = json.loads(path.read_text())
+  fp8, deep = out["compare"]["fp8"], out["compare"]["deep"]
+  # (FP8 codes + scales: ~0.26x of AdamW's float32 moments on large matrices; the tiny
+  # model's norms and per-group scales add a little)
+  assert fp8["params"] == out["params"] and fp8["optimizer"] < 0.35 * out["optimizer"]
+  assert deep["param_count"] > out["param_count"]
+
+
 @pytest.mark.parametrize("argv,match", [
+    (["--compare", "no-colon"], "NAME:KEY=VALUE"),
+    (["--compare", "x:model.d_model"], "NAME:KEY=VALUE"),
+    (["--compare", "base:model.d_model=64"], "is taken"),
+    (["--compare", "x:model.nope=1"], "model.nope"),
     (["--hardware", "tpu"], "--hardware"),
     (["--devices", "0"], ">= 1"),
     (["--kv-bits", "3"], "--kv-bits"),
-    (["--activations", "--devices", "64"], "needs 64 devices"),
+    (["--activations", "--devices", "64", "--set", "train.batch_size=64"], "needs 64 devices"),
+    (["--devices", "3"], "batch_size = 8"),
 ])
 def test_budget_cli_refuses_bad_arguments(argv, match, capsys):
   assert main(["budget", "experiments/demo/ablation.py:tiny", *argv]) == 2
