@@ -15,7 +15,8 @@ Result:    (2026-11-28, commit df72a46; benchmarks/RESULTS.md "Session 22") at k
            d9a1fad) the same drafts distilled from the target by forward KL keep more of their
            sampled tokens: at T = 1 and k = 4, 49% (1-layer) and 57% (Mamba-2); greedy
            acceptance moves little (65%, 71%). TVD alone (weight 1) does worse than the data
-           (Mamba-2: 49% at T = 1, 66% greedy).
+           (Mamba-2: 49% at T = 1, 66% greedy). On-policy rows (GKD, commit 740a0d3) match
+           off-policy forward KL within 0.01 (57% at T = 1, 72% greedy).
 
 Writes runs/speculative/speculative.json: per draft and draft length k, the acceptance (drafted
 tokens kept), tokens per target pass, and the median seconds of a 128-token generation against
