@@ -15,7 +15,8 @@ USAGE_EXAMPLES = """examples:
   memx report runs/ablation
   memx sparse profile runs/dense --lengths 256,512 --out profile.npz
   memx distill runs/dense --student hybrid:every=4 --stages 1,2,3
-  memx generate runs/dense --prompt "Once upon" --draft runs/small --draft-len 4"""
+  memx generate runs/dense --prompt "Once upon" --draft runs/small --draft-len 4
+  memx budget experiments/demo/ablation.py --activations --compare remat:model.remat=full"""
 
 # Subcommands that live beside their package: each module has add_parser(subparsers), which
 # registers its parser with set_defaults(handler=fn); fn(args) -> exit code imports lazily.
