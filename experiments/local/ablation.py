@@ -9,9 +9,10 @@ Result:    (2026-11-28, CPU, commit ee4779d; benchmarks/RESULTS.md "Session 23")
            and compiled step temporaries: backprop 1.380, 159 MiB; backprop-remat 1.376, 37 MiB;
            local2-d1 1.385, 105 MiB; local4-d1-man 1.422, 65 MiB; local4-d2 1.492, 89 MiB;
            local4-probe 1.678, 53 MiB; local4-d1 1.728, 71 MiB; local8-probe 1.787, 36 MiB.
-           So two groups cost nothing here at 0.66x the temporaries; at four, MAN's moving-
-           average blocks lose least (+0.04); but remat "full" keeps less (0.24x) at no loss,
-           so at this scale local learning pays only where recomputation cannot (one seed).
+           A second seed (train.seed=1) moved backprop to 1.999 (a long early plateau) and the
+           4-group runs to 1.534-1.634: the seed spread exceeds the differences between
+           variants, so 300 steps do not rank them. Remat "full" keeps fewer temporaries
+           (0.24x) with an unchanged gradient.
 
 Entries: backprop; AugLocal with 2 and 4 groups (auxiliary depth 1, and 2 with its pyramid);
 a linear probe per group (depth 0, DGL-like) at 4 and 8 groups; MAN (auxiliary blocks that are
