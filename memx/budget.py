@@ -74,7 +74,7 @@ def _budget(args) -> int:
   def one(c):
     return report(c, args.devices, hw, activations=args.activations, exact=args.exact,
                   decode_batch=args.decode_batch,
-                  decode_context=args.decode_context or cfg.data.seq_len, kv_quant=kv_quant)
+                  decode_context=args.decode_context or c.data.seq_len, kv_quant=kv_quant)
   out = one(cfg)
   print(render(out, args.experiment))
   if variants:
@@ -144,7 +144,7 @@ def report(cfg, devices: int, hw, *, activations: bool = False, exact: bool = Fa
          "mesh": dict(zip(cfg.parallel.mesh_axes, cfg.parallel.resolved_shape(devices),
                           strict=True)),
          "strategy": cfg.parallel.strategy, **state}
-  total = state["params"] + state["optimizer"]
+  total = state["params"] + state["optimizer"] + state.get("teacher", 0)
   if activations:
     avail = jax.devices()
     if len(avail) < devices:
@@ -190,6 +190,9 @@ def render(out: dict, name: str) -> str:
            "| per device | bytes | |", "|---|---:|---:|",
            f"| parameters | {out['params']:,} | {_gib(out['params'])} |",
            f"| optimizer state | {out['optimizer']:,} | {_gib(out['optimizer'])} |"]
+  if "teacher" in out:
+    lines.append(f"| teacher (teacher.run, frozen) | {out['teacher']:,} | "
+                 f"{_gib(out['teacher'])} |")
   if "step_temp" in out:
     how = ("extrapolated from " + " and ".join(map(str, out["step_temp_compiled_layers"]))
            + " layers" if out["step_temp_extrapolated"] else "compiled whole")

@@ -106,8 +106,35 @@ def state_bytes(cfg: Config, devices: int = 1) -> dict[str, int]:
   params, n_params = part(model, shardings[0])
   train, n_train = part(model, shardings[0], train_mask)
   optimizer, _ = part(opt, shardings[1])
-  return {"params": params, "trainable": train, "optimizer": optimizer,
-          "param_count": n_params, "trainable_count": n_train}
+  out = {"params": params, "trainable": train, "optimizer": optimizer,
+         "param_count": n_params, "trainable_count": n_train}
+  if cfg.teacher.run is not None:  # the frozen teacher (memx.train.kd), sharded as the model
+    _, t_state = teacher_model(cfg)
+    out["teacher"] = _shard_bytes(t_state, state_shardings(
+        t_state, abstract_mesh(cfg, devices), cfg.parallel.strategy))
+  return out
+
+
+def abstract_model(cfg: Config):
+  """(graphdef, abstract state) of cfg's model as generation and evaluation use it: local
+  learning's auxiliary networks left out, nothing allocated."""
+  from flax import nnx
+
+  from memx.train.finetune import build_model
+  from memx.train.local import AUX
+
+  def build():
+    model = build_model(cfg, jax.random.key(0), load_base=False)
+    if hasattr(model, AUX):
+      delattr(model, AUX)
+    return model
+  return nnx.split(nnx.eval_shape(build))
+
+
+def teacher_model(cfg: Config):
+  """abstract_model of teacher.run's config (its run directory is read, not its weights)."""
+  from memx.train.restore import load_config
+  return abstract_model(load_config(cfg.teacher.run))
 
 
 def abstract_batch(cfg: Config, batch_size: int | None = None, sharding=None) -> dict:
@@ -129,12 +156,22 @@ def compile_step_abstract(cfg: Config, devices: list):
   mesh = make_mesh(cfg.parallel, devices)
   ts = abstract_state(cfg, jax.random.key(0))
   shardings = state_shardings(ts.state, mesh, cfg.parallel.strategy)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       jax.tree.leaves(ts.state), jax.tree.leaves(shardings))
-  state = jax.tree.unflatten(jax.tree.structure(ts.state), state)
+  state = _placed(ts.state, shardings)
   batch = abstract_batch(cfg, sharding=batch_sharding(mesh, cfg.parallel.strategy))
-  return jax.jit(make_train_step(cfg, ts.graphdef), donate_argnums=0,
-                 out_shardings=(shardings, None)).lower(state, batch).compile()
+  t_graphdef, t_args = None, ()
+  if cfg.teacher.run is not None:
+    t_graphdef, t_state = teacher_model(cfg)
+    t_sh = state_shardings(t_state, mesh, cfg.parallel.strategy)
+    t_args = (_placed(t_state, t_sh),)
+  return jax.jit(make_train_step(cfg, ts.graphdef, t_graphdef), donate_argnums=0,
+                 out_shardings=(shardings, None)).lower(state, batch, *t_args).compile()
+
+
+def _placed(tree, shardings):
+  """ShapeDtypeStructs of tree's arrays with their shardings, in tree's structure."""
+  leaves = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+            for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings), strict=True)]
+  return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 
 
 def layer_period(cfg: Config) -> int | None:
@@ -145,8 +182,9 @@ def layer_period(cfg: Config) -> int | None:
   m = cfg.model
   if cfg.local.groups > 1 or m.attn_plan is not None:
     return None
-  kinds = [m.mixer(i) for i in range(m.n_layers)]
-  if "mlgru" in kinds:
+  windowed = set(range(m.n_layers) if m.attn_window_layers is None else m.attn_window_layers)
+  kinds = [(m.mixer(i), i in windowed) for i in range(m.n_layers)]
+  if any(kind == "mlgru" for kind, _ in kinds):
     return None
   for p in range(1, m.n_layers // 2 + 1):
     if m.n_layers % p == 0 and all(kinds[i] == kinds[i % p] for i in range(m.n_layers)):
@@ -155,9 +193,13 @@ def layer_period(cfg: Config) -> int | None:
 
 
 def _with_layers(cfg: Config, n: int) -> Config:
+  """cfg's first n layers (whole periods of the pattern: their per-layer settings kept)."""
   m = cfg.model
   mixers = None if m.mixers is None else m.mixers[:n]
-  return dataclasses.replace(cfg, model=dataclasses.replace(m, n_layers=n, mixers=mixers))
+  window = (None if m.attn_window_layers is None
+            else tuple(i for i in m.attn_window_layers if i < n))
+  return dataclasses.replace(cfg, model=dataclasses.replace(m, n_layers=n, mixers=mixers,
+                                                            attn_window_layers=window))
 
 
 def step_temp_bytes(cfg: Config, devices: list, *, extrapolate: bool = True) -> dict:
@@ -198,7 +240,17 @@ def train_flops_per_token(cfg: Config, params=None) -> float:
     if x.ndim >= 2 and not ("'embed'" in jax.tree_util.keystr(path) and not m.tie_embeddings):
       weights += x.size
   n_attention = sum(m.mixer(i) == "attention" for i in range(m.n_layers))
-  return 6.0 * weights + 6.0 * n_attention * cfg.data.seq_len * m.d_model
+  flops = 6.0 * weights + 6.0 * n_attention * cfg.data.seq_len * m.d_model
+  if cfg.teacher.run is not None:  # the teacher's forward pass: a third of a training step's
+    teacher_cfg = dataclasses.replace(_teacher_config(cfg), data=cfg.data)
+    flops += train_flops_per_token(teacher_cfg, teacher_model(cfg)[1]) / 3
+  return flops
+
+
+def _teacher_config(cfg: Config) -> Config:
+  from memx.config import TeacherConfig
+  from memx.train.restore import load_config
+  return dataclasses.replace(load_config(cfg.teacher.run), teacher=TeacherConfig())
 
 
 def decode_bytes(cfg: Config, batch: int, context: int, *, kv_quant=None,
@@ -210,15 +262,8 @@ def decode_bytes(cfg: Config, batch: int, context: int, *, kv_quant=None,
   allocation."""
   from flax import nnx
 
-  from memx.train.finetune import build_model
-  from memx.train.local import AUX
-
-  def build():
-    model = build_model(cfg, jax.random.key(0), load_base=False)
-    if hasattr(model, AUX):
-      delattr(model, AUX)
-    return model
-  model = nnx.eval_shape(build)
+  graphdef, abstract = abstract_model(cfg)
+  model = nnx.merge(graphdef, abstract)
   weights = int(sum(x.size * np.dtype(x.dtype).itemsize
                     for x in jax.tree.leaves(nnx.state(model))))
   cache = jax.eval_shape(lambda: model.init_cache(batch, context, kv_quant=kv_quant,

@@ -23,6 +23,7 @@ from memx.config import (
   ModelConfig,
   OptimConfig,
   ParallelConfig,
+  TeacherConfig,
   TrainConfig,
 )
 from memx.kernels.kv_quant import KVQuant
@@ -92,6 +93,39 @@ def test_depth_extrapolation_is_within_five_percent(model):
   # XLA's buffer assignment does not add exactly the same bytes per layer (2-3% off at 6
   # layers here); the estimate is documented as within 5%.
   assert abs(est["temp"] - exact["temp"]) <= 0.05 * exact["temp"], (est, exact)
+
+
+def test_depth_extrapolation_keeps_the_window_pattern():
+  model = dataclasses.replace(MODEL, n_layers=6, attn_window=8, attn_window_layers=(0, 2, 4))
+  cfg = dataclasses.replace(CFG, model=model)
+  assert costs.layer_period(cfg) == 2
+  est = costs.step_temp_bytes(cfg, jax.devices())
+  exact = costs.step_temp_bytes(cfg, jax.devices(), extrapolate=False)
+  assert est["compiled_layers"] == [2, 4]
+  assert abs(est["temp"] - exact["temp"]) <= 0.05 * exact["temp"], (est, exact)
+
+
+def test_a_teachers_bytes_flops_and_step_are_budgeted(tmp_path):
+  from memx.experiment.rundir import write_config
+  from memx.train.loop import train
+
+  teacher = dataclasses.replace(CFG, train=TrainConfig(steps=1, batch_size=8, eval_batches=1),
+                                checkpoint=CheckpointConfig(every=1, keep=1))
+  train(teacher, tmp_path / "t", progress=False)
+  write_config(tmp_path / "t", teacher)
+  small = dataclasses.replace(MODEL, d_model=32, n_layers=1)
+  student = dataclasses.replace(CFG, model=small, parallel=FSDP,
+                                teacher=TeacherConfig(run=str(tmp_path / "t")))
+  plain = dataclasses.replace(student, teacher=TeacherConfig())
+  n = jax.device_count()
+  got, alone = costs.state_bytes(student, n), costs.state_bytes(plain, n)
+  assert got["teacher"] == costs.state_bytes(dataclasses.replace(CFG, parallel=FSDP),
+                                             n)["params"]
+  assert costs.train_flops_per_token(student) == pytest.approx(
+      costs.train_flops_per_token(plain) + costs.train_flops_per_token(CFG) / 3)
+  assert got["params"] == alone["params"]
+  with_t = costs.step_temp_bytes(student, jax.devices(), extrapolate=False)["temp"]
+  assert with_t > costs.step_temp_bytes(plain, jax.devices(), extrapolate=False)["temp"]
 
 
 def test_layer_period():

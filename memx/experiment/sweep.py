@@ -26,7 +26,7 @@ from memx.errors import UserError, exception_lines
 from memx.experiment import loading
 from memx.experiment.index import RunIndex
 from memx.experiment.runner import RunSpec, is_distill_entry, run
-from memx.train import kd
+from memx.train import kd, local
 from memx.train.finetune import base_entry, check_against, run_hash
 
 EXECUTORS = ("local", "slurm", "submitit-local")
@@ -77,7 +77,9 @@ def plan(experiment: str, variant: str | None, workdir: str) -> tuple[pathlib.Pa
         if base is not None:  # fits its base, takes its adapters: before the base trains
           check_against(cfg, configs[base])
         if teacher is not None:  # speaks its teacher's vocabulary: before the teacher trains
+          kd.check_config(cfg)
           kd.check_against(cfg, configs[teacher], f"@{teacher}")
+        local.check(cfg)
         # (a fine-tune's or a distilled run's hash covers its base's or teacher's, as their
         # provenance will record them)
         h = run_hash(cfg, *(None if e is None else f"{hashes[e]}/{data_hashes[e]}"

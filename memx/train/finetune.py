@@ -63,10 +63,12 @@ def build_model(cfg: Config, model_key: jax.Array, *, load_base: bool = True) ->
     except ValueError as e:
       raise ConfigError(f"model.weight_quant = {cfg.model.weight_quant!r} is not allowed for "
                         f"this model: {e}") from None
-  local.add_aux(model, cfg, model_key)  # local learning's auxiliary networks (local.groups > 1)
   ft = cfg.finetune
   if ft.base is not None and load_base:
     copy_base(model, ft)
+  # local learning's auxiliary networks (local.groups > 1): after the base's weights, which
+  # MAN's moving averages start from
+  local.add_aux(model, cfg, model_key)
   if ft.lora_rank:
     try:
       add_lora(model, rank=ft.lora_rank, alpha=ft.lora_alpha, targets=ft.lora_targets,
@@ -88,9 +90,12 @@ def copy_base(model: TransformerLM, ft) -> None:
   run_dir = find_run_dir(base)
   _check_base_checkpoint(run_dir, load_config(run_dir), ft)
   trained = load_trained(base, step=ft.base_step)
-  # parameters, and a quantized base's frozen codes
-  source = nnx.state(merge_lora(trained.model), nnx.Any(nnx.Param, Quantized))
-  target = nnx.state(model, nnx.Any(nnx.Param, Quantized))
+  # parameters, and a quantized base's frozen codes; not local learning's auxiliary networks
+  # (training-only: a base trained with them gives its model, a run training with them adds
+  # its own after the copy)
+  weights = nnx.All(nnx.Any(nnx.Param, Quantized), lambda path, _: path[0] != local.AUX)
+  source = nnx.state(merge_lora(trained.model), weights)
+  target = nnx.state(model, weights)
   _check_fits(source, target, base)
   nnx.update(model, jax.tree.map(lambda s, t: s.astype(t.dtype), source, target))
 
@@ -139,33 +144,40 @@ def check_against(cfg: Config, base_cfg: Config) -> None:
 
 
 def _check_base_checkpoint(run_dir, base_cfg: Config, ft) -> None:
-  """The base has the checkpoint to start from: finetune.base_step among its complete steps,
-  or (base_step None) a finished training (summary.json, status "done"), whose newest
-  checkpoint is its final one. A half-trained or failed base is refused, not fine-tuned."""
+  check_run_checkpoint(run_dir, base_cfg, ft.base, ft.base_step, "finetune.base",
+                       "finetune.base_step", "fine-tuned")
+
+
+def check_run_checkpoint(run_dir, run_cfg: Config, path: str, step: int | None, field: str,
+                         step_field: str, use: str) -> None:
+  """The trained run at `path` (a base, a teacher) has the checkpoint to start from: `step`
+  among its complete steps, or (step None) a finished training (summary.json, status "done"),
+  whose newest checkpoint is its final one. A half-trained or failed run is refused, not
+  used; field / step_field / use name the setting in the errors."""
   from memx.checkpoint import Checkpointer
 
-  if ft.base_step is None:
+  if step is None:
     try:
       status = json.loads((run_dir / "summary.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
       status = None
     if status != "done":
       raise ConfigError(
-          f"finetune.base = {ft.base!r} has not finished training (summary.json "
+          f"{field} = {path!r} has not finished training (summary.json "
           f"{'status ' + repr(status) if status else 'missing'}): let it finish, or name the "
-          "checkpoint to start from with finetune.base_step.")
+          f"checkpoint to start from with {step_field}. A half-trained run is not {use}.")
     return
   ckpt_dir = run_dir / "checkpoints"
   steps = []
   if ckpt_dir.is_dir():
-    ckpt = Checkpointer(ckpt_dir, base_cfg.checkpoint)
+    ckpt = Checkpointer(ckpt_dir, run_cfg.checkpoint)
     try:
       steps = ckpt.complete_steps()
     finally:
       ckpt.close()
-  if ft.base_step not in steps:
-    raise ConfigError(f"finetune.base_step = {ft.base_step} is not allowed: {ft.base!r} has "
-                      f"complete checkpoints at steps {steps or 'none'}.")
+  if step not in steps:
+    raise ConfigError(f"{step_field} = {step} is not allowed: {path!r} has complete "
+                      f"checkpoints at steps {steps or 'none'}.")
 
 
 def _check_fits(source, target, base: str) -> None:

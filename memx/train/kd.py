@@ -43,7 +43,9 @@ def divergence(student_logits, teacher_logits, kind: str, temperature: float = 1
   if kind == "reverse_kl":
     return temperature**2 * jnp.sum(q * (s - t), axis=-1)
   if kind == "jsd":
-    m = jnp.log(0.5 * (p + q))
+    # log of the mixture in log space: log(p + q) would be -inf where both underflow, and
+    # 0 · inf a NaN in the value and the gradient
+    m = jnp.logaddexp(t, s) - jnp.log(2.0)
     return temperature**2 * 0.5 * (jnp.sum(p * (t - m), axis=-1) + jnp.sum(q * (s - m), axis=-1))
   if kind == "tvd":
     return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
@@ -81,12 +83,28 @@ def on_policy_batch(model, batch: dict, fraction: float, prompt_len: int, temper
 
 
 def check(cfg: Config) -> None:
-  """ConfigError / UserError for a teacher the run cannot use, before any compute: the run
-  exists, speaks the student's vocabulary, and the rest of the config allows a teacher."""
+  """ConfigError / UserError for a teacher the run cannot use, before any compute: the rest
+  of the config allows a teacher (`check_config`), and the run exists, finished training (or
+  teacher.step names a complete checkpoint of it) and speaks the student's vocabulary."""
   t = cfg.teacher
   if t.run is None:
     return
-  from memx.train.restore import load_config
+  from memx.train.finetune import check_run_checkpoint
+  from memx.train.restore import find_run_dir, load_config
+
+  check_config(cfg)
+  run_dir = find_run_dir(t.run)
+  teacher = load_config(run_dir)
+  check_run_checkpoint(run_dir, teacher, t.run, t.step, "teacher.run", "teacher.step",
+                       "distilled from")
+  check_against(cfg, teacher, repr(t.run))
+
+
+def check_config(cfg: Config) -> None:
+  """The config-only part of `check` (a sweep runs it before the teacher entry trains)."""
+  t = cfg.teacher
+  if t.run is None:
+    return
 
   clash = [(name, why) for name, bad, why in (
       ("optim.estimator", cfg.optim.estimator != "backprop",
@@ -107,7 +125,6 @@ def check(cfg: Config) -> None:
     name, why = clash[0]
     raise ConfigError(f"teacher.run is not allowed with {name} = "
                       f"{_value(cfg, name)!r}: {why}")
-  check_against(cfg, load_config(t.run), repr(t.run))
 
 
 def check_against(cfg: Config, teacher: Config, name: str) -> None:

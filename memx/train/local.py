@@ -99,12 +99,14 @@ class LocalAux(nnx.Module):
 
 
 def _make_ema(module: nnx.Module) -> None:
-  """Every nnx.Param inside `module` becomes an EMAWeight (same value and metadata)."""
+  """Every nnx.Param inside `module` becomes an EMAWeight (same metadata), kept in float32: a
+  decay of 0.99 moves a bfloat16 weight by less than its rounding step, and the average would
+  stall."""
   for _, node in list(nnx.iter_graph(module)):
     if isinstance(node, nnx.Module):
       for name, v in list(vars(node).items()):
         if isinstance(v, nnx.Param):
-          setattr(node, name, EMAWeight(v.get_value(), **v.get_metadata()))
+          setattr(node, name, EMAWeight(v.get_value().astype(jnp.float32), **v.get_metadata()))
 
 
 def check(cfg: Config) -> None:
@@ -147,8 +149,8 @@ def update_ema(model: TransformerLM, decay: float) -> None:
     for block, j in zip(aux.blocks, aux.layers, strict=True):
       source = dict(nnx.state(model.blocks[j], nnx.Param).flat_state())
       for path, var in nnx.state(block, EMAWeight).flat_state():
-        new = decay * var.get_value() + (1 - decay) * source[path].get_value()
-        var.set_value(new.astype(var.get_value().dtype))
+        src = source[path].get_value().astype(jnp.float32)
+        var.set_value(decay * var.get_value() + (1 - decay) * src)
       nnx.update(block, nnx.state(block, EMAWeight))
 
 

@@ -68,6 +68,14 @@ def test_divergences_match_scipy(kind, temperature):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_divergences_stay_finite_where_both_distributions_underflow(kind):
+  """Probabilities that underflow to 0 in both (sharp trained LMs at a low temperature)."""
+  s, t = jnp.array([[0.0, -150.0, 3.0]]), jnp.array([[0.0, -200.0, 2.0]])
+  value, grad = jax.value_and_grad(lambda s: kd.divergence(s, t, kind, 0.5).sum())(s)
+  assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+
+
 @pytest.mark.parametrize("on_policy", [0.0, 1.0], ids=["data", "on-policy"])
 def test_a_student_that_is_its_teacher_has_nothing_to_learn(teacher_run, on_policy):
   """Started from the teacher's weights with the divergence alone: zero divergence, zero
@@ -175,6 +183,22 @@ def test_runs_a_teacher_cannot_serve_are_refused(teacher_run, change, match):
     change = {**change, "teacher": dataclasses.replace(change["teacher"], run=teacher_run)}
   with pytest.raises(ConfigError, match=match):
     prepare(dataclasses.replace(_student(teacher_run), **change))
+
+
+def test_an_unfinished_teacher_is_refused_unless_a_step_is_named(teacher_run, tmp_path):
+  import json
+  import shutil
+
+  from memx.train.loop import prepare
+  half = tmp_path / "half"
+  shutil.copytree(teacher_run, half)
+  summary = json.loads((half / "summary.json").read_text())
+  (half / "summary.json").write_text(json.dumps({**summary, "status": "stopped"}))
+  with pytest.raises(ConfigError, match="has not finished training"):
+    prepare(_student(str(half)))
+  prepare(_student(str(half), step=BASE.train.steps))  # a named complete checkpoint is fine
+  with pytest.raises(ConfigError, match="teacher.step = 7"):
+    prepare(_student(str(half), step=7))
 
 
 def test_a_missing_teacher_is_refused(tmp_path):

@@ -7,6 +7,7 @@ checkpoint and resume exactly."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -269,3 +270,46 @@ def test_one_sharded_local_step_matches_one_device(strategy):
   np.testing.assert_allclose(m8["local_loss"], m1["local_loss"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_local_learning_and_finetune_bases_combine(tmp_path):
+  """A run trained with local learning serves as a base (its auxiliary networks stay behind),
+  and a run with local learning starts from a plain base, MAN's averages from its weights."""
+  from memx.experiment.rundir import write_config
+  from memx.train.loop import train
+
+  base_cfg = dataclasses.replace(_with(groups=2, aux_weights="ema"),
+                                 train=TrainConfig(steps=2, batch_size=8, eval_batches=1),
+                                 checkpoint=CheckpointConfig(every=2, keep=1))
+  train(base_cfg, tmp_path / "local_base", progress=False)
+  write_config(tmp_path / "local_base", base_cfg)
+  plain = dataclasses.replace(base_cfg, local=LocalConfig(),
+                              finetune=FinetuneConfig(base=str(tmp_path / "local_base")))
+  ts = init_state(plain, jax.random.key(1))
+  model, _ = nnx.merge(ts.graphdef, ts.state)
+  assert not hasattr(model, local.AUX)
+
+  tuned = dataclasses.replace(base_cfg, local=LocalConfig(groups=2, aux_weights="ema"),
+                              finetune=FinetuneConfig(base=str(tmp_path / "local_base")))
+  ts = init_state(tuned, jax.random.key(1))
+  model, _ = nnx.merge(ts.graphdef, ts.state)
+  for a, b in zip(jax.tree.leaves(nnx.state(model.blocks[2], nnx.Param)),
+                  jax.tree.leaves(nnx.state(model.local_aux[0].blocks[0], local.EMAWeight)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_man_averages_do_not_stall_in_bfloat16():
+  model = dataclasses.replace(MODEL, param_dtype="bfloat16")
+  cfg = dataclasses.replace(_with(model=model, groups=2, aux_weights="ema", ema_decay=0.99),
+                            optim=OptimConfig(warmup_steps=0, lr=1e-2))
+  ts = init_state(cfg, jax.random.key(0))
+  before = nnx.state(nnx.merge(ts.graphdef, ts.state)[0].local_aux[0].blocks[0],
+                     local.EMAWeight)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(before))
+  grads = jax.jit(make_grad_step(cfg, ts.graphdef))(ts.state, fixed_batch(cfg))[0]
+  state = jax.jit(make_apply_step(cfg, ts.graphdef))(ts.state, grads)
+  after = nnx.state(nnx.merge(ts.graphdef, state)[0].local_aux[0].blocks[0], local.EMAWeight)
+  moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(before),
+                                                          jax.tree.leaves(after), strict=True)]
+  assert max(moved) > 0
