@@ -229,17 +229,30 @@ def train_flops_per_token(cfg: Config, params=None) -> float:
   separate head counts). Plus causal attention: QKᵀ and PV are 4·T·d per token and layer
   forward over all keys, half of that under the causal mask, times 3 with the backward.
   Recomputation under remat is not counted (model FLOPs, as MFU is usually quoted).
+  Local learning (local.groups = G): the auxiliary blocks count as layers (MAN's moving-average
+  blocks 4 per weight: no weight gradient), and the output projection runs G times.
   params: the model's variables (arrays or shapes); None traces them from cfg.
   """
+  from memx.train.local import AUX, aux_layers
+
   if params is None:
     from memx.train.step import abstract_state
     params = abstract_state(cfg, jax.random.key(0)).state[0]
   m = cfg.model
-  weights = 0
+  ema = cfg.local.groups > 1 and cfg.local.aux_weights == "ema"
+  weights, head = 0.0, 0
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    if x.ndim >= 2 and not ("'embed'" in jax.tree_util.keystr(path) and not m.tie_embeddings):
-      weights += x.size
+    key = jax.tree_util.keystr(path)
+    if x.ndim >= 2 and not ("'embed'" in key and not m.tie_embeddings) \
+        and "'biases'" not in key:  # (MAN's per-block biases: added, not multiplied)
+      weights += (4 / 6 if ema and f"'{AUX}'" in key and "'blocks'" in key else 1) * x.size
+      if "'unembed'" in key or ("'embed'" in key and f"'{AUX}'" not in key):
+        head = x.size
   n_attention = sum(m.mixer(i) == "attention" for i in range(m.n_layers))
+  if cfg.local.groups > 1:
+    n_attention += sum(m.mixer(j) == "attention"
+                       for layers in aux_layers(m.n_layers, cfg.local) for j in layers)
+    weights += (cfg.local.groups - 1) * head
   flops = 6.0 * weights + 6.0 * n_attention * cfg.data.seq_len * m.d_model
   if cfg.teacher.run is not None:  # the teacher's forward pass: a third of a training step's
     teacher_cfg = dataclasses.replace(_teacher_config(cfg), data=cfg.data)

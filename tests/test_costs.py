@@ -160,6 +160,18 @@ def test_flops_per_token_counts_weights_and_attention():
   assert costs.train_flops_per_token(cfg) == 6 * matrices + 6 * MODEL.n_layers * t * d
 
 
+@pytest.mark.parametrize("weights", ["own", "ema"])
+def test_local_learning_flops_count_the_auxiliary_blocks_and_heads(weights):
+  plain = costs.train_flops_per_token(CFG)
+  cfg = dataclasses.replace(CFG, local=LocalConfig(groups=2, aux_depth=1, aux_weights=weights))
+  block = (plain - 6 * MODEL.vocab_size * MODEL.d_model) / MODEL.n_layers  # one layer's share
+  per_weight = 4 if weights == "ema" else 6
+  head = 6 * MODEL.vocab_size * MODEL.d_model
+  attn = 6 * CFG.data.seq_len * MODEL.d_model
+  want = plain + (block - attn) * per_weight / 6 + attn + head
+  assert costs.train_flops_per_token(cfg) == pytest.approx(want)
+
+
 def test_report_bounds_follow_from_the_hardware():
   hw = costs.HARDWARE["h100"]
   out = report(CFG, 8, hw, decode_batch=2, decode_context=256)
