@@ -8,26 +8,14 @@ import pathlib
 import pytest
 
 from memx.errors import UserError
-from memx.experiment.index import RunIndex
 from memx.experiment.report import summary_table, write_report
 from memx.experiment.sweep import run_sweep
 
 EXPERIMENT = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_finetune.py"
 
 
-def _sweep(workdir):
-  log: list[str] = []
-  sweep_dir = run_sweep(str(EXPERIMENT), workdir=str(workdir), progress=False, log=log.append)
-  index = RunIndex(sweep_dir / "index.sqlite")
-  try:
-    rows = {r["name"]: r for r in index.rows()}
-  finally:
-    index.close()
-  return sweep_dir, rows, log
-
-
-def test_finetune_entries_follow_their_base(tmp_path, run_env):
-  sweep_dir, rows, _ = _sweep(tmp_path)
+def test_finetune_entries_follow_their_base(tmp_path, run_env, sweep_rows):
+  sweep_dir, rows, _ = sweep_rows(EXPERIMENT, tmp_path)
   assert {n: r["status"] for n, r in rows.items()} == dict.fromkeys(("lora", "base", "full"),
                                                                     "done")
   lora = json.loads((sweep_dir / "lora" / "summary.json").read_text())
@@ -46,19 +34,19 @@ def test_finetune_entries_follow_their_base(tmp_path, run_env):
                 if line.startswith("| run |"))
   assert "| params | trainable |" in header
 
-  _, again, log = _sweep(tmp_path)
+  _, again, log = sweep_rows(EXPERIMENT, tmp_path)
   assert sum("finished earlier, skipped" in line for line in log) == 3
 
   run_env.setenv("MEMX_TEST_FT_BASE_SEED", "5")
-  _, rerun, log = _sweep(tmp_path)
+  _, rerun, log = sweep_rows(EXPERIMENT, tmp_path)
   assert not any("skipped" in line for line in log), log
   for name in rows:
     assert rerun[name]["config_hash"] != rows[name]["config_hash"], name
 
 
-def test_a_failed_base_fails_its_finetunes_without_training(tmp_path, run_env):
+def test_a_failed_base_fails_its_finetunes_without_training(tmp_path, run_env, sweep_rows):
   run_env.setenv("MEMX_TEST_FT_BASE_LR", "1e9")
-  sweep_dir, rows, _ = _sweep(tmp_path)
+  sweep_dir, rows, _ = sweep_rows(EXPERIMENT, tmp_path)
   assert rows["base"]["status"] == "failed"
   for name in ("lora", "full"):
     assert rows[name]["status"] == "failed" and "has not finished training" in rows[name]["error"]

@@ -9,26 +9,14 @@ import pathlib
 import pytest
 
 from memx.errors import UserError
-from memx.experiment.index import RunIndex
 from memx.experiment.sweep import run_sweep
 from memx.train.metrics import read_metrics
 
 EXPERIMENT = pathlib.Path(__file__).resolve().parent / "fixtures" / "tiny_teacher.py"
 
 
-def _sweep(workdir):
-  log: list[str] = []
-  sweep_dir = run_sweep(str(EXPERIMENT), workdir=str(workdir), progress=False, log=log.append)
-  index = RunIndex(sweep_dir / "index.sqlite")
-  try:
-    rows = {r["name"]: r for r in index.rows()}
-  finally:
-    index.close()
-  return sweep_dir, rows, log
-
-
-def test_distilled_entries_follow_their_teachers(tmp_path, run_env):
-  sweep_dir, rows, log = _sweep(tmp_path)
+def test_distilled_entries_follow_their_teachers(tmp_path, run_env, sweep_rows):
+  sweep_dir, rows, log = sweep_rows(EXPERIMENT, tmp_path)
   assert {n: r["status"] for n, r in rows.items()} == dict.fromkeys(
       ("big", "ft", "small", "small_of_ft"), "done")
   started = [line.split("]")[1].split(":")[0].strip() for line in log if "running" in line]
@@ -43,7 +31,7 @@ def test_distilled_entries_follow_their_teachers(tmp_path, run_env):
     assert prov["config_hash"] == rows[name]["config_hash"]
 
   run_env.setenv("MEMX_TEST_KD_TEACHER_SEED", "5")
-  _, rerun, log = _sweep(tmp_path)
+  _, rerun, log = sweep_rows(EXPERIMENT, tmp_path)
   assert not any("skipped" in line for line in log), log
   for name in rows:
     assert rerun[name]["config_hash"] != rows[name]["config_hash"], name
